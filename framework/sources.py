@@ -8,8 +8,10 @@ shards. Readers take the dataset's own on-disk format (no download happens here)
 from __future__ import annotations
 
 import gzip
+import os
+import pickle
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,9 +58,15 @@ def read_idx(path: Path) -> np.ndarray:
     return data.reshape(shape)
 
 
+def _check_split(split: str, allowed: tuple[str, ...]) -> None:
+    if split not in allowed:
+        raise ValueError(f"unknown split {split!r}; expected one of {', '.join(allowed)}")
+
+
 def fashion_mnist(root: str | Path = FASHION_MNIST_DIR, split: str = "train") -> Iterator[Sample]:
     """Fashion-MNIST from its IDX files (`train-*` / `t10k-*`, gzipped or not)."""
     root = Path(root)
+    _check_split(split, ("train", "test"))
     prefix = {"train": "train", "test": "t10k"}[split]
     images = read_idx(_find(root, f"{prefix}-images-idx3-ubyte"))
     labels = read_idx(_find(root, f"{prefix}-labels-idx1-ubyte"))
@@ -66,3 +74,211 @@ def fashion_mnist(root: str | Path = FASHION_MNIST_DIR, split: str = "train") ->
         raise ValueError(f"{root}: {len(images)} images but {len(labels)} labels in split {split!r}")
     for i, (pixels, label) in enumerate(zip(images, labels, strict=True)):
         yield Sample(f"{split}_{i:07d}", Image.fromarray(pixels), int(label))
+
+
+# --- CIFAR-10 / CIFAR-100: python pickle batches -------------------------------------------
+
+CIFAR10_DIR, CIFAR100_DIR = "cifar-10-batches-py", "cifar-100-python"
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickler resolving only what CIFAR batches hold (numpy arrays), never arbitrary code."""
+
+    def find_class(self, module: str, name: str):
+        if module.split(".")[0] == "numpy" or (module, name) == ("_codecs", "encode"):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load global {module}.{name}")
+
+
+def _load_pickle(path: Path) -> dict[str, object]:
+    """Load one CIFAR pickle (Python 2 or 3 written) with its keys as `str`."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: CIFAR batch file not found")
+    try:
+        with open(path, "rb") as f:
+            entry = _CifarUnpickler(f, encoding="latin1").load()
+    except Exception as e:  # pickle raises many types on corrupt input
+        raise ValueError(f"{path}: not a readable CIFAR pickle ({type(e).__name__}: {e})") from e
+    if not isinstance(entry, dict):
+        raise ValueError(f"{path}: expected a pickled dict, got {type(entry).__name__}")
+    return {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in entry.items()}
+
+
+def _cifar_dir(root: str | Path, folder: str, probe: str) -> Path:
+    """`root/folder`, or `root` itself when it already is that folder (holds `probe`)."""
+    root = Path(root)
+    for candidate in (root / folder, root):
+        if (candidate / probe).is_file():
+            return candidate
+    raise FileNotFoundError(f"{root / folder / probe} not found (nor {root / probe})")
+
+
+def _cifar_batches(paths: list[Path], split: str, label_key: str) -> Iterator[Sample]:
+    index = 0
+    for path in paths:
+        entry = _load_pickle(path)
+        try:
+            data = np.asarray(entry["data"], dtype=np.uint8)
+            labels = entry[label_key]
+        except KeyError as e:
+            raise ValueError(f"{path}: missing key {e.args[0]!r} in CIFAR batch") from None
+        if data.size % 3072 or data.size // 3072 != len(labels):
+            n = len(labels)
+            raise ValueError(f"{path}: {data.size} data bytes do not fit {n} 32x32x3 images")
+        images = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+        for pixels, label in zip(images, labels, strict=True):
+            yield Sample(f"{split}_{index:07d}", Image.fromarray(pixels), int(label))
+            index += 1
+
+
+def cifar10(root: str | Path, split: str = "train") -> Iterator[Sample]:
+    """CIFAR-10 from `root/cifar-10-batches-py/` (or that folder itself), one batch at a time."""
+    _check_split(split, ("train", "test"))
+    names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
+    folder = _cifar_dir(root, CIFAR10_DIR, names[0])
+    paths = [folder / name for name in names]
+    for path in paths:
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: CIFAR-10 batch file not found")
+    return _cifar_batches(paths, split, "labels")
+
+
+def cifar100(root: str | Path, split: str = "train", label: str = "fine") -> Iterator[Sample]:
+    """CIFAR-100 from `root/cifar-100-python/{train,test}`; `label`: fine (100) or coarse (20)."""
+    _check_split(split, ("train", "test"))
+    if label not in ("fine", "coarse"):
+        raise ValueError(f"unknown CIFAR-100 label {label!r}; expected fine or coarse")
+    folder = _cifar_dir(root, CIFAR100_DIR, split)
+    return _cifar_batches([folder / split], split, f"{label}_labels")
+
+
+# --- STL-10: raw uint8 binaries ------------------------------------------------------------
+
+STL10_DIR = "stl10_binary"
+STL10_IMAGE_BYTES = 3 * 96 * 96  # 27648
+STL10_CLASSES = [
+    "airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship", "truck",
+]  # fmt: skip
+
+
+def _stl_iter(x_path: Path, labels: np.ndarray | None, split: str, n: int) -> Iterator[Sample]:
+    with open(x_path, "rb") as f:
+        for i in range(n):
+            buf = f.read(STL10_IMAGE_BYTES)
+            if len(buf) != STL10_IMAGE_BYTES:
+                raise ValueError(f"{x_path}: file ended early at image {i} of {n}")
+            # on disk: (C, W, H) per image, i.e. column-major; PIL wants (H, W, C)
+            pixels = np.frombuffer(buf, dtype=np.uint8).reshape(3, 96, 96).transpose(2, 1, 0)
+            label = -1 if labels is None else int(labels[i]) - 1
+            yield Sample(f"{split}_{i:07d}", Image.fromarray(np.ascontiguousarray(pixels)), label)
+
+
+def stl10(root: str | Path, split: str = "train") -> Iterator[Sample]:
+    """STL-10 from `root/stl10_binary/{split}_X.bin` (+ `_y.bin`), read one image at a time.
+
+    Labels are 1..10 on disk and yielded as 0..9; the unlabeled split yields -1.
+    """
+    _check_split(split, ("train", "test", "unlabeled"))
+    root = Path(root)
+    folder = root / STL10_DIR if (root / STL10_DIR).is_dir() else root
+    x_path = folder / f"{split}_X.bin"
+    if not x_path.is_file():
+        raise FileNotFoundError(f"{x_path}: STL-10 image file not found")
+    size = x_path.stat().st_size
+    if size % STL10_IMAGE_BYTES:
+        raise ValueError(
+            f"{x_path}: size {size} is not a multiple of {STL10_IMAGE_BYTES} bytes (truncated?)"
+        )
+    n = size // STL10_IMAGE_BYTES
+    labels = None
+    if split != "unlabeled":
+        y_path = folder / f"{split}_y.bin"
+        if not y_path.is_file():
+            raise FileNotFoundError(f"{y_path}: STL-10 label file not found")
+        labels = np.fromfile(y_path, dtype=np.uint8)
+        if len(labels) != n:
+            raise ValueError(f"{y_path}: {len(labels)} labels for {n} images in {x_path.name}")
+        if labels.size and (labels.min() < 1 or labels.max() > 10):
+            lo, hi = labels.min(), labels.max()
+            raise ValueError(f"{y_path}: labels must be 1..10, found {lo}..{hi}")
+    return _stl_iter(x_path, labels, split, n)
+
+
+# --- ImageFolder: root/<class>/**/<image> --------------------------------------------------
+
+# Same as torchvision.datasets.folder.IMG_EXTENSIONS (tests check they agree).
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+def _folder_classes(root: Path) -> list[str]:
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: image folder not found")
+    names = sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
+    if not names:
+        raise FileNotFoundError(f"{root}: no class sub-folders found")
+    return names
+
+
+def _folder_files(root: Path, names: list[str]) -> list[tuple[str, int]]:
+    """(path, class index) in torchvision's `make_dataset` order."""
+    files = []
+    for index, name in enumerate(names):
+        found = [
+            os.path.join(dirpath, fname)
+            for dirpath, _, fnames in sorted(os.walk(root / name, followlinks=True))
+            for fname in sorted(fnames)
+            if fname.lower().endswith(IMG_EXTENSIONS)
+        ]
+        if not found:
+            raise FileNotFoundError(f"{root / name}: no image files ({', '.join(IMG_EXTENSIONS)})")
+        files += [(path, index) for path in found]
+    return files
+
+
+def _folder_iter(files: list[tuple[str, int]], split: str) -> Iterator[Sample]:
+    for i, (path, label) in enumerate(files):
+        with Image.open(path) as img:
+            yield Sample(f"{split}_{i:07d}", img.convert("RGB"), label)
+
+
+def image_folder(root: str | Path, split: str = "train") -> Iterator[Sample]:
+    """Any ImageFolder tree (`root/<class>/.../<image>`), ordered and labelled like torchvision's.
+
+    `split` only prefixes the keys: point `root` at the split's own folder.
+    """
+    root = Path(root)
+    return _folder_iter(_folder_files(root, _folder_classes(root)), split)
+
+
+# --- registry --------------------------------------------------------------------------------
+
+SOURCES: dict[str, Callable[..., Iterator[Sample]]] = {
+    "fashion-mnist": fashion_mnist,
+    "cifar10": cifar10,
+    "cifar100": cifar100,
+    "stl10": stl10,
+    "imagefolder": image_folder,
+}
+"""Reader by name; each is called as `SOURCES[name](root, split=...)`."""
+
+
+def classes(name: str, root: str | Path, label: str = "fine") -> list[str]:
+    """Class names of source `name` at `root`, indexed by label (`label`: CIFAR-100 fine/coarse)."""
+    if name == "fashion-mnist":
+        return list(FASHION_MNIST_CLASSES)
+    if name == "cifar10":
+        meta = _load_pickle(_cifar_dir(root, CIFAR10_DIR, "batches.meta") / "batches.meta")
+        return [str(c) for c in meta["label_names"]]
+    if name == "cifar100":
+        if label not in ("fine", "coarse"):
+            raise ValueError(f"unknown CIFAR-100 label {label!r}; expected fine or coarse")
+        meta = _load_pickle(_cifar_dir(root, CIFAR100_DIR, "meta") / "meta")
+        return [str(c) for c in meta[f"{label}_label_names"]]
+    if name == "stl10":
+        root = Path(root)
+        folder = root / STL10_DIR if (root / STL10_DIR).is_dir() else root
+        names_file = folder / "class_names.txt"
+        return names_file.read_text().splitlines() if names_file.is_file() else list(STL10_CLASSES)
+    if name == "imagefolder":
+        return _folder_classes(Path(root))
+    raise ValueError(f"unknown source {name!r}; expected one of {', '.join(SOURCES)}")
