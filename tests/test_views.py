@@ -1,0 +1,298 @@
+"""Tests for framework/views.py (METHODS.md sections 2-4)."""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import InterpolationMode
+from torchvision.transforms.v2 import functional as F
+
+from framework.views import (
+    AFFINE_COMPONENTS,
+    CIFAR10_STATS,
+    CRVAE_PRESETS,
+    FASHION_MNIST_STATS,
+    STL10_STATS,
+    AffineParams,
+    AffineWithParams,
+    clean_view,
+    crvae_affine_view,
+    simclr_view,
+)
+
+IDENTITY_VEC = torch.tensor([0, 0, 0, 1, 0, 0], dtype=torch.float32)
+
+
+def _pil(size: int, mode: str, seed: int = 0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    shape = (size, size) if mode == "L" else (size, size, 3)
+    return Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode=mode)
+
+
+GREY28, RGB32, RGB96 = _pil(28, "L"), _pil(32, "RGB"), _pil(96, "RGB")
+
+# (image, size, channels, stats, kwargs) for each dataset-like case.
+CASES = {
+    "fmnist": (GREY28, 28, 1, FASHION_MNIST_STATS),
+    "cifar": (RGB32, 32, 3, CIFAR10_STATS),
+    "stl": (RGB96, 96, 3, STL10_STATS),
+}
+
+
+def _check_normalised(out: torch.Tensor, size: int, stats) -> None:
+    mean, std = stats
+    assert isinstance(out, torch.Tensor) and type(out) is torch.Tensor
+    assert out.dtype == torch.float32 and out.shape == (len(mean), size, size)
+    lo = torch.tensor([-m / s for m, s in zip(mean, std, strict=True)]).view(-1, 1, 1)
+    hi = torch.tensor([(1 - m) / s for m, s in zip(mean, std, strict=True)]).view(-1, 1, 1)
+    assert (out >= lo - 1e-5).all() and (out <= hi + 1e-5).all()
+
+
+def _all_views():
+    m, s = CIFAR10_STATS
+    return [
+        clean_view(32, m, s, 3),
+        simclr_view(32, m, s, 3, "cifar"),
+        simclr_view(96, *STL10_STATS, 3, "stl"),
+        simclr_view(28, *FASHION_MNIST_STATS, 1, "mnist"),
+        crvae_affine_view(32, m, s, 3, "large", flip=True, color_jitter=True),
+    ]
+
+
+def _image_for(view) -> Image.Image:
+    size = next(t.size[0] for t in view.transforms if hasattr(t, "size"))
+    return {28: GREY28, 32: RGB32, 96: RGB96}[size]
+
+
+# ---------------------------------------------------------------- base views
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_clean_view_is_exact_normalisation(case):
+    img, size, channels, (mean, std) = CASES[case]
+    out = clean_view(size, mean, std, channels)(img)
+    _check_normalised(out, size, (mean, std))
+    raw = torch.from_numpy(np.array(img)).float().div(255).reshape(size, size, -1).permute(2, 0, 1)
+    ref = (raw - torch.tensor(mean).view(-1, 1, 1)) / torch.tensor(std).view(-1, 1, 1)
+    torch.testing.assert_close(out, ref)
+
+
+def test_clean_view_resize_crop_and_channel_forcing():
+    out = clean_view(64, *STL10_STATS, 3, resize=72)(RGB96)
+    _check_normalised(out, 64, STL10_STATS)
+    _check_normalised(clean_view(32, *FASHION_MNIST_STATS, 1)(RGB32), 32, FASHION_MNIST_STATS)
+    _check_normalised(clean_view(28, *CIFAR10_STATS, 3)(GREY28), 28, CIFAR10_STATS)
+
+
+@pytest.mark.parametrize("strength", ["cifar", "stl", "mnist"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_simclr_view_shapes(case, strength):
+    img, size, channels, stats = CASES[case]
+    view = simclr_view(size, *stats, channels, strength)
+    for _ in range(5):
+        _check_normalised(view(img), size, stats)
+
+
+def test_simclr_view_structure():
+    def flat(view):
+        out = []
+        for t in view.transforms:
+            out += list(t.transforms) if isinstance(t, v2.RandomApply) else [t]
+        return out
+
+    stl = flat(simclr_view(96, *STL10_STATS, 3, "stl"))
+    (blur,) = [t for t in stl if isinstance(t, v2.GaussianBlur)]
+    assert tuple(blur.kernel_size) == (9, 9)
+    (crop,) = [t for t in stl if isinstance(t, v2.RandomResizedCrop)]
+    assert tuple(crop.scale) == (0.08, 1.0)
+    (jit,) = [t for t in stl if isinstance(t, v2.ColorJitter)]
+    assert jit.brightness == pytest.approx((0.2, 1.8)) and jit.hue == pytest.approx((-0.2, 0.2))
+    assert any(isinstance(t, v2.RandomGrayscale) for t in stl)
+
+    cifar = flat(simclr_view(32, *CIFAR10_STATS, 3, "cifar"))
+    assert not any(isinstance(t, v2.GaussianBlur) for t in cifar)
+    (jit,) = [t for t in cifar if isinstance(t, v2.ColorJitter)]
+    assert jit.saturation == pytest.approx((0.6, 1.4)) and jit.hue == pytest.approx((-0.1, 0.1))
+
+    for strength in ("cifar", "mnist"):  # grey: no saturation, hue or grayscale
+        grey = flat(simclr_view(28, *FASHION_MNIST_STATS, 1, strength))
+        assert not any(isinstance(t, v2.RandomGrayscale) for t in grey)
+        (jit,) = [t for t in grey if isinstance(t, v2.ColorJitter)]
+        assert jit.saturation is None and jit.hue is None
+    (crop,) = [
+        t
+        for t in flat(simclr_view(28, *FASHION_MNIST_STATS, 1, "mnist"))
+        if isinstance(t, v2.RandomResizedCrop)
+    ]
+    assert tuple(crop.scale) == (0.2, 1.0)
+
+
+@pytest.mark.parametrize("preset", ["simple", "large"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_crvae_view_shapes(case, preset):
+    img, size, channels, stats = CASES[case]
+    for flip, jitter in [(False, False), (True, True)]:
+        view = crvae_affine_view(size, *stats, channels, preset, flip=flip, color_jitter=jitter)
+        for _ in range(3):
+            _check_normalised(view(img), size, stats)
+
+
+@pytest.mark.parametrize("preset", ["simple", "large"])
+def test_crvae_presets_within_range(preset):
+    limits = {"simple": (15, 0.05, (0.9, 1.1)), "large": (30, 0.1, (0.75, 1.25))}[preset]
+    max_deg, max_t, (lo, hi) = limits
+    assert CRVAE_PRESETS[preset]["degrees"] == (-max_deg, max_deg)
+    view = crvae_affine_view(32, *CIFAR10_STATS, 3, preset)
+    (affine,) = [t for t in view.transforms if isinstance(t, v2.RandomAffine)]
+    assert list(affine.degrees) == [-max_deg, max_deg]
+    assert tuple(affine.translate) == (max_t, max_t) and tuple(affine.scale) == (lo, hi)
+    assert affine.shear is None and affine.fill == 0
+    torch.manual_seed(0)
+    ps = [affine.make_params([RGB32]) for _ in range(500)]
+    angles = torch.tensor([p["angle"] for p in ps])
+    scales = torch.tensor([p["scale"] for p in ps])
+    shifts = torch.tensor([p["translate"] for p in ps]).float()
+    assert angles.abs().max() <= max_deg and angles.abs().max() > 0.9 * max_deg
+    assert scales.min() >= lo and scales.max() <= hi
+    assert shifts.abs().max() <= round(max_t * 32)
+    assert all(p["shear"] == (0.0, 0.0) for p in ps)
+
+
+# ---------------------------------------------------------------- picklability, seeds
+
+
+@pytest.mark.parametrize("idx", range(5))
+def test_base_views_pickle_and_reproduce(idx):
+    view = _all_views()[idx]
+    img = _image_for(view)
+    clone = pickle.loads(pickle.dumps(view))
+    torch.manual_seed(123)
+    a = view(img)
+    torch.manual_seed(123)
+    b = clone(img)
+    torch.manual_seed(123)
+    c = view(img)
+    assert torch.equal(a, b) and torch.equal(a, c)
+    if idx > 0:  # random views differ across draws
+        assert any(not torch.equal(a, view(img)) for _ in range(5))
+
+
+def test_affine_pickle_and_reproduce():
+    x = clean_view(32, *CIFAR10_STATS, 3)(RGB32)
+    aff = AffineWithParams(*CIFAR10_STATS)
+    clone = pickle.loads(pickle.dumps(aff))
+    torch.manual_seed(7)
+    a, pa = aff(x)
+    torch.manual_seed(7)
+    b, pb = clone(x)
+    assert torch.equal(a, b) and torch.equal(pa, pb)
+    c, pc = aff(x)
+    assert not torch.equal(pa, pc)
+
+
+# ---------------------------------------------------------------- AffineWithParams
+
+
+def test_affine_planted_params_exact():
+    mean, std = CIFAR10_STATS
+    x = clean_view(32, mean, std, 3)(RGB32)
+    aff = AffineWithParams(mean, std)
+    planted = AffineParams(
+        angle=30.0, translate_x=3.5, translate_y=-2.0, scale=1.1, shear_x=10.0, shear_y=-5.0
+    )
+    out, vec = aff.apply(x, planted)
+    expected_vec = torch.tensor(
+        [30 / 360, 3.5 / 32, -2.0 / 32, 1.1, 10 / 25, -5 / 25], dtype=torch.float32
+    )
+    assert vec.dtype == torch.float32 and vec.shape == (6,)
+    assert torch.equal(vec, expected_vec)
+    black = [-m / s for m, s in zip(mean, std, strict=True)]
+    ref = F.affine(
+        x, angle=30.0, translate=[3.5, -2.0], scale=1.1, shear=[10.0, -5.0],
+        interpolation=InterpolationMode.BILINEAR, fill=black,
+    )  # fmt: skip
+    assert out.shape == x.shape and torch.equal(out, ref)
+    # a plain 6-sequence is accepted too
+    out2, vec2 = aff.apply(x, tuple(planted))
+    assert torch.equal(out2, out) and torch.equal(vec2, vec)
+
+
+@pytest.mark.parametrize("case", ["fmnist", "cifar"])
+def test_affine_fill_is_black_in_pixel_space(case):
+    img, size, channels, (mean, std) = CASES[case]
+    x = clean_view(size, mean, std, channels)(img)
+    out, _ = AffineWithParams(mean, std).apply(x, AffineParams(translate_x=size / 2))
+    unnorm = out * torch.tensor(std).view(-1, 1, 1) + torch.tensor(mean).view(-1, 1, 1)
+    torch.testing.assert_close(
+        unnorm[:, :, : size // 2 - 1], torch.zeros(channels, size, size // 2 - 1)
+    )
+    assert unnorm[:, :, size // 2 + 1 :].abs().sum() > 0
+
+
+def test_affine_all_off_is_identity():
+    x = clean_view(32, *CIFAR10_STATS, 3)(RGB32)
+    aff = AffineWithParams(*CIFAR10_STATS, components=())
+    for _ in range(3):
+        out, vec = aff(x)
+        assert torch.equal(out, x) and out is not x
+        assert torch.equal(vec, IDENTITY_VEC)
+    out, vec = AffineWithParams(*CIFAR10_STATS).apply(x, AffineParams())
+    assert torch.equal(out, x) and torch.equal(vec, IDENTITY_VEC)
+
+
+@pytest.mark.parametrize("component", AFFINE_COMPONENTS)
+def test_affine_single_component(component):
+    x = clean_view(32, *CIFAR10_STATS, 3)(RGB32)
+    aff = AffineWithParams(*CIFAR10_STATS, components=[component])
+    slot = AFFINE_COMPONENTS.index(component)
+    others = [i for i in range(6) if i != slot]
+    vecs = torch.stack([aff(x)[1] for _ in range(50)])
+    assert torch.equal(vecs[:, others], IDENTITY_VEC[others].expand(50, 5))
+    assert (vecs[:, slot] != IDENTITY_VEC[slot]).all()
+
+
+def test_affine_sampling_ranges_and_stream():
+    aff = AffineWithParams(*CIFAR10_STATS)
+    torch.manual_seed(0)
+    raw = [aff.sample_params(32, 48) for _ in range(3000)]
+    r = torch.tensor(raw, dtype=torch.float64)
+    bounds = [(-90, 90), (-12, 12), (-8, 8), (0.7, 1.3), (-25, 25), (-25, 25)]  # tx: 25 % of 48
+    for i, (lo, hi) in enumerate(bounds):
+        assert r[:, i].min() >= lo and r[:, i].max() <= hi
+        span = hi - lo
+        assert r[:, i].min() < lo + 0.02 * span and r[:, i].max() > hi - 0.02 * span
+    vecs = torch.stack([p.normalized(32, 48) for p in raw])
+    nb = [(-0.25, 0.25), (-0.25, 0.25), (-0.25, 0.25), (0.7, 1.3), (-1, 1), (-1, 1)]
+    for i, (lo, hi) in enumerate(nb):
+        assert vecs[:, i].min() >= lo - 1e-6 and vecs[:, i].max() <= hi + 1e-6
+    # the RNG stream does not depend on the enabled components
+    torch.manual_seed(0)
+    sub = AffineWithParams(*CIFAR10_STATS, components=["scale"]).sample_params(32, 48)
+    assert sub == AffineParams(scale=raw[0].scale)
+
+
+def test_affine_shapes_grey_and_rgb():
+    for case in ("fmnist", "cifar", "stl"):
+        img, size, channels, stats = CASES[case]
+        x = clean_view(size, *stats, channels)(img)
+        out, vec = AffineWithParams(*stats)(x)
+        assert out.shape == x.shape and out.dtype == torch.float32
+        assert vec.shape == (6,) and vec.dtype == torch.float32
+
+
+def test_invalid_arguments():
+    with pytest.raises(ValueError):
+        clean_view(32, *CIFAR10_STATS, 1)
+    with pytest.raises(ValueError):
+        simclr_view(32, *CIFAR10_STATS, 3, "imagenet")  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        crvae_affine_view(32, *CIFAR10_STATS, 3, "huge")  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        AffineWithParams(*CIFAR10_STATS, components=["rotation"])
+    with pytest.raises(ValueError):
+        clean_view(32, (0.5, 0.5), (0.5, 0.5), 2)
