@@ -282,3 +282,7 @@ def classes(name: str, root: str | Path, label: str = "fine") -> list[str]:
     if name == "imagefolder":
         return _folder_classes(Path(root))
     raise ValueError(f"unknown source {name!r}; expected one of {', '.join(SOURCES)}")
+
+
+# Where `augssl shards SOURCE` looks when no ROOT is given.
+DEFAULT_ROOTS: dict[str, Path] = {"fashion-mnist": FASHION_MNIST_DIR}

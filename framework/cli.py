@@ -1,0 +1,124 @@
+"""The `augssl` command: train, shards, eval, plugins.
+
+`augssl train RECIPE [key=value ...]` is `launch/train.py`; under `accelerate launch`
+use the launch scripts. A bad recipe exits with status 2 and one line on stderr,
+before anything starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+EXIT_USAGE = 2
+
+
+def _fail(msg: str) -> None:
+    print(f"augssl: error: {msg}", file=sys.stderr)
+    raise SystemExit(EXIT_USAGE)
+
+
+def train_main(argv: Sequence[str]) -> None:
+    """`train RECIPE [key=value ...]`: validate everything, then pretrain."""
+    from framework.recipe import RecipeError, load_recipe
+
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: augssl train RECIPE.yaml [key.path=value ...]")
+        raise SystemExit(0 if argv else EXIT_USAGE)
+    try:
+        recipe, hooks = load_recipe(argv[0], list(argv[1:]))
+    except RecipeError as exc:
+        _fail(str(exc))
+    from framework.engine import train
+
+    train(recipe, hooks)
+
+
+def eval_main(argv: Sequence[str]) -> None:
+    """`eval OUTPUT_DIR [--checkpoint PATH]`: linear probe of the run's encoder vs raw pixels."""
+    parser = argparse.ArgumentParser(prog="augssl eval", description=eval_main.__doc__)
+    parser.add_argument("output_dir")
+    parser.add_argument("--checkpoint", default=None)
+    args = parser.parse_args(argv)
+    from framework.evaluate import evaluate
+
+    try:
+        result = evaluate(args.output_dir, args.checkpoint)
+    except (FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+    print(f"linear probe on {result['feature_dim']}-d frozen features: {100 * result['accuracy']:.2f} %")
+    print(f"same classifier on raw pixels:           {100 * result['raw_pixels_accuracy']:.2f} %")
+    print(f"({result['train_samples']} train / {result['test_samples']} test images, {result['seconds']} s;"
+          f" written to {args.output_dir}/eval.json)")  # fmt: skip
+
+
+def shards_main(argv: Sequence[str]) -> None:
+    """`shards SOURCE ROOT --split S --out PATTERN`: convert a dataset to WebDataset shards."""
+    from framework import sources
+    from framework.data import write_shards
+
+    parser = argparse.ArgumentParser(prog="augssl shards", description="Convert a dataset to WebDataset tar shards.")
+    parser.add_argument("source", choices=sorted(sources.SOURCES))
+    parser.add_argument("root", nargs="?", default=None, help="dataset folder (default: the source's usual place)")
+    parser.add_argument("--split", default="train")
+    parser.add_argument("--out", required=True, help="shard pattern, e.g. data/fmnist/train-%%06d.tar")
+    parser.add_argument("--maxcount", type=int, default=5000, help="samples per shard at most")
+    parser.add_argument("--maxsize", type=float, default=3e9, help="bytes per shard at most")
+    parser.add_argument("--format", choices=["png", "jpg"], default="png")
+    parser.add_argument("--quality", type=int, default=95, help="JPEG quality")
+    parser.add_argument("--limit", type=int, default=None, help="convert only the first N samples")
+    args = parser.parse_args(argv)
+    if "%" not in args.out:
+        _fail(f"--out {args.out!r}: needs a %d field for the shard number, e.g. train-%06d.tar")
+    root = args.root if args.root is not None else sources.DEFAULT_ROOTS.get(args.source)
+    if root is None:
+        _fail(f"{args.source}: give the dataset folder (ROOT)")
+    try:
+        samples = sources.SOURCES[args.source](root, split=args.split)
+        if args.limit is not None:
+            from itertools import islice
+
+            samples = islice(samples, args.limit)
+        info = write_shards(
+            samples, args.out, maxcount=args.maxcount, maxsize=args.maxsize, fmt=args.format, quality=args.quality,
+            manifest={"source": args.source, "root": str(root), "split": args.split,
+                      "classes": sources.classes(args.source, root)},
+        )  # fmt: skip
+    except (FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+    print(json.dumps({k: info[k] for k in ("samples", "pattern", "format")}))
+
+
+def plugins_main(argv: Sequence[str]) -> None:
+    """`plugins`: every plugin a recipe can name, the hooks it implements and its recipe section."""
+    from framework.manager import PluginError, PluginHooks, discover
+
+    for name, origin in sorted(discover().items()):
+        try:
+            hooks = PluginHooks([name], require_encoder=False)
+            schema = hooks.config_schema()[name]
+            implemented = ", ".join(hooks.implemented_hooks()[name])
+        except PluginError as exc:
+            print(f"{name}  ({origin})\n  error: {exc}")
+            continue
+        print(f"{name}  ({origin})\n  hooks: {implemented}")
+        for field, info in schema.model_fields.items():
+            default = "required" if info.is_required() else f"default {info.default!r}"
+            print(f"  plugins.{name}.{field}: {getattr(info.annotation, '__name__', info.annotation)} ({default})")
+
+
+COMMANDS = {"train": train_main, "eval": eval_main, "shards": shards_main, "plugins": plugins_main}
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in COMMANDS:
+        print(f"usage: augssl {{{','.join(COMMANDS)}}} ...", file=sys.stderr)
+        raise SystemExit(0 if argv and argv[0] in ("-h", "--help") else EXIT_USAGE)
+    COMMANDS[argv[0]](argv[1:])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,346 @@
+"""WebDataset shards: writing them, and streaming them into batches of views.
+
+The stream never holds a dataset in memory and never hands two ranks (or two workers)
+the same shard in an epoch: each epoch the shard list is shuffled with a seed shared
+by all ranks, then split by node (`shards[rank::world]`) and by worker. Samples are
+shuffled in a buffer, decoded and turned into views in the data workers, and batched
+there; the loader is a `WebLoader(batch_size=None)` and is never passed to
+`accelerator.prepare()`.
+
+Every batch carries its worker's cursor (epoch, samples emitted), so a checkpoint can
+record exactly where each worker stood and a resumed run continues from there. The
+random state of each sample's augmentation is derived from (seed, epoch, rank,
+worker, position), so a run's data, views included, are reproducible and resumable.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+import re
+import zlib
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from itertools import count
+from pathlib import Path
+from typing import Any
+
+import torch
+import webdataset as wds
+from PIL import Image
+from torch.utils.data import IterableDataset, get_worker_info
+from webdataset.tariterators import tarfile_samples
+
+from framework.recipe import shard_urls
+from framework.sources import Sample
+from framework.types import View
+
+IMAGE_KEYS = ("png", "jpg", "jpeg", "webp")
+
+# ---------------------------------------------------------------------------
+# Writing
+# ---------------------------------------------------------------------------
+
+
+def encode_image(image: Image.Image, fmt: str = "png", quality: int = 95) -> bytes:
+    buf = io.BytesIO()
+    if fmt == "png":
+        image.save(buf, format="PNG")
+    elif fmt in ("jpg", "jpeg"):
+        image.save(buf, format="JPEG", quality=quality)
+    else:
+        raise ValueError(f"unsupported image format {fmt!r} (png, jpg)")
+    return buf.getvalue()
+
+
+def write_shards(
+    samples: Iterable[Sample],
+    pattern: str,
+    maxcount: int = 5000,
+    maxsize: float = 3e9,
+    fmt: str = "png",
+    quality: int = 95,
+    manifest: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Write `samples` to tar shards `pattern` (e.g. `out/train-%06d.tar`).
+
+    Each record holds `<key>.<fmt>` (the image) and `<key>.cls` (the label). A manifest
+    (`<dir>/<prefix>.json`: sample count, shard list with counts, format, plus
+    `manifest`) is written beside the shards and returned.
+    """
+    Path(pattern).parent.mkdir(parents=True, exist_ok=True)
+    counts: dict[str, int] = {}
+    ext = "jpg" if fmt == "jpeg" else fmt
+    with wds.ShardWriter(pattern, maxcount=maxcount, maxsize=maxsize, verbose=0) as sink:
+        for sample in samples:
+            sink.write({"__key__": sample.key, ext: encode_image(sample.image, fmt, quality), "cls": sample.label})
+            counts[sink.fname] = counts.get(sink.fname, 0) + 1
+    info = {
+        "samples": sum(counts.values()),
+        "shards": [{"url": Path(name).name, "samples": n} for name, n in counts.items()],
+        "pattern": brace_pattern(pattern, len(counts)) if counts else None,
+        "format": fmt,
+        **(manifest or {}),
+    }
+    prefix = Path(pattern).name.split("%")[0].rstrip("-_.") or "shards"
+    Path(pattern).with_name(f"{prefix}.json").write_text(json.dumps(info, indent=1))
+    return info
+
+
+def brace_pattern(pattern: str, n_shards: int) -> str:
+    """`out/train-%06d.tar`, 12 -> `out/train-{000000..000011}.tar` (the URL spec recipes use)."""
+    m = re.search(r"%0?(\d*)d", pattern)
+    if m is None:
+        raise ValueError(f"shard pattern {pattern!r} needs a %d field, e.g. train-%06d.tar")
+    width = int(m.group(1) or 0)
+    return f"{pattern[: m.start()]}{{{0:0{width}d}..{n_shards - 1:0{width}d}}}{pattern[m.end():]}"
+
+
+# ---------------------------------------------------------------------------
+# Views: per-sample transform run in the workers
+# ---------------------------------------------------------------------------
+
+
+class BadRecord(Exception):
+    """A record that cannot become a training sample (missing/undecodable image, bad label)."""
+
+
+def _ordered(views: dict[str, View]) -> list[tuple[str, View]]:
+    """Views in dependency order (a derived view after its source)."""
+    done: dict[str, View] = {}
+    pending = dict(views)
+    while pending:
+        ready = {n: v for n, v in pending.items() if v.source is None or v.source in done}
+        if not ready:
+            name, view = next(iter(pending.items()))
+            missing = view.source if view.source not in views else "a cycle"
+            raise ValueError(f"view {name!r}: source {missing!r} is not a view")
+        done.update(ready)
+        for n in ready:
+            del pending[n]
+    return list(done.items())
+
+
+class SampleToViews:
+    """Decode one raw record and compute every view (with their random parameters)."""
+
+    def __init__(self, views: dict[str, View], channels: int) -> None:
+        self.views = _ordered(views)
+        self.mode = "L" if channels == 1 else "RGB"
+
+    def __call__(self, raw: dict[str, Any]) -> dict[str, Any]:
+        key = next((k for k in IMAGE_KEYS if k in raw), None)
+        if key is None:
+            raise BadRecord(f"no image ({'/'.join(IMAGE_KEYS)}) in record")
+        try:
+            image = Image.open(io.BytesIO(raw[key]))
+            image.load()
+            image = image.convert(self.mode)
+        except Exception as exc:
+            raise BadRecord(f"undecodable image: {exc}") from None
+        label = -1
+        if "cls" in raw:
+            try:
+                label = int(raw["cls"].decode() if isinstance(raw["cls"], bytes) else raw["cls"])
+            except ValueError:
+                raise BadRecord(f"bad label {raw['cls'][:20]!r}") from None
+        out: dict[str, torch.Tensor] = {}
+        params: dict[str, torch.Tensor] = {}
+        for name, view in self.views:
+            result = view.transform(image if view.source is None else out[view.source])
+            if isinstance(result, tuple):
+                out[name], params[name] = result
+            else:
+                out[name] = result
+        return {"views": out, "params": params, "label": label, "key": raw["__key__"]}
+
+
+def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "views": {k: torch.stack([s["views"][k] for s in samples]) for k in samples[0]["views"]},
+        "params": {k: torch.stack([s["params"][k] for s in samples]) for k in samples[0]["params"]},
+        "label": torch.tensor([s["label"] for s in samples], dtype=torch.long),
+        "key": [s["key"] for s in samples],
+    }
+
+
+# ---------------------------------------------------------------------------
+# Streaming
+# ---------------------------------------------------------------------------
+
+
+def _seed(*parts: Any) -> int:
+    return zlib.crc32(repr(parts).encode())
+
+
+@dataclass
+class Cursor:
+    """Where one worker stands: in `epoch`, after `emitted` samples left its shuffle buffer."""
+
+    epoch: int = 0
+    emitted: int = 0
+
+
+class ShardStream(IterableDataset):
+    """Batches of views from WebDataset shards, split by node and worker, resumable.
+
+    `epochs=None` streams forever (training: all ranks run the same number of steps,
+    whatever the shard sizes); `epochs=n` stops after n epochs and yields the last
+    partial batch (evaluation, tests).
+    """
+
+    def __init__(
+        self,
+        urls: list[str],
+        transform: SampleToViews,
+        batch_size: int,
+        *,
+        rank: int,
+        world_size: int,
+        seed: int,
+        shardshuffle: bool,
+        resampled: bool,
+        shuffle_buffer: int,
+        epochs: int | None,
+        resume: dict[int, Cursor] | None = None,
+    ) -> None:
+        self.urls, self.transform, self.batch_size = urls, transform, batch_size
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.shardshuffle, self.resampled, self.shuffle_buffer = shardshuffle, resampled, shuffle_buffer
+        self.epochs, self.resume = epochs, resume or {}
+
+    def shards_for(self, epoch: int, worker: int, num_workers: int) -> list[str]:
+        """This worker's shards in `epoch`: a disjoint share unless resampled."""
+        if self.resampled:
+            rng = random.Random(_seed(self.seed, epoch, self.rank, worker))
+            per_worker = max(1, len(self.urls) // (self.world_size * num_workers))
+            return [rng.choice(self.urls) for _ in range(per_worker)]
+        order = list(self.urls)
+        if self.shardshuffle:
+            random.Random(_seed(self.seed, epoch)).shuffle(order)  # same order on every rank
+        return order[self.rank :: self.world_size][worker::num_workers]
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
+        start = self.resume.get(worker, Cursor())
+        epochs = count(start.epoch) if self.epochs is None else range(start.epoch, self.epochs)
+        stats = {"bad": 0, "seen": 0, "last_bad": ""}
+        batch: list[dict[str, Any]] = []
+        for epoch in epochs:
+            skip = start.emitted if epoch == start.epoch else 0
+            emitted = 0
+            for raw in self._records(epoch, worker, num_workers, stats):
+                emitted += 1
+                if emitted <= skip:
+                    continue
+                stats["seen"] += 1
+                seed = _seed(self.seed, epoch, self.rank, worker, emitted)
+                torch.manual_seed(seed)
+                random.seed(seed)
+                try:
+                    batch.append(self.transform(raw))
+                except BadRecord as exc:
+                    self._bad(stats, f"{raw.get('__url__', '?')}: {raw.get('__key__', '?')}: {exc}")
+                    continue
+                if len(batch) == self.batch_size:
+                    yield self._emit(batch, worker, epoch, emitted, stats)
+                    batch = []
+        if batch:
+            yield self._emit(batch, worker, epoch, emitted, stats)
+
+    def _records(self, epoch: int, worker: int, num_workers: int, stats: dict[str, Any]) -> Iterator[dict]:
+        shards = [{"url": url} for url in self.shards_for(epoch, worker, num_workers)]
+
+        def handler(exc: Exception) -> bool:  # a truncated or unreadable tar: skip, count
+            self._bad(stats, f"{exc}")
+            return True
+
+        records = tarfile_samples(shards, handler=handler)
+        if self.shuffle_buffer > 1:
+            rng = random.Random(_seed(self.seed, epoch, self.rank, worker, "buffer"))
+            records = wds.filters._shuffle(records, self.shuffle_buffer, min(100, self.shuffle_buffer), rng)
+        return records
+
+    @staticmethod
+    def _bad(stats: dict[str, Any], what: str) -> None:
+        stats["bad"] += 1
+        stats["last_bad"] = what
+
+    @staticmethod
+    def _emit(batch: list[dict], worker: int, epoch: int, emitted: int, stats: dict) -> dict[str, Any]:
+        out = collate(batch)
+        out["cursor"] = {"worker": worker, "epoch": epoch, "emitted": emitted, **stats}
+        return out
+
+
+@dataclass
+class StreamPosition:
+    """The main process's record of each worker's cursor, saved in checkpoints (per rank)."""
+
+    workers: dict[int, Cursor] = field(default_factory=dict)
+    bad: dict[int, int] = field(default_factory=dict)
+    seen: dict[int, int] = field(default_factory=dict)
+    last_bad: str = ""
+
+    def update(self, cursor: dict[str, Any]) -> None:
+        w = cursor["worker"]
+        self.workers[w] = Cursor(cursor["epoch"], cursor["emitted"])
+        self.bad[w], self.seen[w] = cursor["bad"], cursor["seen"]
+        self.last_bad = cursor["last_bad"] or self.last_bad
+
+    @property
+    def bad_total(self) -> int:
+        return sum(self.bad.values())
+
+    @property
+    def seen_total(self) -> int:
+        return sum(self.seen.values())
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"workers": {str(w): [c.epoch, c.emitted] for w, c in self.workers.items()}}
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any]) -> StreamPosition:
+        return cls(workers={int(w): Cursor(*c) for w, c in state.get("workers", {}).items()})
+
+
+def make_loader(
+    spec: str,
+    views: dict[str, View],
+    *,
+    channels: int,
+    batch_size: int,
+    num_workers: int,
+    rank: int = 0,
+    world_size: int = 1,
+    seed: int = 0,
+    shardshuffle: bool = True,
+    resampled: bool = False,
+    shuffle_buffer: int = 0,
+    epochs: int | None = None,
+    resume: StreamPosition | None = None,
+    pin_memory: bool = False,
+) -> wds.WebLoader:
+    """A `WebLoader(batch_size=None)` over the shards `spec` (batches built in the workers)."""
+    urls = shard_urls(spec)
+    if not urls:
+        raise ValueError(f"no shard URLs in {spec!r}")
+    if not resampled:
+        if len(urls) < world_size:
+            raise ValueError(f"{len(urls)} shards cannot be split over {world_size} ranks: write more, smaller shards")
+        num_workers = min(num_workers, len(urls) // world_size)  # every worker must get a shard
+    stream = ShardStream(
+        urls, SampleToViews(views, channels), batch_size,
+        rank=rank, world_size=world_size, seed=seed, shardshuffle=shardshuffle, resampled=resampled,
+        shuffle_buffer=shuffle_buffer, epochs=epochs, resume=resume.workers if resume else None,
+    )  # fmt: skip
+    return wds.WebLoader(
+        stream,
+        batch_size=None,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        prefetch_factor=4 if num_workers else None,
+        persistent_workers=False,
+    )

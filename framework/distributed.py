@@ -1,0 +1,96 @@
+"""Everything that knows about processes: ranks, the Accelerator, cross-rank gathers.
+
+Plugins may use `rank()`, `world_size()` and `gather_with_grad()` from here, and
+nothing else distributed. Only this module and the engine touch Accelerate.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+    from framework.recipe import Recipe
+
+
+def rank() -> int:
+    """This process's global rank (0 when not distributed)."""
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else int(os.environ.get("RANK", 0))
+
+
+def world_size() -> int:
+    """The number of processes (1 when not distributed)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return int(os.environ.get("WORLD_SIZE", 1))
+
+
+def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate `tensor` from every rank along dim 0, gradients flowing back to each rank.
+
+    Uses `torch.distributed.nn.functional.all_gather`, whose backward sums the
+    gradients of every rank's copy (lightly issue 1528 was a gather that did not).
+    """
+    if world_size() == 1 or not dist.is_initialized():
+        return tensor
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(tensor.contiguous()), dim=0)
+
+
+def _deepspeed_without_transformers() -> None:
+    """Accelerate 1.15 builds `transformers`' HfDeepSpeedConfig whenever DeepSpeed is set up.
+
+    That object only serves transformers' own `zero.Init` model construction; without
+    transformers installed the import raises PackageNotFoundError. augssl builds no
+    transformers models, so the hook is skipped when transformers is absent.
+    """
+    if importlib.util.find_spec("transformers") is None:
+        from accelerate.utils import DeepSpeedPlugin
+
+        DeepSpeedPlugin.set_deepspeed_weakref = lambda self: None
+
+
+def deepspeed_config(recipe: Recipe) -> dict[str, Any]:
+    """The recipe's `distributed.deepspeed` section as a full DeepSpeed config.
+
+    Batch sizes are always explicit (there is no prepared dataloader to infer them).
+    """
+    ds = dict(recipe.distributed.deepspeed or {})
+    ds["train_micro_batch_size_per_gpu"] = recipe.data.batch_size
+    ds["gradient_accumulation_steps"] = recipe.distributed.accumulation_steps
+    ds.setdefault("zero_optimization", {"stage": 2})
+    if recipe.distributed.grad_clip is not None:
+        ds["gradient_clipping"] = recipe.distributed.grad_clip
+    precision = recipe.distributed.mixed_precision
+    ds.setdefault("bf16", {"enabled": precision == "bf16"})
+    ds.setdefault("fp16", {"enabled": precision == "fp16"})
+    return ds
+
+
+def build_accelerator(recipe: Recipe, log_with: list[str] | None = None) -> Accelerator:
+    """The Accelerator for a recipe; DDP or DeepSpeed is chosen by `accelerate launch`."""
+    from accelerate import Accelerator, DistributedDataParallelKwargs
+    from accelerate.utils import DeepSpeedPlugin, ProjectConfiguration
+
+    deepspeed_plugin = None
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        _deepspeed_without_transformers()
+        deepspeed_plugin = DeepSpeedPlugin(hf_ds_config=deepspeed_config(recipe))
+    return Accelerator(
+        mixed_precision=recipe.distributed.mixed_precision,
+        gradient_accumulation_steps=recipe.distributed.accumulation_steps,
+        step_scheduler_with_optimizer=False,  # the engine steps the schedule once per optimizer step
+        log_with=log_with,
+        project_config=ProjectConfiguration(project_dir=recipe.output_dir, logging_dir=recipe.output_dir),
+        kwargs_handlers=[
+            DistributedDataParallelKwargs(find_unused_parameters=recipe.distributed.find_unused_parameters)
+        ],
+        deepspeed_plugin=deepspeed_plugin,
+    )

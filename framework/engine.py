@@ -1,0 +1,152 @@
+"""The training loop under Accelerate: forward (all hooks), weighted sum, backward, step.
+
+`train()` reads top to bottom: set-up, then one loop whose body is the step. The only
+CPU-GPU sync points are the non-finite check (one scalar per step) and the log
+(one `.tolist()` per `train.log_every` steps); both are marked.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from accelerate.utils import set_seed
+
+from framework import checkpoint
+from framework.data import StreamPosition, make_loader
+from framework.distributed import build_accelerator
+from framework.logging import RunLogger
+from framework.manager import PluginHooks
+from framework.model import Model, weighted_total
+from framework.recipe import Recipe, TrainConfig, write_resolved
+from framework.views import clean_view
+
+
+class TrainingError(RuntimeError):
+    """A run that must stop: too many non-finite steps, too many bad records."""
+
+
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=True, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
+    return opt(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up over `warmup_steps`, then constant or cosine to 0 at `steps`."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return 1.0
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def build_views(recipe: Recipe, hooks: PluginHooks) -> dict:
+    """The clean view `x` plus every plugin's views."""
+    from framework.types import View
+
+    d = recipe.data
+    x = View(clean_view(d.image_size, d.mean, d.std, d.channels, resize=d.resize))
+    return {"x": x, **hooks.augment(recipe)}
+
+
+def train(recipe: Recipe, hooks: PluginHooks) -> Path:
+    """Pretrain as the recipe says; returns the output folder. Resumes per `train.resume`."""
+    cfg, out = recipe.train, Path(recipe.output_dir)
+    accelerator = build_accelerator(recipe, log_with=["tensorboard"])
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        write_resolved(recipe, out / "recipe.yaml")
+    set_seed(cfg.seed)
+    model = Model(hooks, recipe)
+    optimizer = build_optimizer(model, cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    plugin_modules, weights = accelerator.unwrap_model(model).plugins, accelerator.unwrap_model(model).weights()
+
+    step, position = 0, StreamPosition()
+    resume_from = checkpoint.find_resume(out, cfg.resume)
+    if resume_from is not None:
+        state, saved_position = checkpoint.load(accelerator, resume_from)
+        step, position = state["step"], saved_position or StreamPosition()
+        accelerator.print(f"augssl: resumed from {resume_from} at step {step}")
+    if step >= cfg.steps:
+        accelerator.print(f"augssl: {out} is already trained to step {step}")
+        return out
+    data_seed = cfg.seed if (saved_exact := bool(position.workers)) or step == 0 else cfg.seed + step
+    loader = make_loader(
+        recipe.data.train, build_views(recipe, hooks), channels=recipe.data.channels,
+        batch_size=recipe.data.batch_size, num_workers=recipe.data.num_workers,
+        rank=accelerator.process_index, world_size=accelerator.num_processes, seed=data_seed,
+        shardshuffle=recipe.data.shardshuffle, resampled=recipe.data.resampled,
+        shuffle_buffer=recipe.data.shuffle_buffer, resume=position if saved_exact else None,
+        pin_memory=accelerator.device.type == "cuda",
+    )  # fmt: skip
+    accelerator.init_trackers("augssl", config={"recipe": str(out / "recipe.yaml")})
+    logger = RunLogger(accelerator, out, cfg.steps, step)
+    running: dict[str, torch.Tensor] = {}
+    bad_in_row = skipped = 0
+
+    model.train()
+    for batch in loader:
+        position.update(batch["cursor"])
+        views = {k: v.to(accelerator.device, non_blocking=True) for k, v in batch["views"].items()}
+        params = {k: v.to(accelerator.device, non_blocking=True) for k, v in batch["params"].items()}
+        labels = batch["label"].to(accelerator.device, non_blocking=True)
+        with accelerator.accumulate(model):
+            terms, metrics = model(views, params, labels, step=step)
+            loss = weighted_total(terms, weights)
+            # sync point: every rank must agree before backward whether this step is finite
+            if accelerator.reduce(torch.isfinite(loss.detach()).float(), "min").item() < 1:
+                bad_in_row, skipped = bad_in_row + 1, skipped + 1
+                optimizer.zero_grad(set_to_none=True)
+                if bad_in_row >= cfg.max_bad_steps:
+                    raise TrainingError(f"{bad_in_row} non-finite losses in a row at step {step}; "
+                                        f"last good checkpoint: {checkpoint.find_resume(out, 'auto')}")  # fmt: skip
+                continue
+            bad_in_row = 0
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and recipe.distributed.grad_clip is not None:
+                accelerator.clip_grad_norm_(model.parameters(), recipe.distributed.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        for name, value in {"loss": loss, **terms, **metrics}.items():
+            running[name] = running.get(name, 0) + value.detach().float()
+        logger.count_images(len(batch["key"]))
+        if not accelerator.sync_gradients:
+            continue  # a micro-step of gradient accumulation
+
+        step += 1
+        scheduler.step()
+        with torch.no_grad():
+            hooks.on_train_step_end(plugin_modules, step, recipe)
+        logger.advance()
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            names = sorted(running)
+            stats = torch.stack([running[n] for n in names] + [torch.tensor(float(c), device=accelerator.device)
+                                 for c in (position.bad_total, position.seen_total)])  # fmt: skip
+            # sync point: one reduction and one .tolist() per log interval
+            values = accelerator.reduce(stats.to(accelerator.device), "sum").tolist()
+            micro = cfg.log_every if step % cfg.log_every == 0 else step % cfg.log_every
+            n = accelerator.num_processes * micro * recipe.distributed.accumulation_steps
+            record = {name: v / n for name, v in zip(names, values, strict=False)}
+            bad, seen = values[-2], values[-1]
+            record.update({"lr": scheduler.get_last_lr()[0], "images/s": logger.images_per_second(),
+                           "data.bad_records": bad, "skipped_steps": skipped})  # fmt: skip
+            logger.log(step, record)
+            running.clear()
+            if seen and bad / seen > recipe.data.max_bad_fraction:
+                raise TrainingError(f"data: {int(bad)} of {int(seen)} records were bad (> data.max_bad_fraction="
+                                    f"{recipe.data.max_bad_fraction}); last: {position.last_bad}")  # fmt: skip
+        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+            checkpoint.save(accelerator, recipe, step, position)
+        if step >= cfg.steps:
+            break
+
+    logger.close()
+    accelerator.end_training()
+    return out

@@ -1,0 +1,18 @@
+"""Pretrain from a recipe.
+
+    python launch/train.py recipes/vae_fashionmnist.yaml [key.path=value ...]
+    accelerate launch launch/train.py recipes/aavae_stl10.yaml train.lr=5e-4
+
+Runs as one process under `python`, or as every process of an `accelerate launch`
+(DDP or DeepSpeed, one node or many). See README.md for the multi-GPU commands.
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout without install
+
+from framework.cli import train_main  # noqa: E402
+
+if __name__ == "__main__":
+    train_main(sys.argv[1:])

@@ -1,0 +1,50 @@
+"""Likelihoods and KL divergences shared by the autoencoding plugins (METHODS.md 1-3).
+
+Every term is summed over pixels / latent dimensions and averaged over the batch, so
+reconstruction and KL stay on the same scale.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.nn import functional as F
+
+
+def gaussian_nll(x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """-log p(x|z) for a unit-variance Gaussian, constants dropped: 0.5 * ||x - x_hat||^2 over C,H,W."""
+    return 0.5 * (x_hat - x).pow(2).flatten(1).sum(1).mean()
+
+
+def bernoulli_nll(logits: torch.Tensor, target01: torch.Tensor) -> torch.Tensor:
+    """-log p(x|z) for a Bernoulli likelihood (BCE with logits) over C,H,W; target in [0, 1]."""
+    return F.binary_cross_entropy_with_logits(logits, target01, reduction="none").flatten(1).sum(1).mean()
+
+
+def reconstruction_nll(
+    x_hat: torch.Tensor, x: torch.Tensor, likelihood: str, mean: list[float], std: list[float]
+) -> torch.Tensor:
+    """The reconstruction term for a normalised target `x` under `likelihood` (gaussian|bernoulli)."""
+    if likelihood == "gaussian":
+        return gaussian_nll(x_hat, x)
+    shape = (1, -1, 1, 1)
+    target = x * x.new_tensor(std).view(shape) + x.new_tensor(mean).view(shape)
+    return bernoulli_nll(x_hat, target.clamp(0, 1))
+
+
+def _std(logvar: torch.Tensor) -> torch.Tensor:
+    return torch.exp(logvar / 2) + 1e-6  # the posterior's std, as the backbone samples with it
+
+
+def kl_standard_normal(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """Analytic KL(N(mu, std^2) || N(0, I)), summed over latent dims, averaged over the batch."""
+    std = _std(logvar)
+    return (0.5 * (std.pow(2) + mu.pow(2) - 1) - torch.log(std)).sum(1).mean()
+
+
+def kl_gaussians(mu_q: torch.Tensor, logvar_q: torch.Tensor, mu_p: torch.Tensor, logvar_p: torch.Tensor) -> torch.Tensor:
+    """Analytic KL(q || p) between diagonal Gaussians, summed over latent dims, averaged over the batch.
+
+    Uses the standard deviation exp(logvar/2) (CR-VAE's code took exp(logvar) as the std: a bug).
+    """
+    std_q, std_p = _std(logvar_q), _std(logvar_p)
+    return (torch.log(std_p / std_q) + (std_q.pow(2) + (mu_q - mu_p).pow(2)) / (2 * std_p.pow(2)) - 0.5).sum(1).mean()
