@@ -208,12 +208,19 @@ def check_shards(key: str, spec: str) -> None:
         raise RecipeError(f"{key}: no such shard: {missing[0]}{more}")
 
 
-def validate(data: dict[str, Any], check_data: bool = True) -> tuple[Recipe, PluginHooks]:
-    """Validate merged recipe data; returns the recipe and the registered plugins."""
+def validate(
+    data: dict[str, Any], check_data: bool = True, extra_plugins: dict[str, object] | None = None
+) -> tuple[Recipe, PluginHooks]:
+    """Validate merged recipe data; returns the recipe and the registered plugins.
+
+    `extra_plugins` registers plugin objects by name beside those the recipe names
+    (tests and embedding applications); their section defaults to `{}`.
+    """
     plugins_raw = data.get("plugins")
     if not isinstance(plugins_raw, dict) or not plugins_raw:
         raise RecipeError("plugins: a recipe must name at least one plugin (e.g. plugins: {backbones: ..., kl: ...})")
     plugins_raw = {name: section for name, section in plugins_raw.items() if section is not None}
+    plugins_raw.update({name: {} for name in extra_plugins or {} if name not in plugins_raw})
     for name, section in plugins_raw.items():
         if not isinstance(section, dict):
             raise RecipeError(f"plugins.{name}: expected a mapping of settings, got {section!r}")
@@ -222,7 +229,7 @@ def validate(data: dict[str, Any], check_data: bool = True) -> tuple[Recipe, Plu
     except ValidationError as exc:
         raise RecipeError(_first_error(exc)) from None
     try:
-        hooks = PluginHooks(list(plugins_raw))
+        hooks = PluginHooks(list(plugins_raw), extra=extra_plugins)
         schemas = hooks.config_schema()
     except PluginError as exc:
         raise RecipeError(f"plugins: {exc}") from None
@@ -244,10 +251,15 @@ def validate(data: dict[str, Any], check_data: bool = True) -> tuple[Recipe, Plu
     return recipe, hooks
 
 
-def load_recipe(path: str | Path, overrides: list[str] = (), check_data: bool = True) -> tuple[Recipe, PluginHooks]:
+def load_recipe(
+    path: str | Path,
+    overrides: list[str] = (),
+    check_data: bool = True,
+    extra_plugins: dict[str, object] | None = None,
+) -> tuple[Recipe, PluginHooks]:
     """Load, merge, override and validate a recipe file; errors are `RecipeError` naming the file."""
     try:
-        return validate(apply_overrides(load_raw(path), list(overrides)), check_data)
+        return validate(apply_overrides(load_raw(path), list(overrides)), check_data, extra_plugins)
     except RecipeError as exc:
         msg = str(exc)
         raise RecipeError(msg if msg.startswith(str(Path(path).resolve())) else f"{path}: {msg}") from None

@@ -97,16 +97,24 @@ def write_recipe(path: str | Path, recipe: dict[str, Any]) -> Path:
     return path
 
 
-def run_steps(recipe: dict[str, Any] | str | Path, steps: int | None = None, overrides: list[str] = ()) -> Path:
-    """Validate and train a recipe in this process; returns its output folder."""
+def run_steps(
+    recipe: dict[str, Any] | str | Path,
+    steps: int | None = None,
+    overrides: list[str] = (),
+    extra_plugins: dict[str, object] | None = None,
+) -> Path:
+    """Validate and train a recipe in this process; returns its output folder.
+
+    `extra_plugins` registers plugin objects (e.g. a class instance with `@hookimpl` methods) by name.
+    """
     from framework.engine import train
     from framework.recipe import apply_overrides, load_recipe, validate
 
     extra = [f"train.steps={steps}"] if steps is not None else []
     if isinstance(recipe, dict):
-        cfg, hooks = validate(apply_overrides(recipe, [*overrides, *extra]))
+        cfg, hooks = validate(apply_overrides(recipe, [*overrides, *extra]), extra_plugins=extra_plugins)
     else:
-        cfg, hooks = load_recipe(recipe, [*overrides, *extra])
+        cfg, hooks = load_recipe(recipe, [*overrides, *extra], extra_plugins=extra_plugins)
     return train(cfg, hooks)
 
 

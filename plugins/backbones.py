@@ -53,13 +53,14 @@ def resnet_encoder(arch: str, stem: str, channels: int) -> nn.Module:
 
 
 def conv28_encoder(channels: int) -> nn.Module:
-    """A small conv net for 28-px images: 28 -> 14 -> 7, then global average pooling (256-d)."""
+    """A small conv net for 28-px images: 28 -> 14 -> 7, a 1x1 conv to 256, global average pooling."""
 
     def block(cin: int, cout: int, stride: int) -> list[nn.Module]:
         return [nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
 
     return nn.Sequential(
-        *block(channels, 32, 1), *block(32, 64, 2), *block(64, 128, 1), *block(128, 256, 2),
+        *block(channels, 32, 1), *block(32, 64, 2), *block(64, 128, 2),
+        nn.Conv2d(128, 256, 1, bias=False), nn.BatchNorm2d(256), nn.ReLU(inplace=True),
         nn.AdaptiveAvgPool2d(1), nn.Flatten(),
     )  # fmt: skip
 

@@ -1,0 +1,281 @@
+"""The plugin API stays honest: every hook is documented, tested, and fires in a known order."""
+
+from __future__ import annotations
+
+import inspect
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from framework import PluginConfig, View, hookimpl, hookspecs
+from framework.testing import CONV28, read_metrics, run_steps, tiny_recipe
+
+HOOKS = [name for name, fn in inspect.getmembers(hookspecs, inspect.isfunction) if hasattr(fn, "augssl_spec")]
+TESTS = Path(__file__).parent
+
+
+def test_hookspecs_are_the_designed_hooks():
+    assert sorted(HOOKS) == sorted([
+        "config_schema", "build_modules", "augment", "encode", "decode",
+        "regularize", "auxiliary_head", "on_train_step_end",
+    ])  # fmt: skip
+
+
+@pytest.mark.parametrize("hook", HOOKS)
+def test_every_hook_is_documented_in_pytest_shape(hook):
+    fn = getattr(hookspecs, hook)
+    doc = inspect.getdoc(fn) or ""
+    assert "Called" in doc, f"{hook}: docstring must say when it is called"
+    assert "Result mode:" in doc, f"{hook}: docstring must give the result mode"
+    assert ":returns:" in doc, f"{hook}: docstring must say what it returns"
+    for arg in inspect.signature(fn).parameters:
+        assert f":param {arg}:" in doc, f"{hook}: argument {arg!r} undocumented"
+
+
+@pytest.mark.parametrize("hook", HOOKS)
+def test_every_hook_has_a_test_of_its_own(hook):
+    sources = "\n".join(p.read_text() for p in TESTS.glob("test_*.py"))
+    assert re.search(rf"^def test_hook_{hook}\b", sources, re.M), f"no test named test_hook_{hook} in tests/"
+
+
+class Recorder:
+    """A plugin implementing every hook except encode/decode, recording the order they fire."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    @hookimpl
+    def config_schema(self):
+        self.calls.append("config_schema")
+        return PluginConfig
+
+    @hookimpl
+    def build_modules(self, config):
+        self.calls.append("build_modules")
+        return {"scale": nn.Linear(1, 1)}
+
+    @hookimpl
+    def augment(self, config):
+        self.calls.append("augment")
+        return {}
+
+    @hookimpl
+    def regularize(self, modules, ctx):
+        self.calls.append("regularize")
+        return {"zero": modules["rec"]["scale"].weight.sum() * 0}
+
+    @hookimpl
+    def auxiliary_head(self, modules, ctx):
+        self.calls.append("auxiliary_head")
+        return {}
+
+    @hookimpl
+    def on_train_step_end(self, modules, step):
+        self.calls.append(f"on_train_step_end:{step}")
+
+
+def test_hooks_fire_in_order(tmp_path, fmnist_shards):
+    rec = Recorder()
+    run_steps(tiny_recipe(tmp_path, fmnist_shards), steps=2, extra_plugins={"rec": rec})
+    assert rec.calls == [
+        "config_schema", "build_modules", "augment",
+        "regularize", "auxiliary_head", "on_train_step_end:1",
+        "regularize", "auxiliary_head", "on_train_step_end:2",
+    ]  # fmt: skip
+
+
+# --- one test per hook -------------------------------------------------------------
+
+
+class Scaled(PluginConfig):
+    factor: float = 2.0
+
+
+class ConfigPlugin:
+    @hookimpl
+    def config_schema(self):
+        return Scaled
+
+    @hookimpl
+    def regularize(self, ctx):
+        return {"const": torch.tensor(ctx.config.plugins["cfgp"].factor)}
+
+
+def test_hook_config_schema(tmp_path, fmnist_shards):
+    from framework.recipe import RecipeError, apply_overrides, validate
+
+    recipe = tiny_recipe(tmp_path, fmnist_shards, plugins={"backbones": CONV28, "kl": {}, "cfgp": {"factor": 3.0}})
+    cfg, _ = validate(recipe, extra_plugins={"cfgp": ConfigPlugin()})
+    assert isinstance(cfg.plugins["cfgp"], Scaled) and cfg.plugins["cfgp"].factor == 3.0
+    with pytest.raises(RecipeError, match=r"plugins\.cfgp\.factr: Extra inputs are not permitted"):
+        validate(apply_overrides(recipe, ["plugins.cfgp.factr=1"]), extra_plugins={"cfgp": ConfigPlugin()})
+    out = run_steps(recipe, steps=1, extra_plugins={"cfgp": ConfigPlugin()})
+    assert read_metrics(out)[-1]["cfgp.const"] == pytest.approx(3.0)
+
+
+class ModulesPlugin:
+    @hookimpl
+    def build_modules(self):
+        torch.manual_seed(0)
+        return {"bias": nn.Linear(4, 1)}
+
+    @hookimpl
+    def regularize(self, modules, ctx):
+        return {"fit": (modules["modp"]["bias"](ctx.encode("x").h[:, :4]) - 5).pow(2).mean()}
+
+
+def test_hook_build_modules(tmp_path, fmnist_shards):
+    from framework.model import Model
+    from framework.recipe import validate
+
+    recipe = tiny_recipe(tmp_path, fmnist_shards)
+    cfg, hooks = validate(recipe, extra_plugins={"modp": ModulesPlugin()})
+    model = Model(hooks, cfg)
+    assert isinstance(model.plugins["modp"]["bias"], nn.Linear)
+    assert any(name.startswith("plugins.modp.bias.") for name in model.state_dict())
+    before = model.plugins["modp"]["bias"].weight.detach().clone()
+    out = run_steps(recipe, steps=2, overrides=["train.checkpoint_every=2"], extra_plugins={"modp": ModulesPlugin()})
+    from safetensors.torch import load_file
+
+    saved = load_file(out / "checkpoints" / "step_00000002" / "model.safetensors")
+    assert not torch.equal(saved["plugins.modp.bias.weight"], before), "the plugin's module must be trained"
+
+
+class ViewPlugin:
+    """A base view returning parameters and a derived view of it."""
+
+    @hookimpl
+    def augment(self, config):
+        return {"flip": View(FlipWithParam()), "twice": View(Negate(), source="viewp.flip")}
+
+    @hookimpl
+    def auxiliary_head(self, ctx):
+        flip, twice, x = ctx.views["viewp.flip"], ctx.views["viewp.twice"], ctx.views["x"]
+        flipped = ctx.params["viewp.flip"][:, 0].bool()
+        expect = torch.where(flipped[:, None, None, None], x.flip(-1), x)
+        ctx.metrics["viewp.match"] = (torch.isclose(flip, expect).all() & torch.equal(twice, -flip)).float()
+        return {}
+
+
+class FlipWithParam:
+    def __init__(self) -> None:
+        from framework.views import FASHION_MNIST_STATS, clean_view
+
+        self.clean = clean_view(28, [0.5], [0.25], 1)
+        del FASHION_MNIST_STATS
+
+    def __call__(self, image):
+        t = self.clean(image)
+        flip = bool(torch.rand(()) < 0.5)
+        return (t.flip(-1) if flip else t), torch.tensor([float(flip)])
+
+
+class Negate:
+    def __call__(self, tensor):
+        return -tensor
+
+
+def test_hook_augment(tmp_path, fmnist_shards):
+    out = run_steps(tiny_recipe(tmp_path, fmnist_shards), steps=2, extra_plugins={"viewp": ViewPlugin()})
+    assert [r["viewp.match"] for r in read_metrics(out)] == [1.0, 1.0]
+
+
+class MeanEncoder:
+    """A third-party encoder replacing `backbones`: features = per-row pixel means (with a weight)."""
+
+    @hookimpl
+    def build_modules(self):
+        return {"w": nn.Linear(28, 8)}
+
+    @hookimpl
+    def encode(self, modules, view):
+        from framework import Encoding
+
+        return Encoding(h=modules["enc"]["w"](view.mean(dim=(1, 3))))
+
+    @hookimpl
+    def regularize(self, ctx):
+        return {"norm": ctx.encode("x").h.pow(2).mean()}
+
+
+def test_hook_encode(tmp_path, fmnist_shards):
+    from framework.manager import PluginError, PluginHooks
+
+    recipe = tiny_recipe(tmp_path, fmnist_shards, plugins={"enc": {}})
+    out = run_steps(recipe, steps=2, extra_plugins={"enc": MeanEncoder()})
+    assert "enc.norm" in read_metrics(out)[-1]
+    with pytest.raises(PluginError, match=r"hook 'encode': exactly one plugin .* found 2"):
+        PluginHooks(["backbones"], extra={"enc": MeanEncoder()})
+    with pytest.raises(PluginError, match=r"hook 'encode': exactly one plugin .* found 0"):
+        PluginHooks(["kl"])
+
+
+def test_hook_decode(tmp_path, fmnist_shards):
+    from framework.manager import PluginError
+    from framework.model import Model
+    from framework.recipe import validate
+
+    cfg, hooks = validate(tiny_recipe(tmp_path, fmnist_shards))
+    model = Model(hooks, cfg).eval()
+    x = torch.randn(3, 1, 28, 28)
+    enc = model.encode(x)
+    assert hooks.decode(model.plugins, enc, None).shape == x.shape
+    nodec = tiny_recipe(tmp_path, fmnist_shards, plugins={"backbones": {**CONV28, "decoder": None}, "kl": {}})
+    with pytest.raises(PluginError, match=r"plugin 'backbones', hook 'decode'.*no decoder configured"):
+        run_steps(nodec, steps=1)
+
+
+class TermPlugin:
+    @hookimpl
+    def regularize(self, ctx):
+        return {"a": torch.tensor(1.5), "b": torch.tensor(-0.5)}
+
+
+def test_hook_regularize(tmp_path, fmnist_shards):
+    plugins = {"backbones": CONV28, "kl": {"weight": 0.0}, "terms": {"weight": 3.0}}
+    out = run_steps(tiny_recipe(tmp_path, fmnist_shards, plugins=plugins), steps=1, extra_plugins={"terms": TermPlugin()})
+    rec = read_metrics(out)[-1]
+    assert rec["terms.a"] == 1.5 and rec["terms.b"] == -0.5
+    assert rec["loss"] == pytest.approx(3.0 * (1.5 - 0.5)), "total = sum(weight * term); kl has weight 0"
+
+
+class ProbeLike:
+    @hookimpl
+    def build_modules(self):
+        return {"linear": nn.Linear(256, 10)}
+
+    @hookimpl
+    def auxiliary_head(self, modules, ctx):
+        logits = modules["aux"]["linear"](ctx.encode("x").h.detach())
+        ctx.metrics["aux.acc"] = (logits.argmax(1) == ctx.labels).float().mean().detach()
+        return {"ce": nn.functional.cross_entropy(logits, ctx.labels)}
+
+
+def test_hook_auxiliary_head(tmp_path, fmnist_shards):
+    out = run_steps(tiny_recipe(tmp_path, fmnist_shards), steps=2, extra_plugins={"aux": ProbeLike()})
+    rec = read_metrics(out)[-1]
+    assert rec["aux.ce"] > 0 and 0 <= rec["aux.acc"] <= 1
+    assert rec["loss"] == pytest.approx(rec["kl.recon"] + rec["kl.kl"] + rec["aux.ce"], rel=1e-5)
+
+
+class StepCounter:
+    def __init__(self) -> None:
+        self.steps: list[int] = []
+        self.grad_enabled: list[bool] = []
+
+    @hookimpl
+    def on_train_step_end(self, modules, step, config):
+        self.steps.append(step)
+        self.grad_enabled.append(torch.is_grad_enabled())
+        assert "backbones" in modules and config.train.steps == 3
+
+
+def test_hook_on_train_step_end(tmp_path, fmnist_shards):
+    counter = StepCounter()
+    recipe = tiny_recipe(tmp_path, fmnist_shards, distributed={"accumulation_steps": 2})
+    run_steps(recipe, steps=3, extra_plugins={"count": counter})
+    assert counter.steps == [1, 2, 3], "once per optimizer step, not per accumulation micro-step"
+    assert counter.grad_enabled == [False] * 3
