@@ -1,0 +1,137 @@
+"""Recipes: inheritance, overrides, and malformed recipes that must start nothing."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from framework.cli import main
+from framework.recipe import RecipeError, apply_overrides, deep_merge, load_recipe
+from framework.testing import tiny_recipe, write_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_deep_merge_lists_replace_dicts_merge():
+    base = {"a": {"x": 1, "y": [1, 2]}, "b": 1}
+    assert deep_merge(base, {"a": {"y": [3]}, "c": 2}) == {"a": {"x": 1, "y": [3]}, "b": 1, "c": 2}
+
+
+def test_precedence_cli_over_recipe_over_extends_over_defaults(tmp_path, fmnist_shards):
+    parent = tiny_recipe(tmp_path, fmnist_shards, train={"lr": 0.5, "seed": 7})
+    write_recipe(tmp_path / "parent.yaml", parent)
+    write_recipe(tmp_path / "child.yaml", {"extends": "parent.yaml", "train": {"lr": 0.25}})
+    recipe, _ = load_recipe(tmp_path / "child.yaml", ["train.seed=9", "plugins.kl.beta=4"])
+    assert recipe.train.lr == 0.25  # recipe over extends
+    assert recipe.train.seed == 9  # CLI over extends
+    assert recipe.plugins["kl"].beta == 4.0  # CLI into a plugin section
+    assert recipe.train.optimizer == "adam"  # engine default
+    assert recipe.plugins["kl"].likelihood == "gaussian"  # plugin default
+
+
+def test_override_values_are_parsed_as_yaml():
+    out = apply_overrides({}, ["a.b=3", "a.c=1.0e-3", "a.d=[1, 2]", "a.e=null", "a.f=text"])
+    assert out == {"a": {"b": 3, "c": 1e-3, "d": [1, 2], "e": None, "f": "text"}}
+
+
+def test_a_null_plugin_section_removes_an_inherited_plugin(tmp_path, fmnist_shards):
+    path = write_recipe(tmp_path / "r.yaml", tiny_recipe(tmp_path, fmnist_shards))
+    recipe, hooks = load_recipe(path, ["plugins.kl=null"], check_data=False)
+    assert list(recipe.plugins) == ["backbones"] and hooks.names == ["backbones"]
+
+
+def test_shipped_recipes_validate():
+    for path in sorted((ROOT / "recipes").glob("[!_]*.yaml")):
+        load_recipe(path, check_data=False)
+
+
+# --- malformed recipes: one line, exit 2, nothing started ----------------------------
+
+BAD = {
+    "unknown top-level key": (lambda r: {**r, "trian": {"steps": 2}}, r"trian: Extra inputs are not permitted"),
+    "misspelt plugin name": (lambda r: {**r, "plugins": {**r["plugins"], "kll": {}}}, r"unknown plugin 'kll'"),
+    "wrong type": (lambda r: deep_merge(r, {"train": {"lr": "fast"}}), r"train\.lr: Input should be a valid number"),
+    "missing data path": (lambda r: deep_merge(r, {"data": {"train": "/nonexistent/x-{0..3}.tar"}}),
+                          r"data\.train: no such shard: /nonexistent/x-0\.tar \(and 3 more of 4\)"),
+    "unknown plugin key": (lambda r: deep_merge(r, {"plugins": {"kl": {"bta": 2}}}),
+                           r"plugins\.kl\.bta: Extra inputs are not permitted"),
+    "bad plugin value": (lambda r: deep_merge(r, {"plugins": {"kl": {"likelihood": "poisson"}}}),
+                         r"plugins\.kl\.likelihood: Input should be 'gaussian' or 'bernoulli'"),
+    "missing required key": (lambda r: {**r, "train": {"lr": 1e-3}}, r"train\.steps: Field required"),
+    "negative batch size": (lambda r: deep_merge(r, {"data": {"batch_size": -4}}),
+                            r"data\.batch_size: Input should be greater than 0"),
+    "no plugins": (lambda r: {**r, "plugins": {}}, r"plugins: a recipe must name at least one plugin"),
+    "plugin section not a mapping": (lambda r: deep_merge(r, {"plugins": {"kl": 3}}), r"plugins\.kl: expected a mapping"),
+    "mean of wrong length": (lambda r: deep_merge(r, {"data": {"mean": [0.1, 0.2, 0.3]}}), r"data\.mean/data\.std: need 1"),
+    "missing eval shards": (lambda r: deep_merge(r, {"eval": {"test": "/nope/t.tar"}}), r"eval\.test: no such shard"),
+    "unknown optimizer": (lambda r: deep_merge(r, {"train": {"optimizer": "lamb"}}),
+                          r"train\.optimizer: Input should be 'adam', 'adamw' or 'sgd'"),
+}
+
+
+def _run_cli(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["train", *argv])
+    err = capsys.readouterr().err
+    return exc.value.code, err
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_malformed_recipe_fails_with_one_line_and_starts_nothing(case, tmp_path, fmnist_shards, capsys):
+    mutate, expected = BAD[case]
+    recipe = mutate(tiny_recipe(tmp_path, fmnist_shards))
+    path = write_recipe(tmp_path / "bad.yaml", recipe)
+    code, err = _run_cli([str(path)], capsys)
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1, err
+    assert err.startswith("augssl: error: ") and str(path) in err
+    assert __import__("re").search(expected, err), err
+    assert not (tmp_path / "run").exists(), "a bad recipe must not create its output folder"
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("train: [unclosed", r"invalid YAML"),
+        ("- a\n- list\n", r"a recipe must be a mapping of sections, got list"),
+        ("extends: missing.yaml\n", r"extends: no such recipe"),
+    ],
+)
+def test_malformed_files(text, expected, tmp_path, capsys):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    code, err = _run_cli([str(path)], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert __import__("re").search(expected, err), err
+
+
+def test_extends_cycle(tmp_path, capsys):
+    (tmp_path / "a.yaml").write_text("extends: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("extends: a.yaml\n")
+    code, err = _run_cli([str(tmp_path / "a.yaml")], capsys)
+    assert code == 2 and "`extends` cycle: a.yaml -> b.yaml -> a.yaml" in err
+
+
+def test_bad_override_syntax(tmp_path, fmnist_shards, capsys):
+    path = write_recipe(tmp_path / "r.yaml", tiny_recipe(tmp_path, fmnist_shards))
+    code, err = _run_cli([str(path), "train.lr"], capsys)
+    assert code == 2 and "override 'train.lr': expected key.path=value" in err
+    with pytest.raises(RecipeError, match=r"override 'train\.lr\.x=1': train\.lr is not a section"):
+        apply_overrides(yaml.safe_load(path.read_text()), ["train.lr.x=1"])
+
+
+def test_launch_script_rejects_a_bad_recipe_in_a_fresh_process(tmp_path, fmnist_shards):
+    recipe = deep_merge(tiny_recipe(tmp_path, fmnist_shards), {"plugins": {"kl": {"beta": "high"}}})
+    path = write_recipe(tmp_path / "bad.yaml", recipe)
+    proc = subprocess.run([sys.executable, str(ROOT / "launch" / "train.py"), str(path)],
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"augssl: error: {path}: plugins.kl.beta: Input should be a valid number, "
+        "unable to parse string as a number (got 'high')"
+    ]
+    assert not (tmp_path / "run").exists()
