@@ -1,0 +1,82 @@
+"""Plugin `aavae`: the augmentation-augmented autoencoder (METHODS.md section 2).
+
+The encoder sees an augmented view `t(x)` (its own view `aavae.aug`, `simclr_view`);
+the decoder reconstructs the **clean** original `x` (the engine's view `"x"`):
+
+    loss = -log p(x | z),   z ~ q(z | t(x))   (one sample, by the backbone's rsample)
+
+There is no KL term: augmentation replaces it (the authors trained with `kl_coeff 0`).
+Term: `recon` (the engine logs it as `aavae.recon`). `likelihood` is `gaussian`
+(unit variance, `0.5 * ||x - x_hat||^2` summed over C,H,W) or `bernoulli` (BCE with
+logits against `x` mapped back to [0, 1]); both from `plugins.vae_terms`.
+
+`strength` picks the SimCLR augmentation of `framework.views.simclr_view`: "cifar"
+(32 px), "stl" (96 px, with blur) or "mnist" (grey 28 px, our preset). Left unset it
+follows the data: 1 channel -> "mnist", >= 64 px -> "stl", else "cifar".
+
+Guards against the known failure (solo-learn issue 111: an inf loss). Without a KL
+term nothing constrains the variance head, so:
+
+* the backbone clamps `logvar` to `plugins.backbones.logvar_range` (default
+  [-10, 10]) before `std = exp(logvar / 2) + 1e-6`, so `z` stays finite;
+* the engine checks every step's total loss: a non-finite step is skipped (no
+  optimizer update), counted (`skipped_steps` in the metrics) and, after
+  `train.max_bad_steps` in a row, the run stops with an error naming the last good
+  checkpoint.
+
+`aavae.logvar_mean` (a metric, not optimised) tracks the drift of the variance head.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from framework import PluginConfig, View, hookimpl
+from framework.views import simclr_view
+from plugins.vae_terms import reconstruction_nll
+
+NAME = "aavae"
+VIEW = f"{NAME}.aug"
+
+Strength = Literal["cifar", "stl", "mnist"]
+
+
+class AAVAEConfig(PluginConfig):
+    strength: Strength | None = None  # None: from data.channels / data.image_size
+    likelihood: Literal["gaussian", "bernoulli"] = "gaussian"
+
+
+def default_strength(image_size: int, channels: int) -> Strength:
+    """The `simclr_view` preset that fits the data: grey -> mnist, >= 64 px -> stl, else cifar."""
+    if channels == 1:
+        return "mnist"
+    return "stl" if image_size >= 64 else "cifar"
+
+
+@hookimpl
+def config_schema() -> type[PluginConfig]:
+    return AAVAEConfig
+
+
+@hookimpl
+def augment(config) -> dict[str, View]:
+    cfg: AAVAEConfig = config.plugins[NAME]
+    d = config.data
+    strength = cfg.strength or default_strength(d.image_size, d.channels)
+    return {"aug": View(simclr_view(d.image_size, d.mean, d.std, d.channels, strength))}
+
+
+@hookimpl
+def regularize(ctx) -> dict[str, torch.Tensor]:
+    cfg: AAVAEConfig = ctx.config.plugins[NAME]
+    enc = ctx.encode(VIEW)
+    if enc.z is None:
+        raise ValueError("the encoder has no VAE head: set plugins.backbones.latent_dim")
+    x_hat = ctx.decode(enc)
+    recon = reconstruction_nll(
+        x_hat, ctx.views["x"], cfg.likelihood, ctx.config.data.mean, ctx.config.data.std
+    )
+    ctx.metrics[f"{NAME}.logvar_mean"] = enc.logvar.detach().mean()
+    return {"recon": recon}
