@@ -1,0 +1,122 @@
+"""Plugin `affine`: predict a random affine transformation, an auxiliary head (METHODS.md section 4).
+
+`x1` is the view named by `source` (default the clean `"x"`; e.g. `"simclr.v1"` or
+`"aavae.aug"` to use a base method's augmented view). This plugin's view `affine.view`
+is `A(x1)`, `A` a random affine (`framework.views.AffineWithParams`: rotation +-90 deg,
+translation +-25 %, scale 0.7-1.3, shear +-25 deg, black fill) whose normalised
+6-vector `[angle/360, tx/W, ty/H, scale, shear_x/25, shear_y/25]` is the target.
+
+    r1 = h(x1), r2 = h(A(x1))      pooled backbone features, before any projection head;
+                                   both keep their gradients (the encoder learns from both)
+    a  = r1 - r2 ("diff", default) | cat(r1, r2) ("concat", the ablation)
+    loss = MSE(head(a)[:, enabled], target[:, enabled])
+    head = Linear(in, hidden) + BatchNorm1d + ReLU + Linear(hidden, 6), hidden 512
+
+`components` switches target components off (they are also held at identity in `A`);
+the head keeps 6 outputs so every parameter is used (DDP) whatever the subset. The
+term is `mse` (logged `affine.mse`), multiplied by `weight` (METHODS.md: 1 for SimCLR
+and BYOL, 10 for Barlow Twins). The head's input size is `feature_dim`, or derived
+from `plugins.backbones.encoder` when that is set.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field, field_validator
+from torch import nn
+from torch.nn import functional as F
+
+from framework import PluginConfig, View, hookimpl
+from framework.views import AFFINE_COMPONENTS, AffineWithParams
+
+NAME = "affine"
+VIEW = f"{NAME}.view"
+
+# Pooled feature size of each `backbones` encoder (its `h`).
+ENCODER_FEATURE_DIMS = {"resnet18": 512, "resnet50": 2048, "conv28": 256}
+
+
+class AffineConfig(PluginConfig):
+    source: str = "x"  # full name of the view x1 that A transforms
+    components: list[str] = Field(default_factory=lambda: list(AFFINE_COMPONENTS))
+    aggregation: Literal["diff", "concat"] = "diff"
+    hidden: int = Field(512, gt=0)
+    feature_dim: int | None = Field(None, gt=0)  # None: from plugins.backbones.encoder
+
+    @field_validator("components")
+    @classmethod
+    def _known_components(cls, value: list[str]) -> list[str]:
+        unknown = sorted(set(value) - set(AFFINE_COMPONENTS))
+        if unknown:
+            raise ValueError(f"unknown components {unknown}; choose from {list(AFFINE_COMPONENTS)}")
+        if not value:
+            raise ValueError("at least one component is needed")
+        return [c for c in AFFINE_COMPONENTS if c in value]  # canonical order, no duplicates
+
+
+def feature_dim(config) -> int:
+    """The size of `h`: `feature_dim`, else the table entry of `plugins.backbones.encoder`."""
+    cfg: AffineConfig = config.plugins[NAME]
+    if cfg.feature_dim is not None:
+        return cfg.feature_dim
+    encoder = getattr(config.plugins.get("backbones"), "encoder", None)
+    if encoder not in ENCODER_FEATURE_DIMS:
+        raise ValueError(
+            f"cannot infer the feature size of encoder {encoder!r}: set plugins.{NAME}.feature_dim"
+        )
+    return ENCODER_FEATURE_DIMS[encoder]
+
+
+def aggregate(r1: torch.Tensor, r2: torch.Tensor, how: str) -> torch.Tensor:
+    """`r1 - r2` (B, D) or `cat(r1, r2)` (B, 2D)."""
+    return r1 - r2 if how == "diff" else torch.cat([r1, r2], dim=1)
+
+
+def make_head(in_dim: int, hidden: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Linear(in_dim, hidden),
+        nn.BatchNorm1d(hidden),
+        nn.ReLU(inplace=True),
+        nn.Linear(hidden, len(AFFINE_COMPONENTS)),
+    )
+
+
+def component_index(components: list[str]) -> list[int]:
+    return [AFFINE_COMPONENTS.index(c) for c in components]
+
+
+@hookimpl
+def config_schema() -> type[PluginConfig]:
+    return AffineConfig
+
+
+@hookimpl
+def build_modules(config) -> dict[str, nn.Module]:
+    cfg: AffineConfig = config.plugins[NAME]
+    dim = feature_dim(config)
+    return {"head": make_head(dim if cfg.aggregation == "diff" else 2 * dim, cfg.hidden)}
+
+
+@hookimpl
+def augment(config) -> dict[str, View]:
+    cfg: AffineConfig = config.plugins[NAME]
+    owner = cfg.source.split(".", 1)[0]
+    if cfg.source != "x" and (owner == NAME or owner not in config.plugins):
+        raise ValueError(
+            f"plugins.{NAME}.source: no plugin {owner!r} in the recipe to provide {cfg.source!r}"
+        )
+    transform = AffineWithParams(config.data.mean, config.data.std, cfg.components)
+    return {"view": View(transform, source=cfg.source)}
+
+
+@hookimpl
+def auxiliary_head(modules, ctx) -> dict[str, torch.Tensor]:
+    cfg: AffineConfig = ctx.config.plugins[NAME]
+    r1 = ctx.encode(cfg.source).h
+    r2 = ctx.encode(VIEW).h
+    pred = modules[NAME]["head"](aggregate(r1, r2, cfg.aggregation))
+    idx = component_index(cfg.components)
+    target = ctx.params[VIEW].to(pred.dtype)
+    return {"mse": F.mse_loss(pred[:, idx], target[:, idx])}
