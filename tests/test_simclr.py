@@ -1,0 +1,113 @@
+"""Plugin `simclr`: NT-Xent against a loop-by-loop formula, the head, the views, 2 real steps."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from framework.recipe import validate
+from framework.testing import read_metrics, run_steps, tiny_recipe
+from plugins.simclr import infer_feature_dim, infer_strength, nt_xent
+
+CONTRASTIVE_BACKBONE = {"encoder": "conv28", "latent_dim": None}
+
+
+def nt_xent_by_loops(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> float:
+    """The SimCLR paper's l(i, j), written out: 2N anchors, one positive each, the rest negatives."""
+    z = [*z1.double(), *z2.double()]
+    n = len(z1)
+
+    def sim(a: torch.Tensor, b: torch.Tensor) -> float:
+        return float(a @ b) / (math.sqrt(float(a @ a)) * math.sqrt(float(b @ b)))
+
+    total = 0.0
+    for i in range(2 * n):
+        positive = (i + n) % (2 * n)
+        numerator = math.exp(sim(z[i], z[positive]) / temperature)
+        denominator = sum(math.exp(sim(z[i], z[k]) / temperature) for k in range(2 * n) if k != i)
+        total += -math.log(numerator / denominator)
+    return total / (2 * n)
+
+
+@pytest.mark.parametrize("temperature", [0.1, 0.5, 1.0])
+def test_nt_xent_matches_the_formula(temperature):
+    g = torch.Generator().manual_seed(0)
+    z1 = torch.randn(6, 5, generator=g)
+    z2 = z1 + 0.5 * torch.randn(6, 5, generator=g)
+    got = nt_xent(z1, z2, temperature)
+    assert got.item() == pytest.approx(nt_xent_by_loops(z1, z2, temperature), rel=1e-5)
+
+
+def test_nt_xent_fixed_values():
+    e = torch.eye(4)
+    # 2N = 4 mutually orthogonal embeddings: every logit is 0, so each anchor's loss is log(2N - 1).
+    assert nt_xent(e[:2], e[2:], 0.5).item() == pytest.approx(math.log(3), rel=1e-6)
+    # Aligned pairs of orthogonal samples: positive cos 1, the 2 negatives cos 0.
+    assert nt_xent(e[:2], e[:2], 0.5).item() == pytest.approx(
+        math.log(1 + 2 * math.exp(-2)), rel=1e-6
+    )
+    # Cosine similarity: the scale of an embedding does not matter.
+    z = torch.randn(4, 3)
+    assert nt_xent(3 * z, z, 0.5).item() == pytest.approx(nt_xent(z, z, 0.5).item(), rel=1e-6)
+
+
+def test_nt_xent_gradient_flows_to_both_views():
+    z1, z2 = torch.randn(4, 3, requires_grad=True), torch.randn(4, 3, requires_grad=True)
+    nt_xent(z1, z2, 0.5).backward()
+    assert z1.grad.abs().sum() > 0 and z2.grad.abs().sum() > 0
+
+
+def test_nt_xent_rejects_mismatched_shapes():
+    with pytest.raises(ValueError, match="must both be"):
+        nt_xent(torch.randn(4, 3), torch.randn(5, 3))
+
+
+def _recipe(tmp_path, shards, size=28, channels=1, **simclr):
+    plugins = {"backbones": CONTRASTIVE_BACKBONE, "simclr": simclr}
+    return tiny_recipe(tmp_path, shards, plugins=plugins, size=size, channels=channels)
+
+
+def test_config_defaults_and_inference(tmp_path, fmnist_shards):
+    cfg, _ = validate(_recipe(tmp_path, fmnist_shards), check_data=False)
+    own = cfg.plugins["simclr"]
+    assert (own.temperature, own.output_dim, own.feature_dim, own.strength) == (
+        0.5,
+        128,
+        None,
+        None,
+    )
+    assert infer_feature_dim(cfg, None) == 256 and infer_feature_dim(cfg, 7) == 7
+    assert infer_strength(cfg, None) == "mnist" and infer_strength(cfg, "stl") == "stl"
+    for size, strength in ((32, "cifar"), (96, "stl")):
+        rgb, _ = validate(_recipe(tmp_path, fmnist_shards, size=size, channels=3), check_data=False)
+        assert infer_strength(rgb, None) == strength
+
+
+def test_unknown_encoder_needs_feature_dim(tmp_path, fmnist_shards):
+    cfg, _ = validate(_recipe(tmp_path, fmnist_shards), check_data=False)
+    cfg.plugins.pop("backbones")
+    with pytest.raises(ValueError, match="set feature_dim"):
+        infer_feature_dim(cfg, None)
+
+
+def test_projection_head_and_views(tmp_path, fmnist_shards):
+    cfg, hooks = validate(_recipe(tmp_path, fmnist_shards, output_dim=32), check_data=False)
+    head = hooks.build_modules(cfg)["simclr"]["projector"]
+    layers = [type(m) for m in head]
+    assert layers == [nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.Linear]
+    assert (head[0].in_features, head[0].out_features, head[3].out_features) == (256, 256, 32)
+    views = hooks.augment(cfg)
+    assert {"simclr.v1", "simclr.v2"} <= set(views)
+
+
+def test_trains_two_steps_and_logs_nt_xent(tmp_path, fmnist_shards):
+    out = run_steps(_recipe(tmp_path, fmnist_shards), steps=2)
+    records = read_metrics(out)
+    assert [r["step"] for r in records] == [1, 2]
+    for r in records:
+        # batch 8: 2N = 16 embeddings; chance level is log(15) ~ 2.71
+        assert 0 < r["simclr.nt_xent"] < 2 * math.log(15)
+        assert r["loss"] == pytest.approx(r["simclr.nt_xent"])
