@@ -1,0 +1,98 @@
+"""Plugin `barlow`: Barlow Twins (METHODS.md section 5).
+
+Two SimCLR-style views, the backbone's `h`, a projector of three Linear layers (the
+first two followed by BatchNorm1d + ReLU, as in the paper). The embeddings of every
+rank are gathered with gradient (`framework.distributed.gather_with_grad`), normalised
+along the batch over the **global** batch of N samples (zero mean, unit biased
+variance, as the paper's `BatchNorm1d(affine=False)`), and their cross-correlation
+`C = z1n.T @ z2n / N` gives the loss
+
+    sum_i (1 - C_ii)^2 + lambda_offdiag * sum_{i != j} C_ij^2      (term `loss`)
+
+Every rank computes the same value on the same global C; the gather sums the gradient
+of every rank's copy and DDP averages over ranks, so W processes with batch B train
+exactly like one process with batch W*B (tests/test_contrastive_distributed.py).
+"""
+
+from __future__ import annotations
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from framework import PluginConfig, View, hookimpl
+from framework.distributed import gather_with_grad
+from plugins.simclr import Strength, infer_feature_dim, mlp, two_views
+
+NAME = "barlow"
+
+
+class BarlowConfig(PluginConfig):
+    lambda_offdiag: float = Field(5e-3, ge=0)  # Barlow Twins paper / METHODS.md (~5e-3, or 1/dim)
+    proj_hidden_dim: int = Field(
+        2048, gt=0
+    )  # paper: 8192 on ImageNet; 2048 is the common CIFAR size
+    proj_output_dim: int = Field(2048, gt=0)
+    eps: float = Field(1e-5, ge=0)  # added to the variance when normalising (BatchNorm1d's default)
+    feature_dim: int | None = Field(
+        None, gt=0
+    )  # backbone's h size; None: from plugins.backbones.encoder
+    strength: Strength | None = None  # simclr_view preset; None: inferred from the data
+
+
+def batch_normalise(z: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """Zero mean and unit (biased) variance along the batch, per feature."""
+    z = z - z.mean(dim=0)
+    return z / torch.sqrt(z.pow(2).mean(dim=0) + eps)
+
+
+def barlow_twins_loss(
+    z1: torch.Tensor, z2: torch.Tensor, lambd: float = 5e-3, eps: float = 1e-5
+) -> torch.Tensor:
+    """Barlow Twins loss of this rank's embeddings `z1`, `z2` (B, D), computed over the global batch.
+
+    Both are gathered from every rank first (a no-op in one process), so every rank
+    returns the same value: the loss of the global batch.
+    """
+    if z1.shape != z2.shape or z1.dim() != 2:
+        raise ValueError(
+            f"barlow_twins_loss: z1 and z2 must both be (B, D), got {tuple(z1.shape)}, {tuple(z2.shape)}"
+        )
+    z1, z2 = gather_with_grad(z1), gather_with_grad(z2)
+    n = z1.shape[0]
+    c = batch_normalise(z1, eps).T @ batch_normalise(z2, eps) / n  # (D, D)
+    eye = torch.eye(c.shape[0], dtype=torch.bool, device=c.device)
+    on_diag = (1 - torch.diagonal(c)).pow(2).sum()
+    off_diag = c.masked_fill(eye, 0).pow(2).sum()
+    return on_diag + lambd * off_diag
+
+
+# ---------------------------------------------------------------------------
+# Hooks
+# ---------------------------------------------------------------------------
+
+
+@hookimpl
+def config_schema() -> type[PluginConfig]:
+    return BarlowConfig
+
+
+@hookimpl
+def build_modules(config) -> dict[str, nn.Module]:
+    cfg: BarlowConfig = config.plugins[NAME]
+    h = infer_feature_dim(config, cfg.feature_dim)
+    return {"projector": mlp(h, cfg.proj_hidden_dim, cfg.proj_output_dim, layers=3)}
+
+
+@hookimpl
+def augment(config) -> dict[str, View]:
+    return two_views(config, config.plugins[NAME].strength)
+
+
+@hookimpl
+def regularize(modules, ctx) -> dict[str, torch.Tensor]:
+    cfg: BarlowConfig = ctx.config.plugins[NAME]
+    projector = modules[NAME]["projector"]
+    z1 = projector(ctx.encode(f"{NAME}.v1").h)
+    z2 = projector(ctx.encode(f"{NAME}.v2").h)
+    return {"loss": barlow_twins_loss(z1, z2, cfg.lambda_offdiag, cfg.eps)}
