@@ -74,6 +74,15 @@ def deepspeed_config(recipe: Recipe) -> dict[str, Any]:
     return ds
 
 
+def cpu_only_multiprocess() -> bool:
+    """True for a multi-process launch on a machine without CUDA.
+
+    Accelerate 1.15 only selects MULTI_CPU (gloo) when told `cpu=True`; otherwise a
+    CPU-only `accelerate launch --multi_gpu` silently runs N independent processes.
+    """
+    return int(os.environ.get("WORLD_SIZE", 1)) > 1 and not torch.cuda.is_available()
+
+
 def build_accelerator(recipe: Recipe, log_with: list[str] | None = None) -> Accelerator:
     """The Accelerator for a recipe; DDP or DeepSpeed is chosen by `accelerate launch`."""
     from accelerate import Accelerator, DistributedDataParallelKwargs
@@ -84,6 +93,7 @@ def build_accelerator(recipe: Recipe, log_with: list[str] | None = None) -> Acce
         _deepspeed_without_transformers()
         deepspeed_plugin = DeepSpeedPlugin(hf_ds_config=deepspeed_config(recipe))
     return Accelerator(
+        cpu=cpu_only_multiprocess(),
         mixed_precision=recipe.distributed.mixed_precision,
         gradient_accumulation_steps=recipe.distributed.accumulation_steps,
         step_scheduler_with_optimizer=False,  # the engine steps the schedule once per optimizer step

@@ -63,6 +63,8 @@ def train(recipe: Recipe, hooks: PluginHooks) -> Path:
         write_resolved(recipe, out / "recipe.yaml")
     set_seed(cfg.seed)
     model = Model(hooks, recipe)
+    if recipe.distributed.sync_batchnorm and accelerator.num_processes > 1 and accelerator.device.type == "cuda":
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     optimizer = build_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)

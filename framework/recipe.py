@@ -73,6 +73,7 @@ class DistributedConfig(Strict):
     accumulation_steps: int = Field(1, gt=0)
     grad_clip: float | None = Field(None, gt=0)
     find_unused_parameters: bool = False
+    sync_batchnorm: bool = False  # SyncBatchNorm over all ranks (CUDA only; ignored on CPU)
     deepspeed: dict[str, Any] | None = None
 
 

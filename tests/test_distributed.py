@@ -1,0 +1,44 @@
+"""Real multi-process runs on CPU (gloo) under `accelerate launch`."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from framework.testing import read_metrics, tiny_recipe, write_recipe
+from tests.conftest import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def accelerate_launch(args: list[str], script_args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *args, str(ROOT / "tests" / "dist_train.py"), *script_args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+@pytest.mark.slow
+def test_two_processes_train_and_hold_identical_weights(tmp_path, fmnist_shards):
+    """Parameters agree exactly. (BatchNorm running statistics are rank-local under DDP, which
+    broadcasts rank 0's at every forward; checkpoints hold rank 0's. `distributed.sync_batchnorm`
+    syncs them on GPUs.)"""
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(tmp_path, fmnist_shards, train={"checkpoint_every": 2}))
+    accelerate_launch(
+        ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+         "--dynamo_backend", "no", "--main_process_port", str(free_port())],
+        [str(recipe), "train.steps=3"],
+    )  # fmt: skip
+    out = tmp_path / "run"
+    w0, w1 = torch.load(out / "weights_rank0.pt"), torch.load(out / "weights_rank1.pt")
+    assert w0.keys() == w1.keys() and len(w0) > 10
+    for key in w0:
+        assert torch.equal(w0[key], w1[key]), f"ranks disagree on {key}"
+    assert [r["step"] for r in read_metrics(out)] == [1, 2, 3]
+    assert (out / "checkpoints" / "step_00000002" / "data_rank1.json").is_file(), "every rank saves its stream position"
