@@ -1,0 +1,161 @@
+"""Plugin `byol`: Bootstrap Your Own Latent (METHODS.md section 5).
+
+Online network: the backbone encoder (through `ctx.encode`), `projector`, `predictor`
+(each Linear + BatchNorm1d + ReLU + Linear; BYOL paper: hidden 4096, output 256).
+Target network (`modules["byol"]["target"]`): a separate copy of the backbone encoder
+and of the projector, `requires_grad=False`, so the engine's optimizer never sees it;
+it is built before `accelerator.prepare()` and therefore checkpointed with the root
+module. Because `build_modules` cannot see the backbone's instance, the target is
+built with the backbone plugin's own `build_modules` and filled with the online
+weights on the first forward (step 0); its buffer `initialised` records that, so a
+resumed run keeps the target it loaded.
+
+Loss (term `loss`): `2 - 2 cos(q(v1), z'(v2)) + 2 - 2 cos(q(v2), z'(v1))`, each
+direction averaged over the batch and the two directions **summed**, as in the BYOL
+paper (so its range is [0, 8]). `q` = predictor(projector(h)), `z'` = target, run
+under `no_grad` on the other view.
+
+EMA, in `on_train_step_end` after optimizer step k (1-based): for every target
+parameter `xi <- tau * xi + (1 - tau) * theta` with
+`tau = 1 - (1 - base) * (cos(pi * (k - 1) / steps) + 1) / 2` (BYOL paper's schedule:
+`base` at the start, 1 at the end). The value used after the current step is logged
+as `byol.tau`. Only parameters are averaged; the target's BatchNorm running
+statistics follow its own forward passes (it runs in train mode, on batch statistics,
+as in the BYOL paper); they are copied from the online network only at initialisation.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from framework import PluginConfig, View, hookimpl
+from plugins import backbones
+from plugins.simclr import Strength, infer_feature_dim, mlp, two_views
+
+NAME = "byol"
+
+
+class BYOLConfig(PluginConfig):
+    proj_hidden_dim: int = Field(4096, gt=0)  # BYOL paper
+    proj_output_dim: int = Field(256, gt=0)  # BYOL paper
+    pred_hidden_dim: int = Field(4096, gt=0)  # BYOL paper
+    base_momentum: float = Field(0.996, ge=0, le=1)  # BYOL paper: tau_base
+    final_momentum: float = Field(1.0, ge=0, le=1)  # BYOL paper: tau increased to 1
+    feature_dim: int | None = Field(
+        None, gt=0
+    )  # backbone's h size; None: from plugins.backbones.encoder
+    strength: Strength | None = None  # simclr_view preset; None: inferred from the data
+
+
+class Target(nn.Module):
+    """The EMA network: `projector(encoder(x))`, never trained by the optimizer."""
+
+    def __init__(self, encoder: nn.Module, projector: nn.Module) -> None:
+        super().__init__()
+        self.encoder, self.projector = encoder, projector
+        self.register_buffer("initialised", torch.zeros((), dtype=torch.bool))
+        self.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.projector(self.encoder(x))
+
+
+def online_pairs(modules) -> list[tuple[nn.Module, nn.Module]]:
+    """(target part, online part) pairs: the encoder and the projector."""
+    target = modules[NAME]["target"]
+    return [
+        (target.encoder, modules["backbones"]["encoder"]),
+        (target.projector, modules[NAME]["projector"]),
+    ]
+
+
+def momentum_at(step: int, steps: int, base: float = 0.996, final: float = 1.0) -> float:
+    """tau after `step` of `steps` optimizer steps: `base` at 0, cosine-increased to `final` at `steps`."""
+    return final - (final - base) * (math.cos(math.pi * min(step, steps) / steps) + 1) / 2
+
+
+@torch.no_grad()
+def ema_update(target: nn.Module, online: nn.Module, tau: float) -> None:
+    """`xi <- tau * xi + (1 - tau) * theta` for every parameter (matched by name)."""
+    online_params = dict(online.named_parameters())
+    for name, xi in target.named_parameters():
+        xi.mul_(tau).add_(online_params[name].detach(), alpha=1 - tau)
+
+
+@torch.no_grad()
+def initialise_target(modules) -> None:
+    """Copy the online weights (parameters and buffers) into the target unless it already holds some.
+
+    Uses `torch.where` on the `initialised` flag, so no value is read back to the host.
+    """
+    target = modules[NAME]["target"]
+    done = target.initialised
+    for t_part, o_part in online_pairs(modules):
+        online = o_part.state_dict()
+        for name, value in t_part.state_dict().items():
+            value.copy_(torch.where(done, value, online[name].to(value.dtype)))
+    done.fill_(True)
+
+
+def byol_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """`2 - 2 cos(p, z)` averaged over the batch (one direction of the symmetric loss)."""
+    return (2 - 2 * nn.functional.cosine_similarity(p, z, dim=1)).mean()
+
+
+# ---------------------------------------------------------------------------
+# Hooks
+# ---------------------------------------------------------------------------
+
+
+@hookimpl
+def config_schema() -> type[PluginConfig]:
+    return BYOLConfig
+
+
+@hookimpl
+def build_modules(config) -> dict[str, nn.Module]:
+    cfg: BYOLConfig = config.plugins[NAME]
+    h = infer_feature_dim(config, cfg.feature_dim)
+    projector = mlp(h, cfg.proj_hidden_dim, cfg.proj_output_dim)
+    target_projector = mlp(h, cfg.proj_hidden_dim, cfg.proj_output_dim)
+    target_encoder = backbones.build_modules(config)[
+        "encoder"
+    ]  # same constructor as the online encoder
+    return {
+        "projector": projector,
+        "predictor": mlp(cfg.proj_output_dim, cfg.pred_hidden_dim, cfg.proj_output_dim),
+        "target": Target(target_encoder, target_projector),
+    }
+
+
+@hookimpl
+def augment(config) -> dict[str, View]:
+    return two_views(config, config.plugins[NAME].strength)
+
+
+@hookimpl
+def regularize(modules, ctx) -> dict[str, torch.Tensor]:
+    cfg: BYOLConfig = ctx.config.plugins[NAME]
+    own = modules[NAME]
+    if ctx.step == 0:  # first forward of a fresh run (a resumed run starts at step > 0)
+        initialise_target(modules)
+    v1, v2 = ctx.views[f"{NAME}.v1"], ctx.views[f"{NAME}.v2"]
+    p1 = own["predictor"](own["projector"](ctx.encode(f"{NAME}.v1").h))
+    p2 = own["predictor"](own["projector"](ctx.encode(f"{NAME}.v2").h))
+    with torch.no_grad():
+        z1, z2 = own["target"](v1), own["target"](v2)
+    tau = momentum_at(ctx.step, ctx.config.train.steps, cfg.base_momentum, cfg.final_momentum)
+    ctx.metrics[f"{NAME}.tau"] = torch.tensor(tau, device=p1.device)
+    return {"loss": byol_loss(p1, z2) + byol_loss(p2, z1)}
+
+
+@hookimpl
+def on_train_step_end(modules, step: int, config) -> None:
+    cfg: BYOLConfig = config.plugins[NAME]
+    tau = momentum_at(step - 1, config.train.steps, cfg.base_momentum, cfg.final_momentum)
+    for target, online in online_pairs(modules):
+        ema_update(target, online, tau)

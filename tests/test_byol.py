@@ -1,0 +1,161 @@
+"""Plugin `byol`: the loss, the momentum schedule, and the target network - frozen for the
+optimizer, initialised from the online network once, an exact EMA of it, and checkpointed."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from framework import hookimpl
+from framework.checkpoint import complete_checkpoints, model_weights_file
+from framework.engine import build_optimizer
+from framework.model import Model
+from framework.recipe import validate
+from framework.testing import read_metrics, run_steps, tiny_recipe
+from plugins.byol import byol_loss, momentum_at
+
+SMALL = {"proj_hidden_dim": 32, "proj_output_dim": 16, "pred_hidden_dim": 32}
+PLUGINS = {"backbones": {"encoder": "conv28", "latent_dim": None}, "byol": SMALL}
+# (target prefix, online prefix) in the root module's state dict
+PAIRS = [("plugins.byol.target.encoder.", "plugins.backbones.encoder."),
+         ("plugins.byol.target.projector.", "plugins.byol.projector.")]  # fmt: skip
+
+
+# --- the loss and the schedule -------------------------------------------------------
+
+
+def byol_by_loops(p: torch.Tensor, z: torch.Tensor) -> float:
+    total = 0.0
+    for pi, zi in zip(p.double(), z.double(), strict=True):
+        cos = float(pi @ zi) / math.sqrt(float(pi @ pi) * float(zi @ zi))
+        total += 2 - 2 * cos
+    return total / len(p)
+
+
+def test_loss_matches_the_formula():
+    g = torch.Generator().manual_seed(0)
+    p, z = torch.randn(7, 5, generator=g), torch.randn(7, 5, generator=g)
+    assert byol_loss(p, z).item() == pytest.approx(byol_by_loops(p, z), rel=1e-6)
+    # = || p/|p| - z/|z| ||^2, the BYOL paper's form
+    unit = torch.nn.functional.normalize
+    assert byol_loss(p, z).item() == pytest.approx(
+        (unit(p) - unit(z)).pow(2).sum(1).mean().item(), rel=1e-5
+    )
+    assert byol_loss(3 * z, z).item() == pytest.approx(0.0, abs=1e-6)
+    assert byol_loss(-z, z).item() == pytest.approx(4.0, rel=1e-6)
+
+
+def test_momentum_schedule():
+    assert momentum_at(0, 100) == pytest.approx(0.996)
+    assert momentum_at(50, 100) == pytest.approx(0.998)
+    assert momentum_at(100, 100) == pytest.approx(1.0)
+    taus = [momentum_at(s, 100) for s in range(101)]
+    assert taus == sorted(taus)  # increasing
+    assert momentum_at(0, 10, base=0.9, final=0.99) == pytest.approx(0.9)
+
+
+# --- the target network ---------------------------------------------------------------
+
+
+def _recipe(tmp_path, shards, **sections):
+    return tiny_recipe(tmp_path, shards, plugins=PLUGINS, **sections)
+
+
+def test_target_is_a_frozen_separate_copy_excluded_from_the_optimizer(tmp_path, fmnist_shards):
+    cfg, hooks = validate(_recipe(tmp_path, fmnist_shards), check_data=False)
+    model = Model(hooks, cfg)
+    target, online = model.plugins["byol"]["target"], model.plugins["backbones"]["encoder"]
+    assert all(not p.requires_grad for p in target.parameters())
+    assert target.encoder is not online and {id(p) for p in target.parameters()}.isdisjoint(
+        id(p) for p in online.parameters()
+    )
+    optimized = {
+        id(p) for group in build_optimizer(model, cfg.train).param_groups for p in group["params"]
+    }
+    assert optimized.isdisjoint(id(p) for p in target.parameters())
+    assert {id(p) for p in model.plugins["byol"]["predictor"].parameters()} <= optimized
+
+
+def test_target_initialised_from_online_once(tmp_path, fmnist_shards):
+    cfg, hooks = validate(_recipe(tmp_path, fmnist_shards), check_data=False)
+    model = Model(hooks, cfg).train()
+    target, online = model.plugins["byol"]["target"], model.plugins["backbones"]["encoder"]
+    views = {name: torch.randn(8, 1, 28, 28) for name in ("x", "byol.v1", "byol.v2")}
+
+    model(views, {}, step=3)  # not a fresh run's first step: the target is left alone
+    assert not target.initialised and not torch.equal(target.encoder[0].weight, online[0].weight)
+
+    model(views, {}, step=0)
+    assert target.initialised
+    for prefix, module in (("encoder", online), ("projector", model.plugins["byol"]["projector"])):
+        got = getattr(target, prefix).state_dict()
+        for name, value in module.state_dict().items():
+            if (
+                "running" not in name and "num_batches" not in name
+            ):  # the target's own forward moved its BN stats
+                assert torch.equal(got[name], value), f"target.{prefix}.{name}"
+
+    with torch.no_grad():
+        online[0].weight.add_(1.0)
+    model(views, {}, step=0)  # e.g. a second accumulation micro-step: already initialised, no copy
+    assert not torch.equal(target.encoder[0].weight, online[0].weight)
+
+
+def _weights(checkpoint) -> dict[str, torch.Tensor]:
+    return load_file(str(model_weights_file(checkpoint)))
+
+
+def _assert_ema(before: dict, after: dict, tau: float) -> None:
+    """after's target == tau * before's target + (1 - tau) * after's online, bit for bit."""
+    checked = 0
+    for target_prefix, online_prefix in PAIRS:
+        for key, xi in before.items():
+            if key.startswith(target_prefix) and xi.is_floating_point() and "running" not in key:
+                theta = after[online_prefix + key.removeprefix(target_prefix)]
+                expected = xi.clone().mul_(tau).add_(theta, alpha=1 - tau)
+                assert torch.equal(after[key], expected), key
+                assert not torch.equal(after[key], xi) and not torch.equal(after[key], theta), key
+                checked += 1
+    assert checked >= 10
+
+
+class TargetSpy:
+    """Records the target's weights as the first forward of a run sees them."""
+
+    def __init__(self) -> None:
+        self.first: dict[str, torch.Tensor] | None = None
+
+    @hookimpl
+    def regularize(self, modules, ctx):
+        if self.first is None:
+            state = modules["byol"]["target"].state_dict()
+            self.first = {f"plugins.byol.target.{k}": v.clone() for k, v in state.items()}
+        return {}
+
+
+def test_target_follows_the_ema_and_survives_a_checkpoint_round_trip(tmp_path, fmnist_shards):
+    recipe = _recipe(tmp_path, fmnist_shards, train={"checkpoint_every": 1})
+    out = run_steps(recipe, steps=2)
+    records = read_metrics(out)
+    assert [r["byol.tau"] for r in records] == pytest.approx([momentum_at(0, 2), momentum_at(1, 2)])
+    assert all(0 <= r["byol.loss"] <= 8 for r in records)
+    step1, step2 = (_weights(c) for c in complete_checkpoints(out))
+    assert bool(step2["plugins.byol.target.initialised"])
+    # optimizer step 2 then the EMA with tau(1): the optimizer did not touch the target
+    _assert_ema(step1, step2, momentum_at(1, 2))
+
+    spy = TargetSpy()
+    run_steps(recipe, steps=3, overrides=["train.resume=auto"], extra_plugins={"spy": spy})
+    # the resumed run's target is the saved one (parameters and flag; its BatchNorm statistics
+    # may already have moved: plugins are called in no fixed order, byol's forward may come first)
+    loaded = {k: v for k, v in spy.first.items() if "running" not in k and "num_batches" not in k}
+    assert len(loaded) >= 10 and "plugins.byol.target.initialised" in loaded
+    for key, value in loaded.items():
+        assert torch.equal(value, step2[key]), key
+    step3 = _weights(complete_checkpoints(out)[-1])
+    _assert_ema(
+        step2, step3, momentum_at(2, 3)
+    )  # and it was not re-initialised from the online network
