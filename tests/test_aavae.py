@@ -1,0 +1,157 @@
+"""Tests for plugins/aavae.py (METHODS.md section 2): encode t(x), reconstruct the clean x, no KL."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from torch.nn import functional as F
+from torchvision.transforms import v2
+
+from framework import Encoding
+from framework.model import Model, StepContext
+from framework.recipe import load_recipe, validate
+from framework.testing import CONV28, read_metrics, run_steps, tiny_recipe
+from plugins import aavae
+from plugins.vae_terms import gaussian_nll
+
+RECIPES = Path(__file__).parents[1] / "recipes"
+NO_SHARDS = {"train": "none.tar", "test": "none.tar"}
+
+
+class IdentityAE:
+    """A stub encoder/decoder: z is the flattened view, the decoder reshapes it back.
+
+    With it, the reconstruction is exactly the encoded view, so the loss says which image
+    was encoded and which one is the target. `encoded` records what was encoded.
+    """
+
+    def __init__(self) -> None:
+        self.encoded: list[torch.Tensor] = []
+
+    def encode(self, modules, view, ctx):
+        self.encoded.append(view)
+        z = view.flatten(1)
+        return Encoding(h=z, mu=z, logvar=torch.zeros_like(z), z=z)
+
+    def decode(self, modules, encoding, ctx):
+        return encoding.z.view(-1, 1, 28, 28)
+
+
+def _recipe(tmp_path, **aavae_cfg):
+    data = tiny_recipe(tmp_path, NO_SHARDS, plugins={"backbones": CONV28, "aavae": aavae_cfg})
+    return validate(data, check_data=False)[0]
+
+
+def _views(seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "x": torch.randn(8, 1, 28, 28, generator=g),
+        aavae.VIEW: torch.randn(8, 1, 28, 28, generator=g),
+    }
+
+
+def test_reconstructs_the_clean_x_from_the_augmented_view(tmp_path):
+    recipe, views, stub = _recipe(tmp_path), _views(), IdentityAE()
+    ctx = StepContext(stub, None, recipe, views, {}, None, 0)
+    terms = aavae.regularize(ctx=ctx)
+    assert set(terms) == {"recon"}  # no KL term
+    assert len(stub.encoded) == 1 and stub.encoded[0] is views[aavae.VIEW]
+    # x_hat is the augmented view itself: the loss is its distance to x, computed by hand
+    expected = 0.5 * (views[aavae.VIEW] - views["x"]).pow(2).sum() / 8
+    torch.testing.assert_close(terms["recon"], expected)
+    assert terms["recon"] > 100  # reconstructing the augmented view would give 0 here
+
+
+def test_bernoulli_likelihood_targets_x_in_unit_range(tmp_path):
+    recipe, views = _recipe(tmp_path, likelihood="bernoulli"), _views(1)
+    terms = aavae.regularize(ctx=StepContext(IdentityAE(), None, recipe, views, {}, None, 0))
+    target = (views["x"] * 0.25 + 0.5).clamp(0, 1)  # tiny_recipe: mean 0.5, std 0.25
+    logits = views[aavae.VIEW]
+    expected = F.binary_cross_entropy_with_logits(logits, target, reduction="sum") / 8
+    torch.testing.assert_close(terms["recon"], expected)
+
+
+def test_real_backbone_loss_by_hand(tmp_path):
+    """With the real conv28 encoder/decoder (eval: z = mu), recon = gaussian_nll(dec(mu(t(x))), x)."""
+    recipe, hooks = validate(
+        tiny_recipe(tmp_path, NO_SHARDS, plugins={"backbones": CONV28, "aavae": {}}),
+        check_data=False,
+    )
+    model = Model(hooks, recipe).eval()
+    views = _views(2)
+    with torch.no_grad():
+        terms = aavae.regularize(ctx=StepContext(hooks, model.plugins, recipe, views, {}, None, 0))
+        own = model.plugins["backbones"]
+        mu, _ = own["head"](own["encoder"](views[aavae.VIEW]))
+        x_hat = own["decoder"](mu)
+    torch.testing.assert_close(terms["recon"], gaussian_nll(x_hat, views["x"]))
+    assert not torch.allclose(terms["recon"], gaussian_nll(x_hat, views[aavae.VIEW]))
+
+
+def test_needs_a_vae_head(tmp_path):
+    class NoHead(IdentityAE):
+        def encode(self, modules, view, ctx):
+            return Encoding(h=view.flatten(1))
+
+    with pytest.raises(ValueError, match="latent_dim"):
+        aavae.regularize(ctx=StepContext(NoHead(), None, _recipe(tmp_path), _views(), {}, None, 0))
+
+
+@pytest.mark.parametrize(
+    ("size", "channels", "expected"),
+    [(28, 1, "mnist"), (96, 1, "mnist"), (32, 3, "cifar"), (96, 3, "stl"), (64, 3, "stl")],
+)
+def test_default_strength_follows_the_data(size, channels, expected):
+    assert aavae.default_strength(size, channels) == expected
+
+
+def _blurs(view) -> bool:
+    return any(
+        isinstance(t, v2.RandomApply) and isinstance(t.transforms[0], v2.GaussianBlur)
+        for t in view.transform.transforms
+    )
+
+
+def test_augment_builds_the_simclr_view(tmp_path):
+    base = tiny_recipe(
+        tmp_path, NO_SHARDS, size=96, channels=3, plugins={"backbones": CONV28, "aavae": {}}
+    )
+    recipe = validate(base, check_data=False)[0]
+    view = aavae.augment(config=recipe)["aug"]
+    assert view.source is None and _blurs(view)  # 96 px RGB -> "stl" (blur)
+    out = view.transform(Image.new("RGB", (120, 100), (200, 10, 30)))
+    assert out.shape == (3, 96, 96)
+    recipe.plugins["aavae"].strength = "cifar"  # an explicit choice wins
+    assert not _blurs(aavae.augment(config=recipe)["aug"])
+
+
+def test_trains_and_logs_recon_only(tmp_path, fmnist_shards):
+    out = run_steps(
+        tiny_recipe(tmp_path, fmnist_shards, plugins={"backbones": CONV28, "aavae": {}}), steps=2
+    )
+    records = read_metrics(out)
+    assert [r["step"] for r in records] == [1, 2]
+    for r in records:
+        assert {k for k in r if k.startswith("aavae.")} == {"aavae.recon", "aavae.logvar_mean"}
+        assert torch.isfinite(torch.tensor(r["aavae.recon"])) and r["aavae.recon"] > 0
+        assert r["loss"] == pytest.approx(r["aavae.recon"], rel=1e-5)
+
+
+@pytest.mark.parametrize("name", ["aavae_fashionmnist", "aavae_cifar10", "aavae_stl10"])
+def test_recipes_validate(name):
+    recipe, _ = load_recipe(RECIPES / f"{name}.yaml", check_data=False)
+    assert set(recipe.plugins) == {"backbones", "aavae"}
+    assert (
+        recipe.plugins["backbones"].latent_dim is not None and recipe.plugins["backbones"].decoder
+    )
+
+
+def test_aavae_fashionmnist_matches_the_vae_recipe():
+    """Same encoder, latent size and length as the VAE, so the two are comparable."""
+    vae, _ = load_recipe(RECIPES / "vae_fashionmnist.yaml", check_data=False)
+    aa, _ = load_recipe(RECIPES / "aavae_fashionmnist.yaml", check_data=False)
+    assert aa.plugins["backbones"] == vae.plugins["backbones"]
+    assert aa.train == vae.train and aa.data == vae.data
