@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
 
-from framework.recipe import validate
+from framework.recipe import load_recipe, validate
 from framework.testing import read_metrics, run_steps, tiny_recipe
 from plugins.barlow import barlow_twins_loss, batch_normalise
 
 CONTRASTIVE_BACKBONE = {"encoder": "conv28", "latent_dim": None}
+
+ROOT = Path(__file__).resolve().parents[1]
+NAME = "barlow"
 
 
 def barlow_by_loops(z1: torch.Tensor, z2: torch.Tensor, lambd: float) -> float:
@@ -103,3 +108,12 @@ def test_trains_two_steps_and_logs_loss(tmp_path, fmnist_shards):
         # at most D (diagonal) + lambda * D(D-1) (|C_ij| <= 1): 32 + 5e-3 * 992
         assert 0 < r["barlow.loss"] <= 32 + 5e-3 * 32 * 31
         assert r["loss"] == pytest.approx(r["barlow.loss"])
+
+
+@pytest.mark.parametrize("dataset", ["cifar10", "stl10"])
+def test_recipes(dataset):
+    cfg, _ = load_recipe(ROOT / "recipes" / f"{NAME}_{dataset}.yaml", check_data=False)
+    bb = cfg.plugins["backbones"]
+    assert (bb.encoder, bb.latent_dim, bb.decoder) == ("resnet18", None, None)
+    assert bb.stem == {32: "cifar", 96: "stl"}[cfg.data.image_size]
+    assert cfg.plugins[NAME].strength == {32: "cifar", 96: "stl"}[cfg.data.image_size]

@@ -4,6 +4,7 @@ optimizer, initialised from the online network once, an exact EMA of it, and che
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from framework import hookimpl
 from framework.checkpoint import complete_checkpoints, model_weights_file
 from framework.engine import build_optimizer
 from framework.model import Model
-from framework.recipe import validate
+from framework.recipe import load_recipe, validate
 from framework.testing import read_metrics, run_steps, tiny_recipe
 from plugins.byol import byol_loss, momentum_at
 
@@ -22,6 +23,9 @@ PLUGINS = {"backbones": {"encoder": "conv28", "latent_dim": None}, "byol": SMALL
 # (target prefix, online prefix) in the root module's state dict
 PAIRS = [("plugins.byol.target.encoder.", "plugins.backbones.encoder."),
          ("plugins.byol.target.projector.", "plugins.byol.projector.")]  # fmt: skip
+
+ROOT = Path(__file__).resolve().parents[1]
+NAME = "byol"
 
 
 # --- the loss and the schedule -------------------------------------------------------
@@ -159,3 +163,12 @@ def test_target_follows_the_ema_and_survives_a_checkpoint_round_trip(tmp_path, f
     _assert_ema(
         step2, step3, momentum_at(2, 3)
     )  # and it was not re-initialised from the online network
+
+
+@pytest.mark.parametrize("dataset", ["cifar10", "stl10"])
+def test_recipes(dataset):
+    cfg, _ = load_recipe(ROOT / "recipes" / f"{NAME}_{dataset}.yaml", check_data=False)
+    bb = cfg.plugins["backbones"]
+    assert (bb.encoder, bb.latent_dim, bb.decoder) == ("resnet18", None, None)
+    assert bb.stem == {32: "cifar", 96: "stl"}[cfg.data.image_size]
+    assert cfg.plugins[NAME].strength == {32: "cifar", 96: "stl"}[cfg.data.image_size]

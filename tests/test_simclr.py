@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-from framework.recipe import validate
+from framework.recipe import load_recipe, validate
 from framework.testing import read_metrics, run_steps, tiny_recipe
 from plugins.simclr import infer_feature_dim, infer_strength, nt_xent
 
 CONTRASTIVE_BACKBONE = {"encoder": "conv28", "latent_dim": None}
+
+ROOT = Path(__file__).resolve().parents[1]
+NAME = "simclr"
 
 
 def nt_xent_by_loops(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> float:
@@ -111,3 +115,20 @@ def test_trains_two_steps_and_logs_nt_xent(tmp_path, fmnist_shards):
         # batch 8: 2N = 16 embeddings; chance level is log(15) ~ 2.71
         assert 0 < r["simclr.nt_xent"] < 2 * math.log(15)
         assert r["loss"] == pytest.approx(r["simclr.nt_xent"])
+
+
+@pytest.mark.parametrize("dataset", ["cifar10", "stl10"])
+def test_recipes(dataset):
+    cfg, _ = load_recipe(ROOT / "recipes" / f"{NAME}_{dataset}.yaml", check_data=False)
+    bb = cfg.plugins["backbones"]
+    assert (bb.encoder, bb.latent_dim, bb.decoder) == ("resnet18", None, None)
+    assert bb.stem == {32: "cifar", 96: "stl"}[cfg.data.image_size]
+    assert cfg.plugins[NAME].strength == {32: "cifar", 96: "stl"}[cfg.data.image_size]
+
+
+def test_fashionmnist_recipe_is_comparable_to_the_vae():
+    simclr, _ = load_recipe(ROOT / "recipes/simclr_fashionmnist.yaml", check_data=False)
+    vae, _ = load_recipe(ROOT / "recipes/vae_fashionmnist.yaml", check_data=False)
+    assert simclr.plugins["backbones"].encoder == vae.plugins["backbones"].encoder == "conv28"
+    assert simclr.plugins["backbones"].latent_dim is None
+    assert simclr.data == vae.data and simclr.train == vae.train and simclr.eval == vae.eval
