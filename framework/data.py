@@ -204,11 +204,12 @@ class ShardStream(IterableDataset):
         shuffle_buffer: int,
         epochs: int | None,
         resume: dict[int, Cursor] | None = None,
+        role_offset: int = 0,
     ) -> None:
         self.urls, self.transform, self.batch_size = urls, transform, batch_size
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.shardshuffle, self.resampled, self.shuffle_buffer = shardshuffle, resampled, shuffle_buffer
-        self.epochs, self.resume = epochs, resume or {}
+        self.epochs, self.resume, self.role_offset = epochs, resume or {}, role_offset
 
     def shards_for(self, epoch: int, worker: int, num_workers: int) -> list[str]:
         """This worker's shards in `epoch`: a disjoint share unless resampled."""
@@ -224,6 +225,10 @@ class ShardStream(IterableDataset):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
+        # The loader takes batches from its workers in turn, starting at worker 0. After a resume
+        # at batch n, worker i plays the role (shards, seeds, cursor) of worker (i + n) % workers,
+        # so the interleaved sequence continues exactly where it stopped.
+        worker = (worker + self.role_offset) % num_workers
         start = self.resume.get(worker, Cursor())
         epochs = count(start.epoch) if self.epochs is None else range(start.epoch, self.epochs)
         stats = {"bad": 0, "seen": 0, "last_bad": ""}
@@ -245,10 +250,10 @@ class ShardStream(IterableDataset):
                     self._bad(stats, f"{raw.get('__url__', '?')}: {raw.get('__key__', '?')}: {exc}")
                     continue
                 if len(batch) == self.batch_size:
-                    yield self._emit(batch, worker, epoch, emitted, stats)
+                    yield self._emit(batch, worker, num_workers, epoch, emitted, stats)
                     batch = []
         if batch:
-            yield self._emit(batch, worker, epoch, emitted, stats)
+            yield self._emit(batch, worker, num_workers, epoch, emitted, stats)
 
     def _records(self, epoch: int, worker: int, num_workers: int, stats: dict[str, Any]) -> Iterator[dict]:
         shards = [{"url": url} for url in self.shards_for(epoch, worker, num_workers)]
@@ -269,9 +274,9 @@ class ShardStream(IterableDataset):
         stats["last_bad"] = what
 
     @staticmethod
-    def _emit(batch: list[dict], worker: int, epoch: int, emitted: int, stats: dict) -> dict[str, Any]:
+    def _emit(batch: list[dict], worker: int, num_workers: int, epoch: int, emitted: int, stats: dict) -> dict:
         out = collate(batch)
-        out["cursor"] = {"worker": worker, "epoch": epoch, "emitted": emitted, **stats}
+        out["cursor"] = {"worker": worker, "num_workers": num_workers, "epoch": epoch, "emitted": emitted, **stats}
         return out
 
 
@@ -280,6 +285,8 @@ class StreamPosition:
     """The main process's record of each worker's cursor, saved in checkpoints (per rank)."""
 
     workers: dict[int, Cursor] = field(default_factory=dict)
+    batches: int = 0  # batches consumed by this rank
+    num_workers: int | None = None
     bad: dict[int, int] = field(default_factory=dict)
     seen: dict[int, int] = field(default_factory=dict)
     last_bad: str = ""
@@ -287,6 +294,8 @@ class StreamPosition:
     def update(self, cursor: dict[str, Any]) -> None:
         w = cursor["worker"]
         self.workers[w] = Cursor(cursor["epoch"], cursor["emitted"])
+        self.batches += 1
+        self.num_workers = cursor["num_workers"]
         self.bad[w], self.seen[w] = cursor["bad"], cursor["seen"]
         self.last_bad = cursor["last_bad"] or self.last_bad
 
@@ -299,11 +308,13 @@ class StreamPosition:
         return sum(self.seen.values())
 
     def state_dict(self) -> dict[str, Any]:
-        return {"workers": {str(w): [c.epoch, c.emitted] for w, c in self.workers.items()}}
+        workers = {str(w): [c.epoch, c.emitted] for w, c in self.workers.items()}
+        return {"workers": workers, "batches": self.batches, "num_workers": self.num_workers}
 
     @classmethod
     def from_state_dict(cls, state: dict[str, Any]) -> StreamPosition:
-        return cls(workers={int(w): Cursor(*c) for w, c in state.get("workers", {}).items()})
+        workers = {int(w): Cursor(*c) for w, c in state.get("workers", {}).items()}
+        return cls(workers=workers, batches=state.get("batches", 0), num_workers=state.get("num_workers"))
 
 
 def make_loader(
@@ -331,10 +342,13 @@ def make_loader(
         if len(urls) < world_size:
             raise ValueError(f"{len(urls)} shards cannot be split over {world_size} ranks: write more, smaller shards")
         num_workers = min(num_workers, len(urls) // world_size)  # every worker must get a shard
+    if resume is not None and resume.workers and resume.num_workers != max(num_workers, 1):
+        raise ValueError(f"cannot continue a stream read by {resume.num_workers} workers with {num_workers}")
     stream = ShardStream(
         urls, SampleToViews(views, channels), batch_size,
         rank=rank, world_size=world_size, seed=seed, shardshuffle=shardshuffle, resampled=resampled,
         shuffle_buffer=shuffle_buffer, epochs=epochs, resume=resume.workers if resume else None,
+        role_offset=resume.batches % max(num_workers, 1) if resume else 0,
     )  # fmt: skip
     return wds.WebLoader(
         stream,

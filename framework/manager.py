@@ -38,6 +38,10 @@ class PluginError(Exception):
     """A plugin could not be loaded, is malformed, or one of its hooks failed."""
 
 
+def _one_line(exc: Exception) -> str:
+    return " ".join(str(exc).split())
+
+
 def _builtin_available(name: str) -> bool:
     return importlib.util.find_spec(f"plugins.{name}") is not None
 
@@ -81,11 +85,14 @@ class PluginHooks:
             try:
                 self.pm.register(plugin, name=name)
             except pluggy.PluginValidationError as exc:
-                raise PluginError(f"plugin {name!r}: {exc}") from exc
-        try:
-            self.pm.check_pending()
-        except pluggy.PluginValidationError as exc:
-            raise PluginError(f"plugin {exc.plugin_name!r}: {exc}") from exc
+                raise PluginError(f"plugin {name!r}: {_one_line(exc)}") from exc
+        for hook, caller in vars(self.pm.hook).items():  # what check_pending() rejects, named by plugin
+            if isinstance(caller, pluggy.HookCaller) and caller.spec is None:
+                for impl in caller.get_hookimpls():
+                    if not impl.optionalhook:
+                        known = ", ".join(n for n in vars(hookspecs) if hasattr(getattr(hookspecs, n), "augssl_spec"))
+                        raise PluginError(f"plugin {impl.plugin_name!r}: unknown hook {hook!r} (hooks: {known})")
+        self.pm.check_pending()
         self.names = list(plugins)
         self._encoder = self._single_provider("encode", required=require_encoder)
         self._decoder = self._single_provider("decode", required=False)

@@ -1,0 +1,100 @@
+"""Shards on disk: writing, streaming split by rank and worker, bad records, resume positions."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from itertools import islice
+
+import pytest
+import torch
+
+from framework.data import Cursor, StreamPosition, make_loader, write_shards
+from framework.sources import fashion_mnist
+from framework.types import View
+from framework.views import FASHION_MNIST_STATS, clean_view
+
+X = {"x": View(clean_view(28, *FASHION_MNIST_STATS, channels=1))}
+
+
+def keys_of(loader) -> list[str]:
+    return [k for batch in loader for k in batch["key"]]
+
+
+def test_write_shards_round_trips_images_labels_and_manifest(tmp_path):
+    samples = list(islice(fashion_mnist(split="test"), 50))
+    info = write_shards(samples, str(tmp_path / "t-%04d.tar"), maxcount=20, manifest={"source": "fashion-mnist"})
+    assert info["samples"] == 50 and [s["samples"] for s in info["shards"]] == [20, 20, 10]
+    assert info["pattern"].endswith("t-{0000..0002}.tar") and info["source"] == "fashion-mnist"
+    assert json.loads((tmp_path / "t.json").read_text()) == info
+    loader = make_loader(info["pattern"], X, channels=1, batch_size=7, num_workers=0, shardshuffle=False, epochs=1)
+    batches = list(loader)
+    got = torch.cat([b["views"]["x"] for b in batches])
+    labels = torch.cat([b["label"] for b in batches])
+    expect = torch.stack([X["x"].transform(s.image) for s in samples])
+    assert torch.equal(got, expect) and labels.tolist() == [s.label for s in samples]
+
+
+@pytest.mark.parametrize("world_size, num_workers", [(1, 3), (2, 2)])
+def test_an_epoch_split_by_rank_and_worker_sees_every_key_once(tmp_path, fmnist_shards, world_size, num_workers):
+    seen: list[str] = []
+    for rank in range(world_size):
+        loader = make_loader(fmnist_shards["train"], X, channels=1, batch_size=5, num_workers=num_workers,
+                             rank=rank, world_size=world_size, seed=3, shuffle_buffer=10, epochs=1)  # fmt: skip
+        seen += keys_of(loader)
+    assert len(seen) == len(set(seen)) == 192
+
+
+def test_the_order_is_reproducible_from_the_seed(fmnist_shards):
+    def order(seed):
+        return keys_of(make_loader(fmnist_shards["train"], X, channels=1, batch_size=8, num_workers=2,
+                                   seed=seed, shuffle_buffer=20, epochs=1))  # fmt: skip
+
+    assert order(1) == order(1) and order(1) != order(2)
+
+
+def test_resuming_from_a_position_continues_the_stream(fmnist_shards):
+    kwargs = dict(channels=1, batch_size=8, num_workers=2, seed=5, shuffle_buffer=20, epochs=1)
+    full = list(make_loader(fmnist_shards["train"], X, **kwargs))
+    position = StreamPosition()
+    for batch in full[:5]:
+        position.update(batch["cursor"])
+    rest = list(make_loader(fmnist_shards["train"], X, resume=position, **kwargs))
+    keys = [k for b in full[:5] + rest for k in b["key"]]
+    assert keys == [k for b in full for k in b["key"]]
+    assert torch.equal(rest[0]["views"]["x"], full[5]["views"]["x"])
+    assert StreamPosition.from_state_dict(position.state_dict()).workers == position.workers
+    assert position.workers[0] == Cursor(0, 24)
+
+
+def _tar_member(tar, name, data: bytes):
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def test_bad_records_are_skipped_and_counted(tmp_path):
+    samples = list(islice(fashion_mnist(split="test"), 6))
+    write_shards(samples, str(tmp_path / "good-%02d.tar"), maxcount=10)
+    png = io.BytesIO()
+    samples[0].image.save(png, format="PNG")
+    with tarfile.open(tmp_path / "bad-00.tar", "w") as tar:
+        _tar_member(tar, "a.png", b"not a png")  # undecodable
+        _tar_member(tar, "a.cls", b"1")
+        _tar_member(tar, "b.cls", b"2")  # no image
+        _tar_member(tar, "c.png", png.getvalue())
+        _tar_member(tar, "c.cls", b"seven")  # bad label
+        _tar_member(tar, "d.png", png.getvalue())
+        _tar_member(tar, "d.cls", b"3")  # fine
+    spec = f"{tmp_path}/good-00.tar::{tmp_path}/bad-00.tar"
+    batches = list(make_loader(spec, X, channels=1, batch_size=4, num_workers=0, shardshuffle=False, epochs=1))
+    assert sorted(k for b in batches for k in b["key"]) == sorted([s.key for s in samples] + ["d"])
+    cursor = batches[-1]["cursor"]
+    assert cursor["bad"] == 3 and cursor["seen"] == 10 and "bad-00.tar" in cursor["last_bad"]
+
+
+def test_too_few_shards_for_the_ranks_is_a_clear_error(fmnist_shards, tmp_path):
+    write_shards(islice(fashion_mnist(split="test"), 3), str(tmp_path / "one-%02d.tar"))
+    with pytest.raises(ValueError, match="1 shards cannot be split over 2 ranks"):
+        make_loader(str(tmp_path / "one-00.tar"), X, channels=1, batch_size=2, num_workers=0, world_size=2)

@@ -1,0 +1,95 @@
+"""The plugin manager: loading by name, entry points, and errors that name the plugin and hook."""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from framework import hookimpl
+from framework.manager import PluginError, PluginHooks, discover, load_plugin
+from framework.testing import run_steps, tiny_recipe
+
+
+def test_builtins_load_by_name_and_unknown_names_list_the_known_ones():
+    assert load_plugin("kl").__name__ == "plugins.kl"
+    with pytest.raises(PluginError, match=r"unknown plugin 'nope' \(known: .*backbones.*kl"):
+        load_plugin("nope")
+
+
+class BadSignature:
+    @hookimpl
+    def regularize(self, modules, ctx, not_an_argument):
+        return {}
+
+
+def test_a_hookimpl_with_a_wrong_signature_names_plugin_and_hook():
+    with pytest.raises(PluginError, match=r"plugin 'bad'.*regularize.*not_an_argument"):
+        PluginHooks(["backbones"], extra={"bad": BadSignature()})
+
+
+class Misspelt:
+    @hookimpl
+    def regularise(self, ctx):  # British spelling: not a hook
+        return {}
+
+
+def test_an_unknown_hook_name_is_reported_by_check_pending():
+    with pytest.raises(PluginError, match=r"plugin 'typo'.*unknown hook 'regularise'"):
+        PluginHooks(["backbones"], extra={"typo": Misspelt()})
+
+
+class Raises:
+    @hookimpl
+    def auxiliary_head(self, ctx):
+        raise RuntimeError("shape mismatch in my head")
+
+
+class WrongType:
+    @hookimpl
+    def regularize(self, ctx):
+        return torch.tensor(1.0)  # not a dict of terms
+
+
+@pytest.mark.parametrize(
+    "plugin, expected",
+    [
+        (Raises(), r"plugin 'broken', hook 'auxiliary_head': RuntimeError: shape mismatch in my head"),
+        (WrongType(), r"plugin 'broken', hook 'regularize': returned Tensor, expected dict"),
+    ],
+)
+def test_a_broken_hook_at_run_time_names_plugin_and_hook(plugin, expected, tmp_path, fmnist_shards):
+    with pytest.raises(PluginError, match=expected):
+        run_steps(tiny_recipe(tmp_path, fmnist_shards), steps=1, extra_plugins={"broken": plugin})
+
+
+def test_third_party_plugins_come_from_the_entry_point_group(tmp_path, monkeypatch, fmnist_shards):
+    (tmp_path / "site" / "thirdparty_l2.py").parent.mkdir()
+    (tmp_path / "site" / "thirdparty_l2.py").write_text(textwrap.dedent('''
+        from framework import PluginConfig, hookimpl
+
+        class Config(PluginConfig):
+            scale: float = 1.0
+
+        @hookimpl
+        def config_schema():
+            return Config
+
+        @hookimpl
+        def regularize(ctx):
+            return {"l2": ctx.config.plugins["l2"].scale * ctx.encode("x").h.pow(2).mean()}
+    '''))
+    dist = tmp_path / "site" / "thirdparty_l2-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: thirdparty-l2\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[augssl]\nl2 = thirdparty_l2\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    assert discover()["l2"].startswith("entry point thirdparty_l2")
+    from framework.testing import CONV28, read_metrics
+
+    recipe = tiny_recipe(tmp_path, fmnist_shards, plugins={"backbones": CONV28, "l2": {"scale": 0.5}})
+    out = run_steps(recipe, steps=1)
+    assert "l2.l2" in read_metrics(out)[-1]
+    sys.modules.pop("thirdparty_l2", None)
