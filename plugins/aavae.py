@@ -25,6 +25,10 @@ term nothing constrains the variance head, so:
   checkpoint.
 
 `aavae.logvar_mean` (a metric, not optimised) tracks the drift of the variance head.
+
+Composes with `consistency` (its `aavae.recon` then stands for L_vae(x): consistency adds
+only the ELBO of its own view and its KL, see plugins/consistency.py) and with `affine`
+(`source: aavae.aug` takes AAVAE's augmented view as x1).
 """
 
 from __future__ import annotations
@@ -78,5 +82,6 @@ def regularize(ctx) -> dict[str, torch.Tensor]:
     recon = reconstruction_nll(
         x_hat, ctx.views["x"], cfg.likelihood, ctx.config.data.mean, ctx.config.data.std
     )
-    ctx.metrics[f"{NAME}.logvar_mean"] = enc.logvar.detach().mean()
+    if enc.logvar is not None:
+        ctx.metrics[f"{NAME}.logvar_mean"] = enc.logvar.detach().mean()
     return {"recon": recon}
