@@ -14,12 +14,16 @@ Scaling, as checked below:
 - Gradients: the gather's backward sums the W ranks' gradients (W x the gradient of the
   mean loss) and DDP averages over ranks, so the gradients every rank applies equal the
   1-process gradients.
+
+BYOL needs no global batch, but its target is changed outside the optimizer; a real
+2-process `accelerate launch` run (tests/dist_train.py) checks the ranks' targets agree.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -86,3 +90,32 @@ def test_half_batch_alone_differs(method):
     assert any(
         not torch.allclose(half["grads"][n], full["grads"][n], rtol=1e-3) for n in full["grads"]
     )
+
+
+@pytest.mark.slow
+def test_byol_target_stays_identical_across_two_processes(tmp_path, fmnist_shards):
+    """The whole engine under `accelerate launch` (DDP, gloo): BYOL's target is initialised
+    inside the first forward and EMA-updated on every rank; the ranks' targets must agree."""
+    from framework.testing import tiny_recipe, write_recipe
+
+    byol = {"proj_hidden_dim": 32, "proj_output_dim": 16, "pred_hidden_dim": 32}
+    plugins = {"backbones": {"encoder": "conv28", "latent_dim": None}, "byol": byol}
+    recipe = write_recipe(
+        tmp_path / "r.yaml", tiny_recipe(tmp_path, fmnist_shards, plugins=plugins)
+    )
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(WORLD),
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(port), str(ROOT / "tests" / "dist_train.py"), str(recipe), "train.steps=2"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    w0, w1 = (torch.load(tmp_path / "run" / f"weights_rank{r}.pt") for r in range(WORLD))
+    target = [k for k in w0 if k.startswith("byol.target.")]
+    assert len(target) >= 10
+    for key in w0:
+        assert torch.equal(w0[key], w1[key]), f"ranks disagree on {key}"
+    online = "backbones.encoder.0.weight"
+    assert not torch.equal(w0["byol.target.encoder.0.weight"], w0[online])  # a real EMA, not a copy
