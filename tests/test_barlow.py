@@ -117,3 +117,4 @@ def test_recipes(dataset):
     assert (bb.encoder, bb.latent_dim, bb.decoder) == ("resnet18", None, None)
     assert bb.stem == {32: "cifar", 96: "stl"}[cfg.data.image_size]
     assert cfg.plugins[NAME].strength == {32: "cifar", 96: "stl"}[cfg.data.image_size]
+    assert cfg.distributed.sync_batchnorm  # BN over the global batch on multi-GPU runs
