@@ -22,7 +22,7 @@ from torch import nn
 
 from framework import PluginConfig, View, hookimpl
 from framework.distributed import gather_with_grad
-from plugins.simclr import Strength, infer_feature_dim, mlp, two_views
+from plugins.simclr import Strength, at_least_float32, infer_feature_dim, mlp, two_views
 
 NAME = "barlow"
 
@@ -58,13 +58,14 @@ def barlow_twins_loss(
         raise ValueError(
             f"barlow_twins_loss: z1 and z2 must both be (B, D), got {tuple(z1.shape)}, {tuple(z2.shape)}"
         )
-    z1, z2 = gather_with_grad(z1), gather_with_grad(z2)
-    n = z1.shape[0]
-    c = batch_normalise(z1, eps).T @ batch_normalise(z2, eps) / n  # (D, D)
-    eye = torch.eye(c.shape[0], dtype=torch.bool, device=c.device)
-    on_diag = (1 - torch.diagonal(c)).pow(2).sum()
-    off_diag = c.masked_fill(eye, 0).pow(2).sum()
-    return on_diag + lambd * off_diag
+    with torch.autocast(z1.device.type, enabled=False):  # C in (at least) float32, even under AMP
+        z1, z2 = gather_with_grad(at_least_float32(z1)), gather_with_grad(at_least_float32(z2))
+        n = z1.shape[0]
+        c = batch_normalise(z1, eps).T @ batch_normalise(z2, eps) / n  # (D, D)
+        eye = torch.eye(c.shape[0], dtype=torch.bool, device=c.device)
+        on_diag = (1 - torch.diagonal(c)).pow(2).sum()
+        off_diag = c.masked_fill(eye, 0).pow(2).sum()
+        return on_diag + lambd * off_diag
 
 
 # ---------------------------------------------------------------------------

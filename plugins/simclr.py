@@ -85,6 +85,11 @@ def two_views(config, strength: Strength | None) -> dict[str, View]:
     return {"v1": view, "v2": view}
 
 
+def at_least_float32(z: torch.Tensor) -> torch.Tensor:
+    """`z` in float32 if it is half precision (losses over the global batch are computed in fp32)."""
+    return z.to(torch.promote_types(z.dtype, torch.float32))
+
+
 def mlp(in_dim: int, hidden_dim: int, out_dim: int, layers: int = 2) -> nn.Sequential:
     """`layers - 1` x (Linear + BatchNorm1d + ReLU), then Linear(hidden_dim, out_dim)."""
     body: list[nn.Module] = []
@@ -117,17 +122,20 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5) -> tor
             f"nt_xent: z1 and z2 must both be (B, d), got {tuple(z1.shape)} and {tuple(z2.shape)}"
         )
     b = z1.shape[0]
-    z1, z2 = F.normalize(z1, dim=1), F.normalize(z2, dim=1)
-    all1, all2 = gather_with_grad(z1), gather_with_grad(z2)  # (N, d) each, rank order
-    n = all1.shape[0]
-    candidates = torch.cat([all1, all2])  # (2N, d): view 1 of every sample, then view 2
-    anchors = torch.cat([z1, z2])  # (2B, d)
-    logits = anchors @ candidates.T / temperature  # (2B, 2N)
-    rows = rank() * b + torch.arange(b, device=z1.device)  # this rank's samples, global index
-    self_idx = torch.cat([rows, rows + n])  # each anchor's own column
-    positive = torch.cat([rows + n, rows])  # the other view of the same sample
-    logits = logits.masked_fill(F.one_hot(self_idx, 2 * n).bool(), float("-inf"))
-    return F.cross_entropy(logits, positive)
+    with torch.autocast(
+        z1.device.type, enabled=False
+    ):  # logits in (at least) float32, even under AMP
+        z1, z2 = (F.normalize(at_least_float32(z), dim=1) for z in (z1, z2))
+        all1, all2 = gather_with_grad(z1), gather_with_grad(z2)  # (N, d) each, rank order
+        n = all1.shape[0]
+        candidates = torch.cat([all1, all2])  # (2N, d): view 1 of every sample, then view 2
+        anchors = torch.cat([z1, z2])  # (2B, d)
+        logits = anchors @ candidates.T / temperature  # (2B, 2N)
+        rows = rank() * b + torch.arange(b, device=z1.device)  # this rank's samples, global index
+        self_idx = torch.cat([rows, rows + n])  # each anchor's own column
+        positive = torch.cat([rows + n, rows])  # the other view of the same sample
+        logits = logits.masked_fill(F.one_hot(self_idx, 2 * n).bool(), float("-inf"))
+        return F.cross_entropy(logits, positive)
 
 
 # ---------------------------------------------------------------------------

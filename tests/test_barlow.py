@@ -118,3 +118,11 @@ def test_recipes(dataset):
     assert bb.stem == {32: "cifar", 96: "stl"}[cfg.data.image_size]
     assert cfg.plugins[NAME].strength == {32: "cifar", 96: "stl"}[cfg.data.image_size]
     assert cfg.distributed.sync_batchnorm  # BN over the global batch on multi-GPU runs
+
+
+def test_loss_runs_in_float32_under_autocast():
+    z1, z2 = torch.randn(16, 4).bfloat16(), torch.randn(16, 4).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = barlow_twins_loss(z1, z2, 5e-3, eps=0)
+    assert got.dtype == torch.float32
+    assert got.item() == pytest.approx(barlow_by_loops(z1.float(), z2.float(), 5e-3), rel=1e-5)

@@ -133,3 +133,11 @@ def test_fashionmnist_recipe_is_comparable_to_the_vae():
     assert simclr.plugins["backbones"].encoder == vae.plugins["backbones"].encoder == "conv28"
     assert simclr.plugins["backbones"].latent_dim is None
     assert simclr.data == vae.data and simclr.train == vae.train and simclr.eval == vae.eval
+
+
+def test_nt_xent_runs_in_float32_under_autocast():
+    z1, z2 = torch.randn(8, 4).bfloat16(), torch.randn(8, 4).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = nt_xent(z1, z2, 0.1)
+    assert got.dtype == torch.float32
+    assert got.item() == pytest.approx(nt_xent_by_loops(z1.float(), z2.float(), 0.1), rel=1e-5)
