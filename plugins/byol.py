@@ -122,9 +122,8 @@ def build_modules(config) -> dict[str, nn.Module]:
     h = infer_feature_dim(config, cfg.feature_dim)
     projector = mlp(h, cfg.proj_hidden_dim, cfg.proj_output_dim)
     target_projector = mlp(h, cfg.proj_hidden_dim, cfg.proj_output_dim)
-    target_encoder = backbones.build_modules(config)[
-        "encoder"
-    ]  # same constructor as the online encoder
+    # the same constructor as the online encoder (the backbone plugin's own hook function)
+    target_encoder = backbones.build_modules(config)["encoder"]
     return {
         "projector": projector,
         "predictor": mlp(cfg.proj_output_dim, cfg.pred_hidden_dim, cfg.proj_output_dim),
