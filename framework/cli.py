@@ -37,21 +37,26 @@ def train_main(argv: Sequence[str]) -> None:
 
 
 def eval_main(argv: Sequence[str]) -> None:
-    """`eval OUTPUT_DIR [--checkpoint PATH]`: linear probe of the run's encoder vs raw pixels."""
+    """`eval OUTPUT_DIR [OUTPUT_DIR ...] [--checkpoint PATH]`: linear probes of runs' encoders vs raw pixels."""
     parser = argparse.ArgumentParser(prog="augssl eval", description=eval_main.__doc__)
-    parser.add_argument("output_dir")
-    parser.add_argument("--checkpoint", default=None)
+    parser.add_argument("output_dirs", nargs="+", metavar="output_dir")
+    parser.add_argument("--checkpoint", default=None, help="a checkpoint folder (one run only; default: newest)")
     args = parser.parse_args(argv)
     from framework.evaluate import evaluate
 
-    try:
-        result = evaluate(args.output_dir, args.checkpoint)
-    except (FileNotFoundError, ValueError) as exc:
-        _fail(str(exc))
-    print(f"linear probe on {result['feature_dim']}-d frozen features: {100 * result['accuracy']:.2f} %")
-    print(f"same classifier on raw pixels:           {100 * result['raw_pixels_accuracy']:.2f} %")
-    print(f"({result['train_samples']} train / {result['test_samples']} test images, {result['seconds']} s;"
-          f" written to {args.output_dir}/eval.json)")  # fmt: skip
+    rows = []
+    for i, out in enumerate(args.output_dirs):
+        try:
+            result = evaluate(out, args.checkpoint, baseline=i == 0)  # raw pixels: the same for every run
+        except (FileNotFoundError, ValueError) as exc:
+            _fail(str(exc))
+        if i == 0:
+            rows.append(("raw pixels", result["pixel_dim"], result["raw_pixels_accuracy"], "-"))
+        rows.append((out, result["feature_dim"], result["accuracy"], f"{result['seconds']} s"))
+    print(f"\nlinear probe, test accuracy ({result['train_samples']} train / {result['test_samples']} test images)")
+    print(f"{'features':<40} {'dim':>6} {'accuracy':>9} {'eval time':>10}")
+    for name, dim, acc, secs in rows:
+        print(f"{name:<40} {dim:>6} {100 * acc:>8.2f}% {secs:>10}")
 
 
 def shards_main(argv: Sequence[str]) -> None:

@@ -30,7 +30,8 @@ def test_evaluate_a_trained_run(tmp_path, fmnist_shards):
     proc = subprocess.run([sys.executable, str(ROOT / "launch" / "evaluate.py"), str(out)],
                           capture_output=True, text=True, timeout=300, cwd=ROOT)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
-    assert "linear probe on 256-d frozen features" in proc.stdout and "raw pixels" in proc.stdout
+    assert "linear probe, test accuracy (192 train / 96 test images)" in proc.stdout
+    assert "raw pixels" in proc.stdout and str(out) in proc.stdout
     result = json.loads((out / "eval.json").read_text())
     assert result["train_samples"] == 192 and result["test_samples"] == 96
     assert 0.1 < result["accuracy"] <= 1 and 0.4 < result["raw_pixels_accuracy"] <= 1  # real images: above chance
