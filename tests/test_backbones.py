@@ -7,7 +7,13 @@ import torch
 from torch import nn
 
 from plugins.backbones import (
-    FEATURE_DIMS, Conv28Decoder, ResNetDecoder, VAEHead, conv28_encoder, resnet_encoder, upsampling_plan,
+    FEATURE_DIMS,
+    Conv28Decoder,
+    ResNetDecoder,
+    VAEHead,
+    conv28_encoder,
+    resnet_encoder,
+    upsampling_plan,
 )  # fmt: skip
 
 

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from framework.engine import train
 from framework.recipe import apply_overrides, load_raw, validate
 from framework.testing import read_metrics, tiny_shards
-from framework.engine import train
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("[!_]*.yaml"))
 
