@@ -30,12 +30,12 @@ from torch.nn import functional as F
 
 from framework import PluginConfig, View, hookimpl
 from framework.views import AFFINE_COMPONENTS, AffineWithParams
+from plugins.backbones import feature_dim
 
 NAME = "affine"
 VIEW = f"{NAME}.view"
 
 # Pooled feature size of each `backbones` encoder (its `h`).
-ENCODER_FEATURE_DIMS = {"resnet18": 512, "resnet50": 2048, "conv28": 256}
 
 
 class AffineConfig(PluginConfig):
@@ -54,19 +54,6 @@ class AffineConfig(PluginConfig):
         if not value:
             raise ValueError("at least one component is needed")
         return [c for c in AFFINE_COMPONENTS if c in value]  # canonical order, no duplicates
-
-
-def feature_dim(config) -> int:
-    """The size of `h`: `feature_dim`, else the table entry of `plugins.backbones.encoder`."""
-    cfg: AffineConfig = config.plugins[NAME]
-    if cfg.feature_dim is not None:
-        return cfg.feature_dim
-    encoder = getattr(config.plugins.get("backbones"), "encoder", None)
-    if encoder not in ENCODER_FEATURE_DIMS:
-        raise ValueError(
-            f"cannot infer the feature size of encoder {encoder!r}: set plugins.{NAME}.feature_dim"
-        )
-    return ENCODER_FEATURE_DIMS[encoder]
 
 
 def aggregate(r1: torch.Tensor, r2: torch.Tensor, how: str) -> torch.Tensor:
@@ -95,7 +82,7 @@ def config_schema() -> type[PluginConfig]:
 @hookimpl
 def build_modules(config) -> dict[str, nn.Module]:
     cfg: AffineConfig = config.plugins[NAME]
-    dim = feature_dim(config)
+    dim = feature_dim(config, config.plugins[NAME].feature_dim)
     return {"head": make_head(dim if cfg.aggregation == "diff" else 2 * dim, cfg.hidden)}
 
 

@@ -27,6 +27,20 @@ NAME = "backbones"
 FEATURE_DIMS = {"resnet18": 512, "resnet50": 2048, "conv28": 256}
 
 
+def feature_dim(config, explicit: int | None = None) -> int:
+    """The size of the pooled features `h` that heads of other plugins receive.
+
+    `explicit` (a plugin's own `feature_dim` setting) wins; else it is looked up from
+    `plugins.backbones.encoder`. A third-party encoder needs the explicit setting.
+    """
+    if explicit is not None:
+        return explicit
+    encoder = getattr(config.plugins.get(NAME), "encoder", None)
+    if encoder not in FEATURE_DIMS:
+        raise ValueError(f"cannot infer the feature size of encoder {encoder!r}: set feature_dim in the plugin's section")
+    return FEATURE_DIMS[encoder]
+
+
 class BackbonesConfig(PluginConfig):
     encoder: Literal["resnet18", "resnet50", "conv28"]
     stem: Literal["cifar", "stl"] = "cifar"  # cifar: 3x3/1 conv; stl: 7x7/2 conv; never a max-pool

@@ -22,7 +22,8 @@ from torch import nn
 
 from framework import PluginConfig, View, hookimpl
 from framework.distributed import gather_with_grad
-from plugins.simclr import Strength, at_least_float32, infer_feature_dim, mlp, two_views
+from plugins.backbones import feature_dim
+from plugins.simclr import Strength, at_least_float32, mlp, two_views
 
 NAME = "barlow"
 
@@ -81,7 +82,7 @@ def config_schema() -> type[PluginConfig]:
 @hookimpl
 def build_modules(config) -> dict[str, nn.Module]:
     cfg: BarlowConfig = config.plugins[NAME]
-    h = infer_feature_dim(config, cfg.feature_dim)
+    h = feature_dim(config, cfg.feature_dim)
     return {"projector": mlp(h, cfg.proj_hidden_dim, cfg.proj_output_dim, layers=3)}
 
 

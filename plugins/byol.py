@@ -34,7 +34,8 @@ from torch import nn
 
 from framework import PluginConfig, View, hookimpl
 from plugins import backbones
-from plugins.simclr import Strength, infer_feature_dim, mlp, two_views
+from plugins.backbones import feature_dim
+from plugins.simclr import Strength, mlp, two_views
 
 NAME = "byol"
 
@@ -119,7 +120,7 @@ def config_schema() -> type[PluginConfig]:
 @hookimpl
 def build_modules(config) -> dict[str, nn.Module]:
     cfg: BYOLConfig = config.plugins[NAME]
-    h = infer_feature_dim(config, cfg.feature_dim)
+    h = feature_dim(config, cfg.feature_dim)
     projector = mlp(h, cfg.proj_hidden_dim, cfg.proj_output_dim)
     target_projector = mlp(h, cfg.proj_hidden_dim, cfg.proj_output_dim)
     # the same constructor as the online encoder (the backbone plugin's own hook function)

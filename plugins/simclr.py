@@ -27,12 +27,12 @@ from torch import nn
 from framework import PluginConfig, View, hookimpl
 from framework.distributed import gather_with_grad, rank
 from framework.views import simclr_view
+from plugins.backbones import feature_dim
 
 NAME = "simclr"
 
 # Pooled feature size `h` of the built-in encoders (plugins.backbones); other encoders
 # need the plugin's `feature_dim` set in the recipe.
-FEATURE_DIMS = {"resnet18": 512, "resnet50": 2048, "conv28": 256}
 
 Strength = Literal["cifar", "stl", "mnist"]
 
@@ -53,18 +53,6 @@ class SimCLRConfig(PluginConfig):
 # ---------------------------------------------------------------------------
 # Helpers shared by the joint-embedding plugins (simclr, byol, barlow)
 # ---------------------------------------------------------------------------
-
-
-def infer_feature_dim(config, explicit: int | None) -> int:
-    """The backbone's pooled feature size: `explicit`, else looked up from `plugins.backbones.encoder`."""
-    if explicit is not None:
-        return explicit
-    encoder = getattr(config.plugins.get("backbones"), "encoder", None)
-    if encoder not in FEATURE_DIMS:
-        raise ValueError(
-            f"cannot infer the feature size of encoder {encoder!r}: set feature_dim in the recipe"
-        )
-    return FEATURE_DIMS[encoder]
 
 
 def infer_strength(config, explicit: Strength | None) -> Strength:
@@ -151,7 +139,7 @@ def config_schema() -> type[PluginConfig]:
 @hookimpl
 def build_modules(config) -> dict[str, nn.Module]:
     cfg: SimCLRConfig = config.plugins[NAME]
-    h = infer_feature_dim(config, cfg.feature_dim)
+    h = feature_dim(config, cfg.feature_dim)
     return {"projector": mlp(h, h, cfg.output_dim)}
 
 

@@ -14,6 +14,7 @@ from framework.recipe import RecipeError, load_recipe, validate
 from framework.testing import CONV28, read_metrics, run_steps, tiny_recipe
 from framework.views import AFFINE_COMPONENTS
 from plugins import affine
+from plugins.backbones import feature_dim
 
 RECIPES = Path(__file__).parents[1] / "recipes"
 NO_SHARDS = {"train": "none.tar", "test": "none.tar"}
@@ -70,9 +71,9 @@ def test_head_shape_follows_aggregation(tmp_path):
 )
 def test_feature_dim_from_the_backbone(tmp_path, encoder, dim):
     recipe, _ = _recipe(tmp_path, backbones={**CONV28, "encoder": encoder})
-    assert affine.feature_dim(recipe) == dim
+    assert feature_dim(recipe, recipe.plugins["affine"].feature_dim) == dim
     recipe.plugins["affine"].feature_dim = 100  # an explicit value wins
-    assert affine.feature_dim(recipe) == 100
+    assert feature_dim(recipe, recipe.plugins["affine"].feature_dim) == 100
 
 
 def test_feature_dim_is_required_without_a_known_backbone(tmp_path):
@@ -206,6 +207,6 @@ def test_composition_recipe_validates():
     recipe, _ = load_recipe(RECIPES / "aavae_crvae_affine_stl10.yaml", check_data=False)
     assert set(recipe.plugins) == {"backbones", "aavae", "consistency", "affine"}
     assert recipe.plugins["affine"].source == "aavae.aug"
-    assert affine.feature_dim(recipe) == 2048  # ResNet-50
+    assert feature_dim(recipe, recipe.plugins["affine"].feature_dim) == 2048  # ResNet-50
     aa, _ = load_recipe(RECIPES / "aavae_stl10.yaml", check_data=False)
     assert recipe.plugins["backbones"] == aa.plugins["backbones"] and recipe.train == aa.train

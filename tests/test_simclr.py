@@ -11,7 +11,8 @@ from torch import nn
 
 from framework.recipe import load_recipe, validate
 from framework.testing import read_metrics, run_steps, tiny_recipe
-from plugins.simclr import infer_feature_dim, infer_strength, nt_xent
+from plugins.backbones import feature_dim
+from plugins.simclr import infer_strength, nt_xent
 
 CONTRASTIVE_BACKBONE = {"encoder": "conv28", "latent_dim": None}
 
@@ -83,7 +84,7 @@ def test_config_defaults_and_inference(tmp_path, fmnist_shards):
         None,
         None,
     )
-    assert infer_feature_dim(cfg, None) == 256 and infer_feature_dim(cfg, 7) == 7
+    assert feature_dim(cfg, None) == 256 and feature_dim(cfg, 7) == 7
     assert infer_strength(cfg, None) == "mnist" and infer_strength(cfg, "stl") == "stl"
     for size, strength in ((32, "cifar"), (96, "stl")):
         rgb, _ = validate(_recipe(tmp_path, fmnist_shards, size=size, channels=3), check_data=False)
@@ -94,7 +95,7 @@ def test_unknown_encoder_needs_feature_dim(tmp_path, fmnist_shards):
     cfg, _ = validate(_recipe(tmp_path, fmnist_shards), check_data=False)
     cfg.plugins.pop("backbones")
     with pytest.raises(ValueError, match="set feature_dim"):
-        infer_feature_dim(cfg, None)
+        feature_dim(cfg, None)
 
 
 def test_projection_head_and_views(tmp_path, fmnist_shards):
