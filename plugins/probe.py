@@ -1,0 +1,76 @@
+"""Plugin `probe`: the online linear probe (METHODS.md section 2), a cheap accuracy signal while pretraining.
+
+A Linear layer on the **detached** pooled features `ctx.encode("x").h`, trained with
+cross-entropy on the batch's labels, one step per batch. Because the features are
+detached, the term `probe.ce` sends gradient only into the probe, never into the
+encoder, so adding it does not change what the encoder learns. Its accuracy on the
+batch is logged as `probe.acc` (a metric, not optimised).
+
+Labels < 0 mean "unlabelled" and are ignored; a batch with no labels gives a zero
+term (still connected to the probe's weights, so DDP sees every parameter used).
+
+Learning rate: METHODS.md trains the online probe with Adam at lr 1e-4. The engine has
+one optimizer with one lr for every parameter, so the probe's effective lr is the
+run's `train.lr` (and its optimizer); `weight` scales its gradient, which for Adam
+hardly changes the step size. A per-plugin lr would need an engine change.
+"""
+
+from __future__ import annotations
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from framework import PluginConfig, hookimpl
+
+NAME = "probe"
+
+
+class ProbeConfig(PluginConfig):
+    num_classes: int = Field(10, gt=1)
+    feature_dim: int | None = Field(None, gt=0)  # None: the `backbones` encoder's pooled width
+    view: str = "x"  # the view whose features are probed (the clean view by default)
+
+
+def feature_dim(config) -> int:
+    """The probe's input width: `plugins.probe.feature_dim`, else the `backbones` encoder's pooled width."""
+    cfg: ProbeConfig = config.plugins[NAME]
+    if cfg.feature_dim is not None:
+        return cfg.feature_dim
+    backbones = config.plugins.get("backbones")
+    if backbones is None:
+        raise ValueError("plugins.probe.feature_dim is needed when the encoder is not `backbones`")
+    from plugins.backbones import FEATURE_DIMS
+
+    return FEATURE_DIMS[backbones.encoder]
+
+
+@hookimpl
+def config_schema() -> type[PluginConfig]:
+    return ProbeConfig
+
+
+@hookimpl
+def build_modules(config) -> dict[str, nn.Module]:
+    return {"linear": nn.Linear(feature_dim(config), config.plugins[NAME].num_classes)}
+
+
+@hookimpl
+def auxiliary_head(modules, ctx) -> dict[str, torch.Tensor]:
+    cfg: ProbeConfig = ctx.config.plugins[NAME]
+    features = (
+        ctx.encode(cfg.view).h.detach().float()
+    )  # detached: the probe never trains the encoder
+    logits = modules[NAME]["linear"](features)
+    labels = (
+        ctx.labels
+        if ctx.labels is not None
+        else torch.full(logits.shape[:1], -1, device=logits.device)
+    )
+    labelled = labels >= 0
+    n = labelled.sum().clamp_min(1)
+    ce = nn.functional.cross_entropy(logits, labels.clamp_min(0), reduction="none")
+    correct = (logits.argmax(1) == labels) & labelled
+    ctx.metrics[f"{NAME}.acc"] = (correct.sum() / n).detach()  # 0 on an unlabelled batch
+    # no host sync: masked mean instead of indexing; an unlabelled batch gives 0 * logits (graph kept)
+    return {"ce": (ce * labelled).sum() / n + 0 * logits.sum()}

@@ -1,0 +1,82 @@
+"""The online linear probe: learns from labels, never trains the encoder, ignores unlabelled samples."""
+
+from __future__ import annotations
+
+import torch
+
+from framework import Encoding
+from framework.model import Model
+from framework.recipe import validate
+from framework.testing import CONV28, read_metrics, run_steps, tiny_recipe
+from plugins import probe
+
+
+class FakeCtx:
+    """Just enough of a StepContext for the probe: fixed features and labels."""
+
+    def __init__(self, config, features, labels):
+        self.config, self.labels, self.metrics, self._h = config, labels, {}, features
+
+    def encode(self, view):
+        return Encoding(h=self._h)
+
+
+def _config(tmp_path, fmnist_shards, **probe_cfg):
+    recipe = tiny_recipe(
+        tmp_path, fmnist_shards, plugins={"backbones": CONV28, "kl": {}, "probe": probe_cfg}
+    )
+    return validate(recipe)
+
+
+def test_probe_learns_separable_features(tmp_path, fmnist_shards):
+    cfg, _ = _config(tmp_path, fmnist_shards, feature_dim=16, num_classes=4)
+    modules = torch.nn.ModuleDict({"probe": torch.nn.ModuleDict(probe.build_modules(cfg))})
+    opt = torch.optim.Adam(modules.parameters(), lr=1e-2)
+    g = torch.Generator().manual_seed(0)
+    centers = 3 * torch.randn(4, 16, generator=g)
+    for _ in range(100):
+        y = torch.randint(0, 4, (64,), generator=g)
+        ctx = FakeCtx(cfg, centers[y] + torch.randn(64, 16, generator=g), y)
+        loss = probe.auxiliary_head(modules, ctx)["ce"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert ctx.metrics["probe.acc"].item() > 0.95 and loss.item() < 0.2
+
+
+def test_probe_ignores_unlabelled_samples(tmp_path, fmnist_shards):
+    cfg, _ = _config(tmp_path, fmnist_shards, feature_dim=8, num_classes=3)
+    modules = torch.nn.ModuleDict({"probe": torch.nn.ModuleDict(probe.build_modules(cfg))})
+    h = torch.randn(6, 8)
+    unlabelled = probe.auxiliary_head(modules, FakeCtx(cfg, h, torch.full((6,), -1)))["ce"]
+    assert unlabelled.item() == 0
+    unlabelled.backward()  # still connected to the probe's weights (DDP needs every parameter used)
+    assert modules["probe"]["linear"].weight.grad is not None
+    mixed = probe.auxiliary_head(modules, FakeCtx(cfg, h, torch.tensor([0, 1, -1, 2, -1, -1])))[
+        "ce"
+    ]
+    only = probe.auxiliary_head(modules, FakeCtx(cfg, h[[0, 1, 3]], torch.tensor([0, 1, 2])))["ce"]
+    torch.testing.assert_close(mixed, only)
+
+
+def test_probe_term_never_reaches_the_encoder(tmp_path, fmnist_shards):
+    cfg, hooks = _config(tmp_path, fmnist_shards)
+    model = Model(hooks, cfg).train()
+    x = torch.randn(8, 1, 28, 28)
+    terms, metrics = model({"x": x}, {}, torch.randint(0, 10, (8,)))
+    assert {"probe.ce", "kl.recon", "kl.kl"} <= set(terms) and "probe.acc" in metrics
+    encoder = list(model.plugins["backbones"]["encoder"].parameters())
+    grads = torch.autograd.grad(terms["probe.ce"], encoder, allow_unused=True, retain_graph=True)
+    assert all(g is None for g in grads)
+    probe_grad = torch.autograd.grad(terms["probe.ce"], model.plugins["probe"]["linear"].weight)[0]
+    assert probe_grad.abs().sum() > 0
+
+
+def test_probe_above_chance_on_fashion_mnist(tmp_path, fmnist_shards):
+    recipe = tiny_recipe(tmp_path, fmnist_shards, plugins={"backbones": CONV28, "kl": {}, "probe": {}},
+                         data={"batch_size": 32}, train={"log_every": 10, "lr": 3e-3})  # fmt: skip
+    records = read_metrics(run_steps(recipe, steps=40))
+    assert [r["step"] for r in records] == [10, 20, 30, 40]
+    assert all("probe.ce" in r and "probe.acc" in r for r in records)
+    assert records[-1]["probe.acc"] > 0.3  # 10 classes: chance is 0.1
+    assert records[-1]["probe.ce"] < records[0]["probe.ce"]
