@@ -22,6 +22,7 @@ from pydantic import Field
 from torch import nn
 
 from framework import PluginConfig, hookimpl
+from plugins.backbones import feature_dim
 
 NAME = "probe"
 
@@ -32,19 +33,6 @@ class ProbeConfig(PluginConfig):
     view: str = "x"  # the view whose features are probed (the clean view by default)
 
 
-def feature_dim(config) -> int:
-    """The probe's input width: `plugins.probe.feature_dim`, else the `backbones` encoder's pooled width."""
-    cfg: ProbeConfig = config.plugins[NAME]
-    if cfg.feature_dim is not None:
-        return cfg.feature_dim
-    backbones = config.plugins.get("backbones")
-    if backbones is None:
-        raise ValueError("plugins.probe.feature_dim is needed when the encoder is not `backbones`")
-    from plugins.backbones import FEATURE_DIMS
-
-    return FEATURE_DIMS[backbones.encoder]
-
-
 @hookimpl
 def config_schema() -> type[PluginConfig]:
     return ProbeConfig
@@ -52,7 +40,8 @@ def config_schema() -> type[PluginConfig]:
 
 @hookimpl
 def build_modules(config) -> dict[str, nn.Module]:
-    return {"linear": nn.Linear(feature_dim(config), config.plugins[NAME].num_classes)}
+    cfg: ProbeConfig = config.plugins[NAME]
+    return {"linear": nn.Linear(feature_dim(config, cfg.feature_dim), cfg.num_classes)}
 
 
 @hookimpl
