@@ -1,0 +1,102 @@
+"""Images per second per data worker at 96 px with the STL-10 AAVAE views (clean x + SimCLR "stl").
+
+    python benchmarks/data_throughput.py [--images 2000] [--out benchmarks/results/data_throughput.json]
+
+(a) augssl's pipeline reading WebDataset shards (1 worker);
+(b) torchvision ImageFolder of the same JPEGs, same transforms, plain DataLoader (1 worker);
+(c) the same transforms on images already decoded in memory (the ceiling of this transform stack).
+Run side by side in one invocation; the images are synthetic 96-px RGB (STL-10 cannot be
+downloaded here), stored as JPEG quality 95 in both (a) and (b).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from framework.data import make_loader, write_shards  # noqa: E402
+from framework.testing import synthetic_samples  # noqa: E402
+from framework.types import View  # noqa: E402
+from framework.views import STL10_STATS, clean_view, simclr_view  # noqa: E402
+
+SIZE, BATCH = 96, 64
+
+
+def views() -> dict[str, View]:
+    mean, std = STL10_STATS
+    return {"x": View(clean_view(SIZE, mean, std, 3)), "aavae.aug": View(simclr_view(SIZE, mean, std, 3, "stl"))}
+
+
+class BothViews:
+    """The same two transforms for the torchvision baselines."""
+
+    def __init__(self) -> None:
+        self.views = views()
+
+    def __call__(self, image):
+        return tuple(v.transform(image) for v in self.views.values())
+
+
+def rate(iterable, n_images: int) -> float:
+    it = iter(iterable)
+    next(it)  # warm-up: worker start, first batch
+    start, seen = time.perf_counter(), 0
+    for batch in it:
+        seen += len(batch["key"]) if isinstance(batch, dict) else len(batch[1])
+        if seen >= n_images:
+            break
+    return seen / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=2000)
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "data_throughput.json"))
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    n = args.images + 2 * BATCH
+    with tempfile.TemporaryDirectory() as tmp:
+        samples = list(synthetic_samples(n, SIZE, 3))
+        info = write_shards(samples, f"{tmp}/shards/train-%04d.tar", maxcount=500, fmt="jpg", quality=95)
+        folder = Path(tmp) / "folder"
+        for s in samples:
+            (folder / str(s.label)).mkdir(parents=True, exist_ok=True)
+            s.image.save(folder / str(s.label) / f"{s.key}.jpg", quality=95)
+
+        from torchvision.datasets import ImageFolder
+
+        shards = make_loader(info["pattern"], views(), channels=3, batch_size=BATCH, num_workers=1,
+                             shuffle_buffer=0, epochs=1)  # fmt: skip
+        a = rate(shards, args.images)
+        folder_loader = DataLoader(ImageFolder(str(folder), transform=BothViews()), batch_size=BATCH,
+                                   num_workers=1, shuffle=True)  # fmt: skip
+        b = rate(folder_loader, args.images)
+        decoded = [s.image.convert("RGB") for s in samples]
+        both = BothViews()
+        start = time.perf_counter()
+        for image in decoded[: args.images]:
+            both(image)
+        c = args.images / (time.perf_counter() - start)
+    report = {
+        "image_size": SIZE, "views": "clean x + SimCLR stl (AAVAE STL-10)", "images": args.images, "workers": 1,
+        "images_per_second_per_worker": {"a_shards_pipeline": a, "b_imagefolder_dataloader": b, "c_in_memory_ceiling": c},
+        "ratios": {"a_over_b": a / b, "a_over_c": a / c},
+        "goals": {"a >= b": a >= b, "a >= 0.8 c": a >= 0.8 * c},
+    }  # fmt: skip
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=1))
+    print(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
