@@ -37,26 +37,47 @@ def train_main(argv: Sequence[str]) -> None:
 
 
 def eval_main(argv: Sequence[str]) -> None:
-    """`eval OUTPUT_DIR [OUTPUT_DIR ...] [--checkpoint PATH]`: linear probes of runs' encoders vs raw pixels."""
+    """`eval OUTPUT_DIR [OUTPUT_DIR ...] [--protocol fast|linear|knn|all]`: classifiers on runs' frozen
+    encoders beside the same classifiers on raw pixels; writes each run's eval.json."""
     parser = argparse.ArgumentParser(prog="augssl eval", description=eval_main.__doc__)
     parser.add_argument("output_dirs", nargs="+", metavar="output_dir")
     parser.add_argument("--checkpoint", default=None, help="a checkpoint folder (one run only; default: newest)")
+    parser.add_argument("--protocol", default="fast", choices=["fast", "linear", "knn", "all"],
+                        help="fast: L-BFGS logistic regression; linear: SGD protocol of METHODS.md; knn: k=200 "
+                             "weighted k-NN; all: the three (default: fast)")  # fmt: skip
+    parser.add_argument("--epochs", type=int, default=90, help="linear: epochs (default 90)")
+    parser.add_argument("--augment", action="store_true",
+                        help="linear: RandomCrop(pad 4)+flip, features re-extracted every epoch (slow; "
+                             "default: features extracted once)")  # fmt: skip
+    parser.add_argument("--batch-size", type=int, default=256, help="linear: batch size; lr = 0.1 x batch/256")
+    parser.add_argument("--k", type=int, default=200, help="knn: neighbours (default 200)")
+    parser.add_argument("--temperature", type=float, default=0.07, help="knn: vote temperature (default 0.07)")
     args = parser.parse_args(argv)
-    from framework.evaluate import evaluate
+    if args.checkpoint and len(args.output_dirs) > 1:
+        _fail("--checkpoint names one run's checkpoint: give one output_dir")
+    from framework.evaluate import PROTOCOLS, evaluate
 
+    protocols = list(PROTOCOLS) if args.protocol == "all" else [args.protocol]
     rows = []
     for i, out in enumerate(args.output_dirs):
         try:
-            result = evaluate(out, args.checkpoint, baseline=i == 0)  # raw pixels: the same for every run
+            result = evaluate(
+                out, args.checkpoint, baseline=i == 0, protocols=protocols, epochs=args.epochs,
+                augment=args.augment, knn_k=args.k, knn_temperature=args.temperature,
+                linear_batch_size=args.batch_size,
+            )  # raw pixels: the same for every run, fitted once  # fmt: skip
         except (FileNotFoundError, ValueError) as exc:
             _fail(str(exc))
         if i == 0:
-            rows.append(("raw pixels", result["pixel_dim"], result["raw_pixels_accuracy"], "-"))
-        rows.append((out, result["feature_dim"], result["accuracy"], f"{result['seconds']} s"))
-    print(f"\nlinear probe, test accuracy ({result['train_samples']} train / {result['test_samples']} test images)")
-    print(f"{'features':<40} {'dim':>6} {'accuracy':>9} {'eval time':>10}")
-    for name, dim, acc, secs in rows:
-        print(f"{name:<40} {dim:>6} {100 * acc:>8.2f}% {secs:>10}")
+            rows.append(("raw pixels", result["pixel_dim"], result["raw_pixels_accuracies"], "-"))
+        rows.append((out, result["feature_dim"], result["accuracies"], f"{result['seconds']} s"))
+    title = "linear probe" if protocols == ["fast"] else "frozen-feature classifiers"
+    print(f"\n{title}, test accuracy ({result['train_samples']} train / {result['test_samples']} test images)")
+    for p, desc in result["protocol"].items():
+        print(f"  {p}: {desc}")
+    print(f"{'features':<40} {'dim':>6}" + "".join(f" {p:>9}" for p in protocols) + f" {'eval time':>10}")
+    for name, dim, accs, secs in rows:
+        print(f"{name:<40} {dim:>6}" + "".join(f" {100 * accs[p]:>8.2f}%" for p in protocols) + f" {secs:>10}")
 
 
 def shards_main(argv: Sequence[str]) -> None:
