@@ -1,4 +1,4 @@
-"""The `augssl` command: train, shards, eval, plugins.
+"""The `augssl` command: train, shards, eval, export, plot, plugins.
 
 `augssl train RECIPE [key=value ...]` is `launch/train.py`; under `accelerate launch`
 use the launch scripts. A bad recipe exits with status 2 and one line on stderr,
@@ -135,7 +135,26 @@ def plugins_main(argv: Sequence[str]) -> None:
             print(f"  plugins.{name}.{field}: {getattr(info.annotation, '__name__', info.annotation)} ({default})")
 
 
-COMMANDS = {"train": train_main, "eval": eval_main, "shards": shards_main, "plugins": plugins_main}
+def export_main(argv: Sequence[str]) -> None:
+    """`export OUTPUT_DIR --out encoder.safetensors`: the encoder's weights, torchvision ResNet key names."""
+    parser = argparse.ArgumentParser(prog="augssl export", description=export_main.__doc__)
+    parser.add_argument("output_dir")
+    parser.add_argument("--out", required=True, help="the .safetensors file to write")
+    parser.add_argument("--checkpoint", default=None, help="a checkpoint folder (default: newest)")
+    args = parser.parse_args(argv)
+    from framework.export import export_encoder
+
+    try:
+        meta = export_encoder(args.output_dir, args.out, args.checkpoint)
+    except (FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+    print(json.dumps({"out": args.out, **meta}))
+
+
+COMMANDS = {
+    "train": train_main, "eval": eval_main, "shards": shards_main, "plugins": plugins_main,
+    "export": export_main,
+}  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> None:
