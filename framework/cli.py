@@ -151,9 +151,23 @@ def export_main(argv: Sequence[str]) -> None:
     print(json.dumps({"out": args.out, **meta}))
 
 
+def plot_main(argv: Sequence[str]) -> None:
+    """`plot OUTPUT_DIR [--out FILE.png]`: loss terms and probe accuracy from metrics.jsonl as one PNG."""
+    parser = argparse.ArgumentParser(prog="augssl plot", description=plot_main.__doc__)
+    parser.add_argument("output_dir")
+    parser.add_argument("--out", default=None, help="the PNG to write (default: OUTPUT_DIR/metrics.png)")
+    args = parser.parse_args(argv)
+    from framework.plots import plot_metrics
+
+    try:
+        print(plot_metrics(args.output_dir, args.out))
+    except (FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+
+
 COMMANDS = {
     "train": train_main, "eval": eval_main, "shards": shards_main, "plugins": plugins_main,
-    "export": export_main,
+    "export": export_main, "plot": plot_main,
 }  # fmt: skip
 
 

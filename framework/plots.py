@@ -1,0 +1,45 @@
+"""`augssl plot RUN`: one PNG of a run's loss terms and probe accuracy, from `metrics.jsonl`.
+
+Left panel: `loss` and every loss term `<plugin>.<term>` (log scale when all are positive);
+right panel: accuracies (`*.acc`, e.g. the online probe's `probe.acc`) when logged.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from framework.testing import read_metrics
+
+SKIP = {"step", "lr", "images/s", "data.bad_records", "skipped_steps"}
+
+
+def plot_metrics(output_dir: str | Path, out: str | Path | None = None) -> Path:
+    """Write `<output_dir>/metrics.png` (or `out`); returns its path."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(output_dir)
+    if not records:
+        raise ValueError(f"{output_dir}/metrics.jsonl: no records")
+    names = sorted({k for r in records for k in r if k not in SKIP})
+    accuracies = [n for n in names if n.endswith(".acc")]
+    losses = [n for n in names if n not in accuracies and (n == "loss" or n.count(".") == 1)]
+    fig, axes = plt.subplots(1, 2 if accuracies else 1, figsize=(12 if accuracies else 7, 4.5), squeeze=False)
+    panels = [(axes[0][0], losses, "loss terms")] + ([(axes[0][1], accuracies, "accuracy")] if accuracies else [])
+    for ax, keys, title in panels:
+        for key in keys:
+            points = [(r["step"], r[key]) for r in records if key in r]
+            ax.plot(*zip(*points, strict=True), label=key, lw=2 if key == "loss" else 1)
+        if title == "loss terms" and all(r[k] > 0 for r in records for k in keys if k in r):
+            ax.set_yscale("log")
+        ax.set(title=title, xlabel="step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(str(output_dir))
+    fig.tight_layout()
+    path = Path(out) if out else Path(output_dir) / "metrics.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
