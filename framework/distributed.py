@@ -85,22 +85,28 @@ def cpu_only_multiprocess() -> bool:
 
 def build_accelerator(recipe: Recipe, log_with: list[str] | None = None) -> Accelerator:
     """The Accelerator for a recipe; DDP or DeepSpeed is chosen by `accelerate launch`."""
-    from accelerate import Accelerator, DistributedDataParallelKwargs
+    from accelerate import Accelerator, DistributedDataParallelKwargs, InitProcessGroupKwargs
     from accelerate.utils import DeepSpeedPlugin, ProjectConfiguration
 
-    deepspeed_plugin = None
+    deepspeed_plugin, handlers = None, []
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
         _deepspeed_without_transformers()
         deepspeed_plugin = DeepSpeedPlugin(hf_ds_config=deepspeed_config(recipe))
+        if not torch.cuda.is_available():
+            # `cpu=True` would drop DeepSpeed (Accelerate then picks MULTI_CPU); without it and
+            # without a device Accelerate finds no backend and runs every rank as rank 0 of 1.
+            # Naming gloo makes DeepSpeed's CPU accelerator initialise the process group.
+            handlers.append(InitProcessGroupKwargs(backend="gloo"))
     return Accelerator(
-        cpu=cpu_only_multiprocess(),
+        cpu=cpu_only_multiprocess() and deepspeed_plugin is None,
         mixed_precision=recipe.distributed.mixed_precision,
         gradient_accumulation_steps=recipe.distributed.accumulation_steps,
         step_scheduler_with_optimizer=False,  # the engine steps the schedule once per optimizer step
         log_with=log_with,
         project_config=ProjectConfiguration(project_dir=recipe.output_dir, logging_dir=recipe.output_dir),
         kwargs_handlers=[
-            DistributedDataParallelKwargs(find_unused_parameters=recipe.distributed.find_unused_parameters)
+            DistributedDataParallelKwargs(find_unused_parameters=recipe.distributed.find_unused_parameters),
+            *handlers,
         ],
         deepspeed_plugin=deepspeed_plugin,
     )

@@ -8,6 +8,7 @@ CPU-GPU sync points are the non-finite check (one scalar per step) and the log
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -27,12 +28,19 @@ class TrainingError(RuntimeError):
     """A run that must stop: too many non-finite steps, too many bad records."""
 
 
-def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+def effective_lr(cfg: TrainConfig, global_batch: int) -> float:
+    """`train.lr`, or with `train.lr_scaling: linear` lr x global_batch / 256."""
+    return cfg.lr * global_batch / 256 if cfg.lr_scaling == "linear" else cfg.lr
+
+
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, lr: float | None = None) -> torch.optim.Optimizer:
+    """The recipe's optimizer over the trainable parameters, at `lr` (default `train.lr`)."""
+    lr = cfg.lr if lr is None else lr
     params = [p for p in model.parameters() if p.requires_grad]
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=True, weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, nesterov=True, weight_decay=cfg.weight_decay)
     opt = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
-    return opt(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    return opt(params, lr=lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
@@ -54,6 +62,23 @@ def build_views(recipe: Recipe, hooks: PluginHooks) -> dict:
     return {"x": x, **hooks.augment(recipe)}
 
 
+def rng_isolated(batches: Iterable[dict]) -> Iterator[dict]:
+    """The loader's batches, fetched without touching this process's global RNG.
+
+    Starting a DataLoader draws its base seed from the global RNG, and with
+    `num_workers=0` the stream reseeds it per sample. Either would make a resumed run
+    draw different noise than an uninterrupted one; isolated, the RNG state restored
+    from a checkpoint is exactly the one the model would have seen.
+    """
+    it = iter(batches)
+    while True:
+        with torch.random.fork_rng(devices=[]):
+            batch = next(it, None)
+        if batch is None:
+            return
+        yield batch
+
+
 def train(recipe: Recipe, hooks: PluginHooks) -> Path:
     """Pretrain as the recipe says; returns the output folder. Resumes per `train.resume`."""
     cfg, out = recipe.train, Path(recipe.output_dir)
@@ -65,7 +90,10 @@ def train(recipe: Recipe, hooks: PluginHooks) -> Path:
     model = Model(hooks, recipe)
     if recipe.distributed.sync_batchnorm and accelerator.num_processes > 1 and accelerator.device.type == "cuda":
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    optimizer = build_optimizer(model, cfg)
+    global_batch = recipe.data.batch_size * accelerator.num_processes * recipe.distributed.accumulation_steps
+    lr = effective_lr(cfg, global_batch)
+    accelerator.print(f"augssl: global batch {global_batch}, lr {lr:g} (train.lr_scaling={cfg.lr_scaling})")
+    optimizer = build_optimizer(model, cfg, lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     plugin_modules, weights = accelerator.unwrap_model(model).plugins, accelerator.unwrap_model(model).weights()
@@ -94,7 +122,7 @@ def train(recipe: Recipe, hooks: PluginHooks) -> Path:
     bad_in_row = skipped = 0
 
     model.train()
-    for batch in loader:
+    for batch in rng_isolated(loader):
         position.update(batch["cursor"])
         views = {k: v.to(accelerator.device, non_blocking=True) for k, v in batch["views"].items()}
         params = {k: v.to(accelerator.device, non_blocking=True) for k, v in batch["params"].items()}

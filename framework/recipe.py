@@ -52,6 +52,9 @@ class TrainConfig(Strict):
 
     steps: int = Field(gt=0)  # optimizer steps
     lr: float = Field(gt=0)
+    # "linear": the optimizer's lr is lr x global_batch / 256 (Goyal et al. 2017), where
+    # global_batch = data.batch_size x processes x distributed.accumulation_steps
+    lr_scaling: Literal["none", "linear"] = "none"
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"
     weight_decay: float = Field(0.0, ge=0)
     momentum: float = 0.9  # sgd (Nesterov)
