@@ -93,3 +93,22 @@ def test_a_run_over_corrupt_shards_finishes_and_counts_the_planted_bad_records(t
                          train={"log_every": 24})  # fmt: skip
     out = run_steps(recipe, steps=24)  # one epoch: 192 samples / 8
     assert read_metrics(out)[-1]["data.bad_records"] == 3
+
+
+def test_two_processes_with_two_workers_each_see_every_key_exactly_once(tmp_path, fmnist_shards):
+    import os
+
+    from tests.conftest import free_port
+
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(free_port()), str(ROOT / "tests" / "dist_keys.py"),
+           fmnist_shards["train"], str(tmp_path)]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"keys_rank{r}.json").read_text()) for r in (0, 1)]
+    assert all(r["world_size"] == 2 for r in ranks)
+    seen = ranks[0]["keys"] + ranks[1]["keys"]
+    assert len(seen) == len(set(seen)) == 192, "the union is the dataset and no key is seen twice"
+    assert set(ranks[0]["keys"]).isdisjoint(ranks[1]["keys"])
