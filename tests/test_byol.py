@@ -14,7 +14,7 @@ from framework import hookimpl
 from framework.checkpoint import complete_checkpoints, model_weights_file
 from framework.engine import build_optimizer
 from framework.model import Model
-from framework.recipe import load_recipe, validate
+from framework.recipe import validate
 from framework.testing import read_metrics, run_steps, tiny_recipe
 from plugins.byol import byol_loss, momentum_at
 
@@ -164,12 +164,3 @@ def test_target_follows_the_ema_and_survives_a_checkpoint_round_trip(tmp_path, f
         step2, step3, momentum_at(2, 3)
     )  # and it was not re-initialised from the online network
 
-
-@pytest.mark.parametrize("dataset", ["cifar10", "stl10"])
-def test_recipes(dataset):
-    cfg, _ = load_recipe(ROOT / "recipes" / f"{NAME}_{dataset}.yaml", check_data=False)
-    bb = cfg.plugins["backbones"]
-    assert (bb.encoder, bb.latent_dim, bb.decoder) == ("resnet18", None, None)
-    assert bb.stem == {32: "cifar", 96: "stl"}[cfg.data.image_size]
-    assert cfg.plugins[NAME].strength == {32: "cifar", 96: "stl"}[cfg.data.image_size]
-    assert cfg.distributed.sync_batchnorm  # BN over the global batch on multi-GPU runs

@@ -49,6 +49,17 @@ def test_shipped_recipes_validate():
         load_recipe(path, check_data=False)
 
 
+@pytest.mark.parametrize("method", ["simclr", "byol", "barlow"])
+@pytest.mark.parametrize("dataset", ["cifar10", "stl10"])
+def test_contrastive_recipes_use_resnet18_with_the_stem_and_views_of_their_image_size(method, dataset):
+    cfg, _ = load_recipe(ROOT / "recipes" / f"{method}_{dataset}.yaml", check_data=False)
+    bb = cfg.plugins["backbones"]
+    assert (bb.encoder, bb.latent_dim, bb.decoder) == ("resnet18", None, None)
+    assert bb.stem == {32: "cifar", 96: "stl"}[cfg.data.image_size]
+    assert cfg.plugins[method].strength == {32: "cifar", 96: "stl"}[cfg.data.image_size]
+    assert cfg.distributed.sync_batchnorm  # BN over the global batch on multi-GPU runs
+
+
 # --- malformed recipes: one line, exit 2, nothing started ----------------------------
 
 BAD = {

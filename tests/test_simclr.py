@@ -118,16 +118,6 @@ def test_trains_two_steps_and_logs_nt_xent(tmp_path, fmnist_shards):
         assert r["loss"] == pytest.approx(r["simclr.nt_xent"])
 
 
-@pytest.mark.parametrize("dataset", ["cifar10", "stl10"])
-def test_recipes(dataset):
-    cfg, _ = load_recipe(ROOT / "recipes" / f"{NAME}_{dataset}.yaml", check_data=False)
-    bb = cfg.plugins["backbones"]
-    assert (bb.encoder, bb.latent_dim, bb.decoder) == ("resnet18", None, None)
-    assert bb.stem == {32: "cifar", 96: "stl"}[cfg.data.image_size]
-    assert cfg.plugins[NAME].strength == {32: "cifar", 96: "stl"}[cfg.data.image_size]
-    assert cfg.distributed.sync_batchnorm  # BN over the global batch on multi-GPU runs
-
-
 def test_fashionmnist_recipe_is_comparable_to_the_vae():
     simclr, _ = load_recipe(ROOT / "recipes/simclr_fashionmnist.yaml", check_data=False)
     vae, _ = load_recipe(ROOT / "recipes/vae_fashionmnist.yaml", check_data=False)

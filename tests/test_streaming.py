@@ -87,7 +87,7 @@ def test_a_run_over_corrupt_shards_finishes_and_counts_the_planted_bad_records(t
         data[i + 16 : i + 48] = b"\x00" * 32  # break the IHDR chunk: undecodable
         start, planted = i + 64, planted + 1
     victim.write_bytes(bytes(data))
-    spec = str(folder / Path(urls[0]).name).replace("000000", "{000000..%06d}" % (len(urls) - 1))
+    spec = str(folder / Path(urls[0]).name).replace("000000", f"{{000000..{len(urls) - 1:06d}}}")
     recipe = tiny_recipe(tmp_path, {"train": spec, "test": fmnist_shards["test"]},
                          data={"batch_size": 8, "shuffle_buffer": 0, "max_bad_fraction": 0.5},
                          train={"log_every": 24})  # fmt: skip
