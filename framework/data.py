@@ -35,6 +35,7 @@ from webdataset.tariterators import tarfile_samples
 from framework.recipe import shard_urls
 from framework.sources import Sample
 from framework.types import View
+from framework.views import clean_view
 
 IMAGE_KEYS = ("png", "jpg", "jpeg", "webp")
 
@@ -100,6 +101,11 @@ def brace_pattern(pattern: str, n_shards: int) -> str:
 # ---------------------------------------------------------------------------
 # Views: per-sample transform run in the workers
 # ---------------------------------------------------------------------------
+
+
+def clean_x_view(data: Any) -> View:
+    """The clean view `x` of a recipe's `data` section: minimal preprocessing (resize/crop, normalise)."""
+    return View(clean_view(data.image_size, data.mean, data.std, data.channels, resize=data.resize))
 
 
 class BadRecord(Exception):

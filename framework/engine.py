@@ -15,13 +15,12 @@ import torch
 from accelerate.utils import set_seed
 
 from framework import checkpoint
-from framework.data import StreamPosition, make_loader
+from framework.data import StreamPosition, clean_x_view, make_loader
 from framework.distributed import build_accelerator
 from framework.logging import RunLogger
 from framework.manager import PluginHooks
 from framework.model import Model, weighted_total
 from framework.recipe import Recipe, TrainConfig, write_resolved
-from framework.views import clean_view
 
 
 class TrainingError(RuntimeError):
@@ -55,11 +54,7 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
 
 def build_views(recipe: Recipe, hooks: PluginHooks) -> dict:
     """The clean view `x` plus every plugin's views."""
-    from framework.types import View
-
-    d = recipe.data
-    x = View(clean_view(d.image_size, d.mean, d.std, d.channels, resize=d.resize))
-    return {"x": x, **hooks.augment(recipe)}
+    return {"x": clean_x_view(recipe.data), **hooks.augment(recipe)}
 
 
 def rng_isolated(batches: Iterable[dict]) -> Iterator[dict]:

@@ -29,11 +29,9 @@ import torch
 from safetensors.torch import load_file
 
 from framework import checkpoint
-from framework.data import make_loader
+from framework.data import clean_x_view, make_loader
 from framework.model import Model
 from framework.recipe import Recipe, load_recipe
-from framework.types import View
-from framework.views import clean_view
 
 PROTOCOLS = ("fast", "linear", "knn")
 
@@ -63,7 +61,7 @@ def extract(
     `transform` (e.g. `crop_and_flip`) is applied to each batch of the clean view before encoding.
     """
     d = recipe.data
-    views = {"x": View(clean_view(d.image_size, d.mean, d.std, d.channels, resize=d.resize))}
+    views = {"x": clean_x_view(d)}
     loader = make_loader(
         spec, views, channels=d.channels, batch_size=batch_size, num_workers=num_workers,
         shardshuffle=False, shuffle_buffer=0, epochs=1,

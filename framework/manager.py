@@ -135,10 +135,6 @@ class PluginHooks:
             results[impl.plugin_name] = result
         return results
 
-    def plugin_of(self, hook: str) -> list[str]:
-        """The names of the plugins implementing `hook`."""
-        return [impl.plugin_name for impl in getattr(self.pm.hook, hook).get_hookimpls()]
-
     # -- start-up -----------------------------------------------------------------------
 
     def config_schema(self) -> dict[str, type[PluginConfig]]:
