@@ -12,7 +12,6 @@ downloaded here), stored as JPEG quality 95 in both (a) and (b).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -24,6 +23,7 @@ from torch.utils.data import DataLoader
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.common import write_report  # noqa: E402
 from framework.data import make_loader, write_shards  # noqa: E402
 from framework.testing import synthetic_samples  # noqa: E402
 from framework.types import View  # noqa: E402
@@ -93,9 +93,7 @@ def main() -> None:
         "ratios": {"a_over_b": a / b, "a_over_c": a / c},
         "goals": {"a >= b": a >= b, "a >= 0.8 c": a >= 0.8 * c},
     }  # fmt: skip
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=1))
-    print(json.dumps(report, indent=1))
+    write_report(report, args.out)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.common import write_report  # noqa: E402
 from framework.evaluate import evaluate  # noqa: E402
 
 METHODS = ["vae", "aavae", "crvae", "simclr", "simclr_affine"]
@@ -66,9 +67,7 @@ def main() -> None:
         "encoder": "conv28", "steps": args.steps, "seed": args.seed, "batch_size": 128,
         "results": results, "paper_directions_hold": directions,
     }  # fmt: skip
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=1))
-    print(json.dumps(report, indent=1))
+    write_report(report, args.out)
 
 
 if __name__ == "__main__":

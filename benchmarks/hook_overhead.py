@@ -10,7 +10,6 @@ Reports the median step time of each and their ratio (engine / hand-written; 1.0
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -20,6 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.common import RESULTS, write_report  # noqa: E402
 from framework.model import Model, weighted_total  # noqa: E402
 from framework.recipe import validate  # noqa: E402
 from plugins.backbones import posterior_std  # noqa: E402
@@ -33,6 +33,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--out", default=str(RESULTS / "hook_overhead.json"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     recipe, hooks = validate(
@@ -77,10 +78,7 @@ def main() -> None:
         "device": "cpu", "threads": args.threads, "steps": args.steps,
         "median_step_s": med, "ratio_engine_over_plain": med["engine"] / med["plain"],
     }  # fmt: skip
-    out = Path(__file__).parent / "results" / "hook_overhead.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
-    print(json.dumps(result))
+    write_report(result, args.out)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -57,15 +58,24 @@ def _deepspeed_without_transformers() -> None:
         DeepSpeedPlugin.set_deepspeed_weakref = lambda self: None
 
 
-def deepspeed_config(recipe: Recipe) -> dict[str, Any]:
+def deepspeed_config(recipe: Recipe, env: Mapping[str, str] = os.environ) -> dict[str, Any]:
     """The recipe's `distributed.deepspeed` section as a full DeepSpeed config.
 
-    Batch sizes are always explicit (there is no prepared dataloader to infer them).
+    Batch sizes are always explicit (there is no prepared dataloader to infer them). A
+    recipe without `zero_optimization` takes the stage and offload devices that `accelerate
+    launch` was given (`--zero_stage`, `--offload_*_device` or a config file's
+    `deepspeed_config`), so the same recipe runs under ZeRO-2 or ZeRO-3 by launch config alone.
     """
     ds = dict(recipe.distributed.deepspeed or {})
     ds["train_micro_batch_size_per_gpu"] = recipe.data.batch_size
     ds["gradient_accumulation_steps"] = recipe.distributed.accumulation_steps
-    ds.setdefault("zero_optimization", {"stage": 2})
+    if "zero_optimization" not in ds:
+        zero: dict[str, Any] = {"stage": int(env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", 2))}
+        for what in ("optimizer", "param"):
+            device = env.get(f"ACCELERATE_DEEPSPEED_OFFLOAD_{what.upper()}_DEVICE", "none").lower()
+            if device != "none":
+                zero[f"offload_{what}"] = {"device": device}
+        ds["zero_optimization"] = zero
     if recipe.distributed.grad_clip is not None:
         ds["gradient_clipping"] = recipe.distributed.grad_clip
     precision = recipe.distributed.mixed_precision
@@ -91,7 +101,11 @@ def build_accelerator(recipe: Recipe, log_with: list[str] | None = None) -> Acce
     deepspeed_plugin, handlers = None, []
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
         _deepspeed_without_transformers()
-        deepspeed_plugin = DeepSpeedPlugin(hf_ds_config=deepspeed_config(recipe))
+        ds_config = deepspeed_config(recipe)
+        # A launch config file's deepspeed fields are now in `ds_config`; Accelerate would refuse
+        # them beside an explicit DeepSpeed config ("will be ignored"), so they are marked consumed.
+        os.environ.pop("ACCELERATE_CONFIG_DS_FIELDS", None)
+        deepspeed_plugin = DeepSpeedPlugin(hf_ds_config=ds_config)
         if not torch.cuda.is_available():
             # `cpu=True` would drop DeepSpeed (Accelerate then picks MULTI_CPU); without it and
             # without a device Accelerate finds no backend and runs every rank as rank 0 of 1.

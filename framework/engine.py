@@ -162,6 +162,8 @@ def train(recipe: Recipe, hooks: PluginHooks) -> Path:
             bad, seen = values[-2], values[-1]
             record.update({"lr": scheduler.get_last_lr()[0], "images/s": logger.images_per_second(),
                            "data.bad_records": bad, "skipped_steps": skipped})  # fmt: skip
+            if accelerator.device.type == "cuda":
+                record["memory/peak_gib"] = torch.cuda.max_memory_allocated(accelerator.device) / 2**30
             logger.log(step, record)
             running.clear()
             if seen and bad / seen > recipe.data.max_bad_fraction:

@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 import yaml
 from braceexpand import braceexpand
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, field_validator
 
 from framework.manager import PluginError, PluginHooks
 from framework.types import PluginConfig, Strict
@@ -78,6 +78,12 @@ class DistributedConfig(Strict):
     find_unused_parameters: bool = False
     sync_batchnorm: bool = False  # SyncBatchNorm over all ranks (CUDA only; ignored on CPU)
     deepspeed: dict[str, Any] | None = None
+
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _yaml_no(cls, value: Any) -> Any:
+        """YAML reads a bare `no` (as in `distributed.mixed_precision=no`) as false."""
+        return "no" if value is False else value
 
 
 class EvalConfig(Strict):

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import json
+import socket
 from collections.abc import Iterator
 from itertools import islice
 from pathlib import Path
@@ -89,6 +90,13 @@ def tiny_recipe(
         "plugins": plugins if plugins is not None else {"backbones": CONV28, "kl": {}},
     }  # fmt: skip
     return deep_merge(recipe, sections)
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (for `accelerate launch --main_process_port`)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def write_recipe(path: str | Path, recipe: dict[str, Any]) -> Path:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 
 from framework.sources import FASHION_MNIST_DIR
@@ -16,9 +14,3 @@ def fmnist_shards(tmp_path_factory) -> dict[str, str]:
     if not FASHION_MNIST_DIR.exists():
         pytest.fail(f"{FASHION_MNIST_DIR} missing: apt-get install dataset-fashion-mnist (see .ci/run)")
     return tiny_shards(tmp_path_factory.mktemp("fmnist"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from framework.testing import read_metrics, tiny_recipe, write_recipe
-from tests.conftest import free_port
+from framework.testing import free_port, read_metrics, tiny_recipe, write_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -38,6 +38,12 @@ def test_override_values_are_parsed_as_yaml():
     assert out == {"a": {"b": 3, "c": 1e-3, "d": [1, 2], "e": None, "f": "text"}}
 
 
+def test_mixed_precision_no_survives_yaml_reading_it_as_false(tmp_path, fmnist_shards):
+    path = write_recipe(tmp_path / "r.yaml", tiny_recipe(tmp_path, fmnist_shards))
+    recipe, _ = load_recipe(path, ["distributed.mixed_precision=no"], check_data=False)
+    assert recipe.distributed.mixed_precision == "no"
+
+
 def test_a_null_plugin_section_removes_an_inherited_plugin(tmp_path, fmnist_shards):
     path = write_recipe(tmp_path / "r.yaml", tiny_recipe(tmp_path, fmnist_shards))
     recipe, hooks = load_recipe(path, ["plugins.kl=null"], check_data=False)

@@ -3,6 +3,7 @@ two machines on loopback, learning-rate scaling. Real `accelerate launch` runs o
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -17,8 +18,7 @@ from safetensors.torch import load_file
 from framework import checkpoint
 from framework.engine import effective_lr
 from framework.recipe import TrainConfig
-from framework.testing import read_metrics, run_steps, tiny_recipe, write_recipe
-from tests.conftest import free_port
+from framework.testing import free_port, read_metrics, run_steps, tiny_recipe, write_recipe
 from tests.test_distributed import ROOT, accelerate_launch
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
@@ -37,15 +37,21 @@ def final_weights(out: Path) -> dict[str, torch.Tensor]:
 
 @pytest.mark.slow
 def test_deepspeed_zero2_trains_checkpoints_and_resumes(tmp_path, fmnist_shards):
-    """ZeRO-2 on CPU: DeepSpeed's own checkpoint format, and the resumed run continues the count.
-    (The first run on a machine JIT-builds DeepSpeed's shared-memory comm op, about a minute.)"""
-    recipe = tiny_recipe(tmp_path, fmnist_shards, train={"checkpoint_every": 2}, distributed={"grad_clip": 1.0})
+    """ZeRO-2 on CPU, launched with the shipped config file (launch/accelerate/deepspeed_zero2.yaml)
+    and 2 micro-steps of gradient accumulation per step: DeepSpeed's own checkpoint format, and
+    the resumed run continues the count. (The first run on a machine JIT-builds DeepSpeed's
+    shared-memory comm op, about a minute.)"""
+    recipe = tiny_recipe(tmp_path, fmnist_shards, train={"checkpoint_every": 2},
+                         distributed={"grad_clip": 1.0, "accumulation_steps": 2})  # fmt: skip
     path = write_recipe(tmp_path / "r.yaml", recipe)
-    launch = ["--use_deepspeed", "--zero_stage", "2", "--num_processes", "2", *ONE_NODE, "--main_process_port"]
-    accelerate_launch([*launch, str(free_port())], [str(path), "train.steps=3"])
+    config = ROOT / "launch" / "accelerate" / "deepspeed_zero2.yaml"
+    launch = ["--config_file", str(config), "--num_processes", "2", "--mixed_precision", "no", "--main_process_port"]
+    proc = accelerate_launch([*launch, str(free_port())], [str(path), "train.steps=3"])
+    assert "global batch 32" in proc.stdout, "8 per micro-step x 2 ranks x 2 micro-steps"
     out = tmp_path / "run"
     saved = checkpoint.complete_checkpoints(out)[-1]
     assert saved.name == "step_00000003" and (saved / "pytorch_model").is_dir(), "a DeepSpeed (ZeRO) checkpoint"
+    assert json.loads((saved / "data_rank0.json").read_text())["batches"] == 6, "2 micro-batches per step"
     proc = accelerate_launch([*launch, str(free_port())], [str(path), "train.steps=5"])
     assert "resumed from" in proc.stdout and "at step 3" in proc.stdout
     assert [r["step"] for r in read_metrics(out)] == [1, 2, 3, 4, 5]
@@ -144,3 +150,18 @@ def test_linear_lr_scaling_uses_the_global_batch(tmp_path, fmnist_shards):
                          distributed={"accumulation_steps": 2})  # fmt: skip
     out = run_steps(recipe, steps=2)
     assert [r["lr"] for r in read_metrics(out)] == pytest.approx([0.01 * 8 * 2 / 256] * 2), "the logged lr is effective"
+
+
+def test_the_deepspeed_config_takes_stage_and_offload_from_the_launch_unless_the_recipe_sets_them(tmp_path):
+    from framework.distributed import deepspeed_config
+    from framework.recipe import validate
+
+    def config(deepspeed=None, **env):
+        data = tiny_recipe(tmp_path, {"train": "x", "test": "x"}, distributed={"accumulation_steps": 4, "deepspeed": deepspeed})
+        return deepspeed_config(validate(data, check_data=False)[0], env={f"ACCELERATE_DEEPSPEED_{k}": v for k, v in env.items()})
+
+    ds = config(ZERO_STAGE="3", OFFLOAD_OPTIMIZER_DEVICE="cpu", OFFLOAD_PARAM_DEVICE="none")
+    assert ds["zero_optimization"] == {"stage": 3, "offload_optimizer": {"device": "cpu"}}
+    assert ds["train_micro_batch_size_per_gpu"] == 8 and ds["gradient_accumulation_steps"] == 4
+    assert config()["zero_optimization"] == {"stage": 2}, "ZeRO-2 when nothing says otherwise"
+    assert config({"zero_optimization": {"stage": 1}}, ZERO_STAGE="3")["zero_optimization"] == {"stage": 1}

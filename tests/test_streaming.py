@@ -98,7 +98,7 @@ def test_a_run_over_corrupt_shards_finishes_and_counts_the_planted_bad_records(t
 def test_two_processes_with_two_workers_each_see_every_key_exactly_once(tmp_path, fmnist_shards):
     import os
 
-    from tests.conftest import free_port
+    from framework.testing import free_port
 
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
