@@ -15,7 +15,7 @@ import torch
 from accelerate.utils import set_seed
 
 from framework import checkpoint
-from framework.data import StreamPosition, clean_x_view, make_loader
+from framework.data import StreamPosition, batch_to_device, clean_x_view, make_loader
 from framework.distributed import build_accelerator
 from framework.logging import RunLogger
 from framework.manager import PluginHooks
@@ -32,14 +32,24 @@ def effective_lr(cfg: TrainConfig, global_batch: int) -> float:
     return cfg.lr * global_batch / 256 if cfg.lr_scaling == "linear" else cfg.lr
 
 
-def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, lr: float | None = None) -> torch.optim.Optimizer:
-    """The recipe's optimizer over the trainable parameters, at `lr` (default `train.lr`)."""
+def build_optimizer(model: Model, recipe: Recipe, lr: float | None = None) -> torch.optim.Optimizer:
+    """The recipe's optimizer over the trainable parameters, at `lr` (default `train.lr`).
+
+    One param group per plugin: a plugin's `lr` (e.g. the online probe's) is scaled by the
+    same factor as `train.lr` (`lr / train.lr`), so `train.lr_scaling` moves every group alike.
+    """
+    cfg = recipe.train
     lr = cfg.lr if lr is None else lr
-    params = [p for p in model.parameters() if p.requires_grad]
+    groups = []
+    for name, modules in model.plugins.items():
+        own = getattr(recipe.plugins.get(name), "lr", None)
+        params = [p for p in modules.parameters() if p.requires_grad]
+        if params:
+            groups.append({"params": params, "lr": lr if own is None else own * lr / cfg.lr, "plugin": name})
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, nesterov=True, weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=True, weight_decay=cfg.weight_decay)
     opt = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
-    return opt(params, lr=lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    return opt(groups, lr=lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
@@ -77,7 +87,7 @@ def rng_isolated(batches: Iterable[dict]) -> Iterator[dict]:
 def train(recipe: Recipe, hooks: PluginHooks) -> Path:
     """Pretrain as the recipe says; returns the output folder. Resumes per `train.resume`."""
     cfg, out = recipe.train, Path(recipe.output_dir)
-    accelerator = build_accelerator(recipe, log_with=["tensorboard"])
+    accelerator = build_accelerator(recipe, log_with=list(cfg.log_with))
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         write_resolved(recipe, out / "recipe.yaml")
@@ -88,10 +98,11 @@ def train(recipe: Recipe, hooks: PluginHooks) -> Path:
     global_batch = recipe.data.batch_size * accelerator.num_processes * recipe.distributed.accumulation_steps
     lr = effective_lr(cfg, global_batch)
     accelerator.print(f"augssl: global batch {global_batch}, lr {lr:g} (train.lr_scaling={cfg.lr_scaling})")
-    optimizer = build_optimizer(model, cfg, lr)
+    optimizer = build_optimizer(model, recipe, lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    plugin_modules, weights = accelerator.unwrap_model(model).plugins, accelerator.unwrap_model(model).weights()
+    unwrapped = accelerator.unwrap_model(model)
+    plugin_modules, weights = unwrapped.plugins, unwrapped.weights()
 
     step, position = 0, StreamPosition()
     resume_from = checkpoint.find_resume(out, cfg.resume)
@@ -119,11 +130,10 @@ def train(recipe: Recipe, hooks: PluginHooks) -> Path:
     model.train()
     for batch in rng_isolated(loader):
         position.update(batch["cursor"])
-        views = {k: v.to(accelerator.device, non_blocking=True) for k, v in batch["views"].items()}
-        params = {k: v.to(accelerator.device, non_blocking=True) for k, v in batch["params"].items()}
-        labels = batch["label"].to(accelerator.device, non_blocking=True)
+        views, params, labels = batch_to_device(batch, accelerator.device)  # uint8 views normalised on device
+        preview = cfg.preview_every > 0 and (step + 1) % cfg.preview_every == 0
         with accelerator.accumulate(model):
-            terms, metrics = model(views, params, labels, step=step)
+            terms, metrics = model(views, params, labels, step=step, preview=preview)
             loss = weighted_total(terms, weights)
             # sync point: every rank must agree before backward whether this step is finite
             if accelerator.reduce(torch.isfinite(loss.detach()).float(), "min").item() < 1:
@@ -150,6 +160,8 @@ def train(recipe: Recipe, hooks: PluginHooks) -> Path:
         with torch.no_grad():
             hooks.on_train_step_end(plugin_modules, step, recipe)
         logger.advance()
+        if preview:
+            logger.preview(step, {**views, **unwrapped.preview_images}, recipe.data.mean, recipe.data.std)
         if step % cfg.log_every == 0 or step == cfg.steps:
             names = sorted(running)
             stats = torch.stack([running[n] for n in names] + [torch.tensor(float(c), device=accelerator.device)

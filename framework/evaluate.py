@@ -29,7 +29,7 @@ import torch
 from safetensors.torch import load_file
 
 from framework import checkpoint
-from framework.data import clean_x_view, make_loader
+from framework.data import batch_to_device, clean_x_view, make_loader
 from framework.model import Model
 from framework.recipe import Recipe, load_recipe
 
@@ -68,7 +68,7 @@ def extract(
     )  # fmt: skip
     feats, pixels, labels = [], [], []
     for batch in loader:  # inference only: no autograd graph, BatchNorm in eval mode
-        x = batch["views"]["x"]
+        x = batch_to_device(batch, "cpu")[0]["x"]
         if transform is not None:
             x = transform(x)
         feats.append(model.encode(x).h.float())

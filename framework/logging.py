@@ -46,6 +46,13 @@ class RunLogger:
             main_terms = {k: f"{v:.4g}" for k, v in values.items() if k in ("loss", "images/s") or k.count(".") == 1}
             self.bar.set_postfix(main_terms, refresh=False)
 
+    def preview(self, step: int, rows: dict[str, Any], mean: Any, std: Any) -> None:
+        """`<output_dir>/previews/step_<N>.png`: the views and the plugins' preview images."""
+        if self.main:
+            from framework.plots import save_preview
+
+            save_preview(self.path.parent / "previews" / f"step_{step:08d}.png", rows, mean, std)
+
     def advance(self, steps: int = 1) -> None:
         self.bar.update(steps)
 

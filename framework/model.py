@@ -26,6 +26,10 @@ class StepContext:
     `labels`: (B,) class labels, or -1 where unknown; only probes may use them.
     `metrics`: a plugin may put detached scalars here (`"<plugin>.<name>"`); they are
     logged, never optimised.
+    `preview`: True on the steps whose images the engine saves (`train.preview_every`);
+    then a plugin may put detached image batches (B, C, H, W), in the views' normalised
+    space, in `images` (`"<plugin>.<name>"`, e.g. a reconstruction): they are drawn
+    under the views in `<output_dir>/previews/step_<N>.png`.
     """
 
     def __init__(
@@ -37,10 +41,13 @@ class StepContext:
         params: dict[str, torch.Tensor],
         labels: torch.Tensor | None,
         step: int,
+        preview: bool = False,
     ) -> None:
         self.hooks, self.modules, self.config = hooks, modules, config
         self.views, self.params, self.labels, self.step = views, params, labels, step
+        self.preview = preview
         self.metrics: dict[str, torch.Tensor] = {}
+        self.images: dict[str, torch.Tensor] = {}
         self._encodings: dict[str, Encoding] = {}
 
     def encode(self, view: str) -> Encoding:
@@ -69,6 +76,7 @@ class Model(nn.Module):
         self.config = config
         built = hooks.build_modules(config)
         self.plugins = nn.ModuleDict({name: nn.ModuleDict(mods) for name, mods in built.items()})
+        self.preview_images: dict[str, torch.Tensor] = {}  # `ctx.images` of the last preview step
 
     def forward(
         self,
@@ -76,12 +84,15 @@ class Model(nn.Module):
         params: dict[str, torch.Tensor],
         labels: torch.Tensor | None = None,
         step: int = 0,
+        preview: bool = False,
     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        ctx = StepContext(self.hooks, self.plugins, self.config, views, params, labels, step)
+        ctx = StepContext(self.hooks, self.plugins, self.config, views, params, labels, step, preview)
         terms: dict[str, torch.Tensor] = {}
         for hook in (self.hooks.regularize, self.hooks.auxiliary_head):
             for plugin, plugin_terms in hook(self.plugins, ctx).items():
                 terms.update({f"{plugin}.{name}": value for name, value in plugin_terms.items()})
+        if preview:
+            self.preview_images = ctx.images
         return terms, ctx.metrics
 
     def encode(self, images: torch.Tensor) -> Encoding:

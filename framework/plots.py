@@ -1,4 +1,5 @@
-"""`augssl plot RUN`: one PNG of a run's loss terms and probe accuracy, from `metrics.jsonl`.
+"""Pictures of a run: `augssl plot RUN` (loss terms and probe accuracy from `metrics.jsonl`)
+and the engine's preview grids (views and reconstructions, `save_preview`).
 
 Left panel: `loss` and every loss term `<plugin>.<term>` (log scale when all are positive);
 right panel: accuracies (`*.acc`, e.g. the online probe's `probe.acc`) when logged.
@@ -6,7 +7,10 @@ right panel: accuracies (`*.acc`, e.g. the online probe's `probe.acc`) when logg
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
+
+import torch
 
 from framework.testing import read_metrics
 
@@ -43,3 +47,32 @@ def plot_metrics(output_dir: str | Path, out: str | Path | None = None) -> Path:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def save_preview(
+    path: str | Path, rows: dict[str, torch.Tensor], mean: Sequence[float], std: Sequence[float], n: int = 8
+) -> Path:
+    """One PNG grid: a labelled row per image batch (B, C, H, W) in `rows` (normalised with
+    `mean`/`std`, e.g. the clean view `x`, each augmented view, each reconstruction), `n` columns."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = {name: batch for name, batch in rows.items() if batch.dim() == 4}
+    n = min(n, *(len(b) for b in rows.values()))
+    fig, axes = plt.subplots(len(rows), n, figsize=(1.2 * n + 1.5, 1.2 * len(rows)), squeeze=False)
+    for r, (name, batch) in enumerate(rows.items()):
+        shape = (-1, 1, 1)
+        images = batch[:n].detach().float().cpu() * torch.tensor(std).view(shape) + torch.tensor(mean).view(shape)
+        for c in range(n):
+            ax = axes[r][c]
+            image = images[c].clamp(0, 1).permute(1, 2, 0).numpy()
+            ax.imshow(image[..., 0] if image.shape[-1] == 1 else image, cmap="gray", vmin=0, vmax=1)
+            ax.set_xticks([]), ax.set_yticks([])
+        axes[r][0].set_ylabel(name, rotation=0, ha="right", va="center", fontsize=8)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return Path(path)

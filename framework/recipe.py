@@ -9,6 +9,7 @@ raised before any process group, output folder or data worker exists.
 from __future__ import annotations
 
 import copy
+import importlib.util
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -64,6 +65,10 @@ class TrainConfig(Strict):
     seed: int = 0
     log_every: int = Field(50, gt=0)
     checkpoint_every: int = Field(1000, gt=0)
+    preview_every: int = Field(1000, ge=0)  # PNG of views and reconstructions every N steps; 0: never
+    # Accelerate trackers the logged metrics also go to (metrics.jsonl is always written);
+    # "wandb" needs `pip install wandb` (and WANDB_* settings, e.g. WANDB_MODE=offline).
+    log_with: list[Literal["tensorboard", "wandb"]] = ["tensorboard"]
     keep_checkpoints: int = Field(2, gt=0)
     resume: str = "auto"  # "auto" (newest complete checkpoint), "never", or a checkpoint path
     max_bad_steps: int = Field(10, gt=0)  # consecutive non-finite steps before stopping
@@ -252,6 +257,9 @@ def validate(
     recipe.plugins = validated
     if len(recipe.data.mean) != recipe.data.channels or len(recipe.data.std) != recipe.data.channels:
         raise RecipeError(f"data.mean/data.std: need {recipe.data.channels} values (data.channels)")
+    for tracker in recipe.train.log_with:
+        if importlib.util.find_spec(tracker) is None:
+            raise RecipeError(f"train.log_with: {tracker} is not installed (pip install {tracker})")
     if check_data:
         check_shards("data.train", recipe.data.train)
         for key in ("train", "test"):

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class Strict(BaseModel):
@@ -24,10 +24,13 @@ class PluginConfig(Strict):
     """Base of every plugin's recipe section (`plugins.<name>:`).
 
     `weight` multiplies every loss term the plugin returns (`total = sum(weight * term)`).
+    `lr`, when set, is the learning rate of the plugin's own modules (their own optimizer
+    param group, scaled and scheduled like `train.lr`); unset, they train at `train.lr`.
     Subclass it and return the subclass from the plugin's `config_schema` hook.
     """
 
     weight: float = 1.0
+    lr: float | None = Field(None, gt=0)
 
 
 @dataclass(frozen=True)

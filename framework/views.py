@@ -6,7 +6,8 @@ lambda or closure. Randomness comes from torch's RNG only: ``torch.manual_seed``
 views reproducible.
 
 * Base views (`clean_view`, `simclr_view`, `crvae_affine_view`) take a PIL image and
-  return a normalised float32 tensor (C, H, W).
+  return a normalised float32 tensor (C, H, W); their last step, `Normalize`, is deferred
+  by the streaming pipeline to the training device (uint8 crosses processes).
 * Derived views (`AffineWithParams`) take another view's normalised tensor and return
   ``(tensor, params)``, ``params`` a 1-D float32 tensor.
 """
@@ -57,14 +58,34 @@ def _check_stats(mean: Sequence[float], std: Sequence[float], channels: int) -> 
         raise ValueError(f"mean/std need {channels} values, got {len(mean)}/{len(std)}")
 
 
-def _finish(mean: Sequence[float], std: Sequence[float]) -> list[v2.Transform]:
-    """PIL -> float32 tensor in [0, 1] -> normalised."""
-    return [
-        v2.ToImage(),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(mean=list(mean), std=list(std)),
-        v2.ToPureTensor(),
-    ]
+class Normalize:
+    """uint8 image tensor (..., C, H, W) -> float32 `(x / 255 - mean) / std`.
+
+    The last step of every base view. The streaming pipeline runs everything before it in
+    the data workers and applies it to the whole batch on the training device
+    (`framework.data.batch_to_device`): a uint8 batch crosses processes and the host-device
+    link at a quarter of the float32 size, and the arithmetic runs where it is cheapest.
+    Called directly, a view still returns the normalised float32 tensor.
+    """
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        self.mean, self.std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
+
+    def __call__(self, images: Tensor) -> Tensor:
+        if images.dtype != torch.uint8:
+            raise TypeError(f"Normalize expects uint8 images, got {images.dtype}")
+        shape = (-1, 1, 1)
+        mean = torch.tensor(self.mean, device=images.device).view(shape)
+        std = torch.tensor(self.std, device=images.device).view(shape)
+        return images.float().div_(255).sub_(mean).div_(std)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(mean={list(self.mean)}, std={list(self.std)})"
+
+
+def _finish(mean: Sequence[float], std: Sequence[float]) -> list:
+    """PIL -> uint8 tensor (C, H, W) -> normalised float32 (the deferrable last step)."""
+    return [v2.ToImage(), v2.ToPureTensor(), Normalize(mean, std)]
 
 
 def clean_view(
@@ -200,6 +221,7 @@ class AffineWithParams:
     Components not in ``components`` are held at identity (angle 0, t 0, scale 1, shear 0).
     """
 
+    accepts_uint8 = True  # also works on the pipeline's un-normalised uint8 images (black = 0)
     MAX_ANGLE = 90.0
     MAX_TRANSLATE = 0.25
     SCALE_RANGE = (0.7, 1.3)
@@ -257,7 +279,7 @@ class AffineWithParams:
             scale=params.scale,
             shear=[params.shear_x, params.shear_y],
             interpolation=InterpolationMode.BILINEAR,
-            fill=self.fill,
+            fill=0 if img.dtype == torch.uint8 else self.fill,  # black either way
         )
         return out, target
 

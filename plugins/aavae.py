@@ -39,7 +39,7 @@ import torch
 
 from framework import PluginConfig, View, hookimpl
 from framework.views import simclr_view
-from plugins.vae_terms import reconstruction_nll
+from plugins.vae_terms import reconstruction_term
 
 NAME = "aavae"
 VIEW = f"{NAME}.aug"
@@ -78,10 +78,7 @@ def regularize(ctx) -> dict[str, torch.Tensor]:
     enc = ctx.encode(VIEW)
     if enc.z is None:
         raise ValueError("the encoder has no VAE head: set plugins.backbones.latent_dim")
-    x_hat = ctx.decode(enc)
-    recon = reconstruction_nll(
-        x_hat, ctx.views["x"], cfg.likelihood, ctx.config.data.mean, ctx.config.data.std
-    )
+    recon = reconstruction_term(ctx, enc, ctx.views["x"], cfg.likelihood, f"{NAME}.recon")
     if enc.logvar is not None:
         ctx.metrics[f"{NAME}.logvar_mean"] = enc.logvar.detach().mean()
     return {"recon": recon}

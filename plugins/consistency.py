@@ -49,7 +49,7 @@ from torchvision.transforms import v2
 
 from framework import Encoding, PluginConfig, View, hookimpl
 from framework.views import crvae_affine_view
-from plugins.vae_terms import kl_gaussians, kl_standard_normal, reconstruction_nll
+from plugins.vae_terms import kl_gaussians, kl_standard_normal, reconstruction_term
 
 NAME = "consistency"
 VIEW = f"{NAME}.t"
@@ -119,18 +119,15 @@ def _posterior(enc: Encoding) -> Encoding:
 @hookimpl
 def regularize(ctx) -> dict[str, torch.Tensor]:
     cfg: ConsistencyConfig = ctx.config.plugins[NAME]
-    plugins, data = ctx.config.plugins, ctx.config.data
+    plugins = ctx.config.plugins
     likelihood = likelihood_of(cfg, plugins)
     enc_x, enc_t = _posterior(ctx.encode("x")), _posterior(ctx.encode(VIEW))
 
-    def recon(enc: Encoding, target: torch.Tensor) -> torch.Tensor:
-        return reconstruction_nll(ctx.decode(enc), target, likelihood, data.mean, data.std)
-
     terms: dict[str, torch.Tensor] = {}
     if adds_elbo_x(cfg, plugins):
-        terms["recon_x"] = recon(enc_x, ctx.views["x"])
+        terms["recon_x"] = reconstruction_term(ctx, enc_x, ctx.views["x"], likelihood, f"{NAME}.recon_x")
         terms["kl_x"] = cfg.beta1 * kl_standard_normal(enc_x.mu, enc_x.logvar)
-    terms["recon_t"] = recon(enc_t, ctx.views[VIEW])
+    terms["recon_t"] = reconstruction_term(ctx, enc_t, ctx.views[VIEW], likelihood, f"{NAME}.recon_t")
     terms["kl_t"] = cfg.beta2 * kl_standard_normal(enc_t.mu, enc_t.logvar)
     kl = kl_gaussians(enc_t.mu, enc_t.logvar, enc_x.mu, enc_x.logvar)
     ctx.metrics[f"{NAME}.kl_unweighted"] = kl.detach()

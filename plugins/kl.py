@@ -13,7 +13,7 @@ import torch
 from pydantic import Field
 
 from framework import PluginConfig, hookimpl
-from plugins.vae_terms import kl_standard_normal, reconstruction_nll
+from plugins.vae_terms import kl_standard_normal, reconstruction_term
 
 NAME = "kl"
 
@@ -45,7 +45,7 @@ def regularize(ctx) -> dict[str, torch.Tensor]:
     enc = ctx.encode("x")
     if enc.mu is None:
         raise ValueError("the encoder has no VAE head: set plugins.backbones.latent_dim")
-    recon = reconstruction_nll(ctx.decode(enc), ctx.views["x"], cfg.likelihood, ctx.config.data.mean, ctx.config.data.std)
+    recon = reconstruction_term(ctx, enc, ctx.views["x"], cfg.likelihood, f"{NAME}.recon")
     kl = kl_standard_normal(enc.mu, enc.logvar)
     ctx.metrics["kl.kl_unweighted"] = kl.detach()
     return {"recon": recon, "kl": beta_at(ctx.step, cfg) * kl}

@@ -9,10 +9,9 @@ batch is logged as `probe.acc` (a metric, not optimised).
 Labels < 0 mean "unlabelled" and are ignored; a batch with no labels gives a zero
 term (still connected to the probe's weights, so DDP sees every parameter used).
 
-Learning rate: METHODS.md trains the online probe with Adam at lr 1e-4. The engine has
-one optimizer with one lr for every parameter, so the probe's effective lr is the
-run's `train.lr` (and its optimizer); `weight` scales its gradient, which for Adam
-hardly changes the step size. A per-plugin lr would need an engine change.
+Learning rate: METHODS.md trains the online probe with Adam at lr 1e-4: set
+`plugins.probe.lr: 1.0e-4` (every plugin's `lr` gives its modules their own optimizer param
+group, scaled and scheduled like `train.lr`); unset, the probe trains at the run's `train.lr`.
 """
 
 from __future__ import annotations

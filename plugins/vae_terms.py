@@ -31,6 +31,20 @@ def reconstruction_nll(
     return bernoulli_nll(x_hat, target.clamp(0, 1))
 
 
+def reconstruction_term(ctx, enc, target: torch.Tensor, likelihood: str, image: str) -> torch.Tensor:
+    """Decode `enc` and return -log p(target | z); on preview steps keep the reconstruction as
+    `ctx.images[image]` (normalised like the views: Bernoulli logits go through a sigmoid)."""
+    x_hat = ctx.decode(enc)
+    data = ctx.config.data
+    if ctx.preview:
+        shown = x_hat.detach()
+        if likelihood == "bernoulli":
+            shape = (1, -1, 1, 1)
+            shown = (torch.sigmoid(shown) - shown.new_tensor(data.mean).view(shape)) / shown.new_tensor(data.std).view(shape)
+        ctx.images[image] = shown
+    return reconstruction_nll(x_hat, target, likelihood, data.mean, data.std)
+
+
 def _std(logvar: torch.Tensor) -> torch.Tensor:
     return torch.exp(logvar / 2) + 1e-6  # the posterior's std, as the backbone samples with it
 

@@ -77,7 +77,7 @@ def test_target_is_a_frozen_separate_copy_excluded_from_the_optimizer(tmp_path, 
         id(p) for p in online.parameters()
     )
     optimized = {
-        id(p) for group in build_optimizer(model, cfg.train).param_groups for p in group["params"]
+        id(p) for group in build_optimizer(model, cfg).param_groups for p in group["params"]
     }
     assert optimized.isdisjoint(id(p) for p in target.parameters())
     assert {id(p) for p in model.plugins["byol"]["predictor"].parameters()} <= optimized

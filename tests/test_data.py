@@ -10,7 +10,16 @@ from itertools import islice
 import pytest
 import torch
 
-from framework.data import Cursor, StreamPosition, make_loader, write_shards
+from framework.data import (
+    Cursor,
+    SampleToViews,
+    StreamPosition,
+    batch_to_device,
+    encode_image,
+    make_loader,
+    split_normalize,
+    write_shards,
+)
 from framework.sources import fashion_mnist
 from framework.types import View
 from framework.views import FASHION_MNIST_STATS, clean_view
@@ -30,10 +39,30 @@ def test_write_shards_round_trips_images_labels_and_manifest(tmp_path):
     assert json.loads((tmp_path / "t.json").read_text()) == info
     loader = make_loader(info["pattern"], X, channels=1, batch_size=7, num_workers=0, shardshuffle=False, epochs=1)
     batches = list(loader)
-    got = torch.cat([b["views"]["x"] for b in batches])
+    assert batches[0]["views"]["x"].dtype == torch.uint8, "normalisation is deferred to the device"
+    got = torch.cat([batch_to_device(b, "cpu")[0]["x"] for b in batches])
     labels = torch.cat([b["label"] for b in batches])
     expect = torch.stack([X["x"].transform(s.image) for s in samples])
     assert torch.equal(got, expect) and labels.tolist() == [s.label for s in samples]
+
+
+def test_a_derived_view_gets_uint8_only_if_it_says_it_accepts_it():
+    from framework.views import AffineWithParams, Normalize
+
+    class Plain:  # a third-party derived view that expects the normalised tensor
+        def __call__(self, x):
+            assert x.dtype == torch.float32
+            return x
+
+    stats = FASHION_MNIST_STATS
+    views = {**X, "aff": View(AffineWithParams(*stats), source="x"), "plain": View(Plain(), source="x")}
+    worker, deferred = split_normalize(views)
+    assert set(deferred) == {"x", "aff"} and isinstance(deferred["x"], Normalize)
+    sample = SampleToViews(views, channels=1)(
+        {"__key__": "k", "png": encode_image(next(fashion_mnist(split="test")).image), "cls": b"3"}
+    )
+    assert sample["views"]["x"].dtype == sample["views"]["aff"].dtype == torch.uint8
+    assert sample["views"]["plain"].dtype == torch.float32
 
 
 @pytest.mark.parametrize("world_size, num_workers", [(1, 3), (2, 2)])

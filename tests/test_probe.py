@@ -80,3 +80,16 @@ def test_probe_above_chance_on_fashion_mnist(tmp_path, fmnist_shards):
     assert all("probe.ce" in r and "probe.acc" in r for r in records)
     assert records[-1]["probe.acc"] > 0.3  # 10 classes: chance is 0.1
     assert records[-1]["probe.ce"] < records[0]["probe.ce"]
+
+
+def test_a_plugin_lr_gives_its_modules_their_own_param_group(tmp_path, fmnist_shards):
+    from framework.engine import build_optimizer
+
+    cfg, hooks = _config(tmp_path, fmnist_shards, lr=1e-4)
+    model = Model(hooks, cfg)
+    groups = {g["plugin"]: g for g in build_optimizer(model, cfg, lr=2 * cfg.train.lr).param_groups}
+    assert groups["probe"]["lr"] == 2e-4, "scaled like train.lr (here x2)"
+    assert groups["backbones"]["lr"] == 2 * cfg.train.lr
+    assert {id(p) for p in groups["probe"]["params"]} == {id(p) for p in model.plugins["probe"].parameters()}
+    out = run_steps(tiny_recipe(tmp_path, fmnist_shards, plugins={"backbones": CONV28, "probe": {"lr": 1e-4}}), steps=2)
+    assert "probe.acc" in read_metrics(out)[-1]

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from framework.cli import main
-from framework.recipe import RecipeError, apply_overrides, deep_merge, load_recipe
+from framework.recipe import RecipeError, apply_overrides, deep_merge, load_recipe, validate
 from framework.testing import tiny_recipe, write_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -152,3 +152,14 @@ def test_launch_script_rejects_a_bad_recipe_in_a_fresh_process(tmp_path, fmnist_
         "unable to parse string as a number (got 'high')"
     ]
     assert not (tmp_path / "run").exists()
+
+
+def test_a_tracker_that_is_not_installed_is_a_one_line_error_before_anything_starts(tmp_path, fmnist_shards):
+    import importlib.util
+
+    recipe = tiny_recipe(tmp_path, fmnist_shards, train={"log_with": ["tensorboard", "wandb"]})
+    if importlib.util.find_spec("wandb") is not None:
+        pytest.skip("wandb is installed here")
+    with pytest.raises(RecipeError, match=r"^train.log_with: wandb is not installed \(pip install wandb\)$"):
+        validate(recipe, check_data=False)
+    assert validate(tiny_recipe(tmp_path, fmnist_shards), check_data=False)[0].train.log_with == ["tensorboard"]
