@@ -131,7 +131,7 @@ def _ordered(views: dict[str, View]) -> list[tuple[str, View]]:
     return list(done.items())
 
 
-def split_normalize(views: dict[str, View]) -> tuple[list[tuple[str, Any]], dict[str, Normalize]]:
+def split_normalize(views: dict[str, View]) -> tuple[list[tuple[str, Any, str | None]], dict[str, Normalize]]:
     """Each view's worker-side transform (in dependency order) and the `Normalize` deferred to the device.
 
     A view whose transform is a `v2.Compose` ending in `Normalize` runs without it in the
