@@ -38,7 +38,8 @@ def train_main(argv: Sequence[str]) -> None:
 
 def eval_main(argv: Sequence[str]) -> None:
     """`eval OUTPUT_DIR [OUTPUT_DIR ...] [--protocol fast|linear|knn|all]`: classifiers on runs' frozen
-    encoders beside the same classifiers on raw pixels; writes each run's eval.json."""
+    encoders beside the same classifiers on raw pixels; writes each run's eval.json. Under
+    `accelerate launch`, the processes share the feature extraction."""
     parser = argparse.ArgumentParser(prog="augssl eval", description=eval_main.__doc__)
     parser.add_argument("output_dirs", nargs="+", metavar="output_dir")
     parser.add_argument("--checkpoint", default=None, help="a checkpoint folder (one run only; default: newest)")
@@ -71,6 +72,10 @@ def eval_main(argv: Sequence[str]) -> None:
         if i == 0:
             rows.append(("raw pixels", result["pixel_dim"], result["raw_pixels_accuracies"], "-"))
         rows.append((out, result["feature_dim"], result["accuracies"], f"{result['seconds']} s"))
+    from framework.distributed import process_state
+
+    if not process_state().is_main_process:
+        return  # under `accelerate launch`: every rank computed the same table
     title = "linear probe" if protocols == ["fast"] else "frozen-feature classifiers"
     print(f"\n{title}, test accuracy ({result['train_samples']} train / {result['test_samples']} test images)")
     for p, desc in result["protocol"].items():

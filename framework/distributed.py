@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 if TYPE_CHECKING:
-    from accelerate import Accelerator
+    from accelerate import Accelerator, PartialState
 
     from framework.recipe import Recipe
 
@@ -91,6 +91,14 @@ def cpu_only_multiprocess() -> bool:
     CPU-only `accelerate launch --multi_gpu` silently runs N independent processes.
     """
     return int(os.environ.get("WORLD_SIZE", 1)) > 1 and not torch.cuda.is_available()
+
+
+def process_state() -> PartialState:
+    """This process's place in the launch outside training (evaluation): its rank, the number of
+    processes, its device. Inside a run it is the Accelerator's own state."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=cpu_only_multiprocess())
 
 
 def build_accelerator(recipe: Recipe, log_with: list[str] | None = None) -> Accelerator:

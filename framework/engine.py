@@ -17,6 +17,7 @@ from accelerate.utils import set_seed
 from framework import checkpoint
 from framework.data import StreamPosition, batch_to_device, clean_x_view, make_loader
 from framework.distributed import build_accelerator
+from framework.evaluate import online_knn
 from framework.logging import RunLogger
 from framework.manager import PluginHooks
 from framework.model import Model, weighted_total
@@ -181,6 +182,8 @@ def train(recipe: Recipe, hooks: PluginHooks) -> Path:
             if seen and bad / seen > recipe.data.max_bad_fraction:
                 raise TrainingError(f"data: {int(bad)} of {int(seen)} records were bad (> data.max_bad_fraction="
                                     f"{recipe.data.max_bad_fraction}); last: {position.last_bad}")  # fmt: skip
+        if recipe.eval.knn_every and step % recipe.eval.knn_every == 0:
+            logger.log(step, online_knn(unwrapped, recipe))  # collective: every rank extracts a share
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
             checkpoint.save(accelerator, recipe, step, position)
         if step >= cfg.steps:

@@ -14,6 +14,11 @@ Protocols (`augssl eval --protocol`):
 
 Each classifier is also fitted on the raw pixels of the clean view, so the report shows
 what pretraining bought. Results go to `<output_dir>/eval.json`.
+
+Distributed: `accelerate launch launch/evaluate.py RUN` splits feature extraction over the
+processes (the expensive part) and gathers the features on every rank, sorted by sample key,
+so N processes report what one process reports. `online_knn` is the same k-NN, on a capped
+subset, called by the engine every `eval.knn_every` steps.
 """
 
 from __future__ import annotations
@@ -26,10 +31,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate.utils import gather, gather_object, pad_across_processes
 from safetensors.torch import load_file
 
 from framework import checkpoint
 from framework.data import batch_to_device, clean_x_view, make_loader
+from framework.distributed import process_state
 from framework.model import Model
 from framework.recipe import Recipe, load_recipe
 
@@ -45,7 +52,7 @@ def crop_and_flip(x: torch.Tensor, pad: int = 4, generator: torch.Generator | No
     padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
     dy = torch.randint(0, 2 * pad + 1, (b,), generator=generator)
     dx = torch.randint(0, 2 * pad + 1, (b,), generator=generator)
-    flip = torch.rand(b, generator=generator) < 0.5
+    flip = (torch.rand(b, generator=generator) < 0.5).to(x.device)
     out = torch.stack([padded[i, :, dy[i] : dy[i] + h, dx[i] : dx[i] + w] for i in range(b)])
     out[flip] = out[flip].flip(-1)
     return out
@@ -54,27 +61,53 @@ def crop_and_flip(x: torch.Tensor, pad: int = 4, generator: torch.Generator | No
 @torch.no_grad()
 def extract(
     model: Model, spec: str, recipe: Recipe, batch_size: int, num_workers: int = 2,
-    transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    transform: Callable[[torch.Tensor], torch.Tensor] | None = None, max_samples: int | None = None,
 ) -> dict[str, torch.Tensor]:  # fmt: skip
-    """Pooled features `h`, raw pixels of the clean view, and labels of every sample in `spec` (one pass).
+    """Pooled features `h`, raw pixels of the clean view, and labels of the samples in `spec`, sorted
+    by sample key, on this process's device.
 
-    `transform` (e.g. `crop_and_flip`) is applied to each batch of the clean view before encoding.
+    Distributed: each rank encodes its share of the shards (split like training's) and every rank
+    receives all of them, so a run on N processes extracts N times faster and fits the same
+    classifier as one process. `max_samples` caps the samples (the first of each rank's share; the
+    shard order is fixed, so the subset is the same every call). `transform` (e.g. `crop_and_flip`)
+    is applied to each batch of the clean view before encoding.
     """
+    state = process_state()
     d = recipe.data
-    views = {"x": clean_x_view(d)}
     loader = make_loader(
-        spec, views, channels=d.channels, batch_size=batch_size, num_workers=num_workers,
-        shardshuffle=False, shuffle_buffer=0, epochs=1,
+        spec, {"x": clean_x_view(d)}, channels=d.channels, batch_size=batch_size, num_workers=num_workers,
+        rank=state.process_index, world_size=state.num_processes, shardshuffle=False, shuffle_buffer=0, epochs=1,
     )  # fmt: skip
-    feats, pixels, labels = [], [], []
-    for batch in loader:  # inference only: no autograd graph, BatchNorm in eval mode
-        x = batch_to_device(batch, "cpu")[0]["x"]
+    cap = None if max_samples is None else math.ceil(max_samples / state.num_processes)
+    dtype = next(model.parameters()).dtype  # bf16 under DeepSpeed's bf16 mode
+    parts: dict[str, list] = {"features": [], "pixels": [], "labels": [], "keys": []}
+    for batch in loader:  # inference only: no autograd graph, BatchNorm in eval mode (the caller's)
+        x = batch_to_device(batch, state.device)[0]["x"]
         if transform is not None:
             x = transform(x)
-        feats.append(model.encode(x).h.float())
-        pixels.append(x.flatten(1))
-        labels.append(batch["label"])
-    return {"features": torch.cat(feats), "pixels": torch.cat(pixels), "labels": torch.cat(labels)}
+        parts["features"].append(model.encode(x.to(dtype)).h.float())
+        parts["pixels"].append(x.flatten(1).float())
+        parts["labels"].append(batch["label"].to(state.device))
+        parts["keys"] += batch["key"]
+        if cap is not None and len(parts["keys"]) >= cap:
+            break
+    n = len(parts["keys"]) if cap is None else min(cap, len(parts["keys"]))
+    local = {k: torch.cat(v)[:n] for k, v in parts.items() if k != "keys"}
+    return _gather_sorted(local, parts["keys"][:n], state)
+
+
+def _gather_sorted(local: dict[str, torch.Tensor], keys: list[str], state: Any) -> dict[str, torch.Tensor]:
+    """Every rank's rows, concatenated on every rank and sorted by sample key (an order that does
+    not depend on the number of processes or loader workers)."""
+    if state.num_processes > 1:
+        counts = gather(torch.tensor([len(keys)], device=state.device)).tolist()
+        keys = gather_object(keys)
+        for name, t in local.items():
+            padded = gather(pad_across_processes(t, dim=0))  # (num_processes * longest, ...)
+            rows = padded.shape[0] // state.num_processes
+            local[name] = torch.cat([padded[r * rows : r * rows + c] for r, c in enumerate(counts)])
+    order = torch.tensor(sorted(range(len(keys)), key=keys.__getitem__), device=state.device)
+    return {name: t[order] for name, t in local.items()}
 
 
 def fit_linear(
@@ -85,7 +118,7 @@ def fit_linear(
     mean, std = train_x.mean(0), train_x.std(0).clamp_min(1e-6)
     train_x, test_x = (train_x - mean) / std, (test_x - mean) / std
     classes = int(max(train_y.max(), test_y.max())) + 1
-    linear = torch.nn.Linear(train_x.shape[1], classes)
+    linear = torch.nn.Linear(train_x.shape[1], classes).to(train_x.device)
     opt = torch.optim.LBFGS(linear.parameters(), lr=1, max_iter=iters, line_search_fn="strong_wolfe")
 
     def closure() -> torch.Tensor:
@@ -114,7 +147,7 @@ def fit_sgd_linear(
     g = torch.Generator().manual_seed(seed)
     mean, std = train_x.mean(0), train_x.std(0).clamp_min(1e-6)
     classes = int(max(train_y.max(), test_y.max())) + 1
-    linear = torch.nn.Linear(train_x.shape[1], classes)
+    linear = torch.nn.Linear(train_x.shape[1], classes).to(train_x.device)
     lr = 0.1 * batch_size / 256 if lr is None else lr
     opt = torch.optim.SGD(linear.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)
     steps_per_epoch = math.ceil(len(train_y) / batch_size)
@@ -122,7 +155,7 @@ def fit_sgd_linear(
     for epoch in range(epochs):
         if reextract is not None and epoch > 0:
             train_x, train_y = reextract(epoch)
-        order = torch.randperm(len(train_y), generator=g)
+        order = torch.randperm(len(train_y), generator=g).to(train_x.device)
         for i in range(0, len(order), batch_size):
             idx = order[i : i + batch_size]
             loss = torch.nn.functional.cross_entropy(linear((train_x[idx] - mean) / std), train_y[idx])
@@ -148,9 +181,23 @@ def knn_accuracy(
     correct = 0
     for i in range(0, len(test_y), chunk):
         sim, idx = (test_x[i : i + chunk] @ train_x.T).topk(k, dim=1)
-        votes = torch.zeros(len(sim), classes).scatter_add_(1, train_y[idx], (sim / temperature).exp())
+        votes = torch.zeros(len(sim), classes, device=sim.device).scatter_add_(1, train_y[idx], (sim / temperature).exp())
         correct += (votes.argmax(1) == test_y[i : i + chunk]).sum().item()
     return correct / len(test_y)
+
+
+def online_knn(model: Model, recipe: Recipe) -> dict[str, float]:
+    """`knn.acc`: the k-NN probe of the encoder as it is now, on at most `eval.knn_samples`
+    train and test samples. The engine calls it every `eval.knn_every` steps on every rank (the
+    features are gathered); the global RNG and the model's train/eval mode are left as they were.
+    """
+    e, was_training = recipe.eval, model.training
+    model.eval()
+    with torch.random.fork_rng(devices=[]):  # the loader draws seeds: keep a resumed run's noise exact
+        train = extract(model, e.train, recipe, e.batch_size, recipe.data.num_workers, max_samples=e.knn_samples)
+        test = extract(model, e.test, recipe, e.batch_size, recipe.data.num_workers, max_samples=e.knn_samples)
+    model.train(was_training)
+    return {"knn.acc": knn_accuracy(train["features"], train["labels"], test["features"], test["labels"])}
 
 
 def load_run(output_dir: str | Path, ckpt: str | Path | None = None) -> tuple[Model, Recipe, Path]:
@@ -172,6 +219,9 @@ def evaluate(
 ) -> dict[str, Any]:  # fmt: skip
     """Classifiers on frozen features (and, with `baseline`, on raw pixels); writes and returns `eval.json`.
 
+    Under `accelerate launch` every rank extracts its share of the features (see `extract`) and
+    fits the same classifiers on all of them, on its device; the main process writes the JSON.
+
     `accuracies[protocol]` (and `raw_pixels_accuracies`) hold each protocol's test accuracy;
     `accuracy` / `raw_pixels_accuracy` repeat the first protocol's, for older readers.
     """
@@ -180,6 +230,7 @@ def evaluate(
         raise ValueError(f"protocols {sorted(unknown) or '[]'}: choose from {', '.join(PROTOCOLS)}")
     start = time.perf_counter()
     model, recipe, path = load_run(output_dir, ckpt)
+    model.to(process_state().device)
     if not (recipe.eval.train and recipe.eval.test):
         raise ValueError(f"{path}/recipe.yaml: eval.train and eval.test (labelled shards) are needed")
     torch.manual_seed(0)
@@ -223,5 +274,6 @@ def evaluate(
         result["raw_pixels_accuracies"] = {p: fit(p, "pixels") for p in protocols}
         result["raw_pixels_accuracy"] = result["raw_pixels_accuracies"][protocols[0]]
     result["seconds"] = round(time.perf_counter() - start, 1)
-    (Path(output_dir) / "eval.json").write_text(json.dumps(result, indent=1))
+    if process_state().is_main_process:
+        (Path(output_dir) / "eval.json").write_text(json.dumps(result, indent=1))
     return result

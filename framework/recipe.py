@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 import yaml
 from braceexpand import braceexpand
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from framework.manager import PluginError, PluginHooks
 from framework.types import PluginConfig, Strict
@@ -92,11 +92,19 @@ class DistributedConfig(Strict):
 
 
 class EvalConfig(Strict):
-    """Labelled shards for the linear evaluation of the frozen encoder."""
+    """Labelled shards for evaluating the frozen encoder (`augssl eval`, and the online k-NN)."""
 
     train: str | None = None
     test: str | None = None
     batch_size: int = Field(256, gt=0)
+    knn_every: int = Field(0, ge=0)  # k-NN accuracy (`knn.acc`) every N steps while training; 0: never
+    knn_samples: int | None = Field(10000, gt=0)  # at most this many train and test samples for it; null: all
+
+    @model_validator(mode="after")
+    def _knn_needs_shards(self) -> EvalConfig:
+        if self.knn_every and not (self.train and self.test):
+            raise ValueError("eval.knn_every needs eval.train and eval.test (labelled shards)")
+        return self
 
 
 class Recipe(Strict):

@@ -3,15 +3,25 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from framework.cli import eval_main
-from framework.evaluate import crop_and_flip, fit_linear, fit_sgd_linear, knn_accuracy
-from framework.testing import run_steps, tiny_recipe
+from framework.evaluate import (
+    crop_and_flip,
+    extract,
+    fit_linear,
+    fit_sgd_linear,
+    knn_accuracy,
+    load_run,
+)
+from framework.recipe import RecipeError, validate
+from framework.testing import free_port, read_metrics, run_steps, tiny_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -97,3 +107,62 @@ def test_eval_all_protocols(tmp_path, fmnist_shards, capsys):
     assert result["dataset"] == {"train": fmnist_shards["train"], "test": fmnist_shards["test"]}
     assert result["raw_pixels_accuracies"]["knn"] > 0.4  # real images: above chance (0.1)
     assert all(0 < acc <= 1 for acc in result["accuracies"].values())
+
+
+def _launch_two(script: str, *args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(free_port()), str(ROOT / script), *args]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+@pytest.mark.slow
+def test_two_processes_extract_the_same_features_as_one(tmp_path, fmnist_shards):
+    """Each rank encodes half of the shards; every rank gets all features, in sample-key order."""
+    out = run_steps(tiny_recipe(tmp_path, fmnist_shards, train={"checkpoint_every": 2}), steps=2)
+    _launch_two("tests/dist_extract.py", str(out), str(tmp_path / "two.pt"))
+    two = torch.load(tmp_path / "two.pt")
+    model, recipe, _ = load_run(out)
+    one = extract(model, recipe.eval.train, recipe, batch_size=64, num_workers=0)
+    assert len(two["train"]["labels"]) == len(one["labels"]) == 192
+    assert torch.equal(two["train"]["labels"], one["labels"]) and torch.equal(two["train"]["pixels"], one["pixels"])
+    assert torch.allclose(two["train"]["features"], one["features"], atol=1e-5)
+    # max_samples: the first 20 of each rank's share, 40 in all
+    assert len(two["capped"]["labels"]) == 40
+
+
+@pytest.mark.slow
+def test_eval_under_accelerate_launch_matches_one_process(tmp_path, fmnist_shards):
+    out = run_steps(tiny_recipe(tmp_path, fmnist_shards, train={"checkpoint_every": 2}), steps=2)
+    eval_main([str(out), "--protocol", "all", "--epochs", "3"])
+    one = json.loads((out / "eval.json").read_text())
+    proc = _launch_two("launch/evaluate.py", str(out), "--protocol", "all", "--epochs", "3")
+    assert proc.stdout.count("frozen-feature classifiers, test accuracy (192 train / 96 test images)") == 1
+    two = json.loads((out / "eval.json").read_text())
+    for p in ("fast", "linear", "knn"):  # same features, same order: at most one test image (1/96) apart
+        assert abs(two["accuracies"][p] - one["accuracies"][p]) <= 1 / 96 + 1e-9, p
+        assert abs(two["raw_pixels_accuracies"][p] - one["raw_pixels_accuracies"][p]) <= 1 / 96 + 1e-9, p
+
+
+def test_online_knn_is_logged_and_leaves_training_unchanged(tmp_path, fmnist_shards):
+    plain = run_steps(tiny_recipe(tmp_path / "a", fmnist_shards), steps=4)
+    knn = run_steps(tiny_recipe(tmp_path / "b", fmnist_shards, eval={"knn_every": 2, "knn_samples": 64}), steps=4)
+    records = read_metrics(knn)
+    accs = [(r["step"], r["knn.acc"]) for r in records if "knn.acc" in r]
+    assert [s for s, _ in accs] == [2, 4]
+    model, recipe, _ = load_run(knn)  # the step-4 checkpoint: the same k-NN, computed offline
+    train, test = (extract(model, spec, recipe, 64, 0, max_samples=64) for spec in (recipe.eval.train, recipe.eval.test))
+    assert len(train["labels"]) == len(test["labels"]) == 64
+    assert abs(accs[-1][1] - knn_accuracy(train["features"], train["labels"], test["features"], test["labels"])) < 1e-6
+    losses = [r["loss"] for r in read_metrics(plain)]
+    assert [r["loss"] for r in records if "loss" in r] == losses  # same RNG, same batches, same mode
+
+
+def test_online_knn_needs_eval_shards(tmp_path, fmnist_shards):
+    recipe = tiny_recipe(tmp_path, fmnist_shards, eval={"knn_every": 5})
+    del recipe["eval"]["test"]
+    with pytest.raises(RecipeError, match="eval.knn_every needs eval.train and eval.test"):
+        validate(recipe)
