@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from framework.testing import read_metrics
+from framework.views import denormalize
 
 SKIP = {"step", "lr", "images/s", "data.bad_records", "skipped_steps"}
 
@@ -63,8 +64,7 @@ def save_preview(
     n = min(n, *(len(b) for b in rows.values()))
     fig, axes = plt.subplots(len(rows), n, figsize=(1.2 * n + 1.5, 1.2 * len(rows)), squeeze=False)
     for r, (name, batch) in enumerate(rows.items()):
-        shape = (-1, 1, 1)
-        images = batch[:n].detach().float().cpu() * torch.tensor(std).view(shape) + torch.tensor(mean).view(shape)
+        images = denormalize(batch[:n].detach().float().cpu(), mean, std)
         for c in range(n):
             ax = axes[r][c]
             image = images[c].clamp(0, 1).permute(1, 2, 0).numpy()

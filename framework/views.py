@@ -58,6 +58,18 @@ def _check_stats(mean: Sequence[float], std: Sequence[float], channels: int) -> 
         raise ValueError(f"mean/std need {channels} values, got {len(mean)}/{len(std)}")
 
 
+def normalize(images01: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
+    """Images (..., C, H, W) on the [0, 1] scale -> normalised `(x - mean) / std`, per channel."""
+    shape = (-1, 1, 1)
+    return (images01 - images01.new_tensor(mean).view(shape)) / images01.new_tensor(std).view(shape)
+
+
+def denormalize(images: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
+    """Normalised images (..., C, H, W) -> the [0, 1] scale `x * std + mean` (not clamped)."""
+    shape = (-1, 1, 1)
+    return images * images.new_tensor(std).view(shape) + images.new_tensor(mean).view(shape)
+
+
 class Normalize:
     """uint8 image tensor (..., C, H, W) -> float32 `(x / 255 - mean) / std`.
 
@@ -74,10 +86,7 @@ class Normalize:
     def __call__(self, images: Tensor) -> Tensor:
         if images.dtype != torch.uint8:
             raise TypeError(f"Normalize expects uint8 images, got {images.dtype}")
-        shape = (-1, 1, 1)
-        mean = torch.tensor(self.mean, device=images.device).view(shape)
-        std = torch.tensor(self.std, device=images.device).view(shape)
-        return images.float().div_(255).sub_(mean).div_(std)
+        return normalize(images.float().div_(255), self.mean, self.std)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(mean={list(self.mean)}, std={list(self.std)})"

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
+from framework.views import denormalize, normalize
+
 
 def gaussian_nll(x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """-log p(x|z) for a unit-variance Gaussian, constants dropped: 0.5 * ||x - x_hat||^2 over C,H,W."""
@@ -26,9 +28,7 @@ def reconstruction_nll(
     """The reconstruction term for a normalised target `x` under `likelihood` (gaussian|bernoulli)."""
     if likelihood == "gaussian":
         return gaussian_nll(x_hat, x)
-    shape = (1, -1, 1, 1)
-    target = x * x.new_tensor(std).view(shape) + x.new_tensor(mean).view(shape)
-    return bernoulli_nll(x_hat, target.clamp(0, 1))
+    return bernoulli_nll(x_hat, denormalize(x, mean, std).clamp(0, 1))
 
 
 def reconstruction_term(ctx, enc, target: torch.Tensor, likelihood: str, image: str) -> torch.Tensor:
@@ -39,8 +39,7 @@ def reconstruction_term(ctx, enc, target: torch.Tensor, likelihood: str, image: 
     if ctx.preview:
         shown = x_hat.detach()
         if likelihood == "bernoulli":
-            shape = (1, -1, 1, 1)
-            shown = (torch.sigmoid(shown) - shown.new_tensor(data.mean).view(shape)) / shown.new_tensor(data.std).view(shape)
+            shown = normalize(torch.sigmoid(shown), data.mean, data.std)
         ctx.images[image] = shown
     return reconstruction_nll(x_hat, target, likelihood, data.mean, data.std)
 
