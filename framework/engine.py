@@ -173,8 +173,8 @@ def train(recipe: Recipe, hooks: PluginHooks) -> Path:
             n = accelerator.num_processes * micro * recipe.distributed.accumulation_steps
             record = {name: v / n for name, v in zip(names, values, strict=False)}
             bad, seen = values[-2], values[-1]
-            record.update({"lr": scheduler.get_last_lr()[0], "images/s": logger.images_per_second(),
-                           "data.bad_records": bad, "skipped_steps": skipped})  # fmt: skip
+            record.update({"epoch": position.epoch, "lr": scheduler.get_last_lr()[0], "skipped_steps": skipped,
+                           "images/s": logger.images_per_second(), "data.bad_records": bad})  # fmt: skip
             if accelerator.device.type == "cuda":
                 record["memory/peak_gib"] = torch.cuda.max_memory_allocated(accelerator.device) / 2**30
             logger.log(step, record)

@@ -43,7 +43,7 @@ class RunLogger:
         if self.main:
             with self.path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
-            main_terms = {k: f"{v:.4g}" for k, v in values.items() if k in ("loss", "images/s") or k.count(".") == 1}
+            main_terms = {k: f"{v:.4g}" for k, v in values.items() if k in ("epoch", "loss", "images/s") or k.count(".") == 1}
             self.bar.set_postfix(main_terms, refresh=False)
 
     def preview(self, step: int, rows: dict[str, Any], mean: Any, std: Any) -> None:

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from framework.data import (
+    BadShard,
     Cursor,
     SampleToViews,
     StreamPosition,
@@ -18,6 +19,7 @@ from framework.data import (
     encode_image,
     make_loader,
     split_normalize,
+    tar_records,
     write_shards,
 )
 from framework.sources import fashion_mnist
@@ -121,6 +123,45 @@ def test_bad_records_are_skipped_and_counted(tmp_path):
     assert sorted(k for b in batches for k in b["key"]) == sorted([s.key for s in samples] + ["d"])
     cursor = batches[-1]["cursor"]
     assert cursor["bad"] == 3 and cursor["seen"] == 10 and "bad-00.tar" in cursor["last_bad"]
+
+
+@pytest.mark.parametrize("fmt", ["pax", "gnu", "ustar"])
+@pytest.mark.parametrize("suffix", [".tar", ".tar.gz"])
+def test_tar_records_reads_what_webdatasets_tarfile_reader_reads(tmp_path, fmt, suffix):
+    from webdataset.tariterators import tarfile_samples
+
+    long_dir = "d" * 120  # beyond the 100-byte name field: GNU long name, pax path or ustar prefix
+    members = [("dir/a.b/s1.png", b"x" * 700), ("dir/a.b/s1.CLS", b"3"), (f"{long_dir}/s2.seg.png", b"y" * 10),
+               ("__meta__", b"m"), (f"{long_dir}/s2.seg.json", b"{}"), ("\u00fcn/s3.png", b"")]  # fmt: skip
+    path = tmp_path / f"shard{suffix}"
+    with tarfile.open(path, "w:gz" if suffix == ".tar.gz" else "w", format=getattr(tarfile, f"{fmt.upper()}_FORMAT")) as tar:
+        for name, data in members:
+            _tar_member(tar, name, data)
+    ours = list(tar_records(str(path)))
+    assert ours == list(tarfile_samples([{"url": str(path)}]))
+    assert [r["__key__"] for r in ours] == ["dir/a.b/s1", f"{long_dir}/s2", "\u00fcn/s3"]
+    assert ours[0]["cls"] == b"3" and ours[1]["seg.png"] == b"y" * 10  # extensions lower-cased, after the first dot
+
+
+def test_truncated_and_damaged_shards_are_skipped_and_counted(tmp_path):
+    samples = list(islice(fashion_mnist(split="test"), 12))
+    write_shards(samples, str(tmp_path / "s-%02d.tar"), maxcount=4)  # s-00, s-01, s-02: 4 samples each
+    first = (tmp_path / "s-00.tar").read_bytes()
+    (tmp_path / "s-00.tar").write_bytes(first[: len(first) // 2])  # cut inside a member
+    third = bytearray((tmp_path / "s-02.tar").read_bytes())
+    third[0] ^= 0xFF  # the first header's name: its checksum no longer holds
+    (tmp_path / "s-02.tar").write_bytes(bytes(third))
+    with pytest.raises(BadShard, match="truncated"):
+        list(tar_records(str(tmp_path / "s-00.tar")))
+    with pytest.raises(BadShard, match="checksum"):
+        list(tar_records(str(tmp_path / "s-02.tar")))
+    spec = f"{tmp_path}/s-{{00..02}}.tar"
+    batches = list(make_loader(spec, X, channels=1, batch_size=4, num_workers=0, shardshuffle=False, epochs=1))
+    keys = [k for b in batches for k in b["key"]]
+    assert keys[-4:] == [s.key for s in samples[4:8]]  # the intact shard, whole
+    assert set(keys[:-4]) < {s.key for s in samples[:4]}  # what precedes the cut
+    cursor = batches[-1]["cursor"]
+    assert cursor["bad"] == 2 and "s-02.tar" in cursor["last_bad"] and "checksum" in cursor["last_bad"]
 
 
 def test_too_few_shards_for_the_ranks_is_a_clear_error(fmnist_shards, tmp_path):
