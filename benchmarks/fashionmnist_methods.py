@@ -1,16 +1,19 @@
 """Accuracy of each method on Fashion-MNIST under the fast, k-NN and linear probes, same
-encoder, steps and seed.
+encoder, steps and seed; seeds aggregated.
 
     python benchmarks/fashionmnist_methods.py [--steps 1000] [--seed 0] [--linear-epochs 90]
-        -> benchmarks/results/fashionmnist_methods.json
+        -> benchmarks/results/fashionmnist_methods_seed<N>.json (this seed)
+        -> benchmarks/results/fashionmnist_methods.json (every seed run with these settings)
 
 Trains recipes/{vae,aavae,crvae,simclr,simclr_affine}_fashionmnist.yaml (conv28 encoder,
 batch 128) side by side in one invocation, each from scratch (its output folder is
 emptied first, so the times are real), evaluates each with every protocol of
 `framework.evaluate` on the frozen pooled features (the linear one on precomputed
-features), and writes one JSON with raw pixels, each method (accuracies, pretraining
-epochs, train and eval seconds), and the papers' directions (AAVAE > VAE, CR-VAE >= VAE,
-SimCLR+affine >= SimCLR) under the linear probe. Needs the Fashion-MNIST shards of
+features), and writes one JSON per seed with raw pixels, each method (accuracies,
+pretraining epochs, train and eval seconds). The summary holds, per method and protocol,
+every seed's accuracy, their mean and standard deviation, and the papers' directions
+(AAVAE > VAE, CR-VAE >= VAE, SimCLR+affine >= SimCLR) under the linear probe, judged on
+the means with the gap compared to the seeds' spread. Needs the Fashion-MNIST shards of
 scripts/main.sh (data/fashion-mnist/).
 """
 
@@ -62,23 +65,49 @@ def main() -> None:
                            "train_seconds": round(train_s, 1), "eval_seconds": ev["seconds"]}  # fmt: skip
         print(json.dumps({method: results[method]}), flush=True)
 
-    def acc(m: str) -> float | None:
-        return results.get(m, {}).get("accuracies", {}).get("linear")
-
-    checks = {"AAVAE > VAE": ("aavae", "vae", False), "CR-VAE >= VAE": ("crvae", "vae", True),
-              "SimCLR+affine >= SimCLR": ("simclr_affine", "simclr", True)}  # fmt: skip
-    directions = {}
-    for name, (a, b, ties) in checks.items():
-        if acc(a) is not None and acc(b) is not None:
-            directions[name] = bool(acc(a) >= acc(b)) if ties else bool(acc(a) > acc(b))
     report = {
         "dataset": "fashion-mnist (60000 train / 10000 test)",
         "protocols": {"fast": "L-BFGS logistic regression", "knn": "weighted k-NN, k=200, T=0.07, cosine",
                       "linear": f"SGD Nesterov, cosine, {args.linear_epochs} epochs, precomputed features"},
         "encoder": "conv28", "steps": args.steps, "seed": args.seed, "batch_size": BATCH,
-        "results": results, "paper_directions_hold": directions,
+        "linear_epochs": args.linear_epochs, "results": results,
     }  # fmt: skip
-    write_report(report, args.out)
+    out = Path(args.out)
+    write_report(report, out.with_name(f"{out.stem}_seed{args.seed}.json"))
+    write_report(summarise(out.parent, out.stem, args.steps, args.linear_epochs), out)
+
+
+def summarise(folder: Path, stem: str, steps: int, linear_epochs: int) -> dict:
+    """Every `<stem>_seed*.json` in `folder` run with these settings: per method and protocol the
+    seeds' accuracies (percent), mean and (sample) standard deviation, and the mean times; the
+    papers' directions on the means."""
+    runs = [json.loads(f.read_text()) for f in sorted(folder.glob(f"{stem}_seed*.json"))]
+    runs = [r for r in runs if r["steps"] == steps and r.get("linear_epochs", linear_epochs) == linear_epochs]
+    table: dict[str, dict] = {}
+    for method in dict.fromkeys(m for r in runs for m in r["results"]):  # first-seen order
+        entries = [r["results"][method] for r in runs if method in r["results"]]
+        table[method] = {p: _stats([100 * e["accuracies"][p] for e in entries]) for p in PROTOCOLS}  # percent
+        for key in ("pretraining_epochs", "train_seconds", "eval_seconds"):
+            if key in entries[0]:
+                table[method][key] = _stats([e[key] for e in entries])["mean"]
+    checks = {"AAVAE > VAE": ("aavae", "vae", False), "CR-VAE >= VAE": ("crvae", "vae", True),
+              "SimCLR+affine >= SimCLR": ("simclr_affine", "simclr", True)}  # fmt: skip
+    directions = {}
+    for name, (a, b, ties) in checks.items():
+        if a in table and b in table:
+            gap = table[a]["linear"]["mean"] - table[b]["linear"]["mean"]  # points
+            spread = max(table[a]["linear"]["std"], table[b]["linear"]["std"])
+            directions[name] = {"holds": bool(gap >= 0 if ties else gap > 0), "gap_points": round(gap, 2),
+                                "gap_over_seed_std": round(gap / spread, 2) if spread else None}  # fmt: skip
+    return {"steps": steps, "linear_epochs": linear_epochs, "seeds": [r["seed"] for r in runs],
+            "methods": table, "paper_directions_linear": directions}  # fmt: skip
+
+
+def _stats(values: list[float]) -> dict:
+    n = len(values)
+    mean = sum(values) / n
+    std = (sum((v - mean) ** 2 for v in values) / (n - 1)) ** 0.5 if n > 1 else 0.0
+    return {"values": [round(v, 2) for v in values], "mean": round(mean, 2), "std": round(std, 2)}
 
 
 if __name__ == "__main__":

@@ -20,3 +20,21 @@ def test_the_gpu_benchmark_runs_end_to_end_in_its_cpu_smoke_mode(tmp_path):
     result = json.loads(out.read_text())["results"]["simclr_resnet18_32px/ddp"]
     assert "error" not in result, result
     assert result["images_per_second"] > 0 and result["batch_per_gpu"] == 4
+
+
+def test_the_methods_table_aggregates_seeds_and_judges_directions_on_the_means(tmp_path):
+    from benchmarks.fashionmnist_methods import summarise
+
+    def run(seed: int, vae: float, aavae: float, steps: int = 10) -> dict:
+        method = lambda acc: {"accuracies": {"fast": acc, "linear": acc, "knn": 0.8}, "train_seconds": 3.0 + seed}  # noqa: E731
+        return {"steps": steps, "seed": seed, "linear_epochs": 2, "results": {"vae": method(vae), "aavae": method(aavae)}}
+
+    for seed, (vae, aavae) in enumerate([(0.85, 0.86), (0.86, 0.86), (0.87, 0.89)]):
+        (tmp_path / f"m_seed{seed}.json").write_text(json.dumps(run(seed, vae, aavae)))
+    (tmp_path / "m_seed9.json").write_text(json.dumps(run(9, 0.1, 0.1, steps=99)))  # other settings: left out
+    summary = summarise(tmp_path, "m", steps=10, linear_epochs=2)
+    assert summary["seeds"] == [0, 1, 2]
+    vae = summary["methods"]["vae"]
+    assert vae["linear"] == {"values": [85.0, 86.0, 87.0], "mean": 86.0, "std": 1.0} and vae["train_seconds"] == 4.0
+    direction = summary["paper_directions_linear"]["AAVAE > VAE"]
+    assert direction["holds"] and direction["gap_points"] == 1.0 and direction["gap_over_seed_std"] == 0.58  # 1 / sqrt(3)
