@@ -23,7 +23,7 @@ import re
 import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from itertools import count
+from itertools import count, islice
 from pathlib import Path
 from typing import Any
 
@@ -308,7 +308,8 @@ class ShardStream(IterableDataset):
 
     `epochs=None` streams forever (training: all ranks run the same number of steps,
     whatever the shard sizes); `epochs=n` stops after n epochs and yields the last
-    partial batch (evaluation, tests).
+    partial batch (evaluation, tests). A resampled epoch is `epoch_samples` records over
+    all ranks and workers (webdataset's `with_epoch`), or as many shards as the list holds.
     """
 
     def __init__(
@@ -326,18 +327,27 @@ class ShardStream(IterableDataset):
         epochs: int | None,
         resume: dict[int, Cursor] | None = None,
         role_offset: int = 0,
+        epoch_samples: int | None = None,
     ) -> None:
         self.urls, self.transform, self.batch_size = urls, transform, batch_size
+        self.epoch_samples = epoch_samples
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.shardshuffle, self.resampled, self.shuffle_buffer = shardshuffle, resampled, shuffle_buffer
         self.epochs, self.resume, self.role_offset = epochs, resume or {}, role_offset
+
+    def worker_epoch_samples(self, num_workers: int) -> int | None:
+        """A resampled epoch's records per worker (`epoch_samples` split evenly, rounded up)."""
+        if not (self.resampled and self.epoch_samples):
+            return None
+        return -(-self.epoch_samples // (self.world_size * num_workers))
 
     def shards_for(self, epoch: int, worker: int, num_workers: int) -> list[str]:
         """This worker's shards in `epoch`: a disjoint share unless resampled."""
         if self.resampled:
             rng = random.Random(_seed(self.seed, epoch, self.rank, worker))
-            per_worker = max(1, len(self.urls) // (self.world_size * num_workers))
-            return [rng.choice(self.urls) for _ in range(per_worker)]
+            # with epoch_samples the epoch is cut by records; every shard gives at least one
+            per_worker = self.worker_epoch_samples(num_workers) or len(self.urls) // (self.world_size * num_workers)
+            return [rng.choice(self.urls) for _ in range(max(1, per_worker))]
         order = list(self.urls)
         if self.shardshuffle:
             random.Random(_seed(self.seed, epoch)).shuffle(order)  # same order on every rank
@@ -388,7 +398,8 @@ class ShardStream(IterableDataset):
         if self.shuffle_buffer > 1:
             rng = random.Random(_seed(self.seed, epoch, self.rank, worker, "buffer"))
             records = wds.filters._shuffle(records, self.shuffle_buffer, min(100, self.shuffle_buffer), rng)
-        return records
+        per_worker = self.worker_epoch_samples(num_workers)
+        return records if per_worker is None else islice(records, per_worker)
 
     @staticmethod
     def _bad(stats: dict[str, Any], what: str) -> None:
@@ -459,6 +470,7 @@ def make_loader(
     epochs: int | None = None,
     resume: StreamPosition | None = None,
     pin_memory: bool = False,
+    epoch_samples: int | None = None,
 ) -> wds.WebLoader:
     """A `WebLoader(batch_size=None)` over the shards `spec` (batches built in the workers)."""
     urls = shard_urls(spec)
@@ -474,7 +486,7 @@ def make_loader(
         urls, SampleToViews(views, channels), batch_size,
         rank=rank, world_size=world_size, seed=seed, shardshuffle=shardshuffle, resampled=resampled,
         shuffle_buffer=shuffle_buffer, epochs=epochs, resume=resume.workers if resume else None,
-        role_offset=resume.batches % max(num_workers, 1) if resume else 0,
+        role_offset=resume.batches % max(num_workers, 1) if resume else 0, epoch_samples=epoch_samples,
     )  # fmt: skip
     return wds.WebLoader(
         stream,

@@ -121,7 +121,7 @@ def train(recipe: Recipe, hooks: PluginHooks) -> Path:
         rank=accelerator.process_index, world_size=accelerator.num_processes, seed=data_seed,
         shardshuffle=recipe.data.shardshuffle, resampled=recipe.data.resampled,
         shuffle_buffer=recipe.data.shuffle_buffer, resume=position if saved_exact else None,
-        pin_memory=accelerator.device.type == "cuda",
+        pin_memory=accelerator.device.type == "cuda", epoch_samples=recipe.data.epoch_samples,
     )  # fmt: skip
     accelerator.init_trackers("augssl", config={"recipe": str(out / "recipe.yaml")})
     logger = RunLogger(accelerator, out, cfg.steps, step)

@@ -44,8 +44,17 @@ class DataConfig(Strict):
     num_workers: int = Field(2, ge=0)
     shuffle_buffer: int = Field(1000, ge=0)
     shardshuffle: bool = True
-    resampled: bool = False
+    resampled: bool = False  # draw shards with replacement, independently per rank and worker
+    # resampled only: an epoch is this many samples over all ranks and workers (webdataset's
+    # with_epoch); default: as many shards as data.train lists
+    epoch_samples: int | None = Field(None, gt=0)
     max_bad_fraction: float = Field(0.01, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _epoch_samples_need_resampling(self) -> DataConfig:
+        if self.epoch_samples is not None and not self.resampled:
+            raise ValueError("data.epoch_samples applies to resampled streams: set data.resampled: true")
+        return self
 
 
 class TrainConfig(Strict):

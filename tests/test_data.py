@@ -168,3 +168,21 @@ def test_too_few_shards_for_the_ranks_is_a_clear_error(fmnist_shards, tmp_path):
     write_shards(islice(fashion_mnist(split="test"), 3), str(tmp_path / "one-%02d.tar"))
     with pytest.raises(ValueError, match="1 shards cannot be split over 2 ranks"):
         make_loader(str(tmp_path / "one-00.tar"), X, channels=1, batch_size=2, num_workers=0, world_size=2)
+
+
+def test_resampled_epochs_are_cut_by_epoch_samples_and_draw_shards_per_rank(tmp_path):
+    samples = list(islice(fashion_mnist(split="test"), 12))
+    write_shards(samples, str(tmp_path / "r-%02d.tar"), maxcount=3)  # 4 shards of 3
+    spec, dataset = f"{tmp_path}/r-{{00..03}}.tar", {s.key for s in samples}
+
+    def batches(**kw):
+        return list(make_loader(spec, X, channels=1, batch_size=3, num_workers=0, resampled=True, epochs=2, **kw))
+
+    default = batches()  # an epoch: as many shards as the list holds (4 x 3 records)
+    assert sum(len(b["key"]) for b in default) == 24 and {k for b in default for k in b["key"]} <= dataset
+    cut = batches(epoch_samples=7)
+    assert sum(len(b["key"]) for b in cut) == 14 and cut[-1]["cursor"]["epoch"] == 1
+    assert cut[-1]["cursor"]["emitted"] == 7  # the second epoch's records, counted from its start
+    ranks = [batches(epoch_samples=8, rank=r, world_size=2) for r in (0, 1)]
+    assert [sum(len(b["key"]) for b in rank) for rank in ranks] == [8, 8]  # 8 per epoch over both ranks
+    assert [k for b in ranks[0] for k in b["key"]] != [k for b in ranks[1] for k in b["key"]]  # independent draws

@@ -163,3 +163,10 @@ def test_a_tracker_that_is_not_installed_is_a_one_line_error_before_anything_sta
     with pytest.raises(RecipeError, match=r"^train.log_with: wandb is not installed \(pip install wandb\)$"):
         validate(recipe, check_data=False)
     assert validate(tiny_recipe(tmp_path, fmnist_shards), check_data=False)[0].train.log_with == ["tensorboard"]
+
+
+def test_epoch_samples_needs_a_resampled_stream(tmp_path, fmnist_shards):
+    recipe = tiny_recipe(tmp_path, fmnist_shards, data={"epoch_samples": 100})
+    with pytest.raises(RecipeError, match="data.epoch_samples applies to resampled streams"):
+        validate(recipe)
+    validate(tiny_recipe(tmp_path, fmnist_shards, data={"epoch_samples": 100, "resampled": True}))
