@@ -62,9 +62,10 @@ def crop_and_flip(x: torch.Tensor, pad: int = 4, generator: torch.Generator | No
 def extract(
     model: Model, spec: str, recipe: Recipe, batch_size: int, num_workers: int = 2,
     transform: Callable[[torch.Tensor], torch.Tensor] | None = None, max_samples: int | None = None,
+    pixels: bool = True,
 ) -> dict[str, torch.Tensor]:  # fmt: skip
-    """Pooled features `h`, raw pixels of the clean view, and labels of the samples in `spec`, sorted
-    by sample key, on this process's device.
+    """Pooled features `h`, raw pixels of the clean view (unless `pixels=False`), and labels of the
+    samples in `spec`, sorted by sample key, on this process's device.
 
     Distributed: each rank encodes its share of the shards (split like training's) and every rank
     receives all of them, so a run on N processes extracts N times faster and fits the same
@@ -80,13 +81,14 @@ def extract(
     )  # fmt: skip
     cap = None if max_samples is None else math.ceil(max_samples / state.num_processes)
     dtype = next(model.parameters()).dtype  # bf16 under DeepSpeed's bf16 mode
-    parts: dict[str, list] = {"features": [], "pixels": [], "labels": [], "keys": []}
+    parts: dict[str, list] = {"features": [], "labels": [], "keys": [], **({"pixels": []} if pixels else {})}
     for batch in loader:  # inference only: no autograd graph, BatchNorm in eval mode (the caller's)
         x = batch_to_device(batch, state.device)[0]["x"]
         if transform is not None:
             x = transform(x)
         parts["features"].append(model.encode(x.to(dtype)).h.float())
-        parts["pixels"].append(x.flatten(1).float())
+        if pixels:
+            parts["pixels"].append(x.flatten(1).float())
         parts["labels"].append(batch["label"].to(state.device))
         parts["keys"] += batch["key"]
         if cap is not None and len(parts["keys"]) >= cap:
@@ -194,8 +196,8 @@ def online_knn(model: Model, recipe: Recipe) -> dict[str, float]:
     e, was_training = recipe.eval, model.training
     model.eval()
     with torch.random.fork_rng(devices=[]):  # the loader draws seeds: keep a resumed run's noise exact
-        train = extract(model, e.train, recipe, e.batch_size, recipe.data.num_workers, max_samples=e.knn_samples)
-        test = extract(model, e.test, recipe, e.batch_size, recipe.data.num_workers, max_samples=e.knn_samples)
+        train, test = (extract(model, spec, recipe, e.batch_size, recipe.data.num_workers, max_samples=e.knn_samples,
+                               pixels=False) for spec in (e.train, e.test))  # fmt: skip
     model.train(was_training)
     return {"knn.acc": knn_accuracy(train["features"], train["labels"], test["features"], test["labels"])}
 
@@ -234,13 +236,13 @@ def evaluate(
     if not (recipe.eval.train and recipe.eval.test):
         raise ValueError(f"{path}/recipe.yaml: eval.train and eval.test (labelled shards) are needed")
     torch.manual_seed(0)
-    train = extract(model, recipe.eval.train, recipe, recipe.eval.batch_size)
-    test = extract(model, recipe.eval.test, recipe, recipe.eval.batch_size)
+    train, test = (extract(model, spec, recipe, recipe.eval.batch_size, pixels=baseline)
+                   for spec in (recipe.eval.train, recipe.eval.test))  # fmt: skip
 
     def reextract(epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
         g = torch.Generator().manual_seed(epoch)
         fresh = extract(model, recipe.eval.train, recipe, recipe.eval.batch_size,
-                        transform=lambda x: crop_and_flip(x, generator=g))  # fmt: skip
+                        transform=lambda x: crop_and_flip(x, generator=g), pixels=False)  # fmt: skip
         return fresh["features"], fresh["labels"]
 
     def fit(protocol: str, kind: str) -> float:
@@ -268,7 +270,7 @@ def evaluate(
         "feature_dim": train["features"].shape[1],
         "accuracies": accuracies,
         "accuracy": accuracies[protocols[0]],
-        "pixel_dim": train["pixels"].shape[1],
+        "pixel_dim": recipe.data.channels * recipe.data.image_size**2,
     }
     if baseline:
         result["raw_pixels_accuracies"] = {p: fit(p, "pixels") for p in protocols}
