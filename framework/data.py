@@ -248,14 +248,14 @@ def tar_records(url: str) -> Iterator[dict[str, Any]]:
         while (header := read(512)) != _END:
             if len(header) < 512:
                 if header:
-                    raise BadShard(f"{url}: truncated tar header")
+                    raise BadShard("truncated tar header")
                 break  # end of file without the end-of-archive blocks: accepted, like tarfile
             if _octal(header[148:156]) != sum(header[:148]) + 256 + sum(header[156:]):
-                raise BadShard(f"{url}: damaged tar header (checksum)")
+                raise BadShard("damaged tar header (checksum)")
             size, kind = _octal(header[124:136]), header[156:157]
             data = read(size)
             if len(data) < size:
-                raise BadShard(f"{url}: truncated tar member")
+                raise BadShard("truncated tar member")
             read(-size % 512)
             if kind == b"L":  # GNU long name of the next member
                 long_name = data.rstrip(b"\0").decode()
@@ -341,13 +341,13 @@ class ShardStream(IterableDataset):
             return None
         return -(-self.epoch_samples // (self.world_size * num_workers))
 
-    def shards_for(self, epoch: int, worker: int, num_workers: int) -> list[str]:
-        """This worker's shards in `epoch`: a disjoint share unless resampled."""
+    def shards_for(self, epoch: int, worker: int, num_workers: int) -> Iterable[str]:
+        """This worker's shards in `epoch`: a disjoint share unless resampled (then drawn lazily)."""
         if self.resampled:
             rng = random.Random(_seed(self.seed, epoch, self.rank, worker))
             # with epoch_samples the epoch is cut by records; every shard gives at least one
             per_worker = self.worker_epoch_samples(num_workers) or len(self.urls) // (self.world_size * num_workers)
-            return [rng.choice(self.urls) for _ in range(max(1, per_worker))]
+            return (rng.choice(self.urls) for _ in range(max(1, per_worker)))
         order = list(self.urls)
         if self.shardshuffle:
             random.Random(_seed(self.seed, epoch)).shuffle(order)  # same order on every rank
@@ -392,7 +392,7 @@ class ShardStream(IterableDataset):
                 try:
                     yield from tar_records(url)
                 except (BadShard, OSError, EOFError) as exc:  # truncated or unreadable: skip the rest, count
-                    self._bad(stats, f"{exc}" if url in str(exc) else f"{url}: {exc}")
+                    self._bad(stats, f"{url}: {exc}")
 
         records = shard_records()
         if self.shuffle_buffer > 1:
