@@ -41,9 +41,12 @@ MODELS = {  # name: (recipe, image size, per-GPU batch)
 MODES = {"ddp": [], "zero2": ["--use_deepspeed", "--zero_stage", "2"]}
 
 
-def shards(root: Path, size: int, n: int) -> str:
+def shards(root: Path, size: int, n: int, readers: int) -> str:
+    """`n` synthetic JPEGs in at least 16 shards, and at least one per reader (GPUs x workers): any
+    count streams, but whole shards per reader read each record once, as large datasets do."""
     pattern = root / f"synthetic_{size}px" / "train-%06d.tar"
-    return write_shards(synthetic_samples(n, size, 3), str(pattern), maxcount=max(1, n // 16), fmt="jpg")["pattern"]
+    maxcount = max(1, n // max(16, readers))
+    return write_shards(synthetic_samples(n, size, 3), str(pattern), maxcount=maxcount, fmt="jpg")["pattern"]
 
 
 def run(recipe: str, spec: str, mode: str, args: argparse.Namespace, batch: int, out: Path) -> dict:
@@ -91,7 +94,7 @@ def main() -> None:
             for name in args.models:
                 recipe, size, batch = MODELS[name]
                 batch = 4 if args.cpu_smoke else batch
-                spec = shards(Path(tmp), size, 64 if args.cpu_smoke else 8192)
+                spec = shards(Path(tmp), size, 64 if args.cpu_smoke else 8192, args.gpus * max(1, args.workers))
                 for mode in modes:
                     result = run(recipe, spec, mode, args, batch, Path(tmp) / f"{name}_{mode}")
                     report["results"][f"{name}/{mode}"] = result

@@ -1,11 +1,13 @@
 """WebDataset shards: writing them, and streaming them into batches of views.
 
 The stream never holds a dataset in memory and never hands two ranks (or two workers)
-the same shard in an epoch: each epoch the shard list is shuffled with a seed shared
-by all ranks, then split by node (`shards[rank::world]`) and by worker. Samples are
-shuffled in a buffer, decoded and turned into views in the data workers, and batched
-there; the loader is a `WebLoader(batch_size=None)` and is never passed to
-`accelerator.prepare()`.
+the same record in an epoch: each epoch the shard list is shuffled with a seed shared
+by all ranks, then split over the readers (ranks x workers): whole shards when there
+are at least as many shards as readers (`shards[rank::world][worker::workers]`), a
+share of each shard's records otherwise (`ShardStream.shards_for`), so any shard count
+runs on any number of processes and workers. Samples are shuffled in a buffer, decoded
+and turned into views in the data workers, and batched there; the loader is a
+`WebLoader(batch_size=None)` and is never passed to `accelerator.prepare()`.
 
 Every batch carries its worker's cursor (epoch, samples emitted), so a checkpoint can
 record exactly where each worker stood and a resumed run continues from there. The
@@ -304,7 +306,7 @@ class Cursor:
 
 
 class ShardStream(IterableDataset):
-    """Batches of views from WebDataset shards, split by node and worker, resumable.
+    """Batches of views from WebDataset shards, split over ranks and workers (`shards_for`), resumable.
 
     `epochs=None` streams forever (training: all ranks run the same number of steps,
     whatever the shard sizes); `epochs=n` stops after n epochs and yields the last
@@ -341,17 +343,33 @@ class ShardStream(IterableDataset):
             return None
         return -(-self.epoch_samples // (self.world_size * num_workers))
 
-    def shards_for(self, epoch: int, worker: int, num_workers: int) -> Iterable[str]:
-        """This worker's shards in `epoch`: a disjoint share unless resampled (then drawn lazily)."""
+    def shards_for(self, epoch: int, worker: int, num_workers: int) -> Iterable[tuple[str, range | None]]:
+        """This worker's shards in `epoch`, each with the records it keeps: `None` (all of them) or
+        the residues `r` of `record index % readers` it keeps.
+
+        Not resampled, the epoch's shard order (the same on every rank) is split over the
+        `readers = world x workers` readers, reader `rank + world x worker` taking
+        - with at least `readers` shards, whole shards: `order[reader::readers]`;
+        - with `n < readers` shards, records: record `i` of the `j`-th shard goes to reader
+          `(j x readers + i % readers) // n`, so each reader keeps `n / readers` of a shard's
+          records, from one or two shards (the only ones it reads).
+        Either way every record of the epoch goes to exactly one reader. Resampled, shards are
+        drawn lazily and independently per rank and worker.
+        """
         if self.resampled:
             rng = random.Random(_seed(self.seed, epoch, self.rank, worker))
             # with epoch_samples the epoch is cut by records; every shard gives at least one
             per_worker = self.worker_epoch_samples(num_workers) or len(self.urls) // (self.world_size * num_workers)
-            return (rng.choice(self.urls) for _ in range(max(1, per_worker)))
+            return ((rng.choice(self.urls), None) for _ in range(max(1, per_worker)))
         order = list(self.urls)
         if self.shardshuffle:
             random.Random(_seed(self.seed, epoch)).shuffle(order)  # same order on every rank
-        return order[self.rank :: self.world_size][worker::num_workers]
+        n, readers, reader = len(order), self.world_size * num_workers, self.rank + self.world_size * worker
+        if n >= readers:
+            return [(url, None) for url in order[reader::readers]]
+        lo, hi = reader * n, (reader + 1) * n  # this reader's units; unit j x readers + r: residue r of shard j
+        return [(order[j], range(max(lo - j * readers, 0), min(hi - j * readers, readers)))
+                for j in range(lo // readers, (hi - 1) // readers + 1)]  # fmt: skip
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
@@ -383,16 +401,24 @@ class ShardStream(IterableDataset):
                 if len(batch) == self.batch_size:
                     yield self._emit(batch, worker, num_workers, epoch, emitted, stats)
                     batch = []
+            if emitted == 0 and self.epochs is None:  # an endless stream would never yield a batch
+                raise ValueError(f"rank {self.rank}, data worker {worker}: no records in epoch {epoch} "
+                                 f"({len(self.urls)} shards over {self.world_size} ranks x {num_workers} "
+                                 "workers: fewer records than readers, or unreadable shards)")  # fmt: skip
         if batch:
             yield self._emit(batch, worker, num_workers, epoch, emitted, stats)
 
     def _records(self, epoch: int, worker: int, num_workers: int, stats: dict[str, Any]) -> Iterator[dict]:
+        readers = self.world_size * num_workers
+
         def shard_records() -> Iterator[dict]:
-            for url in self.shards_for(epoch, worker, num_workers):
+            for url, keep in self.shards_for(epoch, worker, num_workers):
+                records = tar_records(url)
                 try:
-                    yield from tar_records(url)
+                    yield from records if keep is None else (r for i, r in enumerate(records) if i % readers in keep)
                 except (BadShard, OSError, EOFError) as exc:  # truncated or unreadable: skip the rest, count
-                    self._bad(stats, f"{url}: {exc}")
+                    if keep is None or keep.start == 0:  # a shared shard counts once: for its first record's reader
+                        self._bad(stats, f"{url}: {exc}")
 
         records = shard_records()
         if self.shuffle_buffer > 1:
@@ -476,12 +502,11 @@ def make_loader(
     urls = shard_urls(spec)
     if not urls:
         raise ValueError(f"no shard URLs in {spec!r}")
-    if not resampled:
-        if len(urls) < world_size:
-            raise ValueError(f"{len(urls)} shards cannot be split over {world_size} ranks: write more, smaller shards")
-        num_workers = min(num_workers, len(urls) // world_size)  # every worker must get a shard
     if resume is not None and resume.workers and resume.num_workers != max(num_workers, 1):
-        raise ValueError(f"cannot continue a stream read by {resume.num_workers} workers with {num_workers}")
+        capped = min(num_workers, len(urls) // world_size)  # loaders before the record-level split capped workers
+        if resampled or resume.num_workers != max(capped, 1):  # at shards / ranks: such a stream continues exactly
+            raise ValueError(f"cannot continue a stream read by {resume.num_workers} workers with {num_workers}")
+        num_workers = capped
     stream = ShardStream(
         urls, SampleToViews(views, channels), batch_size,
         rank=rank, world_size=world_size, seed=seed, shardshuffle=shardshuffle, resampled=resampled,

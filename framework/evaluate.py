@@ -94,20 +94,34 @@ def extract(
         if cap is not None and len(parts["keys"]) >= cap:
             break
     n = len(parts["keys"]) if cap is None else min(cap, len(parts["keys"]))
-    local = {k: torch.cat(v)[:n] for k, v in parts.items() if k != "keys"}
-    return _gather_sorted(local, parts["keys"][:n], state)
+    local = {k: torch.cat(v)[:n] if v else None for k, v in parts.items() if k != "keys"}
+    result = _gather_sorted(local, parts["keys"][:n], state)
+    if not len(result["labels"]):
+        raise ValueError(f"{spec}: no samples to extract features from")
+    return result
 
 
-def _gather_sorted(local: dict[str, torch.Tensor], keys: list[str], state: Any) -> dict[str, torch.Tensor]:
+def _gather_sorted(local: dict[str, torch.Tensor | None], keys: list[str], state: Any) -> dict[str, torch.Tensor]:
     """Every rank's rows, concatenated on every rank and sorted by sample key (an order that does
-    not depend on the number of processes or loader workers)."""
+    not depend on the number of processes or loader workers).
+
+    A rank without rows (`None`: more ranks and workers than samples) takes part in every
+    collective with empty tensors of the other ranks' shape and dtype.
+    """
     if state.num_processes > 1:
         counts = gather(torch.tensor([len(keys)], device=state.device)).tolist()
         keys = gather_object(keys)
-        for name, t in local.items():
+        # each tensor's row shape and dtype, from the ranks that have rows
+        like = [s for s in gather_object([{k: (t.shape[1:], t.dtype) for k, t in local.items() if t is not None}]) if s]
+        for name, t in local.items() if like else ():
+            if t is None:
+                shape, dtype = like[0][name]
+                t = torch.empty((0, *shape), dtype=dtype, device=state.device)
             padded = gather(pad_across_processes(t, dim=0))  # (num_processes * longest, ...)
             rows = padded.shape[0] // state.num_processes
             local[name] = torch.cat([padded[r * rows : r * rows + c] for r, c in enumerate(counts)])
+    if not keys:  # no rank has a sample (extract says so)
+        return {name: torch.empty(0, device=state.device) for name in local}
     order = torch.tensor(sorted(range(len(keys)), key=keys.__getitem__), device=state.device)
     return {name: t[order] for name, t in local.items()}
 

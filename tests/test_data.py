@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import io
 import json
+import random
 import tarfile
 from itertools import islice
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -14,6 +16,7 @@ from framework.data import (
     BadShard,
     Cursor,
     SampleToViews,
+    ShardStream,
     StreamPosition,
     batch_to_device,
     encode_image,
@@ -67,7 +70,7 @@ def test_a_derived_view_gets_uint8_only_if_it_says_it_accepts_it():
     assert sample["views"]["plain"].dtype == torch.float32
 
 
-@pytest.mark.parametrize("world_size, num_workers", [(1, 3), (2, 2)])
+@pytest.mark.parametrize("world_size, num_workers", [(1, 3), (2, 2), (4, 3)])  # 8 shards; (4, 3): 12 readers
 def test_an_epoch_split_by_rank_and_worker_sees_every_key_once(tmp_path, fmnist_shards, world_size, num_workers):
     seen: list[str] = []
     for rank in range(world_size):
@@ -85,18 +88,105 @@ def test_the_order_is_reproducible_from_the_seed(fmnist_shards):
     assert order(1) == order(1) and order(1) != order(2)
 
 
-def test_resuming_from_a_position_continues_the_stream(fmnist_shards):
-    kwargs = dict(channels=1, batch_size=8, num_workers=2, seed=5, shuffle_buffer=20, epochs=1)
+@pytest.mark.parametrize("rank, world_size, num_workers", [(0, 1, 2), (1, 4, 3)])  # 8 shards; 12 readers: records split
+def test_resuming_from_a_position_continues_the_stream(fmnist_shards, rank, world_size, num_workers):
+    kwargs = dict(channels=1, batch_size=8, num_workers=num_workers, seed=5, shuffle_buffer=20, epochs=1,
+                  rank=rank, world_size=world_size)  # fmt: skip
     full = list(make_loader(fmnist_shards["train"], X, **kwargs))
+    cut = 5 if world_size == 1 else 2
     position = StreamPosition()
-    for batch in full[:5]:
+    for batch in full[:cut]:
         position.update(batch["cursor"])
     rest = list(make_loader(fmnist_shards["train"], X, resume=position, **kwargs))
-    keys = [k for b in full[:5] + rest for k in b["key"]]
+    keys = [k for b in full[:cut] + rest for k in b["key"]]
     assert keys == [k for b in full for k in b["key"]]
-    assert torch.equal(rest[0]["views"]["x"], full[5]["views"]["x"])
+    assert torch.equal(rest[0]["views"]["x"], full[cut]["views"]["x"])
     assert StreamPosition.from_state_dict(position.state_dict()).workers == position.workers
-    assert position.workers[0] == Cursor(0, 24)
+    assert position.workers[0] == (Cursor(0, 24) if world_size == 1 else Cursor(0, 8))
+
+
+def test_a_checkpoint_of_a_loader_that_capped_its_workers_continues_with_its_worker_count(fmnist_shards):
+    """Loaders before the record-level split ran min(workers, shards / ranks) workers; such a
+    checkpoint (8 shards, 4 ranks: 2 of 3 workers) resumes exactly with those 2."""
+    kwargs = dict(channels=1, batch_size=4, seed=2, shuffle_buffer=8, epochs=1, rank=1, world_size=4)
+    full = list(make_loader(fmnist_shards["train"], X, num_workers=2, **kwargs))
+    position = StreamPosition()
+    for batch in full[:3]:
+        position.update(batch["cursor"])
+    rest = list(make_loader(fmnist_shards["train"], X, num_workers=3, resume=position, **kwargs))
+    assert [k for b in full[:3] + rest for k in b["key"]] == [k for b in full for k in b["key"]]
+
+
+class KeysAndDraws:
+    """A stand-in for `SampleToViews` that decodes nothing: each record's key and one draw of the
+    RNG the stream seeds per sample (so a resumed stream must reproduce the augmentations too)."""
+
+    normalize: dict = {}
+
+    def __call__(self, raw):
+        return {"views": {}, "params": {}, "label": random.randrange(10**9), "key": raw["__key__"]}
+
+
+def _fake_shards(tmp_path, sizes: list[int]) -> list[str]:
+    urls = []
+    for j, size in enumerate(sizes):
+        urls.append(str(tmp_path / f"f-{j}.tar"))
+        with tarfile.open(urls[-1], "w") as tar:
+            for i in range(size):
+                _tar_member(tar, f"s{j}_{i:02d}.png", b"png")
+    return urls
+
+
+def _stream(urls, rank, world_size, num_workers, monkeypatch, **kw) -> list[dict]:
+    """One reader's batches, as data worker `num_workers` > 0 would see them, in this process."""
+    worker = kw.pop("worker", 0)
+    info = SimpleNamespace(id=worker, num_workers=num_workers) if num_workers else None
+    monkeypatch.setattr("framework.data.get_worker_info", lambda: info)
+    kw = {"batch_size": 1, "seed": 7, "shardshuffle": True, "resampled": False, "shuffle_buffer": 4, "epochs": 2, **kw}
+    return list(ShardStream(urls, KeysAndDraws(), rank=rank, world_size=world_size, **kw))
+
+
+@pytest.mark.parametrize("sizes", [[7], [7, 4], [7, 4, 9], [7, 4, 9, 1, 6]])
+@pytest.mark.parametrize("world_size", [1, 2, 4])
+def test_any_shard_count_over_any_ranks_and_workers_sees_every_key_once_per_epoch(tmp_path, monkeypatch, sizes, world_size):
+    urls = _fake_shards(tmp_path, sizes)
+    every = sorted(f"s{j}_{i:02d}" for j, n in enumerate(sizes) for i in range(n))
+    for num_workers in (0, 1, 2, 3):
+        readers = world_size * max(num_workers, 1)
+        seen: dict[int, list[str]] = {0: [], 1: []}
+        for rank in range(world_size):
+            for worker in range(max(num_workers, 1)):
+                for b in _stream(urls, rank, world_size, num_workers, monkeypatch, worker=worker):
+                    seen[b["cursor"]["epoch"]] += b["key"]
+                stream = ShardStream(urls, KeysAndDraws(), 1, rank=rank, world_size=world_size, seed=7,
+                                     shardshuffle=True, resampled=False, shuffle_buffer=0, epochs=1)  # fmt: skip
+                assert len(stream.shards_for(0, worker, readers // world_size)) <= max(2, -(-len(sizes) // readers))
+        assert sorted(seen[0]) == sorted(seen[1]) == every, (world_size, num_workers)
+
+
+def test_a_record_level_stream_resumed_from_a_cursor_continues_exactly(tmp_path, monkeypatch):
+    urls = _fake_shards(tmp_path, [7, 4, 9])  # 3 shards, 2 ranks x 3 workers: records split
+    for rank, worker in ((0, 0), (1, 2)):
+        full = _stream(urls, rank, 2, 3, monkeypatch, worker=worker, batch_size=2, epochs=3)
+        assert {b["cursor"]["epoch"] for b in full} == {0, 1, 2}
+        for cut in (0, 1, len(full) // 2, len(full) - 2):
+            c = full[cut]["cursor"]
+            rest = _stream(urls, rank, 2, 3, monkeypatch, worker=worker, batch_size=2, epochs=3,
+                           resume={worker: Cursor(c["epoch"], c["emitted"])})  # fmt: skip
+            assert [(b["key"], b["label"].tolist()) for b in rest] == [(b["key"], b["label"].tolist()) for b in full[cut + 1 :]]
+
+
+def test_one_shard_over_more_ranks_than_records_and_an_endless_stream_without_records(tmp_path):
+    write_shards(islice(fashion_mnist(split="test"), 3), str(tmp_path / "one-%02d.tar"))
+    spec = str(tmp_path / "one-00.tar")
+
+    def keys(rank, epochs=1):
+        return keys_of(make_loader(spec, X, channels=1, batch_size=2, num_workers=0, rank=rank, world_size=4, epochs=epochs))
+
+    assert [len(keys(r)) for r in range(4)] == [1, 1, 1, 0] and len({k for r in range(4) for k in keys(r)}) == 3
+    assert len(list(islice(make_loader(spec, X, channels=1, batch_size=2, num_workers=0, rank=2, world_size=4), 3))) == 3
+    with pytest.raises(ValueError, match="rank 3, data worker 0: no records in epoch 0"):
+        keys(3, epochs=None)
 
 
 def _tar_member(tar, name, data: bytes):
@@ -162,12 +252,6 @@ def test_truncated_and_damaged_shards_are_skipped_and_counted(tmp_path):
     assert set(keys[:-4]) < {s.key for s in samples[:4]}  # what precedes the cut
     cursor = batches[-1]["cursor"]
     assert cursor["bad"] == 2 and "s-02.tar" in cursor["last_bad"] and "checksum" in cursor["last_bad"]
-
-
-def test_too_few_shards_for_the_ranks_is_a_clear_error(fmnist_shards, tmp_path):
-    write_shards(islice(fashion_mnist(split="test"), 3), str(tmp_path / "one-%02d.tar"))
-    with pytest.raises(ValueError, match="1 shards cannot be split over 2 ranks"):
-        make_loader(str(tmp_path / "one-00.tar"), X, channels=1, batch_size=2, num_workers=0, world_size=2)
 
 
 def test_resampled_epochs_are_cut_by_epoch_samples_and_draw_shards_per_rank(tmp_path):

@@ -109,8 +109,8 @@ def test_eval_all_protocols(tmp_path, fmnist_shards, capsys):
     assert all(0 < acc <= 1 for acc in result["accuracies"].values())
 
 
-def _launch_two(script: str, *args: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+def _launch(script: str, *args: str, processes: int = 2) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "--main_process_port", str(free_port()), str(ROOT / script), *args]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -123,7 +123,7 @@ def _launch_two(script: str, *args: str) -> subprocess.CompletedProcess:
 def test_two_processes_extract_the_same_features_as_one(tmp_path, fmnist_shards):
     """Each rank encodes half of the shards; every rank gets all features, in sample-key order."""
     out = run_steps(tiny_recipe(tmp_path, fmnist_shards, train={"checkpoint_every": 2}), steps=2)
-    _launch_two("tests/dist_extract.py", str(out), str(tmp_path / "two.pt"))
+    _launch("tests/dist_extract.py", str(out), str(tmp_path / "two.pt"))
     two = torch.load(tmp_path / "two.pt")
     model, recipe, _ = load_run(out)
     one = extract(model, recipe.eval.train, recipe, batch_size=64, num_workers=0)
@@ -135,11 +135,35 @@ def test_two_processes_extract_the_same_features_as_one(tmp_path, fmnist_shards)
 
 
 @pytest.mark.slow
+def test_four_processes_extract_two_eval_shards_and_a_rank_without_samples_as_one_does(tmp_path, fmnist_shards):
+    """4 ranks x 2 workers = 8 readers: 2 shards are split by record; 3 test records leave rank 3
+    with none, and it still takes part in the gathers."""
+    from itertools import islice
+
+    from framework.data import write_shards
+    from framework.sources import fashion_mnist
+
+    samples = list(islice(fashion_mnist(split="test"), 43))
+    two = write_shards(samples[:40], str(tmp_path / "e" / "train-%02d.tar"), maxcount=20)["pattern"]
+    three = write_shards(samples[40:], str(tmp_path / "e" / "test-%02d.tar"))["pattern"]
+    recipe = tiny_recipe(tmp_path, fmnist_shards, eval={"train": two, "test": three}, train={"checkpoint_every": 2})
+    out = run_steps(recipe, steps=2)
+    _launch("tests/dist_extract.py", str(out), str(tmp_path / "four.pt"), processes=4)
+    four = torch.load(tmp_path / "four.pt")
+    model, recipe, _ = load_run(out)
+    for spec, got in ((two, four["train"]), (three, four["capped"])):
+        one = extract(model, spec, recipe, batch_size=64, num_workers=0)
+        assert len(got["labels"]) == len(one["labels"]) == (40 if spec == two else 3)
+        assert torch.equal(got["labels"], one["labels"]) and torch.equal(got["pixels"], one["pixels"])
+        assert torch.allclose(got["features"], one["features"], atol=1e-5)
+
+
+@pytest.mark.slow
 def test_eval_under_accelerate_launch_matches_one_process(tmp_path, fmnist_shards):
     out = run_steps(tiny_recipe(tmp_path, fmnist_shards, train={"checkpoint_every": 2}), steps=2)
     eval_main([str(out), "--protocol", "all", "--epochs", "3"])
     one = json.loads((out / "eval.json").read_text())
-    proc = _launch_two("launch/evaluate.py", str(out), "--protocol", "all", "--epochs", "3")
+    proc = _launch("launch/evaluate.py", str(out), "--protocol", "all", "--epochs", "3")
     assert proc.stdout.count("frozen-feature classifiers, test accuracy (192 train / 96 test images)") == 1
     two = json.loads((out / "eval.json").read_text())
     for p in ("fast", "linear", "knn"):  # same features, same order: at most one test image (1/96) apart

@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import threading
+from itertools import islice
 from pathlib import Path
 
 import pytest
@@ -95,20 +96,40 @@ def test_a_run_over_corrupt_shards_finishes_and_counts_the_planted_bad_records(t
     assert read_metrics(out)[-1]["data.bad_records"] == 3
 
 
-def test_two_processes_with_two_workers_each_see_every_key_exactly_once(tmp_path, fmnist_shards):
+def _keys_per_rank(spec: str, out: Path, processes: int) -> list[list[str]]:
+    """`tests/dist_keys.py` under `accelerate launch` (gloo on CPU, 2 workers a rank): each rank's keys."""
     import os
 
     from framework.testing import free_port
 
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(free_port()), str(ROOT / "tests" / "dist_keys.py"),
-           fmnist_shards["train"], str(tmp_path)]  # fmt: skip
+           "--main_process_port", str(free_port()), str(ROOT / "tests" / "dist_keys.py"), spec, str(out)]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    ranks = [json.loads((tmp_path / f"keys_rank{r}.json").read_text()) for r in (0, 1)]
-    assert all(r["world_size"] == 2 for r in ranks)
-    seen = ranks[0]["keys"] + ranks[1]["keys"]
+    ranks = [json.loads((out / f"keys_rank{r}.json").read_text()) for r in range(processes)]
+    assert all(r["world_size"] == processes for r in ranks)
+    return [r["keys"] for r in ranks]
+
+
+@pytest.mark.slow
+def test_two_processes_with_two_workers_each_see_every_key_exactly_once(tmp_path, fmnist_shards):
+    ranks = _keys_per_rank(fmnist_shards["train"], tmp_path, 2)
+    seen = ranks[0] + ranks[1]
     assert len(seen) == len(set(seen)) == 192, "the union is the dataset and no key is seen twice"
-    assert set(ranks[0]["keys"]).isdisjoint(ranks[1]["keys"])
+    assert set(ranks[0]).isdisjoint(ranks[1])
+
+
+@pytest.mark.slow
+def test_four_processes_with_two_workers_each_over_three_shards_see_every_key_exactly_once(tmp_path):
+    """8 readers, 3 shards: each shard's records are split over the readers instead of whole shards."""
+    from framework.data import write_shards
+    from framework.sources import fashion_mnist
+
+    info = write_shards(islice(fashion_mnist(split="test"), 30), str(tmp_path / "s" / "t-%02d.tar"), maxcount=11)
+    assert [s["samples"] for s in info["shards"]] == [11, 11, 8]
+    ranks = _keys_per_rank(info["pattern"], tmp_path, 4)
+    seen = [k for keys in ranks for k in keys]
+    assert sorted(seen) == sorted(s.key for s in islice(fashion_mnist(split="test"), 30)), "every key exactly once"
+    assert all(len(keys) >= 6 for keys in ranks), [len(keys) for keys in ranks]  # here 6 to 9 of the 30 each
