@@ -27,6 +27,7 @@ A recipe that lists ``plugins: {my_plugin: {scale: 0.1}}`` then trains with the 
 """
 
 from framework.hookspecs import hookimpl
+from framework.precision import at_least_float32, full_precision
 from framework.types import Encoding, PluginConfig, View
 
-__all__ = ["Encoding", "PluginConfig", "View", "hookimpl"]
+__all__ = ["Encoding", "PluginConfig", "View", "at_least_float32", "full_precision", "hookimpl"]

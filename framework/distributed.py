@@ -1,14 +1,15 @@
 """Everything that knows about processes: ranks, the Accelerator, cross-rank gathers.
 
-Plugins may use `rank()`, `world_size()` and `gather_with_grad()` from here, and
-nothing else distributed. Only this module and the engine touch Accelerate.
+Plugins may use `rank()`, `world_size()`, `gather_with_grad()` and `full_parameters()` from
+here, and nothing else distributed. Only this module and the engine touch Accelerate.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from contextlib import AbstractContextManager, nullcontext
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -45,6 +46,23 @@ def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
     return torch.cat(all_gather(tensor.contiguous()), dim=0)
 
 
+def full_parameters(*modules: torch.nn.Module, modify: bool = False) -> AbstractContextManager:
+    """A block in which `modules` hold their full parameters, on every rank.
+
+    Under DeepSpeed ZeRO-3 each rank holds only a partition of every parameter: outside the
+    module's own forward, `param` is an empty placeholder, so reading or updating it (an EMA,
+    copying weights) silently does nothing. This gathers them; it is a collective (every rank
+    must enter), and with `modify=True` the values rank 0 holds on exit are partitioned back.
+    Elsewhere (DDP, ZeRO-1/2, one process) it does nothing.
+    """
+    params = [p for module in modules for p in module.parameters()]
+    if not any(hasattr(p, "ds_id") for p in params):
+        return nullcontext()
+    from deepspeed.runtime.zero.partition_parameters import GatheredParameters
+
+    return GatheredParameters(params, modifier_rank=0 if modify else None)
+
+
 def _deepspeed_without_transformers() -> None:
     """Accelerate 1.15 builds `transformers`' HfDeepSpeedConfig whenever DeepSpeed is set up.
 
@@ -78,10 +96,71 @@ def deepspeed_config(recipe: Recipe, env: Mapping[str, str] = os.environ) -> dic
         ds["zero_optimization"] = zero
     if recipe.distributed.grad_clip is not None:
         ds["gradient_clipping"] = recipe.distributed.grad_clip
-    precision = recipe.distributed.mixed_precision
-    ds.setdefault("bf16", {"enabled": precision == "bf16"})
-    ds.setdefault("fp16", {"enabled": precision == "fp16"})
+    offload = ds["zero_optimization"].get("offload_optimizer", {}).get("device", "none")
+    if offload != "none" and recipe.train.optimizer not in ("adam", "adamw"):
+        # Accelerate replaces any optimizer by DeepSpeedCPUAdam under optimizer offload.
+        raise ValueError(f"distributed: optimizer offload ({offload}) runs DeepSpeed's CPU Adam, not "
+                         f"train.optimizer={recipe.train.optimizer}: use adam/adamw or drop offload_optimizer")  # fmt: skip
+    precision = mixed_precision(recipe, env)
+    if precision != "no" and not any(k in ds for k in ("bf16", "fp16", "torch_autocast")):
+        # DeepSpeed's own bf16/fp16 modes cast the parameters but neither the inputs nor the
+        # buffers (a conv fails on float inputs, BatchNorm's statistics clash); torch_autocast
+        # keeps float32 weights and runs each op in the precision autocast chooses, like DDP.
+        ds["torch_autocast"] = {"enabled": True, "dtype": "bfloat16" if precision == "bf16" else "float16"}
+    ds.setdefault("bf16", {"enabled": False})
+    ds.setdefault("fp16", {"enabled": False})
     return ds
+
+
+def mixed_precision(recipe: Recipe, env: Mapping[str, str] = os.environ) -> str:
+    """The precision in force: the recipe's `distributed.mixed_precision` when it sets one, else the
+    launch's (`accelerate launch --mixed_precision`, its config file: ACCELERATE_MIXED_PRECISION), else "no"."""
+    if recipe.distributed.mixed_precision is not None:
+        return recipe.distributed.mixed_precision
+    launched = env.get("ACCELERATE_MIXED_PRECISION", "no").lower()
+    if launched not in ("no", "bf16", "fp16"):
+        raise ValueError(f"accelerate launch --mixed_precision {launched}: augssl trains in no, bf16 or fp16")
+    return launched
+
+
+def using_deepspeed(env: Mapping[str, str] = os.environ) -> bool:
+    """True under `accelerate launch --use_deepspeed` (or a DeepSpeed config file)."""
+    return env.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+
+
+def check_launch(recipe: Recipe, env: Mapping[str, str] = os.environ) -> None:
+    """Raise ValueError (one line) if the recipe cannot run under this launch; starts nothing."""
+    mixed_precision(recipe, env)
+    if using_deepspeed(env):
+        deepspeed_config(recipe, env)
+
+
+def speed_settings(recipe: Recipe, device_type: str) -> dict[str, bool]:
+    """The speed settings in force on a `device_type` ("cuda", "cpu"): the recipe's, GPU-only ones off elsewhere."""
+    cfg, cuda = recipe.distributed, device_type == "cuda"
+    return {
+        "channels_last": cuda if cfg.channels_last is None else cfg.channels_last,
+        "tf32": cuda and cfg.tf32,
+        "cudnn_benchmark": cuda and cfg.cudnn_benchmark,
+        "compile": recipe.train.compile,
+    }
+
+
+def apply_speed_settings(
+    model: torch.nn.Module, settings: dict[str, bool], units: Iterable[torch.nn.Module] = ()
+) -> dict[str, bool]:
+    """Apply `speed_settings` to the process and to `model` (before `accelerator.prepare`), compiling
+    each of `units` (in place, so state_dict keys and checkpoints stay the same); returns them."""
+    if torch.cuda.is_available():
+        precision = "tf32" if settings["tf32"] else "ieee"
+        torch.backends.cuda.matmul.fp32_precision = torch.backends.cudnn.conv.fp32_precision = precision
+        torch.backends.cudnn.benchmark = settings["cudnn_benchmark"]
+    if settings["channels_last"]:
+        model.to(memory_format=torch.channels_last)
+    if settings["compile"]:
+        for unit in units:
+            unit.compile()
+    return settings
 
 
 def cpu_only_multiprocess() -> bool:
@@ -107,7 +186,7 @@ def build_accelerator(recipe: Recipe, log_with: list[str] | None = None) -> Acce
     from accelerate.utils import DeepSpeedPlugin, ProjectConfiguration
 
     deepspeed_plugin, handlers = None, []
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+    if using_deepspeed():
         _deepspeed_without_transformers()
         ds_config = deepspeed_config(recipe)
         # A launch config file's deepspeed fields are now in `ds_config`; Accelerate would refuse
@@ -121,7 +200,8 @@ def build_accelerator(recipe: Recipe, log_with: list[str] | None = None) -> Acce
             handlers.append(InitProcessGroupKwargs(backend="gloo"))
     return Accelerator(
         cpu=cpu_only_multiprocess() and deepspeed_plugin is None,
-        mixed_precision=recipe.distributed.mixed_precision,
+        # under DeepSpeed the precision is in `ds_config` (torch_autocast)
+        mixed_precision="no" if deepspeed_plugin is not None else mixed_precision(recipe),
         gradient_accumulation_steps=recipe.distributed.accumulation_steps,
         step_scheduler_with_optimizer=False,  # the engine steps the schedule once per optimizer step
         log_with=log_with,

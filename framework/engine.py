@@ -12,11 +12,16 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 
 from framework import checkpoint
 from framework.data import StreamPosition, batch_to_device, clean_x_view, make_loader
-from framework.distributed import build_accelerator
+from framework.distributed import (
+    apply_speed_settings,
+    build_accelerator,
+    mixed_precision,
+    speed_settings,
+)
 from framework.evaluate import online_knn
 from framework.logging import RunLogger
 from framework.manager import PluginHooks
@@ -96,9 +101,13 @@ def train(recipe: Recipe, hooks: PluginHooks) -> Path:
     model = Model(hooks, recipe)
     if recipe.distributed.sync_batchnorm and accelerator.num_processes > 1 and accelerator.device.type == "cuda":
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    units = [module for modules in model.plugins.values() for module in modules.values()]
+    speed = apply_speed_settings(model, speed_settings(recipe, accelerator.device.type), units)
+    deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
     global_batch = recipe.data.batch_size * accelerator.num_processes * recipe.distributed.accumulation_steps
     lr = effective_lr(cfg, global_batch)
-    accelerator.print(f"augssl: global batch {global_batch}, lr {lr:g} (train.lr_scaling={cfg.lr_scaling})")
+    accelerator.print(f"augssl: global batch {global_batch}, lr {lr:g} (train.lr_scaling={cfg.lr_scaling}), "
+                      f"precision {mixed_precision(recipe)}, {' '.join(k for k, on in speed.items() if on) or 'eager'}")  # fmt: skip
     optimizer = build_optimizer(model, recipe, lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
@@ -108,7 +117,7 @@ def train(recipe: Recipe, hooks: PluginHooks) -> Path:
     step, position = 0, StreamPosition()
     resume_from = checkpoint.find_resume(out, cfg.resume)
     if resume_from is not None:
-        state, saved_position = checkpoint.load(accelerator, resume_from)
+        state, saved_position = checkpoint.load(accelerator, resume_from, recipe, scheduler)
         step, position = state["step"], saved_position or StreamPosition()
         accelerator.print(f"augssl: resumed from {resume_from} at step {step}")
     if step >= cfg.steps:
@@ -132,14 +141,18 @@ def train(recipe: Recipe, hooks: PluginHooks) -> Path:
     for batch in rng_isolated(loader):
         position.update(batch["cursor"])
         views, params, labels = batch_to_device(batch, accelerator.device)  # uint8 views normalised on device
+        if speed["channels_last"]:
+            views = {k: v.contiguous(memory_format=torch.channels_last) for k, v in views.items()}
         preview = cfg.preview_every > 0 and (step + 1) % cfg.preview_every == 0
         with accelerator.accumulate(model):
             terms, metrics = model(views, params, labels, step=step, preview=preview)
             loss = weighted_total(terms, weights)
-            # sync point: every rank must agree before backward whether this step is finite
-            if accelerator.reduce(torch.isfinite(loss.detach()).float(), "min").item() < 1:
+            # sync point: skip on every rank if the loss is non-finite on any ("max": Accelerate has no "min")
+            if accelerator.reduce((~torch.isfinite(loss.detach())).float(), "max").item() > 0:
                 bad_in_row, skipped = bad_in_row + 1, skipped + 1
-                optimizer.zero_grad(set_to_none=True)
+                if deepspeed and accelerator.sync_gradients:  # DeepSpeed drops a window with non-finite grads
+                    accelerator.backward(loss * math.nan)
+                optimizer.zero_grad(set_to_none=True)  # DDP: drops the window on its last micro-step
                 if bad_in_row >= cfg.max_bad_steps:
                     raise TrainingError(f"{bad_in_row} non-finite losses in a row at step {step}; "
                                         f"last good checkpoint: {checkpoint.find_resume(out, 'auto')}")  # fmt: skip
@@ -150,6 +163,7 @@ def train(recipe: Recipe, hooks: PluginHooks) -> Path:
                 accelerator.clip_grad_norm_(model.parameters(), recipe.distributed.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            skipped += accelerator.sync_gradients and accelerator.optimizer_step_was_skipped  # fp16 loss scaler
         for name, value in {"loss": loss, **terms, **metrics}.items():
             running[name] = running.get(name, 0) + value.detach().float()
         logger.count_images(len(batch["key"]))

@@ -81,17 +81,25 @@ class TrainConfig(Strict):
     keep_checkpoints: int = Field(2, gt=0)
     resume: str = "auto"  # "auto" (newest complete checkpoint), "never", or a checkpoint path
     max_bad_steps: int = Field(10, gt=0)  # consecutive non-finite steps before stopping
+    compile: bool = False  # torch.compile every plugin module in place (first steps slower: compilation)
 
 
 class DistributedConfig(Strict):
     """How the step is executed; the same recipe runs on 1 CPU or many GPUs."""
 
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    # None: the launch decides (`accelerate launch --mixed_precision`, or its config file); "no"
+    # if launched without one. Set here, the recipe wins over the launch.
+    mixed_precision: Literal["no", "bf16", "fp16"] | None = None
     accumulation_steps: int = Field(1, gt=0)
     grad_clip: float | None = Field(None, gt=0)
     find_unused_parameters: bool = False
     sync_batchnorm: bool = False  # SyncBatchNorm over all ranks (CUDA only; ignored on CPU)
     deepspeed: dict[str, Any] | None = None
+    # GPU speed settings (each a no-op on CPU): channels_last memory format for the model and
+    # the image batches (None: on CUDA), TF32 matmuls and convolutions, cudnn.benchmark.
+    channels_last: bool | None = None
+    tf32: bool = True
+    cudnn_benchmark: bool = True
 
     @field_validator("mixed_precision", mode="before")
     @classmethod

@@ -14,6 +14,7 @@ views reproducible.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Sequence
 from typing import Literal, NamedTuple
 
@@ -58,16 +59,27 @@ def _check_stats(mean: Sequence[float], std: Sequence[float], channels: int) -> 
         raise ValueError(f"mean/std need {channels} values, got {len(mean)}/{len(std)}")
 
 
+@functools.lru_cache(maxsize=64)
+def _per_channel(values: tuple[float, ...], device: torch.device, dtype: torch.dtype) -> Tensor:
+    """Constants (C, 1, 1) on `device`, made once: a host-to-device copy per step would sync the stream."""
+    return torch.tensor(values, dtype=dtype).view(-1, 1, 1).to(device)
+
+
+def _stats(images: Tensor, mean: Sequence[float], std: Sequence[float]) -> tuple[Tensor, Tensor]:
+    key = (images.device, images.dtype)
+    return _per_channel(tuple(map(float, mean)), *key), _per_channel(tuple(map(float, std)), *key)
+
+
 def normalize(images01: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
     """Images (..., C, H, W) on the [0, 1] scale -> normalised `(x - mean) / std`, per channel."""
-    shape = (-1, 1, 1)
-    return (images01 - images01.new_tensor(mean).view(shape)) / images01.new_tensor(std).view(shape)
+    m, s = _stats(images01, mean, std)
+    return (images01 - m) / s
 
 
 def denormalize(images: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
     """Normalised images (..., C, H, W) -> the [0, 1] scale `x * std + mean` (not clamped)."""
-    shape = (-1, 1, 1)
-    return images * images.new_tensor(std).view(shape) + images.new_tensor(mean).view(shape)
+    m, s = _stats(images, mean, std)
+    return images * s + m
 
 
 class Normalize:

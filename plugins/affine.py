@@ -21,6 +21,7 @@ from `plugins.backbones.encoder` when that is set.
 
 from __future__ import annotations
 
+import functools
 from typing import Literal
 
 import torch
@@ -28,7 +29,7 @@ from pydantic import Field, field_validator
 from torch import nn
 from torch.nn import functional as F
 
-from framework import PluginConfig, View, hookimpl
+from framework import PluginConfig, View, at_least_float32, hookimpl
 from framework.views import AFFINE_COMPONENTS, AffineWithParams
 from plugins.backbones import feature_dim
 
@@ -74,6 +75,12 @@ def component_index(components: list[str]) -> list[int]:
     return [AFFINE_COMPONENTS.index(c) for c in components]
 
 
+@functools.lru_cache(maxsize=16)
+def _component_index_on(components: tuple[str, ...], device: torch.device) -> torch.Tensor:
+    """`component_index` as a tensor on `device`, made once (indexing with a list copies it each step)."""
+    return torch.tensor(component_index(list(components)), device=device)
+
+
 @hookimpl
 def config_schema() -> type[PluginConfig]:
     return AffineConfig
@@ -104,6 +111,6 @@ def auxiliary_head(modules, ctx) -> dict[str, torch.Tensor]:
     r1 = ctx.encode(cfg.source).h
     r2 = ctx.encode(VIEW).h
     pred = modules[NAME]["head"](aggregate(r1, r2, cfg.aggregation))
-    idx = component_index(cfg.components)
-    target = ctx.params[VIEW].to(pred.dtype)
-    return {"mse": F.mse_loss(pred[:, idx], target[:, idx])}
+    idx = _component_index_on(tuple(cfg.components), pred.device)
+    pred, target = at_least_float32(pred), at_least_float32(ctx.params[VIEW])  # never cast the target down
+    return {"mse": F.mse_loss(pred.index_select(1, idx), target.index_select(1, idx))}

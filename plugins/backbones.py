@@ -21,7 +21,7 @@ import torch
 import torchvision
 from torch import nn
 
-from framework import Encoding, PluginConfig, hookimpl
+from framework import Encoding, PluginConfig, at_least_float32, full_precision, hookimpl
 
 NAME = "backbones"
 FEATURE_DIMS = {"resnet18": 512, "resnet50": 2048, "conv28": 256}
@@ -90,8 +90,11 @@ class VAEHead(nn.Module):
         self.logvar_range = logvar_range
 
     def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        body = self.body(h)
-        return self.mu(body), self.logvar(body).clamp(*self.logvar_range)
+        """(mu, logvar) in float32 even under autocast: the whole head runs in full precision (the
+        consistency KL between near-equal posteriors is a difference of near-equal numbers)."""
+        with full_precision(h.device):
+            body = self.body(at_least_float32(h))
+            return self.mu(body), self.logvar(body).clamp(*self.logvar_range)
 
 
 def posterior_std(logvar: torch.Tensor) -> torch.Tensor:

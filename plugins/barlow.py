@@ -20,10 +20,10 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from framework import PluginConfig, View, hookimpl
+from framework import PluginConfig, View, at_least_float32, full_precision, hookimpl
 from framework.distributed import gather_with_grad
 from plugins.backbones import feature_dim
-from plugins.simclr import Strength, at_least_float32, mlp, two_views
+from plugins.simclr import Strength, mlp, two_views
 
 NAME = "barlow"
 
@@ -59,7 +59,7 @@ def barlow_twins_loss(
         raise ValueError(
             f"barlow_twins_loss: z1 and z2 must both be (B, D), got {tuple(z1.shape)}, {tuple(z2.shape)}"
         )
-    with torch.autocast(z1.device.type, enabled=False):  # C in (at least) float32, even under AMP
+    with full_precision(z1.device):  # C in (at least) float32, even under AMP
         z1, z2 = gather_with_grad(at_least_float32(z1)), gather_with_grad(at_least_float32(z2))
         n = z1.shape[0]
         c = batch_normalise(z1, eps).T @ batch_normalise(z2, eps) / n  # (D, D)

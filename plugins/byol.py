@@ -32,7 +32,8 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from framework import PluginConfig, View, hookimpl
+from framework import PluginConfig, View, at_least_float32, hookimpl
+from framework.distributed import full_parameters
 from plugins import backbones
 from plugins.backbones import feature_dim
 from plugins.simclr import Strength, mlp, two_views
@@ -91,19 +92,22 @@ def ema_update(target: nn.Module, online: nn.Module, tau: float) -> None:
 def initialise_target(modules) -> None:
     """Copy the online weights (parameters and buffers) into the target unless it already holds some.
 
-    Uses `torch.where` on the `initialised` flag, so no value is read back to the host.
+    Uses `torch.where` on the `initialised` flag, so no value is read back to the host; under
+    ZeRO-3 on the gathered parameters (`full_parameters`), which are empty placeholders otherwise.
     """
     target = modules[NAME]["target"]
     done = target.initialised
     for t_part, o_part in online_pairs(modules):
-        online = o_part.state_dict()
-        for name, value in t_part.state_dict().items():
-            value.copy_(torch.where(done, value, online[name].to(value.dtype)))
+        with full_parameters(t_part, o_part, modify=True):
+            online = o_part.state_dict()
+            for name, value in t_part.state_dict().items():
+                value.copy_(torch.where(done, value, online[name].to(value.dtype)))
     done.fill_(True)
 
 
 def byol_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """`2 - 2 cos(p, z)` averaged over the batch (one direction of the symmetric loss)."""
+    p, z = at_least_float32(p), at_least_float32(z)
     return (2 - 2 * nn.functional.cosine_similarity(p, z, dim=1)).mean()
 
 
@@ -149,7 +153,7 @@ def regularize(modules, ctx) -> dict[str, torch.Tensor]:
     with torch.no_grad():
         z1, z2 = own["target"](v1), own["target"](v2)
     tau = momentum_at(ctx.step, ctx.config.train.steps, cfg.base_momentum, cfg.final_momentum)
-    ctx.metrics[f"{NAME}.tau"] = torch.tensor(tau, device=p1.device)
+    ctx.metrics[f"{NAME}.tau"] = torch.full((), tau, device=p1.device)  # no host-to-device copy
     return {"loss": byol_loss(p1, z2) + byol_loss(p2, z1)}
 
 
@@ -158,4 +162,5 @@ def on_train_step_end(modules, step: int, config) -> None:
     cfg: BYOLConfig = config.plugins[NAME]
     tau = momentum_at(step - 1, config.train.steps, cfg.base_momentum, cfg.final_momentum)
     for target, online in online_pairs(modules):
-        ema_update(target, online, tau)
+        with full_parameters(target, online, modify=True):  # ZeRO-3: partitioned outside forward
+            ema_update(target, online, tau)

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from framework import PluginConfig, View, hookimpl
+from framework import PluginConfig, View, at_least_float32, full_precision, hookimpl
 from framework.distributed import gather_with_grad, rank
 from framework.views import simclr_view
 from plugins.backbones import feature_dim
@@ -73,11 +73,6 @@ def two_views(config, strength: Strength | None) -> dict[str, View]:
     return {"v1": view, "v2": view}
 
 
-def at_least_float32(z: torch.Tensor) -> torch.Tensor:
-    """`z` in float32 if it is half precision (losses over the global batch are computed in fp32)."""
-    return z.to(torch.promote_types(z.dtype, torch.float32))
-
-
 def mlp(in_dim: int, hidden_dim: int, out_dim: int, layers: int = 2) -> nn.Sequential:
     """`layers - 1` x (Linear + BatchNorm1d + ReLU), then Linear(hidden_dim, out_dim)."""
     body: list[nn.Module] = []
@@ -110,9 +105,7 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5) -> tor
             f"nt_xent: z1 and z2 must both be (B, d), got {tuple(z1.shape)} and {tuple(z2.shape)}"
         )
     b = z1.shape[0]
-    with torch.autocast(
-        z1.device.type, enabled=False
-    ):  # logits in (at least) float32, even under AMP
+    with full_precision(z1.device):  # logits in (at least) float32, even under AMP
         z1, z2 = (F.normalize(at_least_float32(z), dim=1) for z in (z1, z2))
         all1, all2 = gather_with_grad(z1), gather_with_grad(z2)  # (N, d) each, rank order
         n = all1.shape[0]

@@ -1,7 +1,8 @@
 """Likelihoods and KL divergences shared by the autoencoding plugins (METHODS.md 1-3).
 
 Every term is summed over pixels / latent dimensions and averaged over the batch, so
-reconstruction and KL stay on the same scale.
+reconstruction and KL stay on the same scale. Every term is computed in (at least) float32,
+whatever precision autocast ran the decoder in.
 """
 
 from __future__ import annotations
@@ -9,16 +10,18 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
+from framework import at_least_float32
 from framework.views import denormalize, normalize
 
 
 def gaussian_nll(x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """-log p(x|z) for a unit-variance Gaussian, constants dropped: 0.5 * ||x - x_hat||^2 over C,H,W."""
-    return 0.5 * (x_hat - x).pow(2).flatten(1).sum(1).mean()
+    return 0.5 * (at_least_float32(x_hat) - at_least_float32(x)).pow(2).flatten(1).sum(1).mean()
 
 
 def bernoulli_nll(logits: torch.Tensor, target01: torch.Tensor) -> torch.Tensor:
     """-log p(x|z) for a Bernoulli likelihood (BCE with logits) over C,H,W; target in [0, 1]."""
+    logits, target01 = at_least_float32(logits), at_least_float32(target01)
     return F.binary_cross_entropy_with_logits(logits, target01, reduction="none").flatten(1).sum(1).mean()
 
 
@@ -50,7 +53,7 @@ def _std(logvar: torch.Tensor) -> torch.Tensor:
 
 def kl_standard_normal(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     """Analytic KL(N(mu, std^2) || N(0, I)), summed over latent dims, averaged over the batch."""
-    std = _std(logvar)
+    mu, std = at_least_float32(mu), _std(at_least_float32(logvar))
     return (0.5 * (std.pow(2) + mu.pow(2) - 1) - torch.log(std)).sum(1).mean()
 
 
@@ -59,5 +62,6 @@ def kl_gaussians(mu_q: torch.Tensor, logvar_q: torch.Tensor, mu_p: torch.Tensor,
 
     Uses the standard deviation exp(logvar/2) (CR-VAE's code took exp(logvar) as the std: a bug).
     """
-    std_q, std_p = _std(logvar_q), _std(logvar_p)
+    mu_q, mu_p = at_least_float32(mu_q), at_least_float32(mu_p)
+    std_q, std_p = _std(at_least_float32(logvar_q)), _std(at_least_float32(logvar_p))
     return (torch.log(std_p / std_q) + (std_q.pow(2) + (mu_q - mu_p).pow(2)) / (2 * std_p.pow(2)) - 0.5).sum(1).mean()

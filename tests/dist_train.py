@@ -3,9 +3,14 @@
     accelerate launch --multi_gpu --num_processes 2 tests/dist_train.py RECIPE [key=value ...]
 
 A plugin (through the public API) saves every rank's modules after the last step to
-`<output_dir>/weights_rank<R>.pt`, so a test can check that the ranks agree.
+`<output_dir>/weights_rank<R>.pt`, so a test can check that the ranks agree; another can make
+one rank's loss NaN at one micro-step, or record the autocast state the hooks run under
+(environment variables, see `NaNOnRank`).
 """
 
+import json
+import math
+import os
 import sys
 from pathlib import Path
 
@@ -26,6 +31,28 @@ class DumpWeights:
             torch.save(state, Path(config.output_dir) / f"weights_rank{distributed.rank()}.pt")
 
 
+class NaNOnRank:
+    """`AUGSSL_TEST_NAN=R:K`: a term that is NaN on rank R at forward K (0-based micro-steps), else 0;
+    `AUGSSL_TEST_AUTOCAST=path`: write the autocast state seen inside the hooks on the first forward."""
+
+    def __init__(self) -> None:
+        rank, call = os.environ.get("AUGSSL_TEST_NAN", "-1:-1").split(":")
+        self.rank, self.call, self.calls = int(rank), int(call), 0
+
+    @hookimpl
+    def regularize(self, ctx):
+        x = ctx.views["x"]
+        if (path := os.environ.get("AUGSSL_TEST_AUTOCAST")) and self.calls == 0:
+            h = ctx.encode("x").h
+            state = {"enabled": torch.is_autocast_enabled(x.device.type), "h": str(h.dtype),
+                     "dtype": str(torch.get_autocast_dtype(x.device.type))}  # fmt: skip
+            Path(path).with_name(f"{Path(path).name}.rank{distributed.rank()}").write_text(json.dumps(state))
+        bad = distributed.rank() == self.rank and self.calls == self.call
+        self.calls += 1
+        return {"nan": torch.full((), math.nan if bad else 0.0, device=x.device)}
+
+
 if __name__ == "__main__":
-    recipe, hooks = load_recipe(sys.argv[1], sys.argv[2:], extra_plugins={"dump": DumpWeights()})
+    extra = {"dump": DumpWeights(), "nan": NaNOnRank()}
+    recipe, hooks = load_recipe(sys.argv[1], sys.argv[2:], extra_plugins=extra)
     train(recipe, hooks)
