@@ -3,11 +3,26 @@
 A checkpoint is written to `checkpoints/step_<N>.tmp/` and renamed to `step_<N>/`
 only once every rank has finished writing, so a kill during a save leaves the
 previous checkpoint intact; an unfinished `.tmp` folder is never loaded.
+
+Every checkpoint has the full model (parameters and buffers) in `model.safetensors`, with
+the model's state_dict names: Accelerate writes it under DDP; under DeepSpeed (whose own
+partitioned files are in `pytorch_model/`) rank 0 consolidates the fp32 weights from those
+files into it, for any ZeRO stage, so `augssl eval` and `augssl export` read every run alike.
+
+Resuming on another number of processes works under DDP: model, optimizer and schedule are
+restored, the data stream and every rank's RNG are reseeded with `train.seed + step`, and
+with `train.lr_scaling: linear` the new global batch's lr replaces the saved one. DeepSpeed
+cannot re-split its partitioned optimizer state, so there (and between DDP and DeepSpeed) a
+resume stops with a one-line `CheckpointError` before anything is loaded.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import math
+import os
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -18,10 +33,17 @@ from framework.data import StreamPosition
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
+    from torch.optim.lr_scheduler import LambdaLR
 
     from framework.recipe import Recipe
 
 STATE_FILE = "trainer_state.json"
+WEIGHTS_FILE = "model.safetensors"
+DEEPSPEED_TAG = "pytorch_model"  # the folder (DeepSpeed "tag") Accelerate's save_state gives the engine
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint this launch cannot continue; the message (one line) says what to do instead."""
 
 
 def checkpoint_root(output_dir: str | Path) -> Path:
@@ -50,6 +72,41 @@ def find_resume(output_dir: str | Path, resume: str) -> Path | None:
     return path
 
 
+def launch_state(accelerator: Accelerator, recipe: Recipe) -> dict[str, Any]:
+    """What a checkpoint records about the launch that wrote it: processes, DeepSpeed and its ZeRO stage, global batch."""
+    from accelerate.utils import DistributedType
+
+    deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+    return {
+        "world_size": accelerator.num_processes,
+        "deepspeed": deepspeed,
+        "zero_stage": accelerator.deepspeed_config["zero_optimization"]["stage"] if deepspeed else None,
+        "global_batch": recipe.data.batch_size * accelerator.num_processes * recipe.distributed.accumulation_steps,
+    }
+
+
+def consolidate_deepspeed_weights(path: Path) -> Path:
+    """Write `path/model.safetensors`: every parameter in fp32, gathered from the ZeRO partitions of all
+    ranks that DeepSpeed wrote in `path/pytorch_model/` (stage 1-3), and every buffer (rank 0's)."""
+    import torch
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from safetensors.torch import save_file
+
+    if not list((path / DEEPSPEED_TAG).glob("zero_pp_rank_*optim_states.pt")):  # stage 0: the whole module
+        state = torch.load(path / DEEPSPEED_TAG / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+        state = {name: t.float() if t.is_floating_point() else t for name, t in state["module"].items()}
+    else:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # its progress
+            state = get_fp32_state_dict_from_zero_checkpoint(str(path), tag=DEEPSPEED_TAG)
+    # the parameters are views of one flat vector per group; safetensors wants each its own storage
+    tensors = {name: t.detach().clone().contiguous() for name, t in state.items()}
+    out = path / WEIGHTS_FILE
+    partial = out.with_name(f"{out.name}.{os.getpid()}.tmp")
+    save_file(tensors, str(partial), metadata={"format": "pt"})
+    partial.replace(out)  # atomic: a reader never sees half a file
+    return out
+
+
 def save(
     accelerator: Accelerator,
     recipe: Recipe,
@@ -70,8 +127,11 @@ def save(
     (tmp / f"data_rank{rank}.json").write_text(json.dumps(position.state_dict()))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        launch = launch_state(accelerator, recipe)
+        if launch["deepspeed"]:
+            consolidate_deepspeed_weights(tmp)  # every rank's partition is on disk now
         (tmp / "recipe.yaml").write_text(yaml.safe_dump(recipe.resolved(), sort_keys=False))
-        state = {"step": step, "world_size": accelerator.num_processes, **(extra or {})}
+        state = {"step": step, **launch, **(extra or {})}
         (tmp / STATE_FILE).write_text(json.dumps(state))  # last file: marks the folder complete
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
@@ -81,23 +141,99 @@ def save(
     return final
 
 
-def load(accelerator: Accelerator, path: Path) -> tuple[dict[str, Any], StreamPosition | None]:
+def _describe(launch: dict[str, Any]) -> str:
+    n = launch["world_size"]
+    processes = f"{n} process{'es' if n != 1 else ''}"
+    if not launch["deepspeed"]:
+        return f"{processes} without DeepSpeed"
+    stage = launch.get("zero_stage")
+    return f"{processes} of DeepSpeed" + (f" ZeRO-{stage}" if stage is not None else "")
+
+
+def check_resumable(path: Path, saved: dict[str, Any], now: dict[str, Any]) -> None:
+    """Raise CheckpointError if a launch like `now` cannot continue the checkpoint whose trainer state is `saved`.
+
+    DDP continues at any world size. DeepSpeed's optimizer state is partitioned per rank and
+    stage, so a DeepSpeed checkpoint needs the same processes and stage, and neither format
+    loads into the other. (Checkpoints from before `deepspeed` was recorded: DeepSpeed if it has
+    `pytorch_model/`.)
+    """
+    saved = {"deepspeed": (path / DEEPSPEED_TAG).is_dir(), "zero_stage": None, **saved}
+    same_stage = saved["zero_stage"] in (None, now["zero_stage"])
+    if saved["deepspeed"] == now["deepspeed"] and (
+        not now["deepspeed"] or (saved["world_size"] == now["world_size"] and same_stage)
+    ):
+        return
+    if saved["deepspeed"]:
+        flags = f"--use_deepspeed --num_processes {saved['world_size']}"
+        flags += f" --zero_stage {saved['zero_stage']}" if saved["zero_stage"] is not None else ""
+        why = "DeepSpeed cannot re-split its partitioned optimizer state"
+    else:
+        flags, why = f"--num_processes {now['world_size']} without --use_deepspeed", "DeepSpeed cannot load it"
+    raise CheckpointError(
+        f"checkpoint {path} was written by {_describe(saved)}, this launch has {_describe(now)} ({why}): "
+        f"relaunch with {flags}, or start a new run (train.resume=never or another output_dir); "
+        "augssl eval and augssl export read it as it is"
+    )
+
+
+def rebase_lr(scheduler: LambdaLR, base_lrs: list[float]) -> list[float] | None:
+    """Give a restored LambdaLR `base_lrs` (one per param group) and its optimizer's groups the lr
+    base x lr_lambda(step) they imply now; returns the replaced base lrs, or None if they were the same."""
+    old = list(scheduler.base_lrs)
+    if len(old) == len(base_lrs) and all(math.isclose(a, b, rel_tol=1e-12) for a, b in zip(old, base_lrs, strict=True)):
+        return None
+    scheduler.base_lrs = list(base_lrs)
+    groups = scheduler.optimizer.param_groups
+    for group, base, factor in zip(groups, base_lrs, scheduler.lr_lambdas, strict=True):
+        group["initial_lr"], group["lr"] = base, base * factor(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in groups]
+    return old
+
+
+def load(
+    accelerator: Accelerator, path: Path, recipe: Recipe, scheduler: Any = None
+) -> tuple[dict[str, Any], StreamPosition | None]:
     """Restore model/optimizer/scheduler/RNG states; returns the trainer state and this rank's data position.
 
-    The data position is None when the checkpoint was written by a different number of
-    processes (the stream is then reseeded instead of continued).
+    Raises CheckpointError (before loading anything) if this launch cannot continue the
+    checkpoint (`check_resumable`). The data position is None when the checkpoint was written by
+    a different number of processes: the stream is then reseeded instead of continued, and so is
+    every rank's RNG (`train.seed + step`; Accelerate has no saved state for a new rank). The
+    schedule (`scheduler`, the engine's LambdaLR, maybe wrapped by Accelerate) keeps its step
+    but takes this launch's base lrs, which differ after a world-size change under
+    `train.lr_scaling: linear` or a changed `train.lr`; one line says so.
     """
-    accelerator.load_state(str(path))
+    from accelerate.utils import set_seed
+
     state = json.loads((path / STATE_FILE).read_text())
+    now = launch_state(accelerator, recipe)
+    check_resumable(path, state, now)
+    lambda_lr = getattr(scheduler, "scheduler", scheduler)  # Accelerate's AcceleratedScheduler wraps it
+    base_lrs = list(lambda_lr.base_lrs) if lambda_lr is not None else None  # this launch's, before the load
+    accelerator.load_state(str(path))
+    same_world = state.get("world_size") == accelerator.num_processes
+    if not same_world:
+        set_seed(recipe.train.seed + state["step"])
+    if base_lrs is not None and (old := rebase_lr(lambda_lr, base_lrs)) is not None:
+        accelerator.print(f"augssl: lr {old[0]:g} -> {base_lrs[0]:g} on resume (global batch "
+                          f"{state.get('global_batch', '?')} -> {now['global_batch']}, "
+                          f"train.lr_scaling={recipe.train.lr_scaling})")  # fmt: skip
     rank_file = path / f"data_rank{accelerator.process_index}.json"
-    if state.get("world_size") != accelerator.num_processes or not rank_file.is_file():
+    if not same_world or not rank_file.is_file():
         return state, None
     return state, StreamPosition.from_state_dict(json.loads(rank_file.read_text()))
 
 
 def model_weights_file(path: Path) -> Path:
-    """The model's weights inside a checkpoint folder (Accelerate's naming)."""
-    for name in ("model.safetensors", "pytorch_model.bin"):
+    """The model's weights inside a checkpoint folder (Accelerate's naming).
+
+    A DeepSpeed checkpoint written before augssl consolidated its weights gets its
+    `model.safetensors` now, from DeepSpeed's files.
+    """
+    for name in (WEIGHTS_FILE, "pytorch_model.bin"):
         if (path / name).is_file():
             return path / name
-    raise FileNotFoundError(f"{path}: no model weights (model.safetensors) in checkpoint")
+    if (path / DEEPSPEED_TAG).is_dir():
+        return consolidate_deepspeed_weights(path)
+    raise FileNotFoundError(f"{path}: no model weights ({WEIGHTS_FILE}) in checkpoint")

@@ -1,8 +1,9 @@
 """The `augssl` command: train, shards, eval, export, plot, plugins.
 
 `augssl train RECIPE [key=value ...]` is `launch/train.py`; under `accelerate launch`
-use the launch scripts. A bad recipe exits with status 2 and one line on stderr,
-before anything starts.
+use the launch scripts. A bad recipe, or a checkpoint the launch cannot resume (e.g. a
+DeepSpeed run relaunched on another number of processes), exits with status 2 and one line
+on stderr, before anything is trained or loaded.
 """
 
 from __future__ import annotations
@@ -31,9 +32,23 @@ def train_main(argv: Sequence[str]) -> None:
         recipe, hooks = load_recipe(argv[0], list(argv[1:]))
     except RecipeError as exc:
         _fail(str(exc))
+    from framework.distributed import check_launch
     from framework.engine import train
 
-    train(recipe, hooks)
+    try:
+        check_launch(recipe)  # what the launch adds (precision, DeepSpeed's stage and offload)
+    except ValueError as exc:
+        _fail(str(exc))
+    from framework.checkpoint import CheckpointError
+
+    try:
+        train(recipe, hooks)
+    except CheckpointError as exc:  # a checkpoint this launch cannot resume: every rank stops, one prints
+        from framework.distributed import rank
+
+        if rank() != 0:
+            raise SystemExit(EXIT_USAGE) from None
+        _fail(str(exc))
 
 
 def eval_main(argv: Sequence[str]) -> None:
