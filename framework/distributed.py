@@ -94,19 +94,23 @@ def deepspeed_config(recipe: Recipe, env: Mapping[str, str] = os.environ) -> dic
             if device != "none":
                 zero[f"offload_{what}"] = {"device": device}
         ds["zero_optimization"] = zero
-    if recipe.distributed.grad_clip is not None:
-        ds["gradient_clipping"] = recipe.distributed.grad_clip
+    # DeepSpeed 0.19 clips at norm 1.0 unless told otherwise; DDP clips only when the recipe says
+    ds["gradient_clipping"] = recipe.distributed.grad_clip or 0.0
     offload = ds["zero_optimization"].get("offload_optimizer", {}).get("device", "none")
     if offload != "none" and recipe.train.optimizer not in ("adam", "adamw"):
         # Accelerate replaces any optimizer by DeepSpeedCPUAdam under optimizer offload.
         raise ValueError(f"distributed: optimizer offload ({offload}) runs DeepSpeed's CPU Adam, not "
                          f"train.optimizer={recipe.train.optimizer}: use adam/adamw or drop offload_optimizer")  # fmt: skip
     precision = mixed_precision(recipe, env)
-    if precision != "no" and not any(k in ds for k in ("bf16", "fp16", "torch_autocast")):
-        # DeepSpeed's own bf16/fp16 modes cast the parameters but neither the inputs nor the
-        # buffers (a conv fails on float inputs, BatchNorm's statistics clash); torch_autocast
-        # keeps float32 weights and runs each op in the precision autocast chooses, like DDP.
-        ds["torch_autocast"] = {"enabled": True, "dtype": "bfloat16" if precision == "bf16" else "float16"}
+    if precision == "fp16" and not any(k in ds for k in ("bf16", "fp16", "torch_autocast")):
+        # DeepSpeed's fp16 mode casts parameters, not inputs; under torch_autocast fp16 its ZeRO
+        # optimizers return on an overflow before the grad scaler's update, so the scale never drops.
+        raise ValueError("DeepSpeed with fp16: use bf16 (GPUs since A100), or fp16 without DeepSpeed (DDP)")
+    if precision == "bf16" and not any(k in ds for k in ("bf16", "fp16", "torch_autocast")):
+        # DeepSpeed's own bf16 mode casts the parameters but neither the inputs nor the buffers (a conv
+        # fails on float inputs, BatchNorm's statistics clash); torch_autocast keeps float32 weights and
+        # runs each op in the precision autocast chooses, like DDP.
+        ds["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
     ds.setdefault("bf16", {"enabled": False})
     ds.setdefault("fp16", {"enabled": False})
     return ds

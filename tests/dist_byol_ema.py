@@ -31,10 +31,12 @@ class RecordEMA:
     @hookimpl
     def on_train_step_end(self, modules, step, config):
         pairs = online_pairs(modules)
+        partitioned = sum(p.numel() for t, _ in pairs for p in t.parameters())  # 0 when ZeRO-3 partitions them
         with distributed.full_parameters(*(m for pair in pairs for m in pair)):
             self.records[step] = {
                 "target": torch.cat([flat(t) for t, _ in pairs]),
                 "online": torch.cat([flat(o) for _, o in pairs]),
+                "partitioned": partitioned,
             }
         if step == config.train.steps:
             torch.save(self.records, Path(config.output_dir) / f"ema_rank{distributed.rank()}.pt")

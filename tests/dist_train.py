@@ -33,11 +33,12 @@ class DumpWeights:
 
 class NaNOnRank:
     """`AUGSSL_TEST_NAN=R:K`: a term that is NaN on rank R at forward K (0-based micro-steps), else 0;
+    `AUGSSL_TEST_NAN=R:K:grad`: a term that is 0 there but whose gradient is NaN;
     `AUGSSL_TEST_AUTOCAST=path`: write the autocast state seen inside the hooks on the first forward."""
 
     def __init__(self) -> None:
-        rank, call = os.environ.get("AUGSSL_TEST_NAN", "-1:-1").split(":")
-        self.rank, self.call, self.calls = int(rank), int(call), 0
+        rank, call, *grad = os.environ.get("AUGSSL_TEST_NAN", "-1:-1").split(":")
+        self.rank, self.call, self.calls, self.grad = int(rank), int(call), 0, bool(grad)
 
     @hookimpl
     def regularize(self, ctx):
@@ -49,6 +50,8 @@ class NaNOnRank:
             Path(path).with_name(f"{Path(path).name}.rank{distributed.rank()}").write_text(json.dumps(state))
         bad = distributed.rank() == self.rank and self.calls == self.call
         self.calls += 1
+        if bad and self.grad:  # d sqrt(u)/du at u = 0 is inf; times d(h * 0)/dh = 0: NaN gradients
+            return {"nan": torch.sqrt((ctx.encode("x").h * 0).sum())}
         return {"nan": torch.full((), math.nan if bad else 0.0, device=x.device)}
 
 
