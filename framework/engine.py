@@ -1,8 +1,21 @@
 """The training loop under Accelerate: forward (all hooks), weighted sum, backward, step.
 
-`train()` reads top to bottom: set-up, then one loop whose body is the step. The only
-CPU-GPU sync points are the non-finite check (one scalar per step) and the log
-(one `.tolist()` per `train.log_every` steps); both are marked.
+`train()` reads top to bottom: set-up, then one loop whose body is the step.
+
+Host-device sync points of a step (constants such as normalisation statistics are cached
+on the device; `tests/test_gpu_path.py` checks that a step of every built-in plugin makes no
+tensor from host data):
+
+1. The non-finite vote: one all-reduce ("max") and one scalar read per micro-step (marked).
+2. The log: one all-reduce and one `.tolist()` per `train.log_every` steps (marked).
+3. fp16 only (DDP on CUDA): the grad scaler reads its inf/NaN flag at every optimizer step.
+4. Inside DeepSpeed: ZeRO reads the global gradient norm (its overflow check) per optimizer step.
+5. By request only: preview images (`train.preview_every`), the online k-NN
+   (`eval.knn_every`) and checkpoints (`train.checkpoint_every`).
+
+Everything else (data cursors, the lr schedule, BYOL's momentum, beta warm-up) is host
+arithmetic or a device op queued without waiting; batches arrive with `non_blocking` copies
+from pinned memory.
 """
 
 from __future__ import annotations
