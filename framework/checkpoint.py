@@ -14,16 +14,28 @@ restored, the data stream and every rank's RNG are reseeded with `train.seed + s
 with `train.lr_scaling: linear` the new global batch's lr replaces the saved one. DeepSpeed
 cannot re-split its partitioned optimizer state, so there (and between DDP and DeepSpeed) a
 resume stops with a one-line `CheckpointError` before anything is loaded.
+
+Integrity: rank 0 writes `checksums.json` (size and BLAKE2b of every file of the folder) after
+every rank has written its files and before `trainer_state.json`, the file that marks the
+folder complete. `verify` checks one folder (sizes first, then hashes in 8 MiB chunks, files
+in parallel); `framework.runfolder` verifies only the checkpoint it resumes from. Folders in
+`checkpoints/` other than `step_<digits>` (`step_N.tmp`, `step_N.damaged`, `step_N.bak`, ...)
+are never considered. A save that fails on any rank (a full disk) removes its `.tmp` folder,
+keeps the earlier checkpoints and stops every rank with a one-line `CheckpointError`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import hashlib
 import io
 import json
 import math
 import os
+import re
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -40,6 +52,9 @@ if TYPE_CHECKING:
 STATE_FILE = "trainer_state.json"
 WEIGHTS_FILE = "model.safetensors"
 DEEPSPEED_TAG = "pytorch_model"  # the folder (DeepSpeed "tag") Accelerate's save_state gives the engine
+CHECKSUMS_FILE = "checksums.json"
+_STEP_FOLDER = re.compile(r"step_(\d+)")  # a checkpoint's name; anything else in checkpoints/ is ignored
+_CHUNK = 8 << 20  # bytes hashed per read
 
 
 class CheckpointError(RuntimeError):
@@ -51,25 +66,118 @@ def checkpoint_root(output_dir: str | Path) -> Path:
 
 
 def complete_checkpoints(output_dir: str | Path) -> list[Path]:
-    """Complete checkpoints, oldest first (a folder without its state file is incomplete)."""
+    """Complete checkpoints, oldest first: folders named `step_<digits>` holding their state file
+    (`step_N.tmp`, `step_N.damaged`, `step_N.bak`, `step_x` and plain files are ignored)."""
     root = checkpoint_root(output_dir)
     if not root.is_dir():
         return []
-    done = [p for p in root.glob("step_*") if p.suffix != ".tmp" and (p / STATE_FILE).is_file()]
-    return sorted(done, key=lambda p: int(p.name.removeprefix("step_")))
+    done = [(int(m[1]), p) for p in root.iterdir() if (m := _STEP_FOLDER.fullmatch(p.name)) and (p / STATE_FILE).is_file()]
+    return [p for _, p in sorted(done)]
 
 
 def find_resume(output_dir: str | Path, resume: str) -> Path | None:
-    """The checkpoint `train.resume` points at: `auto` = newest complete, `never` = none, else a path."""
-    if resume == "never":
+    """The checkpoint `train.resume` points at: `auto` = newest complete, `never`/`fresh` = none, else a
+    path (CheckpointError if it is not a complete checkpoint). Nothing is verified here (`verify`)."""
+    if resume in ("never", "fresh"):
         return None
     if resume == "auto":
         done = complete_checkpoints(output_dir)
         return done[-1] if done else None
     path = Path(resume)
     if not (path / STATE_FILE).is_file():
-        raise FileNotFoundError(f"train.resume: {path} is not a complete checkpoint (no {STATE_FILE})")
+        why = "no such folder" if not path.exists() else f"no {STATE_FILE}: an unfinished or foreign folder"
+        raise CheckpointError(f"train.resume: {path} is not a complete checkpoint ({why}); "
+                              "give a checkpoints/step_<N> folder, or train.resume=auto")  # fmt: skip
     return path
+
+
+def _relative_files(folder: Path) -> list[str]:
+    """Every file of a checkpoint folder (recursively) except the two written after the checksums."""
+    return sorted(
+        p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() and p.name not in (CHECKSUMS_FILE, STATE_FILE)
+    )
+
+
+def _digest(path: Path) -> str:
+    h = hashlib.blake2b(digest_size=32)
+    with path.open("rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)  # hashlib releases the GIL: files hash in parallel threads
+    return h.hexdigest()
+
+
+def _digests(folder: Path, names: list[str]) -> list[str]:
+    with ThreadPoolExecutor(max_workers=max(1, min(8, len(names), os.cpu_count() or 1))) as pool:
+        return list(pool.map(lambda name: _digest(folder / name), names))
+
+
+def write_checksums(folder: Path) -> Path:
+    """`folder/checksums.json`: the size and BLAKE2b-256 of every file in the folder."""
+    names = _relative_files(folder)
+    files = {n: {"bytes": (folder / n).stat().st_size, "blake2b": d} for n, d in zip(names, _digests(folder, names), strict=True)}
+    out = folder / CHECKSUMS_FILE
+    out.write_text(json.dumps({"algorithm": "blake2b-256", "files": files}, indent=1))
+    return out
+
+
+def verify(folder: Path) -> str | None:
+    """None if checkpoint `folder` is intact, else what is wrong with it (a phrase naming the file).
+
+    Checks the state file parses, every file in `checksums.json` is there with its size (cheap),
+    then every file's hash. A checkpoint written before augssl wrote checksums has none to check.
+    """
+    try:
+        state = json.loads((folder / STATE_FILE).read_text())
+    except (OSError, ValueError) as exc:
+        return f"{STATE_FILE} is unreadable ({exc.__class__.__name__})"
+    listed = folder / CHECKSUMS_FILE
+    if not listed.is_file():
+        return f"{CHECKSUMS_FILE} is missing" if state.get("checksums") else None
+    try:
+        files = json.loads(listed.read_text())["files"]
+    except (OSError, ValueError, KeyError) as exc:
+        return f"{CHECKSUMS_FILE} is unreadable ({exc.__class__.__name__})"
+    for name, info in files.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if (size := path.stat().st_size) != info["bytes"]:
+            return f"{name} has {size} bytes, {info['bytes']} were written"
+    names = list(files)
+    for name, digest in zip(names, _digests(folder, names), strict=True):
+        if digest != files[name]["blake2b"]:
+            return f"{name} does not match its checksum"
+    return None
+
+
+def _os_error(exc: BaseException) -> str:
+    """One line for a failed write: `ENOSPC (No space left on device): <file>`."""
+    if isinstance(exc, OSError) and exc.errno is not None:
+        code = errno.errorcode.get(exc.errno, str(exc.errno))
+        return f"{code} ({exc.strerror})" + (f": {exc.filename}" if exc.filename else "")
+    return f"{exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+
+
+def _agree(accelerator: Accelerator, error: str | None, tmp: Path, output_dir: str | Path) -> None:
+    """A barrier at which every rank learns whether any rank failed to write `tmp`; if one did, rank 0
+    removes `tmp` and every rank raises the same CheckpointError (no rank is left waiting)."""
+    errors = [error]
+    if accelerator.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        errors = gather_object([error])
+    failed = next((e for e in errors if e), None)
+    if failed is None:
+        return
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    kept = complete_checkpoints(output_dir)
+    raise CheckpointError(
+        f"checkpoint {tmp.name.removesuffix('.tmp')} could not be written ({failed}): removed {tmp}; "
+        + (f"the previous checkpoints are kept (newest {kept[-1].name}, where train.resume=auto continues)"
+           if kept else "there is no earlier checkpoint")  # fmt: skip
+        + "; free space (or fix the folder) and rerun"
+    )
 
 
 def launch_state(accelerator: Accelerator, recipe: Recipe) -> dict[str, Any]:
@@ -118,26 +226,38 @@ def save(
     root = checkpoint_root(recipe.output_dir)
     final = root / f"step_{step:08d}"
     tmp = final.with_name(final.name + ".tmp")
+    error = None
     if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    rank = accelerator.process_index
-    (tmp / f"data_rank{rank}.json").write_text(json.dumps(position.state_dict()))
-    accelerator.wait_for_everyone()
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        except OSError as exc:
+            error = _os_error(exc)
+    _agree(accelerator, error, tmp, recipe.output_dir)
+    try:
+        accelerator.save_state(str(tmp))
+        rank = accelerator.process_index
+        (tmp / f"data_rank{rank}.json").write_text(json.dumps(position.state_dict()))
+    except Exception as exc:  # noqa: BLE001  any rank's failure (safetensors wraps ENOSPC in its own error) stops all
+        error = _os_error(exc)
+    _agree(accelerator, error, tmp, recipe.output_dir)  # every rank has written its files
     if accelerator.is_main_process:
-        launch = launch_state(accelerator, recipe)
-        if launch["deepspeed"]:
-            consolidate_deepspeed_weights(tmp)  # every rank's partition is on disk now
-        (tmp / "recipe.yaml").write_text(yaml.safe_dump(recipe.resolved(), sort_keys=False))
-        state = {"step": step, **launch, **(extra or {})}
-        (tmp / STATE_FILE).write_text(json.dumps(state))  # last file: marks the folder complete
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
-        for old in complete_checkpoints(recipe.output_dir)[: -recipe.train.keep_checkpoints]:
-            shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
+        try:
+            launch = launch_state(accelerator, recipe)
+            if launch["deepspeed"]:
+                consolidate_deepspeed_weights(tmp)  # every rank's partition is on disk now
+            (tmp / "recipe.yaml").write_text(yaml.safe_dump(recipe.resolved(), sort_keys=False))
+            write_checksums(tmp)
+            state = {"step": step, **launch, "checksums": CHECKSUMS_FILE, **(extra or {})}
+            (tmp / STATE_FILE).write_text(json.dumps(state))  # last file: marks the folder complete
+            shutil.rmtree(final, ignore_errors=True)
+            tmp.rename(final)
+        except Exception as exc:  # noqa: BLE001
+            error = _os_error(exc)
+        else:
+            for old in complete_checkpoints(recipe.output_dir)[: -recipe.train.keep_checkpoints]:
+                shutil.rmtree(old, ignore_errors=True)
+    _agree(accelerator, error, tmp, recipe.output_dir)
     return final
 
 
@@ -172,7 +292,7 @@ def check_resumable(path: Path, saved: dict[str, Any], now: dict[str, Any]) -> N
         flags, why = f"--num_processes {now['world_size']} without --use_deepspeed", "DeepSpeed cannot load it"
     raise CheckpointError(
         f"checkpoint {path} was written by {_describe(saved)}, this launch has {_describe(now)} ({why}): "
-        f"relaunch with {flags}, or start a new run (train.resume=never or another output_dir); "
+        f"relaunch with {flags}, or start over (train.resume=fresh, or another output_dir); "
         "augssl eval and augssl export read it as it is"
     )
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from accelerate.utils import DistributedType, set_seed
 
-from framework import checkpoint
+from framework import checkpoint, runfolder
 from framework.data import StreamPosition, batch_to_device, clean_x_view, make_loader
 from framework.distributed import (
     apply_speed_settings,
@@ -39,7 +39,7 @@ from framework.evaluate import online_knn
 from framework.logging import RunLogger
 from framework.manager import PluginHooks
 from framework.model import Model, weighted_total
-from framework.recipe import Recipe, TrainConfig, write_resolved
+from framework.recipe import Recipe, TrainConfig
 
 
 class TrainingError(RuntimeError):
@@ -107,9 +107,7 @@ def train(recipe: Recipe, hooks: PluginHooks) -> Path:
     """Pretrain as the recipe says; returns the output folder. Resumes per `train.resume`."""
     cfg, out = recipe.train, Path(recipe.output_dir)
     accelerator = build_accelerator(recipe, log_with=list(cfg.log_with))
-    if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        write_resolved(recipe, out / "recipe.yaml")
+    lock = runfolder.open_run(accelerator, recipe)  # rank 0 holds output_dir's lock until train() returns
     set_seed(cfg.seed)
     model = Model(hooks, recipe)
     if recipe.distributed.sync_batchnorm and accelerator.num_processes > 1 and accelerator.device.type == "cuda":
@@ -128,7 +126,7 @@ def train(recipe: Recipe, hooks: PluginHooks) -> Path:
     plugin_modules, weights = unwrapped.plugins, unwrapped.weights()
 
     step, position = 0, StreamPosition()
-    resume_from = checkpoint.find_resume(out, cfg.resume)
+    resume_from = runfolder.resume_point(accelerator, recipe, unwrapped, lock)  # intact, compatible; writes recipe.yaml
     if resume_from is not None:
         state, saved_position = checkpoint.load(accelerator, resume_from, recipe, scheduler)
         step, position = state["step"], saved_position or StreamPosition()

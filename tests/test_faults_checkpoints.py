@@ -1,0 +1,262 @@
+"""Attacks on a run folder and its checkpoints, each with real processes and real files: a second
+run on a busy folder, a stale lock, resume=never/fresh, an incompatible recipe, damaged, truncated
+and missing checkpoint files, stray folders, a full disk during a save, bad paths; and a
+2-process run that checkpoints, verifies and falls back."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+
+from framework import checkpoint, runfolder
+from framework.testing import free_port, read_metrics, run_steps, tiny_recipe, write_recipe
+from tests.test_scale import ENV, ONE_NODE, ROOT, final_weights
+
+TRAIN = ROOT / "launch" / "train.py"
+
+
+def train(args: list[str], script=TRAIN, timeout: int = 180, **popen) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(script), *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=ENV, cwd=ROOT, **popen)
+
+
+def one_error(proc: subprocess.CompletedProcess) -> str:
+    """The single line a refused run prints on stderr (exit 2, no traceback)."""
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("augssl: error: ")]
+    assert proc.returncode == 2 and len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    return errors[0].removeprefix("augssl: error: ")
+
+
+def snapshot(out) -> dict[str, bytes]:
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+
+
+def finite_losses(out) -> bool:
+    return all(math.isfinite(r["loss"]) for r in read_metrics(out))
+
+
+@pytest.fixture
+def trained(tmp_path, fmnist_shards):
+    """A recipe file and its run folder trained 3 steps with a checkpoint at every step (2 kept)."""
+    recipe = tiny_recipe(tmp_path, fmnist_shards, train={"checkpoint_every": 1, "steps": 3, "log_with": []})
+    path = write_recipe(tmp_path / "r.yaml", recipe)
+    out = run_steps(recipe)
+    assert [p.name for p in checkpoint.complete_checkpoints(out)] == ["step_00000002", "step_00000003"]
+    return path, out
+
+
+def test_a_second_run_on_a_busy_folder_stops_at_once_and_the_first_finishes_alone(tmp_path, fmnist_shards):
+    recipe = tiny_recipe(tmp_path, fmnist_shards, train={"steps": 150, "log_every": 50, "checkpoint_every": 50,
+                                                          "log_with": []})  # fmt: skip
+    path, out = write_recipe(tmp_path / "r.yaml", recipe), tmp_path / "run"
+    first = subprocess.Popen([sys.executable, str(TRAIN), str(path)], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env=ENV, cwd=ROOT)  # fmt: skip
+    deadline = time.monotonic() + 120
+    while not (out / runfolder.LOCK_FILE).exists() and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    holder = json.loads((out / runfolder.LOCK_FILE).read_text())
+    assert holder["pid"] == first.pid and {"host", "started"} <= holder.keys()
+    second = train([path, "train.lr=0.5", "train.steps=2"])
+    assert first.poll() is None, "the first run was still training when the second stopped"
+    error = one_error(second)
+    assert error.startswith(f"{out} is in use by another run (pid {first.pid} on "), error
+    _, err = first.communicate(timeout=180)
+    assert first.returncode == 0, err[-3000:]
+    assert yaml.safe_load((out / "recipe.yaml").read_text())["train"]["lr"] == 1e-3, "the first run's recipe"
+    assert [r["step"] for r in read_metrics(out)] == [50, 100, 150], "the first run's metrics only"
+    assert [p.name for p in checkpoint.complete_checkpoints(out)] == ["step_00000100", "step_00000150"]
+    assert not (out / runfolder.LOCK_FILE).exists(), "released at the end"
+
+
+def test_a_stale_lock_of_a_dead_process_is_taken_over(tmp_path, fmnist_shards):
+    recipe = tiny_recipe(tmp_path, fmnist_shards, train={"log_with": []})
+    path, out = write_recipe(tmp_path / "r.yaml", recipe), tmp_path / "run"
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    out.mkdir()
+    (out / runfolder.LOCK_FILE).write_text(json.dumps({"host": os.uname().nodename, "pid": gone.pid, "started": "then"}))
+    proc = train([path])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"taking over the stale lock of a run that is gone (pid {gone.pid} on" in proc.stdout
+    assert [r["step"] for r in read_metrics(out)] == [1, 2] and not (out / runfolder.LOCK_FILE).exists()
+
+
+def test_resume_never_refuses_a_folder_with_checkpoints(trained):
+    path, out = trained
+    before = snapshot(out)
+    error = one_error(train([path, "train.resume=never"]))
+    assert error.startswith(f"train.resume=never: {out} holds another run's checkpoints (newest step_00000003)")
+    assert "train.resume=fresh" in error
+    assert snapshot(out) == before, "nothing written"
+
+
+def test_resume_fresh_moves_the_previous_run_aside_and_starts_at_step_0(trained):
+    path, out = trained
+    before = snapshot(out)
+    proc = train([path, "train.resume=fresh", "train.steps=2"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (moved,) = (out / runfolder.PREVIOUS).iterdir()
+    assert f"moved the previous run in {out} to {moved}" in proc.stdout and "resumed" not in proc.stdout
+    assert snapshot(moved) == before, "the old run, whole, in previous/<time>/"
+    assert [r["step"] for r in read_metrics(out)] == [1, 2]
+    assert [p.name for p in checkpoint.complete_checkpoints(out)] == ["step_00000001", "step_00000002"]
+    assert checkpoint.find_resume(moved, "auto").name == "step_00000003", "still a run folder eval/export read"
+
+
+def test_an_incompatible_recipe_is_refused_naming_the_key_and_recipe_yaml_is_kept(trained):
+    path, out = trained
+    before = snapshot(out)
+    error = one_error(train([path, "train.steps=5", "plugins.backbones.latent_dim=32"]))
+    assert error.startswith("train.resume: checkpoint step_00000003 was trained with plugins.backbones.latent_dim=16, "
+                            "this recipe has 32: "), error  # fmt: skip
+    error = one_error(train([path, "train.steps=5", "data.num_workers=2", "plugins.probe={}"]))
+    assert "holds the modules of plugins ['backbones'], this recipe builds ['backbones', 'probe']" in error
+    error = one_error(train([path, "train.steps=5", "data.num_workers=2"]))
+    assert "was trained with data.num_workers=0, this recipe has 2" in error
+    assert snapshot(out) == before, "recipe.yaml (and everything else) untouched"
+    proc = train([path, "train.steps=4", "train.lr=0.002", "train.log_every=2", "eval.batch_size=32"])
+    assert proc.returncode == 0 and "resumed from" in proc.stdout, proc.stderr[-3000:]
+    assert yaml.safe_load((out / "recipe.yaml").read_text())["train"]["lr"] == 0.002, "allowed changes are taken"
+
+
+def damage(ckpt, how: str) -> str:
+    """Damage one file of a checkpoint; returns what verify should say."""
+    if how == "random bytes":
+        weights = ckpt / "model.safetensors"
+        data = bytearray(weights.read_bytes())
+        data[len(data) // 2 : len(data) // 2 + 4096] = os.urandom(4096)
+        weights.write_bytes(bytes(data))
+        return "model.safetensors does not match its checksum"
+    if how == "truncated":
+        optimizer = ckpt / "optimizer.bin"
+        size = optimizer.stat().st_size
+        optimizer.write_bytes(optimizer.read_bytes()[: size // 3])
+        return f"optimizer.bin has {size // 3} bytes, {size} were written"
+    (ckpt / "random_states_0.pkl").unlink()
+    return "random_states_0.pkl is missing"
+
+
+@pytest.mark.parametrize("how", ["random bytes", "truncated", "missing"])
+def test_a_damaged_newest_checkpoint_is_named_kept_aside_and_the_previous_one_resumed(trained, tmp_path, fmnist_shards,
+                                                                                      how):  # fmt: skip
+    path, out = trained
+    newest = checkpoint.complete_checkpoints(out)[-1]
+    why = damage(newest, how)
+    assert checkpoint.verify(newest) == why and checkpoint.verify(newest.with_name("step_00000002")) is None
+    proc = train([path, "train.steps=4"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [line for line in proc.stdout.splitlines() if " is damaged " in line]
+    assert lines == [f"augssl: checkpoint {newest} is damaged ({why}): kept as step_00000003.damaged; "
+                     "resuming from step_00000002"]  # fmt: skip
+    assert f"resumed from {newest.with_name('step_00000002')} at step 2" in proc.stdout
+    assert (newest.with_name("step_00000003.damaged")).is_dir(), "never deleted"
+    assert [r["step"] for r in read_metrics(out)] == [1, 2, 3, 3, 4] and finite_losses(out)
+    assert [p.name for p in checkpoint.complete_checkpoints(out)] == ["step_00000003", "step_00000004"]
+    if how == "random bytes":  # the fallback is exact: the same weights as an uninterrupted run
+        whole = run_steps(tiny_recipe(tmp_path / "whole", fmnist_shards, train={"steps": 4, "log_with": []}))
+        a, b = final_weights(whole), final_weights(out)
+        assert not [k for k in a if not torch.equal(a[k], b[k])]
+
+
+def test_every_checkpoint_damaged_stops_with_one_line_and_renames_nothing(trained):
+    path, out = trained
+    for ckpt in checkpoint.complete_checkpoints(out):
+        damage(ckpt, "truncated")
+    error = one_error(train([path, "train.steps=4"]))
+    assert error.startswith(f"train.resume=auto: every checkpoint in {out / 'checkpoints'} is damaged (newest "
+                            "step_00000003: optimizer.bin has "), error  # fmt: skip
+    assert [p.name for p in checkpoint.complete_checkpoints(out)] == ["step_00000002", "step_00000003"]
+
+
+def test_an_explicit_damaged_or_missing_resume_path_stops_before_anything_is_created(trained, tmp_path):
+    path, out = trained
+    error = one_error(train([path, "train.resume=/no/such/step_1", f"output_dir={tmp_path / 'new'}"]))
+    assert error == ("train.resume: /no/such/step_1 is not a complete checkpoint (no such folder); give a "
+                     "checkpoints/step_<N> folder, or train.resume=auto")  # fmt: skip
+    newest = checkpoint.complete_checkpoints(out)[-1]
+    why = damage(newest, "random bytes")
+    error = one_error(train([path, f"train.resume={newest}", f"output_dir={tmp_path / 'new'}", "train.steps=4"]))
+    assert error.startswith(f"train.resume: checkpoint {newest} is damaged ({why})")
+    assert not (tmp_path / "new").exists(), "nothing created"
+
+
+@pytest.mark.xfail(strict=True, reason="framework/evaluate.py load_run reads <checkpoint>/recipe.yaml unchecked "
+                                       "(RecipeError, not caught by eval_main): outside this change's files")  # fmt: skip
+def test_eval_of_a_missing_checkpoint_is_one_line(trained, tmp_path):
+    _, out = trained
+    proc = train(["eval", out, "--checkpoint", tmp_path / "nope"], script=ROOT / "framework" / "cli.py")
+    one_error(proc)
+
+
+def test_stray_folders_and_files_in_checkpoints_are_ignored(trained):
+    path, out = trained
+    root = checkpoint.checkpoint_root(out)
+    newest = checkpoint.complete_checkpoints(out)[-1]
+    subprocess.run(["cp", "-r", str(newest), str(root / "step_00000009.bak")], check=True)
+    (root / "step_x").mkdir()
+    (root / "step_x" / checkpoint.STATE_FILE).write_text("{}")
+    (root / "step_00000010").write_text("not a folder")
+    (root / "notes.txt").write_text("hi")
+    proc = train([path, "train.steps=5"])
+    assert proc.returncode == 0 and f"resumed from {newest} at step 3" in proc.stdout, proc.stderr[-3000:]
+    assert sorted(p.name for p in root.iterdir()) == ["notes.txt", "step_00000004", "step_00000005",
+                                                       "step_00000009.bak", "step_00000010", "step_x"]  # fmt: skip
+
+
+def test_a_full_disk_during_a_save_removes_the_partial_folder_keeps_the_previous_ones_and_stops(trained):
+    path, out = trained
+    proc = train(["5", path, "train.steps=6"], script=ROOT / "tests" / "fault_train.py")
+    error = one_error(proc)
+    tmp = checkpoint.checkpoint_root(out) / "step_00000005.tmp"
+    assert error.startswith(f"checkpoint step_00000005 could not be written (ENOSPC (No space left on device): {tmp}/"), error
+    assert error.endswith(f"removed {tmp}; the previous checkpoints are kept (newest step_00000004, where "
+                          "train.resume=auto continues); free space (or fix the folder) and rerun")  # fmt: skip
+    assert not tmp.exists()
+    kept = checkpoint.complete_checkpoints(out)
+    assert [p.name for p in kept] == ["step_00000003", "step_00000004"] and all(checkpoint.verify(p) is None for p in kept)
+    proc = train([path, "train.steps=6"])
+    assert proc.returncode == 0 and "at step 4" in proc.stdout, proc.stderr[-3000:]
+    assert [p.name for p in checkpoint.complete_checkpoints(out)] == ["step_00000005", "step_00000006"]
+
+
+def launch2(args: list[str]) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", *ONE_NODE,
+           "--main_process_port", str(free_port()), str(TRAIN), *map(str, args)]  # fmt: skip
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=ENV, cwd=ROOT)
+
+
+@pytest.mark.slow
+def test_two_processes_checkpoint_with_checksums_fall_back_and_stop_together_on_a_busy_folder(tmp_path, fmnist_shards):
+    """DDP on 2 processes (gloo): checksums cover both ranks' files; a damaged newest checkpoint is
+    skipped on both ranks alike; a folder locked by another process stops both ranks, one line."""
+    recipe = tiny_recipe(tmp_path, fmnist_shards, train={"checkpoint_every": 1, "steps": 2, "log_with": []})
+    path, out = write_recipe(tmp_path / "r.yaml", recipe), tmp_path / "run"
+    proc = launch2([path])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    newest = checkpoint.complete_checkpoints(out)[-1]
+    files = json.loads((newest / checkpoint.CHECKSUMS_FILE).read_text())["files"]
+    assert {"data_rank0.json", "data_rank1.json", "model.safetensors", "random_states_1.pkl"} <= files.keys()
+    damage(newest, "random bytes")
+    proc = launch2([path, "train.steps=3"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("is damaged (model.safetensors does not match its checksum)") == 1
+    assert f"resumed from {newest.with_name('step_00000001')} at step 1" in proc.stdout
+    assert [p.name for p in checkpoint.complete_checkpoints(out)] == ["step_00000002", "step_00000003"]
+    assert finite_losses(out)
+    lock = runfolder.RunLock.acquire(out)  # another live run (this process) holds the folder
+    try:
+        proc = launch2([path, "train.steps=4"])
+    finally:
+        lock.release()
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("augssl: error: ")]
+    assert proc.returncode != 0 and len(errors) == 1, proc.stderr[-3000:]
+    assert f"{out} is in use by another run (pid {os.getpid()} on" in errors[0]
+    assert checkpoint.complete_checkpoints(out)[-1].name == "step_00000003"
