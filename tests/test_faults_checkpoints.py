@@ -53,6 +53,7 @@ def trained(tmp_path, fmnist_shards):
     return path, out
 
 
+@pytest.mark.slow
 def test_a_second_run_on_a_busy_folder_stops_at_once_and_the_first_finishes_alone(tmp_path, fmnist_shards):
     recipe = tiny_recipe(tmp_path, fmnist_shards, train={"steps": 150, "log_every": 50, "checkpoint_every": 50,
                                                           "log_with": []})  # fmt: skip
