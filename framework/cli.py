@@ -32,6 +32,12 @@ def train_main(argv: Sequence[str]) -> None:
         recipe, hooks = load_recipe(argv[0], list(argv[1:]))
     except RecipeError as exc:
         _fail(str(exc))
+    train_or_exit(recipe, hooks)
+
+
+def train_or_exit(recipe, hooks) -> None:
+    """Train a validated recipe; what stops it early becomes one line and an exit status: 2 for a
+    launch or checkpoint it cannot run with, `EXIT_PREEMPTED` (75) after a signal's checkpoint."""
     from framework.distributed import check_launch
     from framework.engine import train
 
@@ -40,15 +46,27 @@ def train_main(argv: Sequence[str]) -> None:
     except ValueError as exc:
         _fail(str(exc))
     from framework.checkpoint import CheckpointError
+    from framework.distributed import CollectiveTimeout, rank
+    from framework.engine import TrainingError
+    from framework.preemption import EXIT_PREEMPTED, Preempted
 
     try:
         train(recipe, hooks)
     except CheckpointError as exc:  # a checkpoint this launch cannot resume: every rank stops, one prints
-        from framework.distributed import rank
-
         if rank() != 0:
             raise SystemExit(EXIT_USAGE) from None
         _fail(str(exc))
+    except Preempted as exc:  # SIGTERM/SIGINT/SIGUSR1: this step is checkpointed; exit "try again"
+        if rank() == 0:
+            print(f"augssl: {exc}", file=sys.stderr)
+        raise SystemExit(EXIT_PREEMPTED) from None
+    except CollectiveTimeout as exc:  # every rank that waited says so: it names itself
+        print(f"augssl: error: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
+    except TrainingError as exc:  # too many non-finite steps or bad records: the same on every rank
+        if rank() == 0:
+            print(f"augssl: error: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 def eval_main(argv: Sequence[str]) -> None:

@@ -35,6 +35,7 @@ from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 from torchvision.transforms import v2
 
+from framework.preemption import workers_ignore_stop_signals
 from framework.recipe import shard_urls
 from framework.sources import Sample
 from framework.types import View
@@ -520,4 +521,5 @@ def make_loader(
         pin_memory=pin_memory,
         prefetch_factor=4 if num_workers else None,
         persistent_workers=False,
+        worker_init_fn=workers_ignore_stop_signals,  # the trainer stops them after its checkpoint
     )

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from collections.abc import Iterable, Mapping
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -61,6 +62,28 @@ def full_parameters(*modules: torch.nn.Module, modify: bool = False) -> Abstract
     from deepspeed.runtime.zero.partition_parameters import GatheredParameters
 
     return GatheredParameters(params, modifier_rank=0 if modify else None)
+
+
+class CollectiveTimeout(RuntimeError):
+    """A collective whose other ranks did not answer within `distributed.timeout_seconds`, or died."""
+
+
+@contextmanager
+def collective(what: str) -> Iterator[None]:
+    """Name the collective inside: a gloo timeout, or a peer that closed its connection (a dead rank),
+    becomes one line saying which rank waited for what. (NCCL's own watchdog aborts the process
+    with its message instead, which names the rank and the operation.)"""
+    try:
+        yield
+    except RuntimeError as exc:
+        text = str(exc)
+        if "timed out" in text.lower() or "timeout" in text.lower():
+            why = "the other ranks did not answer within distributed.timeout_seconds"
+        elif "connection closed" in text.lower() or "connection reset" in text.lower():
+            why = "another rank died (see its log)"
+        else:
+            raise
+        raise CollectiveTimeout(f"rank {rank()} of {world_size()}: {what}: {why}") from None
 
 
 def _deepspeed_without_transformers() -> None:
@@ -189,7 +212,7 @@ def build_accelerator(recipe: Recipe, log_with: list[str] | None = None) -> Acce
     from accelerate import Accelerator, DistributedDataParallelKwargs, InitProcessGroupKwargs
     from accelerate.utils import DeepSpeedPlugin, ProjectConfiguration
 
-    deepspeed_plugin, handlers = None, []
+    deepspeed_plugin, group = None, {"timeout": timedelta(seconds=recipe.distributed.timeout_seconds)}
     if using_deepspeed():
         _deepspeed_without_transformers()
         ds_config = deepspeed_config(recipe)
@@ -201,7 +224,7 @@ def build_accelerator(recipe: Recipe, log_with: list[str] | None = None) -> Acce
             # `cpu=True` would drop DeepSpeed (Accelerate then picks MULTI_CPU); without it and
             # without a device Accelerate finds no backend and runs every rank as rank 0 of 1.
             # Naming gloo makes DeepSpeed's CPU accelerator initialise the process group.
-            handlers.append(InitProcessGroupKwargs(backend="gloo"))
+            group["backend"] = "gloo"
     return Accelerator(
         cpu=cpu_only_multiprocess() and deepspeed_plugin is None,
         # under DeepSpeed the precision is in `ds_config` (torch_autocast)
@@ -212,7 +235,7 @@ def build_accelerator(recipe: Recipe, log_with: list[str] | None = None) -> Acce
         project_config=ProjectConfiguration(project_dir=recipe.output_dir, logging_dir=recipe.output_dir),
         kwargs_handlers=[
             DistributedDataParallelKwargs(find_unused_parameters=recipe.distributed.find_unused_parameters),
-            *handlers,
+            InitProcessGroupKwargs(**group),
         ],
         deepspeed_plugin=deepspeed_plugin,
     )

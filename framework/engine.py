@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from accelerate.utils import DistributedType, set_seed
@@ -32,6 +33,7 @@ from framework.data import StreamPosition, batch_to_device, clean_x_view, make_l
 from framework.distributed import (
     apply_speed_settings,
     build_accelerator,
+    collective,
     mixed_precision,
     speed_settings,
 )
@@ -39,7 +41,11 @@ from framework.evaluate import online_knn
 from framework.logging import RunLogger
 from framework.manager import PluginHooks
 from framework.model import Model, weighted_total
+from framework.preemption import Preempted, StopRequests
 from framework.recipe import Recipe, TrainConfig
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
 
 
 class TrainingError(RuntimeError):
@@ -86,6 +92,36 @@ def build_views(recipe: Recipe, hooks: PluginHooks) -> dict:
     return {"x": clean_x_view(recipe.data), **hooks.augment(recipe)}
 
 
+def vote(accelerator: Accelerator, loss: torch.Tensor, signum: int) -> tuple[bool, int]:
+    """What every rank must agree on before backward: is the loss non-finite on any rank, and has any
+    rank been asked to stop (the signal's number, 0 for none). One all-reduce ("max": Accelerate's
+    `reduce` has no "min"; anything but "max" is a sum) and one read of two scalars."""
+    flags = torch.stack([(~torch.isfinite(loss.detach())).float(), torch.full((), float(signum), device=loss.device)])
+    nonfinite, signalled = accelerator.reduce(flags, "max").tolist()
+    return nonfinite > 0, int(signalled)
+
+
+def interval_means(accelerator: Accelerator, running: dict[str, torch.Tensor], position: StreamPosition,
+                   micro_steps: int) -> dict[str, float]:  # fmt: skip
+    """The log interval's mean of every running sum over all ranks and micro-steps, and the data
+    counters summed over ranks (`data.bad_records`, `data.seen`): one all-reduce, one `.tolist()`."""
+    names = sorted(running)
+    counts = torch.tensor([float(position.bad_total), float(position.seen_total)])
+    stats = torch.cat([torch.stack([running[n] for n in names]), counts.to(accelerator.device)])
+    values = accelerator.reduce(stats, "sum").tolist()  # sync point: one per log interval
+    n = accelerator.num_processes * micro_steps
+    return {**{name: v / n for name, v in zip(names, values, strict=False)},
+            "data.bad_records": values[-2], "data.seen": values[-1]}  # fmt: skip
+
+
+def logged_lrs(recipe: Recipe, optimizer: torch.optim.Optimizer, scheduler: Any, lr: float) -> dict[str, float]:
+    """`lr`: the learning rate of `train.lr` now (`lr`, scheduled); `lr/<plugin>` for each plugin
+    with its own `lr` (e.g. the online probe), as the scheduler set its param group."""
+    own = {name for name, cfg in recipe.plugins.items() if getattr(cfg, "lr", None) is not None}
+    groups = zip((g.get("plugin") for g in optimizer.param_groups), scheduler.get_last_lr(), strict=False)
+    return {"lr": lr, **{f"lr/{plugin}": value for plugin, value in groups if plugin in own}}
+
+
 def rng_isolated(batches: Iterable[dict]) -> Iterator[dict]:
     """The loader's batches, fetched without touching this process's global RNG.
 
@@ -122,7 +158,9 @@ def train(recipe: Recipe, hooks: PluginHooks) -> Path:
     optimizer = build_optimizer(model, recipe, lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    unwrapped = accelerator.unwrap_model(model)
+    unwrapped = model
+    while not isinstance(unwrapped, Model):  # DDP's or DeepSpeed's wrapper (unwrap_model imports DeepSpeed)
+        unwrapped = unwrapped.module
     plugin_modules, weights = unwrapped.plugins, unwrapped.weights()
 
     step, position = 0, StreamPosition()
@@ -149,71 +187,74 @@ def train(recipe: Recipe, hooks: PluginHooks) -> Path:
     bad_in_row = skipped = 0
 
     model.train()
-    for batch in rng_isolated(loader):
-        position.update(batch["cursor"])
-        views, params, labels = batch_to_device(batch, accelerator.device)  # uint8 views normalised on device
-        if speed["channels_last"]:
-            views = {k: v.contiguous(memory_format=torch.channels_last) for k, v in views.items()}
-        preview = cfg.preview_every > 0 and (step + 1) % cfg.preview_every == 0
-        with accelerator.accumulate(model):
-            terms, metrics = model(views, params, labels, step=step, preview=preview)
-            loss = weighted_total(terms, weights)
-            # sync point: skip on every rank if the loss is non-finite on any ("max": Accelerate has no "min")
-            if accelerator.reduce((~torch.isfinite(loss.detach())).float(), "max").item() > 0:
-                bad_in_row, skipped = bad_in_row + 1, skipped + 1
-                if deepspeed and accelerator.sync_gradients:  # DeepSpeed drops a window with non-finite grads
-                    accelerator.backward(loss * math.nan)
-                optimizer.zero_grad(set_to_none=True)  # DDP: drops the window on its last micro-step
-                if bad_in_row >= cfg.max_bad_steps:
-                    raise TrainingError(f"{bad_in_row} non-finite losses in a row at step {step}; "
-                                        f"last good checkpoint: {checkpoint.find_resume(out, 'auto')}")  # fmt: skip
-                continue
-            bad_in_row = 0
-            accelerator.backward(loss)
-            if accelerator.sync_gradients and recipe.distributed.grad_clip is not None:
-                accelerator.clip_grad_norm_(model.parameters(), recipe.distributed.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            skipped += accelerator.sync_gradients and accelerator.optimizer_step_was_skipped  # fp16 loss scaler
-        for name, value in {"loss": loss, **terms, **metrics}.items():
-            running[name] = running.get(name, 0) + value.detach().float()
-        logger.count_images(len(batch["key"]))
-        if not accelerator.sync_gradients:
-            continue  # a micro-step of gradient accumulation
+    signum, saved, logged_at = 0, None, step
+    with StopRequests() as stop:  # SIGTERM/SIGINT/SIGUSR1: finish this step, checkpoint it, stop
+        for batch in rng_isolated(loader):
+            position.update(batch["cursor"])
+            views, params, labels = batch_to_device(batch, accelerator.device)  # uint8 views normalised on device
+            if speed["channels_last"]:
+                views = {k: v.contiguous(memory_format=torch.channels_last) for k, v in views.items()}
+            preview = cfg.preview_every > 0 and (step + 1) % cfg.preview_every == 0
+            with accelerator.accumulate(model):
+                terms, metrics = model(views, params, labels, step=step, preview=preview)
+                loss = weighted_total(terms, weights)
+                with collective(f"step {step + 1}: the non-finite/stop vote"):  # sync point: one per micro-step
+                    nonfinite, signalled = vote(accelerator, loss, stop.signum)
+                signum = signum or signalled
+                if nonfinite:  # on some rank: every rank skips this micro-step
+                    bad_in_row, skipped = bad_in_row + 1, skipped + 1
+                    if deepspeed and accelerator.sync_gradients:  # DeepSpeed drops a window with non-finite grads
+                        accelerator.backward(loss * math.nan)
+                    optimizer.zero_grad(set_to_none=True)  # DDP: drops the window on its last micro-step
+                    if bad_in_row >= cfg.max_bad_steps:
+                        raise TrainingError(f"{bad_in_row} non-finite losses in a row at step {step}; "
+                                            f"last good checkpoint: {checkpoint.find_resume(out, 'auto')}")  # fmt: skip
+                    continue
+                bad_in_row = 0
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and recipe.distributed.grad_clip is not None:
+                    accelerator.clip_grad_norm_(model.parameters(), recipe.distributed.grad_clip)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                skipped += accelerator.sync_gradients and accelerator.optimizer_step_was_skipped  # fp16 loss scaler
+            for name, value in {"loss": loss, **terms, **metrics}.items():
+                running[name] = running.get(name, 0) + value.detach().float()
+            logger.count_images(len(batch["key"]))
+            if not accelerator.sync_gradients:
+                continue  # a micro-step of gradient accumulation
 
-        step += 1
-        scheduler.step()
-        with torch.no_grad():
-            hooks.on_train_step_end(plugin_modules, step, recipe)
-        logger.advance()
-        if preview:
-            logger.preview(step, {**views, **unwrapped.preview_images}, recipe.data.mean, recipe.data.std)
-        if step % cfg.log_every == 0 or step == cfg.steps:
-            names = sorted(running)
-            stats = torch.stack([running[n] for n in names] + [torch.tensor(float(c), device=accelerator.device)
-                                 for c in (position.bad_total, position.seen_total)])  # fmt: skip
-            # sync point: one reduction and one .tolist() per log interval
-            values = accelerator.reduce(stats.to(accelerator.device), "sum").tolist()
-            micro = cfg.log_every if step % cfg.log_every == 0 else step % cfg.log_every
-            n = accelerator.num_processes * micro * recipe.distributed.accumulation_steps
-            record = {name: v / n for name, v in zip(names, values, strict=False)}
-            bad, seen = values[-2], values[-1]
-            record.update({"epoch": position.epoch, "lr": scheduler.get_last_lr()[0], "skipped_steps": skipped,
-                           "images/s": logger.images_per_second(), "data.bad_records": bad})  # fmt: skip
-            if accelerator.device.type == "cuda":
-                record["memory/peak_gib"] = torch.cuda.max_memory_allocated(accelerator.device) / 2**30
-            logger.log(step, record)
-            running.clear()
-            if seen and bad / seen > recipe.data.max_bad_fraction:
-                raise TrainingError(f"data: {int(bad)} of {int(seen)} records were bad (> data.max_bad_fraction="
-                                    f"{recipe.data.max_bad_fraction}); last: {position.last_bad}")  # fmt: skip
-        if recipe.eval.knn_every and step % recipe.eval.knn_every == 0:
-            logger.log(step, online_knn(unwrapped, recipe))  # collective: every rank extracts a share
-        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-            checkpoint.save(accelerator, recipe, step, position)
-        if step >= cfg.steps:
-            break
+            step += 1
+            scheduler.step()
+            with torch.no_grad():
+                hooks.on_train_step_end(plugin_modules, step, recipe)
+            logger.advance()
+            if preview:
+                logger.preview(step, {**views, **unwrapped.preview_images}, recipe.data.mean, recipe.data.std)
+            if step % cfg.log_every == 0 or step == cfg.steps or signum:
+                micro = (step - logged_at) * recipe.distributed.accumulation_steps  # micro-steps since the last log
+                with collective(f"step {step}: the log reduction"):
+                    record, logged_at = interval_means(accelerator, running, position, micro), step
+                record.update({"epoch": position.epoch, **logged_lrs(recipe, optimizer, scheduler, lr * lr_factor(step, cfg)),
+                               "skipped_steps": skipped, "images/s": logger.images_per_second()})  # fmt: skip
+                if accelerator.device.type == "cuda":
+                    record["memory/peak_gib"] = torch.cuda.max_memory_allocated(accelerator.device) / 2**30
+                logger.log(step, record)
+                running.clear()
+                if record["data.seen"] and record["data.bad_records"] / record["data.seen"] > recipe.data.max_bad_fraction:
+                    raise TrainingError(f"data: {int(record['data.bad_records'])} of {int(record['data.seen'])} records "
+                                        f"were bad (> data.max_bad_fraction={recipe.data.max_bad_fraction}); "
+                                        f"last: {position.last_bad}")  # fmt: skip
+            if recipe.eval.knn_every and step % recipe.eval.knn_every == 0:
+                with collective(f"step {step}: the online k-NN"):  # every rank extracts a share
+                    logger.log(step, online_knn(unwrapped, recipe))
+            if step % cfg.checkpoint_every == 0 or step == cfg.steps or signum:
+                with collective(f"step {step}: the checkpoint"):
+                    saved = checkpoint.save(accelerator, recipe, step, position)
+            if step >= cfg.steps or signum:
+                break
 
     logger.close()
     accelerator.end_training()
+    if signum and step < cfg.steps:
+        raise Preempted(signum, step, str(saved))
     return out

@@ -222,6 +222,8 @@ def load_run(output_dir: str | Path, ckpt: str | Path | None = None) -> tuple[Mo
     path = Path(ckpt) if ckpt else checkpoint.find_resume(output_dir, "auto")
     if path is None:
         raise FileNotFoundError(f"{output_dir}: no complete checkpoint to evaluate")
+    if not (path / checkpoint.STATE_FILE).is_file():
+        raise FileNotFoundError(f"--checkpoint {path}: not a complete checkpoint (no {checkpoint.STATE_FILE})")
     recipe, hooks = load_recipe(path / "recipe.yaml", check_data=False)
     model = Model(hooks, recipe)
     model.load_state_dict(load_file(checkpoint.model_weights_file(path)))

@@ -6,6 +6,7 @@ All of it happens on the main process only, once per `train.log_every` steps.
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,7 +24,12 @@ class RunLogger:
         self.accelerator = accelerator
         self.main = accelerator.is_main_process
         self.path = Path(output_dir) / "metrics.jsonl"
-        self.bar = tqdm(total=total_steps, initial=start_step, disable=not self.main, unit="step", dynamic_ncols=True)
+        # On a terminal a progress bar; written to a file or a pipe (a cluster's job log) one line per log
+        # instead, since every carriage-return update of a bar would be kept there.
+        self.lines = self.main and not sys.stderr.isatty()
+        self.total = total_steps
+        self.bar = tqdm(total=total_steps, initial=start_step, disable=not self.main or self.lines, unit="step",
+                        dynamic_ncols=True)  # fmt: skip
         self._t0 = time.perf_counter()
         self._images = 0
 
@@ -44,6 +50,9 @@ class RunLogger:
             with self.path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
             main_terms = {k: f"{v:.4g}" for k, v in values.items() if k in ("epoch", "loss", "images/s") or k.count(".") == 1}
+            if self.lines:
+                terms = " ".join(f"{k}={v}" for k, v in main_terms.items())
+                print(f"augssl: step {step}/{self.total} {terms}", file=sys.stderr, flush=True)
             self.bar.set_postfix(main_terms, refresh=False)
 
     def preview(self, step: int, rows: dict[str, Any], mean: Any, std: Any) -> None:

@@ -15,7 +15,7 @@ import torch
 from framework.testing import read_metrics
 from framework.views import denormalize
 
-SKIP = {"step", "lr", "images/s", "data.bad_records", "skipped_steps"}
+SKIP = {"step", "lr", "images/s", "data.bad_records", "data.seen", "skipped_steps", "epoch"}
 
 
 def plot_metrics(output_dir: str | Path, out: str | Path | None = None) -> Path:
@@ -28,7 +28,7 @@ def plot_metrics(output_dir: str | Path, out: str | Path | None = None) -> Path:
     records = read_metrics(output_dir)
     if not records:
         raise ValueError(f"{output_dir}/metrics.jsonl: no records")
-    names = sorted({k for r in records for k in r if k not in SKIP})
+    names = sorted({k for r in records for k in r if k not in SKIP and not k.startswith("lr/")})
     accuracies = [n for n in names if n.endswith(".acc")]
     losses = [n for n in names if n not in accuracies and (n == "loss" or n.count(".") == 1)]
     fig, axes = plt.subplots(1, 2 if accuracies else 1, figsize=(12 if accuracies else 7, 4.5), squeeze=False)

@@ -94,6 +94,9 @@ class DistributedConfig(Strict):
     grad_clip: float | None = Field(None, gt=0)
     find_unused_parameters: bool = False
     sync_batchnorm: bool = False  # SyncBatchNorm over all ranks (CUDA only; ignored on CPU)
+    # a collective (the per-step vote, the log, a checkpoint barrier) that waits longer than this for
+    # the other ranks stops the run with one line naming the rank and what it was doing (NCCL/gloo timeout)
+    timeout_seconds: int = Field(1800, gt=0)
     deepspeed: dict[str, Any] | None = None
     # GPU speed settings (each a no-op on CPU): channels_last memory format for the model and
     # the image batches (None: on CUDA), TF32 matmuls and convolutions, cudnn.benchmark.

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -19,7 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from framework import distributed, hookimpl  # noqa: E402
-from framework.engine import train  # noqa: E402
+from framework.cli import train_or_exit  # noqa: E402
 from framework.recipe import load_recipe  # noqa: E402
 
 
@@ -34,6 +35,7 @@ class DumpWeights:
 class NaNOnRank:
     """`AUGSSL_TEST_NAN=R:K`: a term that is NaN on rank R at forward K (0-based micro-steps), else 0;
     `AUGSSL_TEST_NAN=R:K:grad`: a term that is 0 there but whose gradient is NaN;
+    `AUGSSL_TEST_SLEEP=R:K:S`: rank R sleeps S seconds at forward K (a stalled rank);
     `AUGSSL_TEST_AUTOCAST=path`: write the autocast state seen inside the hooks on the first forward."""
 
     def __init__(self) -> None:
@@ -49,6 +51,10 @@ class NaNOnRank:
                      "dtype": str(torch.get_autocast_dtype(x.device.type))}  # fmt: skip
             Path(path).with_name(f"{Path(path).name}.rank{distributed.rank()}").write_text(json.dumps(state))
         bad = distributed.rank() == self.rank and self.calls == self.call
+        if sleep := os.environ.get("AUGSSL_TEST_SLEEP"):  # R:K:S: rank R sleeps S seconds at forward K
+            rank, call, seconds = sleep.split(":")
+            if distributed.rank() == int(rank) and self.calls == int(call):
+                time.sleep(float(seconds))
         self.calls += 1
         if bad and self.grad:  # d sqrt(u)/du at u = 0 is inf; times d(h * 0)/dh = 0: NaN gradients
             return {"nan": torch.sqrt((ctx.encode("x").h * 0).sum())}
@@ -58,4 +64,4 @@ class NaNOnRank:
 if __name__ == "__main__":
     extra = {"dump": DumpWeights(), "nan": NaNOnRank()}
     recipe, hooks = load_recipe(sys.argv[1], sys.argv[2:], extra_plugins=extra)
-    train(recipe, hooks)
+    train_or_exit(recipe, hooks)

@@ -1,6 +1,7 @@
 """Run by tests: train a recipe in this process and die with SIGKILL after step K's update.
 
     python tests/kill_train.py RECIPE KILL_AT [key=value ...]      (KILL_AT 0: never)
+    AUGSSL_TEST_SIGNAL=TERM python tests/kill_train.py ...         (another signal: TERM, INT, USR1)
 
 The kill comes from `on_train_step_end` at step K, before the engine writes checkpoint K,
 exactly as a preempted node dies: no clean-up, no `finally`. Weights are dumped by
@@ -16,23 +17,26 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from framework import hookimpl  # noqa: E402
-from framework.engine import train  # noqa: E402
+from framework.cli import train_or_exit  # noqa: E402
 from framework.recipe import load_recipe  # noqa: E402
 from tests.dist_train import DumpWeights  # noqa: E402
 
 
 class KillAt:
-    def __init__(self, step: int) -> None:
-        self.step = step
+    def __init__(self, step: int, signum: int) -> None:
+        self.step, self.signum = step, signum
 
     @hookimpl
     def on_train_step_end(self, modules, step, config):
-        if step == self.step:
+        if step == self.step and self.signum == signal.SIGKILL:
             os.kill(os.getpid(), signal.SIGKILL)
+        elif step == self.step:  # as a terminal's Ctrl-C or a job manager does: the whole process group
+            os.killpg(os.getpgid(0), self.signum)
 
 
 if __name__ == "__main__":
     recipe_path, kill_at, *overrides = sys.argv[1:]
-    plugins = {"dump": DumpWeights(), "kill": KillAt(int(kill_at))}
+    signum = getattr(signal, "SIG" + os.environ.get("AUGSSL_TEST_SIGNAL", "KILL"))
+    plugins = {"dump": DumpWeights(), "kill": KillAt(int(kill_at), signum)}
     recipe, hooks = load_recipe(recipe_path, overrides, extra_plugins=plugins)
-    train(recipe, hooks)
+    train_or_exit(recipe, hooks)

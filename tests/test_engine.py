@@ -40,11 +40,13 @@ def test_checkpoint_and_resume_continue_the_step_count(tmp_path, fmnist_shards):
     assert [p.name for p in checkpoint.complete_checkpoints(out)] == ["step_00000004", "step_00000006"]
 
 
-def test_resume_never_starts_over(tmp_path, fmnist_shards):
+def test_resume_fresh_starts_over_and_keeps_the_old_run_aside(tmp_path, fmnist_shards):
+    """(`train.resume=never` into a folder with checkpoints refuses: tests/test_faults_checkpoints.py.)"""
     recipe = tiny_recipe(tmp_path, fmnist_shards, train={"checkpoint_every": 2})
     out = run_steps(recipe, steps=2)
-    run_steps(recipe, steps=2, overrides=["train.resume=never"])
-    assert [r["step"] for r in read_metrics(out)] == [1, 2, 1, 2]
+    run_steps(recipe, steps=2, overrides=["train.resume=fresh"])
+    assert [r["step"] for r in read_metrics(out)] == [1, 2]
+    assert [r["step"] for r in read_metrics(next((out / "previous").iterdir()))] == [1, 2]
 
 
 def test_an_unfinished_checkpoint_is_never_loaded(tmp_path, fmnist_shards):
