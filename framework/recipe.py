@@ -104,6 +104,15 @@ class DistributedConfig(Strict):
     tf32: bool = True
     cudnn_benchmark: bool = True
 
+    @field_validator("deepspeed")
+    @classmethod
+    def _deepspeed_keys(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value:
+            from framework.distributed import check_deepspeed_section
+
+            check_deepspeed_section(value)
+        return value
+
     @field_validator("mixed_precision", mode="before")
     @classmethod
     def _yaml_no(cls, value: Any) -> Any:
@@ -130,7 +139,7 @@ class EvalConfig(Strict):
 class Recipe(Strict):
     """A whole validated recipe. `plugins` maps each plugin name to its validated section."""
 
-    output_dir: str
+    output_dir: str = Field(pattern=r"\S")  # not empty
     data: DataConfig
     train: TrainConfig
     distributed: DistributedConfig = DistributedConfig()
@@ -176,9 +185,28 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         raise RecipeError(f"{where}: invalid YAML: {getattr(exc, 'problem', exc)}") from None
     if data is None:
         return {}
+    _check_size(data, path)
     if not isinstance(data, dict):
         raise RecipeError(f"{path}: a recipe must be a mapping of sections, got {type(data).__name__}")
     return data
+
+
+MAX_VALUES = 100_000  # a recipe is a few hundred values; YAML aliases can make a short file expand to 10^9
+
+
+def _check_size(data: Any, path: Path) -> None:
+    """RecipeError if `data`, with every YAML alias expanded, holds more than MAX_VALUES values (a
+    "billion laughs" recipe would exhaust memory in validation or when the run writes recipe.yaml)."""
+    stack, count = [data], 0
+    while stack:
+        node = stack.pop()
+        count += 1
+        if count > MAX_VALUES:
+            raise RecipeError(f"{path}: the recipe expands to more than {MAX_VALUES} values (YAML aliases?)")
+        if isinstance(node, dict):
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
 
 
 def load_raw(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:

@@ -176,8 +176,7 @@ def test_an_elastic_launch_restarts_a_group_that_lost_a_rank_and_finishes_the_ru
     job = subprocess.Popen(cmd, env=ENV, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     out = tmp_path / "run"
     wait_for_step(out, 5, job)
-    ranks = [p for p in psutil.Process(job.pid).children(recursive=True) if "dist_train.py" in " ".join(p.cmdline())
-             and p.parent().pid != os.getpid() and "dist_train.py" not in " ".join(p.parent().cmdline())]  # fmt: skip
+    ranks = [p for p in psutil.Process(job.pid).children() if "dist_train.py" in " ".join(p.cmdline())]  # the agent's
     assert len(ranks) == 2, [p.cmdline() for p in ranks]
     victim = random.choice(ranks)
     victim.kill()
@@ -194,13 +193,13 @@ def test_an_elastic_launch_restarts_a_group_that_lost_a_rank_and_finishes_the_ru
 
 @pytest.mark.slow
 def test_a_rank_that_stops_answering_makes_the_others_stop_with_a_line_naming_it(tmp_path, fmnist_shards):
-    """Rank 1 stalls for 30 s in step 2 (a dead storage mount, a hung kernel); with
+    """Rank 1 stalls for 12 s in step 2 (a dead storage mount, a hung kernel); with
     `distributed.timeout_seconds: 3` rank 0 stops within seconds saying which collective waited."""
     recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(tmp_path, fmnist_shards, distributed={"timeout_seconds": 3}))
     cmd = [*LAUNCH, *DDP2, "--main_process_port", str(free_port()), str(ROOT / "tests" / "dist_train.py"),
            str(recipe), "train.steps=4"]  # fmt: skip
     started = time.monotonic()
-    proc = subprocess.run(cmd, env={**ENV, "AUGSSL_TEST_SLEEP": "1:1:30"}, cwd=ROOT, capture_output=True, text=True,
+    proc = subprocess.run(cmd, env={**ENV, "AUGSSL_TEST_SLEEP": "1:1:12"}, cwd=ROOT, capture_output=True, text=True,
                           timeout=120)  # fmt: skip
     assert proc.returncode != 0 and time.monotonic() - started < 60
     assert ("augssl: error: rank 0 of 2: step 2: the non-finite/stop vote: the other ranks did not answer within "
