@@ -79,7 +79,9 @@ class TrainConfig(Strict):
     # "wandb" needs `pip install wandb` (and WANDB_* settings, e.g. WANDB_MODE=offline).
     log_with: list[Literal["tensorboard", "wandb"]] = ["tensorboard"]
     keep_checkpoints: int = Field(2, gt=0)
-    resume: str = "auto"  # "auto" (newest complete checkpoint), "never", or a checkpoint path
+    # "auto" (newest verified checkpoint), "never" (refuses a folder with checkpoints), "fresh" (moves
+    # the old run to <output_dir>/previous/<time>/ and starts at step 0), or a checkpoint path
+    resume: str = "auto"
     max_bad_steps: int = Field(10, gt=0)  # consecutive non-finite steps before stopping
     compile: bool = False  # torch.compile every plugin module in place (first steps slower: compilation)
 
