@@ -150,8 +150,10 @@ def shards_main(argv: Sequence[str]) -> None:
             manifest={"source": args.source, "root": str(root), "split": args.split,
                       "classes": sources.classes(args.source, root)},
         )  # fmt: skip
-    except (FileNotFoundError, ValueError) as exc:
-        _fail(str(exc))
+    except (OSError, ValueError) as exc:  # the shards and manifest already there are left untouched
+        _fail(" ".join(str(exc).split()) or type(exc).__name__)
+    except Exception as exc:  # a reader tripping on a damaged file: still one line
+        _fail(f"{args.source} {root}: {type(exc).__name__}: {' '.join(str(exc).split())}")
     print(json.dumps({k: info[k] for k in ("samples", "pattern", "format")}))
 
 

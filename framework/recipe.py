@@ -49,6 +49,11 @@ class DataConfig(Strict):
     # with_epoch); default: as many shards as data.train lists
     epoch_samples: int | None = Field(None, gt=0)
     max_bad_fraction: float = Field(0.01, ge=0, le=1)
+    # faults: a worker with no good record for stall_seconds stops the run (one line); a remote
+    # shard's transfer without a byte for timeout_seconds fails, and is retried `retries` times
+    stall_seconds: float = Field(600.0, gt=0)
+    timeout_seconds: float = Field(60.0, gt=0)
+    retries: int = Field(3, ge=0)
 
     @model_validator(mode="after")
     def _epoch_samples_need_resampling(self) -> DataConfig:

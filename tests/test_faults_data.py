@@ -1,0 +1,334 @@
+"""Data faults with real files and processes: damaged and non-tar shards, labels outside the classes,
+dead / failing / stalled HTTP servers and `pipe:` commands, streams that can never yield, data
+workers whose trainer is killed, and `augssl shards` over a wrong source."""
+
+from __future__ import annotations
+
+import gc
+import gzip
+import http.server
+import io
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tarfile
+import textwrap
+import threading
+import time
+from itertools import islice
+from pathlib import Path
+
+import pytest
+
+import framework.data as data
+from framework.data import BadShard, DataError, make_loader, tar_records, write_shards
+from framework.sources import fashion_mnist
+from framework.types import View
+from framework.views import FASHION_MNIST_STATS, clean_view
+
+ROOT = Path(__file__).resolve().parents[1]
+X = {"x": View(clean_view(28, *FASHION_MNIST_STATS, channels=1))}
+
+
+@pytest.fixture
+def good(tmp_path):
+    """Two intact shards of 4 real images each: `good-00.tar`, `good-01.tar`; returns their keys."""
+    samples = list(islice(fashion_mnist(split="test"), 8))
+    write_shards(samples, str(tmp_path / "good-%02d.tar"), maxcount=4)
+    return sorted(s.key for s in samples)
+
+
+@pytest.fixture(autouse=True)
+def quick_backoff(monkeypatch):
+    monkeypatch.setattr(data, "BACKOFF_SECONDS", 0.05)
+    gc.collect()  # shut earlier tests' loaders down (torch joins a worker that raised for 5 s) outside the timings
+
+
+def load(spec: str, num_workers: int = 0, **kw) -> list[dict]:
+    kw = {"epochs": 1, "timeout_seconds": 1, "retries": 1, **kw}
+    return list(make_loader(spec, X, channels=1, batch_size=2, num_workers=num_workers, shardshuffle=False, **kw))
+
+
+def keys(batches: list[dict]) -> list[str]:
+    return sorted(k for b in batches for k in b["key"])
+
+
+def _header_with_size(size_field: bytes) -> bytes:
+    """A ustar header whose checksum holds but whose size field is `size_field`."""
+    info = tarfile.TarInfo("a.png")
+    header = bytearray(info.tobuf(tarfile.USTAR_FORMAT)[:512])
+    header[124:136] = size_field.ljust(12, b"\0")
+    header[148:156] = b" " * 8
+    header[148:156] = b"%06o\0 " % sum(header)
+    return bytes(header)
+
+
+def damaged_files(folder: Path, good_shard: Path) -> dict[str, Path]:
+    gz = gzip.compress(good_shard.read_bytes())
+    files = {
+        "random bytes": os.urandom(20_000),
+        "text file": b"just some text, not a tar\n" * 100,
+        "zero-length file": b"",
+        "non-octal size": _header_with_size(b"99999999999") + b"\0" * 1024,
+        "non-octal checksum": b"x" * 148 + b"zz\0zz\0zz" + b"\0" * 356,
+        "short file": b"\0" * 100,
+        "damaged gzip": gz[:40] + bytes(b ^ 0x5A for b in gz[40:400]) + gz[400:],
+    }
+    out = {}
+    for what, content in files.items():
+        path = folder / (what.replace(" ", "_") + (".tar.gz" if "gzip" in what else ".tar"))
+        path.write_bytes(content)
+        out[what] = path
+    return out
+
+
+def test_damaged_and_non_tar_files_raise_bad_shard_and_are_skipped_and_counted(tmp_path, good):
+    bad = damaged_files(tmp_path, tmp_path / "good-00.tar")
+    for path in bad.values():
+        with pytest.raises(BadShard):  # not ValueError (int(..., 8)), zlib.error, nor silently nothing
+            list(tar_records(str(path)))
+    spec = "::".join([str(tmp_path / "good-00.tar"), *map(str, bad.values()), str(tmp_path / "good-01.tar")])
+    batches = load(spec)
+    assert keys(batches) == good, "every good record, none from the damaged files"
+    assert batches[-1]["cursor"]["bad"] == len(bad)
+
+
+def test_labels_outside_the_recipe_classes_are_counted_bad_records(tmp_path):
+    png = io.BytesIO()
+    next(fashion_mnist(split="test")).image.save(png, format="PNG")
+    labels = {"ok0": b"0", "ok9": b"9", "unlabelled": b"-1", "big": b"57", "neg": b"-2", "float": b"3.5",
+              "huge": b"1" * 40, "word": b"seven"}  # fmt: skip
+    with tarfile.open(tmp_path / "labels.tar", "w") as tar:
+        for key, cls in labels.items():
+            for ext, payload in (("png", png.getvalue()), ("cls", cls)):
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+    batches = load(str(tmp_path / "labels.tar"), num_classes=10)
+    assert keys(batches) == ["ok0", "ok9", "unlabelled"]
+    assert batches[-1]["cursor"]["bad"] == 5 and "labels.tar" in batches[-1]["cursor"]["last_bad"]
+    assert keys(load(str(tmp_path / "labels.tar"))) == ["big", "ok0", "ok9", "unlabelled"], "no num_classes: 57 passes"
+
+
+# --- remote shards ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def silent_server():
+    """Accepts connections and never answers."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(16)
+    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    sock.close()
+
+
+@pytest.fixture
+def flaky_server(tmp_path):
+    """Serves tmp_path; `/fail500/<name>` always answers 500, `/once/<name>` 500 on the first request."""
+    requests: list[str] = []
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *a, **k):
+            super().__init__(*a, directory=str(tmp_path), **k)
+
+        def log_message(self, *a):
+            pass
+
+        def do_GET(self):
+            requests.append(self.path)
+            if self.path.startswith("/fail500/") or (self.path.startswith("/once/") and requests.count(self.path) == 1):
+                self.send_error(500)
+                return
+            self.path = "/" + self.path.rsplit("/", 1)[-1]
+            super().do_GET()
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", requests
+    server.shutdown()
+
+
+def test_dead_failing_and_stalled_remote_shards_are_retried_then_skipped_and_counted(tmp_path, good, silent_server, flaky_server):
+    url, requests = flaky_server
+    faults = [f"{silent_server}/good-00.tar", f"{url}/fail500/good-00.tar", "pipe:cat /missing.tar", "pipe:true",
+              "pipe:sleep 30", f"http://127.0.0.1:{_closed_port()}/good-00.tar"]  # fmt: skip
+    start = time.monotonic()
+    batches = load("::".join([f"{url}/once/good-00.tar", *faults, f"{url}/good-01.tar"]), retries=2)
+    took = time.monotonic() - start
+    assert keys(batches) == good, "the shard that failed once is read on its retry"
+    cursor = batches[-1]["cursor"]
+    assert cursor["bad"] == len(faults) and "after 3 attempts" in cursor["last_bad"]
+    assert requests.count("/fail500/good-00.tar") == 3 and requests.count("/once/good-00.tar") == 2
+    assert took < 15, f"timeouts of 1 s, 2 retries: {took:.1f} s"  # silent and sleep: 3 x 1 s each, + backoff
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# --- streams that can never yield ---------------------------------------------------------------
+
+
+def _all_bad_records(folder: Path) -> Path:
+    """A valid tar whose every record is undecodable: a stream over it reads on forever without a batch."""
+    with tarfile.open(folder / "undecodable.tar", "w") as tar:
+        for i in range(50):
+            for ext, payload in (("png", b"not a png"), ("cls", b"1")):
+                info = tarfile.TarInfo(f"k{i}.{ext}")
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+    return folder / "undecodable.tar"
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_an_endless_stream_over_unreadable_shards_stops_with_one_line(tmp_path, num_workers):
+    (tmp_path / "e-0.tar").write_bytes(b"")
+    (tmp_path / "e-1.tar").write_bytes(b"")
+    spec = f"{tmp_path}/e-{{0..1}}.tar::pipe:cat /missing.tar"
+    with pytest.raises(DataError) as err:  # two empty epochs in a row (the second: for transient failures)
+        load(spec, num_workers, epochs=None)
+    message = str(err.value)
+    assert len(message.splitlines()) == 1 and message.startswith(f"data.train={spec}: rank 0, data worker 0")
+    assert "every shard" in message and "e-1.tar (empty shard" in message and "missing.tar" in message
+
+    spec = str(_all_bad_records(tmp_path))
+    start = time.monotonic()
+    with pytest.raises(DataError) as err:
+        load(spec, num_workers, epochs=None, stall_seconds=2)
+    assert time.monotonic() - start < 10
+    message = str(err.value)
+    assert len(message.splitlines()) == 1 and message.startswith(f"data.train={spec}:")
+    assert "no good record for" in message and "data.stall_seconds=2" in message
+
+
+def test_a_resampled_stream_over_dead_remote_shards_stops_after_stall_seconds(silent_server):
+    spec = f"{silent_server}/a.tar::pipe:sleep 30"
+    start = time.monotonic()
+    with pytest.raises(DataError, match=r"no good record for \d+ s \(data.stall_seconds=3") as err:
+        load(spec, epochs=None, resampled=True, stall_seconds=3, retries=5)
+    assert 3 <= time.monotonic() - start < 8
+    assert "127.0.0.1" in str(err.value) or "pipe:sleep 30 (" in str(err.value), "names the shard being retried"
+
+
+# --- a data worker whose trainer dies -----------------------------------------------------------
+
+TRAINER = textwrap.dedent("""
+    import sys
+    from framework.data import make_loader
+    from framework.types import View
+    from framework.views import FASHION_MNIST_STATS, clean_view
+    X = {"x": View(clean_view(28, *FASHION_MNIST_STATS, channels=1))}
+    loader = make_loader(sys.argv[1], X, channels=1, batch_size=2, num_workers=1, timeout_seconds=600)
+    print("started", flush=True)
+    for batch in loader:
+        pass
+""")
+
+
+def _descendants(pid: int) -> list[int]:
+    psutil = pytest.importorskip("psutil")
+    return [p.pid for p in psutil.Process(pid).children(recursive=True)]
+
+
+def _alive(pid: int) -> bool:
+    psutil = pytest.importorskip("psutil")
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stuck", ["reading undecodable records", "waiting on a silent pipe command"])
+def test_a_data_worker_exits_when_its_trainer_is_killed(tmp_path, stuck):
+    spec = str(_all_bad_records(tmp_path)) if stuck.startswith("reading") else "pipe:sleep 300"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    trainer = subprocess.Popen([sys.executable, "-c", TRAINER, spec], cwd=ROOT, env=env, stdout=subprocess.PIPE)
+    try:
+        assert trainer.stdout.readline().strip() == b"started"
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and len(_descendants(trainer.pid)) < (1 if stuck.startswith("reading") else 2):
+            time.sleep(0.2)  # the worker (and its `sleep`)
+        workers = _descendants(trainer.pid)
+        assert workers, "the trainer started a data worker"
+        time.sleep(1.5)  # stuck in its loop
+        assert all(_alive(p) for p in workers)
+    finally:
+        trainer.send_signal(signal.SIGKILL)
+        trainer.wait()
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and any(_alive(p) for p in workers):
+        time.sleep(0.1)
+    alive = [p for p in workers if _alive(p)]
+    for pid in alive:
+        os.kill(pid, signal.SIGKILL)
+    assert not alive, f"{stuck}: {len(alive)} of {len(workers)} processes outlived their trainer by 5 s"
+
+
+LEAVER = textwrap.dedent("""
+    import sys
+    from framework.data import DataError, make_loader
+    from framework.types import View
+    from framework.views import FASHION_MNIST_STATS, clean_view
+    X = {"x": View(clean_view(28, *FASHION_MNIST_STATS, channels=1))}
+    def train():
+        for batch in make_loader(sys.argv[1], X, channels=1, batch_size=2, num_workers=2, stall_seconds=2):
+            pass
+    try:
+        train()
+    except DataError as exc:  # as the CLI does: one line, exit 2, the loader's workers still alive
+        print(f"augssl: error: {exc}", file=sys.stderr)
+        raise SystemExit(2)
+""")
+
+
+@pytest.mark.slow
+def test_a_trainer_stopped_by_a_data_error_exits_with_one_line(tmp_path):
+    """Its workers ignore SIGTERM while it lives (preemption), so multiprocessing's exit would wait for them."""
+    spec = str(_all_bad_records(tmp_path))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, "-c", LEAVER, spec], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=60)  # fmt: skip
+    assert proc.returncode == 2 and time.monotonic() - start < 30
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("augssl:")]
+    assert len(lines) == 1 and lines[0].startswith(f"augssl: error: data.train={spec}: rank 0, data worker")
+
+
+# --- augssl shards over a wrong source ----------------------------------------------------------
+
+
+def _shards_cli(argv: list[str], capsys) -> tuple[int, str]:
+    from framework.cli import shards_main
+
+    with pytest.raises(SystemExit) as exit_:
+        shards_main(argv)
+        raise SystemExit(0)
+    return exit_.value.code, capsys.readouterr().err
+
+
+def test_shards_with_a_wrong_source_leave_existing_shards_and_manifest_untouched(tmp_path, capsys):
+    out = tmp_path / "out"
+    pattern = str(out / "train-%03d.tar")
+    assert _shards_cli(["fashion-mnist", "--split", "test", "--out", pattern, "--maxcount", "10", "--limit", "25"], capsys)[0] == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert sorted(before) == ["train-000.tar", "train-001.tar", "train-002.tar", "train.json"]
+
+    # an image folder that breaks after 12 images (2 shards written), and a root without the files
+    folder = tmp_path / "images"
+    for i, sample in enumerate(islice(fashion_mnist(split="test"), 20)):
+        (folder / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
+        sample.image.save(folder / f"c{i % 2}" / f"{i:03d}.png")
+    (folder / "c0" / "012.png").write_bytes(b"truncated png")
+    wrong = [["imagefolder", str(folder)], ["fashion-mnist", str(tmp_path / "nowhere")]]
+    for source in wrong:
+        code, err = _shards_cli([*source, "--split", "test", "--out", pattern, "--maxcount", "5"], capsys)
+        assert code == 2 and len(err.strip().splitlines()) == 1 and err.startswith("augssl: error: "), err
+        after = {p.name: p.read_bytes() for p in out.iterdir()}
+        assert after == before, f"{source[0]}: existing shards and manifest untouched, no temporaries left"
+    assert keys(load(str(out / "train-{000..002}.tar"))) == sorted(s.key for s in islice(fashion_mnist(split="test"), 25))
