@@ -46,6 +46,7 @@ def train_or_exit(recipe, hooks) -> None:
     except ValueError as exc:
         _fail(str(exc))
     from framework.checkpoint import CheckpointError
+    from framework.data import DataError
     from framework.distributed import CollectiveTimeout, rank
     from framework.engine import TrainingError
     from framework.preemption import EXIT_PREEMPTED, Preempted
@@ -63,6 +64,10 @@ def train_or_exit(recipe, hooks) -> None:
     except CollectiveTimeout as exc:  # every rank that waited says so: it names itself
         print(f"augssl: error: {exc}", file=sys.stderr, flush=True)
         raise SystemExit(1) from None
+    except DataError as exc:  # the stream cannot go on (stalled, every shard bad): one line, from the worker
+        if rank() == 0:
+            print(f"augssl: error: {exc}", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE) from None
     except TrainingError as exc:  # too many non-finite steps or bad records: the same on every rank
         if rank() == 0:
             print(f"augssl: error: {exc}", file=sys.stderr)

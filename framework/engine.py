@@ -180,6 +180,8 @@ def train(recipe: Recipe, hooks: PluginHooks) -> Path:
         shardshuffle=recipe.data.shardshuffle, resampled=recipe.data.resampled,
         shuffle_buffer=recipe.data.shuffle_buffer, resume=position if saved_exact else None,
         pin_memory=accelerator.device.type == "cuda", epoch_samples=recipe.data.epoch_samples,
+        stall_seconds=recipe.data.stall_seconds, timeout_seconds=recipe.data.timeout_seconds,
+        retries=recipe.data.retries, num_classes=recipe.data.num_classes,
     )  # fmt: skip
     accelerator.init_trackers("augssl", config={"recipe": str(out / "recipe.yaml")})
     logger = RunLogger(accelerator, out, cfg.steps, step)

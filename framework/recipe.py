@@ -49,6 +49,8 @@ class DataConfig(Strict):
     # with_epoch); default: as many shards as data.train lists
     epoch_samples: int | None = Field(None, gt=0)
     max_bad_fraction: float = Field(0.01, ge=0, le=1)
+    # labels must be -1 (unlabelled) or 0..num_classes-1; a record with another is a counted bad record
+    num_classes: int | None = Field(None, gt=0)
     # faults: a worker with no good record for stall_seconds stops the run (one line); a remote
     # shard's transfer without a byte for timeout_seconds fails, and is retried `retries` times
     stall_seconds: float = Field(600.0, gt=0)

@@ -55,9 +55,9 @@ def auxiliary_head(modules, ctx) -> dict[str, torch.Tensor]:
         if ctx.labels is not None
         else torch.full(logits.shape[:1], -1, device=logits.device)
     )
-    labelled = labels >= 0
+    labelled = (labels >= 0) & (labels < logits.shape[1])  # a label beyond num_classes teaches nothing, never crashes
     n = labelled.sum().clamp_min(1)
-    ce = nn.functional.cross_entropy(logits, labels.clamp_min(0), reduction="none")
+    ce = nn.functional.cross_entropy(logits, torch.where(labelled, labels, 0), reduction="none")
     correct = (logits.argmax(1) == labels) & labelled
     ctx.metrics[f"{NAME}.acc"] = (correct.sum() / n).detach()  # 0 on an unlabelled batch
     # no host sync: masked mean instead of indexing; an unlabelled batch gives 0 * logits (graph kept)

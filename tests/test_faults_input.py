@@ -3,13 +3,14 @@ keys DeepSpeed would silently ignore, an empty output folder, an export to where
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 
 import pytest
 
 from framework.recipe import RecipeError, validate
-from framework.testing import run_steps, tiny_recipe
+from framework.testing import read_metrics, run_steps, tiny_recipe, write_recipe
 from tests.test_scale import ENV, ROOT
 
 NO_SHARDS = {"train": "none.tar", "test": "none.tar"}
@@ -59,3 +60,34 @@ def test_an_export_to_an_unwritable_place_is_one_line(tmp_path, fmnist_shards):
     proc = subprocess.run([sys.executable, "-c", code, "export", str(out), "--out", "/proc/augssl/encoder.safetensors"],
                           capture_output=True, text=True, timeout=120, env=ENV, cwd=ROOT)  # fmt: skip
     assert proc.returncode == 2 and proc.stderr.startswith("augssl: error: ") and proc.stderr.count("\n") == 1
+
+
+def test_a_label_outside_the_recipes_classes_is_a_counted_bad_record_not_a_crash(tmp_path, fmnist_shards):
+    """One record of 24 says class 57 (data.num_classes 10): counted in data.bad_records, the run
+    trains on; without data.num_classes the online probe ignores it instead of crashing."""
+    from itertools import islice
+
+    from framework.data import write_shards
+    from framework.sources import FASHION_MNIST_DIR, Sample, fashion_mnist
+
+    samples = [Sample(s.key, s.image, 57 if i == 5 else s.label)
+               for i, s in enumerate(islice(fashion_mnist(FASHION_MNIST_DIR, "train"), 24))]  # fmt: skip
+    info = write_shards(samples, str(tmp_path / "bad" / "train-%06d.tar"), maxcount=24)
+    shards = {"train": str(tmp_path / "bad" / info["shards"][0]["url"]), "test": fmnist_shards["test"]}
+    plugins = {"backbones": {"encoder": "conv28", "latent_dim": None}, "probe": {"num_classes": 10}}
+    for num_classes, bad in ((10, 1), (None, 0)):
+        recipe = tiny_recipe(tmp_path / str(num_classes), shards, plugins=plugins,
+                             data={"num_classes": num_classes, "shuffle_buffer": 0, "max_bad_fraction": 0.5})  # fmt: skip
+        records = read_metrics(run_steps(recipe, steps=3))
+        assert records[-1]["data.bad_records"] == bad and all(math.isfinite(r["probe.ce"]) for r in records)
+
+
+def test_a_run_whose_shards_are_all_unreadable_stops_with_one_line(tmp_path, fmnist_shards):
+    """Empty files where the shards should be: the stream used to spin forever; now one line naming
+    data.train, exit 2, within about data.stall_seconds."""
+    for i in range(2):
+        (tmp_path / f"empty-{i:06d}.tar").write_bytes(b"")
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(
+        tmp_path, {"train": str(tmp_path / "empty-{000000..000001}.tar"), "test": fmnist_shards["test"]},
+        data={"stall_seconds": 5, "num_workers": 1}))  # fmt: skip
+    assert "data.train" in one_line([recipe])
