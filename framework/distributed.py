@@ -240,12 +240,33 @@ def process_state() -> PartialState:
     return PartialState(cpu=cpu_only_multiprocess())
 
 
+def init_restarted_group(timeout: timedelta, env: Mapping[str, str] = os.environ) -> bool:
+    """Initialise the process group of a restarted elastic attempt in a key space of its own.
+
+    torchrun's agent serves one TCPStore for every attempt, and the default group's keys (each rank's
+    gloo/NCCL address) from the failed attempt are still in it: a new rank that reads a dead peer's
+    address before the peer rewrites it fails to connect ("Connection refused"). Accelerate (and
+    DeepSpeed) then find the group initialised and use it. Returns whether it initialised one.
+    """
+    attempt = int(env.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if attempt == 0 or dist.is_initialized() or env.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return False
+    world = int(env["WORLD_SIZE"])
+    store = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), world, is_master=False, timeout=timeout)
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(env.get("LOCAL_RANK", 0)))
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=timeout, rank=int(env["RANK"]),
+                            world_size=world, store=dist.PrefixStore(f"augssl/attempt_{attempt}", store))  # fmt: skip
+    return True
+
+
 def build_accelerator(recipe: Recipe, log_with: list[str] | None = None) -> Accelerator:
     """The Accelerator for a recipe; DDP or DeepSpeed is chosen by `accelerate launch`."""
     from accelerate import Accelerator, DistributedDataParallelKwargs, InitProcessGroupKwargs
     from accelerate.utils import DeepSpeedPlugin, ProjectConfiguration
 
     deepspeed_plugin, group = None, {"timeout": timedelta(seconds=recipe.distributed.timeout_seconds)}
+    init_restarted_group(group["timeout"])
     if using_deepspeed():
         _deepspeed_without_transformers()
         ds_config = deepspeed_config(recipe)

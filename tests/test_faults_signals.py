@@ -167,7 +167,9 @@ def test_the_slurm_script_requeues_the_job_on_its_pre_timeout_signal(tmp_path, f
 @pytest.mark.slow
 def test_an_elastic_launch_restarts_a_group_that_lost_a_rank_and_finishes_the_run(tmp_path, fmnist_shards):
     """`--max_restarts 2 --rdzv_backend c10d`: SIGKILL one of 2 ranks mid-run; the agent restarts the
-    group, which resumes from the newest checkpoint (`train.resume: auto`) and trains to the last step."""
+    group, which resumes from the newest checkpoint (`train.resume: auto`) and trains to the last step.
+    (Without `distributed.init_restarted_group` the restarted ranks read the dead attempt's addresses
+    from the agent's store and failed to connect in 2 of 3 runs here.)"""
     recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(tmp_path, fmnist_shards,
                                                            train={"steps": 30, "checkpoint_every": 2}))  # fmt: skip
     cmd = [*LAUNCH, *DDP2, "--max_restarts", "2", "--monitor_interval", "1", "--rdzv_backend", "c10d",
@@ -181,7 +183,7 @@ def test_an_elastic_launch_restarts_a_group_that_lost_a_rank_and_finishes_the_ru
     victim = random.choice(ranks)
     victim.kill()
     stdout, stderr = job.communicate(timeout=300)
-    assert job.returncode == 0, stderr[-3000:]
+    assert job.returncode == 0, "\n".join(line for line in stderr.splitlines() if "rror" in line or "augssl" in line)
     assert "resumed from" in stdout and newest_step(out) == 30 and logged_steps(out)[-1] == 30
     assert (out / "weights_rank0.pt").is_file() and (out / "weights_rank1.pt").is_file()
 
