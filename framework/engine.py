@@ -213,7 +213,8 @@ def train(recipe: Recipe, hooks: PluginHooks) -> Path:
                                             f"last good checkpoint: {checkpoint.find_resume(out, 'auto')}")  # fmt: skip
                     continue
                 bad_in_row = 0
-                accelerator.backward(loss)
+                with collective(f"step {step + 1}: the gradient all-reduce"):
+                    accelerator.backward(loss)
                 if accelerator.sync_gradients and recipe.distributed.grad_clip is not None:
                     accelerator.clip_grad_norm_(model.parameters(), recipe.distributed.grad_clip)
                 optimizer.step()
