@@ -64,7 +64,8 @@ RESUME_MAY_CHANGE = (
     "train.log_every", "train.checkpoint_every", "train.preview_every", "train.log_with",
     "train.keep_checkpoints", "train.resume", "train.max_bad_steps", "train.compile",
     "data.train",  # the same shards elsewhere (e.g. copied to node-local disk); the cursor assumes the same list
-    "data.max_bad_fraction",
+    "data.max_bad_fraction", "data.stall_seconds", "data.timeout_seconds", "data.retries",  # fault handling
+    "data.num_classes",  # which labels count as bad records
     "eval.*",  # evaluation only
     "distributed.*",  # the launch: checkpoint.check_resumable decides (DeepSpeed needs the same world and stage)
     "plugins.*.weight", "plugins.*.lr",  # loss weights; a plugin's lr is rebased like train.lr
