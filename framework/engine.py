@@ -189,7 +189,7 @@ def train(recipe: Recipe, hooks: PluginHooks) -> Path:
     bad_in_row = skipped = 0
 
     model.train()
-    signum, saved, logged_at = 0, None, step
+    signum, saved, summed = 0, None, 0  # summed: micro-steps in `running` (skipped ones are not)
     with StopRequests() as stop:  # SIGTERM/SIGINT/SIGUSR1: finish this step, checkpoint it, stop
         for batch in rng_isolated(loader):
             position.update(batch["cursor"])
@@ -222,6 +222,7 @@ def train(recipe: Recipe, hooks: PluginHooks) -> Path:
                 skipped += accelerator.sync_gradients and accelerator.optimizer_step_was_skipped  # fp16 loss scaler
             for name, value in {"loss": loss, **terms, **metrics}.items():
                 running[name] = running.get(name, 0) + value.detach().float()
+            summed += 1
             logger.count_images(len(batch["key"]))
             if not accelerator.sync_gradients:
                 continue  # a micro-step of gradient accumulation
@@ -234,15 +235,15 @@ def train(recipe: Recipe, hooks: PluginHooks) -> Path:
             if preview:
                 logger.preview(step, {**views, **unwrapped.preview_images}, recipe.data.mean, recipe.data.std)
             if step % cfg.log_every == 0 or step == cfg.steps or signum:
-                micro = (step - logged_at) * recipe.distributed.accumulation_steps  # micro-steps since the last log
                 with collective(f"step {step}: the log reduction"):
-                    record, logged_at = interval_means(accelerator, running, position, micro), step
+                    record = interval_means(accelerator, running, position, summed)
                 record.update({"epoch": position.epoch, **logged_lrs(recipe, optimizer, scheduler, lr * lr_factor(step, cfg)),
                                "skipped_steps": skipped, "images/s": logger.images_per_second()})  # fmt: skip
                 if accelerator.device.type == "cuda":
                     record["memory/peak_gib"] = torch.cuda.max_memory_allocated(accelerator.device) / 2**30
                 logger.log(step, record)
                 running.clear()
+                summed = 0
                 if record["data.seen"] and record["data.bad_records"] / record["data.seen"] > recipe.data.max_bad_fraction:
                     raise TrainingError(f"data: {int(record['data.bad_records'])} of {int(record['data.seen'])} records "
                                         f"were bad (> data.max_bad_fraction={recipe.data.max_bad_fraction}); "
