@@ -152,6 +152,10 @@ def deepspeed_config(recipe: Recipe, env: Mapping[str, str] = os.environ) -> dic
         ds["zero_optimization"] = zero
     # DeepSpeed 0.19 clips at norm 1.0 unless told otherwise; DDP clips only when the recipe says
     ds["gradient_clipping"] = recipe.distributed.grad_clip or 0.0
+    if ds["zero_optimization"].get("stage", 2) == 0:
+        # stage 0 steps a plain torch optimizer with no overflow check: a skipped step's NaN would reach
+        # the weights (augssl drops a DeepSpeed window through that check); stage 0 is DDP anyway
+        raise ValueError("DeepSpeed ZeRO stage 0: launch without DeepSpeed (DDP) instead, or use stage 1-3")
     offload = ds["zero_optimization"].get("offload_optimizer", {}).get("device", "none")
     if offload != "none" and recipe.train.optimizer not in ("adam", "adamw"):
         # Accelerate replaces any optimizer by DeepSpeedCPUAdam under optimizer offload.

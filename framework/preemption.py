@@ -6,7 +6,8 @@ Clusters stop jobs with a signal: Slurm sends SIGTERM at preemption and a signal
 SIGTERM, a terminal SIGINT (Ctrl-C). `accelerate launch` (torchrun's agent) forwards SIGTERM and
 SIGINT to every rank and kills them 30 s later. The handler only records the signal; the engine
 folds "stop requested" into its per-step vote, so every rank stops after the same step even
-when the signal reaches them at different moments. A second signal stops at once.
+when the signal reaches them at different moments. A second signal (2 s or more after the first:
+one request often arrives twice, from Slurm and from torchrun's agent) stops at once.
 
 `train()` then raises `Preempted`; the CLI prints one line and exits with `EXIT_PREEMPTED`
 (75, EX_TEMPFAIL: "try again"), on which the Slurm script requeues the job.
@@ -17,9 +18,11 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 from types import FrameType
 
 EXIT_PREEMPTED = 75
+SAME_REQUEST_SECONDS = 2.0  # signals this soon after the first are the same request, not "stop now"
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
 
@@ -71,11 +74,13 @@ class StopRequests:
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if os.getpid() != self._pid:
             return  # a data worker: the trainer decides
-        if self.signum:  # the second request: stop now, the way the signal would have
+        if self.signum and time.monotonic() - self._first < SAME_REQUEST_SECONDS:
+            return  # the same request again: Slurm signals every process, and torchrun's agent passes it on too
+        if self.signum:  # a later request: stop now, the way the signal would have
             signal.signal(signum, signal.SIG_DFL if signum != signal.SIGINT else signal.default_int_handler)
             os.kill(os.getpid(), signum)
             return
-        self.signum = signum
+        self.signum, self._first = signum, time.monotonic()
         print(f"augssl: {signal.Signals(signum).name}: stopping after this step (again to stop now)", flush=True)
 
     @property

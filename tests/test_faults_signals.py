@@ -121,6 +121,19 @@ def test_sigterm_to_the_launcher_stops_both_ranks_after_the_same_step_and_resume
     assert [k for k in a if not torch.equal(a[k], b[k])] == []
 
 
+def test_the_same_request_arriving_twice_does_not_stop_the_run_at_once():
+    """Under Slurm a rank gets SIGTERM from Slurm and again from torchrun's agent, milliseconds apart:
+    the second must not be taken for "stop now" (which would lose the checkpoint)."""
+    from framework.preemption import StopRequests
+
+    with StopRequests() as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)  # within SAME_REQUEST_SECONDS: the same request
+        time.sleep(0.05)
+        assert stop.signum == signal.SIGTERM, "still alive, and asked to stop after this step"
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL, "the handlers are restored"
+
+
 FAKE_SRUN = """#!/bin/bash
 # srun for one node: drop srun's options, run the task here as node 0
 while [[ "$1" == --* ]]; do shift; done

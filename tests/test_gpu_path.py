@@ -151,6 +151,8 @@ def test_the_deepspeed_config_carries_the_precision_as_torch_autocast_and_refuse
                                               distributed={"mixed_precision": "no"}), "the recipe wins"  # fmt: skip
     with pytest.raises(ValueError, match="DeepSpeed with fp16: use bf16"):
         _ds_config(tmp_path, {"ACCELERATE_MIXED_PRECISION": "fp16"})
+    with pytest.raises(ValueError, match="ZeRO stage 0: launch without DeepSpeed"):  # no overflow check to skip with
+        _ds_config(tmp_path, {"ACCELERATE_DEEPSPEED_ZERO_STAGE": "0"})
     offload = {"ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE": "cpu"}
     with pytest.raises(ValueError, match="optimizer offload .* not train.optimizer=sgd"):
         _ds_config(tmp_path, offload, train={"optimizer": "sgd"})
