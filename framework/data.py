@@ -53,7 +53,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from torchvision.transforms import v2
 
 from framework.preemption import workers_ignore_stop_signals
-from framework.recipe import shard_urls
+from framework.recipe import is_local, shard_urls
 from framework.sources import Sample
 from framework.types import View
 from framework.views import Normalize, clean_view
@@ -311,11 +311,6 @@ def _octal(field: bytes) -> int:
     if digits.translate(None, b"01234567"):  # b"0".."7" only (int() also takes "+", "_", " ")
         raise BadShard(f"not a number: {field[:12]!r}")
     return int(digits or b"0", 8)
-
-
-def is_remote(url: str) -> bool:
-    """`http(s)://`, `pipe:` and other schemes webdataset's `gopen` knows (retried; local paths are not)."""
-    return re.match(r"^[a-z][a-z0-9+.-]*:", url) is not None and not url.startswith("file:")
 
 
 class _Pipe(io.RawIOBase):
@@ -687,7 +682,7 @@ class ShardStream(IterableDataset):
                     guard()
                 return
             except (BadShard, OSError, EOFError, http.client.HTTPException) as exc:
-                if attempt < self.retries and is_remote(url) and _transient(exc):
+                if attempt < self.retries and not is_local(url) and _transient(exc):  # remote: retried
                     guard.bad_shard(url, exc)  # named if the stream stalls while this shard is retried
                     guard.sleep(BACKOFF_SECONDS * 2**attempt)
                     continue

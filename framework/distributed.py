@@ -76,10 +76,10 @@ def collective(what: str) -> Iterator[None]:
     try:
         yield
     except RuntimeError as exc:
-        text = str(exc)
-        if "timed out" in text.lower() or "timeout" in text.lower():
+        text = str(exc).lower()
+        if "timed out" in text or "timeout" in text:
             why = "the other ranks did not answer within distributed.timeout_seconds"
-        elif "connection closed" in text.lower() or "connection reset" in text.lower():
+        elif "connection closed" in text or "connection reset" in text:
             why = "another rank died (see its log)"
         else:
             raise
@@ -162,11 +162,12 @@ def deepspeed_config(recipe: Recipe, env: Mapping[str, str] = os.environ) -> dic
         raise ValueError(f"distributed: optimizer offload ({offload}) runs DeepSpeed's CPU Adam, not "
                          f"train.optimizer={recipe.train.optimizer}: use adam/adamw or drop offload_optimizer")  # fmt: skip
     precision = mixed_precision(recipe, env)
-    if precision == "fp16" and not any(k in ds for k in ("bf16", "fp16", "torch_autocast")):
+    recipe_sets_precision = any(k in ds for k in ("bf16", "fp16", "torch_autocast"))
+    if precision == "fp16" and not recipe_sets_precision:
         # DeepSpeed's fp16 mode casts parameters, not inputs; under torch_autocast fp16 its ZeRO
         # optimizers return on an overflow before the grad scaler's update, so the scale never drops.
         raise ValueError("DeepSpeed with fp16: use bf16 (GPUs since A100), or fp16 without DeepSpeed (DDP)")
-    if precision == "bf16" and not any(k in ds for k in ("bf16", "fp16", "torch_autocast")):
+    if precision == "bf16" and not recipe_sets_precision:
         # DeepSpeed's own bf16 mode casts the parameters but neither the inputs nor the buffers (a conv
         # fails on float inputs, BatchNorm's statistics clash); torch_autocast keeps float32 weights and
         # runs each op in the precision autocast chooses, like DDP.

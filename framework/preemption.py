@@ -53,8 +53,8 @@ class Preempted(Exception):
 class StopRequests:
     """A context that records SIGTERM/SIGINT/SIGUSR1 in `signum` instead of dying (main thread only).
 
-    Data workers forked inside it inherit the handler, so a signal sent to the whole process
-    group (Ctrl-C, torchrun's shutdown) does not kill them while the trainer checkpoints.
+    (Data workers keep running through such signals by `workers_ignore_stop_signals`; one forked
+    before its `worker_init_fn` runs inherits this handler, which ignores signals in other processes.)
     """
 
     def __init__(self) -> None:
@@ -82,7 +82,3 @@ class StopRequests:
             return
         self.signum, self._first = signum, time.monotonic()
         print(f"augssl: {signal.Signals(signum).name}: stopping after this step (again to stop now)", flush=True)
-
-    @property
-    def requested(self) -> bool:
-        return self.signum != 0
