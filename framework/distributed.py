@@ -19,7 +19,7 @@ import torch.distributed as dist
 if TYPE_CHECKING:
     from accelerate import Accelerator, PartialState
 
-    from framework.recipe import Recipe
+    from framework.recipe.schema import Recipe
 
 
 def rank() -> int:
@@ -97,39 +97,6 @@ def _deepspeed_without_transformers() -> None:
         from accelerate.utils import DeepSpeedPlugin
 
         DeepSpeedPlugin.set_deepspeed_weakref = lambda self: None
-
-
-# The top-level keys of a DeepSpeed 0.19 config (https://www.deepspeed.ai/docs/config-json/ and
-# deepspeed/runtime/config.py); DeepSpeed itself ignores any other key, so a misspelt one would pass.
-DEEPSPEED_KEYS = frozenset("""
-    train_batch_size train_micro_batch_size_per_gpu gradient_accumulation_steps optimizer scheduler fp16 bf16
-    torch_autocast amp gradient_clipping prescale_gradients gradient_predivide_factor sparse_gradients
-    zero_optimization zero_allow_untested_optimizer zero_force_ds_cpu_optimizer steps_per_print
-    wall_clock_breakdown dump_state flops_profiler activation_checkpointing sparse_attention data_efficiency
-    curriculum_learning tensorboard wandb csv_monitor comet elasticity communication_data_type
-    seq_parallel_communication_data_type aio compression_training checkpoint data_types memory_breakdown
-    comms_logger autotuning pipeline graph_harvesting compile timers nebula disable_allgather
-    dataloader_drop_last gradient_allreduce_op use_data_before_expert_parallelism zenflow tensor_parallel
-    weight_quantization hybrid_engine eigenvalue progressive_layer_drop quantize_training mics_shard_size
-    mics_hierarchical_params_gather managed_gradient_accumulation disable_python_gc log_level vocabulary_size
-""".split())
-
-
-def check_deepspeed_section(section: Mapping[str, Any]) -> None:
-    """ValueError naming the first key of `distributed.deepspeed` DeepSpeed does not know: a top-level key
-    not in DEEPSPEED_KEYS, or anything `zero_optimization`'s own schema (DeepSpeedZeroConfig) refuses."""
-    unknown = sorted(set(section) - DEEPSPEED_KEYS)
-    if unknown:
-        raise ValueError(f"{unknown[0]}: not a DeepSpeed config key")
-    if "zero_optimization" in section:
-        from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
-        from pydantic import ValidationError
-
-        try:
-            DeepSpeedZeroConfig(**section["zero_optimization"])
-        except ValidationError as exc:
-            err = exc.errors()[0]
-            raise ValueError(f"zero_optimization.{'.'.join(map(str, err['loc']))}: {err['msg']}") from None
 
 
 def deepspeed_config(recipe: Recipe, env: Mapping[str, str] = os.environ) -> dict[str, Any]:

@@ -45,7 +45,7 @@ if TYPE_CHECKING:
     from accelerate import Accelerator
 
     from framework.model import Model
-    from framework.recipe import Recipe
+    from framework.recipe.schema import Recipe
 
 LOCK_FILE = ".lock"
 PREVIOUS = "previous"  # train.resume=fresh moves the old run to <output_dir>/previous/<time>/
@@ -343,7 +343,7 @@ def resume_point(accelerator: Accelerator, recipe: Recipe, model: Model, lock: R
     Rank 0 picks it (`auto`: the newest intact one), checks this recipe may continue it, and
     only then writes the folder's `recipe.yaml`. `lock` is `open_run`'s (held by the caller).
     """
-    from framework.recipe import write_resolved
+    from framework.recipe.loading import write_resolved
 
     out, resume = Path(recipe.output_dir), recipe.train.resume
 

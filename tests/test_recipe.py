@@ -5,10 +5,12 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 import yaml
 
+from framework import PluginConfig, hookimpl
 from framework.cli import main
 from framework.recipe import RecipeError, apply_overrides, deep_merge, load_recipe, validate
 from framework.testing import tiny_recipe, write_recipe
@@ -170,3 +172,27 @@ def test_epoch_samples_needs_a_resampled_stream(tmp_path, fmnist_shards):
     with pytest.raises(RecipeError, match="data.epoch_samples applies to resampled streams"):
         validate(recipe)
     validate(tiny_recipe(tmp_path, fmnist_shards, data={"epoch_samples": 100, "resampled": True}))
+
+
+class _Section:
+    """A plugin that only registers `schema` as its recipe section."""
+
+    def __init__(self, schema: type[PluginConfig]) -> None:
+        self.schema = schema
+
+    @hookimpl
+    def config_schema(self) -> type[PluginConfig]:
+        return self.schema
+
+
+class _Provides(PluginConfig):
+    provides: ClassVar[frozenset[str]] = frozenset({"test_terms", "other"})
+
+
+def test_providers_are_the_plugins_whose_section_declares_the_capability_in_recipe_order(tmp_path):
+    extra = {"zeta": _Section(_Provides), "plain": _Section(PluginConfig), "alpha": _Section(_Provides)}
+    recipe, _ = validate(tiny_recipe(tmp_path, {"train": "none.tar", "test": "none.tar"}), False, extra)
+    assert list(recipe.plugins) == ["backbones", "kl", "zeta", "plain", "alpha"]
+    assert recipe.providers("test_terms") == ["zeta", "alpha"]
+    assert recipe.providers("other") == ["zeta", "alpha"]
+    assert recipe.providers("nothing_declares_this") == []

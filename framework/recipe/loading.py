@@ -1,0 +1,193 @@
+"""Loading a recipe: read its YAML, inherit (`extends:`), apply command-line overrides, validate.
+
+Validation checks the engine's sections (`framework.recipe.schema`), then builds the plugin
+manager to validate each plugin's section against the schema it registers. Every problem is a
+`RecipeError` whose one-line message names the key path and the file.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from framework.data.shards import check_shards
+from framework.manager import PluginError, PluginHooks
+from framework.recipe.schema import Recipe
+
+
+class RecipeError(Exception):
+    """A recipe that cannot run; the message is one line naming the key and the file."""
+
+
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """`over` on top of `base`: dicts merge recursively, everything else (lists too) replaces."""
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    """One recipe file's mapping (empty for an empty file); RecipeError naming the file or line."""
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise RecipeError(f"{path}: cannot read recipe ({exc.strerror})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise RecipeError(f"{where}: invalid YAML: {getattr(exc, 'problem', exc)}") from None
+    if data is None:
+        return {}
+    _check_size(data, path)
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: a recipe must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+MAX_VALUES = 100_000  # a recipe is a few hundred values; YAML aliases can make a short file expand to 10^9
+
+
+def _check_size(data: Any, path: Path) -> None:
+    """RecipeError if `data`, with every YAML alias expanded, holds more than MAX_VALUES values (a
+    "billion laughs" recipe would exhaust memory in validation or when the run writes recipe.yaml)."""
+    stack, count = [data], 0
+    while stack:
+        node = stack.pop()
+        count += 1
+        if count > MAX_VALUES:
+            raise RecipeError(f"{path}: the recipe expands to more than {MAX_VALUES} values (YAML aliases?)")
+        if isinstance(node, dict):
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+
+
+def load_raw(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Read a recipe and everything it `extends`, merged (the recipe wins)."""
+    path = Path(path).resolve()
+    if path in _seen:
+        raise RecipeError(f"{path}: `extends` cycle: {' -> '.join(p.name for p in (*_seen, path))}")
+    data = _read_yaml(path)
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    if not isinstance(parent, str):
+        raise RecipeError(f"{path}: extends: expected a file name, got {type(parent).__name__}")
+    parent_path = path.parent / parent
+    if not parent_path.exists():
+        raise RecipeError(f"{path}: extends: no such recipe {parent_path}")
+    return deep_merge(load_raw(parent_path, (*_seen, path)), data)
+
+
+_KEY = re.compile(r"^[A-Za-z_][\w-]*(\.[A-Za-z_][\w-]*)*$")
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `a.b.c=value` overrides; values are parsed as YAML (`3`, `1.0e-3`, `[1, 2]`, `null`)."""
+    data = copy.deepcopy(data)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not _KEY.match(key):
+            raise RecipeError(f"override {item!r}: expected key.path=value")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        node = data
+        parts = key.split(".")
+        for i, part in enumerate(parts[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise RecipeError(f"override {item!r}: {'.'.join(parts[: i + 1])} is not a section")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def _first_error(exc: ValidationError, prefix: str = "") -> str:
+    """The first validation error as one line: its key path under `prefix`, the message and the value."""
+    err = exc.errors()[0]
+    loc = ".".join(str(p) for p in (prefix, *err["loc"]) if p != "")
+    more = f" (+{exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+    got = f" (got {err['input']!r})" if err["type"] not in ("missing", "extra_forbidden") else ""
+    return f"{loc or '<root>'}: {err['msg']}{got}{more}"
+
+
+def validate(
+    data: dict[str, Any], check_data: bool = True, extra_plugins: dict[str, object] | None = None
+) -> tuple[Recipe, PluginHooks]:
+    """Validate merged recipe data; returns the recipe and the registered plugins.
+
+    `extra_plugins` registers plugin objects by name beside those the recipe names
+    (tests and embedding applications); their section defaults to `{}`.
+    """
+    plugins_raw = data.get("plugins")
+    if not isinstance(plugins_raw, dict) or not plugins_raw:
+        raise RecipeError("plugins: a recipe must name at least one plugin (e.g. plugins: {backbones: ..., kl: ...})")
+    plugins_raw = {name: section for name, section in plugins_raw.items() if section is not None}
+    plugins_raw.update({name: {} for name in extra_plugins or {} if name not in plugins_raw})
+    for name, section in plugins_raw.items():
+        if not isinstance(section, dict):
+            raise RecipeError(f"plugins.{name}: expected a mapping of settings, got {section!r}")
+    try:
+        recipe = Recipe.model_validate({**data, "plugins": plugins_raw})
+    except ValidationError as exc:
+        raise RecipeError(_first_error(exc)) from None
+    try:
+        hooks = PluginHooks(list(plugins_raw), extra=extra_plugins)
+        schemas = hooks.config_schema()
+    except PluginError as exc:
+        raise RecipeError(f"plugins: {exc}") from None
+    validated = {}
+    for name, schema in schemas.items():
+        try:
+            validated[name] = schema.model_validate(plugins_raw[name])
+        except ValidationError as exc:
+            raise RecipeError(_first_error(exc, f"plugins.{name}")) from None
+    recipe.plugins = validated
+    if len(recipe.data.mean) != recipe.data.channels or len(recipe.data.std) != recipe.data.channels:
+        raise RecipeError(f"data.mean/data.std: need {recipe.data.channels} values (data.channels)")
+    for tracker in recipe.train.log_with:
+        if importlib.util.find_spec(tracker) is None:
+            raise RecipeError(f"train.log_with: {tracker} is not installed (pip install {tracker})")
+    if check_data:
+        try:  # a missing local shard is a recipe error naming the key
+            check_shards("data.train", recipe.data.train)
+            for key in ("train", "test"):
+                spec = getattr(recipe.eval, key)
+                if spec is not None:
+                    check_shards(f"eval.{key}", spec)
+        except ValueError as exc:
+            raise RecipeError(str(exc)) from None
+    return recipe, hooks
+
+
+def load_recipe(
+    path: str | Path,
+    overrides: list[str] = (),
+    check_data: bool = True,
+    extra_plugins: dict[str, object] | None = None,
+) -> tuple[Recipe, PluginHooks]:
+    """Load, merge, override and validate a recipe file; errors are `RecipeError` naming the file."""
+    try:
+        return validate(apply_overrides(load_raw(path), list(overrides)), check_data, extra_plugins)
+    except RecipeError as exc:
+        msg = str(exc)
+        raise RecipeError(msg if msg.startswith(str(Path(path).resolve())) else f"{path}: {msg}") from None
+
+
+def write_resolved(recipe: Recipe, path: str | Path) -> None:
+    """Write the recipe, every default filled in, as YAML to `path`."""
+    Path(path).write_text(yaml.safe_dump(recipe.resolved(), sort_keys=False))

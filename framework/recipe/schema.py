@@ -1,0 +1,190 @@
+"""The recipe's schema: the engine's sections (data, train, distributed, eval) and the whole `Recipe`.
+
+Pure data and validation: this module knows no plugin, process or file (loading a recipe from
+YAML is `framework.recipe.loading`). Each plugin's own section is its `PluginConfig` subclass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Literal
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+
+from framework.types import PluginConfig, Strict
+
+# The top-level keys of a DeepSpeed 0.19 config (https://www.deepspeed.ai/docs/config-json/ and
+# deepspeed/runtime/config.py); DeepSpeed itself ignores any other key, so a misspelt one would pass.
+DEEPSPEED_KEYS = frozenset("""
+    train_batch_size train_micro_batch_size_per_gpu gradient_accumulation_steps optimizer scheduler fp16 bf16
+    torch_autocast amp gradient_clipping prescale_gradients gradient_predivide_factor sparse_gradients
+    zero_optimization zero_allow_untested_optimizer zero_force_ds_cpu_optimizer steps_per_print
+    wall_clock_breakdown dump_state flops_profiler activation_checkpointing sparse_attention data_efficiency
+    curriculum_learning tensorboard wandb csv_monitor comet elasticity communication_data_type
+    seq_parallel_communication_data_type aio compression_training checkpoint data_types memory_breakdown
+    comms_logger autotuning pipeline graph_harvesting compile timers nebula disable_allgather
+    dataloader_drop_last gradient_allreduce_op use_data_before_expert_parallelism zenflow tensor_parallel
+    weight_quantization hybrid_engine eigenvalue progressive_layer_drop quantize_training mics_shard_size
+    mics_hierarchical_params_gather managed_gradient_accumulation disable_python_gc log_level vocabulary_size
+""".split())
+
+
+def check_deepspeed_section(section: Mapping[str, Any]) -> None:
+    """ValueError naming the first key of `distributed.deepspeed` DeepSpeed does not know: a top-level key
+    not in DEEPSPEED_KEYS, or anything `zero_optimization`'s own schema (DeepSpeedZeroConfig) refuses."""
+    unknown = sorted(set(section) - DEEPSPEED_KEYS)
+    if unknown:
+        raise ValueError(f"{unknown[0]}: not a DeepSpeed config key")
+    if "zero_optimization" in section:
+        from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+        try:
+            DeepSpeedZeroConfig(**section["zero_optimization"])
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            raise ValueError(f"zero_optimization.{'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+
+
+class DataConfig(Strict):
+    """Where the training images come from and how they are batched (per process)."""
+
+    train: str  # shard URLs: a path, a brace pattern `x-{000000..000009}.tar`, http(s)://, pipe:
+    image_size: int = Field(gt=0)
+    channels: Literal[1, 3]
+    mean: list[float]
+    std: list[float]
+    resize: int | None = None  # resize the short side to this, then center-crop image_size
+    batch_size: int = Field(128, gt=0)  # per process, per micro-step
+    num_workers: int = Field(2, ge=0)
+    shuffle_buffer: int = Field(1000, ge=0)
+    shardshuffle: bool = True
+    resampled: bool = False  # draw shards with replacement, independently per rank and worker
+    # resampled only: an epoch is this many samples over all ranks and workers (webdataset's
+    # with_epoch); default: as many shards as data.train lists
+    epoch_samples: int | None = Field(None, gt=0)
+    max_bad_fraction: float = Field(0.01, ge=0, le=1)
+    # labels must be -1 (unlabelled) or 0..num_classes-1; a record with another is a counted bad record
+    num_classes: int | None = Field(None, gt=0)
+    # faults: a worker with no good record for stall_seconds stops the run (one line); a remote
+    # shard's transfer without a byte for timeout_seconds fails, and is retried `retries` times
+    stall_seconds: float = Field(600.0, gt=0)
+    timeout_seconds: float = Field(60.0, gt=0)
+    retries: int = Field(3, ge=0)
+
+    @model_validator(mode="after")
+    def _epoch_samples_need_resampling(self) -> DataConfig:
+        if self.epoch_samples is not None and not self.resampled:
+            raise ValueError("data.epoch_samples applies to resampled streams: set data.resampled: true")
+        return self
+
+
+class TrainConfig(Strict):
+    """The optimisation: length, optimizer, schedule, logging and checkpoints."""
+
+    steps: int = Field(gt=0)  # optimizer steps
+    lr: float = Field(gt=0)
+    # "linear": the optimizer's lr is lr x global_batch / 256 (Goyal et al. 2017), where
+    # global_batch = data.batch_size x processes x distributed.accumulation_steps
+    lr_scaling: Literal["none", "linear"] = "none"
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    weight_decay: float = Field(0.0, ge=0)
+    momentum: float = 0.9  # sgd (Nesterov)
+    betas: tuple[float, float] = (0.9, 0.999)  # adam/adamw
+    warmup_steps: int = Field(0, ge=0)
+    schedule: Literal["constant", "cosine"] = "constant"
+    seed: int = 0
+    log_every: int = Field(50, gt=0)
+    checkpoint_every: int = Field(1000, gt=0)
+    preview_every: int = Field(1000, ge=0)  # PNG of views and reconstructions every N steps; 0: never
+    # Accelerate trackers the logged metrics also go to (metrics.jsonl is always written);
+    # "wandb" needs `pip install wandb` (and WANDB_* settings, e.g. WANDB_MODE=offline).
+    log_with: list[Literal["tensorboard", "wandb"]] = ["tensorboard"]
+    keep_checkpoints: int = Field(2, gt=0)
+    # "auto" (newest verified checkpoint), "never" (refuses a folder with checkpoints), "fresh" (moves
+    # the old run to <output_dir>/previous/<time>/ and starts at step 0), or a checkpoint path
+    resume: str = "auto"
+    max_bad_steps: int = Field(10, gt=0)  # consecutive non-finite steps before stopping
+    compile: bool = False  # torch.compile every plugin module in place (first steps slower: compilation)
+
+
+class DistributedConfig(Strict):
+    """How the step is executed; the same recipe runs on 1 CPU or many GPUs."""
+
+    # None: the launch decides (`accelerate launch --mixed_precision`, or its config file); "no"
+    # if launched without one. Set here, the recipe wins over the launch.
+    mixed_precision: Literal["no", "bf16", "fp16"] | None = None
+    accumulation_steps: int = Field(1, gt=0)
+    grad_clip: float | None = Field(None, gt=0)
+    find_unused_parameters: bool = False
+    sync_batchnorm: bool = False  # SyncBatchNorm over all ranks (CUDA only; ignored on CPU)
+    # a collective (the per-step vote, the log, a checkpoint barrier) that waits longer than this for
+    # the other ranks stops the run with one line naming the rank and what it was doing (NCCL/gloo timeout)
+    timeout_seconds: int = Field(1800, gt=0)
+    deepspeed: dict[str, Any] | None = None
+    # GPU speed settings (each a no-op on CPU): channels_last memory format for the model and
+    # the image batches (None: on CUDA), TF32 matmuls and convolutions, cudnn.benchmark.
+    channels_last: bool | None = None
+    tf32: bool = True
+    cudnn_benchmark: bool = True
+
+    @field_validator("deepspeed")
+    @classmethod
+    def _deepspeed_keys(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value:
+            check_deepspeed_section(value)
+        return value
+
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _yaml_no(cls, value: Any) -> Any:
+        """YAML reads a bare `no` (as in `distributed.mixed_precision=no`) as false."""
+        return "no" if value is False else value
+
+
+class EvalConfig(Strict):
+    """Labelled shards for evaluating the frozen encoder (`augssl eval`, and the online k-NN)."""
+
+    train: str | None = None
+    test: str | None = None
+    batch_size: int = Field(256, gt=0)
+    knn_every: int = Field(0, ge=0)  # k-NN accuracy (`knn.acc`) every N steps while training; 0: never
+    knn_samples: int | None = Field(10000, gt=0)  # at most this many train and test samples for it; null: all
+
+    @model_validator(mode="after")
+    def _knn_needs_shards(self) -> EvalConfig:
+        if self.knn_every and not (self.train and self.test):
+            raise ValueError("eval.knn_every needs eval.train and eval.test (labelled shards)")
+        return self
+
+
+class Recipe(Strict):
+    """A whole validated recipe. `plugins` maps each plugin name to its validated section."""
+
+    output_dir: str = Field(pattern=r"\S")  # not empty
+    data: DataConfig
+    train: TrainConfig
+    distributed: DistributedConfig = DistributedConfig()
+    eval: EvalConfig = EvalConfig()
+    plugins: dict[str, Any]
+
+    def resolved(self) -> dict[str, Any]:
+        """The recipe as plain data, every default filled in (written to runs and checkpoints)."""
+        out = self.model_dump(mode="json", exclude={"plugins"})
+        out["plugins"] = {
+            name: cfg.model_dump(mode="json") if isinstance(cfg, PluginConfig) else cfg
+            for name, cfg in self.plugins.items()
+        }
+        return out
+
+    def providers(self, capability: str) -> list[str]:
+        """The plugins, in recipe order, whose section's class declares `capability` in `provides`.
+
+        Plugins declare what their terms stand for (e.g. `"elbo_x"`: the plugin's terms stand for
+        the ELBO/reconstruction of the clean view `x`), so another plugin can ask the recipe for
+        them without naming a plugin.
+        """
+        return [
+            name
+            for name, cfg in self.plugins.items()
+            if capability in getattr(type(cfg), "provides", frozenset())
+        ]
