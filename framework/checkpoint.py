@@ -47,7 +47,7 @@ if TYPE_CHECKING:
     from accelerate import Accelerator
     from torch.optim.lr_scheduler import LambdaLR
 
-    from framework.recipe import Recipe
+    from framework.recipe.schema import Recipe
 
 STATE_FILE = "trainer_state.json"
 WEIGHTS_FILE = "model.safetensors"

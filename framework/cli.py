@@ -23,7 +23,7 @@ def _fail(msg: str) -> None:
 
 def train_main(argv: Sequence[str]) -> None:
     """`train RECIPE [key=value ...]`: validate everything, then pretrain."""
-    from framework.recipe import RecipeError, load_recipe
+    from framework.recipe.loading import RecipeError, load_recipe
 
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: augssl train RECIPE.yaml [key.path=value ...]")

@@ -42,7 +42,7 @@ from framework.logging import RunLogger
 from framework.manager import PluginHooks
 from framework.model import Model, weighted_total
 from framework.preemption import Preempted, StopRequests
-from framework.recipe import Recipe, TrainConfig
+from framework.recipe.schema import Recipe, TrainConfig
 
 if TYPE_CHECKING:
     from accelerate import Accelerator

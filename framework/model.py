@@ -15,7 +15,7 @@ from framework.types import Encoding
 
 if TYPE_CHECKING:
     from framework.manager import PluginHooks
-    from framework.recipe import Recipe
+    from framework.recipe.schema import Recipe
 
 
 class StepContext:

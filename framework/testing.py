@@ -22,7 +22,7 @@ import yaml
 from PIL import Image
 
 from framework.data import brace_pattern, write_shards
-from framework.recipe import deep_merge
+from framework.recipe.loading import deep_merge
 from framework.sources import FASHION_MNIST_DIR, Sample, fashion_mnist
 
 CONV28 = {"encoder": "conv28", "decoder": "conv28", "latent_dim": 16}
@@ -116,7 +116,7 @@ def run_steps(
     `extra_plugins` registers plugin objects (e.g. a class instance with `@hookimpl` methods) by name.
     """
     from framework.engine import train
-    from framework.recipe import apply_overrides, load_recipe, validate
+    from framework.recipe.loading import apply_overrides, load_recipe, validate
 
     extra = [f"train.steps={steps}"] if steps is not None else []
     if isinstance(recipe, dict):
