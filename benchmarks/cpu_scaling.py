@@ -25,7 +25,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import write_report  # noqa: E402
-from framework.testing import free_port, read_metrics  # noqa: E402
+from framework.logging import read_metrics  # noqa: E402
+from framework.testing import free_port  # noqa: E402
 
 
 def run(recipe: str, processes: int, steps: int, batch: int, out: Path) -> dict:

@@ -8,7 +8,7 @@ encoder, steps and seed; seeds aggregated.
 Trains recipes/{vae,aavae,crvae,simclr,simclr_affine}_fashionmnist.yaml (conv28 encoder,
 batch 128) side by side in one invocation, each from scratch (its output folder is
 emptied first, so the times are real), evaluates each with every protocol of
-`framework.evaluate` on the frozen pooled features (the linear one on precomputed
+`framework.eval` on the frozen pooled features (the linear one on precomputed
 features), and writes one JSON per seed with raw pixels, each method (accuracies,
 pretraining epochs, train and eval seconds). The summary holds, per method and protocol,
 every seed's accuracy, their mean and standard deviation, and the papers' directions
@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import write_report  # noqa: E402
-from framework.evaluate import PROTOCOLS, evaluate  # noqa: E402
+from framework.eval import PROTOCOLS, evaluate  # noqa: E402
 
 METHODS = ["vae", "aavae", "crvae", "simclr", "simclr_affine"]
 BATCH, TRAIN_IMAGES = 128, 60000

@@ -33,7 +33,8 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import write_report  # noqa: E402
 from framework.data import write_shards  # noqa: E402
-from framework.testing import free_port, read_metrics, synthetic_samples  # noqa: E402
+from framework.logging import read_metrics  # noqa: E402
+from framework.testing import free_port, synthetic_samples  # noqa: E402
 
 MODELS = {  # name: (recipe, image size, per-GPU batch)
     "aavae_resnet50_96px": ("aavae_stl10.yaml", 96, 256),

@@ -7,7 +7,8 @@ previous checkpoint intact; an unfinished `.tmp` folder is never loaded.
 Every checkpoint has the full model (parameters and buffers) in `model.safetensors`, with
 the model's state_dict names: Accelerate writes it under DDP; under DeepSpeed (whose own
 partitioned files are in `pytorch_model/`) rank 0 consolidates the fp32 weights from those
-files into it, for any ZeRO stage, so `augssl eval` and `augssl export` read every run alike.
+files into it, for any ZeRO stage, so `augssl eval` and `augssl export` read every run alike;
+`load_run` rebuilds a run's model from a checkpoint's resolved recipe and those weights.
 
 Resuming on another number of processes works under DDP: model, optimizer and schedule are
 restored, the data stream and every rank's RNG are reseeded with `train.seed + step`, and
@@ -40,8 +41,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import yaml
+from safetensors.torch import load_file
 
-from framework.data import StreamPosition
+from framework.data.stream import StreamPosition
+from framework.model import Model
+from framework.recipe.loading import load_recipe
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -357,3 +361,17 @@ def model_weights_file(path: Path) -> Path:
     if (path / DEEPSPEED_TAG).is_dir():
         return consolidate_deepspeed_weights(path)
     raise FileNotFoundError(f"{path}: no model weights ({WEIGHTS_FILE}) in checkpoint")
+
+
+def load_run(output_dir: str | Path, ckpt: str | Path | None = None) -> tuple[Model, Recipe, Path]:
+    """Rebuild a run's model from its resolved recipe and load a checkpoint's weights (newest by default)."""
+    output_dir = Path(output_dir)
+    path = Path(ckpt) if ckpt else find_resume(output_dir, "auto")
+    if path is None:
+        raise FileNotFoundError(f"{output_dir}: no complete checkpoint to evaluate")
+    if not (path / STATE_FILE).is_file():
+        raise FileNotFoundError(f"--checkpoint {path}: not a complete checkpoint (no {STATE_FILE})")
+    recipe, hooks = load_recipe(path / "recipe.yaml", check_data=False)
+    model = Model(hooks, recipe)
+    model.load_state_dict(load_file(model_weights_file(path)))
+    return model.eval(), recipe, path

@@ -46,7 +46,7 @@ def train_or_exit(recipe, hooks) -> None:
     except ValueError as exc:
         _fail(str(exc))
     from framework.checkpoint import CheckpointError
-    from framework.data import DataError
+    from framework.data.stream import DataError
     from framework.distributed import CollectiveTimeout, rank
     from framework.engine import TrainingError
     from framework.preemption import EXIT_PREEMPTED, Preempted
@@ -94,7 +94,7 @@ def eval_main(argv: Sequence[str]) -> None:
     args = parser.parse_args(argv)
     if args.checkpoint and len(args.output_dirs) > 1:
         _fail("--checkpoint names one run's checkpoint: give one output_dir")
-    from framework.evaluate import PROTOCOLS, evaluate
+    from framework.eval.report import PROTOCOLS, evaluate
 
     protocols = list(PROTOCOLS) if args.protocol == "all" else [args.protocol]
     rows = []
@@ -125,8 +125,8 @@ def eval_main(argv: Sequence[str]) -> None:
 
 def shards_main(argv: Sequence[str]) -> None:
     """`shards SOURCE ROOT --split S --out PATTERN`: convert a dataset to WebDataset shards."""
-    from framework import sources
-    from framework.data import write_shards
+    from framework.data import sources
+    from framework.data.shards import write_shards
 
     parser = argparse.ArgumentParser(prog="augssl shards", description="Convert a dataset to WebDataset tar shards.")
     parser.add_argument("source", choices=sorted(sources.SOURCES))

@@ -7,7 +7,7 @@ on the device; `tests/test_gpu_path.py` checks that a step of every built-in plu
 tensor from host data):
 
 1. The non-finite vote: one all-reduce ("max") and one scalar read per micro-step (marked).
-2. The log: one all-reduce and one `.tolist()` per `train.log_every` steps (marked).
+2. The log: one all-reduce and one `.tolist()` per `train.log_every` steps (`RunLogger.interval_record`).
 3. fp16 only (DDP on CUDA): the grad scaler reads its inf/NaN flag at every optimizer step.
 4. Inside DeepSpeed: ZeRO reads the global gradient norm (its overflow check) per optimizer step.
 5. By request only: preview images (`train.preview_every`), the online k-NN
@@ -23,13 +23,14 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 from accelerate.utils import DistributedType, set_seed
 
 from framework import checkpoint, runfolder
-from framework.data import StreamPosition, batch_to_device, clean_x_view, make_loader
+from framework.data.pipeline import batch_to_device, clean_x_view
+from framework.data.stream import StreamPosition, make_loader
 from framework.distributed import (
     apply_speed_settings,
     build_accelerator,
@@ -37,8 +38,8 @@ from framework.distributed import (
     mixed_precision,
     speed_settings,
 )
-from framework.evaluate import online_knn
-from framework.logging import RunLogger
+from framework.eval.report import online_knn
+from framework.logging import RunLogger, logged_lrs
 from framework.manager import PluginHooks
 from framework.model import Model, weighted_total
 from framework.preemption import Preempted, StopRequests
@@ -101,27 +102,6 @@ def vote(accelerator: Accelerator, loss: torch.Tensor, signum: int) -> tuple[boo
     return nonfinite > 0, int(signalled)
 
 
-def interval_means(accelerator: Accelerator, running: dict[str, torch.Tensor], position: StreamPosition,
-                   micro_steps: int) -> dict[str, float]:  # fmt: skip
-    """The log interval's mean of every running sum over all ranks and micro-steps, and the data
-    counters summed over ranks (`data.bad_records`, `data.seen`): one all-reduce, one `.tolist()`."""
-    names = sorted(running)
-    counts = torch.tensor([float(position.bad_total), float(position.seen_total)])
-    stats = torch.cat([torch.stack([running[n] for n in names]), counts.to(accelerator.device)])
-    values = accelerator.reduce(stats, "sum").tolist()  # sync point: one per log interval
-    n = accelerator.num_processes * micro_steps
-    return {**{name: v / n for name, v in zip(names, values, strict=False)},
-            "data.bad_records": values[-2], "data.seen": values[-1]}  # fmt: skip
-
-
-def logged_lrs(recipe: Recipe, optimizer: torch.optim.Optimizer, scheduler: Any, lr: float) -> dict[str, float]:
-    """`lr`: the learning rate of `train.lr` now (`lr`, scheduled); `lr/<plugin>` for each plugin
-    with its own `lr` (e.g. the online probe), as the scheduler set its param group."""
-    own = {name for name, cfg in recipe.plugins.items() if getattr(cfg, "lr", None) is not None}
-    groups = zip((g.get("plugin") for g in optimizer.param_groups), scheduler.get_last_lr(), strict=False)
-    return {"lr": lr, **{f"lr/{plugin}": value for plugin, value in groups if plugin in own}}
-
-
 def rng_isolated(batches: Iterable[dict]) -> Iterator[dict]:
     """The loader's batches, fetched without touching this process's global RNG.
 
@@ -174,22 +154,16 @@ def train(recipe: Recipe, hooks: PluginHooks) -> Path:
         return out
     data_seed = cfg.seed if (saved_exact := bool(position.workers)) or step == 0 else cfg.seed + step
     loader = make_loader(
-        recipe.data.train, build_views(recipe, hooks), channels=recipe.data.channels,
-        batch_size=recipe.data.batch_size, num_workers=recipe.data.num_workers,
-        rank=accelerator.process_index, world_size=accelerator.num_processes, seed=data_seed,
-        shardshuffle=recipe.data.shardshuffle, resampled=recipe.data.resampled,
-        shuffle_buffer=recipe.data.shuffle_buffer, resume=position if saved_exact else None,
-        pin_memory=accelerator.device.type == "cuda", epoch_samples=recipe.data.epoch_samples,
-        stall_seconds=recipe.data.stall_seconds, timeout_seconds=recipe.data.timeout_seconds,
-        retries=recipe.data.retries, num_classes=recipe.data.num_classes,
-    )  # fmt: skip
+        recipe.data, build_views(recipe, hooks), rank=accelerator.process_index,
+        world_size=accelerator.num_processes, seed=data_seed, resume=position if saved_exact else None,
+        pin_memory=accelerator.device.type == "cuda",
+    )
     accelerator.init_trackers("augssl", config={"recipe": str(out / "recipe.yaml")})
     logger = RunLogger(accelerator, out, cfg.steps, step)
-    running: dict[str, torch.Tensor] = {}
     bad_in_row = skipped = 0
 
     model.train()
-    signum, saved, summed = 0, None, 0  # summed: micro-steps in `running` (skipped ones are not)
+    signum, saved = 0, None
     with StopRequests() as stop:  # SIGTERM/SIGINT/SIGUSR1: finish this step, checkpoint it, stop
         for batch in rng_isolated(loader):
             position.update(batch["cursor"])
@@ -220,9 +194,7 @@ def train(recipe: Recipe, hooks: PluginHooks) -> Path:
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 skipped += accelerator.sync_gradients and accelerator.optimizer_step_was_skipped  # fp16 loss scaler
-            for name, value in {"loss": loss, **terms, **metrics}.items():
-                running[name] = running.get(name, 0) + value.detach().float()
-            summed += 1
+            logger.accumulate({"loss": loss, **terms, **metrics})  # skipped micro-steps are not summed
             logger.count_images(len(batch["key"]))
             if not accelerator.sync_gradients:
                 continue  # a micro-step of gradient accumulation
@@ -230,20 +202,18 @@ def train(recipe: Recipe, hooks: PluginHooks) -> Path:
             step += 1
             scheduler.step()
             with torch.no_grad():
-                hooks.on_train_step_end(plugin_modules, step, recipe)
+                hooks.on_train_step_end(plugin_modules, step, recipe, unwrapped.encoder)
             logger.advance()
             if preview:
                 logger.preview(step, {**views, **unwrapped.preview_images}, recipe.data.mean, recipe.data.std)
             if step % cfg.log_every == 0 or step == cfg.steps or signum:
                 with collective(f"step {step}: the log reduction"):
-                    record = interval_means(accelerator, running, position, summed)
+                    record = logger.interval_record(position)
                 record.update({"epoch": position.epoch, **logged_lrs(recipe, optimizer, scheduler, lr * lr_factor(step, cfg)),
                                "skipped_steps": skipped, "images/s": logger.images_per_second()})  # fmt: skip
                 if accelerator.device.type == "cuda":
                     record["memory/peak_gib"] = torch.cuda.max_memory_allocated(accelerator.device) / 2**30
                 logger.log(step, record)
-                running.clear()
-                summed = 0
                 if record["data.seen"] and record["data.bad_records"] / record["data.seen"] > recipe.data.max_bad_fraction:
                     raise TrainingError(f"data: {int(record['data.bad_records'])} of {int(record['data.seen'])} records "
                                         f"were bad (> data.max_bad_fraction={recipe.data.max_bad_fraction}); "

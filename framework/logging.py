@@ -1,6 +1,9 @@
 """What a user sees while a run trains: a progress bar, TensorBoard scalars, metrics.jsonl.
 
-All of it happens on the main process only, once per `train.log_every` steps.
+Every rank adds each micro-step's loss, terms and metrics to running sums on its device
+(`RunLogger.accumulate`); once per `train.log_every` steps every rank reduces them to the
+interval's means (`RunLogger.interval_record`) and the main process writes the record
+(`RunLogger.log`). `read_metrics` reads `metrics.jsonl` back.
 """
 
 from __future__ import annotations
@@ -11,14 +14,33 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
 from tqdm.auto import tqdm
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
+    from framework.data.stream import StreamPosition
+    from framework.recipe.schema import Recipe
+
+
+def read_metrics(output_dir: str | Path) -> list[dict[str, Any]]:
+    """The records of `<output_dir>/metrics.jsonl`."""
+    lines = (Path(output_dir) / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+def logged_lrs(recipe: Recipe, optimizer: torch.optim.Optimizer, scheduler: Any, lr: float) -> dict[str, float]:
+    """`lr`: the learning rate of `train.lr` now (`lr`, scheduled); `lr/<plugin>` for each plugin
+    with its own `lr` (e.g. the online probe), as the scheduler set its param group."""
+    own = {name for name, cfg in recipe.plugins.items() if getattr(cfg, "lr", None) is not None}
+    groups = zip((g.get("plugin") for g in optimizer.param_groups), scheduler.get_last_lr(), strict=False)
+    return {"lr": lr, **{f"lr/{plugin}": value for plugin, value in groups if plugin in own}}
+
 
 class RunLogger:
-    """Progress bar + Accelerate trackers + `<output_dir>/metrics.jsonl` (one JSON object per log)."""
+    """Progress bar + Accelerate trackers + `<output_dir>/metrics.jsonl` (one JSON object per log),
+    and the log interval's running sums."""
 
     def __init__(self, accelerator: Accelerator, output_dir: str | Path, total_steps: int, start_step: int) -> None:
         self.accelerator = accelerator
@@ -32,6 +54,27 @@ class RunLogger:
                         dynamic_ncols=True)  # fmt: skip
         self._t0 = time.perf_counter()
         self._images = 0
+        self._running: dict[str, torch.Tensor] = {}
+        self._summed = 0  # micro-steps in `_running` (skipped non-finite ones are not)
+
+    def accumulate(self, values: dict[str, torch.Tensor]) -> None:
+        """Add one micro-step's values (loss, terms, metrics) to the interval's sums: device ops, no sync."""
+        for name, value in values.items():
+            self._running[name] = self._running.get(name, 0) + value.detach().float()
+        self._summed += 1
+
+    def interval_record(self, position: StreamPosition) -> dict[str, float]:
+        """The interval's mean of every running sum over all ranks and the micro-steps summed, and
+        the data counters summed over ranks (`data.bad_records`, `data.seen`); starts the next
+        interval. Every rank calls it: one all-reduce, one `.tolist()`."""
+        names = sorted(self._running)
+        counts = torch.tensor([float(position.bad_total), float(position.seen_total)])
+        stats = torch.cat([torch.stack([self._running[n] for n in names]), counts.to(self.accelerator.device)])
+        values = self.accelerator.reduce(stats, "sum").tolist()  # sync point: one per log interval
+        n = self.accelerator.num_processes * self._summed
+        self._running, self._summed = {}, 0
+        return {**{name: v / n for name, v in zip(names, values, strict=False)},
+                "data.bad_records": values[-2], "data.seen": values[-1]}  # fmt: skip
 
     def count_images(self, n: int) -> None:
         self._images += n

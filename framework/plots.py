@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from framework.testing import read_metrics
+from framework.logging import read_metrics
 from framework.views import denormalize
 
 SKIP = {"step", "lr", "images/s", "data.bad_records", "data.seen", "skipped_steps", "epoch"}

@@ -1,5 +1,6 @@
 """Helpers for testing plugins and recipes in a few lines: tiny shards, tiny recipes, a step runner.
 
+    from framework.logging import read_metrics
     from framework.testing import tiny_shards, tiny_recipe, run_steps
 
     def test_my_plugin(tmp_path):
@@ -21,9 +22,10 @@ import numpy as np
 import yaml
 from PIL import Image
 
-from framework.data import brace_pattern, write_shards
+from framework.data.shards import brace_pattern, write_shards
+from framework.data.sources import FASHION_MNIST_DIR, Sample, fashion_mnist
 from framework.recipe.loading import deep_merge
-from framework.sources import FASHION_MNIST_DIR, Sample, fashion_mnist
+from framework.recipe.schema import DataConfig
 
 CONV28 = {"encoder": "conv28", "decoder": "conv28", "latent_dim": 16}
 
@@ -92,6 +94,13 @@ def tiny_recipe(
     return deep_merge(recipe, sections)
 
 
+def data_section(spec: str, size: int = 28, channels: int = 1, **settings: Any) -> DataConfig:
+    """A `data` section over the shards `spec` for `make_loader` (e.g. `data_section(spec, batch_size=4)`):
+    `settings` are its keys; unset ones are `DataConfig`'s defaults, except `shuffle_buffer` (0)."""
+    return DataConfig(train=spec, image_size=size, channels=channels, mean=[0.5] * channels,
+                      std=[0.25] * channels, **{"shuffle_buffer": 0, **settings})  # fmt: skip
+
+
 def free_port() -> int:
     """A free TCP port on 127.0.0.1 (for `accelerate launch --main_process_port`)."""
     with socket.socket() as sock:
@@ -126,7 +135,25 @@ def run_steps(
     return train(cfg, hooks)
 
 
-def read_metrics(output_dir: str | Path) -> list[dict[str, Any]]:
-    """The records of `<output_dir>/metrics.jsonl`."""
-    lines = (Path(output_dir) / "metrics.jsonl").read_text().splitlines()
-    return [json.loads(line) for line in lines if line.strip()]
+def step_context(
+    recipe: Any,
+    views: dict[str, Any],
+    *,
+    encode: Any = None,
+    decode: Any = None,
+    encoder: Any = None,
+    params: dict[str, Any] | None = None,
+    labels: Any = None,
+    step: int = 0,
+    preview: bool = False,
+) -> Any:
+    """A `framework.StepContext` for a plugin's unit test, without a model: `ctx.encode(name)` is
+    `encode(views[name])` (cached per view), `ctx.decode(encoding)` is `decode(encoding)`."""
+    from framework.types import StepContext
+
+    def no_model(*_: Any) -> Any:
+        raise AssertionError("this test context has no encode/decode function")
+
+    enc = (lambda view, ctx: encode(view)) if encode is not None else no_model
+    dec = (lambda encoding, ctx: decode(encoding)) if decode is not None else no_model
+    return StepContext(enc, dec, encoder, recipe, views, params or {}, labels, step, preview)

@@ -11,7 +11,8 @@ from accelerate import PartialState
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from framework.evaluate import extract, load_run  # noqa: E402
+from framework.checkpoint import load_run  # noqa: E402
+from framework.eval import extract  # noqa: E402
 
 if __name__ == "__main__":
     model, recipe, _ = load_run(sys.argv[1])

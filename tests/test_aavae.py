@@ -11,10 +11,12 @@ from torch.nn import functional as F
 from torchvision.transforms import v2
 
 from framework import Encoding
-from framework.model import Model, StepContext
+from framework.logging import read_metrics
+from framework.model import Model
 from framework.recipe import load_recipe, validate
-from framework.testing import CONV28, read_metrics, run_steps, tiny_recipe
+from framework.testing import CONV28, run_steps, step_context, tiny_recipe
 from plugins import aavae
+from plugins.augmentations import infer_strength
 from plugins.vae_terms import gaussian_nll
 
 RECIPES = Path(__file__).parents[1] / "recipes"
@@ -31,13 +33,18 @@ class IdentityAE:
     def __init__(self) -> None:
         self.encoded: list[torch.Tensor] = []
 
-    def encode(self, modules, view, ctx):
+    def encode(self, view):
         self.encoded.append(view)
         z = view.flatten(1)
         return Encoding(h=z, mu=z, logvar=torch.zeros_like(z), z=z)
 
-    def decode(self, modules, encoding, ctx):
+    def decode(self, encoding):
         return encoding.z.view(-1, 1, 28, 28)
+
+
+def _terms(recipe, views, stub):
+    ctx = step_context(recipe, views, encode=stub.encode, decode=stub.decode)
+    return aavae.regularize(ctx=ctx, cfg=recipe.plugins["aavae"])
 
 
 def _recipe(tmp_path, **aavae_cfg):
@@ -55,8 +62,7 @@ def _views(seed: int = 0) -> dict[str, torch.Tensor]:
 
 def test_reconstructs_the_clean_x_from_the_augmented_view(tmp_path):
     recipe, views, stub = _recipe(tmp_path), _views(), IdentityAE()
-    ctx = StepContext(stub, None, recipe, views, {}, None, 0)
-    terms = aavae.regularize(ctx=ctx)
+    terms = _terms(recipe, views, stub)
     assert set(terms) == {"recon"}  # no KL term
     assert len(stub.encoded) == 1 and stub.encoded[0] is views[aavae.VIEW]
     # x_hat is the augmented view itself: the loss is its distance to x, computed by hand
@@ -67,7 +73,7 @@ def test_reconstructs_the_clean_x_from_the_augmented_view(tmp_path):
 
 def test_bernoulli_likelihood_targets_x_in_unit_range(tmp_path):
     recipe, views = _recipe(tmp_path, likelihood="bernoulli"), _views(1)
-    terms = aavae.regularize(ctx=StepContext(IdentityAE(), None, recipe, views, {}, None, 0))
+    terms = _terms(recipe, views, IdentityAE())
     target = (views["x"] * 0.25 + 0.5).clamp(0, 1)  # tiny_recipe: mean 0.5, std 0.25
     logits = views[aavae.VIEW]
     expected = F.binary_cross_entropy_with_logits(logits, target, reduction="sum") / 8
@@ -83,7 +89,7 @@ def test_real_backbone_loss_by_hand(tmp_path):
     model = Model(hooks, recipe).eval()
     views = _views(2)
     with torch.no_grad():
-        terms = aavae.regularize(ctx=StepContext(hooks, model.plugins, recipe, views, {}, None, 0))
+        terms = aavae.regularize(ctx=model.context(views, {}), cfg=recipe.plugins["aavae"])
         own = model.plugins["backbones"]
         mu, _ = own["head"](own["encoder"](views[aavae.VIEW]))
         x_hat = own["decoder"](mu)
@@ -93,19 +99,20 @@ def test_real_backbone_loss_by_hand(tmp_path):
 
 def test_needs_a_vae_head(tmp_path):
     class NoHead(IdentityAE):
-        def encode(self, modules, view, ctx):
+        def encode(self, view):
             return Encoding(h=view.flatten(1))
 
     with pytest.raises(ValueError, match="latent_dim"):
-        aavae.regularize(ctx=StepContext(NoHead(), None, _recipe(tmp_path), _views(), {}, None, 0))
+        _terms(_recipe(tmp_path), _views(), NoHead())
 
 
 @pytest.mark.parametrize(
     ("size", "channels", "expected"),
     [(28, 1, "mnist"), (96, 1, "mnist"), (32, 3, "cifar"), (96, 3, "stl"), (64, 3, "stl")],
 )
-def test_default_strength_follows_the_data(size, channels, expected):
-    assert aavae.default_strength(size, channels) == expected
+def test_default_strength_follows_the_data(tmp_path, size, channels, expected):
+    data = tiny_recipe(tmp_path, NO_SHARDS, size=size, channels=channels, plugins={"backbones": CONV28, "aavae": {}})
+    assert infer_strength(validate(data, check_data=False)[0]) == expected
 
 
 def _blurs(view) -> bool:
@@ -120,12 +127,12 @@ def test_augment_builds_the_simclr_view(tmp_path):
         tmp_path, NO_SHARDS, size=96, channels=3, plugins={"backbones": CONV28, "aavae": {}}
     )
     recipe = validate(base, check_data=False)[0]
-    view = aavae.augment(config=recipe)["aug"]
+    view = aavae.augment(config=recipe, cfg=recipe.plugins["aavae"])["aug"]
     assert view.source is None and _blurs(view)  # 96 px RGB -> "stl" (blur)
     out = view.transform(Image.new("RGB", (120, 100), (200, 10, 30)))
     assert out.shape == (3, 96, 96)
     recipe.plugins["aavae"].strength = "cifar"  # an explicit choice wins
-    assert not _blurs(aavae.augment(config=recipe)["aug"])
+    assert not _blurs(aavae.augment(config=recipe, cfg=recipe.plugins["aavae"])["aug"])
 
 
 def test_trains_and_logs_recon_only(tmp_path, fmnist_shards):

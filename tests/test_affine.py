@@ -4,21 +4,24 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from torch.nn import functional as F
 
 from framework import Encoding
-from framework.model import Model, StepContext
+from framework.logging import read_metrics
+from framework.model import Model
 from framework.recipe import RecipeError, load_recipe, validate
-from framework.testing import CONV28, read_metrics, run_steps, tiny_recipe
-from framework.views import AFFINE_COMPONENTS
+from framework.testing import CONV28, run_steps, step_context, tiny_recipe
 from plugins import affine
-from plugins.backbones import feature_dim
+from plugins.augmentations import AFFINE_COMPONENTS
 
 RECIPES = Path(__file__).parents[1] / "recipes"
 NO_SHARDS = {"train": "none.tar", "test": "none.tar"}
 B = 8
+WIDTH16 = SimpleNamespace(num_features=16)  # what build_modules reads of a 16-d encoder
 
 
 def _recipe(tmp_path, backbones=CONV28, others=None, **cfg):
@@ -30,7 +33,7 @@ def _batch(recipe, seed: int = 0):
     """`x` and `affine.view` as the data pipeline makes them: the plugin's transform per sample."""
     torch.manual_seed(seed)
     x = torch.randn(B, 1, 28, 28)
-    transform = affine.augment(config=recipe)["view"].transform
+    transform = affine.augment(config=recipe, cfg=recipe.plugins["affine"])["view"].transform
     out, params = zip(*(transform(img) for img in x), strict=True)
     return {"x": x, affine.VIEW: torch.stack(out)}, {affine.VIEW: torch.stack(params)}
 
@@ -41,13 +44,22 @@ class LinearEncoder:
     def __init__(self) -> None:
         self.weight = torch.randn(16, 28 * 28, requires_grad=True)
 
-    def encode(self, modules, view, ctx):
+    def encode(self, view):
         return Encoding(h=view.flatten(1) @ self.weight.T)
 
 
 def _stub_ctx(recipe, seed: int = 0):
     views, params = _batch(recipe, seed)
-    return StepContext(LinearEncoder(), None, recipe, views, params, None, 0)
+    stub = LinearEncoder()
+    return step_context(recipe, views, encode=stub.encode, params=params), stub
+
+
+def _head(recipe, encoder=WIDTH16):
+    return torch.nn.ModuleDict(affine.build_modules(cfg=recipe.plugins["affine"], encoder=encoder))
+
+
+def _loss(recipe, own, ctx):
+    return affine.auxiliary_head(ctx=ctx, cfg=recipe.plugins["affine"], own=own)["mse"]
 
 
 # ---------------------------------------------------------------------------
@@ -61,7 +73,7 @@ def test_head_shape_follows_aggregation(tmp_path):
     torch.testing.assert_close(affine.aggregate(r1, r2, "diff"), r1 - r2)
     assert affine.aggregate(r1, r2, "concat").shape == (B, 32)
     for how, width in (("diff", 256), ("concat", 512)):
-        head = affine.build_modules(config=_recipe(tmp_path, aggregation=how)[0])["head"]
+        head = _head(_recipe(tmp_path, aggregation=how)[0], SimpleNamespace(num_features=256))["head"]
         assert head[0].in_features == width and head[0].out_features == 512
         assert isinstance(head[1], torch.nn.BatchNorm1d) and head[-1].out_features == 6
 
@@ -69,41 +81,33 @@ def test_head_shape_follows_aggregation(tmp_path):
 @pytest.mark.parametrize(
     ("encoder", "dim"), [("conv28", 256), ("resnet18", 512), ("resnet50", 2048)]
 )
-def test_feature_dim_from_the_backbone(tmp_path, encoder, dim):
-    recipe, _ = _recipe(tmp_path, backbones={**CONV28, "encoder": encoder})
-    assert feature_dim(recipe, recipe.plugins["affine"].feature_dim) == dim
-    recipe.plugins["affine"].feature_dim = 100  # an explicit value wins
-    assert feature_dim(recipe, recipe.plugins["affine"].feature_dim) == 100
-
-
-def test_feature_dim_is_required_without_a_known_backbone(tmp_path):
-    recipe, _ = _recipe(tmp_path)
-    recipe.plugins = {"affine": recipe.plugins["affine"]}  # e.g. a third-party encoder
-    with pytest.raises(ValueError, match="feature_dim"):
-        affine.build_modules(config=recipe)
-    recipe.plugins["affine"].feature_dim = 16
-    assert affine.build_modules(config=recipe)["head"][0].in_features == 16
+def test_head_width_is_the_encoders_num_features(tmp_path, encoder, dim):
+    recipe, hooks = _recipe(tmp_path, backbones={**CONV28, "encoder": encoder, "decoder": None})
+    model = Model(hooks, recipe)
+    assert model.encoder.num_features == dim
+    assert model.plugins["affine"]["head"][0].in_features == dim
+    assert _head(recipe, SimpleNamespace(num_features=100))["head"][0].in_features == 100  # any encoder
 
 
 def test_loss_is_mse_over_the_enabled_components_only(tmp_path):
-    recipe, _ = _recipe(tmp_path, components=["scale", "angle"], feature_dim=16)
+    recipe, _ = _recipe(tmp_path, components=["scale", "angle"])
     assert recipe.plugins["affine"].components == ["angle", "scale"]  # canonical order
-    modules = {"affine": affine.build_modules(config=recipe)}
-    ctx = _stub_ctx(recipe)
+    own = _head(recipe)
+    ctx, _ = _stub_ctx(recipe)
     target = ctx.params[affine.VIEW]
     # disabled components are held at identity in the view itself
     torch.testing.assert_close(target[:, [1, 2, 4, 5]], torch.zeros(B, 4))
     assert (target[:, 0] != 0).all()
-    loss = affine.auxiliary_head(modules=modules, ctx=ctx)["mse"]
+    loss = _loss(recipe, own, ctx)
 
     h1, h2 = ctx.encode("x").h, ctx.encode(affine.VIEW).h
-    pred = modules["affine"]["head"](h1 - h2)
+    pred = own["head"](h1 - h2)
     torch.testing.assert_close(loss, F.mse_loss(pred[:, [0, 3]], target[:, [0, 3]]))
 
     ctx.params[affine.VIEW] = target + torch.tensor([0, 5.0, 5.0, 0, 5.0, 5.0])  # disabled columns
-    torch.testing.assert_close(affine.auxiliary_head(modules=modules, ctx=ctx)["mse"], loss)
+    torch.testing.assert_close(_loss(recipe, own, ctx), loss)
     ctx.params[affine.VIEW] = target + torch.tensor([5.0, 0, 0, 0, 0, 0])  # an enabled one
-    assert affine.auxiliary_head(modules=modules, ctx=ctx)["mse"] > loss + 1
+    assert _loss(recipe, own, ctx) > loss + 1
 
 
 def test_unknown_or_empty_components_are_recipe_errors(tmp_path):
@@ -115,12 +119,13 @@ def test_unknown_or_empty_components_are_recipe_errors(tmp_path):
 
 def test_view_is_derived_from_the_source(tmp_path):
     recipe, _ = _recipe(tmp_path, others={"aavae": {}}, source="aavae.aug")
-    view = affine.augment(config=recipe)["view"]
+    view = affine.augment(config=recipe, cfg=recipe.plugins["affine"])["view"]
     assert view.source == "aavae.aug" and view.transform.components == frozenset(AFFINE_COMPONENTS)
-    assert affine.augment(config=_recipe(tmp_path)[0])["view"].source == "x"
+    plain = _recipe(tmp_path)[0]
+    assert affine.augment(config=plain, cfg=plain.plugins["affine"])["view"].source == "x"
     recipe.plugins["affine"].source = "simclr.v1"  # no simclr in this recipe
     with pytest.raises(ValueError, match="simclr"):
-        affine.augment(config=recipe)
+        affine.augment(config=recipe, cfg=recipe.plugins["affine"])
 
 
 @pytest.mark.parametrize("aggregation", ["diff", "concat"])
@@ -128,11 +133,11 @@ def test_gradients_reach_the_encoder_through_both_passes(tmp_path, aggregation):
     recipe, hooks = _recipe(tmp_path, aggregation=aggregation)
     model = Model(hooks, recipe).train()
     views, params = _batch(recipe, seed=1)
-    ctx = StepContext(hooks, model.plugins, recipe, views, params, None, 0)
+    ctx = model.context(views, params)
     r1, r2 = ctx.encode("x").h, ctx.encode(affine.VIEW).h  # the cached encodings the plugin reuses
     r1.retain_grad()
     r2.retain_grad()
-    affine.auxiliary_head(modules=model.plugins, ctx=ctx)["mse"].backward()
+    _loss(recipe, model.plugins["affine"], ctx).backward()
     assert r1.grad is not None and r1.grad.abs().sum() > 0
     assert r2.grad is not None and r2.grad.abs().sum() > 0
     if aggregation == "diff":
@@ -143,18 +148,18 @@ def test_gradients_reach_the_encoder_through_both_passes(tmp_path, aggregation):
 
 def test_stub_encoder_gets_gradient_from_each_pass(tmp_path):
     """Detaching either pass changes the encoder's gradient: both contribute."""
-    recipe, _ = _recipe(tmp_path, feature_dim=16)
-    modules = {"affine": affine.build_modules(config=recipe)}
-    ctx = _stub_ctx(recipe, seed=2)
-    affine.auxiliary_head(modules=modules, ctx=ctx)["mse"].backward()
-    full = ctx.hooks.weight.grad.clone()
+    recipe, _ = _recipe(tmp_path)
+    own = _head(recipe)
+    ctx, stub = _stub_ctx(recipe, seed=2)
+    _loss(recipe, own, ctx).backward()
+    full = stub.weight.grad.clone()
     for detached in ("x", affine.VIEW):
-        ctx2 = StepContext(ctx.hooks, None, recipe, ctx.views, ctx.params, None, 0)
+        ctx2 = step_context(recipe, ctx.views, encode=stub.encode, params=ctx.params)
         enc = ctx2.encode(detached)
         enc.h = enc.h.detach()
-        ctx.hooks.weight.grad = None
-        affine.auxiliary_head(modules=modules, ctx=ctx2)["mse"].backward()
-        assert not torch.allclose(ctx.hooks.weight.grad, full)
+        stub.weight.grad = None
+        _loss(recipe, own, ctx2).backward()
+        assert not torch.allclose(stub.weight.grad, full)
 
 
 # ---------------------------------------------------------------------------
@@ -207,6 +212,6 @@ def test_composition_recipe_validates():
     recipe, _ = load_recipe(RECIPES / "aavae_crvae_affine_stl10.yaml", check_data=False)
     assert set(recipe.plugins) == {"backbones", "aavae", "consistency", "affine"}
     assert recipe.plugins["affine"].source == "aavae.aug"
-    assert feature_dim(recipe, recipe.plugins["affine"].feature_dim) == 2048  # ResNet-50
+    assert recipe.plugins["backbones"].encoder == "resnet50"  # the head's input: 2048-d
     aa, _ = load_recipe(RECIPES / "aavae_stl10.yaml", check_data=False)
     assert recipe.plugins["backbones"] == aa.plugins["backbones"] and recipe.train == aa.train

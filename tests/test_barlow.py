@@ -8,8 +8,10 @@ import pytest
 import torch
 from torch import nn
 
+from framework.logging import read_metrics
+from framework.model import Model
 from framework.recipe import validate
-from framework.testing import read_metrics, run_steps, tiny_recipe
+from framework.testing import run_steps, tiny_recipe
 from plugins.barlow import barlow_twins_loss, batch_normalise
 
 CONTRASTIVE_BACKBONE = {"encoder": "conv28", "latent_dim": None}
@@ -94,7 +96,7 @@ def test_config_defaults_and_projector(tmp_path, fmnist_shards):
     cfg, _ = validate(tiny_recipe(tmp_path, fmnist_shards, plugins=plugins), check_data=False)
     assert cfg.plugins["barlow"].lambda_offdiag == 5e-3
     cfg, hooks = validate(_recipe(tmp_path, fmnist_shards), check_data=False)
-    head = hooks.build_modules(cfg)["barlow"]["projector"]
+    head = Model(hooks, cfg).plugins["barlow"]["projector"]  # sized by the encoder's num_features
     assert [type(m) for m in head] == [nn.Linear, nn.BatchNorm1d, nn.ReLU] * 2 + [nn.Linear]
     assert (head[0].in_features, head[0].out_features, head[6].out_features) == (256, 64, 32)
     assert {"barlow.v1", "barlow.v2"} <= set(hooks.augment(cfg))

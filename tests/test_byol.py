@@ -13,9 +13,10 @@ from safetensors.torch import load_file
 from framework import hookimpl
 from framework.checkpoint import complete_checkpoints, model_weights_file
 from framework.engine import build_optimizer
+from framework.logging import read_metrics
 from framework.model import Model
 from framework.recipe import validate
-from framework.testing import read_metrics, run_steps, tiny_recipe
+from framework.testing import run_steps, tiny_recipe
 from plugins.byol import byol_loss, momentum_at
 
 SMALL = {"proj_hidden_dim": 32, "proj_output_dim": 16, "pred_hidden_dim": 32}
@@ -89,6 +90,8 @@ def test_target_initialised_from_online_once(tmp_path, fmnist_shards):
     target, online = model.plugins["byol"]["target"], model.plugins["backbones"]["encoder"]
     views = {name: torch.randn(8, 1, 28, 28) for name in ("x", "byol.v1", "byol.v2")}
 
+    with torch.no_grad():  # the target is a copy of the encoder: make it differ, e.g. as a loaded one would
+        target.encoder[0].weight.add_(1.0)
     model(views, {}, step=3)  # not a fresh run's first step: the target is left alone
     assert not target.initialised and not torch.equal(target.encoder[0].weight, online[0].weight)
 

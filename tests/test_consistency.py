@@ -10,9 +10,9 @@ from PIL import Image
 from torch.distributions import Normal, kl_divergence
 
 from framework import Encoding
-from framework.model import StepContext
+from framework.logging import read_metrics
 from framework.recipe import RecipeError, load_recipe, validate
-from framework.testing import CONV28, read_metrics, run_steps, tiny_recipe
+from framework.testing import CONV28, run_steps, step_context, tiny_recipe
 from plugins import consistency
 from plugins.vae_terms import kl_gaussians, kl_standard_normal
 
@@ -64,11 +64,11 @@ class StubAE:
     def __init__(self, posteriors: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> None:
         self.posteriors = posteriors
 
-    def encode(self, modules, view, ctx):
+    def encode(self, view):
         mu, logvar = self.posteriors[id(view)]
         return Encoding(h=view.flatten(1), mu=mu, logvar=logvar, z=mu)
 
-    def decode(self, modules, encoding, ctx):
+    def decode(self, encoding):
         return torch.zeros(encoding.z.shape[0], 1, 28, 28)
 
 
@@ -88,8 +88,8 @@ def _terms(recipe, post_x, post_t):
         consistency.VIEW: torch.randn(B, 1, 28, 28, generator=g),
     }
     stub = StubAE({id(views["x"]): post_x, id(views[consistency.VIEW]): post_t})
-    ctx = StepContext(stub, None, recipe, views, {}, None, 0)
-    return consistency.regularize(ctx=ctx), views, ctx
+    ctx = step_context(recipe, views, encode=stub.encode, decode=stub.decode)
+    return consistency.regularize(ctx=ctx, cfg=recipe.plugins["consistency"]), views, ctx
 
 
 def _half_sq(t: torch.Tensor) -> torch.Tensor:
@@ -141,22 +141,23 @@ def test_likelihood_follows_kl_unless_set(tmp_path):
         "consistency": {"lambda": 1.0},
     }
     recipe = validate(tiny_recipe(tmp_path, NO_SHARDS, plugins=plugins), check_data=False)[0]
-    assert consistency.likelihood_of(recipe.plugins["consistency"], recipe.plugins) == "bernoulli"
+    assert consistency.likelihood_of(recipe.plugins["consistency"], recipe) == "bernoulli"
     recipe.plugins["consistency"].likelihood = "gaussian"
-    assert consistency.likelihood_of(recipe.plugins["consistency"], recipe.plugins) == "gaussian"
-    assert consistency.likelihood_of(_recipe(tmp_path).plugins["consistency"], {}) == "gaussian"
+    assert consistency.likelihood_of(recipe.plugins["consistency"], recipe) == "gaussian"
+    alone = _recipe(tmp_path)
+    assert consistency.likelihood_of(alone.plugins["consistency"], alone) == "gaussian"
 
 
 def test_needs_a_vae_head(tmp_path):
     class NoHead(StubAE):
-        def encode(self, modules, view, ctx):
+        def encode(self, view):
             return Encoding(h=view.flatten(1))
 
     views = {"x": torch.zeros(B, 1, 28, 28), consistency.VIEW: torch.zeros(B, 1, 28, 28)}
     with pytest.raises(ValueError, match="latent_dim"):
-        consistency.regularize(
-            ctx=StepContext(NoHead({}), None, _recipe(tmp_path), views, {}, None, 0)
-        )
+        recipe = _recipe(tmp_path)
+        ctx = step_context(recipe, views, encode=NoHead({}).encode)
+        consistency.regularize(ctx=ctx, cfg=recipe.plugins["consistency"])
 
 
 # ---------------------------------------------------------------------------
@@ -179,7 +180,7 @@ def test_lambda_is_a_required_recipe_key_that_round_trips(tmp_path):
 def test_view_is_the_crvae_affine_of_the_clean_pixels(tmp_path):
     torch.manual_seed(0)
     recipe = _recipe(tmp_path, preset="large", flip=True)
-    view = consistency.augment(config=recipe)["t"]
+    view = consistency.augment(config=recipe, cfg=recipe.plugins["consistency"])["t"]
     assert view.source is None
     out = view.transform(Image.new("L", (28, 28), 255))
     assert out.shape == (1, 28, 28)
@@ -192,7 +193,7 @@ def test_view_is_the_crvae_affine_of_the_clean_pixels(tmp_path):
     )
     data["data"]["resize"] = 28
     resized = validate(data, check_data=False)[0]
-    assert consistency.augment(config=resized)["t"].transform(
+    assert consistency.augment(config=resized, cfg=resized.plugins["consistency"])["t"].transform(
         Image.new("L", (56, 40), 255)
     ).shape == (1, 28, 28)
 

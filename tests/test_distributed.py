@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from framework.testing import free_port, read_metrics, tiny_recipe, write_recipe
+from framework.logging import read_metrics
+from framework.testing import free_port, tiny_recipe, write_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 

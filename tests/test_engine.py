@@ -10,8 +10,9 @@ import torch
 
 from framework import checkpoint, hookimpl
 from framework.engine import TrainingError, lr_factor
+from framework.logging import read_metrics
 from framework.recipe import TrainConfig
-from framework.testing import read_metrics, run_steps, tiny_recipe
+from framework.testing import run_steps, tiny_recipe
 
 
 def test_a_few_steps_on_real_shards_log_every_term(tmp_path, fmnist_shards):

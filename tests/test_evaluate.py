@@ -11,17 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from framework.checkpoint import load_run
 from framework.cli import eval_main
-from framework.evaluate import (
-    crop_and_flip,
-    extract,
-    fit_linear,
-    fit_sgd_linear,
-    knn_accuracy,
-    load_run,
-)
+from framework.eval import crop_and_flip, extract, fit_linear, fit_sgd_linear, knn_accuracy
+from framework.logging import read_metrics
 from framework.recipe import RecipeError, validate
-from framework.testing import free_port, read_metrics, run_steps, tiny_recipe
+from framework.testing import free_port, run_steps, tiny_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -141,7 +136,7 @@ def test_four_processes_extract_two_eval_shards_and_a_rank_without_samples_as_on
     from itertools import islice
 
     from framework.data import write_shards
-    from framework.sources import fashion_mnist
+    from framework.data.sources import fashion_mnist
 
     samples = list(islice(fashion_mnist(split="test"), 43))
     two = write_shards(samples[:40], str(tmp_path / "e" / "train-%02d.tar"), maxcount=20)["pattern"]

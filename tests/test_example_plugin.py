@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from framework.testing import CONV28, read_metrics, tiny_recipe, write_recipe
+from framework.logging import read_metrics
+from framework.testing import CONV28, tiny_recipe, write_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -10,8 +10,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
+from framework.checkpoint import load_run
 from framework.cli import main
-from framework.evaluate import load_run
 from framework.testing import run_steps, tiny_recipe, tiny_shards
 
 
@@ -25,7 +25,8 @@ def test_exported_resnet18_loads_into_torchvision_strictly(tmp_path, capsys):
     main(["export", str(out), "--out", str(weights)])
     assert json.loads(capsys.readouterr().out)["arch"] == "resnet18"
     with safe_open(str(weights), "pt") as f:
-        assert f.metadata()["stem"] == "cifar" and f.metadata()["channels"] == "3"
+        meta = f.metadata()  # the encoder's own export_metadata, and what the run knows
+        assert (meta["stem"], meta["key_names"], meta["num_features"], meta["channels"]) == ("cifar", "torchvision", "512", "3")
 
     # the README's recipe, written out by hand (no augssl import involved in building the net)
     net = torchvision.models.resnet18()

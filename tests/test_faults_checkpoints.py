@@ -17,7 +17,8 @@ import torch
 import yaml
 
 from framework import checkpoint, runfolder
-from framework.testing import free_port, read_metrics, run_steps, tiny_recipe, write_recipe
+from framework.logging import read_metrics
+from framework.testing import free_port, run_steps, tiny_recipe, write_recipe
 from tests.test_scale import ENV, ONE_NODE, ROOT, final_weights
 
 TRAIN = ROOT / "launch" / "train.py"

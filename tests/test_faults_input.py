@@ -9,8 +9,9 @@ import sys
 
 import pytest
 
+from framework.logging import read_metrics
 from framework.recipe import RecipeError, validate
-from framework.testing import read_metrics, run_steps, tiny_recipe, write_recipe
+from framework.testing import run_steps, tiny_recipe, write_recipe
 from tests.test_scale import ENV, ROOT
 
 NO_SHARDS = {"train": "none.tar", "test": "none.tar"}
@@ -68,7 +69,7 @@ def test_a_label_outside_the_recipes_classes_is_a_counted_bad_record_not_a_crash
     from itertools import islice
 
     from framework.data import write_shards
-    from framework.sources import FASHION_MNIST_DIR, Sample, fashion_mnist
+    from framework.data.sources import FASHION_MNIST_DIR, Sample, fashion_mnist
 
     samples = [Sample(s.key, s.image, 57 if i == 5 else s.label)
                for i, s in enumerate(islice(fashion_mnist(FASHION_MNIST_DIR, "train"), 24))]  # fmt: skip

@@ -20,8 +20,9 @@ import pytest
 import torch
 
 from framework import checkpoint
+from framework.logging import read_metrics
 from framework.preemption import EXIT_PREEMPTED
-from framework.testing import free_port, read_metrics, run_steps, tiny_recipe, write_recipe
+from framework.testing import free_port, run_steps, tiny_recipe, write_recipe
 from tests.test_distributed import ROOT
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}

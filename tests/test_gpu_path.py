@@ -21,9 +21,10 @@ from safetensors.torch import load_file
 from framework import checkpoint, distributed
 from framework.data import batch_to_device, make_loader
 from framework.engine import build_views
+from framework.logging import read_metrics
 from framework.model import Model
 from framework.recipe import validate
-from framework.testing import CONV28, free_port, read_metrics, run_steps, tiny_recipe, write_recipe
+from framework.testing import CONV28, free_port, run_steps, tiny_recipe, write_recipe
 from plugins.backbones import VAEHead
 from plugins.vae_terms import kl_gaussians
 from tests.test_distributed import ROOT, accelerate_launch
@@ -209,8 +210,7 @@ def test_every_loss_term_is_float32_under_bf16_autocast(tmp_path, fmnist_shards)
 
 
 def _one_batch(recipe, hooks):
-    loader = make_loader(recipe.data.train, build_views(recipe, hooks), channels=recipe.data.channels,
-                         batch_size=recipe.data.batch_size, num_workers=0, seed=0, epochs=1)  # fmt: skip
+    loader = make_loader(recipe.data, build_views(recipe, hooks), num_workers=0, epochs=1)
     return batch_to_device(next(iter(loader)), "cpu")
 
 
@@ -266,8 +266,7 @@ def test_a_step_of_every_builtin_plugin_makes_no_tensor_from_host_data(tmp_path,
     for plugins in plugin_sets:
         recipe, hooks = validate(tiny_recipe(tmp_path, fmnist_shards, plugins=plugins))
         model = Model(hooks, recipe).train()
-        batch = next(iter(make_loader(recipe.data.train, build_views(recipe, hooks), channels=1,
-                                      batch_size=8, num_workers=0, seed=0, epochs=1)))  # fmt: skip
+        batch = next(iter(make_loader(recipe.data, build_views(recipe, hooks), batch_size=8, num_workers=0, epochs=1)))
         calls = []
         for step in range(2):
             if step == 1:

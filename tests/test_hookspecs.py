@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from framework import PluginConfig, View, hookimpl, hookspecs
-from framework.testing import CONV28, read_metrics, run_steps, tiny_recipe
+from framework.logging import read_metrics
+from framework.testing import CONV28, run_steps, tiny_recipe
 
 HOOKS = [name for name, fn in inspect.getmembers(hookspecs, inspect.isfunction) if hasattr(fn, "augssl_spec")]
 TESTS = Path(__file__).parent
@@ -100,8 +101,8 @@ class ConfigPlugin:
         return Scaled
 
     @hookimpl
-    def regularize(self, ctx):
-        return {"const": torch.tensor(ctx.config.plugins["cfgp"].factor)}
+    def regularize(self, cfg):
+        return {"const": torch.tensor(cfg.factor)}  # `cfg`: this plugin's own validated section
 
 
 def test_hook_config_schema(tmp_path, fmnist_shards):
@@ -123,8 +124,8 @@ class ModulesPlugin:
         return {"bias": nn.Linear(4, 1)}
 
     @hookimpl
-    def regularize(self, modules, ctx):
-        return {"fit": (modules["modp"]["bias"](ctx.encode("x").h[:, :4]) - 5).pow(2).mean()}
+    def regularize(self, own, ctx):
+        return {"fit": (own["bias"](ctx.encode("x").h[:, :4]) - 5).pow(2).mean()}  # `own`: its modules
 
 
 def test_hook_build_modules(tmp_path, fmnist_shards):
@@ -162,10 +163,9 @@ class ViewPlugin:
 
 class FlipWithParam:
     def __init__(self) -> None:
-        from framework.views import FASHION_MNIST_STATS, clean_view
+        from framework.views import clean_view
 
         self.clean = clean_view(28, [0.5], [0.25], 1)
-        del FASHION_MNIST_STATS
 
     def __call__(self, image):
         t = self.clean(image)
@@ -183,18 +183,31 @@ def test_hook_augment(tmp_path, fmnist_shards):
     assert [r["viewp.match"] for r in read_metrics(out)] == [1.0, 1.0]
 
 
+class RowMeans(nn.Module):
+    """Features = a linear map of the per-row pixel means; declares its width like timm's models."""
+
+    num_features = 8
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Linear(28, self.num_features)
+
+    def forward(self, view: torch.Tensor) -> torch.Tensor:
+        return self.w(view.mean(dim=(1, 3)))
+
+
 class MeanEncoder:
-    """A third-party encoder replacing `backbones`: features = per-row pixel means (with a weight)."""
+    """A third-party encoder replacing `backbones`."""
 
     @hookimpl
     def build_modules(self):
-        return {"w": nn.Linear(28, 8)}
+        return {"encoder": RowMeans()}
 
     @hookimpl
-    def encode(self, modules, view):
+    def encode(self, own, view):
         from framework import Encoding
 
-        return Encoding(h=modules["enc"]["w"](view.mean(dim=(1, 3))))
+        return Encoding(h=own["encoder"](view))
 
     @hookimpl
     def regularize(self, ctx):
@@ -211,6 +224,25 @@ def test_hook_encode(tmp_path, fmnist_shards):
         PluginHooks(["backbones"], extra={"enc": MeanEncoder()})
     with pytest.raises(PluginError, match=r"hook 'encode': exactly one plugin .* found 0"):
         PluginHooks(["kl"])
+    # a probe on top is sized by the third-party encoder's num_features, whatever plugin provides it
+    probed = tiny_recipe(tmp_path / "probed", fmnist_shards, plugins={"enc": {}, "probe": {}})
+    assert "probe.ce" in read_metrics(run_steps(probed, steps=1, extra_plugins={"enc": MeanEncoder()}))[-1]
+
+
+class Widthless(MeanEncoder):
+    @hookimpl
+    def build_modules(self):
+        return {"encoder": nn.Linear(28, 8)}
+
+
+def test_the_encoder_must_declare_its_width(tmp_path, fmnist_shards):
+    from framework.manager import PluginError
+    from framework.model import Model
+    from framework.recipe import validate
+
+    cfg, hooks = validate(tiny_recipe(tmp_path, fmnist_shards, plugins={"enc": {}}), extra_plugins={"enc": Widthless()})
+    with pytest.raises(PluginError, match=r"plugin 'enc', hook 'build_modules': the encoder needs `num_features`"):
+        Model(hooks, cfg)
 
 
 def test_hook_decode(tmp_path, fmnist_shards):
@@ -222,7 +254,7 @@ def test_hook_decode(tmp_path, fmnist_shards):
     model = Model(hooks, cfg).eval()
     x = torch.randn(3, 1, 28, 28)
     enc = model.encode(x)
-    assert hooks.decode(model.plugins, enc, None).shape == x.shape
+    assert hooks.decode(model.plugins, enc, None, cfg).shape == x.shape
     nodec = tiny_recipe(tmp_path, fmnist_shards, plugins={"backbones": {**CONV28, "decoder": None}, "kl": {}})
     with pytest.raises(PluginError, match=r"plugin 'backbones', hook 'decode'.*no decoder configured"):
         run_steps(nodec, steps=1)
@@ -244,12 +276,12 @@ def test_hook_regularize(tmp_path, fmnist_shards):
 
 class ProbeLike:
     @hookimpl
-    def build_modules(self):
-        return {"linear": nn.Linear(256, 10)}
+    def build_modules(self, encoder):
+        return {"linear": nn.Linear(encoder.num_features, 10)}
 
     @hookimpl
-    def auxiliary_head(self, modules, ctx):
-        logits = modules["aux"]["linear"](ctx.encode("x").h.detach())
+    def auxiliary_head(self, own, ctx):
+        logits = own["linear"](ctx.encode("x").h.detach())
         ctx.metrics["aux.acc"] = (logits.argmax(1) == ctx.labels).float().mean().detach()
         return {"ce": nn.functional.cross_entropy(logits, ctx.labels)}
 
@@ -267,10 +299,10 @@ class StepCounter:
         self.grad_enabled: list[bool] = []
 
     @hookimpl
-    def on_train_step_end(self, modules, step, config):
+    def on_train_step_end(self, modules, step, config, encoder):
         self.steps.append(step)
         self.grad_enabled.append(torch.is_grad_enabled())
-        assert "backbones" in modules and config.train.steps == 3
+        assert "backbones" in modules and config.train.steps == 3 and encoder.num_features == 256
 
 
 def test_hook_on_train_step_end(tmp_path, fmnist_shards):

@@ -41,6 +41,68 @@ def test_an_unknown_hook_name_is_reported_by_check_pending():
         PluginHooks(["backbones"], extra={"typo": Misspelt()})
 
 
+class Wrapper:
+    @hookimpl(hookwrapper=True)
+    def regularize(self, ctx):
+        yield
+
+
+class First:
+    @hookimpl(tryfirst=True)
+    def regularize(self, ctx):
+        return {}
+
+
+@pytest.mark.parametrize(("plugin", "mark"), [(Wrapper(), "hookwrapper"), (First(), "tryfirst")])
+def test_pluggy_ordering_and_wrapping_markers_are_refused_in_one_line(plugin, mark):
+    with pytest.raises(PluginError, match=rf"plugin 'odd', hook 'regularize': @hookimpl\({mark}=True\) is not supported"):
+        PluginHooks(["backbones"], extra={"odd": plugin})
+
+
+class Scoped:
+    """Records what the scoped arguments `cfg` and `own` are, for each hook that gets them."""
+
+    def __init__(self) -> None:
+        self.seen: dict[str, tuple] = {}
+
+    @hookimpl
+    def build_modules(self, cfg, encoder):
+        self.seen["build_modules"] = (cfg, encoder)
+        return {"head": torch.nn.Linear(encoder.num_features, 2)}
+
+    @hookimpl
+    def augment(self, cfg):
+        self.seen["augment"] = (cfg,)
+        return {}
+
+    @hookimpl
+    def regularize(self, cfg, own, ctx):
+        self.seen["regularize"] = (cfg, own, ctx.encoder)
+        return {"zero": own["head"](ctx.encode("x").h).sum() * 0}
+
+    @hookimpl
+    def on_train_step_end(self, cfg, own, encoder):
+        self.seen["on_train_step_end"] = (cfg, own, encoder)
+
+
+def test_hooks_receive_their_own_section_and_modules(tmp_path, fmnist_shards):
+    from framework.model import Model
+    from framework.recipe import validate
+
+    spy = Scoped()
+    recipe, hooks = validate(tiny_recipe(tmp_path, fmnist_shards), extra_plugins={"spy": spy})
+    model = Model(hooks, recipe)
+    cfg, encoder = spy.seen["build_modules"]
+    assert cfg is recipe.plugins["spy"] and encoder is model.encoder is model.plugins["backbones"]["encoder"]
+    model(model.context({"x": torch.randn(2, 1, 28, 28)}, {}).views, {})
+    cfg, own, ctx_encoder = spy.seen["regularize"]
+    assert cfg is recipe.plugins["spy"] and own is model.plugins["spy"] and ctx_encoder is model.encoder
+    hooks.augment(recipe)
+    assert spy.seen["augment"] == (recipe.plugins["spy"],)
+    hooks.on_train_step_end(model.plugins, 1, recipe, model.encoder)
+    assert spy.seen["on_train_step_end"] == (recipe.plugins["spy"], model.plugins["spy"], model.encoder)
+
+
 class Raises:
     @hookimpl
     def auxiliary_head(self, ctx):
@@ -78,8 +140,8 @@ def test_third_party_plugins_come_from_the_entry_point_group(tmp_path, monkeypat
             return Config
 
         @hookimpl
-        def regularize(ctx):
-            return {"l2": ctx.config.plugins["l2"].scale * ctx.encode("x").h.pow(2).mean()}
+        def regularize(ctx, cfg):
+            return {"l2": cfg.scale * ctx.encode("x").h.pow(2).mean()}
     '''))
     dist = tmp_path / "site" / "thirdparty_l2-0.1.dist-info"
     dist.mkdir()
@@ -87,7 +149,8 @@ def test_third_party_plugins_come_from_the_entry_point_group(tmp_path, monkeypat
     (dist / "entry_points.txt").write_text("[augssl]\nl2 = thirdparty_l2\n")
     monkeypatch.syspath_prepend(str(tmp_path / "site"))
     assert discover()["l2"].startswith("entry point thirdparty_l2")
-    from framework.testing import CONV28, read_metrics
+    from framework.logging import read_metrics
+    from framework.testing import CONV28
 
     recipe = tiny_recipe(tmp_path, fmnist_shards, plugins={"backbones": CONV28, "l2": {"scale": 0.5}})
     out = run_steps(recipe, steps=1)

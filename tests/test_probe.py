@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import torch
 
 from framework import Encoding
+from framework.logging import read_metrics
 from framework.model import Model
 from framework.recipe import validate
-from framework.testing import CONV28, read_metrics, run_steps, tiny_recipe
+from framework.testing import CONV28, run_steps, tiny_recipe
 from plugins import probe
 
 
@@ -28,16 +31,25 @@ def _config(tmp_path, fmnist_shards, **probe_cfg):
     return validate(recipe)
 
 
+def _probe(cfg, width):
+    """The probe's own modules for an encoder of `width` features."""
+    return torch.nn.ModuleDict(probe.build_modules(cfg=cfg.plugins["probe"], encoder=SimpleNamespace(num_features=width)))
+
+
+def _ce(cfg, own, ctx):
+    return probe.auxiliary_head(ctx=ctx, cfg=cfg.plugins["probe"], own=own)["ce"]
+
+
 def test_probe_learns_separable_features(tmp_path, fmnist_shards):
-    cfg, _ = _config(tmp_path, fmnist_shards, feature_dim=16, num_classes=4)
-    modules = torch.nn.ModuleDict({"probe": torch.nn.ModuleDict(probe.build_modules(cfg))})
-    opt = torch.optim.Adam(modules.parameters(), lr=1e-2)
+    cfg, _ = _config(tmp_path, fmnist_shards, num_classes=4)
+    own = _probe(cfg, 16)
+    opt = torch.optim.Adam(own.parameters(), lr=1e-2)
     g = torch.Generator().manual_seed(0)
     centers = 3 * torch.randn(4, 16, generator=g)
     for _ in range(100):
         y = torch.randint(0, 4, (64,), generator=g)
         ctx = FakeCtx(cfg, centers[y] + torch.randn(64, 16, generator=g), y)
-        loss = probe.auxiliary_head(modules, ctx)["ce"]
+        loss = _ce(cfg, own, ctx)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -45,17 +57,15 @@ def test_probe_learns_separable_features(tmp_path, fmnist_shards):
 
 
 def test_probe_ignores_unlabelled_samples(tmp_path, fmnist_shards):
-    cfg, _ = _config(tmp_path, fmnist_shards, feature_dim=8, num_classes=3)
-    modules = torch.nn.ModuleDict({"probe": torch.nn.ModuleDict(probe.build_modules(cfg))})
+    cfg, _ = _config(tmp_path, fmnist_shards, num_classes=3)
+    own = _probe(cfg, 8)
     h = torch.randn(6, 8)
-    unlabelled = probe.auxiliary_head(modules, FakeCtx(cfg, h, torch.full((6,), -1)))["ce"]
+    unlabelled = _ce(cfg, own, FakeCtx(cfg, h, torch.full((6,), -1)))
     assert unlabelled.item() == 0
     unlabelled.backward()  # still connected to the probe's weights (DDP needs every parameter used)
-    assert modules["probe"]["linear"].weight.grad is not None
-    mixed = probe.auxiliary_head(modules, FakeCtx(cfg, h, torch.tensor([0, 1, -1, 2, -1, -1])))[
-        "ce"
-    ]
-    only = probe.auxiliary_head(modules, FakeCtx(cfg, h[[0, 1, 3]], torch.tensor([0, 1, 2])))["ce"]
+    assert own["linear"].weight.grad is not None
+    mixed = _ce(cfg, own, FakeCtx(cfg, h, torch.tensor([0, 1, -1, 2, -1, -1])))
+    only = _ce(cfg, own, FakeCtx(cfg, h[[0, 1, 3]], torch.tensor([0, 1, 2])))
     torch.testing.assert_close(mixed, only)
 
 

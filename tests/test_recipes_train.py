@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 
 from framework.engine import train
+from framework.logging import read_metrics
 from framework.recipe import apply_overrides, load_raw, validate
-from framework.testing import read_metrics, tiny_shards
+from framework.testing import tiny_shards
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("[!_]*.yaml"))
 

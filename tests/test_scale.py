@@ -17,8 +17,9 @@ from safetensors.torch import load_file
 
 from framework import checkpoint
 from framework.engine import effective_lr
+from framework.logging import read_metrics
 from framework.recipe import TrainConfig
-from framework.testing import free_port, read_metrics, run_steps, tiny_recipe, write_recipe
+from framework.testing import free_port, run_steps, tiny_recipe, write_recipe
 from tests.test_distributed import ROOT, accelerate_launch
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}

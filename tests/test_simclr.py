@@ -9,10 +9,12 @@ import pytest
 import torch
 from torch import nn
 
+from framework.logging import read_metrics
+from framework.model import Model
 from framework.recipe import load_recipe, validate
-from framework.testing import read_metrics, run_steps, tiny_recipe
-from plugins.backbones import feature_dim
-from plugins.simclr import infer_strength, nt_xent
+from framework.testing import run_steps, tiny_recipe
+from plugins.augmentations import infer_strength
+from plugins.simclr import nt_xent
 
 CONTRASTIVE_BACKBONE = {"encoder": "conv28", "latent_dim": None}
 
@@ -78,29 +80,16 @@ def _recipe(tmp_path, shards, size=28, channels=1, **simclr):
 def test_config_defaults_and_inference(tmp_path, fmnist_shards):
     cfg, _ = validate(_recipe(tmp_path, fmnist_shards), check_data=False)
     own = cfg.plugins["simclr"]
-    assert (own.temperature, own.output_dim, own.feature_dim, own.strength) == (
-        0.5,
-        128,
-        None,
-        None,
-    )
-    assert feature_dim(cfg, None) == 256 and feature_dim(cfg, 7) == 7
+    assert (own.temperature, own.output_dim, own.strength) == (0.5, 128, None)
     assert infer_strength(cfg, None) == "mnist" and infer_strength(cfg, "stl") == "stl"
     for size, strength in ((32, "cifar"), (96, "stl")):
         rgb, _ = validate(_recipe(tmp_path, fmnist_shards, size=size, channels=3), check_data=False)
         assert infer_strength(rgb, None) == strength
 
 
-def test_unknown_encoder_needs_feature_dim(tmp_path, fmnist_shards):
-    cfg, _ = validate(_recipe(tmp_path, fmnist_shards), check_data=False)
-    cfg.plugins.pop("backbones")
-    with pytest.raises(ValueError, match="set feature_dim"):
-        feature_dim(cfg, None)
-
-
 def test_projection_head_and_views(tmp_path, fmnist_shards):
     cfg, hooks = validate(_recipe(tmp_path, fmnist_shards, output_dim=32), check_data=False)
-    head = hooks.build_modules(cfg)["simclr"]["projector"]
+    head = Model(hooks, cfg).plugins["simclr"]["projector"]  # sized by the encoder's num_features
     layers = [type(m) for m in head]
     assert layers == [nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.Linear]
     assert (head[0].in_features, head[0].out_features, head[3].out_features) == (256, 256, 32)

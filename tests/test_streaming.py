@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from framework.data import make_loader
-from framework.recipe import shard_urls
-from framework.testing import read_metrics, run_steps, tiny_recipe
+from framework.data import make_loader, shard_urls
+from framework.logging import read_metrics
+from framework.testing import data_section, run_steps, tiny_recipe
 from framework.types import View
 from framework.views import FASHION_MNIST_STATS, clean_view
 
@@ -26,7 +26,7 @@ X = {"x": View(clean_view(28, *FASHION_MNIST_STATS, channels=1))}
 
 
 def stream(spec: str) -> list[tuple[str, int]]:
-    loader = make_loader(spec, X, channels=1, batch_size=10, num_workers=2, seed=1, shuffle_buffer=30, epochs=1)
+    loader = make_loader(data_section(spec, batch_size=10, num_workers=2, shuffle_buffer=30), X, seed=1, epochs=1)
     return [(k, int(label)) for b in loader for k, label in zip(b["key"], b["label"], strict=True)]
 
 
@@ -125,7 +125,7 @@ def test_two_processes_with_two_workers_each_see_every_key_exactly_once(tmp_path
 def test_four_processes_with_two_workers_each_over_three_shards_see_every_key_exactly_once(tmp_path):
     """8 readers, 3 shards: each shard's records are split over the readers instead of whole shards."""
     from framework.data import write_shards
-    from framework.sources import fashion_mnist
+    from framework.data.sources import fashion_mnist
 
     info = write_shards(islice(fashion_mnist(split="test"), 30), str(tmp_path / "s" / "t-%02d.tar"), maxcount=11)
     assert [s["samples"] for s in info["shards"]] == [11, 11, 8]

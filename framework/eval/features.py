@@ -1,0 +1,103 @@
+"""Features of a frozen encoder: pooled features, clean-view pixels and labels of labelled
+shards, extracted in parallel over the processes and gathered, sorted by sample key, on every
+rank (so N processes see what one process sees); `crop_and_flip`, the train-time augmentation
+of the linear protocol's re-extracted features.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from accelerate.utils import gather, gather_object, pad_across_processes
+
+from framework.data.pipeline import batch_to_device, clean_x_view
+from framework.data.stream import make_loader
+from framework.distributed import process_state
+from framework.model import Model
+from framework.recipe.schema import Recipe
+
+
+def crop_and_flip(x: torch.Tensor, pad: int = 4, generator: torch.Generator | None = None) -> torch.Tensor:
+    """RandomCrop(size, padding=pad) + RandomHorizontalFlip on a batch (B, C, H, W), per sample.
+
+    Applied to the normalised clean view; zero padding is then the dataset mean.
+    """
+    b, _, h, w = x.shape
+    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+    dy = torch.randint(0, 2 * pad + 1, (b,), generator=generator)
+    dx = torch.randint(0, 2 * pad + 1, (b,), generator=generator)
+    flip = (torch.rand(b, generator=generator) < 0.5).to(x.device)
+    out = torch.stack([padded[i, :, dy[i] : dy[i] + h, dx[i] : dx[i] + w] for i in range(b)])
+    out[flip] = out[flip].flip(-1)
+    return out
+
+
+@torch.no_grad()
+def extract(
+    model: Model, spec: str, recipe: Recipe, batch_size: int, num_workers: int = 2,
+    transform: Callable[[torch.Tensor], torch.Tensor] | None = None, max_samples: int | None = None,
+    pixels: bool = True,
+) -> dict[str, torch.Tensor]:  # fmt: skip
+    """Pooled features `h`, raw pixels of the clean view (unless `pixels=False`), and labels of the
+    samples in `spec`, sorted by sample key, on this process's device.
+
+    Distributed: each rank encodes its share of the shards (split like training's) and every rank
+    receives all of them, so a run on N processes extracts N times faster and fits the same
+    classifier as one process. `max_samples` caps the samples (the first of each rank's share; the
+    shard order is fixed, so the subset is the same every call). `transform` (e.g. `crop_and_flip`)
+    is applied to each batch of the clean view before encoding.
+    """
+    state = process_state()
+    d = recipe.data
+    loader = make_loader(
+        d, {"x": clean_x_view(d)}, rank=state.process_index, world_size=state.num_processes, epochs=1,
+        shards=spec, batch_size=batch_size, num_workers=num_workers,
+    )
+    cap = None if max_samples is None else math.ceil(max_samples / state.num_processes)
+    dtype = next(model.parameters()).dtype  # bf16 under DeepSpeed's bf16 mode
+    parts: dict[str, list] = {"features": [], "labels": [], "keys": [], **({"pixels": []} if pixels else {})}
+    for batch in loader:  # inference only: no autograd graph, BatchNorm in eval mode (the caller's)
+        x = batch_to_device(batch, state.device)[0]["x"]
+        if transform is not None:
+            x = transform(x)
+        parts["features"].append(model.encode(x.to(dtype)).h.float())
+        if pixels:
+            parts["pixels"].append(x.flatten(1).float())
+        parts["labels"].append(batch["label"].to(state.device))
+        parts["keys"] += batch["key"]
+        if cap is not None and len(parts["keys"]) >= cap:
+            break
+    n = len(parts["keys"]) if cap is None else min(cap, len(parts["keys"]))
+    local = {k: torch.cat(v)[:n] if v else None for k, v in parts.items() if k != "keys"}
+    result = _gather_sorted(local, parts["keys"][:n], state)
+    if not len(result["labels"]):
+        raise ValueError(f"{spec}: no samples to extract features from")
+    return result
+
+
+def _gather_sorted(local: dict[str, torch.Tensor | None], keys: list[str], state: Any) -> dict[str, torch.Tensor]:
+    """Every rank's rows, concatenated on every rank and sorted by sample key (an order that does
+    not depend on the number of processes or loader workers).
+
+    A rank without rows (`None`: more ranks and workers than samples) takes part in every
+    collective with empty tensors of the other ranks' shape and dtype.
+    """
+    if state.num_processes > 1:
+        counts = gather(torch.tensor([len(keys)], device=state.device)).tolist()
+        keys = gather_object(keys)
+        # each tensor's row shape and dtype, from the ranks that have rows
+        like = [s for s in gather_object([{k: (t.shape[1:], t.dtype) for k, t in local.items() if t is not None}]) if s]
+        for name, t in local.items() if like else ():
+            if t is None:
+                shape, dtype = like[0][name]
+                t = torch.empty((0, *shape), dtype=dtype, device=state.device)
+            padded = gather(pad_across_processes(t, dim=0))  # (num_processes * longest, ...)
+            rows = padded.shape[0] // state.num_processes
+            local[name] = torch.cat([padded[r * rows : r * rows + c] for r, c in enumerate(counts)])
+    if not keys:  # no rank has a sample (extract says so)
+        return {name: torch.empty(0, device=state.device) for name in local}
+    order = torch.tensor(sorted(range(len(keys)), key=keys.__getitem__), device=state.device)
+    return {name: t[order] for name, t in local.items()}

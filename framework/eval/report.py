@@ -1,0 +1,124 @@
+"""The accuracies of a pretrained encoder: `evaluate`, the report `augssl eval` prints and writes
+to `<output_dir>/eval.json`, and `online_knn`, the k-NN probe the engine logs during training.
+
+`evaluate` freezes the encoder, extracts pooled features of the labelled train and test shards
+(`framework.eval.features`), fits each protocol's classifier on them and reports test accuracy.
+Protocols (`augssl eval --protocol`):
+- `fast`: multinomial logistic regression by full-batch L-BFGS on standardised features
+  (seconds; the default, and what `scripts/main.sh` prints).
+- `linear`: the offline protocol of METHODS.md section 2: a Linear layer trained by SGD
+  (Nesterov, momentum 0.9, lr 0.1 x batch/256, cosine to 0) for `epochs` epochs. By default
+  on features extracted once (fast); with `augment=True` the train images get
+  RandomCrop(pad 4) + horizontal flip and features are re-extracted every epoch, as the
+  paper's protocol does (one encoder pass per epoch).
+- `knn`: weighted k-NN (k=200, cosine similarity, votes weighted by exp(sim / 0.07)),
+  as solo-learn and lightly report it.
+
+Each classifier is also fitted on the raw pixels of the clean view, so the report shows
+what pretraining bought.
+
+Distributed: `accelerate launch launch/evaluate.py RUN` splits feature extraction over the
+processes (the expensive part) and gathers the features on every rank, sorted by sample key,
+so N processes report what one process reports. `online_knn` is the same k-NN, on a capped
+subset, called by the engine every `eval.knn_every` steps.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from framework.checkpoint import load_run
+from framework.distributed import process_state
+from framework.eval.classifiers import fit_linear, fit_sgd_linear, knn_accuracy
+from framework.eval.features import crop_and_flip, extract
+from framework.model import Model
+from framework.recipe.schema import Recipe
+
+PROTOCOLS = ("fast", "linear", "knn")
+
+
+def online_knn(model: Model, recipe: Recipe) -> dict[str, float]:
+    """`knn.acc`: the k-NN probe of the encoder as it is now, on at most `eval.knn_samples`
+    train and test samples. The engine calls it every `eval.knn_every` steps on every rank (the
+    features are gathered); the global RNG and the model's train/eval mode are left as they were.
+    """
+    e, was_training = recipe.eval, model.training
+    model.eval()
+    with torch.random.fork_rng(devices=[]):  # the loader draws seeds: keep a resumed run's noise exact
+        train, test = (extract(model, spec, recipe, e.batch_size, recipe.data.num_workers, max_samples=e.knn_samples,
+                               pixels=False) for spec in (e.train, e.test))  # fmt: skip
+    model.train(was_training)
+    return {"knn.acc": knn_accuracy(train["features"], train["labels"], test["features"], test["labels"])}
+
+
+def evaluate(
+    output_dir: str | Path, ckpt: str | Path | None = None, baseline: bool = True,
+    protocols: Sequence[str] = ("fast",), epochs: int = 90, augment: bool = False,
+    knn_k: int = 200, knn_temperature: float = 0.07, linear_batch_size: int = 256,
+) -> dict[str, Any]:  # fmt: skip
+    """Classifiers on frozen features (and, with `baseline`, on raw pixels); writes and returns `eval.json`.
+
+    Under `accelerate launch` every rank extracts its share of the features (see `extract`) and
+    fits the same classifiers on all of them, on its device; the main process writes the JSON.
+
+    `accuracies[protocol]` (and `raw_pixels_accuracies`) hold each protocol's test accuracy;
+    `accuracy` / `raw_pixels_accuracy` repeat the first protocol's, for older readers.
+    """
+    unknown = set(protocols) - set(PROTOCOLS)
+    if unknown or not protocols:
+        raise ValueError(f"protocols {sorted(unknown) or '[]'}: choose from {', '.join(PROTOCOLS)}")
+    start = time.perf_counter()
+    model, recipe, path = load_run(output_dir, ckpt)
+    model.to(process_state().device)
+    if not (recipe.eval.train and recipe.eval.test):
+        raise ValueError(f"{path}/recipe.yaml: eval.train and eval.test (labelled shards) are needed")
+    torch.manual_seed(0)
+    train, test = (extract(model, spec, recipe, recipe.eval.batch_size, pixels=baseline)
+                   for spec in (recipe.eval.train, recipe.eval.test))  # fmt: skip
+
+    def reextract(epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        g = torch.Generator().manual_seed(epoch)
+        fresh = extract(model, recipe.eval.train, recipe, recipe.eval.batch_size,
+                        transform=lambda x: crop_and_flip(x, generator=g), pixels=False)  # fmt: skip
+        return fresh["features"], fresh["labels"]
+
+    def fit(protocol: str, kind: str) -> float:
+        args = (train[kind], train["labels"], test[kind], test["labels"])
+        if protocol == "fast":
+            return fit_linear(*args)
+        if protocol == "knn":
+            return knn_accuracy(*args, k=knn_k, temperature=knn_temperature)
+        use_aug = augment and kind == "features"  # raw pixels: precomputed, unaugmented
+        return fit_sgd_linear(*args, epochs=epochs, batch_size=linear_batch_size, reextract=reextract if use_aug else None)
+
+    descriptions = {
+        "fast": "L-BFGS logistic regression on standardised frozen pooled features",
+        "linear": f"SGD Nesterov m=0.9, lr 0.1 x {linear_batch_size}/256, cosine, {epochs} epochs, "
+        + ("RandomCrop(pad 4)+flip, features re-extracted per epoch" if augment else "precomputed features, no augmentation"),
+        "knn": f"weighted k-NN, k={knn_k}, cosine similarity, temperature {knn_temperature}",
+    }
+    accuracies = {p: fit(p, "features") for p in protocols}
+    result: dict[str, Any] = {
+        "protocol": {p: descriptions[p] for p in protocols},
+        "checkpoint": str(path),
+        "dataset": {"train": recipe.eval.train, "test": recipe.eval.test},
+        "train_samples": len(train["labels"]),
+        "test_samples": len(test["labels"]),
+        "feature_dim": train["features"].shape[1],
+        "accuracies": accuracies,
+        "accuracy": accuracies[protocols[0]],
+        "pixel_dim": recipe.data.channels * recipe.data.image_size**2,
+    }
+    if baseline:
+        result["raw_pixels_accuracies"] = {p: fit(p, "pixels") for p in protocols}
+        result["raw_pixels_accuracy"] = result["raw_pixels_accuracies"][protocols[0]]
+    result["seconds"] = round(time.perf_counter() - start, 1)
+    if process_state().is_main_process:
+        (Path(output_dir) / "eval.json").write_text(json.dumps(result, indent=1))
+    return result
