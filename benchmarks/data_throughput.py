@@ -31,9 +31,8 @@ sys.path.insert(0, str(ROOT))
 from webdataset.tariterators import tarfile_samples  # noqa: E402
 
 from benchmarks.common import write_report  # noqa: E402
-from framework.data import make_loader, split_normalize, tar_records, write_shards  # noqa: E402
-from framework.recipe import shard_urls  # noqa: E402
-from framework.testing import synthetic_samples  # noqa: E402
+from framework.data import make_loader, shard_urls, split_normalize, tar_records, write_shards  # noqa: E402
+from framework.testing import data_section, synthetic_samples  # noqa: E402
 from framework.types import View  # noqa: E402
 from framework.views import STL10_STATS, clean_view, simclr_view  # noqa: E402
 
@@ -105,8 +104,8 @@ def main() -> None:
             return args.images / (time.perf_counter() - start)
 
         def shards() -> float:
-            return rate(make_loader(info["pattern"], views(), channels=3, batch_size=BATCH, num_workers=1,
-                                    shuffle_buffer=0, epochs=1), args.images)  # fmt: skip
+            section = data_section(info["pattern"], SIZE, 3, batch_size=BATCH, num_workers=1)
+            return rate(make_loader(section, views(), epochs=1), args.images)
 
         def folder_loader() -> float:
             return rate(DataLoader(ImageFolder(str(folder), transform=BothViews()), batch_size=BATCH,

@@ -25,7 +25,8 @@ from framework.data import (
     tar_records,
     write_shards,
 )
-from framework.sources import fashion_mnist
+from framework.data.sources import fashion_mnist
+from framework.testing import data_section
 from framework.types import View
 from framework.views import FASHION_MNIST_STATS, clean_view
 
@@ -42,7 +43,7 @@ def test_write_shards_round_trips_images_labels_and_manifest(tmp_path):
     assert info["samples"] == 50 and [s["samples"] for s in info["shards"]] == [20, 20, 10]
     assert info["pattern"].endswith("t-{0000..0002}.tar") and info["source"] == "fashion-mnist"
     assert json.loads((tmp_path / "t.json").read_text()) == info
-    loader = make_loader(info["pattern"], X, channels=1, batch_size=7, num_workers=0, shardshuffle=False, epochs=1)
+    loader = make_loader(data_section(info["pattern"], batch_size=7, num_workers=0, shardshuffle=False), X, epochs=1)
     batches = list(loader)
     assert batches[0]["views"]["x"].dtype == torch.uint8, "normalisation is deferred to the device"
     got = torch.cat([batch_to_device(b, "cpu")[0]["x"] for b in batches])
@@ -52,7 +53,8 @@ def test_write_shards_round_trips_images_labels_and_manifest(tmp_path):
 
 
 def test_a_derived_view_gets_uint8_only_if_it_says_it_accepts_it():
-    from framework.views import AffineWithParams, Normalize
+    from framework.views import Normalize
+    from plugins.augmentations import AffineWithParams
 
     class Plain:  # a third-party derived view that expects the normalised tensor
         def __call__(self, x):
@@ -74,30 +76,30 @@ def test_a_derived_view_gets_uint8_only_if_it_says_it_accepts_it():
 def test_an_epoch_split_by_rank_and_worker_sees_every_key_once(tmp_path, fmnist_shards, world_size, num_workers):
     seen: list[str] = []
     for rank in range(world_size):
-        loader = make_loader(fmnist_shards["train"], X, channels=1, batch_size=5, num_workers=num_workers,
-                             rank=rank, world_size=world_size, seed=3, shuffle_buffer=10, epochs=1)  # fmt: skip
+        section = data_section(fmnist_shards["train"], batch_size=5, num_workers=num_workers, shuffle_buffer=10)
+        loader = make_loader(section, X, rank=rank, world_size=world_size, seed=3, epochs=1)
         seen += keys_of(loader)
     assert len(seen) == len(set(seen)) == 192
 
 
 def test_the_order_is_reproducible_from_the_seed(fmnist_shards):
     def order(seed):
-        return keys_of(make_loader(fmnist_shards["train"], X, channels=1, batch_size=8, num_workers=2,
-                                   seed=seed, shuffle_buffer=20, epochs=1))  # fmt: skip
+        section = data_section(fmnist_shards["train"], batch_size=8, num_workers=2, shuffle_buffer=20)
+        return keys_of(make_loader(section, X, seed=seed, epochs=1))
 
     assert order(1) == order(1) and order(1) != order(2)
 
 
 @pytest.mark.parametrize("rank, world_size, num_workers", [(0, 1, 2), (1, 4, 3)])  # 8 shards; 12 readers: records split
 def test_resuming_from_a_position_continues_the_stream(fmnist_shards, rank, world_size, num_workers):
-    kwargs = dict(channels=1, batch_size=8, num_workers=num_workers, seed=5, shuffle_buffer=20, epochs=1,
-                  rank=rank, world_size=world_size)  # fmt: skip
-    full = list(make_loader(fmnist_shards["train"], X, **kwargs))
+    section = data_section(fmnist_shards["train"], batch_size=8, num_workers=num_workers, shuffle_buffer=20)
+    kwargs = dict(seed=5, epochs=1, rank=rank, world_size=world_size)
+    full = list(make_loader(section, X, **kwargs))
     cut = 5 if world_size == 1 else 2
     position = StreamPosition()
     for batch in full[:cut]:
         position.update(batch["cursor"])
-    rest = list(make_loader(fmnist_shards["train"], X, resume=position, **kwargs))
+    rest = list(make_loader(section, X, resume=position, **kwargs))
     keys = [k for b in full[:cut] + rest for k in b["key"]]
     assert keys == [k for b in full for k in b["key"]]
     assert torch.equal(rest[0]["views"]["x"], full[cut]["views"]["x"])
@@ -108,12 +110,14 @@ def test_resuming_from_a_position_continues_the_stream(fmnist_shards, rank, worl
 def test_a_checkpoint_of_a_loader_that_capped_its_workers_continues_with_its_worker_count(fmnist_shards):
     """Loaders before the record-level split ran min(workers, shards / ranks) workers; such a
     checkpoint (8 shards, 4 ranks: 2 of 3 workers) resumes exactly with those 2."""
-    kwargs = dict(channels=1, batch_size=4, seed=2, shuffle_buffer=8, epochs=1, rank=1, world_size=4)
-    full = list(make_loader(fmnist_shards["train"], X, num_workers=2, **kwargs))
+    kwargs = dict(seed=2, epochs=1, rank=1, world_size=4)
+    section = data_section(fmnist_shards["train"], batch_size=4, num_workers=2, shuffle_buffer=8)
+    full = list(make_loader(section, X, **kwargs))
     position = StreamPosition()
     for batch in full[:3]:
         position.update(batch["cursor"])
-    rest = list(make_loader(fmnist_shards["train"], X, num_workers=3, resume=position, **kwargs))
+    section = data_section(fmnist_shards["train"], batch_size=4, num_workers=3, shuffle_buffer=8)
+    rest = list(make_loader(section, X, resume=position, **kwargs))
     assert [k for b in full[:3] + rest for k in b["key"]] == [k for b in full for k in b["key"]]
 
 
@@ -141,7 +145,7 @@ def _stream(urls, rank, world_size, num_workers, monkeypatch, **kw) -> list[dict
     """One reader's batches, as data worker `num_workers` > 0 would see them, in this process."""
     worker = kw.pop("worker", 0)
     info = SimpleNamespace(id=worker, num_workers=num_workers) if num_workers else None
-    monkeypatch.setattr("framework.data.get_worker_info", lambda: info)
+    monkeypatch.setattr("framework.data.stream.get_worker_info", lambda: info)
     kw = {"batch_size": 1, "seed": 7, "shardshuffle": True, "resampled": False, "shuffle_buffer": 4, "epochs": 2, **kw}
     return list(ShardStream(urls, KeysAndDraws(), rank=rank, world_size=world_size, **kw))
 
@@ -181,10 +185,10 @@ def test_one_shard_over_more_ranks_than_records_and_an_endless_stream_without_re
     spec = str(tmp_path / "one-00.tar")
 
     def keys(rank, epochs=1):
-        return keys_of(make_loader(spec, X, channels=1, batch_size=2, num_workers=0, rank=rank, world_size=4, epochs=epochs))
+        return keys_of(make_loader(data_section(spec, batch_size=2, num_workers=0), X, rank=rank, world_size=4, epochs=epochs))
 
     assert [len(keys(r)) for r in range(4)] == [1, 1, 1, 0] and len({k for r in range(4) for k in keys(r)}) == 3
-    assert len(list(islice(make_loader(spec, X, channels=1, batch_size=2, num_workers=0, rank=2, world_size=4), 3))) == 3
+    assert len(list(islice(make_loader(data_section(spec, batch_size=2, num_workers=0), X, rank=2, world_size=4), 3))) == 3
     with pytest.raises(ValueError, match="rank 3, data worker 0: no records in epoch 0"):
         keys(3, epochs=None)
 
@@ -209,7 +213,7 @@ def test_bad_records_are_skipped_and_counted(tmp_path):
         _tar_member(tar, "d.png", png.getvalue())
         _tar_member(tar, "d.cls", b"3")  # fine
     spec = f"{tmp_path}/good-00.tar::{tmp_path}/bad-00.tar"
-    batches = list(make_loader(spec, X, channels=1, batch_size=4, num_workers=0, shardshuffle=False, epochs=1))
+    batches = list(make_loader(data_section(spec, batch_size=4, num_workers=0, shardshuffle=False), X, epochs=1))
     assert sorted(k for b in batches for k in b["key"]) == sorted([s.key for s in samples] + ["d"])
     cursor = batches[-1]["cursor"]
     assert cursor["bad"] == 3 and cursor["seen"] == 10 and "bad-00.tar" in cursor["last_bad"]
@@ -246,7 +250,7 @@ def test_truncated_and_damaged_shards_are_skipped_and_counted(tmp_path):
     with pytest.raises(BadShard, match="checksum"):
         list(tar_records(str(tmp_path / "s-02.tar")))
     spec = f"{tmp_path}/s-{{00..02}}.tar"
-    batches = list(make_loader(spec, X, channels=1, batch_size=4, num_workers=0, shardshuffle=False, epochs=1))
+    batches = list(make_loader(data_section(spec, batch_size=4, num_workers=0, shardshuffle=False), X, epochs=1))
     keys = [k for b in batches for k in b["key"]]
     assert keys[-4:] == [s.key for s in samples[4:8]]  # the intact shard, whole
     assert set(keys[:-4]) < {s.key for s in samples[:4]}  # what precedes the cut
@@ -259,8 +263,9 @@ def test_resampled_epochs_are_cut_by_epoch_samples_and_draw_shards_per_rank(tmp_
     write_shards(samples, str(tmp_path / "r-%02d.tar"), maxcount=3)  # 4 shards of 3
     spec, dataset = f"{tmp_path}/r-{{00..03}}.tar", {s.key for s in samples}
 
-    def batches(**kw):
-        return list(make_loader(spec, X, channels=1, batch_size=3, num_workers=0, resampled=True, epochs=2, **kw))
+    def batches(epoch_samples=None, **kw):
+        section = data_section(spec, batch_size=3, num_workers=0, resampled=True, epoch_samples=epoch_samples)
+        return list(make_loader(section, X, epochs=2, **kw))
 
     default = batches()  # an epoch: as many shards as the list holds (4 x 3 records)
     assert sum(len(b["key"]) for b in default) == 24 and {k for b in default for k in b["key"]} <= dataset

@@ -22,9 +22,10 @@ from pathlib import Path
 
 import pytest
 
-import framework.data as data
+import framework.data.stream as stream
 from framework.data import BadShard, DataError, make_loader, tar_records, write_shards
-from framework.sources import fashion_mnist
+from framework.data.sources import fashion_mnist
+from framework.testing import data_section
 from framework.types import View
 from framework.views import FASHION_MNIST_STATS, clean_view
 
@@ -42,13 +43,14 @@ def good(tmp_path):
 
 @pytest.fixture(autouse=True)
 def quick_backoff(monkeypatch):
-    monkeypatch.setattr(data, "BACKOFF_SECONDS", 0.05)
+    monkeypatch.setattr(stream, "BACKOFF_SECONDS", 0.05)
     gc.collect()  # shut earlier tests' loaders down (torch joins a worker that raised for 5 s) outside the timings
 
 
-def load(spec: str, num_workers: int = 0, **kw) -> list[dict]:
-    kw = {"epochs": 1, "timeout_seconds": 1, "retries": 1, **kw}
-    return list(make_loader(spec, X, channels=1, batch_size=2, num_workers=num_workers, shardshuffle=False, **kw))
+def load(spec: str, num_workers: int = 0, epochs: int | None = 1, **settings) -> list[dict]:
+    settings = {"timeout_seconds": 1, "retries": 1, **settings}
+    section = data_section(spec, batch_size=2, num_workers=num_workers, shardshuffle=False, **settings)
+    return list(make_loader(section, X, epochs=epochs))
 
 
 def keys(batches: list[dict]) -> list[str]:
@@ -220,10 +222,11 @@ def test_a_resampled_stream_over_dead_remote_shards_stops_after_stall_seconds(si
 TRAINER = textwrap.dedent("""
     import sys
     from framework.data import make_loader
+    from framework.testing import data_section
     from framework.types import View
     from framework.views import FASHION_MNIST_STATS, clean_view
     X = {"x": View(clean_view(28, *FASHION_MNIST_STATS, channels=1))}
-    loader = make_loader(sys.argv[1], X, channels=1, batch_size=2, num_workers=1, timeout_seconds=600)
+    loader = make_loader(data_section(sys.argv[1], batch_size=2, num_workers=1, timeout_seconds=600), X)
     print("started", flush=True)
     for batch in loader:
         pass
@@ -273,11 +276,12 @@ def test_a_data_worker_exits_when_its_trainer_is_killed(tmp_path, stuck):
 LEAVER = textwrap.dedent("""
     import sys
     from framework.data import DataError, make_loader
+    from framework.testing import data_section
     from framework.types import View
     from framework.views import FASHION_MNIST_STATS, clean_view
     X = {"x": View(clean_view(28, *FASHION_MNIST_STATS, channels=1))}
     def train():
-        for batch in make_loader(sys.argv[1], X, channels=1, batch_size=2, num_workers=2, stall_seconds=2):
+        for batch in make_loader(data_section(sys.argv[1], batch_size=2, num_workers=2, stall_seconds=2), X):
             pass
     try:
         train()

@@ -1,4 +1,4 @@
-"""The dataset readers in `framework.sources` against torchvision's readers, on tiny files
+"""The dataset readers in `framework.data.sources` against torchvision's readers, on tiny files
 written in each dataset's exact on-disk format (no download)."""
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import pytest
 import torchvision.datasets as tvd
 from PIL import Image
 
-from framework import sources
-from framework.sources import Sample
+from framework.data import sources
+from framework.data.sources import Sample
 
 RNG = np.random.default_rng(0)
 CIFAR10_NAMES = ["airplane", "automobile", "bird", "cat", "deer",

@@ -1,7 +1,7 @@
 """Dataset sources: readers that turn a dataset on disk into a stream of `Sample`s.
 
 Each reader yields samples one at a time and never holds more than one source file
-in memory, so `framework.data.write_shards` can convert any of them to WebDataset
+in memory, so `framework.data.shards.write_shards` can convert any of them to WebDataset
 shards. Readers take the dataset's own on-disk format (no download happens here).
 """
 

@@ -1,0 +1,307 @@
+"""Shards on disk and on the wire: writing them, naming them, reading one.
+
+- Writing: `write_shards` turns a stream of `Sample`s into tar shards and a manifest, all or
+  nothing (`.tmp` files renamed once every sample is written); `brace_pattern` names the result.
+- Naming: `shard_urls` expands a shard spec (brace patterns, `::` lists), `is_local` tells a
+  path from a remote URL, `check_shards` finds missing local shards before a run starts.
+- Reading: `tar_records` yields one shard's records (`open_shard`: local, `http(s)://`, `pipe:`
+  with a stall limit); what cannot be read on is a `BadShard`.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import os
+import re
+import select
+import signal
+import subprocess
+import urllib.request
+import zlib
+from collections.abc import Iterable, Iterator
+from itertools import count
+from pathlib import Path
+from typing import Any
+
+import webdataset as wds
+from braceexpand import braceexpand
+from PIL import Image
+
+from framework.data.sources import Sample
+
+# ---------------------------------------------------------------------------
+# Writing
+# ---------------------------------------------------------------------------
+
+
+def encode_image(image: Image.Image, fmt: str = "png", quality: int = 95) -> bytes:
+    """`image` as the bytes of a PNG or JPEG (`quality`) file."""
+    buf = io.BytesIO()
+    if fmt == "png":
+        image.save(buf, format="PNG")
+    elif fmt in ("jpg", "jpeg"):
+        image.save(buf, format="JPEG", quality=quality)
+    else:
+        raise ValueError(f"unsupported image format {fmt!r} (png, jpg)")
+    return buf.getvalue()
+
+
+def write_shards(
+    samples: Iterable[Sample],
+    pattern: str,
+    maxcount: int = 5000,
+    maxsize: float = 3e9,
+    fmt: str = "png",
+    quality: int = 95,
+    manifest: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Write `samples` to tar shards `pattern` (e.g. `out/train-%06d.tar`).
+
+    Each record holds `<key>.<fmt>` (the image) and `<key>.cls` (the label). A manifest
+    (`<dir>/<prefix>.json`: sample count, shard list with counts, format, plus
+    `manifest`) is written beside the shards and returned.
+
+    All or nothing: shards and manifest are written as `<name>.tmp` and renamed over their names
+    only once every sample is written; if `samples` raises (a wrong source, a damaged file) or
+    yields nothing (`ValueError`), the temporaries are removed and existing files are untouched.
+    """
+    Path(pattern).parent.mkdir(parents=True, exist_ok=True)
+    prefix = Path(pattern).name.split("%")[0].rstrip("-_.") or "shards"
+    manifest_path = Path(pattern).with_name(f"{prefix}.json")
+    tmp = pattern + ".tmp"
+    counts: dict[str, int] = {}
+    ext = "jpg" if fmt == "jpeg" else fmt
+    try:
+        # An integer mtime keeps tarfile from adding a PAX header per member (a float mtime needs
+        # one): half the headers to parse when streaming, and byte-identical shards for equal input.
+        with wds.ShardWriter(tmp, maxcount=maxcount, maxsize=maxsize, verbose=0, mtime=0) as sink:
+            for sample in samples:
+                sink.write({"__key__": sample.key, ext: encode_image(sample.image, fmt, quality), "cls": sample.label})
+                counts[sink.fname] = counts.get(sink.fname, 0) + 1
+        if not counts:
+            raise ValueError(f"no samples to write to {pattern} (existing shards left as they are)")
+        info = {
+            "samples": sum(counts.values()),
+            "shards": [{"url": Path(name).name.removesuffix(".tmp"), "samples": n} for name, n in counts.items()],
+            "pattern": brace_pattern(pattern, len(counts)),
+            "format": fmt,
+            **(manifest or {}),
+        }
+        manifest_path.with_name(manifest_path.name + ".tmp").write_text(json.dumps(info, indent=1))
+    except BaseException:
+        _remove_temporaries(tmp, manifest_path)
+        raise
+    for name in counts:
+        os.replace(name, name.removesuffix(".tmp"))
+    os.replace(manifest_path.with_name(manifest_path.name + ".tmp"), manifest_path)
+    return info
+
+
+def _remove_temporaries(tmp_pattern: str, manifest_path: Path) -> None:
+    """Delete an unfinished `write_shards`' `.tmp` shards and manifest."""
+    manifest_path.with_name(manifest_path.name + ".tmp").unlink(missing_ok=True)
+    for i in count():
+        shard = Path(tmp_pattern % i)
+        if not shard.exists():
+            break
+        shard.unlink()
+
+
+def brace_pattern(pattern: str, n_shards: int) -> str:
+    """`out/train-%06d.tar`, 12 -> `out/train-{000000..000011}.tar` (the URL spec recipes use)."""
+    m = re.search(r"%0?(\d*)d", pattern)
+    if m is None:
+        raise ValueError(f"shard pattern {pattern!r} needs a %d field, e.g. train-%06d.tar")
+    width = int(m.group(1) or 0)
+    return f"{pattern[: m.start()]}{{{0:0{width}d}..{n_shards - 1:0{width}d}}}{pattern[m.end():]}"
+
+
+# ---------------------------------------------------------------------------
+# Naming
+# ---------------------------------------------------------------------------
+
+
+def shard_urls(spec: str) -> list[str]:
+    """Expand a shard spec (brace patterns, `::`-separated lists) into URLs."""
+    return [url for part in spec.split("::") for url in braceexpand(part.strip()) if url]
+
+
+def is_local(url: str) -> bool:
+    """A path or `file://` URL (not `pipe:` nor another scheme's URL)."""
+    return not re.match(r"^(pipe:|[a-z][a-z0-9+.-]*://)", url) or url.startswith("file://")
+
+
+def check_shards(key: str, spec: str) -> None:
+    """`ValueError` naming `key` if `spec` lists no URL or a missing local shard (remote URLs are not probed)."""
+    urls = shard_urls(spec)
+    if not urls:
+        raise ValueError(f"{key}: no shard URLs in {spec!r}")
+    missing = [u for u in urls if is_local(u) and not Path(u.removeprefix("file://")).exists()]
+    if missing:
+        more = f" (and {len(missing) - 1} more of {len(urls)})" if len(missing) > 1 else ""
+        raise ValueError(f"{key}: no such shard: {missing[0]}{more}")
+
+
+# ---------------------------------------------------------------------------
+# Reading
+# ---------------------------------------------------------------------------
+
+
+class BadShard(Exception):
+    """A shard that cannot be read on: empty, truncated, a damaged tar header, not a tar, or (after
+    its retries) unreachable. `transient`: a retry might read it (a cut or empty transfer)."""
+
+    def __init__(self, message: str, transient: bool = False) -> None:
+        super().__init__(message)
+        self.transient = transient
+
+
+_END = b"\0" * 512
+
+
+def _octal(field: bytes) -> int:
+    """A tar number field: octal digits (NUL/space padded), or GNU base-256 (first byte 0x80/0xff)."""
+    if field[:1] in (b"\x80", b"\xff"):
+        value = int.from_bytes(field[1:], "big")
+        return value - (1 << (8 * len(field) - 8)) if field[:1] == b"\xff" else value
+    digits = field.split(b"\0", 1)[0].strip()
+    if digits.translate(None, b"01234567"):  # b"0".."7" only (int() also takes "+", "_", " ")
+        raise BadShard(f"not a number: {field[:12]!r}")
+    return int(digits or b"0", 8)
+
+
+class _Pipe(io.RawIOBase):
+    """The stdout of a `pipe:` command, read with a stall limit: no byte for `timeout` s, or an exit
+    status other than 0 (or 141, SIGPIPE, as webdataset's gopen allows), raises `OSError`.
+
+    `guard()` is called about every second while waiting (the stream's stall and parent checks).
+    The command runs in its own process group, killed whole on close (shell pipelines included).
+    """
+
+    def __init__(self, cmd: str, timeout: float, guard: Any = None) -> None:
+        self.cmd, self.timeout, self.guard = cmd, timeout, guard
+        self.proc = subprocess.Popen(cmd, shell=True, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                     start_new_session=True)  # fmt: skip
+        self.fd = self.proc.stdout.fileno()
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        waited = 0.0
+        while not select.select([self.fd], [], [], min(1.0, self.timeout))[0]:
+            waited += min(1.0, self.timeout)
+            if waited >= self.timeout:
+                raise TimeoutError(f"pipe:{self.cmd}: no bytes for {self.timeout:g} s")
+            if self.guard is not None:
+                self.guard()
+        data = os.read(self.fd, len(buffer))
+        if not data:
+            try:
+                status = self.proc.wait(self.timeout)
+            except subprocess.TimeoutExpired:
+                raise TimeoutError(f"pipe:{self.cmd}: closed its output but did not exit") from None
+            if status not in (0, 141):
+                raise OSError(f"pipe:{self.cmd}: exit status {status}")
+        buffer[: len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except OSError:
+                pass
+        self.proc.stdout.close()
+        self.proc.wait()
+        super().close()
+
+
+def open_shard(url: str, timeout: float = 60.0, guard: Any = None) -> Any:
+    """A binary stream of shard `url`: `pipe:` commands and `http(s)://` with a stall limit of
+    `timeout` s (no byte for that long raises `OSError`), anything else through webdataset's gopen."""
+    if url.startswith("pipe:"):
+        return io.BufferedReader(_Pipe(url[5:], timeout, guard), 1 << 16)
+    if url.startswith(("http://", "https://")):
+        return urllib.request.urlopen(url, timeout=timeout)  # noqa: S310 (the recipe's own URLs)
+    return wds.gopen(url, "rb")
+
+
+def tar_records(url: str, *, timeout: float = 60.0, guard: Any = None) -> Iterator[dict[str, Any]]:
+    """The samples of one WebDataset shard (local path, `http(s)://`, `pipe:`; `.tar.gz`/`.tgz`
+    gunzipped), read front to back: `{"__key__", "__url__", ext: bytes, ...}` per sample, files
+    grouped by key (the name up to the first dot of its basename), `__*__` files skipped.
+
+    A small ustar/GNU/pax reader instead of `tarfile` (which webdataset uses): the same records
+    at a fraction of the per-record cost (see benchmarks/data_throughput.py). Raises `BadShard`,
+    after the samples read so far, on an empty file, a truncated archive, a header whose checksum
+    fails or whose fields do not parse (random bytes, a text file), a damaged gzip stream; `OSError`
+    when the transfer fails (a `pipe:` command's exit status, no byte for `timeout` s).
+    """
+    raw = open_shard(url, timeout, guard)
+    try:
+        stream = gzip.GzipFile(fileobj=raw) if url.endswith((".gz", ".tgz")) else raw
+        sample: dict[str, Any] | None = None
+        for name, data in _tar_members(stream.read):
+            base = name.rsplit("/", 1)[-1]
+            if base.startswith("__"):
+                continue
+            dot = name.find(".", len(name) - len(base))
+            key, ext = (name, "") if dot < 0 else (name[:dot], name[dot + 1 :].lower())
+            if sample is None or sample["__key__"] != key:
+                if sample is not None:
+                    yield sample
+                sample = {"__key__": key, "__url__": url}
+            sample[ext] = data
+        if sample is not None:
+            yield sample
+    except zlib.error as exc:
+        raise BadShard(f"damaged gzip stream: {exc}") from None
+    finally:
+        raw.close()
+
+
+def _tar_members(read: Any) -> Iterator[tuple[str, bytes]]:
+    """(name, data) of each regular file of a tar read through `read`; `BadShard` on what does not parse."""
+    long_name: str | None = None
+    pax: dict[str, str] = {}
+    first = True
+    while (header := read(512)) != _END:
+        if len(header) < 512:
+            if first:
+                raise BadShard("empty shard (0 bytes)" if not header else "not a tar (shorter than a header)",
+                               transient=True)  # fmt: skip
+            if header:
+                raise BadShard("truncated tar header", transient=True)
+            break  # end of file without the end-of-archive blocks: accepted, like tarfile
+        what = "damaged tar header or not a tar" if first else "damaged tar header"
+        try:
+            checked = _octal(header[148:156]) == sum(header[:148]) + 256 + sum(header[156:])
+            size, kind = _octal(header[124:136]), header[156:157]
+        except BadShard as exc:
+            raise BadShard(f"{what} ({exc})") from None
+        if not checked:
+            raise BadShard(f"{what} (checksum)")
+        first = False
+        data = read(size)
+        if len(data) < size:
+            raise BadShard("truncated tar member", transient=True)
+        read(-size % 512)
+        try:
+            if kind == b"L":  # GNU long name of the next member
+                long_name = data.rstrip(b"\0").decode()
+                continue
+            if kind in (b"x", b"g"):  # pax attributes: "<len> key=value\n" records
+                if kind == b"x":
+                    pax = dict(line.split("=", 1) for line in re.findall(r"\d+ ([^\n]*)\n", data.decode()))
+                continue
+            name = long_name or pax.get("path") or header[:100].split(b"\0", 1)[0].decode()
+            if header[257:262] == b"ustar" and header[345] and not (long_name or "path" in pax):
+                name = header[345:500].split(b"\0", 1)[0].decode() + "/" + name
+        except ValueError as exc:  # undecodable name, a pax record without "="
+            raise BadShard(f"damaged tar header ({exc})") from None
+        long_name, pax = None, {}
+        if kind in (b"0", b"\0", b"7"):  # not directories, links, devices
+            yield name, data
