@@ -202,10 +202,11 @@ def plot_main(argv: Sequence[str]) -> None:
     parser.add_argument("output_dir")
     parser.add_argument("--out", default=None, help="the PNG to write (default: OUTPUT_DIR/metrics.png)")
     args = parser.parse_args(argv)
+    from framework.logging import read_metrics
     from framework.plots import plot_metrics
 
     try:
-        print(plot_metrics(args.output_dir, args.out))
+        print(plot_metrics(args.output_dir, read_metrics(args.output_dir), args.out))
     except (FileNotFoundError, ValueError) as exc:
         _fail(str(exc))
 

@@ -1,6 +1,9 @@
 """Pictures of a run: `augssl plot RUN` (loss terms and probe accuracy from `metrics.jsonl`)
 and the engine's preview grids (views and reconstructions, `save_preview`).
 
+Drawing only: the records come from the caller (`framework.logging.read_metrics`), so this
+module imports nothing of the logger, which imports it for previews.
+
 Left panel: `loss` and every loss term `<plugin>.<term>` (log scale when all are positive);
 right panel: accuracies (`*.acc`, e.g. the online probe's `probe.acc`) when logged.
 """
@@ -9,23 +12,22 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from framework.logging import read_metrics
 from framework.views import denormalize
 
 SKIP = {"step", "lr", "images/s", "data.bad_records", "data.seen", "skipped_steps", "epoch"}
 
 
-def plot_metrics(output_dir: str | Path, out: str | Path | None = None) -> Path:
-    """Write `<output_dir>/metrics.png` (or `out`); returns its path."""
+def plot_metrics(output_dir: str | Path, records: list[dict[str, Any]], out: str | Path | None = None) -> Path:
+    """Write `<output_dir>/metrics.png` (or `out`) of the run's metrics `records`; returns its path."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
 
-    records = read_metrics(output_dir)
     if not records:
         raise ValueError(f"{output_dir}/metrics.jsonl: no records")
     names = sorted({k for r in records for k in r if k not in SKIP and not k.startswith("lr/")})
