@@ -2,9 +2,19 @@
 
 A plugin is a module (or object) with functions marked `@hookimpl` whose names are
 hook names below. An implementation may accept any subset of a hook's arguments, by
-name. The engine calls hooks only through `framework.manager.PluginHooks`, which
-keeps every result keyed by the plugin that returned it; never rely on the order in
-which plugins are called.
+name. The engine calls hooks only through `framework.manager.PluginHooks`, which calls
+each plugin's implementation itself and keeps every result keyed by the plugin that
+returned it; never rely on the order in which plugins are called. (So pluggy's
+`hookwrapper`/`wrapper`, `tryfirst` and `trylast` have no meaning here: the manager refuses
+them in one line.)
+
+Scoped arguments: besides what a hook says, every hook but `config_schema` may ask for
+`cfg`, the plugin's *own* validated recipe section (`plugins.<name>:`, an instance of the
+class its `config_schema` returned), and the hooks that see modules for `own`, the
+plugin's *own* modules (`{name: module}` from its `build_modules`, an `nn.ModuleDict`).
+A plugin needs nothing else to find its settings and weights, and never looks another
+plugin up by name: it asks the recipe (`Recipe.providers`) or the encoder (`encoder`,
+`ctx.encoder`: `num_features` is the width of `Encoding.h`).
 
 Loss terms: `regularize` and `auxiliary_head` return `{term: tensor}`; the engine
 names each `<plugin>.<term>` (e.g. `kl.kl`, `aavae.recon`), multiplies it by the
@@ -24,9 +34,8 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from framework.model import StepContext
-    from framework.recipe import Recipe
-    from framework.types import Encoding, PluginConfig, View
+    from framework.recipe.schema import Recipe
+    from framework.types import Encoding, PluginConfig, StepContext, View
 
 PROJECT = "augssl"
 hookspec = pluggy.HookspecMarker(PROJECT)
@@ -54,15 +63,23 @@ def config_schema() -> type[PluginConfig]:
 
 
 @hookspec
-def build_modules(config: Recipe) -> dict[str, nn.Module]:
+def build_modules(config: Recipe, cfg: PluginConfig, encoder: nn.Module | None) -> dict[str, nn.Module]:
     """Create the plugin's trainable (or EMA) modules.
 
     Called once, before `accelerator.prepare()`. The modules are attached to the one
     root module under `modules[<plugin name>][<module name>]`, so they are trained,
     wrapped by DDP/DeepSpeed and checkpointed with everything else.
 
-    :param config: The validated recipe; the plugin's own section is
-        `config.plugins["<plugin name>"]`.
+    The plugin that implements `encode` is built first and must return its encoder as
+    `"encoder"`, a module whose `num_features` (an int, as in timm) is the width of the
+    pooled features `Encoding.h` it returns. It may also give the encoder an
+    `export_metadata` attribute (`{str: str}`), written into `augssl export`'s file.
+
+    :param config: The validated recipe.
+    :param cfg: This plugin's own section of it.
+    :param encoder: The run's encoder (already built), for every plugin but the encoder's
+        own: heads size themselves with `encoder.num_features`; an EMA target may
+        `copy.deepcopy` it. None while the encoder's own plugin is built.
     :returns: `{module name: nn.Module}` (may be empty).
 
     Result mode: collect, keyed by plugin name.
@@ -70,7 +87,7 @@ def build_modules(config: Recipe) -> dict[str, nn.Module]:
 
 
 @hookspec
-def augment(config: Recipe) -> dict[str, View]:
+def augment(config: Recipe, cfg: PluginConfig) -> dict[str, View]:
     """Declare the views this plugin needs, as named per-sample transforms.
 
     Called once, when the data pipeline is built (in the main process; the returned
@@ -78,7 +95,8 @@ def augment(config: Recipe) -> dict[str, View]:
     always provides the clean view `x` (minimal preprocessing); a view named `v` by
     plugin `p` is available in the step as `ctx.views["p.v"]`.
 
-    :param config: The validated recipe.
+    :param config: The validated recipe (`config.data`: image size, channels, statistics).
+    :param cfg: This plugin's own section.
     :returns: `{view name: framework.View}`; a view may take another view as its
         `source` (full name, e.g. `"simclr.v1"`) and may return its random parameters.
 
@@ -92,7 +110,9 @@ def augment(config: Recipe) -> dict[str, View]:
 
 
 @hookspec(firstresult=True)
-def encode(modules: nn.ModuleDict, view: torch.Tensor, ctx: StepContext | None) -> Encoding:
+def encode(
+    modules: nn.ModuleDict, view: torch.Tensor, ctx: StepContext | None, cfg: PluginConfig, own: nn.ModuleDict
+) -> Encoding:
     """Encode one batch of one view.
 
     Called every step through `ctx.encode(view_name)` (cached per view name), and by
@@ -102,6 +122,8 @@ def encode(modules: nn.ModuleDict, view: torch.Tensor, ctx: StepContext | None) 
     :param modules: Every plugin's modules, `modules[<plugin>][<module>]`.
     :param view: A batch of images, (B, C, H, W), on the training device.
     :param ctx: The step context, or None outside training (feature extraction).
+    :param cfg: This plugin's own section.
+    :param own: This plugin's own modules (`own["encoder"]`, a VAE head, ...).
     :returns: A `framework.Encoding` with pooled features `h` and, when the backbone
         has a VAE head, the posterior `mu`, `logvar` and a sample `z`.
 
@@ -110,7 +132,9 @@ def encode(modules: nn.ModuleDict, view: torch.Tensor, ctx: StepContext | None) 
 
 
 @hookspec(firstresult=True)
-def decode(modules: nn.ModuleDict, encoding: Encoding, ctx: StepContext | None) -> torch.Tensor:
+def decode(
+    modules: nn.ModuleDict, encoding: Encoding, ctx: StepContext | None, cfg: PluginConfig, own: nn.ModuleDict
+) -> torch.Tensor:
     """Reconstruct images from an encoding's latent sample.
 
     Called every step through `ctx.decode(encoding)` by autoencoding plugins. At most
@@ -119,6 +143,8 @@ def decode(modules: nn.ModuleDict, encoding: Encoding, ctx: StepContext | None) 
     :param modules: Every plugin's modules.
     :param encoding: The encoding whose `z` is decoded.
     :param ctx: The step context, or None outside training.
+    :param cfg: This plugin's own section.
+    :param own: This plugin's own modules.
     :returns: The reconstruction, (B, C, H, W), in the normalised pixel space of the
         views (or logits, for a Bernoulli likelihood).
 
@@ -127,7 +153,9 @@ def decode(modules: nn.ModuleDict, encoding: Encoding, ctx: StepContext | None) 
 
 
 @hookspec
-def regularize(modules: nn.ModuleDict, ctx: StepContext) -> dict[str, torch.Tensor]:
+def regularize(
+    modules: nn.ModuleDict, ctx: StepContext, cfg: PluginConfig, own: nn.ModuleDict
+) -> dict[str, torch.Tensor]:
     """Return this plugin's terms of the training objective.
 
     Called every step inside the root module's forward. This is where a method's
@@ -135,9 +163,11 @@ def regularize(modules: nn.ModuleDict, ctx: StepContext) -> dict[str, torch.Tens
     an augmented view, CR-VAE's consistency KL, SimCLR's NT-Xent. Obtain encodings
     with `ctx.encode(view name)` and reconstructions with `ctx.decode(encoding)`.
 
-    :param modules: Every plugin's modules.
+    :param modules: Every plugin's modules (a plugin needs only `own`).
     :param ctx: The step context: `ctx.views`, `ctx.params`, `ctx.labels`,
-        `ctx.step`, `ctx.config`, `ctx.encode`, `ctx.decode`, `ctx.metrics`.
+        `ctx.step`, `ctx.config`, `ctx.encoder`, `ctx.encode`, `ctx.decode`, `ctx.metrics`.
+    :param cfg: This plugin's own section.
+    :param own: This plugin's own modules.
     :returns: `{term: scalar tensor}`, named `<plugin>.<term>` by the engine and
         weighted by the plugin's `weight`. Put metrics (not optimised) in
         `ctx.metrics["<plugin>.<name>"]` instead.
@@ -147,16 +177,20 @@ def regularize(modules: nn.ModuleDict, ctx: StepContext) -> dict[str, torch.Tens
 
 
 @hookspec
-def auxiliary_head(modules: nn.ModuleDict, ctx: StepContext) -> dict[str, torch.Tensor]:
+def auxiliary_head(
+    modules: nn.ModuleDict, ctx: StepContext, cfg: PluginConfig, own: nn.ModuleDict
+) -> dict[str, torch.Tensor]:
     """Return the loss terms of an auxiliary head attached to any base method.
 
     Called every step inside the root module's forward, after every `regularize`.
     Examples: the affine-transform prediction head, an online linear probe on
     detached features.
 
-    :param modules: Every plugin's modules.
+    :param modules: Every plugin's modules (a plugin needs only `own`).
     :param ctx: The step context (see `regularize`); encodings already computed for
         a view are reused.
+    :param cfg: This plugin's own section.
+    :param own: This plugin's own modules.
     :returns: `{term: scalar tensor}`, named and weighted as for `regularize`.
 
     Result mode: collect, keyed by plugin name.
@@ -169,15 +203,20 @@ def auxiliary_head(modules: nn.ModuleDict, ctx: StepContext) -> dict[str, torch.
 
 
 @hookspec
-def on_train_step_end(modules: nn.ModuleDict, step: int, config: Recipe) -> None:
+def on_train_step_end(
+    modules: nn.ModuleDict, step: int, config: Recipe, cfg: PluginConfig, own: nn.ModuleDict, encoder: nn.Module
+) -> None:
     """React to a completed optimizer step (e.g. BYOL's EMA target update).
 
     Called after each optimizer step (not after accumulation micro-steps), on every
     rank, outside autograd (`torch.no_grad()`), with the unwrapped modules.
 
-    :param modules: Every plugin's modules.
+    :param modules: Every plugin's modules (a plugin needs only `own`).
     :param step: The number of optimizer steps completed, 1 after the first.
     :param config: The validated recipe.
+    :param cfg: This plugin's own section.
+    :param own: This plugin's own modules.
+    :param encoder: The run's encoder (the online network, for an EMA).
     :returns: Nothing.
 
     Result mode: collect; results are ignored.

@@ -2,9 +2,12 @@
 
 `PluginHooks` registers exactly the plugins a recipe names (built-ins by name from
 `plugins/`, third-party ones through the `augssl` entry-point group), checks them
-against `framework.hookspecs`, and offers one typed method per hook. Results of
-collect hooks come back as `{plugin name: result}`, so nothing depends on the order
-pluggy calls plugins in. Every error names the plugin and the hook.
+against `framework.hookspecs`, and offers one typed method per hook. It calls each
+plugin's implementation itself, with the arguments the implementation asks for, its own
+recipe section (`cfg`) and modules (`own`) among them; results of collect hooks come back
+as `{plugin name: result}`, so nothing depends on the order plugins are called in. Hence
+pluggy's call-order and wrapping markers (`hookwrapper`, `wrapper`, `tryfirst`, `trylast`)
+are refused at registration, in one line. Every error names the plugin and the hook.
 """
 
 from __future__ import annotations
@@ -20,11 +23,10 @@ import torch
 from torch import nn
 
 from framework import hookspecs
-from framework.types import Encoding, PluginConfig, View
+from framework.types import Encoding, PluginConfig, StepContext, View
 
 if TYPE_CHECKING:
-    from framework.model import StepContext
-    from framework.recipe import Recipe
+    from framework.recipe.schema import Recipe
 
 ENTRY_POINT_GROUP = hookspecs.PROJECT
 
@@ -86,47 +88,62 @@ class PluginHooks:
                 self.pm.register(plugin, name=name)
             except pluggy.PluginValidationError as exc:
                 raise PluginError(f"plugin {name!r}: {_one_line(exc)}") from exc
-        for hook, caller in vars(self.pm.hook).items():  # what check_pending() rejects, named by plugin
-            if isinstance(caller, pluggy.HookCaller) and caller.spec is None:
-                for impl in caller.get_hookimpls():
-                    if not impl.optionalhook:
-                        known = ", ".join(n for n in vars(hookspecs) if hasattr(getattr(hookspecs, n), "augssl_spec"))
-                        raise PluginError(f"plugin {impl.plugin_name!r}: unknown hook {hook!r} (hooks: {known})")
-        self.pm.check_pending()
+        self._check_implementations()
         self.names = list(plugins)
-        self._encoder = self._single_provider("encode", required=require_encoder)
-        self._decoder = self._single_provider("decode", required=False)
+        self.encoder_plugin = self._single_provider("encode", required=require_encoder)
+        self.decoder_plugin = self._single_provider("decode", required=False)
 
-    def _single_provider(self, hook: str, required: bool) -> Callable[..., Any] | None:
-        impls = getattr(self.pm.hook, hook).get_hookimpls()
-        providers = [impl.plugin_name for impl in impls]
+    def _check_implementations(self) -> None:
+        """Unknown hooks and pluggy's ordering/wrapping markers, named by plugin (before check_pending)."""
+        known = ", ".join(n for n in vars(hookspecs) if hasattr(getattr(hookspecs, n), "augssl_spec"))
+        for hook, caller in vars(self.pm.hook).items():
+            if not isinstance(caller, pluggy.HookCaller):
+                continue
+            for impl in caller.get_hookimpls():
+                if caller.spec is None and not impl.optionalhook:
+                    raise PluginError(f"plugin {impl.plugin_name!r}: unknown hook {hook!r} (hooks: {known})")
+                marks = [m for m in ("hookwrapper", "wrapper", "tryfirst", "trylast") if getattr(impl, m, False)]
+                if marks:
+                    raise PluginError(
+                        f"plugin {impl.plugin_name!r}, hook {hook!r}: @hookimpl({marks[0]}=True) is not supported: "
+                        "augssl calls every plugin's implementation itself, in no set order (see docs/plugins.md)"
+                    )
+        self.pm.check_pending()
+
+    def _single_provider(self, hook: str, required: bool) -> str | None:
+        providers = [impl.plugin_name for impl in getattr(self.pm.hook, hook).get_hookimpls()]
         if len(providers) > 1 or (required and not providers):
             need = "exactly one plugin" if required else "at most one plugin"
             raise PluginError(
                 f"hook {hook!r}: {need} may implement it, found {len(providers)}: {providers or 'none'}"
             )
-        return self._bind(hook, impls[0]) if impls else None
+        return providers[0] if providers else None
+
+    def _impls(self, hook: str, plugin: str | None = None) -> list[pluggy.HookImpl]:
+        impls = getattr(self.pm.hook, hook).get_hookimpls()
+        return [impl for impl in impls if plugin is None or impl.plugin_name == plugin]
 
     @staticmethod
-    def _bind(hook: str, impl: pluggy.HookImpl) -> Callable[..., Any]:
+    def _call(hook: str, impl: pluggy.HookImpl, **kwargs: Any) -> Any:
         """Call one implementation with the arguments it asks for; errors name it."""
+        try:
+            return impl.function(*[kwargs[arg] for arg in impl.argnames])
+        except PluginError:
+            raise
+        except Exception as exc:
+            raise PluginError(f"plugin {impl.plugin_name!r}, hook {hook!r}: {type(exc).__name__}: {exc}") from exc
 
-        def call(**kwargs: Any) -> Any:
-            try:
-                return impl.function(*[kwargs[arg] for arg in impl.argnames])
-            except PluginError:
-                raise
-            except Exception as exc:
-                raise PluginError(
-                    f"plugin {impl.plugin_name!r}, hook {hook!r}: {type(exc).__name__}: {exc}"
-                ) from exc
-
-        return call
-
-    def _collect(self, hook: str, expect: type | tuple[type, ...] | None, **kwargs: Any) -> dict[str, Any]:
+    def _collect(
+        self,
+        hook: str,
+        expect: type | tuple[type, ...] | None,
+        scope: Callable[[str], dict[str, Any]] = lambda name: {},
+        **kwargs: Any,
+    ) -> dict[str, Any]:
+        """`{plugin: result}` of every implementation; `scope(plugin)` adds its `cfg`/`own` arguments."""
         results = {}
-        for impl in getattr(self.pm.hook, hook).get_hookimpls():
-            result = self._bind(hook, impl)(**kwargs)
+        for impl in self._impls(hook):
+            result = self._call(hook, impl, **kwargs, **scope(impl.plugin_name))
             if expect is not None and not isinstance(result, expect):
                 raise PluginError(
                     f"plugin {impl.plugin_name!r}, hook {hook!r}: returned {type(result).__name__}, "
@@ -134,6 +151,16 @@ class PluginHooks:
                 )
             results[impl.plugin_name] = result
         return results
+
+    @staticmethod
+    def _scope(config: Recipe, modules: nn.ModuleDict | None = None) -> Callable[[str], dict[str, Any]]:
+        """A plugin's scoped arguments: its own section `cfg` and (with `modules`) its own modules `own`."""
+
+        def scope(name: str) -> dict[str, Any]:
+            own = modules[name] if modules is not None and name in modules else nn.ModuleDict()
+            return {"cfg": config.plugins.get(name), "own": own}
+
+        return scope
 
     # -- start-up -----------------------------------------------------------------------
 
@@ -145,17 +172,40 @@ class PluginHooks:
         return {name: schemas.get(name, PluginConfig) for name in self.names}
 
     def build_modules(self, config: Recipe) -> dict[str, dict[str, nn.Module]]:
-        built = self._collect("build_modules", dict, config=config)
+        """Every plugin's modules, the encoder's plugin first; the others receive its `encoder`."""
+        scope = self._scope(config)
+        built: dict[str, dict[str, nn.Module]] = {}
+        encoder = None
+        if self.encoder_plugin is not None:
+            first = self._impls("build_modules", self.encoder_plugin)
+            own = self._call("build_modules", first[0], config=config, encoder=None, **scope(self.encoder_plugin)) if first else {}
+            encoder = self._check_encoder(own)
+            built[self.encoder_plugin] = own
+        for impl in self._impls("build_modules"):
+            if impl.plugin_name != self.encoder_plugin:
+                built[impl.plugin_name] = self._call("build_modules", impl, config=config, encoder=encoder, **scope(impl.plugin_name))
         for plugin, modules in built.items():
+            if not isinstance(modules, dict):
+                raise PluginError(f"plugin {plugin!r}, hook 'build_modules': returned {type(modules).__name__}, expected dict")
             for key, module in modules.items():
                 if not isinstance(module, nn.Module):
                     raise PluginError(f"plugin {plugin!r}, hook 'build_modules': {key!r} is not an nn.Module")
         return built
 
+    def _check_encoder(self, own: Any) -> nn.Module:
+        where = f"plugin {self.encoder_plugin!r}, hook 'build_modules'"
+        encoder = own.get("encoder") if isinstance(own, dict) else None
+        if not isinstance(encoder, nn.Module):
+            raise PluginError(f"{where}: the plugin that implements 'encode' must return its encoder as 'encoder'")
+        width = getattr(encoder, "num_features", None)
+        if not isinstance(width, int) or isinstance(width, bool) or width <= 0:
+            raise PluginError(f"{where}: the encoder needs `num_features`, the width of Encoding.h (got {width!r})")
+        return encoder
+
     def augment(self, config: Recipe) -> dict[str, View]:
         """All views, by full name `<plugin>.<view>`."""
         views: dict[str, View] = {}
-        for plugin, named in self._collect("augment", dict, config=config).items():
+        for plugin, named in self._collect("augment", dict, self._scope(config), config=config).items():
             for key, view in named.items():
                 if not isinstance(view, View):
                     raise PluginError(f"plugin {plugin!r}, hook 'augment': view {key!r} is not a framework.View")
@@ -164,23 +214,28 @@ class PluginHooks:
 
     # -- every step ---------------------------------------------------------------------
 
-    def encode(self, modules: nn.ModuleDict, view: torch.Tensor, ctx: StepContext | None) -> Encoding:
-        assert self._encoder is not None
-        return self._encoder(modules=modules, view=view, ctx=ctx)
+    def encode(self, modules: nn.ModuleDict, view: torch.Tensor, ctx: StepContext | None, config: Recipe) -> Encoding:
+        """The encoding of `view` by the one `encode` provider."""
+        assert self.encoder_plugin is not None
+        (impl,) = self._impls("encode")
+        return self._call("encode", impl, modules=modules, view=view, ctx=ctx, **self._scope(config, modules)(impl.plugin_name))
 
-    def decode(self, modules: nn.ModuleDict, encoding: Encoding, ctx: StepContext | None) -> torch.Tensor:
-        if self._decoder is None:
-            raise PluginError("hook 'decode': no plugin provides a decoder (set plugins.backbones.decoder)")
-        return self._decoder(modules=modules, encoding=encoding, ctx=ctx)
+    def decode(self, modules: nn.ModuleDict, encoding: Encoding, ctx: StepContext | None, config: Recipe) -> torch.Tensor:
+        """The reconstruction of `encoding` by the one `decode` provider."""
+        if self.decoder_plugin is None:
+            raise PluginError("hook 'decode': no plugin of this recipe implements it (a decoder)")
+        (impl,) = self._impls("decode")
+        return self._call("decode", impl, modules=modules, encoding=encoding, ctx=ctx, **self._scope(config, modules)(impl.plugin_name))
 
     def regularize(self, modules: nn.ModuleDict, ctx: StepContext) -> dict[str, dict[str, torch.Tensor]]:
-        return self._collect("regularize", dict, modules=modules, ctx=ctx)
+        return self._collect("regularize", dict, self._scope(ctx.config, modules), modules=modules, ctx=ctx)
 
     def auxiliary_head(self, modules: nn.ModuleDict, ctx: StepContext) -> dict[str, dict[str, torch.Tensor]]:
-        return self._collect("auxiliary_head", dict, modules=modules, ctx=ctx)
+        return self._collect("auxiliary_head", dict, self._scope(ctx.config, modules), modules=modules, ctx=ctx)
 
-    def on_train_step_end(self, modules: nn.ModuleDict, step: int, config: Recipe) -> None:
-        self._collect("on_train_step_end", None, modules=modules, step=step, config=config)
+    def on_train_step_end(self, modules: nn.ModuleDict, step: int, config: Recipe, encoder: nn.Module) -> None:
+        scope = self._scope(config, modules)
+        self._collect("on_train_step_end", None, scope, modules=modules, step=step, config=config, encoder=encoder)
 
     # -- description (for `augssl plugins`) ---------------------------------------------
 

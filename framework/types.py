@@ -8,10 +8,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from framework.recipe.schema import Recipe
 
 
 class Strict(BaseModel):
@@ -27,7 +32,14 @@ class PluginConfig(Strict):
     `lr`, when set, is the learning rate of the plugin's own modules (their own optimizer
     param group, scaled and scheduled like `train.lr`); unset, they train at `train.lr`.
     Subclass it and return the subclass from the plugin's `config_schema` hook.
+
+    `provides` (a class attribute, not a recipe key) names what the plugin's terms stand for,
+    so that other plugins can ask the recipe (`Recipe.providers`) instead of naming plugins:
+    `"elbo_x"` says its terms include the reconstruction of the clean view `x` (a VAE's ELBO,
+    AAVAE's reconstruction); a section with a `likelihood` field says which one it uses.
     """
+
+    provides: ClassVar[frozenset[str]] = frozenset()
 
     weight: float = 1.0
     lr: float | None = Field(None, gt=0)
@@ -42,6 +54,9 @@ class View:
     receives that view's output tensor (e.g. the affine head transforms SimCLR's first
     view). It returns a tensor, or `(tensor, params)` where `params` is a 1-D float
     tensor of the random parameters it drew (batched as `ctx.params[name]`).
+
+    A transform with the attribute `accepts_uint8 = True` (e.g. an affine warp, for which
+    black is 0 either way) is given its source view before normalisation, as uint8.
     """
 
     transform: Callable[[Any], Any]
@@ -61,3 +76,57 @@ class Encoding:
     mu: torch.Tensor | None = None
     logvar: torch.Tensor | None = None
     z: torch.Tensor | None = None
+
+
+class StepContext:
+    """What a step's hooks share: the batch, the recipe, the encoder and cached encodings.
+
+    `views`: `{view name: (B, C, H, W)}`, with the clean view under `"x"`.
+    `params`: `{view name: (B, k)}` random parameters returned by view transforms.
+    `labels`: (B,) class labels, or -1 where unknown; only probes may use them.
+    `step`: optimizer steps completed before this one (0 on a fresh run's first step).
+    `config`: the validated recipe; a hook's own section is its `cfg` argument.
+    `encoder`: the run's encoder module (the `encode` provider's `encoder`): its
+    `num_features` is the width of `Encoding.h`; BYOL's EMA reads its weights.
+    `metrics`: a plugin may put detached scalars here (`"<plugin>.<name>"`); they are
+    logged, never optimised.
+    `preview`: True on the steps whose images the engine saves (`train.preview_every`);
+    then a plugin may put detached image batches (B, C, H, W), in the views' normalised
+    space, in `images` (`"<plugin>.<name>"`, e.g. a reconstruction): they are drawn
+    under the views in `<output_dir>/previews/step_<N>.png`.
+    """
+
+    def __init__(
+        self,
+        encode: Callable[[torch.Tensor, StepContext], Encoding],
+        decode: Callable[[Encoding, StepContext], torch.Tensor],
+        encoder: nn.Module,
+        config: Recipe,
+        views: dict[str, torch.Tensor],
+        params: dict[str, torch.Tensor],
+        labels: torch.Tensor | None,
+        step: int,
+        preview: bool = False,
+    ) -> None:
+        self._encode, self._decode, self.encoder, self.config = encode, decode, encoder, config
+        self.views, self.params, self.labels, self.step = views, params, labels, step
+        self.preview = preview
+        self.metrics: dict[str, torch.Tensor] = {}
+        self.images: dict[str, torch.Tensor] = {}
+        self._encodings: dict[str, Encoding] = {}
+
+    def encode(self, view: str) -> Encoding:
+        """The encoding of view `view`, computed once per step and shared by all plugins."""
+        if view not in self._encodings:
+            if view not in self.views:
+                raise KeyError(f"no view {view!r} in this batch (views: {sorted(self.views)})")
+            self._encodings[view] = self._encode(self.views[view], self)
+        return self._encodings[view]
+
+    def encode_tensor(self, images: torch.Tensor) -> Encoding:
+        """Encode images that are not a named view (e.g. transformed on the fly); not cached."""
+        return self._encode(images, self)
+
+    def decode(self, encoding: Encoding) -> torch.Tensor:
+        """Reconstruct images from `encoding.z` with the one decoder."""
+        return self._decode(encoding, self)

@@ -10,7 +10,7 @@ Term: `recon` (the engine logs it as `aavae.recon`). `likelihood` is `gaussian`
 (unit variance, `0.5 * ||x - x_hat||^2` summed over C,H,W) or `bernoulli` (BCE with
 logits against `x` mapped back to [0, 1]); both from `plugins.vae_terms`.
 
-`strength` picks the SimCLR augmentation of `framework.views.simclr_view`: "cifar"
+`strength` picks the SimCLR augmentation of `plugins.augmentations.simclr_view`: "cifar"
 (32 px), "stl" (96 px, with blur) or "mnist" (grey 28 px, our preset). Left unset it
 follows the data: 1 channel -> "mnist", >= 64 px -> "stl", else "cifar".
 
@@ -33,30 +33,23 @@ only the ELBO of its own view and its KL, see plugins/consistency.py) and with `
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 
-from framework import PluginConfig, View, hookimpl
-from framework.views import simclr_view
+from framework import PluginConfig, Recipe, StepContext, View, hookimpl
+from plugins.augmentations import Strength, infer_strength, simclr_view
 from plugins.vae_terms import reconstruction_term
 
 NAME = "aavae"
 VIEW = f"{NAME}.aug"
 
-Strength = Literal["cifar", "stl", "mnist"]
-
 
 class AAVAEConfig(PluginConfig):
+    provides: ClassVar[frozenset[str]] = frozenset({"elbo_x"})  # its recon of x stands for L_vae(x)
+
     strength: Strength | None = None  # None: from data.channels / data.image_size
     likelihood: Literal["gaussian", "bernoulli"] = "gaussian"
-
-
-def default_strength(image_size: int, channels: int) -> Strength:
-    """The `simclr_view` preset that fits the data: grey -> mnist, >= 64 px -> stl, else cifar."""
-    if channels == 1:
-        return "mnist"
-    return "stl" if image_size >= 64 else "cifar"
 
 
 @hookimpl
@@ -65,16 +58,14 @@ def config_schema() -> type[PluginConfig]:
 
 
 @hookimpl
-def augment(config) -> dict[str, View]:
-    cfg: AAVAEConfig = config.plugins[NAME]
+def augment(config: Recipe, cfg: AAVAEConfig) -> dict[str, View]:
     d = config.data
-    strength = cfg.strength or default_strength(d.image_size, d.channels)
+    strength = infer_strength(config, cfg.strength)
     return {"aug": View(simclr_view(d.image_size, d.mean, d.std, d.channels, strength))}
 
 
 @hookimpl
-def regularize(ctx) -> dict[str, torch.Tensor]:
-    cfg: AAVAEConfig = ctx.config.plugins[NAME]
+def regularize(ctx: StepContext, cfg: AAVAEConfig) -> dict[str, torch.Tensor]:
     enc = ctx.encode(VIEW)
     if enc.z is None:
         raise ValueError("the encoder has no VAE head: set plugins.backbones.latent_dim")

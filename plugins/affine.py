@@ -2,7 +2,7 @@
 
 `x1` is the view named by `source` (default the clean `"x"`; e.g. `"simclr.v1"` or
 `"aavae.aug"` to use a base method's augmented view). This plugin's view `affine.view`
-is `A(x1)`, `A` a random affine (`framework.views.AffineWithParams`: rotation +-90 deg,
+is `A(x1)`, `A` a random affine (`plugins.augmentations.AffineWithParams`: rotation +-90 deg,
 translation +-25 %, scale 0.7-1.3, shear +-25 deg, black fill) whose normalised
 6-vector `[angle/360, tx/W, ty/H, scale, shear_x/25, shear_y/25]` is the target.
 
@@ -15,8 +15,8 @@ translation +-25 %, scale 0.7-1.3, shear +-25 deg, black fill) whose normalised
 `components` switches target components off (they are also held at identity in `A`);
 the head keeps 6 outputs so every parameter is used (DDP) whatever the subset. The
 term is `mse` (logged `affine.mse`), multiplied by `weight` (METHODS.md: 1 for SimCLR
-and BYOL, 10 for Barlow Twins). The head's input size is `feature_dim`, or derived
-from `plugins.backbones.encoder` when that is set.
+and BYOL, 10 for Barlow Twins). The head's input size is the encoder's `num_features`
+(twice that for "concat").
 """
 
 from __future__ import annotations
@@ -29,22 +29,17 @@ from pydantic import Field, field_validator
 from torch import nn
 from torch.nn import functional as F
 
-from framework import PluginConfig, View, at_least_float32, hookimpl
-from framework.views import AFFINE_COMPONENTS, AffineWithParams
-from plugins.backbones import feature_dim
+from framework import PluginConfig, Recipe, StepContext, View, at_least_float32, hookimpl
+from plugins.augmentations import AFFINE_COMPONENTS, AffineWithParams
 
 NAME = "affine"
 VIEW = f"{NAME}.view"
-
-# Pooled feature size of each `backbones` encoder (its `h`).
-
 
 class AffineConfig(PluginConfig):
     source: str = "x"  # full name of the view x1 that A transforms
     components: list[str] = Field(default_factory=lambda: list(AFFINE_COMPONENTS))
     aggregation: Literal["diff", "concat"] = "diff"
     hidden: int = Field(512, gt=0)
-    feature_dim: int | None = Field(None, gt=0)  # None: from plugins.backbones.encoder
 
     @field_validator("components")
     @classmethod
@@ -87,15 +82,13 @@ def config_schema() -> type[PluginConfig]:
 
 
 @hookimpl
-def build_modules(config) -> dict[str, nn.Module]:
-    cfg: AffineConfig = config.plugins[NAME]
-    dim = feature_dim(config, config.plugins[NAME].feature_dim)
+def build_modules(cfg: AffineConfig, encoder: nn.Module) -> dict[str, nn.Module]:
+    dim = encoder.num_features
     return {"head": make_head(dim if cfg.aggregation == "diff" else 2 * dim, cfg.hidden)}
 
 
 @hookimpl
-def augment(config) -> dict[str, View]:
-    cfg: AffineConfig = config.plugins[NAME]
+def augment(config: Recipe, cfg: AffineConfig) -> dict[str, View]:
     owner = cfg.source.split(".", 1)[0]
     if cfg.source != "x" and (owner == NAME or owner not in config.plugins):
         raise ValueError(
@@ -106,11 +99,10 @@ def augment(config) -> dict[str, View]:
 
 
 @hookimpl
-def auxiliary_head(modules, ctx) -> dict[str, torch.Tensor]:
-    cfg: AffineConfig = ctx.config.plugins[NAME]
+def auxiliary_head(ctx: StepContext, cfg: AffineConfig, own: nn.ModuleDict) -> dict[str, torch.Tensor]:
     r1 = ctx.encode(cfg.source).h
     r2 = ctx.encode(VIEW).h
-    pred = modules[NAME]["head"](aggregate(r1, r2, cfg.aggregation))
+    pred = own["head"](aggregate(r1, r2, cfg.aggregation))
     idx = _component_index_on(tuple(cfg.components), pred.device)
     pred, target = at_least_float32(pred), at_least_float32(ctx.params[VIEW])  # never cast the target down
     return {"mse": F.mse_loss(pred.index_select(1, idx), target.index_select(1, idx))}

@@ -3,7 +3,8 @@
 Encoders: torchvision ResNet-18/50 with the CIFAR stem (3x3 conv, stride 1, no
 max-pool) for 32 px or the STL stem (7x7 conv, stride 2, no max-pool) for 96 px
 (METHODS.md section 2), and `conv28`, a small conv net for 28-px grey images.
-`h` is the pooled encoder output (512 / 2048 / 256-d): what the linear probe sees.
+`h` is the pooled encoder output (512 / 2048 / 256-d, the encoder's `num_features`): what
+the linear probe sees and what every head sizes itself by.
 
 VAE head (when `latent_dim` is set): Linear(h,h)+BN+ReLU, then two bias-free Linear
 layers for `mu` and `logvar`; `logvar` is clamped to `logvar_range` (without a KL
@@ -21,25 +22,9 @@ import torch
 import torchvision
 from torch import nn
 
-from framework import Encoding, PluginConfig, at_least_float32, full_precision, hookimpl
+from framework import Encoding, PluginConfig, Recipe, at_least_float32, full_precision, hookimpl
 
 NAME = "backbones"
-FEATURE_DIMS = {"resnet18": 512, "resnet50": 2048, "conv28": 256}
-
-
-def feature_dim(config, explicit: int | None = None) -> int:
-    """The size of the pooled features `h` that heads of other plugins receive.
-
-    `explicit` (a plugin's own `feature_dim` setting) wins; else it is looked up from
-    `plugins.backbones.encoder`. A third-party encoder needs the explicit setting.
-    """
-    if explicit is not None:
-        return explicit
-    encoder = getattr(config.plugins.get(NAME), "encoder", None)
-    if encoder not in FEATURE_DIMS:
-        raise ValueError(f"cannot infer the feature size of encoder {encoder!r}: set feature_dim in the plugin's section")
-    return FEATURE_DIMS[encoder]
-
 
 class BackbonesConfig(PluginConfig):
     encoder: Literal["resnet18", "resnet50", "conv28"]
@@ -55,12 +40,17 @@ class BackbonesConfig(PluginConfig):
 
 
 def resnet_encoder(arch: str, stem: str, channels: int) -> nn.Module:
-    """A torchvision ResNet whose forward returns the pooled features (fc removed)."""
+    """A torchvision ResNet whose forward returns the pooled features (fc removed).
+
+    Its state dict has torchvision's own keys, so an exported file loads strictly into
+    `resnet_encoder(arch, stem, channels)` or into torchvision's ResNet with the same stem.
+    """
     net = getattr(torchvision.models, arch)(weights=None)
     if stem == "cifar":
         net.conv1 = nn.Conv2d(channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
     else:
         net.conv1 = nn.Conv2d(channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
+    net.num_features = net.fc.in_features
     net.maxpool = nn.Identity()
     net.fc = nn.Identity()
     return net
@@ -72,11 +62,25 @@ def conv28_encoder(channels: int) -> nn.Module:
     def block(cin: int, cout: int, stride: int) -> list[nn.Module]:
         return [nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
 
-    return nn.Sequential(
+    net = nn.Sequential(
         *block(channels, 32, 1), *block(32, 64, 2), *block(64, 128, 2),
         nn.Conv2d(128, 256, 1, bias=False), nn.BatchNorm2d(256), nn.ReLU(inplace=True),
         nn.AdaptiveAvgPool2d(1), nn.Flatten(),
     )  # fmt: skip
+    net.num_features = 256
+    return net
+
+
+def build_encoder(cfg: BackbonesConfig, channels: int) -> nn.Module:
+    """The recipe's encoder, with `num_features` and the `export_metadata` of `augssl export`."""
+    resnet = cfg.encoder.startswith("resnet")
+    encoder = resnet_encoder(cfg.encoder, cfg.stem, channels) if resnet else conv28_encoder(channels)
+    encoder.export_metadata = {
+        "arch": cfg.encoder,
+        "stem": cfg.stem if resnet else "conv28",
+        "key_names": "torchvision" if resnet else "augssl conv28",
+    }
+    return encoder
 
 
 class VAEHead(nn.Module):
@@ -203,16 +207,12 @@ def config_schema() -> type[PluginConfig]:
 
 
 @hookimpl
-def build_modules(config) -> dict[str, nn.Module]:
-    cfg: BackbonesConfig = config.plugins[NAME]
+def build_modules(config: Recipe, cfg: BackbonesConfig) -> dict[str, nn.Module]:
     channels, size = config.data.channels, config.data.image_size
-    if cfg.encoder == "conv28":
-        encoder = conv28_encoder(channels)
-    else:
-        encoder = resnet_encoder(cfg.encoder, cfg.stem, channels)
+    encoder = build_encoder(cfg, channels)
     modules: dict[str, nn.Module] = {"encoder": encoder}
     if cfg.latent_dim is not None:
-        modules["head"] = VAEHead(FEATURE_DIMS[cfg.encoder], cfg.latent_dim, cfg.logvar_range)
+        modules["head"] = VAEHead(encoder.num_features, cfg.latent_dim, cfg.logvar_range)
     if cfg.decoder is not None:
         if cfg.latent_dim is None:
             raise ValueError("plugins.backbones.decoder needs plugins.backbones.latent_dim")
@@ -224,8 +224,7 @@ def build_modules(config) -> dict[str, nn.Module]:
 
 
 @hookimpl
-def encode(modules, view: torch.Tensor) -> Encoding:
-    own = modules[NAME]
+def encode(own: nn.ModuleDict, view: torch.Tensor) -> Encoding:
     h = own["encoder"](view)
     if "head" not in own:
         return Encoding(h=h)
@@ -235,9 +234,9 @@ def encode(modules, view: torch.Tensor) -> Encoding:
 
 
 @hookimpl
-def decode(modules, encoding: Encoding) -> torch.Tensor:
-    if "decoder" not in modules[NAME]:
+def decode(own: nn.ModuleDict, encoding: Encoding) -> torch.Tensor:
+    if "decoder" not in own:
         raise ValueError("no decoder configured: set plugins.backbones.decoder")
     if encoding.z is None:
         raise ValueError("the encoding has no latent z: set plugins.backbones.latent_dim")
-    return modules[NAME]["decoder"](encoding.z)
+    return own["decoder"](encoding.z)

@@ -20,10 +20,18 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from framework import PluginConfig, View, at_least_float32, full_precision, hookimpl
-from framework.distributed import gather_with_grad
-from plugins.backbones import feature_dim
-from plugins.simclr import Strength, mlp, two_views
+from framework import (
+    PluginConfig,
+    Recipe,
+    StepContext,
+    View,
+    at_least_float32,
+    full_precision,
+    gather_with_grad,
+    hookimpl,
+)
+from plugins.augmentations import Strength, two_views
+from plugins.heads import mlp
 
 NAME = "barlow"
 
@@ -35,9 +43,6 @@ class BarlowConfig(PluginConfig):
     )  # paper: 8192 on ImageNet; 2048 is the common CIFAR size
     proj_output_dim: int = Field(2048, gt=0)
     eps: float = Field(1e-5, ge=0)  # added to the variance when normalising (BatchNorm1d's default)
-    feature_dim: int | None = Field(
-        None, gt=0
-    )  # backbone's h size; None: from plugins.backbones.encoder
     strength: Strength | None = None  # simclr_view preset; None: inferred from the data
 
 
@@ -80,21 +85,18 @@ def config_schema() -> type[PluginConfig]:
 
 
 @hookimpl
-def build_modules(config) -> dict[str, nn.Module]:
-    cfg: BarlowConfig = config.plugins[NAME]
-    h = feature_dim(config, cfg.feature_dim)
-    return {"projector": mlp(h, cfg.proj_hidden_dim, cfg.proj_output_dim, layers=3)}
+def build_modules(cfg: BarlowConfig, encoder: nn.Module) -> dict[str, nn.Module]:
+    return {"projector": mlp(encoder.num_features, cfg.proj_hidden_dim, cfg.proj_output_dim, layers=3)}
 
 
 @hookimpl
-def augment(config) -> dict[str, View]:
-    return two_views(config, config.plugins[NAME].strength)
+def augment(config: Recipe, cfg: BarlowConfig) -> dict[str, View]:
+    return two_views(config, cfg.strength)
 
 
 @hookimpl
-def regularize(modules, ctx) -> dict[str, torch.Tensor]:
-    cfg: BarlowConfig = ctx.config.plugins[NAME]
-    projector = modules[NAME]["projector"]
+def regularize(ctx: StepContext, cfg: BarlowConfig, own: nn.ModuleDict) -> dict[str, torch.Tensor]:
+    projector = own["projector"]
     z1 = projector(ctx.encode(f"{NAME}.v1").h)
     z2 = projector(ctx.encode(f"{NAME}.v2").h)
     return {"loss": barlow_twins_loss(z1, z2, cfg.lambda_offdiag, cfg.eps)}

@@ -2,13 +2,13 @@
 
 Online network: the backbone encoder (through `ctx.encode`), `projector`, `predictor`
 (each Linear + BatchNorm1d + ReLU + Linear; BYOL paper: hidden 4096, output 256).
-Target network (`modules["byol"]["target"]`): a separate copy of the backbone encoder
-and of the projector, `requires_grad=False`, so the engine's optimizer never sees it;
-it is built before `accelerator.prepare()` and therefore checkpointed with the root
-module. Because `build_modules` cannot see the backbone's instance, the target is
-built with the backbone plugin's own `build_modules` and filled with the online
-weights on the first forward (step 0); its buffer `initialised` records that, so a
-resumed run keeps the target it loaded.
+Target network (`own["target"]`): a copy of the run's encoder (`copy.deepcopy` of the
+`encoder` that `build_modules` receives, whatever plugin provides it) and of the
+projector, `requires_grad=False`, so the engine's optimizer never sees it; it is built
+before `accelerator.prepare()` and therefore checkpointed with the root module. It is
+filled with the online weights on the first forward (step 0), after any change the
+engine made to the online modules (SyncBatchNorm, compilation); its buffer `initialised`
+records that, so a resumed run keeps the target it loaded.
 
 Loss (term `loss`): `2 - 2 cos(q(v1), z'(v2)) + 2 - 2 cos(q(v2), z'(v1))`, each
 direction averaged over the batch and the two directions **summed**, as in the BYOL
@@ -26,17 +26,24 @@ as in the BYOL paper); they are copied from the online network only at initialis
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
 from pydantic import Field
 from torch import nn
 
-from framework import PluginConfig, View, at_least_float32, hookimpl
-from framework.distributed import full_parameters
-from plugins import backbones
-from plugins.backbones import feature_dim
-from plugins.simclr import Strength, mlp, two_views
+from framework import (
+    PluginConfig,
+    Recipe,
+    StepContext,
+    View,
+    at_least_float32,
+    full_parameters,
+    hookimpl,
+)
+from plugins.augmentations import Strength, two_views
+from plugins.heads import mlp
 
 NAME = "byol"
 
@@ -47,9 +54,6 @@ class BYOLConfig(PluginConfig):
     pred_hidden_dim: int = Field(4096, gt=0)  # BYOL paper
     base_momentum: float = Field(0.996, ge=0, le=1)  # BYOL paper: tau_base
     final_momentum: float = Field(1.0, ge=0, le=1)  # BYOL paper: tau increased to 1
-    feature_dim: int | None = Field(
-        None, gt=0
-    )  # backbone's h size; None: from plugins.backbones.encoder
     strength: Strength | None = None  # simclr_view preset; None: inferred from the data
 
 
@@ -66,13 +70,10 @@ class Target(nn.Module):
         return self.projector(self.encoder(x))
 
 
-def online_pairs(modules) -> list[tuple[nn.Module, nn.Module]]:
-    """(target part, online part) pairs: the encoder and the projector."""
-    target = modules[NAME]["target"]
-    return [
-        (target.encoder, modules["backbones"]["encoder"]),
-        (target.projector, modules[NAME]["projector"]),
-    ]
+def online_pairs(own: nn.ModuleDict, encoder: nn.Module) -> list[tuple[nn.Module, nn.Module]]:
+    """(target part, online part) pairs: the run's encoder and this plugin's projector."""
+    target = own["target"]
+    return [(target.encoder, encoder), (target.projector, own["projector"])]
 
 
 def momentum_at(step: int, steps: int, base: float = 0.996, final: float = 1.0) -> float:
@@ -89,15 +90,14 @@ def ema_update(target: nn.Module, online: nn.Module, tau: float) -> None:
 
 
 @torch.no_grad()
-def initialise_target(modules) -> None:
+def initialise_target(own: nn.ModuleDict, encoder: nn.Module) -> None:
     """Copy the online weights (parameters and buffers) into the target unless it already holds some.
 
     Uses `torch.where` on the `initialised` flag, so no value is read back to the host; under
     ZeRO-3 on the gathered parameters (`full_parameters`), which are empty placeholders otherwise.
     """
-    target = modules[NAME]["target"]
-    done = target.initialised
-    for t_part, o_part in online_pairs(modules):
+    done = own["target"].initialised
+    for t_part, o_part in online_pairs(own, encoder):
         with full_parameters(t_part, o_part, modify=True):
             online = o_part.state_dict()
             for name, value in t_part.state_dict().items():
@@ -122,31 +122,26 @@ def config_schema() -> type[PluginConfig]:
 
 
 @hookimpl
-def build_modules(config) -> dict[str, nn.Module]:
-    cfg: BYOLConfig = config.plugins[NAME]
-    h = feature_dim(config, cfg.feature_dim)
+def build_modules(cfg: BYOLConfig, encoder: nn.Module) -> dict[str, nn.Module]:
+    h = encoder.num_features
     projector = mlp(h, cfg.proj_hidden_dim, cfg.proj_output_dim)
     target_projector = mlp(h, cfg.proj_hidden_dim, cfg.proj_output_dim)
-    # the same constructor as the online encoder (the backbone plugin's own hook function)
-    target_encoder = backbones.build_modules(config)["encoder"]
     return {
         "projector": projector,
         "predictor": mlp(cfg.proj_output_dim, cfg.pred_hidden_dim, cfg.proj_output_dim),
-        "target": Target(target_encoder, target_projector),
+        "target": Target(copy.deepcopy(encoder), target_projector),
     }
 
 
 @hookimpl
-def augment(config) -> dict[str, View]:
-    return two_views(config, config.plugins[NAME].strength)
+def augment(config: Recipe, cfg: BYOLConfig) -> dict[str, View]:
+    return two_views(config, cfg.strength)
 
 
 @hookimpl
-def regularize(modules, ctx) -> dict[str, torch.Tensor]:
-    cfg: BYOLConfig = ctx.config.plugins[NAME]
-    own = modules[NAME]
+def regularize(ctx: StepContext, cfg: BYOLConfig, own: nn.ModuleDict) -> dict[str, torch.Tensor]:
     if ctx.step == 0:  # first forward of a fresh run (a resumed run starts at step > 0)
-        initialise_target(modules)
+        initialise_target(own, ctx.encoder)
     v1, v2 = ctx.views[f"{NAME}.v1"], ctx.views[f"{NAME}.v2"]
     p1 = own["predictor"](own["projector"](ctx.encode(f"{NAME}.v1").h))
     p2 = own["predictor"](own["projector"](ctx.encode(f"{NAME}.v2").h))
@@ -158,9 +153,8 @@ def regularize(modules, ctx) -> dict[str, torch.Tensor]:
 
 
 @hookimpl
-def on_train_step_end(modules, step: int, config) -> None:
-    cfg: BYOLConfig = config.plugins[NAME]
+def on_train_step_end(own: nn.ModuleDict, encoder: nn.Module, step: int, config: Recipe, cfg: BYOLConfig) -> None:
     tau = momentum_at(step - 1, config.train.steps, cfg.base_momentum, cfg.final_momentum)
-    for target, online in online_pairs(modules):
+    for target, online in online_pairs(own, encoder):
         with full_parameters(target, online, modify=True):  # ZeRO-3: partitioned outside forward
             ema_update(target, online, tau)

@@ -6,7 +6,7 @@ As a loss (all terms summed over pixels / latent dims, averaged over the batch):
     L_vae(v) = -log p(v | z) + beta * KL( q(z|v) || N(0, I) ),  z ~ q(z|v)
 
 with beta1 for `x` and beta2 for `t(x)`. `t(x)` is this plugin's own view
-`consistency.t` (`framework.views.crvae_affine_view`: RandomAffine preset
+`consistency.t` (`plugins.augmentations.crvae_affine_view`: RandomAffine preset
 "simple"|"large", optional `flip` and `color_jitter`). Both KLs are analytic
 (`plugins.vae_terms`) with std = exp(logvar/2) + 1e-6: the authors' code took
 exp(logvar) as the std, a bug not copied here. Gradients flow through both posteriors
@@ -26,12 +26,13 @@ Terms returned (the engine prefixes `consistency.` and multiplies each by `weigh
 * `consistency` = lambda * KL(q(z|t(x)) || q(z|x)); `consistency.kl_unweighted` is
   logged as a metric (without lambda).
 
-When `kl` is in the recipe it already provides L_vae(x) (with its own beta, schedule
-and likelihood; `beta1` is then unused), so it is not added twice. With `aavae`, the
-reconstruction of the clean `x` from AAVAE's augmented view takes the place of
-L_vae(x) (AAVAE has no KL); q(z|x) in the consistency KL is still the posterior of the
-clean `x`. `elbo_x: true|false` overrides this detection (e.g. for a third-party VAE
-plugin). `likelihood` unset follows `kl`'s, else `aavae`'s, else gaussian, so the two
+A plugin whose section declares `provides = {"elbo_x"}` already stands for L_vae(x): `kl`
+(with its own beta, schedule and likelihood; `beta1` is then unused), so it is not added
+twice, and `aavae`, whose reconstruction of the clean `x` from its augmented view takes the
+place of L_vae(x) (AAVAE has no KL); q(z|x) in the consistency KL is still the posterior of
+the clean `x`. This plugin asks the recipe (`Recipe.providers("elbo_x")`), so a third-party
+VAE plugin that declares it is detected too; `elbo_x: true|false` overrides the detection.
+`likelihood` unset follows the first such provider's `likelihood`, else gaussian, so the two
 ELBOs use one likelihood.
 
 `lambda` (recipe key `lambda`) has no default: the authors' gamma = 1e-3 multiplies a
@@ -47,16 +48,14 @@ import torch
 from pydantic import ConfigDict, Field
 from torchvision.transforms import v2
 
-from framework import Encoding, PluginConfig, View, hookimpl
-from framework.views import crvae_affine_view
+from framework import Encoding, PluginConfig, Recipe, StepContext, View, hookimpl
+from plugins.augmentations import crvae_affine_view
 from plugins.vae_terms import kl_gaussians, kl_standard_normal, reconstruction_term
 
 NAME = "consistency"
 VIEW = f"{NAME}.t"
 Likelihood = Literal["gaussian", "bernoulli"]
-
-# Plugins whose terms already stand for L_vae(x) when they are in the recipe.
-ELBO_X_PROVIDERS: tuple[str, ...] = ("kl", "aavae")
+ELBO_X = "elbo_x"  # the capability of plugins whose terms stand for L_vae(x) (PluginConfig.provides)
 
 
 class ConsistencyConfig(PluginConfig):
@@ -71,23 +70,22 @@ class ConsistencyConfig(PluginConfig):
     preset: Literal["simple", "large"] = "simple"
     flip: bool = False
     color_jitter: bool = False
-    elbo_x: bool | None = (
-        None  # None: add L_vae(x) only when no plugin of ELBO_X_PROVIDERS is present
-    )
+    elbo_x: bool | None = None  # None: add L_vae(x) only when no other plugin provides "elbo_x"
 
 
-def adds_elbo_x(cfg: ConsistencyConfig, plugins: dict) -> bool:
-    """Whether this plugin returns L_vae(x) (`recon_x`, `kl_x`) for a recipe with `plugins`."""
+def adds_elbo_x(cfg: ConsistencyConfig, recipe: Recipe) -> bool:
+    """Whether this plugin returns L_vae(x) (`recon_x`, `kl_x`) in `recipe`."""
     if cfg.elbo_x is not None:
         return cfg.elbo_x
-    return not any(name in plugins for name in ELBO_X_PROVIDERS)
+    return not [name for name in recipe.providers(ELBO_X) if name != NAME]
 
 
-def likelihood_of(cfg: ConsistencyConfig, plugins: dict) -> Likelihood:
+def likelihood_of(cfg: ConsistencyConfig, recipe: Recipe) -> Likelihood:
+    """`likelihood`, else that of the first plugin providing L_vae(x) that has one, else gaussian."""
     if cfg.likelihood is not None:
         return cfg.likelihood
-    for name in ELBO_X_PROVIDERS:
-        other = getattr(plugins.get(name), "likelihood", None)
+    for name in recipe.providers(ELBO_X):
+        other = getattr(recipe.plugins[name], "likelihood", None)
         if other is not None:
             return other
     return "gaussian"
@@ -99,8 +97,7 @@ def config_schema() -> type[PluginConfig]:
 
 
 @hookimpl
-def augment(config) -> dict[str, View]:
-    cfg: ConsistencyConfig = config.plugins[NAME]
+def augment(config: Recipe, cfg: ConsistencyConfig) -> dict[str, View]:
     d = config.data
     t = crvae_affine_view(
         d.image_size, d.mean, d.std, d.channels, cfg.preset, cfg.flip, cfg.color_jitter
@@ -117,14 +114,12 @@ def _posterior(enc: Encoding) -> Encoding:
 
 
 @hookimpl
-def regularize(ctx) -> dict[str, torch.Tensor]:
-    cfg: ConsistencyConfig = ctx.config.plugins[NAME]
-    plugins = ctx.config.plugins
-    likelihood = likelihood_of(cfg, plugins)
+def regularize(ctx: StepContext, cfg: ConsistencyConfig) -> dict[str, torch.Tensor]:
+    likelihood = likelihood_of(cfg, ctx.config)
     enc_x, enc_t = _posterior(ctx.encode("x")), _posterior(ctx.encode(VIEW))
 
     terms: dict[str, torch.Tensor] = {}
-    if adds_elbo_x(cfg, plugins):
+    if adds_elbo_x(cfg, ctx.config):
         terms["recon_x"] = reconstruction_term(ctx, enc_x, ctx.views["x"], likelihood, f"{NAME}.recon_x")
         terms["kl_x"] = cfg.beta1 * kl_standard_normal(enc_x.mu, enc_x.logvar)
     terms["recon_t"] = reconstruction_term(ctx, enc_t, ctx.views[VIEW], likelihood, f"{NAME}.recon_t")

@@ -7,18 +7,20 @@ is the same plugin with beta != 1; `warmup_steps` ramps beta linearly from 0, an
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from pydantic import Field
 
-from framework import PluginConfig, hookimpl
+from framework import PluginConfig, StepContext, hookimpl
 from plugins.vae_terms import kl_standard_normal, reconstruction_term
 
 NAME = "kl"
 
 
 class KLConfig(PluginConfig):
+    provides: ClassVar[frozenset[str]] = frozenset({"elbo_x"})  # recon + KL of the clean view
+
     beta: float = Field(1.0, ge=0)
     likelihood: Literal["gaussian", "bernoulli"] = "gaussian"
     warmup_steps: int = Field(0, ge=0)  # beta ramps 0 -> beta over these steps
@@ -40,12 +42,11 @@ def config_schema() -> type[PluginConfig]:
 
 
 @hookimpl
-def regularize(ctx) -> dict[str, torch.Tensor]:
-    cfg: KLConfig = ctx.config.plugins[NAME]
+def regularize(ctx: StepContext, cfg: KLConfig) -> dict[str, torch.Tensor]:
     enc = ctx.encode("x")
     if enc.mu is None:
         raise ValueError("the encoder has no VAE head: set plugins.backbones.latent_dim")
     recon = reconstruction_term(ctx, enc, ctx.views["x"], cfg.likelihood, f"{NAME}.recon")
     kl = kl_standard_normal(enc.mu, enc.logvar)
-    ctx.metrics["kl.kl_unweighted"] = kl.detach()
+    ctx.metrics[f"{NAME}.kl_unweighted"] = kl.detach()
     return {"recon": recon, "kl": beta_at(ctx.step, cfg) * kl}

@@ -20,15 +20,13 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from framework import PluginConfig, hookimpl
-from plugins.backbones import feature_dim
+from framework import PluginConfig, StepContext, hookimpl
 
 NAME = "probe"
 
 
 class ProbeConfig(PluginConfig):
     num_classes: int = Field(10, gt=1)
-    feature_dim: int | None = Field(None, gt=0)  # None: the `backbones` encoder's pooled width
     view: str = "x"  # the view whose features are probed (the clean view by default)
 
 
@@ -38,18 +36,14 @@ def config_schema() -> type[PluginConfig]:
 
 
 @hookimpl
-def build_modules(config) -> dict[str, nn.Module]:
-    cfg: ProbeConfig = config.plugins[NAME]
-    return {"linear": nn.Linear(feature_dim(config, cfg.feature_dim), cfg.num_classes)}
+def build_modules(cfg: ProbeConfig, encoder: nn.Module) -> dict[str, nn.Module]:
+    return {"linear": nn.Linear(encoder.num_features, cfg.num_classes)}
 
 
 @hookimpl
-def auxiliary_head(modules, ctx) -> dict[str, torch.Tensor]:
-    cfg: ProbeConfig = ctx.config.plugins[NAME]
-    features = (
-        ctx.encode(cfg.view).h.detach().float()
-    )  # detached: the probe never trains the encoder
-    logits = modules[NAME]["linear"](features)
+def auxiliary_head(ctx: StepContext, cfg: ProbeConfig, own: nn.ModuleDict) -> dict[str, torch.Tensor]:
+    features = ctx.encode(cfg.view).h.detach().float()  # detached: the probe never trains the encoder
+    logits = own["linear"](features)
     labels = (
         ctx.labels
         if ctx.labels is not None

@@ -1,6 +1,6 @@
 """Plugin `simclr`: SimCLR's NT-Xent over two augmented views (METHODS.md section 5).
 
-Two views `simclr.v1`, `simclr.v2` of every image (`framework.views.simclr_view`; the
+Two views `simclr.v1`, `simclr.v2` of every image (`plugins.augmentations.simclr_view`; the
 strength is the recipe's `strength` or inferred: "mnist" for grey images, "stl" for
 >= 64 px, else "cifar"). Each is encoded by the backbone (`Encoding.h`) and projected
 by Linear(h,h) + BatchNorm1d + ReLU + Linear(h, output_dim) (SimCLR paper: 128-d).
@@ -17,24 +17,26 @@ them, so are the gradients (tests/test_contrastive_distributed.py checks both).
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from framework import PluginConfig, View, at_least_float32, full_precision, hookimpl
-from framework.distributed import gather_with_grad, rank
-from framework.views import simclr_view
-from plugins.backbones import feature_dim
+from framework import (
+    PluginConfig,
+    Recipe,
+    StepContext,
+    View,
+    at_least_float32,
+    full_precision,
+    gather_with_grad,
+    hookimpl,
+    rank,
+)
+from plugins.augmentations import Strength, two_views
+from plugins.heads import mlp
 
 NAME = "simclr"
-
-# Pooled feature size `h` of the built-in encoders (plugins.backbones); other encoders
-# need the plugin's `feature_dim` set in the recipe.
-
-Strength = Literal["cifar", "stl", "mnist"]
 
 
 class SimCLRConfig(PluginConfig):
@@ -42,48 +44,9 @@ class SimCLRConfig(PluginConfig):
         0.5, gt=0
     )  # METHODS.md / SimCLR paper (CIFAR-10 best); 0.1-0.5 common
     output_dim: int = Field(128, gt=0)  # SimCLR paper: 128-d projection
-    feature_dim: int | None = Field(
-        None, gt=0
-    )  # backbone's h size; None: from plugins.backbones.encoder
     strength: Strength | None = (
         None  # simclr_view preset; None: inferred from data.channels/image_size
     )
-
-
-# ---------------------------------------------------------------------------
-# Helpers shared by the joint-embedding plugins (simclr, byol, barlow)
-# ---------------------------------------------------------------------------
-
-
-def infer_strength(config, explicit: Strength | None) -> Strength:
-    """The `simclr_view` preset: `explicit`, else mnist (grey), stl (>= 64 px) or cifar."""
-    if explicit is not None:
-        return explicit
-    if config.data.channels == 1:
-        return "mnist"
-    return "stl" if config.data.image_size >= 64 else "cifar"
-
-
-def two_views(config, strength: Strength | None) -> dict[str, View]:
-    """Two independent SimCLR-augmented views of each image, `v1` and `v2`."""
-    d = config.data
-    view = View(
-        simclr_view(d.image_size, d.mean, d.std, d.channels, infer_strength(config, strength))
-    )
-    return {"v1": view, "v2": view}
-
-
-def mlp(in_dim: int, hidden_dim: int, out_dim: int, layers: int = 2) -> nn.Sequential:
-    """`layers - 1` x (Linear + BatchNorm1d + ReLU), then Linear(hidden_dim, out_dim)."""
-    body: list[nn.Module] = []
-    for i in range(layers - 1):
-        body += [
-            nn.Linear(in_dim if i == 0 else hidden_dim, hidden_dim),
-            nn.BatchNorm1d(hidden_dim),
-            nn.ReLU(inplace=True),
-        ]
-    body.append(nn.Linear(hidden_dim if layers > 1 else in_dim, out_dim))
-    return nn.Sequential(*body)
 
 
 # ---------------------------------------------------------------------------
@@ -130,21 +93,19 @@ def config_schema() -> type[PluginConfig]:
 
 
 @hookimpl
-def build_modules(config) -> dict[str, nn.Module]:
-    cfg: SimCLRConfig = config.plugins[NAME]
-    h = feature_dim(config, cfg.feature_dim)
+def build_modules(cfg: SimCLRConfig, encoder: nn.Module) -> dict[str, nn.Module]:
+    h = encoder.num_features
     return {"projector": mlp(h, h, cfg.output_dim)}
 
 
 @hookimpl
-def augment(config) -> dict[str, View]:
-    return two_views(config, config.plugins[NAME].strength)
+def augment(config: Recipe, cfg: SimCLRConfig) -> dict[str, View]:
+    return two_views(config, cfg.strength)
 
 
 @hookimpl
-def regularize(modules, ctx) -> dict[str, torch.Tensor]:
-    cfg: SimCLRConfig = ctx.config.plugins[NAME]
-    projector = modules[NAME]["projector"]
+def regularize(ctx: StepContext, cfg: SimCLRConfig, own: nn.ModuleDict) -> dict[str, torch.Tensor]:
+    projector = own["projector"]
     z1 = projector(ctx.encode(f"{NAME}.v1").h)
     z2 = projector(ctx.encode(f"{NAME}.v2").h)
     return {"nt_xent": nt_xent(z1, z2, cfg.temperature)}

@@ -10,8 +10,7 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
-from framework import at_least_float32
-from framework.views import denormalize, normalize
+from framework import at_least_float32, denormalize, normalize
 
 
 def gaussian_nll(x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

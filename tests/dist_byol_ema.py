@@ -29,8 +29,8 @@ class RecordEMA:
         self.records: dict[int, dict[str, torch.Tensor]] = {}
 
     @hookimpl
-    def on_train_step_end(self, modules, step, config):
-        pairs = online_pairs(modules)
+    def on_train_step_end(self, modules, step, config, encoder):
+        pairs = online_pairs(modules["byol"], encoder)
         partitioned = sum(p.numel() for t, _ in pairs for p in t.parameters())  # 0 when ZeRO-3 partitions them
         with distributed.full_parameters(*(m for pair in pairs for m in pair)):
             self.records[step] = {

@@ -7,7 +7,6 @@ import torch
 from torch import nn
 
 from plugins.backbones import (
-    FEATURE_DIMS,
     Conv28Decoder,
     ResNetDecoder,
     VAEHead,
@@ -25,12 +24,13 @@ def test_resnet_encoders_pool_features(arch, stem, size):
     assert net.conv1.kernel_size == ((3, 3) if stem == "cifar" else (7, 7))
     assert net.conv1.stride == ((1, 1) if stem == "cifar" else (2, 2))
     with torch.no_grad():
-        assert net(torch.randn(2, 3, size, size)).shape == (2, FEATURE_DIMS[arch])
+        assert net(torch.randn(2, 3, size, size)).shape == (2, net.num_features)
+    assert net.num_features == {"resnet18": 512, "resnet50": 2048}[arch]  # the encoder declares its width
 
 
 def test_conv28_encoder_and_decoder():
     enc = conv28_encoder(1).eval()
-    assert enc(torch.randn(2, 1, 28, 28)).shape == (2, FEATURE_DIMS["conv28"])
+    assert enc.num_features == 256 and enc(torch.randn(2, 1, 28, 28)).shape == (2, 256)
     assert Conv28Decoder(16, 28, 1)(torch.randn(2, 16)).shape == (2, 1, 28, 28)
 
 

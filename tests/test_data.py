@@ -25,10 +25,10 @@ from framework.data import (
     tar_records,
     write_shards,
 )
-from framework.data.sources import fashion_mnist
 from framework.testing import data_section
 from framework.types import View
 from framework.views import FASHION_MNIST_STATS, clean_view
+from tests.helpers import asset_samples
 
 X = {"x": View(clean_view(28, *FASHION_MNIST_STATS, channels=1))}
 
@@ -38,7 +38,7 @@ def keys_of(loader) -> list[str]:
 
 
 def test_write_shards_round_trips_images_labels_and_manifest(tmp_path):
-    samples = list(islice(fashion_mnist(split="test"), 50))
+    samples = list(islice(asset_samples("test"), 50))
     info = write_shards(samples, str(tmp_path / "t-%04d.tar"), maxcount=20, manifest={"source": "fashion-mnist"})
     assert info["samples"] == 50 and [s["samples"] for s in info["shards"]] == [20, 20, 10]
     assert info["pattern"].endswith("t-{0000..0002}.tar") and info["source"] == "fashion-mnist"
@@ -66,7 +66,7 @@ def test_a_derived_view_gets_uint8_only_if_it_says_it_accepts_it():
     worker, deferred = split_normalize(views)
     assert set(deferred) == {"x", "aff"} and isinstance(deferred["x"], Normalize)
     sample = SampleToViews(views, channels=1)(
-        {"__key__": "k", "png": encode_image(next(fashion_mnist(split="test")).image), "cls": b"3"}
+        {"__key__": "k", "png": encode_image(next(asset_samples("test")).image), "cls": b"3"}
     )
     assert sample["views"]["x"].dtype == sample["views"]["aff"].dtype == torch.uint8
     assert sample["views"]["plain"].dtype == torch.float32
@@ -181,7 +181,7 @@ def test_a_record_level_stream_resumed_from_a_cursor_continues_exactly(tmp_path,
 
 
 def test_one_shard_over_more_ranks_than_records_and_an_endless_stream_without_records(tmp_path):
-    write_shards(islice(fashion_mnist(split="test"), 3), str(tmp_path / "one-%02d.tar"))
+    write_shards(islice(asset_samples("test"), 3), str(tmp_path / "one-%02d.tar"))
     spec = str(tmp_path / "one-00.tar")
 
     def keys(rank, epochs=1):
@@ -200,7 +200,7 @@ def _tar_member(tar, name, data: bytes):
 
 
 def test_bad_records_are_skipped_and_counted(tmp_path):
-    samples = list(islice(fashion_mnist(split="test"), 6))
+    samples = list(islice(asset_samples("test"), 6))
     write_shards(samples, str(tmp_path / "good-%02d.tar"), maxcount=10)
     png = io.BytesIO()
     samples[0].image.save(png, format="PNG")
@@ -238,7 +238,7 @@ def test_tar_records_reads_what_webdatasets_tarfile_reader_reads(tmp_path, fmt, 
 
 
 def test_truncated_and_damaged_shards_are_skipped_and_counted(tmp_path):
-    samples = list(islice(fashion_mnist(split="test"), 12))
+    samples = list(islice(asset_samples("test"), 12))
     write_shards(samples, str(tmp_path / "s-%02d.tar"), maxcount=4)  # s-00, s-01, s-02: 4 samples each
     first = (tmp_path / "s-00.tar").read_bytes()
     (tmp_path / "s-00.tar").write_bytes(first[: len(first) // 2])  # cut inside a member
@@ -259,7 +259,7 @@ def test_truncated_and_damaged_shards_are_skipped_and_counted(tmp_path):
 
 
 def test_resampled_epochs_are_cut_by_epoch_samples_and_draw_shards_per_rank(tmp_path):
-    samples = list(islice(fashion_mnist(split="test"), 12))
+    samples = list(islice(asset_samples("test"), 12))
     write_shards(samples, str(tmp_path / "r-%02d.tar"), maxcount=3)  # 4 shards of 3
     spec, dataset = f"{tmp_path}/r-{{00..03}}.tar", {s.key for s in samples}
 

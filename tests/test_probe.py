@@ -82,8 +82,8 @@ def test_probe_term_never_reaches_the_encoder(tmp_path, fmnist_shards):
     assert probe_grad.abs().sum() > 0
 
 
-def test_probe_above_chance_on_fashion_mnist(tmp_path, fmnist_shards):
-    recipe = tiny_recipe(tmp_path, fmnist_shards, plugins={"backbones": CONV28, "kl": {}, "probe": {}},
+def test_probe_above_chance_on_fashion_mnist(tmp_path, real_fmnist_shards):
+    recipe = tiny_recipe(tmp_path, real_fmnist_shards, plugins={"backbones": CONV28, "kl": {}, "probe": {}},
                          data={"batch_size": 32}, train={"log_every": 10, "lr": 3e-3})  # fmt: skip
     records = read_metrics(run_steps(recipe, steps=40))
     assert [r["step"] for r in records] == [10, 20, 30, 40]

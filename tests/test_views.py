@@ -1,4 +1,4 @@
-"""Tests for framework/views.py (METHODS.md sections 2-4)."""
+"""Tests for the clean view (framework/views.py) and the methods' augmentations (plugins/augmentations.py)."""
 
 from __future__ import annotations
 
@@ -12,15 +12,12 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
-from framework.views import (
+from framework.views import CIFAR10_STATS, FASHION_MNIST_STATS, STL10_STATS, clean_view
+from plugins.augmentations import (
     AFFINE_COMPONENTS,
-    CIFAR10_STATS,
     CRVAE_PRESETS,
-    FASHION_MNIST_STATS,
-    STL10_STATS,
     AffineParams,
     AffineWithParams,
-    clean_view,
     crvae_affine_view,
     simclr_view,
 )

@@ -9,18 +9,15 @@ as `rotation`.
 from __future__ import annotations
 
 import torch
-from pydantic import Field
 from torch import nn
 
-from framework import PluginConfig, hookimpl
-from plugins.backbones import feature_dim
+from framework import PluginConfig, StepContext, hookimpl
 
 NAME = "rotation"
 
 
 class RotationConfig(PluginConfig):
     view: str = "x"  # the view whose images are rotated
-    feature_dim: int | None = Field(None, gt=0)  # None: the backbones encoder's pooled width
 
 
 @hookimpl
@@ -29,16 +26,15 @@ def config_schema() -> type[PluginConfig]:
 
 
 @hookimpl
-def build_modules(config) -> dict[str, nn.Module]:
-    cfg: RotationConfig = config.plugins[NAME]
-    return {"head": nn.Linear(feature_dim(config, cfg.feature_dim), 4)}
+def build_modules(encoder: nn.Module) -> dict[str, nn.Module]:
+    return {"head": nn.Linear(encoder.num_features, 4)}  # any encoder declares its width
 
 
 @hookimpl
-def auxiliary_head(modules, ctx) -> dict[str, torch.Tensor]:
-    x = ctx.views[ctx.config.plugins[NAME].view]
+def auxiliary_head(ctx: StepContext, cfg: RotationConfig, own: nn.ModuleDict) -> dict[str, torch.Tensor]:
+    x = ctx.views[cfg.view]
     rotated = torch.cat([torch.rot90(x, k, dims=(2, 3)) for k in range(4)])
     target = torch.arange(4, device=x.device).repeat_interleave(len(x))
-    logits = modules[NAME]["head"](ctx.encode_tensor(rotated).h)
+    logits = own["head"](ctx.encode_tensor(rotated).h)
     ctx.metrics[f"{NAME}.acc"] = (logits.argmax(1) == target).float().mean().detach()
     return {"ce": nn.functional.cross_entropy(logits, target)}
