@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import RESULTS, write_report  # noqa: E402
 from framework.model import Model, weighted_total  # noqa: E402
-from framework.recipe import validate  # noqa: E402
+from framework.recipe.loading import validate  # noqa: E402
 from plugins.backbones import posterior_std  # noqa: E402
 from plugins.vae_terms import reconstruction_nll  # noqa: E402
 

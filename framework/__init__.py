@@ -33,8 +33,8 @@ The names below are the whole plugin API; the built-in plugins use nothing else.
 from framework.distributed import full_parameters, gather_with_grad, rank, world_size
 from framework.hookspecs import hookimpl
 from framework.precision import at_least_float32, full_precision
-from framework.recipe.schema import Recipe
-from framework.types import Encoding, PluginConfig, StepContext, View
+from framework.recipe.schema import PluginConfig, Recipe
+from framework.types import Encoding, StepContext, View
 from framework.views import ToMode, check_stats, denormalize, normalize, tensor_steps
 
 __all__ = [

@@ -34,8 +34,8 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from framework.recipe.schema import Recipe
-    from framework.types import Encoding, PluginConfig, StepContext, View
+    from framework.recipe.schema import PluginConfig, Recipe
+    from framework.types import Encoding, StepContext, View
 
 PROJECT = "augssl"
 hookspec = pluggy.HookspecMarker(PROJECT)

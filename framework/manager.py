@@ -23,7 +23,8 @@ import torch
 from torch import nn
 
 from framework import hookspecs
-from framework.types import Encoding, PluginConfig, StepContext, View
+from framework.recipe.schema import PluginConfig
+from framework.types import Encoding, StepContext, View
 
 if TYPE_CHECKING:
     from framework.recipe.schema import Recipe

@@ -1,4 +1,5 @@
-"""The values that hooks exchange: recipe sections, views and encodings.
+"""The values that hooks exchange: views, encodings and the step context (recipe sections are
+`framework.recipe.schema`'s).
 
 These are part of the public plugin API (re-exported by `framework`), and the
 built-in plugins use nothing else.
@@ -8,41 +9,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 
 if TYPE_CHECKING:
     from torch import nn
 
     from framework.recipe.schema import Recipe
-
-
-class Strict(BaseModel):
-    """A recipe section: unknown keys are errors, values are validated on assignment."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
-
-
-class PluginConfig(Strict):
-    """Base of every plugin's recipe section (`plugins.<name>:`).
-
-    `weight` multiplies every loss term the plugin returns (`total = sum(weight * term)`).
-    `lr`, when set, is the learning rate of the plugin's own modules (their own optimizer
-    param group, scaled and scheduled like `train.lr`); unset, they train at `train.lr`.
-    Subclass it and return the subclass from the plugin's `config_schema` hook.
-
-    `provides` (a class attribute, not a recipe key) names what the plugin's terms stand for,
-    so that other plugins can ask the recipe (`Recipe.providers`) instead of naming plugins:
-    `"elbo_x"` says its terms include the reconstruction of the clean view `x` (a VAE's ELBO,
-    AAVAE's reconstruction); a section with a `likelihood` field says which one it uses.
-    """
-
-    provides: ClassVar[frozenset[str]] = frozenset()
-
-    weight: float = 1.0
-    lr: float | None = Field(None, gt=0)
 
 
 @dataclass(frozen=True)

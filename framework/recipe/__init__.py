@@ -1,42 +1,22 @@
-"""YAML recipes: load, inherit (`extends:`), override from the command line, validate.
+"""YAML recipes: the sections (`schema`) and reading, inheriting, overriding and validating them (`loading`).
 
 A recipe is data: it picks plugins and their settings; behaviour lives in plugins.
 Precedence: CLI overrides > recipe > the files it extends > the defaults in `schema`.
-Every problem is a `RecipeError` with a one-line message that names the key path,
-raised before any process group, output folder or data worker exists.
+Every problem is a `RecipeError` (`framework.recipe.loading`) with a one-line message that
+names the key path, raised before any process group, output folder or data worker exists.
 
-`schema` holds the sections and `Recipe`; `loading` reads, merges and validates files.
-Code inside `framework/` imports from those submodules; this package re-exports both.
+This package re-exports the schema only: `framework.recipe.loading` builds the plugin
+manager to validate plugin sections, and the manager's own types come from the schema, so
+re-exporting the loader here would make the package import itself through the manager.
 """
 
-from framework.recipe.loading import (
-    RecipeError,
-    apply_overrides,
-    deep_merge,
-    load_raw,
-    load_recipe,
-    validate,
-    write_resolved,
-)
 from framework.recipe.schema import (
     DataConfig,
     DistributedConfig,
     EvalConfig,
+    PluginConfig,
     Recipe,
     TrainConfig,
 )
 
-__all__ = [
-    "DataConfig",
-    "DistributedConfig",
-    "EvalConfig",
-    "Recipe",
-    "RecipeError",
-    "TrainConfig",
-    "apply_overrides",
-    "deep_merge",
-    "load_raw",
-    "load_recipe",
-    "validate",
-    "write_resolved",
-]
+__all__ = ["DataConfig", "DistributedConfig", "EvalConfig", "PluginConfig", "Recipe", "TrainConfig"]

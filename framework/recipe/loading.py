@@ -11,16 +11,14 @@ import copy
 import importlib.util
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import yaml
 from pydantic import ValidationError
 
 from framework.data.shards import check_shards
+from framework.manager import PluginError, PluginHooks
 from framework.recipe.schema import Recipe
-
-if TYPE_CHECKING:
-    from framework.manager import PluginHooks
 
 
 class RecipeError(Exception):
@@ -147,8 +145,6 @@ def validate(
         recipe = Recipe.model_validate({**data, "plugins": plugins_raw})
     except ValidationError as exc:
         raise RecipeError(_first_error(exc)) from None
-    # imported here: `framework` re-exports Recipe, and the manager imports `framework`
-    from framework.manager import PluginError, PluginHooks
 
     try:
         hooks = PluginHooks(list(plugins_raw), extra=extra_plugins)

@@ -7,11 +7,9 @@ YAML is `framework.recipe.loading`). Each plugin's own section is its `PluginCon
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
-from pydantic import Field, ValidationError, field_validator, model_validator
-
-from framework.types import PluginConfig, Strict
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 # The top-level keys of a DeepSpeed 0.19 config (https://www.deepspeed.ai/docs/config-json/ and
 # deepspeed/runtime/config.py); DeepSpeed itself ignores any other key, so a misspelt one would pass.
@@ -43,6 +41,32 @@ def check_deepspeed_section(section: Mapping[str, Any]) -> None:
         except ValidationError as exc:
             err = exc.errors()[0]
             raise ValueError(f"zero_optimization.{'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+
+
+class Strict(BaseModel):
+    """A recipe section: unknown keys are errors, values are validated on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+class PluginConfig(Strict):
+    """Base of every plugin's recipe section (`plugins.<name>:`).
+
+    `weight` multiplies every loss term the plugin returns (`total = sum(weight * term)`).
+    `lr`, when set, is the learning rate of the plugin's own modules (their own optimizer
+    param group, scaled and scheduled like `train.lr`); unset, they train at `train.lr`.
+    Subclass it and return the subclass from the plugin's `config_schema` hook.
+
+    `provides` (a class attribute, not a recipe key) names what the plugin's terms stand for,
+    so that other plugins can ask the recipe (`Recipe.providers`) instead of naming plugins:
+    `"elbo_x"` says its terms include the reconstruction of the clean view `x` (a VAE's ELBO,
+    AAVAE's reconstruction); a section with a `likelihood` field says which one it uses.
+    """
+
+    provides: ClassVar[frozenset[str]] = frozenset()
+
+    weight: float = 1.0
+    lr: float | None = Field(None, gt=0)
 
 
 class DataConfig(Strict):
