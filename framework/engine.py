@@ -1,6 +1,8 @@
 """The training loop under Accelerate: forward (all hooks), weighted sum, backward, step.
 
-`train()` reads top to bottom: set-up, then one loop whose body is the step.
+`train()` reads top to bottom: `start()` sets the run up (accelerator, run folder, model,
+optimizer, resume point, data), then one loop whose body is the step; what happens at a log
+interval is `log_interval()`.
 
 Host-device sync points of a step (constants such as normalisation statistics are cached
 on the device; `tests/test_gpu_path.py` checks that a step of every built-in plugin makes no
@@ -22,8 +24,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from accelerate.utils import DistributedType, set_seed
@@ -42,8 +45,10 @@ from framework.eval.report import online_knn
 from framework.logging import RunLogger, logged_lrs
 from framework.manager import PluginHooks
 from framework.model import Model, weighted_total
+from framework.optim import build_optimizer, effective_lr, lr_factor
 from framework.preemption import Preempted, StopRequests
-from framework.recipe.schema import Recipe, TrainConfig
+from framework.recipe.schema import Recipe
+from framework.types import View
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -53,42 +58,7 @@ class TrainingError(RuntimeError):
     """A run that must stop: too many non-finite steps, too many bad records."""
 
 
-def effective_lr(cfg: TrainConfig, global_batch: int) -> float:
-    """`train.lr`, or with `train.lr_scaling: linear` lr x global_batch / 256."""
-    return cfg.lr * global_batch / 256 if cfg.lr_scaling == "linear" else cfg.lr
-
-
-def build_optimizer(model: Model, recipe: Recipe, lr: float | None = None) -> torch.optim.Optimizer:
-    """The recipe's optimizer over the trainable parameters, at `lr` (default `train.lr`).
-
-    One param group per plugin: a plugin's `lr` (e.g. the online probe's) is scaled by the
-    same factor as `train.lr` (`lr / train.lr`), so `train.lr_scaling` moves every group alike.
-    """
-    cfg = recipe.train
-    lr = cfg.lr if lr is None else lr
-    groups = []
-    for name, modules in model.plugins.items():
-        own = getattr(recipe.plugins.get(name), "lr", None)
-        params = [p for p in modules.parameters() if p.requires_grad]
-        if params:
-            groups.append({"params": params, "lr": lr if own is None else own * lr / cfg.lr, "plugin": name})
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=True, weight_decay=cfg.weight_decay)
-    opt = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
-    return opt(groups, lr=lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
-
-
-def lr_factor(step: int, cfg: TrainConfig) -> float:
-    """Linear warm-up over `warmup_steps`, then constant or cosine to 0 at `steps`."""
-    if step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
-    if cfg.schedule == "constant":
-        return 1.0
-    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-def build_views(recipe: Recipe, hooks: PluginHooks) -> dict:
+def build_views(recipe: Recipe, hooks: PluginHooks) -> dict[str, View]:
     """The clean view `x` plus every plugin's views."""
     return {"x": clean_x_view(recipe.data), **hooks.augment(recipe)}
 
@@ -119,29 +89,55 @@ def rng_isolated(batches: Iterable[dict]) -> Iterator[dict]:
         yield batch
 
 
-def train(recipe: Recipe, hooks: PluginHooks) -> Path:
-    """Pretrain as the recipe says; returns the output folder. Resumes per `train.resume`."""
+@dataclass
+class Run:
+    """A started run: what the loop of `train()` works with."""
+
+    accelerator: Accelerator
+    model: Any  # the prepared root module (DDP's or DeepSpeed's wrapper, or the Model itself)
+    unwrapped: Model
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    loader: Iterable[dict]
+    logger: RunLogger
+    lr: float  # train.lr after lr_scaling, before the schedule
+    step: int
+    position: StreamPosition
+    channels_last: bool
+    deepspeed: bool
+    lock: runfolder.RunLock | None  # rank 0's hold on output_dir, released when the run is dropped
+
+    def batch(self, batch: dict[str, Any]) -> tuple[dict, dict, torch.Tensor]:
+        """Advance the data position; the batch's views (normalised on the device), params and labels."""
+        self.position.update(batch["cursor"])
+        views, params, labels = batch_to_device(batch, self.accelerator.device)
+        if self.channels_last:
+            views = {k: v.contiguous(memory_format=torch.channels_last) for k, v in views.items()}
+        return views, params, labels
+
+
+def start(recipe: Recipe, hooks: PluginHooks) -> Run | None:
+    """Set a run up: accelerator, run folder (locked), model, optimizer, resume point, data and logger.
+    None when the run folder already holds a run trained to `train.steps`."""
     cfg, out = recipe.train, Path(recipe.output_dir)
     accelerator = build_accelerator(recipe, log_with=list(cfg.log_with))
-    lock = runfolder.open_run(accelerator, recipe)  # rank 0 holds output_dir's lock until train() returns
+    lock = runfolder.open_run(accelerator, recipe)  # rank 0 holds output_dir's lock while the Run lives
     set_seed(cfg.seed)
     model = Model(hooks, recipe)
     if recipe.distributed.sync_batchnorm and accelerator.num_processes > 1 and accelerator.device.type == "cuda":
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     units = [module for modules in model.plugins.values() for module in modules.values()]
     speed = apply_speed_settings(model, speed_settings(recipe, accelerator.device.type), units)
-    deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
     global_batch = recipe.data.batch_size * accelerator.num_processes * recipe.distributed.accumulation_steps
     lr = effective_lr(cfg, global_batch)
     accelerator.print(f"augssl: global batch {global_batch}, lr {lr:g} (train.lr_scaling={cfg.lr_scaling}), "
                       f"precision {mixed_precision(recipe)}, {' '.join(k for k, on in speed.items() if on) or 'eager'}")  # fmt: skip
     optimizer = build_optimizer(model, recipe, lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    unwrapped = model
+    prepared, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    unwrapped = prepared
     while not isinstance(unwrapped, Model):  # DDP's or DeepSpeed's wrapper (unwrap_model imports DeepSpeed)
         unwrapped = unwrapped.module
-    plugin_modules, weights = unwrapped.plugins, unwrapped.weights()
 
     step, position = 0, StreamPosition()
     resume_from = runfolder.resume_point(accelerator, recipe, unwrapped, lock)  # intact, compatible; writes recipe.yaml
@@ -151,43 +147,71 @@ def train(recipe: Recipe, hooks: PluginHooks) -> Path:
         accelerator.print(f"augssl: resumed from {resume_from} at step {step}")
     if step >= cfg.steps:
         accelerator.print(f"augssl: {out} is already trained to step {step}")
-        return out
-    data_seed = cfg.seed if (saved_exact := bool(position.workers)) or step == 0 else cfg.seed + step
+        return None
+    exact = bool(position.workers)  # the checkpoint says where every data worker stood
     loader = make_loader(
         recipe.data, build_views(recipe, hooks), rank=accelerator.process_index,
-        world_size=accelerator.num_processes, seed=data_seed, resume=position if saved_exact else None,
-        pin_memory=accelerator.device.type == "cuda",
-    )
+        world_size=accelerator.num_processes, seed=cfg.seed if exact or step == 0 else cfg.seed + step,
+        resume=position if exact else None, pin_memory=accelerator.device.type == "cuda",
+    )  # fmt: skip
     accelerator.init_trackers("augssl", config={"recipe": str(out / "recipe.yaml")})
     logger = RunLogger(accelerator, out, cfg.steps, step)
-    bad_in_row = skipped = 0
+    deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+    return Run(accelerator, prepared, unwrapped, optimizer, scheduler, loader, logger, lr, step, position,
+               speed["channels_last"], deepspeed, lock)  # fmt: skip
 
+
+def log_interval(run: Run, recipe: Recipe, skipped: int) -> None:
+    """Log the interval's means over ranks and micro-steps, the lrs and the counters; stop the run
+    (TrainingError) when more than `data.max_bad_fraction` of the records seen so far were bad."""
+    with collective(f"step {run.step}: the log reduction"):
+        record = run.logger.interval_record(run.position)
+    lr_now = run.lr * lr_factor(run.step, recipe.train)
+    record.update({"epoch": run.position.epoch, **logged_lrs(recipe, run.optimizer, run.scheduler, lr_now),
+                   "skipped_steps": skipped, "images/s": run.logger.images_per_second()})  # fmt: skip
+    if run.accelerator.device.type == "cuda":
+        record["memory/peak_gib"] = torch.cuda.max_memory_allocated(run.accelerator.device) / 2**30
+    run.logger.log(run.step, record)
+    bad, seen, limit = record["data.bad_records"], record["data.seen"], recipe.data.max_bad_fraction
+    if seen and bad / seen > limit:
+        raise TrainingError(f"data: {int(bad)} of {int(seen)} records were bad (> data.max_bad_fraction={limit}); "
+                            f"last: {run.position.last_bad}")  # fmt: skip
+
+
+def due(every: int, step: int) -> bool:
+    """Whether a `*_every` action falls on `step` (0: never)."""
+    return every > 0 and step % every == 0
+
+
+def train(recipe: Recipe, hooks: PluginHooks) -> Path:
+    """Pretrain as the recipe says; returns the output folder. Resumes per `train.resume`."""
+    cfg, out = recipe.train, Path(recipe.output_dir)
+    if (run := start(recipe, hooks)) is None:
+        return out
+    accelerator, model, optimizer, logger = run.accelerator, run.model, run.optimizer, run.logger
+    weights, signum, saved, bad_in_row, skipped = run.unwrapped.weights(), 0, None, 0, 0
     model.train()
-    signum, saved = 0, None
     with StopRequests() as stop:  # SIGTERM/SIGINT/SIGUSR1: finish this step, checkpoint it, stop
-        for batch in rng_isolated(loader):
-            position.update(batch["cursor"])
-            views, params, labels = batch_to_device(batch, accelerator.device)  # uint8 views normalised on device
-            if speed["channels_last"]:
-                views = {k: v.contiguous(memory_format=torch.channels_last) for k, v in views.items()}
-            preview = cfg.preview_every > 0 and (step + 1) % cfg.preview_every == 0
+        for batch in rng_isolated(run.loader):
+            views, params, labels = run.batch(batch)
+            preview = due(cfg.preview_every, run.step + 1)
             with accelerator.accumulate(model):
-                terms, metrics = model(views, params, labels, step=step, preview=preview)
+                terms, metrics = model(views, params, labels, step=run.step, preview=preview)
                 loss = weighted_total(terms, weights)
-                with collective(f"step {step + 1}: the non-finite/stop vote"):  # sync point: one per micro-step
+                with collective(f"step {run.step + 1}: the non-finite/stop vote"):  # sync point: one per micro-step
                     nonfinite, signalled = vote(accelerator, loss, stop.signum)
                 signum = signum or signalled
                 if nonfinite:  # on some rank: every rank skips this micro-step
                     bad_in_row, skipped = bad_in_row + 1, skipped + 1
-                    if deepspeed and accelerator.sync_gradients:  # DeepSpeed drops a window with non-finite grads
+                    if run.deepspeed and accelerator.sync_gradients:  # DeepSpeed drops a window with non-finite grads
                         accelerator.backward(loss * math.nan)
                     optimizer.zero_grad(set_to_none=True)  # DDP: drops the window on its last micro-step
                     if bad_in_row >= cfg.max_bad_steps:
-                        raise TrainingError(f"{bad_in_row} non-finite losses in a row at step {step}; "
+                        raise TrainingError(f"{bad_in_row} non-finite losses in a row at step {run.step}; "
                                             f"last good checkpoint: {checkpoint.find_resume(out, 'auto')}")  # fmt: skip
                     continue
                 bad_in_row = 0
-                with collective(f"step {step + 1}: the gradient all-reduce"):
+                with collective(f"step {run.step + 1}: the gradient all-reduce"):
                     accelerator.backward(loss)
                 if accelerator.sync_gradients and recipe.distributed.grad_clip is not None:
                     accelerator.clip_grad_norm_(model.parameters(), recipe.distributed.grad_clip)
@@ -199,36 +223,27 @@ def train(recipe: Recipe, hooks: PluginHooks) -> Path:
             if not accelerator.sync_gradients:
                 continue  # a micro-step of gradient accumulation
 
-            step += 1
-            scheduler.step()
+            run.step += 1
+            run.scheduler.step()
             with torch.no_grad():
-                hooks.on_train_step_end(plugin_modules, step, recipe, unwrapped.encoder)
+                hooks.on_train_step_end(run.unwrapped.plugins, run.step, recipe, run.unwrapped.encoder)
             logger.advance()
             if preview:
-                logger.preview(step, {**views, **unwrapped.preview_images}, recipe.data.mean, recipe.data.std)
-            if step % cfg.log_every == 0 or step == cfg.steps or signum:
-                with collective(f"step {step}: the log reduction"):
-                    record = logger.interval_record(position)
-                record.update({"epoch": position.epoch, **logged_lrs(recipe, optimizer, scheduler, lr * lr_factor(step, cfg)),
-                               "skipped_steps": skipped, "images/s": logger.images_per_second()})  # fmt: skip
-                if accelerator.device.type == "cuda":
-                    record["memory/peak_gib"] = torch.cuda.max_memory_allocated(accelerator.device) / 2**30
-                logger.log(step, record)
-                if record["data.seen"] and record["data.bad_records"] / record["data.seen"] > recipe.data.max_bad_fraction:
-                    raise TrainingError(f"data: {int(record['data.bad_records'])} of {int(record['data.seen'])} records "
-                                        f"were bad (> data.max_bad_fraction={recipe.data.max_bad_fraction}); "
-                                        f"last: {position.last_bad}")  # fmt: skip
-            if recipe.eval.knn_every and step % recipe.eval.knn_every == 0:
-                with collective(f"step {step}: the online k-NN"):  # every rank extracts a share
-                    logger.log(step, online_knn(unwrapped, recipe))
-            if step % cfg.checkpoint_every == 0 or step == cfg.steps or signum:
-                with collective(f"step {step}: the checkpoint"):
-                    saved = checkpoint.save(accelerator, recipe, step, position)
-            if step >= cfg.steps or signum:
+                logger.preview(run.step, {**views, **run.unwrapped.preview_images}, recipe.data.mean, recipe.data.std)
+            last = run.step >= cfg.steps or bool(signum)
+            if due(cfg.log_every, run.step) or last:
+                log_interval(run, recipe, skipped)
+            if due(recipe.eval.knn_every, run.step):
+                with collective(f"step {run.step}: the online k-NN"):  # every rank extracts a share
+                    logger.log(run.step, online_knn(run.unwrapped, recipe))
+            if due(cfg.checkpoint_every, run.step) or last:
+                with collective(f"step {run.step}: the checkpoint"):
+                    saved = checkpoint.save(accelerator, recipe, run.step, run.position)
+            if last:
                 break
 
     logger.close()
     accelerator.end_training()
-    if signum and step < cfg.steps:
-        raise Preempted(signum, step, str(saved))
+    if signum and run.step < cfg.steps:
+        raise Preempted(signum, run.step, str(saved))
     return out
