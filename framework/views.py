@@ -78,7 +78,7 @@ class Normalize:
 
     The last step of every base view. The streaming pipeline runs everything before it in
     the data workers and applies it to the whole batch on the training device
-    (`framework.data.batch_to_device`): a uint8 batch crosses processes and the host-device
+    (`framework.data.pipeline.batch_to_device`): a uint8 batch crosses processes and the host-device
     link at a quarter of the float32 size, and the arithmetic runs where it is cheapest.
     Called directly, a view still returns the normalised float32 tensor.
     """
