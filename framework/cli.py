@@ -12,11 +12,14 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
+
+from framework.errors import one_line
 
 EXIT_USAGE = 2
 
 
-def _fail(msg: str) -> None:
+def _fail(msg: str) -> NoReturn:
     print(f"augssl: error: {msg}", file=sys.stderr)
     raise SystemExit(EXIT_USAGE)
 
@@ -156,9 +159,9 @@ def shards_main(argv: Sequence[str]) -> None:
                       "classes": sources.classes(args.source, root)},
         )  # fmt: skip
     except (OSError, ValueError) as exc:  # the shards and manifest already there are left untouched
-        _fail(" ".join(str(exc).split()) or type(exc).__name__)
+        _fail(one_line(exc))
     except Exception as exc:  # a reader tripping on a damaged file: still one line
-        _fail(f"{args.source} {root}: {type(exc).__name__}: {' '.join(str(exc).split())}")
+        _fail(f"{args.source} {root}: {type(exc).__name__}: {one_line(exc)}")
     print(json.dumps({k: info[k] for k in ("samples", "pattern", "format")}))
 
 

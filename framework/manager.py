@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from framework import hookspecs
+from framework.errors import one_line
 from framework.recipe.schema import PluginConfig
 from framework.types import Encoding, StepContext, View
 
@@ -39,10 +40,6 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
 
 class PluginError(Exception):
     """A plugin could not be loaded, is malformed, or one of its hooks failed."""
-
-
-def _one_line(exc: Exception) -> str:
-    return " ".join(str(exc).split())
 
 
 def _builtin_available(name: str) -> bool:
@@ -88,7 +85,7 @@ class PluginHooks:
             try:
                 self.pm.register(plugin, name=name)
             except pluggy.PluginValidationError as exc:
-                raise PluginError(f"plugin {name!r}: {_one_line(exc)}") from exc
+                raise PluginError(f"plugin {name!r}: {one_line(exc)}") from exc
         self._check_implementations()
         self.names = list(plugins)
         self.encoder_plugin = self._single_provider("encode", required=require_encoder)

@@ -38,7 +38,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from itertools import count, islice
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import torch
 import webdataset as wds
@@ -46,6 +46,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from framework.data.pipeline import BadRecord, SampleToViews, collate
 from framework.data.shards import BadShard, is_local, shard_urls, tar_records
+from framework.errors import one_line
 from framework.preemption import workers_ignore_stop_signals
 from framework.types import View
 
@@ -73,12 +74,6 @@ class _Orphaned(BaseException):
 def _seed(*parts: Any) -> int:
     """A 32-bit seed from `parts` (the same on every machine and Python, unlike `hash`)."""
     return zlib.crc32(repr(parts).encode())
-
-
-def _one_line(exc: BaseException) -> str:
-    """`exc`'s message on one line of at most 200 characters."""
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= 200 else text[:197] + "..."
 
 
 def _transient(exc: BaseException) -> bool:
@@ -110,7 +105,7 @@ class _Guard:
         self.last = time.monotonic()
 
     def bad_shard(self, url: str, exc: BaseException) -> None:
-        entry = f"{url} ({_one_line(exc)})"
+        entry = f"{url} ({one_line(exc, 200)})"
         self.shards = [*(s for s in self.shards if not s.startswith(f"{url} (")), entry][-3:]
 
     def last_bad(self) -> str:
@@ -300,7 +295,7 @@ class ShardStream(IterableDataset):
             except (BadShard, OSError, EOFError) as exc:  # unreadable: skip the rest, count
                 reader.guard.bad_shard(url, exc)
                 if keep is None or keep.start == 0:  # a shared shard counts once: for its first record's reader
-                    self._bad(reader.stats, f"{url}: {_one_line(exc)}")
+                    self._bad(reader.stats, f"{url}: {one_line(exc, 200)}")
 
     def _shuffled(self, records: Iterator[dict[str, Any]], epoch: int, reader: _Reader) -> Iterator[dict[str, Any]]:
         """`records` through webdataset's buffered shuffle (`shuffle_buffer` records, its RNG seeded
@@ -359,7 +354,7 @@ class ShardStream(IterableDataset):
                     guard.sleep(BACKOFF_SECONDS * 2**attempt)
                     continue
                 if attempt or isinstance(exc, http.client.HTTPException):
-                    raise BadShard(_one_line(exc) + (f" (after {attempt + 1} attempts)" if attempt else "")) from None
+                    raise BadShard(one_line(exc, 200) + (f" (after {attempt + 1} attempts)" if attempt else "")) from None
                 raise
 
     @staticmethod
@@ -441,7 +436,7 @@ class DataSection(Protocol):
     """What `make_loader` reads of a recipe's `data` section (`framework.recipe.schema.DataConfig`)."""
 
     train: str
-    channels: int
+    channels: Literal[1, 3]
     batch_size: int
     num_workers: int
     shuffle_buffer: int
@@ -483,6 +478,7 @@ def make_loader(
     `data.train=<spec>` or the `shards`, and the last bad shards); labels outside -1..`num_classes` - 1
     are bad records.
     """
+    order: dict[str, Any]  # ShardStream's shuffling keywords
     if shards is None:
         spec, name, num_classes = data.train, f"data.train={data.train}", data.num_classes
         order = {"shardshuffle": data.shardshuffle, "resampled": data.resampled,
