@@ -2,7 +2,7 @@
 
     accelerate launch --multi_gpu --num_processes 2 tests/dist_train.py RECIPE [key=value ...]
 
-A plugin (through the public API) saves every rank's modules after the last step to
+A plugin (tests/helpers.py's `DumpWeights`) saves every rank's modules after the last step to
 `<output_dir>/weights_rank<R>.pt`, so a test can check that the ranks agree; another can make
 one rank's loss NaN at one micro-step, or record the autocast state the hooks run under
 (environment variables, see `NaNOnRank`).
@@ -22,14 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from framework import distributed, hookimpl  # noqa: E402
 from framework.cli import train_or_exit  # noqa: E402
 from framework.recipe import load_recipe  # noqa: E402
-
-
-class DumpWeights:
-    @hookimpl
-    def on_train_step_end(self, modules, step, config):
-        if step == config.train.steps:
-            state = {k: v.detach().cpu().clone() for k, v in modules.named_parameters()}
-            torch.save(state, Path(config.output_dir) / f"weights_rank{distributed.rank()}.pt")
+from tests.helpers import DumpWeights  # noqa: E402
 
 
 class NaNOnRank:

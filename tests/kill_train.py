@@ -5,7 +5,7 @@
 
 The kill comes from `on_train_step_end` at step K, before the engine writes checkpoint K,
 exactly as a preempted node dies: no clean-up, no `finally`. Weights are dumped by
-tests/dist_train.py's plugin after the last step, so a test can compare a killed and
+tests/helpers.py's `DumpWeights` after the last step, so a test can compare a killed and
 resumed run with an uninterrupted one.
 """
 
@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from framework import hookimpl  # noqa: E402
 from framework.cli import train_or_exit  # noqa: E402
 from framework.recipe import load_recipe  # noqa: E402
-from tests.dist_train import DumpWeights  # noqa: E402
+from tests.helpers import DumpWeights  # noqa: E402
 
 
 class KillAt:

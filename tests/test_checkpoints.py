@@ -20,7 +20,7 @@ from framework.engine import lr_factor
 from framework.logging import read_metrics
 from framework.recipe import TrainConfig
 from framework.testing import CONV28, free_port, run_steps, tiny_recipe, write_recipe
-from tests.test_scale import ENV, ONE_NODE, ROOT
+from tests.helpers import ENV, ONE_NODE, ROOT
 
 DUMP, TRAIN = ROOT / "tests" / "dist_dump.py", ROOT / "launch" / "train.py"
 ENCODER = "plugins.backbones.encoder."

@@ -2,29 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 from framework.logging import read_metrics
 from framework.testing import free_port, tiny_recipe, write_recipe
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def accelerate_launch(
-    args: list[str], script_args: list[str], timeout: int = 300, env: dict[str, str] | None = None,
-    script: str = "dist_train.py",
-) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", *args, str(ROOT / "tests" / script), *script_args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **(env or {})}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return proc
+from tests.helpers import accelerate_launch
 
 
 @pytest.mark.slow

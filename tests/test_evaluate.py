@@ -17,6 +17,7 @@ from framework.eval import crop_and_flip, extract, fit_linear, fit_sgd_linear, k
 from framework.logging import read_metrics
 from framework.recipe import RecipeError, validate
 from framework.testing import free_port, run_steps, tiny_recipe
+from tests.helpers import asset_samples
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -78,8 +79,9 @@ def test_crop_and_flip_shifts_and_mirrors():
     assert out.shape == x.shape and not torch.equal(out, x)
 
 
-def test_evaluate_a_trained_run(tmp_path, fmnist_shards):
-    out = run_steps(tiny_recipe(tmp_path, fmnist_shards, train={"checkpoint_every": 2}), steps=2)
+@pytest.mark.slow
+def test_evaluate_a_trained_run(tmp_path, real_fmnist_shards):
+    out = run_steps(tiny_recipe(tmp_path, real_fmnist_shards, train={"checkpoint_every": 2}), steps=2)
     proc = subprocess.run([sys.executable, str(ROOT / "launch" / "evaluate.py"), str(out)],
                           capture_output=True, text=True, timeout=300, cwd=ROOT)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
@@ -91,15 +93,15 @@ def test_evaluate_a_trained_run(tmp_path, fmnist_shards):
     assert result["checkpoint"].endswith("step_00000002")
 
 
-def test_eval_all_protocols(tmp_path, fmnist_shards, capsys):
-    out = run_steps(tiny_recipe(tmp_path, fmnist_shards, train={"checkpoint_every": 2}), steps=2)
+def test_eval_all_protocols(tmp_path, real_fmnist_shards, capsys):
+    out = run_steps(tiny_recipe(tmp_path, real_fmnist_shards, train={"checkpoint_every": 2}), steps=2)
     eval_main([str(out), "--protocol", "all", "--epochs", "2", "--augment"])
     printed = capsys.readouterr().out
     assert "frozen-feature classifiers, test accuracy (192 train / 96 test images)" in printed
     assert "fast" in printed and "linear" in printed and "knn" in printed and "re-extracted" in printed
     result = json.loads((out / "eval.json").read_text())
     assert set(result["accuracies"]) == set(result["raw_pixels_accuracies"]) == {"fast", "linear", "knn"}
-    assert result["dataset"] == {"train": fmnist_shards["train"], "test": fmnist_shards["test"]}
+    assert result["dataset"] == {"train": real_fmnist_shards["train"], "test": real_fmnist_shards["test"]}
     assert result["raw_pixels_accuracies"]["knn"] > 0.4  # real images: above chance (0.1)
     assert all(0 < acc <= 1 for acc in result["accuracies"].values())
 
@@ -136,9 +138,8 @@ def test_four_processes_extract_two_eval_shards_and_a_rank_without_samples_as_on
     from itertools import islice
 
     from framework.data import write_shards
-    from framework.data.sources import fashion_mnist
 
-    samples = list(islice(fashion_mnist(split="test"), 43))
+    samples = list(islice(asset_samples("test"), 43))
     two = write_shards(samples[:40], str(tmp_path / "e" / "train-%02d.tar"), maxcount=20)["pattern"]
     three = write_shards(samples[40:], str(tmp_path / "e" / "test-%02d.tar"))["pattern"]
     recipe = tiny_recipe(tmp_path, fmnist_shards, eval={"train": two, "test": three}, train={"checkpoint_every": 2})

@@ -12,6 +12,7 @@ import pytest
 from framework.logging import read_metrics
 from framework.testing import CONV28, tiny_recipe, write_recipe
 
+pytestmark = pytest.mark.slow  # pip installs the package; the CLI runs in subprocesses
 ROOT = Path(__file__).resolve().parents[1]
 
 

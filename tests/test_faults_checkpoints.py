@@ -19,7 +19,7 @@ import yaml
 from framework import checkpoint, runfolder
 from framework.logging import read_metrics
 from framework.testing import free_port, run_steps, tiny_recipe, write_recipe
-from tests.test_scale import ENV, ONE_NODE, ROOT, final_weights
+from tests.helpers import ENV, ONE_NODE, ROOT, final_weights
 
 TRAIN = ROOT / "launch" / "train.py"
 
@@ -78,6 +78,7 @@ def test_a_second_run_on_a_busy_folder_stops_at_once_and_the_first_finishes_alon
     assert not (out / runfolder.LOCK_FILE).exists(), "released at the end"
 
 
+@pytest.mark.slow
 def test_a_stale_lock_of_a_dead_process_is_taken_over(tmp_path, fmnist_shards):
     recipe = tiny_recipe(tmp_path, fmnist_shards, train={"log_with": []})
     path, out = write_recipe(tmp_path / "r.yaml", recipe), tmp_path / "run"
@@ -91,6 +92,7 @@ def test_a_stale_lock_of_a_dead_process_is_taken_over(tmp_path, fmnist_shards):
     assert [r["step"] for r in read_metrics(out)] == [1, 2] and not (out / runfolder.LOCK_FILE).exists()
 
 
+@pytest.mark.slow
 def test_resume_never_refuses_a_folder_with_checkpoints(trained):
     path, out = trained
     before = snapshot(out)
@@ -100,6 +102,7 @@ def test_resume_never_refuses_a_folder_with_checkpoints(trained):
     assert snapshot(out) == before, "nothing written"
 
 
+@pytest.mark.slow
 def test_resume_fresh_moves_the_previous_run_aside_and_starts_at_step_0(trained):
     path, out = trained
     before = snapshot(out)
@@ -113,6 +116,7 @@ def test_resume_fresh_moves_the_previous_run_aside_and_starts_at_step_0(trained)
     assert checkpoint.find_resume(moved, "auto").name == "step_00000003", "still a run folder eval/export read"
 
 
+@pytest.mark.slow
 def test_an_incompatible_recipe_is_refused_naming_the_key_and_recipe_yaml_is_kept(trained):
     path, out = trained
     before = snapshot(out)
@@ -147,6 +151,7 @@ def damage(ckpt, how: str) -> str:
 
 
 @pytest.mark.parametrize("how", ["random bytes", "truncated", "missing"])
+@pytest.mark.slow
 def test_a_damaged_newest_checkpoint_is_named_kept_aside_and_the_previous_one_resumed(trained, tmp_path, fmnist_shards,
                                                                                       how):  # fmt: skip
     path, out = trained
@@ -172,6 +177,7 @@ def test_a_damaged_newest_checkpoint_is_named_kept_aside_and_the_previous_one_re
         assert not [k for k in a if not torch.equal(a[k], b[k])]
 
 
+@pytest.mark.slow
 def test_every_checkpoint_damaged_stops_with_one_line_and_renames_nothing(trained):
     path, out = trained
     for ckpt in checkpoint.complete_checkpoints(out):
@@ -182,6 +188,7 @@ def test_every_checkpoint_damaged_stops_with_one_line_and_renames_nothing(traine
     assert [p.name for p in checkpoint.complete_checkpoints(out)] == ["step_00000002", "step_00000003"]
 
 
+@pytest.mark.slow
 def test_an_explicit_damaged_or_missing_resume_path_stops_before_anything_is_created(trained, tmp_path):
     path, out = trained
     error = one_error(train([path, "train.resume=/no/such/step_1", f"output_dir={tmp_path / 'new'}"]))
@@ -194,12 +201,14 @@ def test_an_explicit_damaged_or_missing_resume_path_stops_before_anything_is_cre
     assert not (tmp_path / "new").exists(), "nothing created"
 
 
+@pytest.mark.slow
 def test_eval_of_a_missing_checkpoint_is_one_line(trained, tmp_path):
     _, out = trained
     proc = train([out, "--checkpoint", tmp_path / "nope"], script=ROOT / "launch" / "evaluate.py")
     assert "not a complete checkpoint" in one_error(proc)
 
 
+@pytest.mark.slow
 def test_stray_folders_and_files_in_checkpoints_are_ignored(trained):
     path, out = trained
     root = checkpoint.checkpoint_root(out)
@@ -215,6 +224,7 @@ def test_stray_folders_and_files_in_checkpoints_are_ignored(trained):
                                                        "step_00000009.bak", "step_00000010", "step_x"]  # fmt: skip
 
 
+@pytest.mark.slow
 def test_a_full_disk_during_a_save_removes_the_partial_folder_keeps_the_previous_ones_and_stops(trained):
     path, out = trained
     proc = train(["5", path, "train.steps=6"], script=ROOT / "tests" / "fault_train.py")

@@ -28,6 +28,7 @@ from framework.data.sources import fashion_mnist
 from framework.testing import data_section
 from framework.types import View
 from framework.views import FASHION_MNIST_STATS, clean_view
+from tests.helpers import asset_samples, needs_fashion_mnist
 
 ROOT = Path(__file__).resolve().parents[1]
 X = {"x": View(clean_view(28, *FASHION_MNIST_STATS, channels=1))}
@@ -36,7 +37,7 @@ X = {"x": View(clean_view(28, *FASHION_MNIST_STATS, channels=1))}
 @pytest.fixture
 def good(tmp_path):
     """Two intact shards of 4 real images each: `good-00.tar`, `good-01.tar`; returns their keys."""
-    samples = list(islice(fashion_mnist(split="test"), 8))
+    samples = list(islice(asset_samples("test"), 8))
     write_shards(samples, str(tmp_path / "good-%02d.tar"), maxcount=4)
     return sorted(s.key for s in samples)
 
@@ -99,7 +100,7 @@ def test_damaged_and_non_tar_files_raise_bad_shard_and_are_skipped_and_counted(t
 
 def test_labels_outside_the_recipe_classes_are_counted_bad_records(tmp_path):
     png = io.BytesIO()
-    next(fashion_mnist(split="test")).image.save(png, format="PNG")
+    next(asset_samples("test")).image.save(png, format="PNG")
     labels = {"ok0": b"0", "ok9": b"9", "unlabelled": b"-1", "big": b"57", "neg": b"-2", "float": b"3.5",
               "huge": b"1" * 40, "word": b"seven"}  # fmt: skip
     with tarfile.open(tmp_path / "labels.tar", "w") as tar:
@@ -153,6 +154,7 @@ def flaky_server(tmp_path):
     server.shutdown()
 
 
+@pytest.mark.slow
 def test_dead_failing_and_stalled_remote_shards_are_retried_then_skipped_and_counted(tmp_path, good, silent_server, flaky_server):
     url, requests = flaky_server
     faults = [f"{silent_server}/good-00.tar", f"{url}/fail500/good-00.tar", "pipe:cat /missing.tar", "pipe:true",
@@ -188,6 +190,7 @@ def _all_bad_records(folder: Path) -> Path:
 
 
 @pytest.mark.parametrize("num_workers", [0, 1])
+@pytest.mark.slow
 def test_an_endless_stream_over_unreadable_shards_stops_with_one_line(tmp_path, num_workers):
     (tmp_path / "e-0.tar").write_bytes(b"")
     (tmp_path / "e-1.tar").write_bytes(b"")
@@ -208,6 +211,7 @@ def test_an_endless_stream_over_unreadable_shards_stops_with_one_line(tmp_path, 
     assert "no good record for" in message and "data.stall_seconds=2" in message
 
 
+@pytest.mark.slow
 def test_a_resampled_stream_over_dead_remote_shards_stops_after_stall_seconds(silent_server):
     spec = f"{silent_server}/a.tar::pipe:sleep 30"
     start = time.monotonic()
@@ -316,6 +320,7 @@ def _shards_cli(argv: list[str], capsys) -> tuple[int, str]:
     return exit_.value.code, capsys.readouterr().err
 
 
+@needs_fashion_mnist
 def test_shards_with_a_wrong_source_leave_existing_shards_and_manifest_untouched(tmp_path, capsys):
     out = tmp_path / "out"
     pattern = str(out / "train-%03d.tar")

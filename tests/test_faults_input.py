@@ -12,7 +12,7 @@ import pytest
 from framework.logging import read_metrics
 from framework.recipe import RecipeError, validate
 from framework.testing import run_steps, tiny_recipe, write_recipe
-from tests.test_scale import ENV, ROOT
+from tests.helpers import ENV, ROOT, asset_samples
 
 NO_SHARDS = {"train": "none.tar", "test": "none.tar"}
 
@@ -25,6 +25,7 @@ def one_line(args: list[str], script: str = "train.py") -> str:
     return lines[0]
 
 
+@pytest.mark.slow
 def test_a_billion_laughs_recipe_stops_before_it_expands(tmp_path):
     """Nine levels of nine aliases are 9^9 values once expanded (validation, recipe.yaml); refused at once."""
     levels = ["    l0: &l0 [" + ", ".join(['"lol"'] * 9) + "]"]
@@ -55,6 +56,7 @@ def test_an_empty_output_dir_is_a_recipe_error(tmp_path, fmnist_shards):
             validate(tiny_recipe(tmp_path, fmnist_shards, output_dir=empty))
 
 
+@pytest.mark.slow
 def test_an_export_to_an_unwritable_place_is_one_line(tmp_path, fmnist_shards):
     out = run_steps(tiny_recipe(tmp_path, fmnist_shards, train={"log_with": []}), steps=1)
     code = "import sys; from framework.cli import main; sys.argv[0] = 'augssl'; main()"
@@ -68,11 +70,10 @@ def test_a_label_outside_the_recipes_classes_is_a_counted_bad_record_not_a_crash
     trains on; without data.num_classes the online probe ignores it instead of crashing."""
     from itertools import islice
 
-    from framework.data import write_shards
-    from framework.data.sources import FASHION_MNIST_DIR, Sample, fashion_mnist
+    from framework.data import Sample, write_shards
 
     samples = [Sample(s.key, s.image, 57 if i == 5 else s.label)
-               for i, s in enumerate(islice(fashion_mnist(FASHION_MNIST_DIR, "train"), 24))]  # fmt: skip
+               for i, s in enumerate(islice(asset_samples("train"), 24))]  # fmt: skip
     info = write_shards(samples, str(tmp_path / "bad" / "train-%06d.tar"), maxcount=24)
     shards = {"train": str(tmp_path / "bad" / info["shards"][0]["url"]), "test": fmnist_shards["test"]}
     plugins = {"backbones": {"encoder": "conv28", "latent_dim": None}, "probe": {"num_classes": 10}}
@@ -83,6 +84,7 @@ def test_a_label_outside_the_recipes_classes_is_a_counted_bad_record_not_a_crash
         assert records[-1]["data.bad_records"] == bad and all(math.isfinite(r["probe.ce"]) for r in records)
 
 
+@pytest.mark.slow
 def test_a_run_whose_shards_are_all_unreadable_stops_with_one_line(tmp_path, fmnist_shards):
     """Empty files where the shards should be: the stream used to spin forever; now one line naming
     data.train, exit 2, within about data.stall_seconds."""

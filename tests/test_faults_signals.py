@@ -23,9 +23,8 @@ from framework import checkpoint
 from framework.logging import read_metrics
 from framework.preemption import EXIT_PREEMPTED
 from framework.testing import free_port, run_steps, tiny_recipe, write_recipe
-from tests.test_distributed import ROOT
+from tests.helpers import ENV, ROOT
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 DDP2 = ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
         "--dynamo_backend", "no"]  # fmt: skip
 LAUNCH = [sys.executable, "-m", "accelerate.commands.launch"]
@@ -239,6 +238,7 @@ def test_the_logged_lr_is_train_lrs_and_each_plugin_lr_is_logged_by_name(tmp_pat
     assert not any(k.startswith("lr/") and k != "lr/probe" for k in records[0])
 
 
+@pytest.mark.slow
 def test_a_run_logged_to_a_file_writes_one_line_per_log_and_never_imports_deepspeed(tmp_path, fmnist_shards):
     """stderr to a file (a cluster's job log): no progress-bar redraws, one line per `train.log_every`
     steps; a run without DeepSpeed does not import it (its "Setting accelerator to CPU" warning)."""

@@ -27,7 +27,7 @@ from framework.recipe import validate
 from framework.testing import CONV28, free_port, run_steps, tiny_recipe, write_recipe
 from plugins.backbones import VAEHead
 from plugins.vae_terms import kl_gaussians
-from tests.test_distributed import ROOT, accelerate_launch
+from tests.helpers import ROOT, accelerate_launch
 
 DDP2 = ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--dynamo_backend", "no"]
 CONFIGS = ROOT / "launch" / "accelerate"
@@ -160,6 +160,7 @@ def test_the_deepspeed_config_carries_the_precision_as_torch_autocast_and_refuse
     assert _ds_config(tmp_path, offload, train={"optimizer": "adamw"})["zero_optimization"]["offload_optimizer"]
 
 
+@pytest.mark.slow
 def test_a_launch_the_recipe_cannot_run_under_stops_in_one_line_before_anything_starts(tmp_path, fmnist_shards):
     recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(tmp_path, fmnist_shards, train={"optimizer": "sgd"}))
     env = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE": "cpu",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 from framework import Encoding
@@ -82,6 +83,7 @@ def test_probe_term_never_reaches_the_encoder(tmp_path, fmnist_shards):
     assert probe_grad.abs().sum() > 0
 
 
+@pytest.mark.slow
 def test_probe_above_chance_on_fashion_mnist(tmp_path, real_fmnist_shards):
     recipe = tiny_recipe(tmp_path, real_fmnist_shards, plugins={"backbones": CONV28, "kl": {}, "probe": {}},
                          data={"batch_size": 32}, train={"log_every": 10, "lr": 3e-3})  # fmt: skip

@@ -143,6 +143,7 @@ def test_bad_override_syntax(tmp_path, fmnist_shards, capsys):
         apply_overrides(yaml.safe_load(path.read_text()), ["train.lr.x=1"])
 
 
+@pytest.mark.slow
 def test_launch_script_rejects_a_bad_recipe_in_a_fresh_process(tmp_path, fmnist_shards):
     recipe = deep_merge(tiny_recipe(tmp_path, fmnist_shards), {"plugins": {"kl": {"beta": "high"}}})
     path = write_recipe(tmp_path / "bad.yaml", recipe)

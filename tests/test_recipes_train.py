@@ -18,6 +18,7 @@ from framework.logging import read_metrics
 from framework.recipe import apply_overrides, load_raw, validate
 from framework.testing import tiny_shards
 
+pytestmark = pytest.mark.slow  # the engine trains every recipe; the fast check: tests/test_model_forward.py
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("[!_]*.yaml"))
 
 

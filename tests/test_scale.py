@@ -4,12 +4,10 @@ two machines on loopback, learning-rate scaling. Real `accelerate launch` runs o
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,20 +18,12 @@ from framework.engine import effective_lr
 from framework.logging import read_metrics
 from framework.recipe import TrainConfig
 from framework.testing import free_port, run_steps, tiny_recipe, write_recipe
-from tests.test_distributed import ROOT, accelerate_launch
-
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-ONE_NODE = ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+from tests.helpers import ENV, ONE_NODE, ROOT, accelerate_launch, final_weights
 
 
 def run_script(script: str, args: list[str], timeout: int = 120) -> subprocess.CompletedProcess:
     cmd = [sys.executable, str(ROOT / "tests" / script), *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=ENV, cwd=ROOT)
-
-
-def final_weights(out: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of the model (parameters and BatchNorm buffers) in the newest checkpoint."""
-    return load_file(checkpoint.model_weights_file(checkpoint.complete_checkpoints(out)[-1]))
 
 
 @pytest.mark.slow

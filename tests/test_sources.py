@@ -17,6 +17,7 @@ from PIL import Image
 
 from framework.data import sources
 from framework.data.sources import Sample
+from tests.helpers import needs_fashion_mnist
 
 RNG = np.random.default_rng(0)
 CIFAR10_NAMES = ["airplane", "automobile", "bird", "cat", "deer",
@@ -310,7 +311,7 @@ def test_image_folder_matches_torchvision(tmp_path: Path) -> None:
 # --- Fashion-MNIST on the real files --------------------------------------------------------
 
 
-@pytest.mark.skipif(not sources.FASHION_MNIST_DIR.is_dir(), reason="no Fashion-MNIST files")
+@needs_fashion_mnist
 def test_fashion_mnist_real_files_match_torchvision(tmp_path: Path) -> None:
     raw = tmp_path / "FashionMNIST" / "raw"
     raw.mkdir(parents=True)

@@ -20,6 +20,7 @@ from framework.logging import read_metrics
 from framework.testing import data_section, run_steps, tiny_recipe
 from framework.types import View
 from framework.views import FASHION_MNIST_STATS, clean_view
+from tests.helpers import asset_samples, needs_fashion_mnist
 
 ROOT = Path(__file__).resolve().parents[1]
 X = {"x": View(clean_view(28, *FASHION_MNIST_STATS, channels=1))}
@@ -50,6 +51,8 @@ def test_http_and_pipe_urls_give_the_same_samples_as_local_paths(fmnist_shards, 
     assert stream(f"pipe:cat {folder}/{name}") == stream(local)
 
 
+@pytest.mark.slow
+@needs_fashion_mnist
 def test_make_shards_cli_writes_shards_and_a_manifest(tmp_path):
     out = tmp_path / "fm" / "test-%04d.tar"
     proc = subprocess.run(
@@ -64,6 +67,7 @@ def test_make_shards_cli_writes_shards_and_a_manifest(tmp_path):
     assert len(stream(manifest["pattern"])) == 100
 
 
+@pytest.mark.slow
 def test_make_shards_cli_errors_are_one_line(tmp_path):
     proc = subprocess.run(
         [sys.executable, str(ROOT / "launch" / "make_shards.py"), "cifar10", str(tmp_path), "--out", str(tmp_path / "x-%03d.tar")],
@@ -73,6 +77,7 @@ def test_make_shards_cli_errors_are_one_line(tmp_path):
     assert proc.stderr.startswith("augssl: error: ")
 
 
+@pytest.mark.slow
 def test_a_run_over_corrupt_shards_finishes_and_counts_the_planted_bad_records(tmp_path, fmnist_shards):
     urls = shard_urls(fmnist_shards["train"])
     folder = tmp_path / "corrupt"
@@ -125,11 +130,10 @@ def test_two_processes_with_two_workers_each_see_every_key_exactly_once(tmp_path
 def test_four_processes_with_two_workers_each_over_three_shards_see_every_key_exactly_once(tmp_path):
     """8 readers, 3 shards: each shard's records are split over the readers instead of whole shards."""
     from framework.data import write_shards
-    from framework.data.sources import fashion_mnist
 
-    info = write_shards(islice(fashion_mnist(split="test"), 30), str(tmp_path / "s" / "t-%02d.tar"), maxcount=11)
+    info = write_shards(islice(asset_samples("test"), 30), str(tmp_path / "s" / "t-%02d.tar"), maxcount=11)
     assert [s["samples"] for s in info["shards"]] == [11, 11, 8]
     ranks = _keys_per_rank(info["pattern"], tmp_path, 4)
     seen = [k for keys in ranks for k in keys]
-    assert sorted(seen) == sorted(s.key for s in islice(fashion_mnist(split="test"), 30)), "every key exactly once"
+    assert sorted(seen) == sorted(s.key for s in islice(asset_samples("test"), 30)), "every key exactly once"
     assert all(len(keys) >= 6 for keys in ranks), [len(keys) for keys in ranks]  # here 6 to 9 of the 30 each

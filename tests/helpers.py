@@ -1,0 +1,72 @@
+"""What tests and the scripts they launch share (no test module imports another): the repository's
+paths, the committed image shards and their samples, whether Fashion-MNIST is installed, the
+environment and runner of `accelerate launch`, a finished run's weights, and `DumpWeights`.
+
+Fixtures built on these are in tests/conftest.py.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from framework import checkpoint, distributed, hookimpl
+from framework.data import Sample, shard_urls, tar_records
+from framework.data.sources import FASHION_MNIST_DIR
+
+ROOT = Path(__file__).resolve().parents[1]
+ASSETS = ROOT / "tests" / "assets"  # written by tests/assets/make_assets.py
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+ONE_NODE = ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+
+NEEDS_FASHION_MNIST = "needs Fashion-MNIST: apt-get install dataset-fashion-mnist"
+needs_fashion_mnist = pytest.mark.skipif(not FASHION_MNIST_DIR.is_dir(), reason=NEEDS_FASHION_MNIST)
+
+
+def asset_specs(root: Path = ASSETS) -> dict[str, str]:
+    """`{"train": spec, "test": spec}` of the asset shards under `root` (brace patterns, `data.train`)."""
+    return {split: str(root / json.loads((root / f"{split}.json").read_text())["pattern"]) for split in ("train", "test")}
+
+
+def asset_samples(split: str = "test") -> Iterator[Sample]:
+    """The committed asset images of `split` ("train": 192, "test": 96), in shard order."""
+    for url in shard_urls(asset_specs()[split]):
+        for record in tar_records(url):
+            yield Sample(record["__key__"], Image.open(io.BytesIO(record["png"])), int(record["cls"]))
+
+
+def accelerate_launch(
+    args: list[str], script_args: list[str], timeout: int = 300, env: dict[str, str] | None = None,
+    script: str = "dist_train.py",
+) -> subprocess.CompletedProcess:
+    """`accelerate launch <args> tests/<script> <script_args>`, asserting it exits 0."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *args, str(ROOT / "tests" / script), *script_args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **(env or {})}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+def final_weights(out: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the model (parameters and BatchNorm buffers) in the newest checkpoint."""
+    return load_file(checkpoint.model_weights_file(checkpoint.complete_checkpoints(out)[-1]))
+
+
+class DumpWeights:
+    """A plugin saving every rank's modules after the last step to `<output_dir>/weights_rank<R>.pt`."""
+
+    @hookimpl
+    def on_train_step_end(self, modules, step, config):
+        if step == config.train.steps:
+            state = {k: v.detach().cpu().clone() for k, v in modules.named_parameters()}
+            torch.save(state, Path(config.output_dir) / f"weights_rank{distributed.rank()}.pt")
