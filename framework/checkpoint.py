@@ -38,7 +38,7 @@ import re
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import yaml
 from safetensors.torch import load_file
@@ -304,7 +304,7 @@ def check_resumable(path: Path, saved: dict[str, Any], now: dict[str, Any]) -> N
 def rebase_lr(scheduler: LambdaLR, base_lrs: list[float]) -> list[float] | None:
     """Give a restored LambdaLR `base_lrs` (one per param group) and its optimizer's groups the lr
     base x lr_lambda(step) they imply now; returns the replaced base lrs, or None if they were the same."""
-    old = list(scheduler.base_lrs)
+    old = cast(list[float], list(scheduler.base_lrs))  # the groups' float lrs (torch allows tensors too)
     if len(old) == len(base_lrs) and all(math.isclose(a, b, rel_tol=1e-12) for a, b in zip(old, base_lrs, strict=True)):
         return None
     scheduler.base_lrs = list(base_lrs)

@@ -185,7 +185,8 @@ def apply_speed_settings(
     each of `units` (in place, so state_dict keys and checkpoints stay the same); returns them."""
     if torch.cuda.is_available():
         precision = "tf32" if settings["tf32"] else "ieee"
-        torch.backends.cuda.matmul.fp32_precision = torch.backends.cudnn.conv.fp32_precision = precision
+        # torch's annotations of the replaced cudnn module leave out `conv` (a CudnnModule attribute)
+        torch.backends.cuda.matmul.fp32_precision = torch.backends.cudnn.conv.fp32_precision = precision  # type: ignore[attr-defined]
         torch.backends.cudnn.benchmark = settings["cudnn_benchmark"]
     if settings["channels_last"]:
         model.to(memory_format=torch.channels_last)
@@ -237,7 +238,8 @@ def build_accelerator(recipe: Recipe, log_with: list[str] | None = None) -> Acce
     from accelerate import Accelerator, DistributedDataParallelKwargs, InitProcessGroupKwargs
     from accelerate.utils import DeepSpeedPlugin, ProjectConfiguration
 
-    deepspeed_plugin, group = None, {"timeout": timedelta(seconds=recipe.distributed.timeout_seconds)}
+    deepspeed_plugin = None
+    group: dict[str, Any] = {"timeout": timedelta(seconds=recipe.distributed.timeout_seconds)}
     init_restarted_group(group["timeout"])
     if using_deepspeed():
         _deepspeed_without_transformers()

@@ -26,7 +26,7 @@ import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from accelerate.utils import DistributedType, set_seed
@@ -126,7 +126,7 @@ def start(recipe: Recipe, hooks: PluginHooks) -> Run | None:
     model = Model(hooks, recipe)
     if recipe.distributed.sync_batchnorm and accelerator.num_processes > 1 and accelerator.device.type == "cuda":
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    units = [module for modules in model.plugins.values() for module in modules.values()]
+    units = [module for modules in model.plugins.values() for module in cast(torch.nn.ModuleDict, modules).values()]
     speed = apply_speed_settings(model, speed_settings(recipe, accelerator.device.type), units)
     global_batch = recipe.data.batch_size * accelerator.num_processes * recipe.distributed.accumulation_steps
     lr = effective_lr(cfg, global_batch)

@@ -6,7 +6,7 @@ its whole graph. Nothing here knows about ranks or devices.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
@@ -61,7 +61,8 @@ class Model(nn.Module):
     @property
     def encoder(self) -> nn.Module:
         """The run's encoder: the `encode` provider's module `encoder` (it has `num_features`)."""
-        return self.plugins[self.encoder_plugin]["encoder"]
+        assert self.encoder_plugin is not None  # PluginHooks requires one unless only listing plugins
+        return cast(nn.ModuleDict, self.plugins[self.encoder_plugin])["encoder"]
 
     def _encode(self, images: torch.Tensor, ctx: StepContext | None) -> Encoding:
         return self.hooks.encode(self.plugins, images, ctx, self.config)
@@ -83,4 +84,4 @@ class Model(nn.Module):
 
 def weighted_total(terms: dict[str, torch.Tensor], weights: dict[str, Any]) -> torch.Tensor:
     """`sum(weight[plugin] * term)` over the terms `<plugin>.<term>`."""
-    return sum(weights[name.split(".", 1)[0]] * value for name, value in terms.items())  # type: ignore[return-value]
+    return sum(weights[name.split(".", 1)[0]] * value for name, value in terms.items())

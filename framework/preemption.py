@@ -57,6 +57,9 @@ class StopRequests:
     before its `worker_init_fn` runs inherits this handler, which ignores signals in other processes.)
     """
 
+    _pid: int  # set by __enter__ (main thread only)
+    _first: float  # when the first request came (set with `signum`)
+
     def __init__(self) -> None:
         self.signum = 0
         self._previous: dict[int, object] = {}

@@ -111,7 +111,8 @@ class RunLock:
     """`<output_dir>/.lock`, held with `flock` (released by the OS if the process dies)."""
 
     def __init__(self, path: Path, fd: int) -> None:
-        self.path, self.fd = path, fd
+        self.path = path
+        self.fd: int | None = fd  # None once released
 
     @classmethod
     def acquire(cls, out: Path) -> RunLock:
@@ -237,7 +238,9 @@ def open_run(accelerator: Accelerator, recipe: Recipe) -> RunLock | None:
 
     def decide() -> tuple[RunLock, None]:
         if resume not in ("auto", "never", "fresh"):
-            _verified(checkpoint.find_resume(out, resume))
+            path = checkpoint.find_resume(out, resume)
+            assert path is not None  # an explicit path: find_resume returns it or raises
+            _verified(path)
         out.mkdir(parents=True, exist_ok=True)
         lock = RunLock.acquire(out)
         try:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import socket
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -117,7 +117,7 @@ def write_recipe(path: str | Path, recipe: dict[str, Any]) -> Path:
 def run_steps(
     recipe: dict[str, Any] | str | Path,
     steps: int | None = None,
-    overrides: list[str] = (),
+    overrides: Sequence[str] = (),
     extra_plugins: dict[str, object] | None = None,
 ) -> Path:
     """Validate and train a recipe in this process; returns its output folder.

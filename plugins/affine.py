@@ -22,7 +22,7 @@ and BYOL, 10 for Barlow Twins). The head's input size is the encoder's `num_feat
 from __future__ import annotations
 
 import functools
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 from pydantic import Field, field_validator
@@ -83,7 +83,7 @@ def config_schema() -> type[PluginConfig]:
 
 @hookimpl
 def build_modules(cfg: AffineConfig, encoder: nn.Module) -> dict[str, nn.Module]:
-    dim = encoder.num_features
+    dim = cast(int, encoder.num_features)  # an int (the manager checks); torch types unknown module attributes Tensor | Module
     return {"head": make_head(dim if cfg.aggregation == "diff" else 2 * dim, cfg.hidden)}
 
 

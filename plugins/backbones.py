@@ -16,7 +16,7 @@ blocks [2,2,2,2] for ResNet-18, bottlenecks [3,6,4,3] for ResNet-50), and `conv2
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 import torchvision
@@ -67,7 +67,7 @@ def conv28_encoder(channels: int) -> nn.Module:
         nn.Conv2d(128, 256, 1, bias=False), nn.BatchNorm2d(256), nn.ReLU(inplace=True),
         nn.AdaptiveAvgPool2d(1), nn.Flatten(),
     )  # fmt: skip
-    net.num_features = 256
+    net.num_features = 256  # type: ignore[assignment]  # torch types Module.__setattr__ for tensors and modules only
     return net
 
 
@@ -75,7 +75,7 @@ def build_encoder(cfg: BackbonesConfig, channels: int) -> nn.Module:
     """The recipe's encoder, with `num_features` and the `export_metadata` of `augssl export`."""
     resnet = cfg.encoder.startswith("resnet")
     encoder = resnet_encoder(cfg.encoder, cfg.stem, channels) if resnet else conv28_encoder(channels)
-    encoder.export_metadata = {
+    encoder.export_metadata = {  # type: ignore[assignment]  # torch types Module.__setattr__ for tensors and modules only
         "arch": cfg.encoder,
         "stem": cfg.stem if resnet else "conv28",
         "key_names": "torchvision" if resnet else "augssl conv28",
@@ -212,7 +212,7 @@ def build_modules(config: Recipe, cfg: BackbonesConfig) -> dict[str, nn.Module]:
     encoder = build_encoder(cfg, channels)
     modules: dict[str, nn.Module] = {"encoder": encoder}
     if cfg.latent_dim is not None:
-        modules["head"] = VAEHead(encoder.num_features, cfg.latent_dim, cfg.logvar_range)
+        modules["head"] = VAEHead(cast(int, encoder.num_features), cfg.latent_dim, cfg.logvar_range)  # build_encoder sets it
     if cfg.decoder is not None:
         if cfg.latent_dim is None:
             raise ValueError("plugins.backbones.decoder needs plugins.backbones.latent_dim")

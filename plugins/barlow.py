@@ -16,6 +16,8 @@ exactly like one process with batch W*B (tests/test_contrastive_distributed.py).
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from pydantic import Field
 from torch import nn
@@ -86,7 +88,8 @@ def config_schema() -> type[PluginConfig]:
 
 @hookimpl
 def build_modules(cfg: BarlowConfig, encoder: nn.Module) -> dict[str, nn.Module]:
-    return {"projector": mlp(encoder.num_features, cfg.proj_hidden_dim, cfg.proj_output_dim, layers=3)}
+    width = cast(int, encoder.num_features)  # an int (the manager checks); torch types unknown module attributes Tensor | Module
+    return {"projector": mlp(width, cfg.proj_hidden_dim, cfg.proj_output_dim, layers=3)}
 
 
 @hookimpl

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import copy
 import math
+from typing import cast
 
 import torch
 from pydantic import Field
@@ -60,6 +61,8 @@ class BYOLConfig(PluginConfig):
 class Target(nn.Module):
     """The EMA network: `projector(encoder(x))`, never trained by the optimizer."""
 
+    initialised: torch.Tensor  # a buffer: True once the online weights are copied in
+
     def __init__(self, encoder: nn.Module, projector: nn.Module) -> None:
         super().__init__()
         self.encoder, self.projector = encoder, projector
@@ -72,7 +75,7 @@ class Target(nn.Module):
 
 def online_pairs(own: nn.ModuleDict, encoder: nn.Module) -> list[tuple[nn.Module, nn.Module]]:
     """(target part, online part) pairs: the run's encoder and this plugin's projector."""
-    target = own["target"]
+    target = cast(Target, own["target"])  # built by build_modules below
     return [(target.encoder, encoder), (target.projector, own["projector"])]
 
 
@@ -96,7 +99,7 @@ def initialise_target(own: nn.ModuleDict, encoder: nn.Module) -> None:
     Uses `torch.where` on the `initialised` flag, so no value is read back to the host; under
     ZeRO-3 on the gathered parameters (`full_parameters`), which are empty placeholders otherwise.
     """
-    done = own["target"].initialised
+    done = cast(Target, own["target"]).initialised
     for t_part, o_part in online_pairs(own, encoder):
         with full_parameters(t_part, o_part, modify=True):
             online = o_part.state_dict()
@@ -123,7 +126,7 @@ def config_schema() -> type[PluginConfig]:
 
 @hookimpl
 def build_modules(cfg: BYOLConfig, encoder: nn.Module) -> dict[str, nn.Module]:
-    h = encoder.num_features
+    h = cast(int, encoder.num_features)  # an int (the manager checks); torch types unknown module attributes Tensor | Module
     projector = mlp(h, cfg.proj_hidden_dim, cfg.proj_output_dim)
     target_projector = mlp(h, cfg.proj_hidden_dim, cfg.proj_output_dim)
     return {

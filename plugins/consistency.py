@@ -107,24 +107,28 @@ def augment(config: Recipe, cfg: ConsistencyConfig) -> dict[str, View]:
     return {"t": View(t)}
 
 
-def _posterior(enc: Encoding) -> Encoding:
+def _posterior(enc: Encoding) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(mu, logvar)` of the encoding's Gaussian posterior."""
     if enc.mu is None or enc.logvar is None:
         raise ValueError("the encoder has no VAE head: set plugins.backbones.latent_dim")
-    return enc
+    return enc.mu, enc.logvar
 
 
 @hookimpl
 def regularize(ctx: StepContext, cfg: ConsistencyConfig) -> dict[str, torch.Tensor]:
     likelihood = likelihood_of(cfg, ctx.config)
-    enc_x, enc_t = _posterior(ctx.encode("x")), _posterior(ctx.encode(VIEW))
+    enc_x = ctx.encode("x")
+    mu_x, logvar_x = _posterior(enc_x)
+    enc_t = ctx.encode(VIEW)
+    mu_t, logvar_t = _posterior(enc_t)
 
     terms: dict[str, torch.Tensor] = {}
     if adds_elbo_x(cfg, ctx.config):
         terms["recon_x"] = reconstruction_term(ctx, enc_x, ctx.views["x"], likelihood, f"{NAME}.recon_x")
-        terms["kl_x"] = cfg.beta1 * kl_standard_normal(enc_x.mu, enc_x.logvar)
+        terms["kl_x"] = cfg.beta1 * kl_standard_normal(mu_x, logvar_x)
     terms["recon_t"] = reconstruction_term(ctx, enc_t, ctx.views[VIEW], likelihood, f"{NAME}.recon_t")
-    terms["kl_t"] = cfg.beta2 * kl_standard_normal(enc_t.mu, enc_t.logvar)
-    kl = kl_gaussians(enc_t.mu, enc_t.logvar, enc_x.mu, enc_x.logvar)
+    terms["kl_t"] = cfg.beta2 * kl_standard_normal(mu_t, logvar_t)
+    kl = kl_gaussians(mu_t, logvar_t, mu_x, logvar_x)
     ctx.metrics[f"{NAME}.kl_unweighted"] = kl.detach()
     terms["consistency"] = cfg.lam * kl
     return terms

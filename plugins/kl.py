@@ -44,7 +44,7 @@ def config_schema() -> type[PluginConfig]:
 @hookimpl
 def regularize(ctx: StepContext, cfg: KLConfig) -> dict[str, torch.Tensor]:
     enc = ctx.encode("x")
-    if enc.mu is None:
+    if enc.mu is None or enc.logvar is None:
         raise ValueError("the encoder has no VAE head: set plugins.backbones.latent_dim")
     recon = reconstruction_term(ctx, enc, ctx.views["x"], cfg.likelihood, f"{NAME}.recon")
     kl = kl_standard_normal(enc.mu, enc.logvar)

@@ -16,6 +16,8 @@ group, scaled and scheduled like `train.lr`); unset, the probe trains at the run
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from pydantic import Field
 from torch import nn
@@ -37,7 +39,8 @@ def config_schema() -> type[PluginConfig]:
 
 @hookimpl
 def build_modules(cfg: ProbeConfig, encoder: nn.Module) -> dict[str, nn.Module]:
-    return {"linear": nn.Linear(encoder.num_features, cfg.num_classes)}
+    width = cast(int, encoder.num_features)  # an int (the manager checks); torch types unknown module attributes Tensor | Module
+    return {"linear": nn.Linear(width, cfg.num_classes)}
 
 
 @hookimpl

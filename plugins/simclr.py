@@ -17,6 +17,8 @@ them, so are the gradients (tests/test_contrastive_distributed.py checks both).
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 from pydantic import Field
@@ -94,7 +96,7 @@ def config_schema() -> type[PluginConfig]:
 
 @hookimpl
 def build_modules(cfg: SimCLRConfig, encoder: nn.Module) -> dict[str, nn.Module]:
-    h = encoder.num_features
+    h = cast(int, encoder.num_features)  # an int (the manager checks); torch types unknown module attributes Tensor | Module
     return {"projector": mlp(h, h, cfg.output_dim)}
 
 

@@ -89,7 +89,7 @@ class SampleToViews:
         if key is None:
             raise BadRecord(f"no image ({'/'.join(IMAGE_KEYS)}) in record")
         try:
-            image = Image.open(io.BytesIO(raw[key]))
+            image: Image.Image = Image.open(io.BytesIO(raw[key]))
             image.load()
             if image.mode != self.mode:
                 image = image.convert(self.mode)

@@ -184,6 +184,7 @@ class _Pipe(io.RawIOBase):
         self.cmd, self.timeout, self.guard = cmd, timeout, guard
         self.proc = subprocess.Popen(cmd, shell=True, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                      start_new_session=True)  # fmt: skip
+        assert self.proc.stdout is not None  # stdout=PIPE
         self.fd = self.proc.stdout.fileno()
 
     def readable(self) -> bool:
@@ -214,6 +215,7 @@ class _Pipe(io.RawIOBase):
                 os.killpg(self.proc.pid, signal.SIGKILL)
             except OSError:
                 pass
+        assert self.proc.stdout is not None  # stdout=PIPE
         self.proc.stdout.close()
         self.proc.wait()
         super().close()

@@ -14,6 +14,7 @@ import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -90,7 +91,7 @@ class _CifarUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"refusing to load global {module}.{name}")
 
 
-def _load_pickle(path: Path) -> dict[str, object]:
+def _load_pickle(path: Path) -> dict[str, Any]:
     """Load one CIFAR pickle (Python 2 or 3 written) with its keys as `str`."""
     if not path.is_file():
         raise FileNotFoundError(f"{path}: CIFAR batch file not found")

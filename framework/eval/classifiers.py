@@ -88,5 +88,5 @@ def knn_accuracy(
     for i in range(0, len(test_y), chunk):
         sim, idx = (test_x[i : i + chunk] @ train_x.T).topk(k, dim=1)
         votes = torch.zeros(len(sim), classes, device=sim.device).scatter_add_(1, train_y[idx], (sim / temperature).exp())
-        correct += (votes.argmax(1) == test_y[i : i + chunk]).sum().item()
+        correct += int((votes.argmax(1) == test_y[i : i + chunk]).sum().item())
     return correct / len(test_y)

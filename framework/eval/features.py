@@ -100,4 +100,8 @@ def _gather_sorted(local: dict[str, torch.Tensor | None], keys: list[str], state
     if not keys:  # no rank has a sample (extract says so)
         return {name: torch.empty(0, device=state.device) for name in local}
     order = torch.tensor(sorted(range(len(keys)), key=keys.__getitem__), device=state.device)
-    return {name: t[order] for name, t in local.items()}
+    gathered: dict[str, torch.Tensor] = {}
+    for name, t in local.items():
+        assert t is not None  # some rank has samples, and a rank without took their shape above
+        gathered[name] = t[order]
+    return gathered

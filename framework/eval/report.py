@@ -49,6 +49,7 @@ def online_knn(model: Model, recipe: Recipe) -> dict[str, float]:
     features are gathered); the global RNG and the model's train/eval mode are left as they were.
     """
     e, was_training = recipe.eval, model.training
+    assert e.train and e.test  # eval.knn_every needs them (EvalConfig checks)
     model.eval()
     with torch.random.fork_rng(devices=[]):  # the loader draws seeds: keep a resumed run's noise exact
         train, test = (extract(model, spec, recipe, e.batch_size, recipe.data.num_workers, max_samples=e.knn_samples,
@@ -76,15 +77,16 @@ def evaluate(
     start = time.perf_counter()
     model, recipe, path = load_run(output_dir, ckpt)
     model.to(process_state().device)
-    if not (recipe.eval.train and recipe.eval.test):
+    train_spec, test_spec = recipe.eval.train, recipe.eval.test
+    if not (train_spec and test_spec):
         raise ValueError(f"{path}/recipe.yaml: eval.train and eval.test (labelled shards) are needed")
     torch.manual_seed(0)
     train, test = (extract(model, spec, recipe, recipe.eval.batch_size, pixels=baseline)
-                   for spec in (recipe.eval.train, recipe.eval.test))  # fmt: skip
+                   for spec in (train_spec, test_spec))  # fmt: skip
 
     def reextract(epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
         g = torch.Generator().manual_seed(epoch)
-        fresh = extract(model, recipe.eval.train, recipe, recipe.eval.batch_size,
+        fresh = extract(model, train_spec, recipe, recipe.eval.batch_size,
                         transform=lambda x: crop_and_flip(x, generator=g), pixels=False)  # fmt: skip
         return fresh["features"], fresh["labels"]
 

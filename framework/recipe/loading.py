@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -177,7 +178,7 @@ def validate(
 
 def load_recipe(
     path: str | Path,
-    overrides: list[str] = (),
+    overrides: Sequence[str] = (),
     check_data: bool = True,
     extra_plugins: dict[str, object] | None = None,
 ) -> tuple[Recipe, PluginHooks]:
