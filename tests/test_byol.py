@@ -12,10 +12,10 @@ from safetensors.torch import load_file
 
 from framework import hookimpl
 from framework.checkpoint import complete_checkpoints, model_weights_file
-from framework.engine import build_optimizer
 from framework.logging import read_metrics
 from framework.model import Model
-from framework.recipe import validate
+from framework.optim import build_optimizer
+from framework.recipe.loading import validate
 from framework.testing import run_steps, tiny_recipe
 from plugins.byol import byol_loss, momentum_at
 

@@ -16,8 +16,8 @@ from safetensors.torch import load_file
 
 from framework import checkpoint, hookimpl
 from framework.cli import main
-from framework.engine import lr_factor
 from framework.logging import read_metrics
+from framework.optim import lr_factor
 from framework.recipe import TrainConfig
 from framework.testing import CONV28, free_port, run_steps, tiny_recipe, write_recipe
 from tests.helpers import ENV, ONE_NODE, ROOT

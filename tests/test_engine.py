@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from framework import checkpoint, hookimpl
-from framework.engine import TrainingError, lr_factor
+from framework.engine import TrainingError
 from framework.logging import read_metrics
+from framework.optim import lr_factor
 from framework.recipe import TrainConfig
 from framework.testing import run_steps, tiny_recipe
 

@@ -15,7 +15,7 @@ from framework.checkpoint import load_run
 from framework.cli import eval_main
 from framework.eval import crop_and_flip, extract, fit_linear, fit_sgd_linear, knn_accuracy
 from framework.logging import read_metrics
-from framework.recipe import RecipeError, validate
+from framework.recipe.loading import RecipeError, validate
 from framework.testing import free_port, run_steps, tiny_recipe
 from tests.helpers import asset_samples
 

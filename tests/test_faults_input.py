@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from framework.logging import read_metrics
-from framework.recipe import RecipeError, validate
+from framework.recipe.loading import RecipeError, validate
 from framework.testing import run_steps, tiny_recipe, write_recipe
 from tests.helpers import ENV, ROOT, asset_samples
 

@@ -106,7 +106,7 @@ class ConfigPlugin:
 
 
 def test_hook_config_schema(tmp_path, fmnist_shards):
-    from framework.recipe import RecipeError, apply_overrides, validate
+    from framework.recipe.loading import RecipeError, apply_overrides, validate
 
     recipe = tiny_recipe(tmp_path, fmnist_shards, plugins={"backbones": CONV28, "kl": {}, "cfgp": {"factor": 3.0}})
     cfg, _ = validate(recipe, extra_plugins={"cfgp": ConfigPlugin()})
@@ -130,7 +130,7 @@ class ModulesPlugin:
 
 def test_hook_build_modules(tmp_path, fmnist_shards):
     from framework.model import Model
-    from framework.recipe import validate
+    from framework.recipe.loading import validate
 
     recipe = tiny_recipe(tmp_path, fmnist_shards)
     cfg, hooks = validate(recipe, extra_plugins={"modp": ModulesPlugin()})
@@ -238,7 +238,7 @@ class Widthless(MeanEncoder):
 def test_the_encoder_must_declare_its_width(tmp_path, fmnist_shards):
     from framework.manager import PluginError
     from framework.model import Model
-    from framework.recipe import validate
+    from framework.recipe.loading import validate
 
     cfg, hooks = validate(tiny_recipe(tmp_path, fmnist_shards, plugins={"enc": {}}), extra_plugins={"enc": Widthless()})
     with pytest.raises(PluginError, match=r"plugin 'enc', hook 'build_modules': the encoder needs `num_features`"):
@@ -248,7 +248,7 @@ def test_the_encoder_must_declare_its_width(tmp_path, fmnist_shards):
 def test_hook_decode(tmp_path, fmnist_shards):
     from framework.manager import PluginError
     from framework.model import Model
-    from framework.recipe import validate
+    from framework.recipe.loading import validate
 
     cfg, hooks = validate(tiny_recipe(tmp_path, fmnist_shards))
     model = Model(hooks, cfg).eval()

@@ -87,7 +87,7 @@ class Scoped:
 
 def test_hooks_receive_their_own_section_and_modules(tmp_path, fmnist_shards):
     from framework.model import Model
-    from framework.recipe import validate
+    from framework.recipe.loading import validate
 
     spy = Scoped()
     recipe, hooks = validate(tiny_recipe(tmp_path, fmnist_shards), extra_plugins={"spy": spy})

@@ -10,7 +10,7 @@ import torch
 from framework import Encoding
 from framework.logging import read_metrics
 from framework.model import Model
-from framework.recipe import validate
+from framework.recipe.loading import validate
 from framework.testing import CONV28, run_steps, tiny_recipe
 from plugins import probe
 
@@ -95,7 +95,7 @@ def test_probe_above_chance_on_fashion_mnist(tmp_path, real_fmnist_shards):
 
 
 def test_a_plugin_lr_gives_its_modules_their_own_param_group(tmp_path, fmnist_shards):
-    from framework.engine import build_optimizer
+    from framework.optim import build_optimizer
 
     cfg, hooks = _config(tmp_path, fmnist_shards, lr=1e-4)
     model = Model(hooks, cfg)

@@ -12,7 +12,7 @@ import yaml
 
 from framework import PluginConfig, hookimpl
 from framework.cli import main
-from framework.recipe import RecipeError, apply_overrides, deep_merge, load_recipe, validate
+from framework.recipe.loading import RecipeError, apply_overrides, deep_merge, load_recipe, validate
 from framework.testing import tiny_recipe, write_recipe
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -15,7 +15,7 @@ import pytest
 
 from framework.engine import train
 from framework.logging import read_metrics
-from framework.recipe import apply_overrides, load_raw, validate
+from framework.recipe.loading import apply_overrides, load_raw, validate
 from framework.testing import tiny_shards
 
 pytestmark = pytest.mark.slow  # the engine trains every recipe; the fast check: tests/test_model_forward.py

@@ -14,8 +14,8 @@ import torch
 from safetensors.torch import load_file
 
 from framework import checkpoint
-from framework.engine import effective_lr
 from framework.logging import read_metrics
+from framework.optim import effective_lr
 from framework.recipe import TrainConfig
 from framework.testing import free_port, run_steps, tiny_recipe, write_recipe
 from tests.helpers import ENV, ONE_NODE, ROOT, accelerate_launch, final_weights
@@ -145,7 +145,7 @@ def test_linear_lr_scaling_uses_the_global_batch(tmp_path, fmnist_shards):
 
 def test_the_deepspeed_config_takes_stage_and_offload_from_the_launch_unless_the_recipe_sets_them(tmp_path):
     from framework.distributed import deepspeed_config
-    from framework.recipe import validate
+    from framework.recipe.loading import validate
 
     def config(deepspeed=None, **env):
         data = tiny_recipe(tmp_path, {"train": "x", "test": "x"}, distributed={"accumulation_steps": 4, "deepspeed": deepspeed})

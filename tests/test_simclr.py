@@ -11,7 +11,7 @@ from torch import nn
 
 from framework.logging import read_metrics
 from framework.model import Model
-from framework.recipe import load_recipe, validate
+from framework.recipe.loading import load_recipe, validate
 from framework.testing import run_steps, tiny_recipe
 from plugins.augmentations import infer_strength
 from plugins.simclr import nt_xent
