@@ -30,18 +30,44 @@ from framework.testing import free_port  # noqa: E402
 
 
 def run(recipe: str, processes: int, steps: int, batch: int, out: Path) -> dict:
-    launch = ["--num_processes", str(processes), "--num_machines", "1", "--mixed_precision", "no",
-              "--dynamo_backend", "no", "--main_process_port", str(free_port())]  # fmt: skip
+    launch = [
+        "--num_processes",
+        str(processes),
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(free_port()),
+    ]
     if processes > 1:
         launch.insert(0, "--multi_gpu")
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", *launch, str(ROOT / "launch" / "train.py"), recipe,
-           f"output_dir={out}", f"train.steps={steps}", "train.log_every=10", f"train.checkpoint_every={10 * steps}",
-           f"data.batch_size={batch}", "data.num_workers=0"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        *launch,
+        str(ROOT / "launch" / "train.py"),
+        recipe,
+        f"output_dir={out}",
+        f"train.steps={steps}",
+        "train.log_every=10",
+        f"train.checkpoint_every={10 * steps}",
+        f"data.batch_size={batch}",
+        "data.num_workers=0",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     subprocess.run(cmd, check=True, env=env, cwd=ROOT, stdout=subprocess.DEVNULL)
     rates = [r["images/s"] for r in read_metrics(out)][1:]
-    return {"processes": processes, "threads_per_process": 1, "batch_per_process": batch,
-            "images_per_second": statistics.median(rates), "windows": rates}  # fmt: skip
+    return {
+        "processes": processes,
+        "threads_per_process": 1,
+        "batch_per_process": batch,
+        "images_per_second": statistics.median(rates),
+        "windows": rates,
+    }
 
 
 def main() -> None:
@@ -55,11 +81,16 @@ def main() -> None:
         one = run(args.recipe, 1, args.steps, args.batch, Path(tmp) / "one")
         two = run(args.recipe, 2, args.steps, args.batch, Path(tmp) / "two")
     report = {
-        "benchmark": "cpu_scaling", "recipe": Path(args.recipe).name, "steps": args.steps, "cores": os.cpu_count(),
-        "backend": "gloo (accelerate MULTI_CPU)", "one_process": one, "two_processes": two,
+        "benchmark": "cpu_scaling",
+        "recipe": Path(args.recipe).name,
+        "steps": args.steps,
+        "cores": os.cpu_count(),
+        "backend": "gloo (accelerate MULTI_CPU)",
+        "one_process": one,
+        "two_processes": two,
         "speedup": two["images_per_second"] / one["images_per_second"],
         "efficiency": two["images_per_second"] / (2 * one["images_per_second"]),
-    }  # fmt: skip
+    }
     write_report(report, args.out)
 
 

@@ -8,8 +8,9 @@
 Also: records/s of the shard reader alone, augssl's `tar_records` vs webdataset's `tarfile` path.
 All three run the worker-side stack (uint8 out, normalisation deferred to the device); the
 ceiling with float32 normalisation in the worker is reported beside it.
-Run side by side in one invocation, interleaved `--repeats` times (medians reported); the images are synthetic 96-px RGB (STL-10 cannot be
-downloaded here), stored as JPEG quality 95 in both (a) and (b).
+Run side by side in one invocation, interleaved `--repeats` times (medians reported); the images
+are synthetic 96-px RGB (STL-10 cannot be downloaded here), stored as JPEG quality 95 in both (a)
+and (b).
 """
 
 from __future__ import annotations
@@ -51,9 +52,9 @@ class BothViews:
     the whole views, float32 out (the figure before normalisation moved to the device)."""
 
     def __init__(self, normalised: bool = False) -> None:
-        self.transforms = [v.transform for v in views().values()] if normalised else [
-            t for _, t, _ in split_normalize(views())[0]
-        ]
+        self.transforms = (
+            [v.transform for v in views().values()] if normalised else [t for _, t, _ in split_normalize(views())[0]]
+        )
 
     def __call__(self, image):
         return tuple(t(image) for t in self.transforms)
@@ -109,28 +110,42 @@ def main() -> None:
             return rate(make_loader(section, views(), epochs=1), args.images)
 
         def folder_loader() -> float:
-            return rate(DataLoader(ImageFolder(str(folder), transform=BothViews()), batch_size=BATCH,
-                                   num_workers=1, shuffle=True), args.images)  # fmt: skip
+            return rate(
+                DataLoader(
+                    ImageFolder(str(folder), transform=BothViews()), batch_size=BATCH, num_workers=1, shuffle=True
+                ),
+                args.images,
+            )
 
-        configs = {"a_shards_pipeline": shards, "b_imagefolder_dataloader": folder_loader,
-                   "c_in_memory_ceiling": lambda: in_memory(BothViews()),
-                   "c_float32_normalised_in_worker": lambda: in_memory(BothViews(normalised=True))}  # fmt: skip
+        configs = {
+            "a_shards_pipeline": shards,
+            "b_imagefolder_dataloader": folder_loader,
+            "c_in_memory_ceiling": lambda: in_memory(BothViews()),
+            "c_float32_normalised_in_worker": lambda: in_memory(BothViews(normalised=True)),
+        }
         runs: dict[str, list[float]] = {name: [] for name in configs}
         for _ in range(args.repeats):  # interleaved, so a slow spell of the machine hits all alike
             for name, measure in configs.items():
                 runs[name].append(measure())
         median = {name: statistics.median(values) for name, values in runs.items()}
         a, b, c, c_float = median.values()
-        readers = {"augssl_tar_records": lambda u: tar_records(u),
-                   "webdataset_tarfile_samples": lambda u: tarfile_samples([{"url": u}])}  # fmt: skip
+        readers = {
+            "augssl_tar_records": lambda u: tar_records(u),
+            "webdataset_tarfile_samples": lambda u: tarfile_samples([{"url": u}]),
+        }
         read_rates = {name: records_per_second(reader, shard_urls(info["pattern"])) for name, reader in readers.items()}
     report = {
-        "image_size": SIZE, "views": "clean x + SimCLR stl (AAVAE STL-10)", "images": args.images, "workers": 1,
-        "repeats": args.repeats, "images_per_second_per_worker": median, "every_repeat": runs,
+        "image_size": SIZE,
+        "views": "clean x + SimCLR stl (AAVAE STL-10)",
+        "images": args.images,
+        "workers": 1,
+        "repeats": args.repeats,
+        "images_per_second_per_worker": median,
+        "every_repeat": runs,
         "tar_reading_records_per_second": read_rates,
         "ratios": {"a_over_b": a / b, "a_over_c": a / c, "a_over_c_float32": a / c_float},
         "goals": {"a >= b": a >= b, "a >= 0.8 c": a >= 0.8 * c},
-    }  # fmt: skip
+    }
     write_report(report, args.out)
 
 

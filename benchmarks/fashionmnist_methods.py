@@ -52,26 +52,44 @@ def main() -> None:
         shutil.rmtree(out_dir, ignore_errors=True)
         start = time.perf_counter()
         subprocess.run(
-            [sys.executable, str(ROOT / "launch" / "train.py"), str(ROOT / "recipes" / f"{method}_fashionmnist.yaml"),
-             f"train.steps={args.steps}", f"train.seed={args.seed}", f"output_dir={out_dir}"],
-            check=True, cwd=ROOT,
-        )  # fmt: skip
+            [
+                sys.executable,
+                str(ROOT / "launch" / "train.py"),
+                str(ROOT / "recipes" / f"{method}_fashionmnist.yaml"),
+                f"train.steps={args.steps}",
+                f"train.seed={args.seed}",
+                f"output_dir={out_dir}",
+            ],
+            check=True,
+            cwd=ROOT,
+        )
         train_s = time.perf_counter() - start
         ev = evaluate(out_dir, baseline=i == 0, protocols=PROTOCOLS, epochs=args.linear_epochs)
         if i == 0:
             results["raw_pixels"] = {"accuracies": ev["raw_pixels_accuracies"], "dim": ev["pixel_dim"]}
-        results[method] = {"accuracies": ev["accuracies"], "dim": ev["feature_dim"],
-                           "pretraining_epochs": round(args.steps * BATCH / TRAIN_IMAGES, 2),
-                           "train_seconds": round(train_s, 1), "eval_seconds": ev["seconds"]}  # fmt: skip
+        results[method] = {
+            "accuracies": ev["accuracies"],
+            "dim": ev["feature_dim"],
+            "pretraining_epochs": round(args.steps * BATCH / TRAIN_IMAGES, 2),
+            "train_seconds": round(train_s, 1),
+            "eval_seconds": ev["seconds"],
+        }
         print(json.dumps({method: results[method]}), flush=True)
 
     report = {
         "dataset": "fashion-mnist (60000 train / 10000 test)",
-        "protocols": {"fast": "L-BFGS logistic regression", "knn": "weighted k-NN, k=200, T=0.07, cosine",
-                      "linear": f"SGD Nesterov, cosine, {args.linear_epochs} epochs, precomputed features"},
-        "encoder": "conv28", "steps": args.steps, "seed": args.seed, "batch_size": BATCH,
-        "linear_epochs": args.linear_epochs, "results": results,
-    }  # fmt: skip
+        "protocols": {
+            "fast": "L-BFGS logistic regression",
+            "knn": "weighted k-NN, k=200, T=0.07, cosine",
+            "linear": f"SGD Nesterov, cosine, {args.linear_epochs} epochs, precomputed features",
+        },
+        "encoder": "conv28",
+        "steps": args.steps,
+        "seed": args.seed,
+        "batch_size": BATCH,
+        "linear_epochs": args.linear_epochs,
+        "results": results,
+    }
     out = Path(args.out)
     write_report(report, out.with_name(f"{out.stem}_seed{args.seed}.json"))
     write_report(summarise(out.parent, out.stem, args.steps, args.linear_epochs), out)
@@ -90,17 +108,28 @@ def summarise(folder: Path, stem: str, steps: int, linear_epochs: int) -> dict:
         for key in ("pretraining_epochs", "train_seconds", "eval_seconds"):
             if key in entries[0]:
                 table[method][key] = _stats([e[key] for e in entries])["mean"]
-    checks = {"AAVAE > VAE": ("aavae", "vae", False), "CR-VAE >= VAE": ("crvae", "vae", True),
-              "SimCLR+affine >= SimCLR": ("simclr_affine", "simclr", True)}  # fmt: skip
+    checks = {
+        "AAVAE > VAE": ("aavae", "vae", False),
+        "CR-VAE >= VAE": ("crvae", "vae", True),
+        "SimCLR+affine >= SimCLR": ("simclr_affine", "simclr", True),
+    }
     directions = {}
     for name, (a, b, ties) in checks.items():
         if a in table and b in table:
             gap = table[a]["linear"]["mean"] - table[b]["linear"]["mean"]  # points
             spread = max(table[a]["linear"]["std"], table[b]["linear"]["std"])
-            directions[name] = {"holds": bool(gap >= 0 if ties else gap > 0), "gap_points": round(gap, 2),
-                                "gap_over_seed_std": round(gap / spread, 2) if spread else None}  # fmt: skip
-    return {"steps": steps, "linear_epochs": linear_epochs, "seeds": [r["seed"] for r in runs],
-            "methods": table, "paper_directions_linear": directions}  # fmt: skip
+            directions[name] = {
+                "holds": bool(gap >= 0 if ties else gap > 0),
+                "gap_points": round(gap, 2),
+                "gap_over_seed_std": round(gap / spread, 2) if spread else None,
+            }
+    return {
+        "steps": steps,
+        "linear_epochs": linear_epochs,
+        "seeds": [r["seed"] for r in runs],
+        "methods": table,
+        "paper_directions_linear": directions,
+    }
 
 
 def _stats(values: list[float]) -> dict:

@@ -52,16 +52,40 @@ def shards(root: Path, size: int, n: int, readers: int) -> str:
 
 
 def run(recipe: str, spec: str, mode: str, args: argparse.Namespace, batch: int, out: Path) -> dict:
-    launch = ["--num_processes", str(args.gpus), "--num_machines", "1", "--mixed_precision", "bf16",
-              "--dynamo_backend", "no", "--main_process_port", str(free_port()), *MODES[mode]]  # fmt: skip
+    launch = [
+        "--num_processes",
+        str(args.gpus),
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "bf16",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(free_port()),
+        *MODES[mode],
+    ]
     if mode == "ddp" and args.gpus > 1:
         launch.insert(0, "--multi_gpu")
     log_every = 1 if args.cpu_smoke else 10
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", *launch, str(ROOT / "launch" / "train.py"),
-           str(ROOT / "recipes" / recipe), f"output_dir={out}", f"data.train={spec}", f"data.batch_size={batch}",
-           f"data.num_workers={args.workers}", f"train.steps={args.steps}", f"train.log_every={log_every}",
-           f"train.checkpoint_every={10 * args.steps}", "train.warmup_steps=0",
-           "eval.train=null", "eval.test=null"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        *launch,
+        str(ROOT / "launch" / "train.py"),
+        str(ROOT / "recipes" / recipe),
+        f"output_dir={out}",
+        f"data.train={spec}",
+        f"data.batch_size={batch}",
+        f"data.num_workers={args.workers}",
+        f"train.steps={args.steps}",
+        f"train.log_every={log_every}",
+        f"train.checkpoint_every={10 * args.steps}",
+        "train.warmup_steps=0",
+        "eval.train=null",
+        "eval.test=null",
+    ]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
     if proc.returncode != 0:

@@ -37,12 +37,17 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     recipe, hooks = validate(
-        {"output_dir": "/tmp/unused", "train": {"steps": 1, "lr": 2.5e-4},
-         "data": {"train": "unused", "image_size": 32, "channels": 3, "mean": MEAN, "std": STD},
-         "plugins": {"backbones": {"encoder": "resnet18", "stem": "cifar", "decoder": "resnet18", "latent_dim": 128},
-                     "aavae": {"likelihood": "gaussian"}}},
+        {
+            "output_dir": "/tmp/unused",
+            "train": {"steps": 1, "lr": 2.5e-4},
+            "data": {"train": "unused", "image_size": 32, "channels": 3, "mean": MEAN, "std": STD},
+            "plugins": {
+                "backbones": {"encoder": "resnet18", "stem": "cifar", "decoder": "resnet18", "latent_dim": 128},
+                "aavae": {"likelihood": "gaussian"},
+            },
+        },
         check_data=False,
-    )  # fmt: skip
+    )
     torch.manual_seed(0)
     model = Model(hooks, recipe).train()
     weights = model.weights()
@@ -74,10 +79,15 @@ def main() -> None:
             times[name].append(time.perf_counter() - t)
     med = {k: statistics.median(v) for k, v in times.items()}
     result = {
-        "benchmark": "hook_overhead", "model": "AAVAE ResNet-18 cifar stem, 32 px", "batch": args.batch,
-        "device": "cpu", "threads": args.threads, "steps": args.steps,
-        "median_step_s": med, "ratio_engine_over_plain": med["engine"] / med["plain"],
-    }  # fmt: skip
+        "benchmark": "hook_overhead",
+        "model": "AAVAE ResNet-18 cifar stem, 32 px",
+        "batch": args.batch,
+        "device": "cpu",
+        "threads": args.threads,
+        "steps": args.steps,
+        "median_step_s": med,
+        "ratio_engine_over_plain": med["engine"] / med["plain"],
+    }
     write_report(result, args.out)
 
 

@@ -75,7 +75,9 @@ def complete_checkpoints(output_dir: str | Path) -> list[Path]:
     root = checkpoint_root(output_dir)
     if not root.is_dir():
         return []
-    done = [(int(m[1]), p) for p in root.iterdir() if (m := _STEP_FOLDER.fullmatch(p.name)) and (p / STATE_FILE).is_file()]
+    done = [
+        (int(m[1]), p) for p in root.iterdir() if (m := _STEP_FOLDER.fullmatch(p.name)) and (p / STATE_FILE).is_file()
+    ]
     return [p for _, p in sorted(done)]
 
 
@@ -90,15 +92,19 @@ def find_resume(output_dir: str | Path, resume: str) -> Path | None:
     path = Path(resume)
     if not (path / STATE_FILE).is_file():
         why = "no such folder" if not path.exists() else f"no {STATE_FILE}: an unfinished or foreign folder"
-        raise CheckpointError(f"train.resume: {path} is not a complete checkpoint ({why}); "
-                              "give a checkpoints/step_<N> folder, or train.resume=auto")  # fmt: skip
+        raise CheckpointError(
+            f"train.resume: {path} is not a complete checkpoint ({why}); "
+            "give a checkpoints/step_<N> folder, or train.resume=auto"
+        )
     return path
 
 
 def _relative_files(folder: Path) -> list[str]:
     """Every file of a checkpoint folder (recursively) except the two written after the checksums."""
     return sorted(
-        p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() and p.name not in (CHECKSUMS_FILE, STATE_FILE)
+        p.relative_to(folder).as_posix()
+        for p in folder.rglob("*")
+        if p.is_file() and p.name not in (CHECKSUMS_FILE, STATE_FILE)
     )
 
 
@@ -118,7 +124,10 @@ def _digests(folder: Path, names: list[str]) -> list[str]:
 def write_checksums(folder: Path) -> Path:
     """`folder/checksums.json`: the size and BLAKE2b-256 of every file in the folder."""
     names = _relative_files(folder)
-    files = {n: {"bytes": (folder / n).stat().st_size, "blake2b": d} for n, d in zip(names, _digests(folder, names), strict=True)}
+    files = {
+        n: {"bytes": (folder / n).stat().st_size, "blake2b": d}
+        for n, d in zip(names, _digests(folder, names), strict=True)
+    }
     out = folder / CHECKSUMS_FILE
     out.write_text(json.dumps({"algorithm": "blake2b-256", "files": files}, indent=1))
     return out
@@ -178,14 +187,17 @@ def _agree(accelerator: Accelerator, error: str | None, tmp: Path, output_dir: s
     kept = complete_checkpoints(output_dir)
     raise CheckpointError(
         f"checkpoint {tmp.name.removesuffix('.tmp')} could not be written ({failed}): removed {tmp}; "
-        + (f"the previous checkpoints are kept (newest {kept[-1].name}, where train.resume=auto continues)"
-           if kept else "there is no earlier checkpoint")  # fmt: skip
+        + (
+            f"the previous checkpoints are kept (newest {kept[-1].name}, where train.resume=auto continues)"
+            if kept
+            else "there is no earlier checkpoint"
+        )
         + "; free space (or fix the folder) and rerun"
     )
 
 
 def launch_state(accelerator: Accelerator, recipe: Recipe) -> dict[str, Any]:
-    """What a checkpoint records about the launch that wrote it: processes, DeepSpeed and its ZeRO stage, global batch."""
+    """What a checkpoint records about the launch that wrote it: processes, DeepSpeed, its ZeRO stage, global batch."""
     from accelerate.utils import DistributedType
 
     deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
@@ -340,9 +352,11 @@ def load(
     if not same_world:
         set_seed(recipe.train.seed + state["step"])
     if base_lrs is not None and (old := rebase_lr(lambda_lr, base_lrs)) is not None:
-        accelerator.print(f"augssl: lr {old[0]:g} -> {base_lrs[0]:g} on resume (global batch "
-                          f"{state.get('global_batch', '?')} -> {now['global_batch']}, "
-                          f"train.lr_scaling={recipe.train.lr_scaling})")  # fmt: skip
+        accelerator.print(
+            f"augssl: lr {old[0]:g} -> {base_lrs[0]:g} on resume (global batch "
+            f"{state.get('global_batch', '?')} -> {now['global_batch']}, "
+            f"train.lr_scaling={recipe.train.lr_scaling})"
+        )
     rank_file = path / f"data_rank{accelerator.process_index}.json"
     if not same_world or not rank_file.is_file():
         return state, None

@@ -84,13 +84,20 @@ def eval_main(argv: Sequence[str]) -> None:
     parser = argparse.ArgumentParser(prog="augssl eval", description=eval_main.__doc__)
     parser.add_argument("output_dirs", nargs="+", metavar="output_dir")
     parser.add_argument("--checkpoint", default=None, help="a checkpoint folder (one run only; default: newest)")
-    parser.add_argument("--protocol", default="fast", choices=["fast", "linear", "knn", "all"],
-                        help="fast: L-BFGS logistic regression; linear: SGD protocol of METHODS.md; knn: k=200 "
-                             "weighted k-NN; all: the three (default: fast)")  # fmt: skip
+    parser.add_argument(
+        "--protocol",
+        default="fast",
+        choices=["fast", "linear", "knn", "all"],
+        help="fast: L-BFGS logistic regression; linear: SGD protocol of METHODS.md; knn: k=200 "
+        "weighted k-NN; all: the three (default: fast)",
+    )
     parser.add_argument("--epochs", type=int, default=90, help="linear: epochs (default 90)")
-    parser.add_argument("--augment", action="store_true",
-                        help="linear: RandomCrop(pad 4)+flip, features re-extracted every epoch (slow; "
-                             "default: features extracted once)")  # fmt: skip
+    parser.add_argument(
+        "--augment",
+        action="store_true",
+        help="linear: RandomCrop(pad 4)+flip, features re-extracted every epoch (slow; "
+        "default: features extracted once)",
+    )
     parser.add_argument("--batch-size", type=int, default=256, help="linear: batch size; lr = 0.1 x batch/256")
     parser.add_argument("--k", type=int, default=200, help="knn: neighbours (default 200)")
     parser.add_argument("--temperature", type=float, default=0.07, help="knn: vote temperature (default 0.07)")
@@ -104,10 +111,16 @@ def eval_main(argv: Sequence[str]) -> None:
     for i, out in enumerate(args.output_dirs):
         try:
             result = evaluate(
-                out, args.checkpoint, baseline=i == 0, protocols=protocols, epochs=args.epochs,
-                augment=args.augment, knn_k=args.k, knn_temperature=args.temperature,
+                out,
+                args.checkpoint,
+                baseline=i == 0,
+                protocols=protocols,
+                epochs=args.epochs,
+                augment=args.augment,
+                knn_k=args.k,
+                knn_temperature=args.temperature,
                 linear_batch_size=args.batch_size,
-            )  # raw pixels: the same for every run, fitted once  # fmt: skip
+            )  # raw pixels: the same for every run, fitted once
         except (FileNotFoundError, ValueError) as exc:
             _fail(str(exc))
         if i == 0:
@@ -154,10 +167,19 @@ def shards_main(argv: Sequence[str]) -> None:
 
             samples = islice(samples, args.limit)
         info = write_shards(
-            samples, args.out, maxcount=args.maxcount, maxsize=args.maxsize, fmt=args.format, quality=args.quality,
-            manifest={"source": args.source, "root": str(root), "split": args.split,
-                      "classes": sources.classes(args.source, root)},
-        )  # fmt: skip
+            samples,
+            args.out,
+            maxcount=args.maxcount,
+            maxsize=args.maxsize,
+            fmt=args.format,
+            quality=args.quality,
+            manifest={
+                "source": args.source,
+                "root": str(root),
+                "split": args.split,
+                "classes": sources.classes(args.source, root),
+            },
+        )
     except (OSError, ValueError) as exc:  # the shards and manifest already there are left untouched
         _fail(one_line(exc))
     except Exception as exc:  # a reader tripping on a damaged file: still one line
@@ -215,9 +237,13 @@ def plot_main(argv: Sequence[str]) -> None:
 
 
 COMMANDS = {
-    "train": train_main, "eval": eval_main, "shards": shards_main, "plugins": plugins_main,
-    "export": export_main, "plot": plot_main,
-}  # fmt: skip
+    "train": train_main,
+    "eval": eval_main,
+    "shards": shards_main,
+    "plugins": plugins_main,
+    "export": export_main,
+    "plot": plot_main,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -126,8 +126,10 @@ def deepspeed_config(recipe: Recipe, env: Mapping[str, str] = os.environ) -> dic
     offload = ds["zero_optimization"].get("offload_optimizer", {}).get("device", "none")
     if offload != "none" and recipe.train.optimizer not in ("adam", "adamw"):
         # Accelerate replaces any optimizer by DeepSpeedCPUAdam under optimizer offload.
-        raise ValueError(f"distributed: optimizer offload ({offload}) runs DeepSpeed's CPU Adam, not "
-                         f"train.optimizer={recipe.train.optimizer}: use adam/adamw or drop offload_optimizer")  # fmt: skip
+        raise ValueError(
+            f"distributed: optimizer offload ({offload}) runs DeepSpeed's CPU Adam, not "
+            f"train.optimizer={recipe.train.optimizer}: use adam/adamw or drop offload_optimizer"
+        )
     precision = mixed_precision(recipe, env)
     recipe_sets_precision = any(k in ds for k in ("bf16", "fp16", "torch_autocast"))
     if precision == "fp16" and not recipe_sets_precision:
@@ -228,8 +230,13 @@ def init_restarted_group(timeout: timedelta, env: Mapping[str, str] = os.environ
     store = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), world, is_master=False, timeout=timeout)
     if torch.cuda.is_available():
         torch.cuda.set_device(int(env.get("LOCAL_RANK", 0)))
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=timeout, rank=int(env["RANK"]),
-                            world_size=world, store=dist.PrefixStore(f"augssl/attempt_{attempt}", store))  # fmt: skip
+    dist.init_process_group(
+        "nccl" if torch.cuda.is_available() else "gloo",
+        timeout=timeout,
+        rank=int(env["RANK"]),
+        world_size=world,
+        store=dist.PrefixStore(f"augssl/attempt_{attempt}", store),
+    )
     return True
 
 

@@ -130,8 +130,10 @@ def start(recipe: Recipe, hooks: PluginHooks) -> Run | None:
     speed = apply_speed_settings(model, speed_settings(recipe, accelerator.device.type), units)
     global_batch = recipe.data.batch_size * accelerator.num_processes * recipe.distributed.accumulation_steps
     lr = effective_lr(cfg, global_batch)
-    accelerator.print(f"augssl: global batch {global_batch}, lr {lr:g} (train.lr_scaling={cfg.lr_scaling}), "
-                      f"precision {mixed_precision(recipe)}, {' '.join(k for k, on in speed.items() if on) or 'eager'}")  # fmt: skip
+    accelerator.print(
+        f"augssl: global batch {global_batch}, lr {lr:g} (train.lr_scaling={cfg.lr_scaling}), "
+        f"precision {mixed_precision(recipe)}, {' '.join(k for k, on in speed.items() if on) or 'eager'}"
+    )
     optimizer = build_optimizer(model, recipe, lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
     prepared, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
@@ -150,15 +152,32 @@ def start(recipe: Recipe, hooks: PluginHooks) -> Run | None:
         return None
     exact = bool(position.workers)  # the checkpoint says where every data worker stood
     loader = make_loader(
-        recipe.data, build_views(recipe, hooks), rank=accelerator.process_index,
-        world_size=accelerator.num_processes, seed=cfg.seed if exact or step == 0 else cfg.seed + step,
-        resume=position if exact else None, pin_memory=accelerator.device.type == "cuda",
-    )  # fmt: skip
+        recipe.data,
+        build_views(recipe, hooks),
+        rank=accelerator.process_index,
+        world_size=accelerator.num_processes,
+        seed=cfg.seed if exact or step == 0 else cfg.seed + step,
+        resume=position if exact else None,
+        pin_memory=accelerator.device.type == "cuda",
+    )
     accelerator.init_trackers("augssl", config={"recipe": str(out / "recipe.yaml")})
     logger = RunLogger(accelerator, out, cfg.steps, step)
     deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
-    return Run(accelerator, prepared, unwrapped, optimizer, scheduler, loader, logger, lr, step, position,
-               speed["channels_last"], deepspeed, lock)  # fmt: skip
+    return Run(
+        accelerator,
+        prepared,
+        unwrapped,
+        optimizer,
+        scheduler,
+        loader,
+        logger,
+        lr,
+        step,
+        position,
+        speed["channels_last"],
+        deepspeed,
+        lock,
+    )
 
 
 def log_interval(run: Run, recipe: Recipe, skipped: int) -> None:
@@ -167,15 +186,23 @@ def log_interval(run: Run, recipe: Recipe, skipped: int) -> None:
     with collective(f"step {run.step}: the log reduction"):
         record = run.logger.interval_record(run.position)
     lr_now = run.lr * lr_factor(run.step, recipe.train)
-    record.update({"epoch": run.position.epoch, **logged_lrs(recipe, run.optimizer, run.scheduler, lr_now),
-                   "skipped_steps": skipped, "images/s": run.logger.images_per_second()})  # fmt: skip
+    record.update(
+        {
+            "epoch": run.position.epoch,
+            **logged_lrs(recipe, run.optimizer, run.scheduler, lr_now),
+            "skipped_steps": skipped,
+            "images/s": run.logger.images_per_second(),
+        }
+    )
     if run.accelerator.device.type == "cuda":
         record["memory/peak_gib"] = torch.cuda.max_memory_allocated(run.accelerator.device) / 2**30
     run.logger.log(run.step, record)
     bad, seen, limit = record["data.bad_records"], record["data.seen"], recipe.data.max_bad_fraction
     if seen and bad / seen > limit:
-        raise TrainingError(f"data: {int(bad)} of {int(seen)} records were bad (> data.max_bad_fraction={limit}); "
-                            f"last: {run.position.last_bad}")  # fmt: skip
+        raise TrainingError(
+            f"data: {int(bad)} of {int(seen)} records were bad (> data.max_bad_fraction={limit}); "
+            f"last: {run.position.last_bad}"
+        )
 
 
 def due(every: int, step: int) -> bool:
@@ -207,8 +234,10 @@ def train(recipe: Recipe, hooks: PluginHooks) -> Path:
                         accelerator.backward(loss * math.nan)
                     optimizer.zero_grad(set_to_none=True)  # DDP: drops the window on its last micro-step
                     if bad_in_row >= cfg.max_bad_steps:
-                        raise TrainingError(f"{bad_in_row} non-finite losses in a row at step {run.step}; "
-                                            f"last good checkpoint: {checkpoint.find_resume(out, 'auto')}")  # fmt: skip
+                        raise TrainingError(
+                            f"{bad_in_row} non-finite losses in a row at step {run.step}; "
+                            f"last good checkpoint: {checkpoint.find_resume(out, 'auto')}"
+                        )
                     continue
                 bad_in_row = 0
                 with collective(f"step {run.step + 1}: the gradient all-reduce"):

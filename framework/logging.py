@@ -50,8 +50,9 @@ class RunLogger:
         # instead, since every carriage-return update of a bar would be kept there.
         self.lines = self.main and not sys.stderr.isatty()
         self.total = total_steps
-        self.bar = tqdm(total=total_steps, initial=start_step, disable=not self.main or self.lines, unit="step",
-                        dynamic_ncols=True)  # fmt: skip
+        self.bar = tqdm(
+            total=total_steps, initial=start_step, disable=not self.main or self.lines, unit="step", dynamic_ncols=True
+        )
         self._t0 = time.perf_counter()
         self._images = 0
         self._running: dict[str, torch.Tensor] = {}
@@ -73,8 +74,11 @@ class RunLogger:
         values = self.accelerator.reduce(stats, "sum").tolist()  # sync point: one per log interval
         n = self.accelerator.num_processes * self._summed
         self._running, self._summed = {}, 0
-        return {**{name: v / n for name, v in zip(names, values, strict=False)},
-                "data.bad_records": values[-2], "data.seen": values[-1]}  # fmt: skip
+        return {
+            **{name: v / n for name, v in zip(names, values, strict=False)},
+            "data.bad_records": values[-2],
+            "data.seen": values[-1],
+        }
 
     def count_images(self, n: int) -> None:
         self._images += n
@@ -92,7 +96,9 @@ class RunLogger:
         if self.main:
             with self.path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
-            main_terms = {k: f"{v:.4g}" for k, v in values.items() if k in ("epoch", "loss", "images/s") or k.count(".") == 1}
+            main_terms = {
+                k: f"{v:.4g}" for k, v in values.items() if k in ("epoch", "loss", "images/s") or k.count(".") == 1
+            }
             if self.lines:
                 terms = " ".join(f"{k}={v}" for k, v in main_terms.items())
                 print(f"augssl: step {step}/{self.total} {terms}", file=sys.stderr, flush=True)

@@ -34,8 +34,16 @@ ENTRY_POINT_GROUP = hookspecs.PROJECT
 
 # The built-in plugins, by recipe name; each is the module `plugins.<name>`.
 BUILTIN_PLUGINS: tuple[str, ...] = (
-    "backbones", "kl", "aavae", "consistency", "affine", "simclr", "byol", "barlow", "probe",
-)  # fmt: skip
+    "backbones",
+    "kl",
+    "aavae",
+    "consistency",
+    "affine",
+    "simclr",
+    "byol",
+    "barlow",
+    "probe",
+)
 
 
 class PluginError(Exception):
@@ -70,9 +78,7 @@ def load_plugin(name: str) -> object:
 class PluginHooks:
     """The typed facade over pluggy: one method per hook of `framework.hookspecs`."""
 
-    def __init__(
-        self, names: list[str], extra: dict[str, object] | None = None, require_encoder: bool = True
-    ) -> None:
+    def __init__(self, names: list[str], extra: dict[str, object] | None = None, require_encoder: bool = True) -> None:
         """Register the plugins `names` (loaded by name) and `extra` (objects, by name).
 
         `require_encoder=False` skips the exactly-one-`encode` check (listing plugins alone).
@@ -112,9 +118,7 @@ class PluginHooks:
         providers = [impl.plugin_name for impl in getattr(self.pm.hook, hook).get_hookimpls()]
         if len(providers) > 1 or (required and not providers):
             need = "exactly one plugin" if required else "at most one plugin"
-            raise PluginError(
-                f"hook {hook!r}: {need} may implement it, found {len(providers)}: {providers or 'none'}"
-            )
+            raise PluginError(f"hook {hook!r}: {need} may implement it, found {len(providers)}: {providers or 'none'}")
         return providers[0] if providers else None
 
     def _impls(self, hook: str, plugin: str | None = None) -> list[pluggy.HookImpl]:
@@ -176,15 +180,23 @@ class PluginHooks:
         encoder = None
         if self.encoder_plugin is not None:
             first = self._impls("build_modules", self.encoder_plugin)
-            own = self._call("build_modules", first[0], config=config, encoder=None, **scope(self.encoder_plugin)) if first else {}
+            own = (
+                self._call("build_modules", first[0], config=config, encoder=None, **scope(self.encoder_plugin))
+                if first
+                else {}
+            )
             encoder = self._check_encoder(own)
             built[self.encoder_plugin] = own
         for impl in self._impls("build_modules"):
             if impl.plugin_name != self.encoder_plugin:
-                built[impl.plugin_name] = self._call("build_modules", impl, config=config, encoder=encoder, **scope(impl.plugin_name))
+                built[impl.plugin_name] = self._call(
+                    "build_modules", impl, config=config, encoder=encoder, **scope(impl.plugin_name)
+                )
         for plugin, modules in built.items():
             if not isinstance(modules, dict):
-                raise PluginError(f"plugin {plugin!r}, hook 'build_modules': returned {type(modules).__name__}, expected dict")
+                raise PluginError(
+                    f"plugin {plugin!r}, hook 'build_modules': returned {type(modules).__name__}, expected dict"
+                )
             for key, module in modules.items():
                 if not isinstance(module, nn.Module):
                     raise PluginError(f"plugin {plugin!r}, hook 'build_modules': {key!r} is not an nn.Module")
@@ -216,14 +228,25 @@ class PluginHooks:
         """The encoding of `view` by the one `encode` provider."""
         assert self.encoder_plugin is not None
         (impl,) = self._impls("encode")
-        return self._call("encode", impl, modules=modules, view=view, ctx=ctx, **self._scope(config, modules)(impl.plugin_name))
+        return self._call(
+            "encode", impl, modules=modules, view=view, ctx=ctx, **self._scope(config, modules)(impl.plugin_name)
+        )
 
-    def decode(self, modules: nn.ModuleDict, encoding: Encoding, ctx: StepContext | None, config: Recipe) -> torch.Tensor:
+    def decode(
+        self, modules: nn.ModuleDict, encoding: Encoding, ctx: StepContext | None, config: Recipe
+    ) -> torch.Tensor:
         """The reconstruction of `encoding` by the one `decode` provider."""
         if self.decoder_plugin is None:
             raise PluginError("hook 'decode': no plugin of this recipe implements it (a decoder)")
         (impl,) = self._impls("decode")
-        return self._call("decode", impl, modules=modules, encoding=encoding, ctx=ctx, **self._scope(config, modules)(impl.plugin_name))
+        return self._call(
+            "decode",
+            impl,
+            modules=modules,
+            encoding=encoding,
+            ctx=ctx,
+            **self._scope(config, modules)(impl.plugin_name),
+        )
 
     def regularize(self, modules: nn.ModuleDict, ctx: StepContext) -> dict[str, dict[str, torch.Tensor]]:
         return self._collect("regularize", dict, self._scope(ctx.config, modules), modules=modules, ctx=ctx)

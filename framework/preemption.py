@@ -46,8 +46,10 @@ class Preempted(Exception):
 
     def __init__(self, signum: int, step: int, checkpoint: str) -> None:
         self.signum, self.step, self.checkpoint = signum, step, checkpoint
-        super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}; checkpoint {checkpoint} "
-                         f"(train.resume: auto continues from it)")  # fmt: skip
+        super().__init__(
+            f"stopped by {signal.Signals(signum).name} after step {step}; checkpoint {checkpoint} "
+            f"(train.resume: auto continues from it)"
+        )
 
 
 class StopRequests:

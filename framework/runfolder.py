@@ -60,16 +60,30 @@ DAMAGED = ".damaged"
 # Plugins that hold no modules (loss terms such as `kl`) may be added, removed or changed.
 RESUME_MAY_CHANGE = (
     "output_dir",  # the run folder may have moved
-    "train.steps", "train.lr", "train.lr_scaling", "train.warmup_steps", "train.schedule",  # lrs are rebased on load
-    "train.log_every", "train.checkpoint_every", "train.preview_every", "train.log_with",
-    "train.keep_checkpoints", "train.resume", "train.max_bad_steps", "train.compile",
+    "train.steps",
+    "train.lr",
+    "train.lr_scaling",
+    "train.warmup_steps",
+    "train.schedule",  # lrs are rebased on load
+    "train.log_every",
+    "train.checkpoint_every",
+    "train.preview_every",
+    "train.log_with",
+    "train.keep_checkpoints",
+    "train.resume",
+    "train.max_bad_steps",
+    "train.compile",
     "data.train",  # the same shards elsewhere (e.g. copied to node-local disk); the cursor assumes the same list
-    "data.max_bad_fraction", "data.stall_seconds", "data.timeout_seconds", "data.retries",  # fault handling
+    "data.max_bad_fraction",
+    "data.stall_seconds",
+    "data.timeout_seconds",
+    "data.retries",  # fault handling
     "data.num_classes",  # which labels count as bad records
     "eval.*",  # evaluation only
     "distributed.*",  # the launch: checkpoint.check_resumable decides (DeepSpeed needs the same world and stage)
-    "plugins.*.weight", "plugins.*.lr",  # loss weights; a plugin's lr is rebased like train.lr
-)  # fmt: skip
+    "plugins.*.weight",
+    "plugins.*.lr",  # loss weights; a plugin's lr is rebased like train.lr
+)
 
 
 class RunBusyError(CheckpointError):
@@ -134,7 +148,11 @@ class RunLock:
                 ) from None
             except OSError:  # a filesystem without flock: fall back on the recorded pid
                 info = _read_lock(fd)
-                if info.get("host") == socket.gethostname() and info.get("pid") != os.getpid() and _pid_alive(info.get("pid")):
+                if (
+                    info.get("host") == socket.gethostname()
+                    and info.get("pid") != os.getpid()
+                    and _pid_alive(info.get("pid"))
+                ):
                     os.close(fd)
                     raise RunBusyError(f"{out} is in use by another run ({_holder(info)}; {path})") from None
             with contextlib.suppress(FileNotFoundError):
@@ -222,8 +240,9 @@ def move_aside(out: Path) -> Path | None:
 
 def _verified(path: Path) -> Path:
     if (problem := checkpoint.verify(path)) is not None:
-        raise CheckpointError(f"train.resume: checkpoint {path} is damaged ({problem}); "
-                              "give another checkpoint, or train.resume=auto")  # fmt: skip
+        raise CheckpointError(
+            f"train.resume: checkpoint {path} is damaged ({problem}); give another checkpoint, or train.resume=auto"
+        )
     return path
 
 
@@ -330,13 +349,18 @@ def _newest_intact(out: Path) -> Path | None:
                 while dest.exists():
                     dest, n = bad.with_name(f"{bad.name}{DAMAGED}-{n}"), n + 1
                 bad.rename(dest)
-                print(f"augssl: checkpoint {bad} is damaged ({why}): kept as {dest.name}; resuming from {path.name}", flush=True)
+                print(
+                    f"augssl: checkpoint {bad} is damaged ({why}): kept as {dest.name}; resuming from {path.name}",
+                    flush=True,
+                )
             return path
         damaged.append((path, problem))
     if damaged:
         bad, why = damaged[0]
-        raise CheckpointError(f"train.resume=auto: every checkpoint in {checkpoint.checkpoint_root(out)} is damaged "
-                              f"(newest {bad.name}: {why}); train.resume=fresh moves them aside and starts over")  # fmt: skip
+        raise CheckpointError(
+            f"train.resume=auto: every checkpoint in {checkpoint.checkpoint_root(out)} is damaged "
+            f"(newest {bad.name}: {why}); train.resume=fresh moves them aside and starts over"
+        )
     return None
 
 

@@ -1,12 +1,12 @@
 """Helpers for testing plugins and recipes in a few lines: tiny shards, tiny recipes, a step runner.
 
-    from framework.logging import read_metrics
-    from framework.testing import tiny_shards, tiny_recipe, run_steps
+from framework.logging import read_metrics
+from framework.testing import tiny_shards, tiny_recipe, run_steps
 
-    def test_my_plugin(tmp_path):
-        shards = tiny_shards(tmp_path)
-        out = run_steps(tiny_recipe(tmp_path, shards, plugins={"backbones": {...}, "my_plugin": {}}), steps=2)
-        assert "my_plugin.l2" in read_metrics(out)[-1]
+def test_my_plugin(tmp_path):
+    shards = tiny_shards(tmp_path)
+    out = run_steps(tiny_recipe(tmp_path, shards, plugins={"backbones": {...}, "my_plugin": {}}), steps=2)
+    assert "my_plugin.l2" in read_metrics(out)[-1]
 """
 
 from __future__ import annotations
@@ -83,22 +83,33 @@ def tiny_recipe(
     recipe = {
         "output_dir": str(Path(tmp_path) / "run"),
         "data": {
-            "train": shards["train"], "image_size": size, "channels": channels,
-            "mean": [0.5] * channels, "std": [0.25] * channels,
-            "batch_size": 8, "num_workers": 0, "shuffle_buffer": 16,
+            "train": shards["train"],
+            "image_size": size,
+            "channels": channels,
+            "mean": [0.5] * channels,
+            "std": [0.25] * channels,
+            "batch_size": 8,
+            "num_workers": 0,
+            "shuffle_buffer": 16,
         },
         "eval": {"train": shards["train"], "test": shards["test"], "batch_size": 64},
         "train": {"steps": 2, "lr": 1e-3, "log_every": 1, "checkpoint_every": 1000},
         "plugins": plugins if plugins is not None else {"backbones": CONV28, "kl": {}},
-    }  # fmt: skip
+    }
     return deep_merge(recipe, sections)
 
 
 def data_section(spec: str, size: int = 28, channels: int = 1, **settings: Any) -> DataConfig:
     """A `data` section over the shards `spec` for `make_loader` (e.g. `data_section(spec, batch_size=4)`):
     `settings` are its keys; unset ones are `DataConfig`'s defaults, except `shuffle_buffer` (0)."""
-    return DataConfig(train=spec, image_size=size, channels=channels, mean=[0.5] * channels,
-                      std=[0.25] * channels, **{"shuffle_buffer": 0, **settings})  # fmt: skip
+    return DataConfig(
+        train=spec,
+        image_size=size,
+        channels=channels,
+        mean=[0.5] * channels,
+        std=[0.25] * channels,
+        **{"shuffle_buffer": 0, **settings},
+    )
 
 
 def free_port() -> int:

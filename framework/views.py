@@ -29,6 +29,7 @@ FASHION_MNIST_STATS: Stats = ((0.2860,), (0.3530,))
 CIFAR10_STATS: Stats = ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
 STL10_STATS: Stats = ((0.4467, 0.4398, 0.4066), (0.2603, 0.2566, 0.2713))
 
+
 class ToMode:
     """Convert a PIL image to mode "L" (channels=1) or "RGB" (channels=3)."""
 

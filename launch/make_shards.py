@@ -1,7 +1,7 @@
 """Convert a dataset to WebDataset shards (same as `augssl shards`).
 
-    python launch/make_shards.py fashion-mnist --split train --out data/fashion-mnist/train-%06d.tar
-    python launch/make_shards.py cifar10 /data/cifar --split test --out data/cifar10/test-%06d.tar --maxcount 2000
+python launch/make_shards.py fashion-mnist --split train --out data/fashion-mnist/train-%06d.tar
+python launch/make_shards.py cifar10 /data/cifar --split test --out data/cifar10/test-%06d.tar --maxcount 2000
 """
 
 import sys

@@ -35,6 +35,7 @@ from plugins.augmentations import AFFINE_COMPONENTS, AffineWithParams
 NAME = "affine"
 VIEW = f"{NAME}.view"
 
+
 class AffineConfig(PluginConfig):
     source: str = "x"  # full name of the view x1 that A transforms
     components: list[str] = Field(default_factory=lambda: list(AFFINE_COMPONENTS))
@@ -83,7 +84,9 @@ def config_schema() -> type[PluginConfig]:
 
 @hookimpl
 def build_modules(cfg: AffineConfig, encoder: nn.Module) -> dict[str, nn.Module]:
-    dim = cast(int, encoder.num_features)  # an int (the manager checks); torch types unknown module attributes Tensor | Module
+    dim = cast(
+        int, encoder.num_features
+    )  # an int (the manager checks); torch types unknown module attributes Tensor | Module
     return {"head": make_head(dim if cfg.aggregation == "diff" else 2 * dim, cfg.hidden)}
 
 
@@ -91,9 +94,7 @@ def build_modules(cfg: AffineConfig, encoder: nn.Module) -> dict[str, nn.Module]
 def augment(config: Recipe, cfg: AffineConfig) -> dict[str, View]:
     owner = cfg.source.split(".", 1)[0]
     if cfg.source != "x" and (owner == NAME or owner not in config.plugins):
-        raise ValueError(
-            f"plugins.{NAME}.source: no plugin {owner!r} in the recipe to provide {cfg.source!r}"
-        )
+        raise ValueError(f"plugins.{NAME}.source: no plugin {owner!r} in the recipe to provide {cfg.source!r}")
     transform = AffineWithParams(config.data.mean, config.data.std, cfg.components)
     return {"view": View(transform, source=cfg.source)}
 

@@ -34,7 +34,6 @@ CRVAE_PRESETS: dict[str, dict[str, tuple[float, float]]] = {
 }
 
 
-
 def simclr_view(
     size: int,
     mean: Sequence[float],
@@ -105,8 +104,13 @@ def crvae_affine_view(
 
 
 AFFINE_COMPONENTS: tuple[str, ...] = (
-    "angle", "translate_x", "translate_y", "scale", "shear_x", "shear_y",
-)  # fmt: skip
+    "angle",
+    "translate_x",
+    "translate_y",
+    "scale",
+    "shear_x",
+    "shear_y",
+)
 
 
 class AffineParams(NamedTuple):
@@ -165,9 +169,7 @@ class AffineWithParams:
         self.components = frozenset(components)
         unknown = self.components - set(AFFINE_COMPONENTS)
         if unknown:
-            raise ValueError(
-                f"unknown affine components {sorted(unknown)}; use {AFFINE_COMPONENTS}"
-            )
+            raise ValueError(f"unknown affine components {sorted(unknown)}; use {AFFINE_COMPONENTS}")
         self.fill = [-m / s for m, s in zip(mean, std, strict=True)]
 
     def sample_params(self, height: int, width: int) -> AffineParams:

@@ -26,6 +26,7 @@ from framework import Encoding, PluginConfig, Recipe, at_least_float32, full_pre
 
 NAME = "backbones"
 
+
 class BackbonesConfig(PluginConfig):
     encoder: Literal["resnet18", "resnet50", "conv28"]
     stem: Literal["cifar", "stl"] = "cifar"  # cifar: 3x3/1 conv; stl: 7x7/2 conv; never a max-pool
@@ -63,10 +64,15 @@ def conv28_encoder(channels: int) -> nn.Module:
         return [nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
 
     net = nn.Sequential(
-        *block(channels, 32, 1), *block(32, 64, 2), *block(64, 128, 2),
-        nn.Conv2d(128, 256, 1, bias=False), nn.BatchNorm2d(256), nn.ReLU(inplace=True),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-    )  # fmt: skip
+        *block(channels, 32, 1),
+        *block(32, 64, 2),
+        *block(64, 128, 2),
+        nn.Conv2d(128, 256, 1, bias=False),
+        nn.BatchNorm2d(256),
+        nn.ReLU(inplace=True),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+    )
     net.num_features = 256  # type: ignore[assignment]  # torch types Module.__setattr__ for tensors and modules only
     return net
 
@@ -129,10 +135,12 @@ class DecoderBlock(nn.Module):
         if bottleneck:
             width = cout // 4
             self.body = nn.Sequential(
-                nn.Conv2d(cin, width, 1), nn.ReLU(inplace=True),
-                nn.Conv2d(width, width, 3, padding=1), nn.ReLU(inplace=True),
+                nn.Conv2d(cin, width, 1),
+                nn.ReLU(inplace=True),
+                nn.Conv2d(width, width, 3, padding=1),
+                nn.ReLU(inplace=True),
                 nn.Conv2d(width, cout, 1),
-            )  # fmt: skip
+            )
         else:
             self.body = nn.Sequential(
                 nn.Conv2d(cin, cout, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(cout, cout, 3, padding=1)
@@ -161,9 +169,11 @@ class ResNetDecoder(nn.Module):
         widths = [2048, 1024, 512, 256] if bottleneck else [512, 256, 128, 64]
         self.start, scales = upsampling_plan(size)
         self.linear = nn.Sequential(
-            nn.Linear(latent_dim, 2048), nn.ReLU(inplace=True),
-            nn.Linear(2048, 128 * self.start**2), nn.ReLU(inplace=True),
-        )  # fmt: skip
+            nn.Linear(latent_dim, 2048),
+            nn.ReLU(inplace=True),
+            nn.Linear(2048, 128 * self.start**2),
+            nn.ReLU(inplace=True),
+        )
         layers: list[nn.Module] = [nn.Conv2d(128, widths[0], 1)]
         cin = widths[0]
         for width, n, scale in zip(widths, blocks, scales, strict=True):
@@ -187,10 +197,12 @@ class Conv28Decoder(nn.Module):
         self.start = size // 4
         self.linear = nn.Sequential(nn.Linear(latent_dim, 128 * self.start**2), nn.ReLU(inplace=True))
         self.body = nn.Sequential(
-            nn.ConvTranspose2d(128, 64, 4, 2, 1), nn.ReLU(inplace=True),
-            nn.ConvTranspose2d(64, 32, 4, 2, 1), nn.ReLU(inplace=True),
+            nn.ConvTranspose2d(128, 64, 4, 2, 1),
+            nn.ReLU(inplace=True),
+            nn.ConvTranspose2d(64, 32, 4, 2, 1),
+            nn.ReLU(inplace=True),
             nn.Conv2d(32, channels, 3, padding=1),
-        )  # fmt: skip
+        )
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.body(self.linear(z).view(-1, 128, self.start, self.start))
@@ -212,7 +224,9 @@ def build_modules(config: Recipe, cfg: BackbonesConfig) -> dict[str, nn.Module]:
     encoder = build_encoder(cfg, channels)
     modules: dict[str, nn.Module] = {"encoder": encoder}
     if cfg.latent_dim is not None:
-        modules["head"] = VAEHead(cast(int, encoder.num_features), cfg.latent_dim, cfg.logvar_range)  # build_encoder sets it
+        modules["head"] = VAEHead(
+            cast(int, encoder.num_features), cfg.latent_dim, cfg.logvar_range
+        )  # build_encoder sets it
     if cfg.decoder is not None:
         if cfg.latent_dim is None:
             raise ValueError("plugins.backbones.decoder needs plugins.backbones.latent_dim")

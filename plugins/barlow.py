@@ -40,9 +40,7 @@ NAME = "barlow"
 
 class BarlowConfig(PluginConfig):
     lambda_offdiag: float = Field(5e-3, ge=0)  # Barlow Twins paper / METHODS.md (~5e-3, or 1/dim)
-    proj_hidden_dim: int = Field(
-        2048, gt=0
-    )  # paper: 8192 on ImageNet; 2048 is the common CIFAR size
+    proj_hidden_dim: int = Field(2048, gt=0)  # paper: 8192 on ImageNet; 2048 is the common CIFAR size
     proj_output_dim: int = Field(2048, gt=0)
     eps: float = Field(1e-5, ge=0)  # added to the variance when normalising (BatchNorm1d's default)
     strength: Strength | None = None  # simclr_view preset; None: inferred from the data
@@ -54,18 +52,14 @@ def batch_normalise(z: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     return z / torch.sqrt(z.pow(2).mean(dim=0) + eps)
 
 
-def barlow_twins_loss(
-    z1: torch.Tensor, z2: torch.Tensor, lambd: float = 5e-3, eps: float = 1e-5
-) -> torch.Tensor:
+def barlow_twins_loss(z1: torch.Tensor, z2: torch.Tensor, lambd: float = 5e-3, eps: float = 1e-5) -> torch.Tensor:
     """Barlow Twins loss of this rank's embeddings `z1`, `z2` (B, D), computed over the global batch.
 
     Both are gathered from every rank first (a no-op in one process), so every rank
     returns the same value: the loss of the global batch.
     """
     if z1.shape != z2.shape or z1.dim() != 2:
-        raise ValueError(
-            f"barlow_twins_loss: z1 and z2 must both be (B, D), got {tuple(z1.shape)}, {tuple(z2.shape)}"
-        )
+        raise ValueError(f"barlow_twins_loss: z1 and z2 must both be (B, D), got {tuple(z1.shape)}, {tuple(z2.shape)}")
     with full_precision(z1.device):  # C in (at least) float32, even under AMP
         z1, z2 = gather_with_grad(at_least_float32(z1)), gather_with_grad(at_least_float32(z2))
         n = z1.shape[0]
@@ -88,7 +82,9 @@ def config_schema() -> type[PluginConfig]:
 
 @hookimpl
 def build_modules(cfg: BarlowConfig, encoder: nn.Module) -> dict[str, nn.Module]:
-    width = cast(int, encoder.num_features)  # an int (the manager checks); torch types unknown module attributes Tensor | Module
+    width = cast(
+        int, encoder.num_features
+    )  # an int (the manager checks); torch types unknown module attributes Tensor | Module
     return {"projector": mlp(width, cfg.proj_hidden_dim, cfg.proj_output_dim, layers=3)}
 
 

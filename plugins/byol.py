@@ -126,7 +126,9 @@ def config_schema() -> type[PluginConfig]:
 
 @hookimpl
 def build_modules(cfg: BYOLConfig, encoder: nn.Module) -> dict[str, nn.Module]:
-    h = cast(int, encoder.num_features)  # an int (the manager checks); torch types unknown module attributes Tensor | Module
+    h = cast(
+        int, encoder.num_features
+    )  # an int (the manager checks); torch types unknown module attributes Tensor | Module
     projector = mlp(h, cfg.proj_hidden_dim, cfg.proj_output_dim)
     target_projector = mlp(h, cfg.proj_hidden_dim, cfg.proj_output_dim)
     return {

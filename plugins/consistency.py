@@ -14,12 +14,12 @@ of the consistency KL, as in the authors' code.
 
 Terms returned (the engine prefixes `consistency.` and multiplies each by `weight`):
 
-| recipe plugins            | L_vae(x) comes from                   | this plugin returns                                |
-|---------------------------|---------------------------------------|----------------------------------------------------|
-| consistency (alone)       | this plugin                           | recon_x, kl_x, recon_t, kl_t, consistency          |
-| kl + consistency          | `kl` (kl.recon, kl.kl: kl's beta)     | recon_t, kl_t, consistency                         |
-| aavae + consistency       | `aavae` (aavae.recon: x from t_a(x))  | recon_t, kl_t, consistency                         |
-| kl + aavae + consistency  | `kl` and `aavae`                      | recon_t, kl_t, consistency                         |
+| recipe plugins            | L_vae(x) comes from                   | this plugin returns                        |
+|---------------------------|---------------------------------------|--------------------------------------------|
+| consistency (alone)       | this plugin                           | recon_x, kl_x, recon_t, kl_t, consistency  |
+| kl + consistency          | `kl` (kl.recon, kl.kl: kl's beta)     | recon_t, kl_t, consistency                 |
+| aavae + consistency       | `aavae` (aavae.recon: x from t_a(x))  | recon_t, kl_t, consistency                 |
+| kl + aavae + consistency  | `kl` and `aavae`                      | recon_t, kl_t, consistency                 |
 
 * `recon_x` = -log p(x | z), z ~ q(z|x);   `kl_x` = beta1 * KL(q(z|x) || N(0, I)).
 * `recon_t` = -log p(t(x) | z), z ~ q(z|t(x));   `kl_t` = beta2 * KL(q(z|t(x)) || N(0, I)).
@@ -61,9 +61,7 @@ ELBO_X = "elbo_x"  # the capability of plugins whose terms stand for L_vae(x) (P
 class ConsistencyConfig(PluginConfig):
     model_config = ConfigDict(serialize_by_alias=True)
 
-    lam: float = Field(
-        ge=0, alias="lambda"
-    )  # weight of KL(q(z|t(x)) || q(z|x)); recipe key `lambda`
+    lam: float = Field(ge=0, alias="lambda")  # weight of KL(q(z|t(x)) || q(z|x)); recipe key `lambda`
     beta1: float = Field(1.0, ge=0)  # KL weight of L_vae(x) (when this plugin provides it)
     beta2: float = Field(1.0, ge=0)  # KL weight of L_vae(t(x))
     likelihood: Likelihood | None = None  # None: kl's, else aavae's, else gaussian
@@ -99,9 +97,7 @@ def config_schema() -> type[PluginConfig]:
 @hookimpl
 def augment(config: Recipe, cfg: ConsistencyConfig) -> dict[str, View]:
     d = config.data
-    t = crvae_affine_view(
-        d.image_size, d.mean, d.std, d.channels, cfg.preset, cfg.flip, cfg.color_jitter
-    )
+    t = crvae_affine_view(d.image_size, d.mean, d.std, d.channels, cfg.preset, cfg.flip, cfg.color_jitter)
     if d.resize is not None:  # transform the same pixels as the clean view `x` sees
         t = v2.Compose([v2.Resize(d.resize), v2.CenterCrop(d.image_size), t])
     return {"t": View(t)}

@@ -13,6 +13,10 @@ def mlp(in_dim: int, hidden_dim: int, out_dim: int, layers: int = 2) -> nn.Seque
     """
     body: list[nn.Module] = []
     for i in range(layers - 1):
-        body += [nn.Linear(in_dim if i == 0 else hidden_dim, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True)]
+        body += [
+            nn.Linear(in_dim if i == 0 else hidden_dim, hidden_dim),
+            nn.BatchNorm1d(hidden_dim),
+            nn.ReLU(inplace=True),
+        ]
     body.append(nn.Linear(hidden_dim if layers > 1 else in_dim, out_dim))
     return nn.Sequential(*body)

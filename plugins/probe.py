@@ -39,7 +39,9 @@ def config_schema() -> type[PluginConfig]:
 
 @hookimpl
 def build_modules(cfg: ProbeConfig, encoder: nn.Module) -> dict[str, nn.Module]:
-    width = cast(int, encoder.num_features)  # an int (the manager checks); torch types unknown module attributes Tensor | Module
+    width = cast(
+        int, encoder.num_features
+    )  # an int (the manager checks); torch types unknown module attributes Tensor | Module
     return {"linear": nn.Linear(width, cfg.num_classes)}
 
 
@@ -47,11 +49,7 @@ def build_modules(cfg: ProbeConfig, encoder: nn.Module) -> dict[str, nn.Module]:
 def auxiliary_head(ctx: StepContext, cfg: ProbeConfig, own: nn.ModuleDict) -> dict[str, torch.Tensor]:
     features = ctx.encode(cfg.view).h.detach().float()  # detached: the probe never trains the encoder
     logits = own["linear"](features)
-    labels = (
-        ctx.labels
-        if ctx.labels is not None
-        else torch.full(logits.shape[:1], -1, device=logits.device)
-    )
+    labels = ctx.labels if ctx.labels is not None else torch.full(logits.shape[:1], -1, device=logits.device)
     labelled = (labels >= 0) & (labels < logits.shape[1])  # a label beyond num_classes teaches nothing, never crashes
     n = labelled.sum().clamp_min(1)
     ce = nn.functional.cross_entropy(logits, torch.where(labelled, labels, 0), reduction="none")

@@ -42,13 +42,9 @@ NAME = "simclr"
 
 
 class SimCLRConfig(PluginConfig):
-    temperature: float = Field(
-        0.5, gt=0
-    )  # METHODS.md / SimCLR paper (CIFAR-10 best); 0.1-0.5 common
+    temperature: float = Field(0.5, gt=0)  # METHODS.md / SimCLR paper (CIFAR-10 best); 0.1-0.5 common
     output_dim: int = Field(128, gt=0)  # SimCLR paper: 128-d projection
-    strength: Strength | None = (
-        None  # simclr_view preset; None: inferred from data.channels/image_size
-    )
+    strength: Strength | None = None  # simclr_view preset; None: inferred from data.channels/image_size
 
 
 # ---------------------------------------------------------------------------
@@ -66,9 +62,7 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5) -> tor
     W values is the NT-Xent of the global batch.
     """
     if z1.shape != z2.shape or z1.dim() != 2:
-        raise ValueError(
-            f"nt_xent: z1 and z2 must both be (B, d), got {tuple(z1.shape)} and {tuple(z2.shape)}"
-        )
+        raise ValueError(f"nt_xent: z1 and z2 must both be (B, d), got {tuple(z1.shape)} and {tuple(z2.shape)}")
     b = z1.shape[0]
     with full_precision(z1.device):  # logits in (at least) float32, even under AMP
         z1, z2 = (F.normalize(at_least_float32(z), dim=1) for z in (z1, z2))
@@ -96,7 +90,9 @@ def config_schema() -> type[PluginConfig]:
 
 @hookimpl
 def build_modules(cfg: SimCLRConfig, encoder: nn.Module) -> dict[str, nn.Module]:
-    h = cast(int, encoder.num_features)  # an int (the manager checks); torch types unknown module attributes Tensor | Module
+    h = cast(
+        int, encoder.num_features
+    )  # an int (the manager checks); torch types unknown module attributes Tensor | Module
     return {"projector": mlp(h, h, cfg.output_dim)}
 
 

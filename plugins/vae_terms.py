@@ -56,7 +56,9 @@ def kl_standard_normal(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     return (0.5 * (std.pow(2) + mu.pow(2) - 1) - torch.log(std)).sum(1).mean()
 
 
-def kl_gaussians(mu_q: torch.Tensor, logvar_q: torch.Tensor, mu_p: torch.Tensor, logvar_p: torch.Tensor) -> torch.Tensor:
+def kl_gaussians(
+    mu_q: torch.Tensor, logvar_q: torch.Tensor, mu_p: torch.Tensor, logvar_p: torch.Tensor
+) -> torch.Tensor:
     """Analytic KL(q || p) between diagonal Gaussians, summed over latent dims, averaged over the batch.
 
     Uses the standard deviation exp(logvar/2) (CR-VAE's code took exp(logvar) as the std: a bug).

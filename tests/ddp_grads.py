@@ -31,7 +31,11 @@ GLOBAL_BATCH = 8
 def without_batchnorm(module: nn.Module) -> nn.Module:
     for name, child in module.named_children():
         if isinstance(child, nn.BatchNorm2d | nn.BatchNorm1d):
-            setattr(module, name, nn.GroupNorm(1, child.num_features) if isinstance(child, nn.BatchNorm2d) else nn.Identity())
+            setattr(
+                module,
+                name,
+                nn.GroupNorm(1, child.num_features) if isinstance(child, nn.BatchNorm2d) else nn.Identity(),
+            )
         else:
             without_batchnorm(child)
     return module
@@ -40,10 +44,14 @@ def without_batchnorm(module: nn.Module) -> nn.Module:
 if __name__ == "__main__":
     out = Path(sys.argv[1])
     recipe, hooks = validate(
-        {"output_dir": str(out), "plugins": {"backbones": CONV28, "kl": {}}, "train": {"steps": 1, "lr": 1e-3},
-         "data": {"train": "unused", "image_size": 28, "channels": 1, "mean": [0.5], "std": [0.25]}},
+        {
+            "output_dir": str(out),
+            "plugins": {"backbones": CONV28, "kl": {}},
+            "train": {"steps": 1, "lr": 1e-3},
+            "data": {"train": "unused", "image_size": 28, "channels": 1, "mean": [0.5], "std": [0.25]},
+        },
         check_data=False,
-    )  # fmt: skip
+    )
     accelerator = build_accelerator(recipe)
     torch.manual_seed(0)
     model = without_batchnorm(Model(hooks, recipe)).double()
@@ -53,7 +61,9 @@ if __name__ == "__main__":
     noise = torch.randn(GLOBAL_BATCH, CONV28["latent_dim"], generator=g, dtype=torch.float64)
     rows = slice(rank() * GLOBAL_BATCH // world_size(), (rank() + 1) * GLOBAL_BATCH // world_size())
     original_randn_like = torch.randn_like
-    torch.randn_like = lambda t, **kw: noise[rows].to(t.dtype) if t.shape == noise[rows].shape else original_randn_like(t, **kw)
+    torch.randn_like = lambda t, **kw: (
+        noise[rows].to(t.dtype) if t.shape == noise[rows].shape else original_randn_like(t, **kw)
+    )
     terms, _ = model({"x": images[rows]}, {}, None, step=0)
     loss = weighted_total(terms, accelerator.unwrap_model(model).weights())
     accelerator.backward(loss)

@@ -81,7 +81,5 @@ def main(out: str, methods: list[str]) -> None:
 
 if __name__ == "__main__":
     if "WORLD_SIZE" not in os.environ:
-        sys.exit(
-            "run under torchrun: torchrun --standalone --nproc_per_node 2 tests/dist_equivalence.py OUT simclr"
-        )
+        sys.exit("run under torchrun: torchrun --standalone --nproc_per_node 2 tests/dist_equivalence.py OUT simclr")
     main(sys.argv[1], sys.argv[2:])

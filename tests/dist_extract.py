@@ -1,6 +1,6 @@
 """Run under `accelerate launch`: extract a trained run's eval features; rank 0 saves them.
 
-    python tests/dist_extract.py RUN_DIR OUT.pt
+python tests/dist_extract.py RUN_DIR OUT.pt
 """
 
 import sys

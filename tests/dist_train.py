@@ -40,8 +40,11 @@ class NaNOnRank:
         x = ctx.views["x"]
         if (path := os.environ.get("AUGSSL_TEST_AUTOCAST")) and self.calls == 0:
             h = ctx.encode("x").h
-            state = {"enabled": torch.is_autocast_enabled(x.device.type), "h": str(h.dtype),
-                     "dtype": str(torch.get_autocast_dtype(x.device.type))}  # fmt: skip
+            state = {
+                "enabled": torch.is_autocast_enabled(x.device.type),
+                "h": str(h.dtype),
+                "dtype": str(torch.get_autocast_dtype(x.device.type)),
+            }
             Path(path).with_name(f"{Path(path).name}.rank{distributed.rank()}").write_text(json.dumps(state))
         bad = distributed.rank() == self.rank and self.calls == self.call
         if sleep := os.environ.get("AUGSSL_TEST_SLEEP"):  # R:K:S: rank R sleeps S seconds at forward K

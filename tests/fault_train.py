@@ -38,5 +38,7 @@ class DiskFullAt:
 if __name__ == "__main__":
     full_at, *argv = sys.argv[1:]
     load = framework.recipe.loading.load_recipe
-    framework.recipe.loading.load_recipe = lambda *a, **k: load(*a, **k, extra_plugins={"disk": DiskFullAt(int(full_at))})
+    framework.recipe.loading.load_recipe = lambda *a, **k: load(
+        *a, **k, extra_plugins={"disk": DiskFullAt(int(full_at))}
+    )
     train_main(argv)

@@ -35,7 +35,9 @@ needs_fashion_mnist = pytest.mark.skipif(not FASHION_MNIST_DIR.is_dir(), reason=
 
 def asset_specs(root: Path = ASSETS) -> dict[str, str]:
     """`{"train": spec, "test": spec}` of the asset shards under `root` (brace patterns, `data.train`)."""
-    return {split: str(root / json.loads((root / f"{split}.json").read_text())["pattern"]) for split in ("train", "test")}
+    return {
+        split: str(root / json.loads((root / f"{split}.json").read_text())["pattern"]) for split in ("train", "test")
+    }
 
 
 def asset_samples(split: str = "test") -> Iterator[Sample]:
@@ -46,7 +48,10 @@ def asset_samples(split: str = "test") -> Iterator[Sample]:
 
 
 def accelerate_launch(
-    args: list[str], script_args: list[str], timeout: int = 300, env: dict[str, str] | None = None,
+    args: list[str],
+    script_args: list[str],
+    timeout: int = 300,
+    env: dict[str, str] | None = None,
     script: str = "dist_train.py",
 ) -> subprocess.CompletedProcess:
     """`accelerate launch <args> tests/<script> <script_args>`, asserting it exits 0."""

@@ -123,9 +123,7 @@ def _blurs(view) -> bool:
 
 
 def test_augment_builds_the_simclr_view(tmp_path):
-    base = tiny_recipe(
-        tmp_path, NO_SHARDS, size=96, channels=3, plugins={"backbones": CONV28, "aavae": {}}
-    )
+    base = tiny_recipe(tmp_path, NO_SHARDS, size=96, channels=3, plugins={"backbones": CONV28, "aavae": {}})
     recipe = validate(base, check_data=False)[0]
     view = aavae.augment(config=recipe, cfg=recipe.plugins["aavae"])["aug"]
     assert view.source is None and _blurs(view)  # 96 px RGB -> "stl" (blur)
@@ -136,9 +134,7 @@ def test_augment_builds_the_simclr_view(tmp_path):
 
 
 def test_trains_and_logs_recon_only(tmp_path, fmnist_shards):
-    out = run_steps(
-        tiny_recipe(tmp_path, fmnist_shards, plugins={"backbones": CONV28, "aavae": {}}), steps=2
-    )
+    out = run_steps(tiny_recipe(tmp_path, fmnist_shards, plugins={"backbones": CONV28, "aavae": {}}), steps=2)
     records = read_metrics(out)
     assert [r["step"] for r in records] == [1, 2]
     for r in records:
@@ -152,9 +148,7 @@ def test_recipes_validate(name):
     recipe, _ = load_recipe(RECIPES / f"{name}.yaml", check_data=False)
     online_probe = {"probe"} if name.endswith("fashionmnist") else set()  # from _fashionmnist.yaml
     assert set(recipe.plugins) == {"backbones", "aavae"} | online_probe
-    assert (
-        recipe.plugins["backbones"].latent_dim is not None and recipe.plugins["backbones"].decoder
-    )
+    assert recipe.plugins["backbones"].latent_dim is not None and recipe.plugins["backbones"].decoder
 
 
 def test_aavae_fashionmnist_matches_the_vae_recipe():

@@ -77,9 +77,7 @@ def test_head_shape_follows_aggregation(tmp_path):
         assert isinstance(head[1], torch.nn.BatchNorm1d) and head[-1].out_features == 6
 
 
-@pytest.mark.parametrize(
-    ("encoder", "dim"), [("conv28", 256), ("resnet18", 512), ("resnet50", 2048)]
-)
+@pytest.mark.parametrize(("encoder", "dim"), [("conv28", 256), ("resnet18", 512), ("resnet50", 2048)])
 def test_head_width_is_the_encoders_num_features(tmp_path, encoder, dim):
     recipe, hooks = _recipe(tmp_path, backbones={**CONV28, "encoder": encoder, "decoder": None})
     model = Model(hooks, recipe)
@@ -172,14 +170,10 @@ def test_stub_encoder_gets_gradient_from_each_pass(tmp_path):
 )
 def test_attaches_to_an_autoencoder(tmp_path, fmnist_shards, base, source, base_terms):
     plugins = {"backbones": CONV28, **base, "affine": {"source": source, "weight": 10.0}}
-    records = read_metrics(
-        run_steps(tiny_recipe(tmp_path, fmnist_shards, plugins=plugins), steps=2)
-    )
+    records = read_metrics(run_steps(tiny_recipe(tmp_path, fmnist_shards, plugins=plugins), steps=2))
     for r in records:
         assert base_terms | {"affine.mse"} <= set(r)
-        assert r["loss"] == pytest.approx(
-            sum(r[t] for t in base_terms) + 10.0 * r["affine.mse"], rel=1e-5
-        )
+        assert r["loss"] == pytest.approx(sum(r[t] for t in base_terms) + 10.0 * r["affine.mse"], rel=1e-5)
 
 
 def test_aavae_consistency_affine_compose(tmp_path, fmnist_shards):

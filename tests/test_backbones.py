@@ -13,7 +13,7 @@ from plugins.backbones import (
     conv28_encoder,
     resnet_encoder,
     upsampling_plan,
-)  # fmt: skip
+)
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "resnet50"])

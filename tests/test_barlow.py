@@ -28,10 +28,7 @@ def barlow_by_loops(z1: torch.Tensor, z2: torch.Tensor, lambd: float) -> float:
     for i in range(d):
         for j in range(d):
             num = sum(float(a[b, i] * c[b, j]) for b in range(n))
-            den = (
-                sum(float(a[b, i]) ** 2 for b in range(n))
-                * sum(float(c[b, j]) ** 2 for b in range(n))
-            ) ** 0.5
+            den = (sum(float(a[b, i]) ** 2 for b in range(n)) * sum(float(c[b, j]) ** 2 for b in range(n))) ** 0.5
             cij = num / den
             loss += (1 - cij) ** 2 if i == j else lambd * cij**2
     return loss
@@ -65,9 +62,7 @@ def test_fixed_values():
     assert barlow_twins_loss(u, -u, 5e-3, eps=0).item() == pytest.approx(8.0, rel=1e-6)
     # invariant to per-feature shift and positive scale (batch normalisation)
     shifted = z * torch.tensor([3.0, 0.5]) + torch.tensor([10.0, -4.0])
-    assert barlow_twins_loss(shifted, z, 0.1).item() == pytest.approx(
-        barlow_twins_loss(z, z, 0.1).item(), rel=1e-4
-    )
+    assert barlow_twins_loss(shifted, z, 0.1).item() == pytest.approx(barlow_twins_loss(z, z, 0.1).item(), rel=1e-4)
 
 
 def test_batch_normalise_is_biased_and_along_the_batch():

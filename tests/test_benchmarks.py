@@ -14,8 +14,19 @@ from tests.helpers import ROOT
 @pytest.mark.slow
 def test_the_gpu_benchmark_runs_end_to_end_in_its_cpu_smoke_mode(tmp_path):
     out = tmp_path / "gpu.json"
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "gpu_throughput.py"), "--cpu-smoke", "--steps", "2",
-           "--workers", "1", "--models", "simclr_resnet18_32px", "--out", str(out)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "gpu_throughput.py"),
+        "--cpu-smoke",
+        "--steps",
+        "2",
+        "--workers",
+        "1",
+        "--models",
+        "simclr_resnet18_32px",
+        "--out",
+        str(out),
+    ]
     subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True, timeout=300)
     results = json.loads(out.read_text())["results"]
     for mode in ("ddp", "zero2"):  # the ZeRO-2 row in bf16 could not start before DeepSpeed's torch_autocast
@@ -29,7 +40,12 @@ def test_the_methods_table_aggregates_seeds_and_judges_directions_on_the_means(t
 
     def run(seed: int, vae: float, aavae: float, steps: int = 10) -> dict:
         method = lambda acc: {"accuracies": {"fast": acc, "linear": acc, "knn": 0.8}, "train_seconds": 3.0 + seed}  # noqa: E731
-        return {"steps": steps, "seed": seed, "linear_epochs": 2, "results": {"vae": method(vae), "aavae": method(aavae)}}
+        return {
+            "steps": steps,
+            "seed": seed,
+            "linear_epochs": 2,
+            "results": {"vae": method(vae), "aavae": method(aavae)},
+        }
 
     for seed, (vae, aavae) in enumerate([(0.85, 0.86), (0.86, 0.86), (0.87, 0.89)]):
         (tmp_path / f"m_seed{seed}.json").write_text(json.dumps(run(seed, vae, aavae)))
@@ -39,4 +55,6 @@ def test_the_methods_table_aggregates_seeds_and_judges_directions_on_the_means(t
     vae = summary["methods"]["vae"]
     assert vae["linear"] == {"values": [85.0, 86.0, 87.0], "mean": 86.0, "std": 1.0} and vae["train_seconds"] == 4.0
     direction = summary["paper_directions_linear"]["AAVAE > VAE"]
-    assert direction["holds"] and direction["gap_points"] == 1.0 and direction["gap_over_seed_std"] == 0.58  # 1 / sqrt(3)
+    assert (
+        direction["holds"] and direction["gap_points"] == 1.0 and direction["gap_over_seed_std"] == 0.58
+    )  # 1 / sqrt(3)

@@ -22,8 +22,10 @@ from plugins.byol import byol_loss, momentum_at
 SMALL = {"proj_hidden_dim": 32, "proj_output_dim": 16, "pred_hidden_dim": 32}
 PLUGINS = {"backbones": {"encoder": "conv28", "latent_dim": None}, "byol": SMALL}
 # (target prefix, online prefix) in the root module's state dict
-PAIRS = [("plugins.byol.target.encoder.", "plugins.backbones.encoder."),
-         ("plugins.byol.target.projector.", "plugins.byol.projector.")]  # fmt: skip
+PAIRS = [
+    ("plugins.byol.target.encoder.", "plugins.backbones.encoder."),
+    ("plugins.byol.target.projector.", "plugins.byol.projector."),
+]
 
 ROOT = Path(__file__).resolve().parents[1]
 NAME = "byol"
@@ -46,9 +48,7 @@ def test_loss_matches_the_formula():
     assert byol_loss(p, z).item() == pytest.approx(byol_by_loops(p, z), rel=1e-6)
     # = || p/|p| - z/|z| ||^2, the BYOL paper's form
     unit = torch.nn.functional.normalize
-    assert byol_loss(p, z).item() == pytest.approx(
-        (unit(p) - unit(z)).pow(2).sum(1).mean().item(), rel=1e-5
-    )
+    assert byol_loss(p, z).item() == pytest.approx((unit(p) - unit(z)).pow(2).sum(1).mean().item(), rel=1e-5)
     assert byol_loss(3 * z, z).item() == pytest.approx(0.0, abs=1e-6)
     assert byol_loss(-z, z).item() == pytest.approx(4.0, rel=1e-6)
 
@@ -77,9 +77,7 @@ def test_target_is_a_frozen_separate_copy_excluded_from_the_optimizer(tmp_path, 
     assert target.encoder is not online and {id(p) for p in target.parameters()}.isdisjoint(
         id(p) for p in online.parameters()
     )
-    optimized = {
-        id(p) for group in build_optimizer(model, cfg).param_groups for p in group["params"]
-    }
+    optimized = {id(p) for group in build_optimizer(model, cfg).param_groups for p in group["params"]}
     assert optimized.isdisjoint(id(p) for p in target.parameters())
     assert {id(p) for p in model.plugins["byol"]["predictor"].parameters()} <= optimized
 
@@ -100,9 +98,7 @@ def test_target_initialised_from_online_once(tmp_path, fmnist_shards):
     for prefix, module in (("encoder", online), ("projector", model.plugins["byol"]["projector"])):
         got = getattr(target, prefix).state_dict()
         for name, value in module.state_dict().items():
-            if (
-                "running" not in name and "num_batches" not in name
-            ):  # the target's own forward moved its BN stats
+            if "running" not in name and "num_batches" not in name:  # the target's own forward moved its BN stats
                 assert torch.equal(got[name], value), f"target.{prefix}.{name}"
 
     with torch.no_grad():
@@ -163,7 +159,4 @@ def test_target_follows_the_ema_and_survives_a_checkpoint_round_trip(tmp_path, f
     for key, value in loaded.items():
         assert torch.equal(value, step2[key]), key
     step3 = _weights(complete_checkpoints(out)[-1])
-    _assert_ema(
-        step2, step3, momentum_at(2, 3)
-    )  # and it was not re-initialised from the online network
-
+    _assert_ema(step2, step3, momentum_at(2, 3))  # and it was not re-initialised from the online network

@@ -28,8 +28,16 @@ needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is No
 
 
 def launch(how: list[str], script, args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", *how, "--main_process_port", str(free_port()),
-           str(script), *args]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        *how,
+        "--main_process_port",
+        str(free_port()),
+        str(script),
+        *args,
+    ]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=ENV, cwd=ROOT)
 
 
@@ -74,7 +82,10 @@ def test_a_zero2_run_is_evaluated_exported_and_not_resumed_on_another_world_size
     saved = checkpoint.complete_checkpoints(out)[-1]
     assert (saved / "pytorch_model").is_dir(), "DeepSpeed's own checkpoint is there too (for resuming)"
     assert {k: trainer_state(saved)[k] for k in ("world_size", "deepspeed", "zero_stage")} == {
-        "world_size": 2, "deepspeed": True, "zero_stage": 2}  # fmt: skip
+        "world_size": 2,
+        "deepspeed": True,
+        "zero_stage": 2,
+    }
     dump = torch.load(out / "state_rank0.pt")
     check_eval_and_export(out, tmp_path, dump["state"])
     (saved / "model.safetensors").unlink()  # as a checkpoint written before augssl consolidated them
@@ -84,8 +95,10 @@ def test_a_zero2_run_is_evaluated_exported_and_not_resumed_on_another_world_size
     proc = launch(deepspeed(2, 1), TRAIN, [str(recipe), "train.steps=3"])
     errors = [line for line in proc.stderr.splitlines() if "augssl: error:" in line]
     assert proc.returncode != 0 and len(errors) == 1, proc.stderr[-4000:]
-    assert errors[0].startswith(f"augssl: error: checkpoint {saved} was written by 2 processes of DeepSpeed "
-                                "ZeRO-2, this launch has 1 process of DeepSpeed ZeRO-2")  # fmt: skip
+    assert errors[0].startswith(
+        f"augssl: error: checkpoint {saved} was written by 2 processes of DeepSpeed "
+        "ZeRO-2, this launch has 1 process of DeepSpeed ZeRO-2"
+    )
     assert "relaunch with --use_deepspeed --num_processes 2 --zero_stage 2" in errors[0]
     assert "ZeRORuntimeException" not in proc.stderr, "stopped before DeepSpeed tried to load"
     assert ((out / "metrics.jsonl").read_text(), sorted(p.name for p in saved.iterdir())) == before
@@ -150,18 +163,23 @@ def test_linear_lr_scaling_takes_the_new_global_batch_when_a_run_resumes_on_more
     """1 process (global batch 8) trains 2 steps, 2 processes (16) continue: every param group's lr
     (the probe has its own) doubles; both ranks' RNGs are reseeded alike (only rank 0's was saved)."""
     plugins = {"backbones": CONV28, "kl": {}, "probe": {"lr": 1e-4}}
-    recipe = tiny_recipe(tmp_path, fmnist_shards, plugins=plugins,
-                         train={"lr": 0.01, "lr_scaling": "linear", "checkpoint_every": 2})  # fmt: skip
+    recipe = tiny_recipe(
+        tmp_path, fmnist_shards, plugins=plugins, train={"lr": 0.01, "lr_scaling": "linear", "checkpoint_every": 2}
+    )
     out = run_steps(recipe, steps=2)
     proc = launch(ddp(2), DUMP, [str(write_recipe(tmp_path / "r.yaml", recipe)), "train.steps=4"])
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "augssl: lr 0.0003125 -> 0.000625 on resume (global batch 8 -> 16, train.lr_scaling=linear)" in proc.stdout
     assert [r["lr"] for r in read_metrics(out)] == pytest.approx([0.01 * 8 / 256] * 2 + [0.01 * 16 / 256] * 2)
     groups = torch.load(checkpoint.complete_checkpoints(out)[-1] / "optimizer.bin", weights_only=False)["param_groups"]
-    assert {g["plugin"]: g["lr"] for g in groups} == pytest.approx({"backbones": 0.01 * 16 / 256, "probe": 1e-4 * 16 / 256})
+    assert {g["plugin"]: g["lr"] for g in groups} == pytest.approx(
+        {"backbones": 0.01 * 16 / 256, "probe": 1e-4 * 16 / 256}
+    )
     d0, d1 = (torch.load(out / f"state_rank{r}.pt") for r in (0, 1))
     assert torch.equal(d0["rng"], d1["rng"]), "every rank reseeded alike (rank 1 had no saved RNG state)"
-    assert all(torch.equal(v, d1["state"][k]) for k, v in d0["state"].items() if "running" not in k and "num_batches" not in k)
+    assert all(
+        torch.equal(v, d1["state"][k]) for k, v in d0["state"].items() if "running" not in k and "num_batches" not in k
+    )
 
 
 def test_which_checkpoints_a_launch_can_resume(tmp_path):
@@ -175,7 +193,7 @@ def test_which_checkpoints_a_launch_can_resume(tmp_path):
         (2, 2, 2, 3): "relaunch with --use_deepspeed --num_processes 2 --zero_stage 2",
         (2, None, 2, 2): "2 processes without DeepSpeed, this launch has 2 processes of DeepSpeed ZeRO-2",
         (1, 2, 1, None): "this launch has 1 process without DeepSpeed",
-    }  # fmt: skip
+    }
     for (w0, s0, w1, s1), expected in cases.items():
         with pytest.raises(checkpoint.CheckpointError, match=expected.replace("-", r"\-")) as info:
             checkpoint.check_resumable(tmp_path, launch_(w0, s0), launch_(w1, s1))

@@ -184,13 +184,9 @@ def test_view_is_the_crvae_affine_of_the_clean_pixels(tmp_path):
     assert view.source is None
     out = view.transform(Image.new("L", (28, 28), 255))
     assert out.shape == (1, 28, 28)
-    assert (
-        out == out.max()
-    ).float().mean() > 0.5  # mostly the image, black fill at most at the borders
+    assert (out == out.max()).float().mean() > 0.5  # mostly the image, black fill at most at the borders
     # with data.resize, t(x) transforms the same resized centre crop as x
-    data = tiny_recipe(
-        tmp_path, NO_SHARDS, size=28, plugins={"backbones": CONV28, "consistency": {"lambda": 1}}
-    )
+    data = tiny_recipe(tmp_path, NO_SHARDS, size=28, plugins={"backbones": CONV28, "consistency": {"lambda": 1}})
     data["data"]["resize"] = 28
     resized = validate(data, check_data=False)[0]
     assert consistency.augment(config=resized, cfg=resized.plugins["consistency"])["t"].transform(
@@ -205,9 +201,7 @@ def test_view_is_the_crvae_affine_of_the_clean_pixels(tmp_path):
 
 def test_trains_with_kl_and_logs_each_term(tmp_path, fmnist_shards):
     plugins = {"backbones": CONV28, "kl": {}, "consistency": {"lambda": 0.5, "weight": 2.0}}
-    records = read_metrics(
-        run_steps(tiny_recipe(tmp_path, fmnist_shards, plugins=plugins), steps=2)
-    )
+    records = read_metrics(run_steps(tiny_recipe(tmp_path, fmnist_shards, plugins=plugins), steps=2))
     terms = (
         "kl.recon",
         "kl.kl",
@@ -220,21 +214,14 @@ def test_trains_with_kl_and_logs_each_term(tmp_path, fmnist_shards):
         assert all(torch.isfinite(torch.tensor(r[t])) for t in terms)
         total = r["kl.recon"] + r["kl.kl"] + 2.0 * sum(r[t] for t in terms[2:])
         assert r["loss"] == pytest.approx(total, rel=1e-5)
-        assert r["consistency.consistency"] == pytest.approx(
-            0.5 * r["consistency.kl_unweighted"], rel=1e-5
-        )
+        assert r["consistency.consistency"] == pytest.approx(0.5 * r["consistency.kl_unweighted"], rel=1e-5)
 
 
 def test_trains_alone_as_a_full_crvae(tmp_path, fmnist_shards):
     plugins = {"backbones": CONV28, "consistency": {"lambda": 1.0}}
-    records = read_metrics(
-        run_steps(tiny_recipe(tmp_path, fmnist_shards, plugins=plugins), steps=1)
-    )
+    records = read_metrics(run_steps(tiny_recipe(tmp_path, fmnist_shards, plugins=plugins), steps=1))
     names = {k for k in records[-1] if k.startswith("consistency.")}
-    assert names == {
-        f"consistency.{t}"
-        for t in ("recon_x", "kl_x", "recon_t", "kl_t", "consistency", "kl_unweighted")
-    }
+    assert names == {f"consistency.{t}" for t in ("recon_x", "kl_x", "recon_t", "kl_t", "consistency", "kl_unweighted")}
 
 
 @pytest.mark.parametrize("name", ["crvae_fashionmnist", "crvae_cifar10", "crvae_stl10"])
@@ -243,14 +230,9 @@ def test_recipes_validate_and_extend_their_vae(name):
     vae, _ = load_recipe(RECIPES / f"{name.replace('crvae', 'vae')}.yaml", check_data=False)
     online_probe = {"probe"} if name.endswith("fashionmnist") else set()  # from _fashionmnist.yaml
     assert set(recipe.plugins) == {"backbones", "kl", "consistency"} | online_probe
-    assert (
-        recipe.plugins["backbones"] == vae.plugins["backbones"]
-        and recipe.plugins["kl"] == vae.plugins["kl"]
-    )
+    assert recipe.plugins["backbones"] == vae.plugins["backbones"] and recipe.plugins["kl"] == vae.plugins["kl"]
     assert recipe.train == vae.train and recipe.data == vae.data
-    d = (
-        recipe.data
-    )  # lambda = the authors' gamma 1e-3 rescaled to a reconstruction summed over pixels
+    d = recipe.data  # lambda = the authors' gamma 1e-3 rescaled to a reconstruction summed over pixels
     assert recipe.plugins["consistency"].lam == pytest.approx(1e-3 * d.channels * d.image_size**2)
 
 
@@ -258,8 +240,4 @@ def test_recipes_validate_and_extend_their_vae(name):
 def test_vae_and_aavae_recipes_share_backbone_and_optimiser(dataset):
     vae, _ = load_recipe(RECIPES / f"vae_{dataset}.yaml", check_data=False)
     aa, _ = load_recipe(RECIPES / f"aavae_{dataset}.yaml", check_data=False)
-    assert (
-        aa.plugins["backbones"] == vae.plugins["backbones"]
-        and aa.train == vae.train
-        and aa.data == vae.data
-    )
+    assert aa.plugins["backbones"] == vae.plugins["backbones"] and aa.train == vae.train and aa.data == vae.data

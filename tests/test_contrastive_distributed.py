@@ -48,8 +48,16 @@ def _script():
 def two_process_results(tmp_path_factory) -> dict[str, list[dict]]:
     out = tmp_path_factory.mktemp("dist")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}",
-           str(SCRIPT), str(out), *METHODS]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={WORLD}",
+        str(SCRIPT),
+        str(out),
+        *METHODS,
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return {m: [torch.load(out / f"{m}_rank{r}.pt") for r in range(WORLD)] for m in METHODS}
@@ -58,9 +66,7 @@ def two_process_results(tmp_path_factory) -> dict[str, list[dict]]:
 def _assert_same_grads(got: dict, want: dict) -> None:
     assert got.keys() == want.keys()
     for name in want:
-        torch.testing.assert_close(
-            got[name], want[name], rtol=1e-9, atol=1e-12, msg=f"gradient of {name}"
-        )
+        torch.testing.assert_close(got[name], want[name], rtol=1e-9, atol=1e-12, msg=f"gradient of {name}")
 
 
 @pytest.mark.slow
@@ -74,9 +80,7 @@ def test_two_processes_match_one_process(method, two_process_results):
         assert losses[0] != pytest.approx(losses[1], rel=1e-6)  # each rank: its own anchors
         assert sum(losses) / WORLD == pytest.approx(single["loss"], rel=1e-12)
     else:
-        assert losses == pytest.approx(
-            [single["loss"]] * WORLD, rel=1e-12
-        )  # every rank: the global C
+        assert losses == pytest.approx([single["loss"]] * WORLD, rel=1e-12)  # every rank: the global C
     for r in ranks:
         _assert_same_grads(r["grads"], single["grads"])
 
@@ -87,9 +91,7 @@ def test_half_batch_alone_differs(method):
     script = _script()
     full, half = script.run(method), script.run(method, rows=slice(0, script.GLOBAL_BATCH // 2))
     assert half["loss"] != pytest.approx(full["loss"], rel=1e-3)
-    assert any(
-        not torch.allclose(half["grads"][n], full["grads"][n], rtol=1e-3) for n in full["grads"]
-    )
+    assert any(not torch.allclose(half["grads"][n], full["grads"][n], rtol=1e-3) for n in full["grads"])
 
 
 @pytest.mark.slow
@@ -100,15 +102,29 @@ def test_byol_target_stays_identical_across_two_processes(tmp_path, fmnist_shard
 
     byol = {"proj_hidden_dim": 32, "proj_output_dim": 16, "pred_hidden_dim": 32}
     plugins = {"backbones": {"encoder": "conv28", "latent_dim": None}, "byol": byol}
-    recipe = write_recipe(
-        tmp_path / "r.yaml", tiny_recipe(tmp_path, fmnist_shards, plugins=plugins)
-    )
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(tmp_path, fmnist_shards, plugins=plugins))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(WORLD),
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(port), str(ROOT / "tests" / "dist_train.py"), str(recipe), "train.steps=2"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        str(WORLD),
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(port),
+        str(ROOT / "tests" / "dist_train.py"),
+        str(recipe),
+        "train.steps=2",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -152,7 +152,9 @@ def _stream(urls, rank, world_size, num_workers, monkeypatch, **kw) -> list[dict
 
 @pytest.mark.parametrize("sizes", [[7], [7, 4], [7, 4, 9], [7, 4, 9, 1, 6]])
 @pytest.mark.parametrize("world_size", [1, 2, 4])
-def test_any_shard_count_over_any_ranks_and_workers_sees_every_key_once_per_epoch(tmp_path, monkeypatch, sizes, world_size):
+def test_any_shard_count_over_any_ranks_and_workers_sees_every_key_once_per_epoch(
+    tmp_path, monkeypatch, sizes, world_size
+):
     urls = _fake_shards(tmp_path, sizes)
     every = sorted(f"s{j}_{i:02d}" for j, n in enumerate(sizes) for i in range(n))
     for num_workers in (0, 1, 2, 3):
@@ -162,8 +164,18 @@ def test_any_shard_count_over_any_ranks_and_workers_sees_every_key_once_per_epoc
             for worker in range(max(num_workers, 1)):
                 for b in _stream(urls, rank, world_size, num_workers, monkeypatch, worker=worker):
                     seen[b["cursor"]["epoch"]] += b["key"]
-                stream = ShardStream(urls, KeysAndDraws(), 1, rank=rank, world_size=world_size, seed=7,
-                                     shardshuffle=True, resampled=False, shuffle_buffer=0, epochs=1)  # fmt: skip
+                stream = ShardStream(
+                    urls,
+                    KeysAndDraws(),
+                    1,
+                    rank=rank,
+                    world_size=world_size,
+                    seed=7,
+                    shardshuffle=True,
+                    resampled=False,
+                    shuffle_buffer=0,
+                    epochs=1,
+                )
                 assert len(stream.shards_for(0, worker, readers // world_size)) <= max(2, -(-len(sizes) // readers))
         assert sorted(seen[0]) == sorted(seen[1]) == every, (world_size, num_workers)
 
@@ -175,9 +187,20 @@ def test_a_record_level_stream_resumed_from_a_cursor_continues_exactly(tmp_path,
         assert {b["cursor"]["epoch"] for b in full} == {0, 1, 2}
         for cut in (0, 1, len(full) // 2, len(full) - 2):
             c = full[cut]["cursor"]
-            rest = _stream(urls, rank, 2, 3, monkeypatch, worker=worker, batch_size=2, epochs=3,
-                           resume={worker: Cursor(c["epoch"], c["emitted"])})  # fmt: skip
-            assert [(b["key"], b["label"].tolist()) for b in rest] == [(b["key"], b["label"].tolist()) for b in full[cut + 1 :]]
+            rest = _stream(
+                urls,
+                rank,
+                2,
+                3,
+                monkeypatch,
+                worker=worker,
+                batch_size=2,
+                epochs=3,
+                resume={worker: Cursor(c["epoch"], c["emitted"])},
+            )
+            assert [(b["key"], b["label"].tolist()) for b in rest] == [
+                (b["key"], b["label"].tolist()) for b in full[cut + 1 :]
+            ]
 
 
 def test_one_shard_over_more_ranks_than_records_and_an_endless_stream_without_records(tmp_path):
@@ -185,10 +208,14 @@ def test_one_shard_over_more_ranks_than_records_and_an_endless_stream_without_re
     spec = str(tmp_path / "one-00.tar")
 
     def keys(rank, epochs=1):
-        return keys_of(make_loader(data_section(spec, batch_size=2, num_workers=0), X, rank=rank, world_size=4, epochs=epochs))
+        return keys_of(
+            make_loader(data_section(spec, batch_size=2, num_workers=0), X, rank=rank, world_size=4, epochs=epochs)
+        )
 
     assert [len(keys(r)) for r in range(4)] == [1, 1, 1, 0] and len({k for r in range(4) for k in keys(r)}) == 3
-    assert len(list(islice(make_loader(data_section(spec, batch_size=2, num_workers=0), X, rank=2, world_size=4), 3))) == 3
+    assert (
+        len(list(islice(make_loader(data_section(spec, batch_size=2, num_workers=0), X, rank=2, world_size=4), 3))) == 3
+    )
     with pytest.raises(ValueError, match="rank 3, data worker 0: no records in epoch 0"):
         keys(3, epochs=None)
 
@@ -225,10 +252,18 @@ def test_tar_records_reads_what_webdatasets_tarfile_reader_reads(tmp_path, fmt, 
     from webdataset.tariterators import tarfile_samples
 
     long_dir = "d" * 120  # beyond the 100-byte name field: GNU long name, pax path or ustar prefix
-    members = [("dir/a.b/s1.png", b"x" * 700), ("dir/a.b/s1.CLS", b"3"), (f"{long_dir}/s2.seg.png", b"y" * 10),
-               ("__meta__", b"m"), (f"{long_dir}/s2.seg.json", b"{}"), ("\u00fcn/s3.png", b"")]  # fmt: skip
+    members = [
+        ("dir/a.b/s1.png", b"x" * 700),
+        ("dir/a.b/s1.CLS", b"3"),
+        (f"{long_dir}/s2.seg.png", b"y" * 10),
+        ("__meta__", b"m"),
+        (f"{long_dir}/s2.seg.json", b"{}"),
+        ("\u00fcn/s3.png", b""),
+    ]
     path = tmp_path / f"shard{suffix}"
-    with tarfile.open(path, "w:gz" if suffix == ".tar.gz" else "w", format=getattr(tarfile, f"{fmt.upper()}_FORMAT")) as tar:
+    with tarfile.open(
+        path, "w:gz" if suffix == ".tar.gz" else "w", format=getattr(tarfile, f"{fmt.upper()}_FORMAT")
+    ) as tar:
         for name, data in members:
             _tar_member(tar, name, data)
     ours = list(tar_records(str(path)))

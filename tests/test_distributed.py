@@ -17,10 +17,21 @@ def test_two_processes_train_and_hold_identical_weights(tmp_path, fmnist_shards)
     syncs them on GPUs.)"""
     recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(tmp_path, fmnist_shards, train={"checkpoint_every": 2}))
     accelerate_launch(
-        ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-         "--dynamo_backend", "no", "--main_process_port", str(free_port())],
+        [
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "--main_process_port",
+            str(free_port()),
+        ],
         [str(recipe), "train.steps=3"],
-    )  # fmt: skip
+    )
     out = tmp_path / "run"
     w0, w1 = torch.load(out / "weights_rank0.pt"), torch.load(out / "weights_rank1.pt")
     assert w0.keys() == w1.keys() and len(w0) > 10

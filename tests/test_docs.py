@@ -31,7 +31,9 @@ def documented_hooks() -> list[tuple[int, ast.FunctionDef]]:
 
 def spec_params(hook: str) -> list[tuple[str, str | None]]:
     sig = inspect.signature(HOOKS[hook])
-    return [(p.name, p.annotation if p.annotation is not inspect.Parameter.empty else None) for p in sig.parameters.values()]
+    return [
+        (p.name, p.annotation if p.annotation is not inspect.Parameter.empty else None) for p in sig.parameters.values()
+    ]
 
 
 def test_every_python_block_parses():

@@ -73,7 +73,9 @@ class NaNAfter:
 
 def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path, fmnist_shards):
     recipe = tiny_recipe(tmp_path, fmnist_shards, train={"checkpoint_every": 2, "max_bad_steps": 3})
-    with pytest.raises(TrainingError, match=r"3 non-finite losses in a row at step 2; last good checkpoint: .*step_00000002"):
+    with pytest.raises(
+        TrainingError, match=r"3 non-finite losses in a row at step 2; last good checkpoint: .*step_00000002"
+    ):
         run_steps(recipe, steps=10, extra_plugins={"nan": NaNAfter(start=2)})
     out = tmp_path / "run"
     assert checkpoint.find_resume(out, "auto").name == "step_00000002", "the last good checkpoint is kept"

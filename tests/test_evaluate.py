@@ -82,8 +82,13 @@ def test_crop_and_flip_shifts_and_mirrors():
 @pytest.mark.slow
 def test_evaluate_a_trained_run(tmp_path, real_fmnist_shards):
     out = run_steps(tiny_recipe(tmp_path, real_fmnist_shards, train={"checkpoint_every": 2}), steps=2)
-    proc = subprocess.run([sys.executable, str(ROOT / "launch" / "evaluate.py"), str(out)],
-                          capture_output=True, text=True, timeout=300, cwd=ROOT)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "launch" / "evaluate.py"), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "linear probe, test accuracy (192 train / 96 test images)" in proc.stdout
     assert "raw pixels" in proc.stdout and str(out) in proc.stdout
@@ -107,9 +112,24 @@ def test_eval_all_protocols(tmp_path, real_fmnist_shards, capsys):
 
 
 def _launch(script: str, *args: str, processes: int = 2) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(free_port()), str(ROOT / script), *args]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        str(processes),
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(free_port()),
+        str(ROOT / script),
+        *args,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -174,7 +194,9 @@ def test_online_knn_is_logged_and_leaves_training_unchanged(tmp_path, fmnist_sha
     accs = [(r["step"], r["knn.acc"]) for r in records if "knn.acc" in r]
     assert [s for s, _ in accs] == [2, 4]
     model, recipe, _ = load_run(knn)  # the step-4 checkpoint: the same k-NN, computed offline
-    train, test = (extract(model, spec, recipe, 64, 0, max_samples=64) for spec in (recipe.eval.train, recipe.eval.test))
+    train, test = (
+        extract(model, spec, recipe, 64, 0, max_samples=64) for spec in (recipe.eval.train, recipe.eval.test)
+    )
     assert len(train["labels"]) == len(test["labels"]) == 64
     assert abs(accs[-1][1] - knn_accuracy(train["features"], train["labels"], test["features"], test["labels"])) < 1e-6
     losses = [r["loss"] for r in read_metrics(plain)]

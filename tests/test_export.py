@@ -26,7 +26,12 @@ def test_exported_resnet18_loads_into_torchvision_strictly(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["arch"] == "resnet18"
     with safe_open(str(weights), "pt") as f:
         meta = f.metadata()  # the encoder's own export_metadata, and what the run knows
-        assert (meta["stem"], meta["key_names"], meta["num_features"], meta["channels"]) == ("cifar", "torchvision", "512", "3")
+        assert (meta["stem"], meta["key_names"], meta["num_features"], meta["channels"]) == (
+            "cifar",
+            "torchvision",
+            "512",
+            "3",
+        )
 
     # the README's recipe, written out by hand (no augssl import involved in building the net)
     net = torchvision.models.resnet18()

@@ -56,11 +56,18 @@ def trained(tmp_path, fmnist_shards):
 
 @pytest.mark.slow
 def test_a_second_run_on_a_busy_folder_stops_at_once_and_the_first_finishes_alone(tmp_path, fmnist_shards):
-    recipe = tiny_recipe(tmp_path, fmnist_shards, train={"steps": 150, "log_every": 50, "checkpoint_every": 50,
-                                                          "log_with": []})  # fmt: skip
+    recipe = tiny_recipe(
+        tmp_path, fmnist_shards, train={"steps": 150, "log_every": 50, "checkpoint_every": 50, "log_with": []}
+    )
     path, out = write_recipe(tmp_path / "r.yaml", recipe), tmp_path / "run"
-    first = subprocess.Popen([sys.executable, str(TRAIN), str(path)], stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True, env=ENV, cwd=ROOT)  # fmt: skip
+    first = subprocess.Popen(
+        [sys.executable, str(TRAIN), str(path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=ENV,
+        cwd=ROOT,
+    )
     deadline = time.monotonic() + 120
     while not (out / runfolder.LOCK_FILE).exists() and first.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -85,7 +92,9 @@ def test_a_stale_lock_of_a_dead_process_is_taken_over(tmp_path, fmnist_shards):
     gone = subprocess.Popen(["true"])
     gone.wait()
     out.mkdir()
-    (out / runfolder.LOCK_FILE).write_text(json.dumps({"host": os.uname().nodename, "pid": gone.pid, "started": "then"}))
+    (out / runfolder.LOCK_FILE).write_text(
+        json.dumps({"host": os.uname().nodename, "pid": gone.pid, "started": "then"})
+    )
     proc = train([path])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"taking over the stale lock of a run that is gone (pid {gone.pid} on" in proc.stdout
@@ -121,8 +130,9 @@ def test_an_incompatible_recipe_is_refused_naming_the_key_and_recipe_yaml_is_kep
     path, out = trained
     before = snapshot(out)
     error = one_error(train([path, "train.steps=5", "plugins.backbones.latent_dim=32"]))
-    assert error.startswith("train.resume: checkpoint step_00000003 was trained with plugins.backbones.latent_dim=16, "
-                            "this recipe has 32: "), error  # fmt: skip
+    assert error.startswith(
+        "train.resume: checkpoint step_00000003 was trained with plugins.backbones.latent_dim=16, this recipe has 32: "
+    ), error
     error = one_error(train([path, "train.steps=5", "data.num_workers=2", "plugins.probe={}"]))
     assert "holds the modules of plugins ['backbones'], this recipe builds ['backbones', 'probe']" in error
     error = one_error(train([path, "train.steps=5", "data.num_workers=2"]))
@@ -152,8 +162,9 @@ def damage(ckpt, how: str) -> str:
 
 @pytest.mark.parametrize("how", ["random bytes", "truncated", "missing"])
 @pytest.mark.slow
-def test_a_damaged_newest_checkpoint_is_named_kept_aside_and_the_previous_one_resumed(trained, tmp_path, fmnist_shards,
-                                                                                      how):  # fmt: skip
+def test_a_damaged_newest_checkpoint_is_named_kept_aside_and_the_previous_one_resumed(
+    trained, tmp_path, fmnist_shards, how
+):
     path, out = trained
     newest = checkpoint.complete_checkpoints(out)[-1]
     why = damage(newest, how)
@@ -161,8 +172,9 @@ def test_a_damaged_newest_checkpoint_is_named_kept_aside_and_the_previous_one_re
     proc = train([path, "train.steps=4"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [line for line in proc.stdout.splitlines() if " is damaged " in line]
-    assert lines == [f"augssl: checkpoint {newest} is damaged ({why}): kept as step_00000003.damaged; "
-                     "resuming from step_00000002"]  # fmt: skip
+    assert lines == [
+        f"augssl: checkpoint {newest} is damaged ({why}): kept as step_00000003.damaged; resuming from step_00000002"
+    ]
     assert f"resumed from {newest.with_name('step_00000002')} at step 2" in proc.stdout
     assert (newest.with_name("step_00000003.damaged")).is_dir(), "never deleted"
     assert [r["step"] for r in read_metrics(out)] == [1, 2, 3, 3, 4] and finite_losses(out)
@@ -183,8 +195,10 @@ def test_every_checkpoint_damaged_stops_with_one_line_and_renames_nothing(traine
     for ckpt in checkpoint.complete_checkpoints(out):
         damage(ckpt, "truncated")
     error = one_error(train([path, "train.steps=4"]))
-    assert error.startswith(f"train.resume=auto: every checkpoint in {out / 'checkpoints'} is damaged (newest "
-                            "step_00000003: optimizer.bin has "), error  # fmt: skip
+    assert error.startswith(
+        f"train.resume=auto: every checkpoint in {out / 'checkpoints'} is damaged (newest "
+        "step_00000003: optimizer.bin has "
+    ), error
     assert [p.name for p in checkpoint.complete_checkpoints(out)] == ["step_00000002", "step_00000003"]
 
 
@@ -192,8 +206,10 @@ def test_every_checkpoint_damaged_stops_with_one_line_and_renames_nothing(traine
 def test_an_explicit_damaged_or_missing_resume_path_stops_before_anything_is_created(trained, tmp_path):
     path, out = trained
     error = one_error(train([path, "train.resume=/no/such/step_1", f"output_dir={tmp_path / 'new'}"]))
-    assert error == ("train.resume: /no/such/step_1 is not a complete checkpoint (no such folder); give a "
-                     "checkpoints/step_<N> folder, or train.resume=auto")  # fmt: skip
+    assert error == (
+        "train.resume: /no/such/step_1 is not a complete checkpoint (no such folder); give a "
+        "checkpoints/step_<N> folder, or train.resume=auto"
+    )
     newest = checkpoint.complete_checkpoints(out)[-1]
     why = damage(newest, "random bytes")
     error = one_error(train([path, f"train.resume={newest}", f"output_dir={tmp_path / 'new'}", "train.steps=4"]))
@@ -220,8 +236,14 @@ def test_stray_folders_and_files_in_checkpoints_are_ignored(trained):
     (root / "notes.txt").write_text("hi")
     proc = train([path, "train.steps=5"])
     assert proc.returncode == 0 and f"resumed from {newest} at step 3" in proc.stdout, proc.stderr[-3000:]
-    assert sorted(p.name for p in root.iterdir()) == ["notes.txt", "step_00000004", "step_00000005",
-                                                       "step_00000009.bak", "step_00000010", "step_x"]  # fmt: skip
+    assert sorted(p.name for p in root.iterdir()) == [
+        "notes.txt",
+        "step_00000004",
+        "step_00000005",
+        "step_00000009.bak",
+        "step_00000010",
+        "step_x",
+    ]
 
 
 @pytest.mark.slow
@@ -230,20 +252,37 @@ def test_a_full_disk_during_a_save_removes_the_partial_folder_keeps_the_previous
     proc = train(["5", path, "train.steps=6"], script=ROOT / "tests" / "fault_train.py")
     error = one_error(proc)
     tmp = checkpoint.checkpoint_root(out) / "step_00000005.tmp"
-    assert error.startswith(f"checkpoint step_00000005 could not be written (ENOSPC (No space left on device): {tmp}/"), error
-    assert error.endswith(f"removed {tmp}; the previous checkpoints are kept (newest step_00000004, where "
-                          "train.resume=auto continues); free space (or fix the folder) and rerun")  # fmt: skip
+    assert error.startswith(
+        f"checkpoint step_00000005 could not be written (ENOSPC (No space left on device): {tmp}/"
+    ), error
+    assert error.endswith(
+        f"removed {tmp}; the previous checkpoints are kept (newest step_00000004, where "
+        "train.resume=auto continues); free space (or fix the folder) and rerun"
+    )
     assert not tmp.exists()
     kept = checkpoint.complete_checkpoints(out)
-    assert [p.name for p in kept] == ["step_00000003", "step_00000004"] and all(checkpoint.verify(p) is None for p in kept)
+    assert [p.name for p in kept] == ["step_00000003", "step_00000004"] and all(
+        checkpoint.verify(p) is None for p in kept
+    )
     proc = train([path, "train.steps=6"])
     assert proc.returncode == 0 and "at step 4" in proc.stdout, proc.stderr[-3000:]
     assert [p.name for p in checkpoint.complete_checkpoints(out)] == ["step_00000005", "step_00000006"]
 
 
 def launch2(args: list[str]) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", *ONE_NODE,
-           "--main_process_port", str(free_port()), str(TRAIN), *map(str, args)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        *ONE_NODE,
+        "--main_process_port",
+        str(free_port()),
+        str(TRAIN),
+        *map(str, args),
+    ]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=ENV, cwd=ROOT)
 
 

@@ -101,8 +101,16 @@ def test_damaged_and_non_tar_files_raise_bad_shard_and_are_skipped_and_counted(t
 def test_labels_outside_the_recipe_classes_are_counted_bad_records(tmp_path):
     png = io.BytesIO()
     next(asset_samples("test")).image.save(png, format="PNG")
-    labels = {"ok0": b"0", "ok9": b"9", "unlabelled": b"-1", "big": b"57", "neg": b"-2", "float": b"3.5",
-              "huge": b"1" * 40, "word": b"seven"}  # fmt: skip
+    labels = {
+        "ok0": b"0",
+        "ok9": b"9",
+        "unlabelled": b"-1",
+        "big": b"57",
+        "neg": b"-2",
+        "float": b"3.5",
+        "huge": b"1" * 40,
+        "word": b"seven",
+    }
     with tarfile.open(tmp_path / "labels.tar", "w") as tar:
         for key, cls in labels.items():
             for ext, payload in (("png", png.getvalue()), ("cls", cls)):
@@ -155,10 +163,18 @@ def flaky_server(tmp_path):
 
 
 @pytest.mark.slow
-def test_dead_failing_and_stalled_remote_shards_are_retried_then_skipped_and_counted(tmp_path, good, silent_server, flaky_server):
+def test_dead_failing_and_stalled_remote_shards_are_retried_then_skipped_and_counted(
+    tmp_path, good, silent_server, flaky_server
+):
     url, requests = flaky_server
-    faults = [f"{silent_server}/good-00.tar", f"{url}/fail500/good-00.tar", "pipe:cat /missing.tar", "pipe:true",
-              "pipe:sleep 30", f"http://127.0.0.1:{_closed_port()}/good-00.tar"]  # fmt: skip
+    faults = [
+        f"{silent_server}/good-00.tar",
+        f"{url}/fail500/good-00.tar",
+        "pipe:cat /missing.tar",
+        "pipe:true",
+        "pipe:sleep 30",
+        f"http://127.0.0.1:{_closed_port()}/good-00.tar",
+    ]
     start = time.monotonic()
     batches = load("::".join([f"{url}/once/good-00.tar", *faults, f"{url}/good-01.tar"]), retries=2)
     took = time.monotonic() - start
@@ -259,7 +275,9 @@ def test_a_data_worker_exits_when_its_trainer_is_killed(tmp_path, stuck):
     try:
         assert trainer.stdout.readline().strip() == b"started"
         deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and len(_descendants(trainer.pid)) < (1 if stuck.startswith("reading") else 2):
+        while time.monotonic() < deadline and len(_descendants(trainer.pid)) < (
+            1 if stuck.startswith("reading") else 2
+        ):
             time.sleep(0.2)  # the worker (and its `sleep`)
         workers = _descendants(trainer.pid)
         assert workers, "the trainer started a data worker"
@@ -301,8 +319,9 @@ def test_a_trainer_stopped_by_a_data_error_exits_with_one_line(tmp_path):
     spec = str(_all_bad_records(tmp_path))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     start = time.monotonic()
-    proc = subprocess.run([sys.executable, "-c", LEAVER, spec], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=60)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-c", LEAVER, spec], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == 2 and time.monotonic() - start < 30
     lines = [line for line in proc.stderr.splitlines() if line.startswith("augssl:")]
     assert len(lines) == 1 and lines[0].startswith(f"augssl: error: data.train={spec}: rank 0, data worker")
@@ -324,7 +343,12 @@ def _shards_cli(argv: list[str], capsys) -> tuple[int, str]:
 def test_shards_with_a_wrong_source_leave_existing_shards_and_manifest_untouched(tmp_path, capsys):
     out = tmp_path / "out"
     pattern = str(out / "train-%03d.tar")
-    assert _shards_cli(["fashion-mnist", "--split", "test", "--out", pattern, "--maxcount", "10", "--limit", "25"], capsys)[0] == 0
+    assert (
+        _shards_cli(
+            ["fashion-mnist", "--split", "test", "--out", pattern, "--maxcount", "10", "--limit", "25"], capsys
+        )[0]
+        == 0
+    )
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     assert sorted(before) == ["train-000.tar", "train-001.tar", "train-002.tar", "train.json"]
 
@@ -340,4 +364,6 @@ def test_shards_with_a_wrong_source_leave_existing_shards_and_manifest_untouched
         assert code == 2 and len(err.strip().splitlines()) == 1 and err.startswith("augssl: error: "), err
         after = {p.name: p.read_bytes() for p in out.iterdir()}
         assert after == before, f"{source[0]}: existing shards and manifest untouched, no temporaries left"
-    assert keys(load(str(out / "train-{000..002}.tar"))) == sorted(s.key for s in islice(fashion_mnist(split="test"), 25))
+    assert keys(load(str(out / "train-{000..002}.tar"))) == sorted(
+        s.key for s in islice(fashion_mnist(split="test"), 25)
+    )

@@ -18,8 +18,14 @@ NO_SHARDS = {"train": "none.tar", "test": "none.tar"}
 
 
 def one_line(args: list[str], script: str = "train.py") -> str:
-    proc = subprocess.run([sys.executable, str(ROOT / "launch" / script), *map(str, args)], capture_output=True,
-                          text=True, timeout=120, env=ENV, cwd=ROOT)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "launch" / script), *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=ENV,
+        cwd=ROOT,
+    )
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("augssl: error: "), proc.stderr[-2000:]
     return lines[0]
@@ -31,23 +37,31 @@ def test_a_billion_laughs_recipe_stops_before_it_expands(tmp_path):
     levels = ["    l0: &l0 [" + ", ".join(['"lol"'] * 9) + "]"]
     levels += [f"    l{i}: &l{i} [" + ", ".join([f"*l{i - 1}"] * 9) + "]" for i in range(1, 9)]
     path = tmp_path / "laughs.yaml"
-    path.write_text(f"extends: {ROOT / 'recipes' / 'vae_fashionmnist.yaml'}\n"
-                    f"output_dir: {tmp_path / 'run'}\ndistributed:\n  deepspeed:\n" + "\n".join(levels) + "\n")  # fmt: skip
+    path.write_text(
+        f"extends: {ROOT / 'recipes' / 'vae_fashionmnist.yaml'}\n"
+        f"output_dir: {tmp_path / 'run'}\ndistributed:\n  deepspeed:\n" + "\n".join(levels) + "\n"
+    )
     assert "expands to more than 100000 values (YAML aliases?)" in one_line([path])
     assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize(
     ("section", "message"),
-    [({"zero_optimisation": {"stage": 2}}, "zero_optimisation: not a DeepSpeed config key"),
-     ({"zero_optimization": {"stage": 3, "stage3_param_persistance_threshold": 0}},
-      "zero_optimization.stage3_param_persistance_threshold: Extra inputs are not permitted")],
-)  # fmt: skip
+    [
+        ({"zero_optimisation": {"stage": 2}}, "zero_optimisation: not a DeepSpeed config key"),
+        (
+            {"zero_optimization": {"stage": 3, "stage3_param_persistance_threshold": 0}},
+            "zero_optimization.stage3_param_persistance_threshold: Extra inputs are not permitted",
+        ),
+    ],
+)
 def test_a_deepspeed_key_deepspeed_would_ignore_is_a_recipe_error(tmp_path, section, message):
     with pytest.raises(RecipeError, match=f"distributed.deepspeed: .*{message}"):
         validate(tiny_recipe(tmp_path, NO_SHARDS, distributed={"deepspeed": section}), check_data=False)
-    validate(tiny_recipe(tmp_path, NO_SHARDS, distributed={"deepspeed": {"zero_optimization": {"stage": 3}}}),
-             check_data=False)  # fmt: skip
+    validate(
+        tiny_recipe(tmp_path, NO_SHARDS, distributed={"deepspeed": {"zero_optimization": {"stage": 3}}}),
+        check_data=False,
+    )
 
 
 def test_an_empty_output_dir_is_a_recipe_error(tmp_path, fmnist_shards):
@@ -60,8 +74,14 @@ def test_an_empty_output_dir_is_a_recipe_error(tmp_path, fmnist_shards):
 def test_an_export_to_an_unwritable_place_is_one_line(tmp_path, fmnist_shards):
     out = run_steps(tiny_recipe(tmp_path, fmnist_shards, train={"log_with": []}), steps=1)
     code = "import sys; from framework.cli import main; sys.argv[0] = 'augssl'; main()"
-    proc = subprocess.run([sys.executable, "-c", code, "export", str(out), "--out", "/proc/augssl/encoder.safetensors"],
-                          capture_output=True, text=True, timeout=120, env=ENV, cwd=ROOT)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-c", code, "export", str(out), "--out", "/proc/augssl/encoder.safetensors"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=ENV,
+        cwd=ROOT,
+    )
     assert proc.returncode == 2 and proc.stderr.startswith("augssl: error: ") and proc.stderr.count("\n") == 1
 
 
@@ -72,14 +92,19 @@ def test_a_label_outside_the_recipes_classes_is_a_counted_bad_record_not_a_crash
 
     from framework.data import Sample, write_shards
 
-    samples = [Sample(s.key, s.image, 57 if i == 5 else s.label)
-               for i, s in enumerate(islice(asset_samples("train"), 24))]  # fmt: skip
+    samples = [
+        Sample(s.key, s.image, 57 if i == 5 else s.label) for i, s in enumerate(islice(asset_samples("train"), 24))
+    ]
     info = write_shards(samples, str(tmp_path / "bad" / "train-%06d.tar"), maxcount=24)
     shards = {"train": str(tmp_path / "bad" / info["shards"][0]["url"]), "test": fmnist_shards["test"]}
     plugins = {"backbones": {"encoder": "conv28", "latent_dim": None}, "probe": {"num_classes": 10}}
     for num_classes, bad in ((10, 1), (None, 0)):
-        recipe = tiny_recipe(tmp_path / str(num_classes), shards, plugins=plugins,
-                             data={"num_classes": num_classes, "shuffle_buffer": 0, "max_bad_fraction": 0.5})  # fmt: skip
+        recipe = tiny_recipe(
+            tmp_path / str(num_classes),
+            shards,
+            plugins=plugins,
+            data={"num_classes": num_classes, "shuffle_buffer": 0, "max_bad_fraction": 0.5},
+        )
         records = read_metrics(run_steps(recipe, steps=3))
         assert records[-1]["data.bad_records"] == bad and all(math.isfinite(r["probe.ce"]) for r in records)
 
@@ -90,7 +115,12 @@ def test_a_run_whose_shards_are_all_unreadable_stops_with_one_line(tmp_path, fmn
     data.train, exit 2, within about data.stall_seconds."""
     for i in range(2):
         (tmp_path / f"empty-{i:06d}.tar").write_bytes(b"")
-    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(
-        tmp_path, {"train": str(tmp_path / "empty-{000000..000001}.tar"), "test": fmnist_shards["test"]},
-        data={"stall_seconds": 5, "num_workers": 1}))  # fmt: skip
+    recipe = write_recipe(
+        tmp_path / "r.yaml",
+        tiny_recipe(
+            tmp_path,
+            {"train": str(tmp_path / "empty-{000000..000001}.tar"), "test": fmnist_shards["test"]},
+            data={"stall_seconds": 5, "num_workers": 1},
+        ),
+    )
     assert "data.train" in one_line([recipe])

@@ -25,8 +25,17 @@ from framework.preemption import EXIT_PREEMPTED
 from framework.testing import free_port, run_steps, tiny_recipe, write_recipe
 from tests.helpers import ENV, ROOT
 
-DDP2 = ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-        "--dynamo_backend", "no"]  # fmt: skip
+DDP2 = [
+    "--multi_gpu",
+    "--num_processes",
+    "2",
+    "--num_machines",
+    "1",
+    "--mixed_precision",
+    "no",
+    "--dynamo_backend",
+    "no",
+]
 LAUNCH = [sys.executable, "-m", "accelerate.commands.launch"]
 
 
@@ -69,21 +78,33 @@ def test_a_signal_between_checkpoints_checkpoints_that_step_and_the_resumed_run_
     stop_at = signal_at + 1
     paths = {}
     for run in ("whole", "stopped"):
-        recipe = tiny_recipe(tmp_path / run, fmnist_shards, train={"steps": 6, "checkpoint_every": 1000},
-                             data={"num_workers": 2})  # fmt: skip
+        recipe = tiny_recipe(
+            tmp_path / run, fmnist_shards, train={"steps": 6, "checkpoint_every": 1000}, data={"num_workers": 2}
+        )
         paths[run] = write_recipe(tmp_path / f"{run}.yaml", recipe)
     script = [sys.executable, str(ROOT / "tests" / "kill_train.py")]
     env = {**ENV, "AUGSSL_TEST_SIGNAL": name}
     assert subprocess.run([*script, str(paths["whole"]), "0"], env=env, cwd=ROOT, timeout=180).returncode == 0
-    proc = subprocess.run([*script, str(paths["stopped"]), str(signal_at)], env=env, cwd=ROOT, timeout=180,
-                          capture_output=True, text=True, start_new_session=True)  # fmt: skip
+    proc = subprocess.run(
+        [*script, str(paths["stopped"]), str(signal_at)],
+        env=env,
+        cwd=ROOT,
+        timeout=180,
+        capture_output=True,
+        text=True,
+        start_new_session=True,
+    )
     assert proc.returncode == EXIT_PREEMPTED, proc.stderr[-3000:]
     last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith(f"augssl: stopped by SIG{name} after step {stop_at}; checkpoint ") and "Traceback" not in proc.stderr
+    assert (
+        last.startswith(f"augssl: stopped by SIG{name} after step {stop_at}; checkpoint ")
+        and "Traceback" not in proc.stderr
+    )
     out = tmp_path / "stopped" / "run"
     assert newest_step(out) == stop_at and logged_steps(out) == list(range(1, stop_at + 1))
-    resumed = subprocess.run([*script, str(paths["stopped"]), "0"], env=ENV, cwd=ROOT, timeout=180,
-                             capture_output=True, text=True)  # fmt: skip
+    resumed = subprocess.run(
+        [*script, str(paths["stopped"]), "0"], env=ENV, cwd=ROOT, timeout=180, capture_output=True, text=True
+    )
     assert resumed.returncode == 0 and f"at step {stop_at}" in resumed.stdout, resumed.stderr[-3000:]
     assert logged_steps(out) == list(range(1, 7))
     whole, again = final_weights(tmp_path / "whole" / "run"), final_weights(out)
@@ -101,9 +122,17 @@ def test_sigterm_to_the_launcher_stops_both_ranks_after_the_same_step_and_resume
         runs[run] = write_recipe(tmp_path / f"{run}.yaml", recipe)
 
     def launch(path: Path) -> subprocess.Popen:
-        cmd = [*LAUNCH, *DDP2, "--main_process_port", str(free_port()), str(ROOT / "tests" / "dist_train.py"), str(path)]
-        return subprocess.Popen(cmd, env=ENV, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                start_new_session=True)  # fmt: skip
+        cmd = [
+            *LAUNCH,
+            *DDP2,
+            "--main_process_port",
+            str(free_port()),
+            str(ROOT / "tests" / "dist_train.py"),
+            str(path),
+        ]
+        return subprocess.Popen(
+            cmd, env=ENV, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+        )
 
     whole = launch(runs["whole"])
     assert whole.wait(timeout=300) == 0, whole.communicate()[1][-3000:]
@@ -158,11 +187,26 @@ def test_the_slurm_script_requeues_the_job_on_its_pre_timeout_signal(tmp_path, f
         (bin_dir / name).write_text(text)
         (bin_dir / name).chmod(stat.S_IRWXU)
     recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(tmp_path, fmnist_shards, train={"steps": 60}))
-    env = {**ENV, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_SUBMIT_DIR": str(ROOT), "SLURM_JOB_ID": "4242",
-           "SLURM_JOB_NODELIST": "node0", "SLURM_NNODES": "1", "GPUS_PER_NODE": "2", "MASTER_PORT": str(free_port()),
-           "FAKE_SLURM_LOG": str(tmp_path / "slurm.log"), "OMP_NUM_THREADS": "1"}  # fmt: skip
-    job = subprocess.Popen(["bash", str(ROOT / "launch" / "slurm" / "pretrain.sbatch"), str(recipe)], env=env,
-                           cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    env = {
+        **ENV,
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "SLURM_SUBMIT_DIR": str(ROOT),
+        "SLURM_JOB_ID": "4242",
+        "SLURM_JOB_NODELIST": "node0",
+        "SLURM_NNODES": "1",
+        "GPUS_PER_NODE": "2",
+        "MASTER_PORT": str(free_port()),
+        "FAKE_SLURM_LOG": str(tmp_path / "slurm.log"),
+        "OMP_NUM_THREADS": "1",
+    }
+    job = subprocess.Popen(
+        ["bash", str(ROOT / "launch" / "slurm" / "pretrain.sbatch"), str(recipe)],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     out = tmp_path / "run"
     wait_for_step(out, 2, job)
     job.send_signal(signal.SIGUSR1)
@@ -183,11 +227,25 @@ def test_an_elastic_launch_restarts_a_group_that_lost_a_rank_and_finishes_the_ru
     group, which resumes from the newest checkpoint (`train.resume: auto`) and trains to the last step.
     (Without `distributed.init_restarted_group` the restarted ranks read the dead attempt's addresses
     from the agent's store and failed to connect in 2 of 3 runs here.)"""
-    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(tmp_path, fmnist_shards,
-                                                           train={"steps": 30, "checkpoint_every": 2}))  # fmt: skip
-    cmd = [*LAUNCH, *DDP2, "--max_restarts", "2", "--monitor_interval", "1", "--rdzv_backend", "c10d",
-           "--main_process_ip", "127.0.0.1", "--main_process_port", str(free_port()),
-           str(ROOT / "tests" / "dist_train.py"), str(recipe)]  # fmt: skip
+    recipe = write_recipe(
+        tmp_path / "r.yaml", tiny_recipe(tmp_path, fmnist_shards, train={"steps": 30, "checkpoint_every": 2})
+    )
+    cmd = [
+        *LAUNCH,
+        *DDP2,
+        "--max_restarts",
+        "2",
+        "--monitor_interval",
+        "1",
+        "--rdzv_backend",
+        "c10d",
+        "--main_process_ip",
+        "127.0.0.1",
+        "--main_process_port",
+        str(free_port()),
+        str(ROOT / "tests" / "dist_train.py"),
+        str(recipe),
+    ]
     job = subprocess.Popen(cmd, env=ENV, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     out = tmp_path / "run"
     wait_for_step(out, 5, job)
@@ -211,14 +269,24 @@ def test_a_rank_that_stops_answering_makes_the_others_stop_with_a_line_naming_it
     """Rank 1 stalls for 12 s in step 2 (a dead storage mount, a hung kernel); with
     `distributed.timeout_seconds: 3` rank 0 stops within seconds saying which collective waited."""
     recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(tmp_path, fmnist_shards, distributed={"timeout_seconds": 3}))
-    cmd = [*LAUNCH, *DDP2, "--main_process_port", str(free_port()), str(ROOT / "tests" / "dist_train.py"),
-           str(recipe), "train.steps=4"]  # fmt: skip
+    cmd = [
+        *LAUNCH,
+        *DDP2,
+        "--main_process_port",
+        str(free_port()),
+        str(ROOT / "tests" / "dist_train.py"),
+        str(recipe),
+        "train.steps=4",
+    ]
     started = time.monotonic()
-    proc = subprocess.run(cmd, env={**ENV, "AUGSSL_TEST_SLEEP": "1:1:12"}, cwd=ROOT, capture_output=True, text=True,
-                          timeout=120)  # fmt: skip
+    proc = subprocess.run(
+        cmd, env={**ENV, "AUGSSL_TEST_SLEEP": "1:1:12"}, cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode != 0 and time.monotonic() - started < 60
-    assert ("augssl: error: rank 0 of 2: step 2: the non-finite/stop vote: the other ranks did not answer within "
-            "distributed.timeout_seconds") in proc.stderr, proc.stderr[-3000:]  # fmt: skip
+    assert (
+        "augssl: error: rank 0 of 2: step 2: the non-finite/stop vote: the other ranks did not answer within "
+        "distributed.timeout_seconds"
+    ) in proc.stderr, proc.stderr[-3000:]
 
 
 # ---------------------------------------------------------------------------
@@ -228,10 +296,14 @@ def test_a_rank_that_stops_answering_makes_the_others_stop_with_a_line_naming_it
 
 def test_the_logged_lr_is_train_lrs_and_each_plugin_lr_is_logged_by_name(tmp_path, fmnist_shards):
     """The online probe trains at its own lr (1e-4); `lr` used to be the first param group's."""
-    plugins = {"probe": {"lr": 1e-4}, "backbones": {"encoder": "conv28", "latent_dim": 16,
-                                                    "decoder": "conv28"}, "kl": {}}  # fmt: skip
-    out = run_steps(tiny_recipe(tmp_path, fmnist_shards, plugins=plugins, train={"lr": 1e-3, "warmup_steps": 4}),
-                    steps=2)  # fmt: skip
+    plugins = {
+        "probe": {"lr": 1e-4},
+        "backbones": {"encoder": "conv28", "latent_dim": 16, "decoder": "conv28"},
+        "kl": {},
+    }
+    out = run_steps(
+        tiny_recipe(tmp_path, fmnist_shards, plugins=plugins, train={"lr": 1e-3, "warmup_steps": 4}), steps=2
+    )
     records = read_metrics(out)
     assert [r["lr"] for r in records] == pytest.approx([1e-3 * 2 / 4, 1e-3 * 3 / 4])
     assert [r["lr/probe"] for r in records] == pytest.approx([1e-4 * 2 / 4, 1e-4 * 3 / 4])
@@ -243,11 +315,20 @@ def test_a_run_logged_to_a_file_writes_one_line_per_log_and_never_imports_deepsp
     """stderr to a file (a cluster's job log): no progress-bar redraws, one line per `train.log_every`
     steps; a run without DeepSpeed does not import it (its "Setting accelerator to CPU" warning)."""
     recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(tmp_path, fmnist_shards, train={"steps": 4, "log_every": 2}))
-    code = ("import sys; from framework.cli import train_main; train_main(sys.argv[1:]); "
-            "print('deepspeed imported:', 'deepspeed' in sys.modules)")  # fmt: skip
+    code = (
+        "import sys; from framework.cli import train_main; train_main(sys.argv[1:]); "
+        "print('deepspeed imported:', 'deepspeed' in sys.modules)"
+    )
     with (tmp_path / "log.txt").open("w") as log:
-        proc = subprocess.run([sys.executable, "-c", code, str(recipe)], env=ENV, cwd=ROOT, stderr=log,
-                              stdout=subprocess.PIPE, text=True, timeout=120)  # fmt: skip
+        proc = subprocess.run(
+            [sys.executable, "-c", code, str(recipe)],
+            env=ENV,
+            cwd=ROOT,
+            stderr=log,
+            stdout=subprocess.PIPE,
+            text=True,
+            timeout=120,
+        )
     text = (tmp_path / "log.txt").read_text()
     assert proc.returncode == 0 and "deepspeed imported: False" in proc.stdout, text[-2000:]
     assert "\r" not in text and "Setting accelerator" not in text

@@ -73,9 +73,16 @@ def test_deepspeed_drops_a_window_whose_last_micro_step_is_nan_exactly_as_ddp_do
     so the window's gradients used to leak into the next one (0.05 apart after 3 steps). SGD, whose
     update is linear in the gradient, so the two engines agree to float rounding; this also fails if
     DeepSpeed clips where DDP does not (DeepSpeed 0.19's default gradient_clipping is 1.0)."""
-    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(
-        tmp_path, fmnist_shards, distributed={"accumulation_steps": 2}, data={"shuffle_buffer": 0},
-        train={"optimizer": "sgd", "lr": 1e-4}))  # fmt: skip
+    recipe = write_recipe(
+        tmp_path / "r.yaml",
+        tiny_recipe(
+            tmp_path,
+            fmnist_shards,
+            distributed={"accumulation_steps": 2},
+            data={"shuffle_buffer": 0},
+            train={"optimizer": "sgd", "lr": 1e-4},
+        ),
+    )
     runs = {}
     for name, launcher in (("ddp", DDP2), ("zero2", ds(2))):
         launch(launcher, recipe, "train.steps=3", f"output_dir={tmp_path / name}", AUGSSL_TEST_NAN="1:3")
@@ -116,8 +123,15 @@ def test_the_launchs_mixed_precision_reaches_the_hooks_unless_the_recipe_sets_on
     proc = launch(one, recipe, "train.steps=1", precision="bf16", AUGSSL_TEST_AUTOCAST=str(tmp_path / "bf16"))
     assert "precision bf16" in proc.stdout
     assert autocast_seen(tmp_path / "bf16") == [{"enabled": True, "h": "torch.bfloat16", "dtype": "torch.bfloat16"}]
-    proc = launch(one, recipe, "train.steps=1", "distributed.mixed_precision=no", f"output_dir={tmp_path / 'no'}",
-                  precision="bf16", AUGSSL_TEST_AUTOCAST=str(tmp_path / "no"))  # fmt: skip
+    proc = launch(
+        one,
+        recipe,
+        "train.steps=1",
+        "distributed.mixed_precision=no",
+        f"output_dir={tmp_path / 'no'}",
+        precision="bf16",
+        AUGSSL_TEST_AUTOCAST=str(tmp_path / "no"),
+    )
     assert "precision no" in proc.stdout and not autocast_seen(tmp_path / "no")[0]["enabled"]
 
 
@@ -148,8 +162,9 @@ def test_the_deepspeed_config_carries_the_precision_as_torch_autocast_and_refuse
     assert bf16["bf16"] == {"enabled": False} and bf16["fp16"] == {"enabled": False}, "never DeepSpeed's casts"
     assert bf16["gradient_clipping"] == 0.0, "DeepSpeed's default (1.0) would clip where DDP does not"
     assert _ds_config(tmp_path, {}, distributed={"grad_clip": 2.0})["gradient_clipping"] == 2.0
-    assert "torch_autocast" not in _ds_config(tmp_path, {"ACCELERATE_MIXED_PRECISION": "bf16"},
-                                              distributed={"mixed_precision": "no"}), "the recipe wins"  # fmt: skip
+    assert "torch_autocast" not in _ds_config(
+        tmp_path, {"ACCELERATE_MIXED_PRECISION": "bf16"}, distributed={"mixed_precision": "no"}
+    ), "the recipe wins"
     with pytest.raises(ValueError, match="DeepSpeed with fp16: use bf16"):
         _ds_config(tmp_path, {"ACCELERATE_MIXED_PRECISION": "fp16"})
     with pytest.raises(ValueError, match="ZeRO stage 0: launch without DeepSpeed"):  # no overflow check to skip with
@@ -163,10 +178,20 @@ def test_the_deepspeed_config_carries_the_precision_as_torch_autocast_and_refuse
 @pytest.mark.slow
 def test_a_launch_the_recipe_cannot_run_under_stops_in_one_line_before_anything_starts(tmp_path, fmnist_shards):
     recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(tmp_path, fmnist_shards, train={"optimizer": "sgd"}))
-    env = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE": "cpu",
-           "PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}  # fmt: skip
-    proc = subprocess.run([sys.executable, str(ROOT / "launch" / "train.py"), str(recipe)], capture_output=True,
-                          text=True, timeout=120, env=env, cwd=ROOT)  # fmt: skip
+    env = {
+        "ACCELERATE_USE_DEEPSPEED": "true",
+        "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE": "cpu",
+        "PYTHONPATH": str(ROOT),
+        "PATH": "/usr/bin:/bin",
+    }
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "launch" / "train.py"), str(recipe)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        cwd=ROOT,
+    )
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0, proc.stderr
     assert "optimizer offload (cpu) runs DeepSpeed's CPU Adam" in proc.stderr
     assert not (tmp_path / "run").exists(), "nothing was created"
@@ -199,8 +224,14 @@ def test_the_consistency_kl_under_bf16_autocast_is_within_1_percent_of_float32()
 def test_every_loss_term_is_float32_under_bf16_autocast(tmp_path, fmnist_shards):
     """kl, aavae, consistency, affine, probe on one batch under CPU bf16 autocast: every term and
     metric is float32 (the affine target is no longer cast down to the prediction's dtype)."""
-    plugins = {"backbones": CONV28, "kl": {}, "aavae": {}, "consistency": {"lambda": 1.0}, "affine": {},
-               "probe": {"num_classes": 10}}  # fmt: skip
+    plugins = {
+        "backbones": CONV28,
+        "kl": {},
+        "aavae": {},
+        "consistency": {"lambda": 1.0},
+        "affine": {},
+        "probe": {"num_classes": 10},
+    }
     recipe, hooks = validate(tiny_recipe(tmp_path, fmnist_shards, plugins=plugins))
     model = Model(hooks, recipe).train()
     views, params, labels = _one_batch(recipe, hooks)
@@ -220,12 +251,20 @@ def test_byol_ema_under_zero3_on_two_processes_equals_the_formula(tmp_path, fmni
     """ZeRO-3 with every parameter partitioned (persistence threshold 0): outside forward each rank
     holds empty placeholders, so the EMA and the target's initialisation were silent no-ops. With
     tau = 0.5, the target after step k is 0.5 target(k-1) + 0.5 online(k), exactly, on both ranks."""
-    plugins = {"backbones": {"encoder": "conv28", "latent_dim": None},
-               "byol": {"proj_hidden_dim": 32, "proj_output_dim": 16, "pred_hidden_dim": 32,
-                        "base_momentum": 0.5, "final_momentum": 0.5}}  # fmt: skip
+    plugins = {
+        "backbones": {"encoder": "conv28", "latent_dim": None},
+        "byol": {
+            "proj_hidden_dim": 32,
+            "proj_output_dim": 16,
+            "pred_hidden_dim": 32,
+            "base_momentum": 0.5,
+            "final_momentum": 0.5,
+        },
+    }
     zero3 = {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
-    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(tmp_path, fmnist_shards, plugins=plugins,
-                                                           distributed={"deepspeed": zero3}))  # fmt: skip
+    recipe = write_recipe(
+        tmp_path / "r.yaml", tiny_recipe(tmp_path, fmnist_shards, plugins=plugins, distributed={"deepspeed": zero3})
+    )
     args = [*ds(3), "--mixed_precision", "bf16", "--main_process_port", str(free_port())]
     accelerate_launch(args, [str(recipe), "train.steps=3"], script="dist_byol_ema.py")
     ranks = [torch.load(tmp_path / "run" / f"ema_rank{r}.pt") for r in (0, 1)]
@@ -258,12 +297,24 @@ def test_a_step_of_every_builtin_plugin_makes_no_tensor_from_host_data(tmp_path,
     then) batch_to_device plus the forward of every built-in plugin makes none. (CPU stands in for
     the device: what is counted is the calls, which are the same on both.)"""
     plugin_sets = [
-        {"backbones": CONV28, "kl": {"likelihood": "bernoulli"}, "aavae": {}, "consistency": {"lambda": 1.0},
-         "affine": {"components": ["angle", "scale"]}, "probe": {"num_classes": 10}},
+        {
+            "backbones": CONV28,
+            "kl": {"likelihood": "bernoulli"},
+            "aavae": {},
+            "consistency": {"lambda": 1.0},
+            "affine": {"components": ["angle", "scale"]},
+            "probe": {"num_classes": 10},
+        },
         {"backbones": {"encoder": "conv28", "latent_dim": None}, "simclr": {"output_dim": 16}, "probe": {}},
-        {"backbones": {"encoder": "conv28", "latent_dim": None}, "byol": {"proj_hidden_dim": 32, "pred_hidden_dim": 32}},
-        {"backbones": {"encoder": "conv28", "latent_dim": None}, "barlow": {"proj_hidden_dim": 32, "proj_output_dim": 32}},
-    ]  # fmt: skip
+        {
+            "backbones": {"encoder": "conv28", "latent_dim": None},
+            "byol": {"proj_hidden_dim": 32, "pred_hidden_dim": 32},
+        },
+        {
+            "backbones": {"encoder": "conv28", "latent_dim": None},
+            "barlow": {"proj_hidden_dim": 32, "proj_output_dim": 32},
+        },
+    ]
     for plugins in plugin_sets:
         recipe, hooks = validate(tiny_recipe(tmp_path, fmnist_shards, plugins=plugins))
         model = Model(hooks, recipe).train()
@@ -290,20 +341,36 @@ def test_speed_settings_are_on_for_cuda_off_for_cpu_and_the_recipe_can_change_th
     on for CUDA and off elsewhere; a recipe may turn each off (or channels_last on)."""
     recipe = validate(tiny_recipe(tmp_path, NO_SHARDS), check_data=False)[0]
     assert distributed.speed_settings(recipe, "cuda") == {
-        "channels_last": True, "tf32": True, "cudnn_benchmark": True, "compile": False}  # fmt: skip
+        "channels_last": True,
+        "tf32": True,
+        "cudnn_benchmark": True,
+        "compile": False,
+    }
     assert not any(distributed.speed_settings(recipe, "cpu").values())
-    custom = validate(tiny_recipe(tmp_path, NO_SHARDS, train={"compile": True}, distributed={
-        "channels_last": False, "tf32": False, "cudnn_benchmark": False}), check_data=False)[0]  # fmt: skip
+    custom = validate(
+        tiny_recipe(
+            tmp_path,
+            NO_SHARDS,
+            train={"compile": True},
+            distributed={"channels_last": False, "tf32": False, "cudnn_benchmark": False},
+        ),
+        check_data=False,
+    )[0]
     assert distributed.speed_settings(custom, "cuda") == {
-        "channels_last": False, "tf32": False, "cudnn_benchmark": False, "compile": True}  # fmt: skip
+        "channels_last": False,
+        "tf32": False,
+        "cudnn_benchmark": False,
+        "compile": True,
+    }
 
 
 def test_a_channels_last_run_trains_like_a_contiguous_one(tmp_path, fmnist_shards):
     """channels_last on CPU (a recipe may force it): same losses as the default layout."""
     runs = {}
     for layout in ("true", "false"):
-        out = run_steps(tiny_recipe(tmp_path / layout, fmnist_shards), steps=2,
-                        overrides=[f"distributed.channels_last={layout}"])  # fmt: skip
+        out = run_steps(
+            tiny_recipe(tmp_path / layout, fmnist_shards), steps=2, overrides=[f"distributed.channels_last={layout}"]
+        )
         runs[layout] = [r["loss"] for r in read_metrics(out)]
     assert runs["true"] == pytest.approx(runs["false"], rel=1e-4)
 

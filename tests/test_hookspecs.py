@@ -19,10 +19,18 @@ TESTS = Path(__file__).parent
 
 
 def test_hookspecs_are_the_designed_hooks():
-    assert sorted(HOOKS) == sorted([
-        "config_schema", "build_modules", "augment", "encode", "decode",
-        "regularize", "auxiliary_head", "on_train_step_end",
-    ])  # fmt: skip
+    assert sorted(HOOKS) == sorted(
+        [
+            "config_schema",
+            "build_modules",
+            "augment",
+            "encode",
+            "decode",
+            "regularize",
+            "auxiliary_head",
+            "on_train_step_end",
+        ]
+    )
 
 
 @pytest.mark.parametrize("hook", HOOKS)
@@ -82,10 +90,16 @@ def test_hooks_fire_in_order(tmp_path, fmnist_shards):
     rec = Recorder()
     run_steps(tiny_recipe(tmp_path, fmnist_shards), steps=2, extra_plugins={"rec": rec})
     assert rec.calls == [
-        "config_schema", "build_modules", "augment",
-        "regularize", "auxiliary_head", "on_train_step_end:1",
-        "regularize", "auxiliary_head", "on_train_step_end:2",
-    ]  # fmt: skip
+        "config_schema",
+        "build_modules",
+        "augment",
+        "regularize",
+        "auxiliary_head",
+        "on_train_step_end:1",
+        "regularize",
+        "auxiliary_head",
+        "on_train_step_end:2",
+    ]
 
 
 # --- one test per hook -------------------------------------------------------------
@@ -268,7 +282,9 @@ class TermPlugin:
 
 def test_hook_regularize(tmp_path, fmnist_shards):
     plugins = {"backbones": CONV28, "kl": {"weight": 0.0}, "terms": {"weight": 3.0}}
-    out = run_steps(tiny_recipe(tmp_path, fmnist_shards, plugins=plugins), steps=1, extra_plugins={"terms": TermPlugin()})
+    out = run_steps(
+        tiny_recipe(tmp_path, fmnist_shards, plugins=plugins), steps=1, extra_plugins={"terms": TermPlugin()}
+    )
     rec = read_metrics(out)[-1]
     assert rec["terms.a"] == 1.5 and rec["terms.b"] == -0.5
     assert rec["loss"] == pytest.approx(3.0 * (1.5 - 0.5)), "total = sum(weight * term); kl has weight 0"

@@ -55,7 +55,9 @@ class First:
 
 @pytest.mark.parametrize(("plugin", "mark"), [(Wrapper(), "hookwrapper"), (First(), "tryfirst")])
 def test_pluggy_ordering_and_wrapping_markers_are_refused_in_one_line(plugin, mark):
-    with pytest.raises(PluginError, match=rf"plugin 'odd', hook 'regularize': @hookimpl\({mark}=True\) is not supported"):
+    with pytest.raises(
+        PluginError, match=rf"plugin 'odd', hook 'regularize': @hookimpl\({mark}=True\) is not supported"
+    ):
         PluginHooks(["backbones"], extra={"odd": plugin})
 
 
@@ -129,7 +131,8 @@ def test_a_broken_hook_at_run_time_names_plugin_and_hook(plugin, expected, tmp_p
 
 def test_third_party_plugins_come_from_the_entry_point_group(tmp_path, monkeypatch, fmnist_shards):
     (tmp_path / "site" / "thirdparty_l2.py").parent.mkdir()
-    (tmp_path / "site" / "thirdparty_l2.py").write_text(textwrap.dedent('''
+    (tmp_path / "site" / "thirdparty_l2.py").write_text(
+        textwrap.dedent("""
         from framework import PluginConfig, hookimpl
 
         class Config(PluginConfig):
@@ -142,7 +145,8 @@ def test_third_party_plugins_come_from_the_entry_point_group(tmp_path, monkeypat
         @hookimpl
         def regularize(ctx, cfg):
             return {"l2": cfg.scale * ctx.encode("x").h.pow(2).mean()}
-    '''))
+    """)
+    )
     dist = tmp_path / "site" / "thirdparty_l2-0.1.dist-info"
     dist.mkdir()
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: thirdparty-l2\nVersion: 0.1\n")

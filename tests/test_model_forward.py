@@ -33,16 +33,27 @@ def tiny(path: Path, shards: dict[str, dict[str, str]], tmp_path: Path) -> list[
     """The overrides that point the recipe at `path` at tiny shards, at most 32 px and a batch of 4."""
     data = load_recipe(path, check_data=False)[0].data
     spec = shards[(data.channels == 1 and "grey") or "rgb"]["train"]
-    return [f"output_dir={tmp_path / 'run'}", f"data.train={spec}", f"data.image_size={min(data.image_size, 32)}",
-            "data.resize=null", "data.batch_size=4", "data.num_workers=0", "data.shuffle_buffer=0"]  # fmt: skip
+    return [
+        f"output_dir={tmp_path / 'run'}",
+        f"data.train={spec}",
+        f"data.image_size={min(data.image_size, 32)}",
+        "data.resize=null",
+        "data.batch_size=4",
+        "data.num_workers=0",
+        "data.shuffle_buffer=0",
+    ]
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
 def test_a_recipes_plugins_give_finite_scalar_terms_named_by_plugin(path, tmp_path, fmnist_shards, rgb_shards):
-    recipe, hooks = load_recipe(path, tiny(path, {"grey": fmnist_shards, "rgb": rgb_shards}, tmp_path), check_data=False)
+    recipe, hooks = load_recipe(
+        path, tiny(path, {"grey": fmnist_shards, "rgb": rgb_shards}, tmp_path), check_data=False
+    )
     torch.manual_seed(0)
     model = Model(hooks, recipe).train()
-    views, params, labels = batch_to_device(next(iter(make_loader(recipe.data, build_views(recipe, hooks), epochs=1))), "cpu")
+    views, params, labels = batch_to_device(
+        next(iter(make_loader(recipe.data, build_views(recipe, hooks), epochs=1))), "cpu"
+    )
     terms, _ = model(views, params, labels)
     assert terms, f"{path.name}: no loss terms"
     for name, value in terms.items():

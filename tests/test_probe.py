@@ -26,15 +26,15 @@ class FakeCtx:
 
 
 def _config(tmp_path, fmnist_shards, **probe_cfg):
-    recipe = tiny_recipe(
-        tmp_path, fmnist_shards, plugins={"backbones": CONV28, "kl": {}, "probe": probe_cfg}
-    )
+    recipe = tiny_recipe(tmp_path, fmnist_shards, plugins={"backbones": CONV28, "kl": {}, "probe": probe_cfg})
     return validate(recipe)
 
 
 def _probe(cfg, width):
     """The probe's own modules for an encoder of `width` features."""
-    return torch.nn.ModuleDict(probe.build_modules(cfg=cfg.plugins["probe"], encoder=SimpleNamespace(num_features=width)))
+    return torch.nn.ModuleDict(
+        probe.build_modules(cfg=cfg.plugins["probe"], encoder=SimpleNamespace(num_features=width))
+    )
 
 
 def _ce(cfg, own, ctx):
@@ -85,8 +85,13 @@ def test_probe_term_never_reaches_the_encoder(tmp_path, fmnist_shards):
 
 @pytest.mark.slow
 def test_probe_above_chance_on_fashion_mnist(tmp_path, real_fmnist_shards):
-    recipe = tiny_recipe(tmp_path, real_fmnist_shards, plugins={"backbones": CONV28, "kl": {}, "probe": {}},
-                         data={"batch_size": 32}, train={"log_every": 10, "lr": 3e-3})  # fmt: skip
+    recipe = tiny_recipe(
+        tmp_path,
+        real_fmnist_shards,
+        plugins={"backbones": CONV28, "kl": {}, "probe": {}},
+        data={"batch_size": 32},
+        train={"log_every": 10, "lr": 3e-3},
+    )
     records = read_metrics(run_steps(recipe, steps=40))
     assert [r["step"] for r in records] == [10, 20, 30, 40]
     assert all("probe.ce" in r and "probe.acc" in r for r in records)

@@ -74,21 +74,37 @@ BAD = {
     "unknown top-level key": (lambda r: {**r, "trian": {"steps": 2}}, r"trian: Extra inputs are not permitted"),
     "misspelt plugin name": (lambda r: {**r, "plugins": {**r["plugins"], "kll": {}}}, r"unknown plugin 'kll'"),
     "wrong type": (lambda r: deep_merge(r, {"train": {"lr": "fast"}}), r"train\.lr: Input should be a valid number"),
-    "missing data path": (lambda r: deep_merge(r, {"data": {"train": "/nonexistent/x-{0..3}.tar"}}),
-                          r"data\.train: no such shard: /nonexistent/x-0\.tar \(and 3 more of 4\)"),
-    "unknown plugin key": (lambda r: deep_merge(r, {"plugins": {"kl": {"bta": 2}}}),
-                           r"plugins\.kl\.bta: Extra inputs are not permitted"),
-    "bad plugin value": (lambda r: deep_merge(r, {"plugins": {"kl": {"likelihood": "poisson"}}}),
-                         r"plugins\.kl\.likelihood: Input should be 'gaussian' or 'bernoulli'"),
+    "missing data path": (
+        lambda r: deep_merge(r, {"data": {"train": "/nonexistent/x-{0..3}.tar"}}),
+        r"data\.train: no such shard: /nonexistent/x-0\.tar \(and 3 more of 4\)",
+    ),
+    "unknown plugin key": (
+        lambda r: deep_merge(r, {"plugins": {"kl": {"bta": 2}}}),
+        r"plugins\.kl\.bta: Extra inputs are not permitted",
+    ),
+    "bad plugin value": (
+        lambda r: deep_merge(r, {"plugins": {"kl": {"likelihood": "poisson"}}}),
+        r"plugins\.kl\.likelihood: Input should be 'gaussian' or 'bernoulli'",
+    ),
     "missing required key": (lambda r: {**r, "train": {"lr": 1e-3}}, r"train\.steps: Field required"),
-    "negative batch size": (lambda r: deep_merge(r, {"data": {"batch_size": -4}}),
-                            r"data\.batch_size: Input should be greater than 0"),
+    "negative batch size": (
+        lambda r: deep_merge(r, {"data": {"batch_size": -4}}),
+        r"data\.batch_size: Input should be greater than 0",
+    ),
     "no plugins": (lambda r: {**r, "plugins": {}}, r"plugins: a recipe must name at least one plugin"),
-    "plugin section not a mapping": (lambda r: deep_merge(r, {"plugins": {"kl": 3}}), r"plugins\.kl: expected a mapping"),
-    "mean of wrong length": (lambda r: deep_merge(r, {"data": {"mean": [0.1, 0.2, 0.3]}}), r"data\.mean/data\.std: need 1"),
+    "plugin section not a mapping": (
+        lambda r: deep_merge(r, {"plugins": {"kl": 3}}),
+        r"plugins\.kl: expected a mapping",
+    ),
+    "mean of wrong length": (
+        lambda r: deep_merge(r, {"data": {"mean": [0.1, 0.2, 0.3]}}),
+        r"data\.mean/data\.std: need 1",
+    ),
     "missing eval shards": (lambda r: deep_merge(r, {"eval": {"test": "/nope/t.tar"}}), r"eval\.test: no such shard"),
-    "unknown optimizer": (lambda r: deep_merge(r, {"train": {"optimizer": "lamb"}}),
-                          r"train\.optimizer: Input should be 'adam', 'adamw' or 'sgd'"),
+    "unknown optimizer": (
+        lambda r: deep_merge(r, {"train": {"optimizer": "lamb"}}),
+        r"train\.optimizer: Input should be 'adam', 'adamw' or 'sgd'",
+    ),
 }
 
 
@@ -147,8 +163,9 @@ def test_bad_override_syntax(tmp_path, fmnist_shards, capsys):
 def test_launch_script_rejects_a_bad_recipe_in_a_fresh_process(tmp_path, fmnist_shards):
     recipe = deep_merge(tiny_recipe(tmp_path, fmnist_shards), {"plugins": {"kl": {"beta": "high"}}})
     path = write_recipe(tmp_path / "bad.yaml", recipe)
-    proc = subprocess.run([sys.executable, str(ROOT / "launch" / "train.py"), str(path)],
-                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "launch" / "train.py"), str(path)], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         f"augssl: error: {path}: plugins.kl.beta: Input should be a valid number, "

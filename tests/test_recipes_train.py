@@ -34,11 +34,20 @@ def test_recipe_trains_two_steps(path, tmp_path, shard_sets):
     size = min(raw["data"]["image_size"], 32)
     shards = shard_sets[(size, raw["data"]["channels"])]
     overrides = [
-        f"output_dir={tmp_path / 'run'}", f"data.train={shards['train']}", f"data.image_size={size}",
-        "data.batch_size=4", "data.num_workers=0", "data.shuffle_buffer=8", "data.resize=null",
-        f"eval.train={shards['train']}", f"eval.test={shards['test']}",
-        "train.steps=2", "train.log_every=1", "train.checkpoint_every=1000", "train.warmup_steps=0",
-    ]  # fmt: skip
+        f"output_dir={tmp_path / 'run'}",
+        f"data.train={shards['train']}",
+        f"data.image_size={size}",
+        "data.batch_size=4",
+        "data.num_workers=0",
+        "data.shuffle_buffer=8",
+        "data.resize=null",
+        f"eval.train={shards['train']}",
+        f"eval.test={shards['test']}",
+        "train.steps=2",
+        "train.log_every=1",
+        "train.checkpoint_every=1000",
+        "train.warmup_steps=0",
+    ]
     recipe, hooks = validate(apply_overrides(raw, overrides))
     out = train(recipe, hooks)
     records = read_metrics(out)

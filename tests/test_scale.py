@@ -32,8 +32,9 @@ def test_deepspeed_zero2_trains_checkpoints_and_resumes(tmp_path, fmnist_shards)
     and 2 micro-steps of gradient accumulation per step: DeepSpeed's own checkpoint format, and
     the resumed run continues the count. (The first run on a machine JIT-builds DeepSpeed's
     shared-memory comm op, about a minute.)"""
-    recipe = tiny_recipe(tmp_path, fmnist_shards, train={"checkpoint_every": 2},
-                         distributed={"grad_clip": 1.0, "accumulation_steps": 2})  # fmt: skip
+    recipe = tiny_recipe(
+        tmp_path, fmnist_shards, train={"checkpoint_every": 2}, distributed={"grad_clip": 1.0, "accumulation_steps": 2}
+    )
     path = write_recipe(tmp_path / "r.yaml", recipe)
     config = ROOT / "launch" / "accelerate" / "deepspeed_zero2.yaml"
     launch = ["--config_file", str(config), "--num_processes", "2", "--mixed_precision", "no", "--main_process_port"]
@@ -57,8 +58,9 @@ def test_a_run_killed_at_a_random_step_resumes_to_identical_weights(tmp_path, fm
     kill_at = random.randint(2, 5)
     paths = {}
     for name in ("whole", "killed"):
-        recipe = tiny_recipe(tmp_path / name, fmnist_shards, train={"steps": 6, "checkpoint_every": 1},
-                             data={"num_workers": 2})  # fmt: skip
+        recipe = tiny_recipe(
+            tmp_path / name, fmnist_shards, train={"steps": 6, "checkpoint_every": 1}, data={"num_workers": 2}
+        )
         paths[name] = write_recipe(tmp_path / f"{name}.yaml", recipe)
     assert run_script("kill_train.py", [str(paths["whole"]), "0"]).returncode == 0
     killed = run_script("kill_train.py", [str(paths["killed"]), str(kill_at)])
@@ -96,8 +98,19 @@ def test_ddp_gradients_on_two_processes_equal_one_process_on_the_global_batch(tm
     """See tests/ddp_grads.py: BatchNorm -> GroupNorm (per-sample statistics), float64, shared noise."""
     one = run_script("ddp_grads.py", [str(tmp_path / "one")])
     assert one.returncode == 0, one.stderr[-2000:]
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", *ONE_NODE,
-           "--main_process_port", str(free_port()), str(ROOT / "tests" / "ddp_grads.py"), str(tmp_path / "two")]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        *ONE_NODE,
+        "--main_process_port",
+        str(free_port()),
+        str(ROOT / "tests" / "ddp_grads.py"),
+        str(tmp_path / "two"),
+    ]
     two = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=ENV, cwd=ROOT)
     assert two.returncode == 0, two.stderr[-2000:]
     ref = torch.load(tmp_path / "one" / "grads_rank0.pt")
@@ -116,12 +129,35 @@ def test_two_machines_on_loopback_train_and_agree(tmp_path, fmnist_shards):
     port = str(free_port())
     procs = [
         subprocess.Popen(
-            [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "2",
-             "--num_processes", "2", "--machine_rank", str(node), "--main_process_ip", "127.0.0.1",
-             "--main_process_port", port, "--mixed_precision", "no", "--dynamo_backend", "no",
-             str(ROOT / "tests" / "dist_train.py"), str(recipe), "train.steps=3"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=ROOT,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "accelerate.commands.launch",
+                "--multi_gpu",
+                "--num_machines",
+                "2",
+                "--num_processes",
+                "2",
+                "--machine_rank",
+                str(node),
+                "--main_process_ip",
+                "127.0.0.1",
+                "--main_process_port",
+                port,
+                "--mixed_precision",
+                "no",
+                "--dynamo_backend",
+                "no",
+                str(ROOT / "tests" / "dist_train.py"),
+                str(recipe),
+                "train.steps=3",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=ENV,
+            cwd=ROOT,
+        )
         for node in (0, 1)
     ]
     for proc in procs:
@@ -137,8 +173,9 @@ def test_linear_lr_scaling_uses_the_global_batch(tmp_path, fmnist_shards):
     cfg = TrainConfig(steps=1, lr=0.1, lr_scaling="linear")
     assert effective_lr(cfg, 256) == pytest.approx(0.1) and effective_lr(cfg, 64 * 8 * 2) == pytest.approx(0.4)
     assert effective_lr(TrainConfig(steps=1, lr=0.1), 4096) == 0.1, "lr_scaling defaults to none"
-    recipe = tiny_recipe(tmp_path, fmnist_shards, train={"lr": 0.01, "lr_scaling": "linear"},
-                         distributed={"accumulation_steps": 2})  # fmt: skip
+    recipe = tiny_recipe(
+        tmp_path, fmnist_shards, train={"lr": 0.01, "lr_scaling": "linear"}, distributed={"accumulation_steps": 2}
+    )
     out = run_steps(recipe, steps=2)
     assert [r["lr"] for r in read_metrics(out)] == pytest.approx([0.01 * 8 * 2 / 256] * 2), "the logged lr is effective"
 
@@ -148,8 +185,12 @@ def test_the_deepspeed_config_takes_stage_and_offload_from_the_launch_unless_the
     from framework.recipe.loading import validate
 
     def config(deepspeed=None, **env):
-        data = tiny_recipe(tmp_path, {"train": "x", "test": "x"}, distributed={"accumulation_steps": 4, "deepspeed": deepspeed})
-        return deepspeed_config(validate(data, check_data=False)[0], env={f"ACCELERATE_DEEPSPEED_{k}": v for k, v in env.items()})
+        data = tiny_recipe(
+            tmp_path, {"train": "x", "test": "x"}, distributed={"accumulation_steps": 4, "deepspeed": deepspeed}
+        )
+        return deepspeed_config(
+            validate(data, check_data=False)[0], env={f"ACCELERATE_DEEPSPEED_{k}": v for k, v in env.items()}
+        )
 
     ds = config(ZERO_STAGE="3", OFFLOAD_OPTIMIZER_DEVICE="cpu", OFFLOAD_PARAM_DEVICE="none")
     assert ds["zero_optimization"] == {"stage": 3, "offload_optimizer": {"device": "cpu"}}

@@ -53,9 +53,7 @@ def test_nt_xent_fixed_values():
     # 2N = 4 mutually orthogonal embeddings: every logit is 0, so each anchor's loss is log(2N - 1).
     assert nt_xent(e[:2], e[2:], 0.5).item() == pytest.approx(math.log(3), rel=1e-6)
     # Aligned pairs of orthogonal samples: positive cos 1, the 2 negatives cos 0.
-    assert nt_xent(e[:2], e[:2], 0.5).item() == pytest.approx(
-        math.log(1 + 2 * math.exp(-2)), rel=1e-6
-    )
+    assert nt_xent(e[:2], e[:2], 0.5).item() == pytest.approx(math.log(1 + 2 * math.exp(-2)), rel=1e-6)
     # Cosine similarity: the scale of an embedding does not matter.
     z = torch.randn(4, 3)
     assert nt_xent(3 * z, z, 0.5).item() == pytest.approx(nt_xent(z, z, 0.5).item(), rel=1e-6)

@@ -20,8 +20,7 @@ from framework.data.sources import Sample
 from tests.helpers import needs_fashion_mnist
 
 RNG = np.random.default_rng(0)
-CIFAR10_NAMES = ["airplane", "automobile", "bird", "cat", "deer",
-                 "dog", "frog", "horse", "ship", "truck"]  # fmt: skip
+CIFAR10_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
 # --- Python 2 style pickles, as the real CIFAR files are -----------------------------------
@@ -94,14 +93,23 @@ def cifar10_root(tmp_path: Path) -> Path:
         if name == "data_batch_2":  # rows are the R plane, then G, then B, each row-major
             data[PLANTED_AT - 3] = PLANTED.transpose(2, 0, 1).reshape(-1)
             labels[PLANTED_AT - 3] = PLANTED_LABEL
-        write_py2_pickle(folder / name, {
-            "batch_label": Py2Str(f"batch {i + 1} of 5".encode()),
-            "labels": labels, "data": data,
-            "filenames": py2_strs([f"img_{i}_{j}.png" for j in range(len(labels))]),
-        })  # fmt: skip
-    write_py2_pickle(folder / "batches.meta", {
-        "num_cases_per_batch": 3, "label_names": py2_strs(CIFAR10_NAMES), "num_vis": 3072,
-    })  # fmt: skip
+        write_py2_pickle(
+            folder / name,
+            {
+                "batch_label": Py2Str(f"batch {i + 1} of 5".encode()),
+                "labels": labels,
+                "data": data,
+                "filenames": py2_strs([f"img_{i}_{j}.png" for j in range(len(labels))]),
+            },
+        )
+    write_py2_pickle(
+        folder / "batches.meta",
+        {
+            "num_cases_per_batch": 3,
+            "label_names": py2_strs(CIFAR10_NAMES),
+            "num_vis": 3072,
+        },
+    )
     return tmp_path
 
 
@@ -111,15 +119,23 @@ def cifar100_root(tmp_path: Path) -> Path:
     folder.mkdir()
     for name, n in (("train", 7), ("test", 4)):
         data, fine = cifar_batch(n, 100)
-        write_py2_pickle(folder / name, {
-            "filenames": py2_strs([f"{name}_{j}.png" for j in range(n)]),
-            "batch_label": Py2Str(name.encode()),
-            "fine_labels": fine, "coarse_labels": [f // 5 for f in fine], "data": data,
-        })  # fmt: skip
-    write_py2_pickle(folder / "meta", {
-        "fine_label_names": py2_strs([f"fine{i}" for i in range(100)]),
-        "coarse_label_names": py2_strs([f"coarse{i}" for i in range(20)]),
-    })  # fmt: skip
+        write_py2_pickle(
+            folder / name,
+            {
+                "filenames": py2_strs([f"{name}_{j}.png" for j in range(n)]),
+                "batch_label": Py2Str(name.encode()),
+                "fine_labels": fine,
+                "coarse_labels": [f // 5 for f in fine],
+                "data": data,
+            },
+        )
+    write_py2_pickle(
+        folder / "meta",
+        {
+            "fine_label_names": py2_strs([f"fine{i}" for i in range(100)]),
+            "coarse_label_names": py2_strs([f"coarse{i}" for i in range(20)]),
+        },
+    )
     return tmp_path
 
 
@@ -285,10 +301,15 @@ def test_cifar_pickle_cannot_run_code(cifar10_root: Path) -> None:
 def test_image_folder_matches_torchvision(tmp_path: Path) -> None:
     root = tmp_path / "images"
     files = {  # mixed modes, nesting, upper-case extensions and a non-image file
-        "dog/b.png": "RGB", "dog/a.JPG": "RGB", "dog/sub/c.bmp": "L",
-        "cat/z.png": "RGBA", "cat/y.webp": "RGB", "cat/notes.txt": None,
-        "ant/x.tiff": "P", "ant/sub2/deep/w.ppm": "RGB",
-    }  # fmt: skip
+        "dog/b.png": "RGB",
+        "dog/a.JPG": "RGB",
+        "dog/sub/c.bmp": "L",
+        "cat/z.png": "RGBA",
+        "cat/y.webp": "RGB",
+        "cat/notes.txt": None,
+        "ant/x.tiff": "P",
+        "ant/sub2/deep/w.ppm": "RGB",
+    }
     for rel, mode in files.items():
         path = root / rel
         path.parent.mkdir(parents=True, exist_ok=True)

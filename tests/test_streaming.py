@@ -56,10 +56,27 @@ def test_http_and_pipe_urls_give_the_same_samples_as_local_paths(fmnist_shards, 
 def test_make_shards_cli_writes_shards_and_a_manifest(tmp_path):
     out = tmp_path / "fm" / "test-%04d.tar"
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "launch" / "make_shards.py"), "fashion-mnist", "--split", "test",
-         "--out", str(out), "--maxcount", "40", "--limit", "100", "--format", "jpg", "--quality", "90"],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        [
+            sys.executable,
+            str(ROOT / "launch" / "make_shards.py"),
+            "fashion-mnist",
+            "--split",
+            "test",
+            "--out",
+            str(out),
+            "--maxcount",
+            "40",
+            "--limit",
+            "100",
+            "--format",
+            "jpg",
+            "--quality",
+            "90",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     manifest = json.loads((tmp_path / "fm" / "test.json").read_text())
     assert manifest["samples"] == 100 and [s["samples"] for s in manifest["shards"]] == [40, 40, 20]
@@ -70,9 +87,18 @@ def test_make_shards_cli_writes_shards_and_a_manifest(tmp_path):
 @pytest.mark.slow
 def test_make_shards_cli_errors_are_one_line(tmp_path):
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "launch" / "make_shards.py"), "cifar10", str(tmp_path), "--out", str(tmp_path / "x-%03d.tar")],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        [
+            sys.executable,
+            str(ROOT / "launch" / "make_shards.py"),
+            "cifar10",
+            str(tmp_path),
+            "--out",
+            str(tmp_path / "x-%03d.tar"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
     assert proc.stderr.startswith("augssl: error: ")
 
@@ -94,9 +120,12 @@ def test_a_run_over_corrupt_shards_finishes_and_counts_the_planted_bad_records(t
         start, planted = i + 64, planted + 1
     victim.write_bytes(bytes(data))
     spec = str(folder / Path(urls[0]).name).replace("000000", f"{{000000..{len(urls) - 1:06d}}}")
-    recipe = tiny_recipe(tmp_path, {"train": spec, "test": fmnist_shards["test"]},
-                         data={"batch_size": 8, "shuffle_buffer": 0, "max_bad_fraction": 0.5},
-                         train={"log_every": 24})  # fmt: skip
+    recipe = tiny_recipe(
+        tmp_path,
+        {"train": spec, "test": fmnist_shards["test"]},
+        data={"batch_size": 8, "shuffle_buffer": 0, "max_bad_fraction": 0.5},
+        train={"log_every": 24},
+    )
     out = run_steps(recipe, steps=24)  # one epoch: 192 samples / 8
     assert read_metrics(out)[-1]["data.bad_records"] == 3
 
@@ -107,9 +136,25 @@ def _keys_per_rank(spec: str, out: Path, processes: int) -> list[list[str]]:
 
     from framework.testing import free_port
 
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(free_port()), str(ROOT / "tests" / "dist_keys.py"), spec, str(out)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        str(processes),
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(free_port()),
+        str(ROOT / "tests" / "dist_keys.py"),
+        spec,
+        str(out),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]

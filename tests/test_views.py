@@ -122,9 +122,7 @@ def test_simclr_view_structure():
         (jit,) = [t for t in grey if isinstance(t, v2.ColorJitter)]
         assert jit.saturation is None and jit.hue is None
     (crop,) = [
-        t
-        for t in flat(simclr_view(28, *FASHION_MNIST_STATS, 1, "mnist"))
-        if isinstance(t, v2.RandomResizedCrop)
+        t for t in flat(simclr_view(28, *FASHION_MNIST_STATS, 1, "mnist")) if isinstance(t, v2.RandomResizedCrop)
     ]
     assert tuple(crop.scale) == (0.2, 1.0)
 
@@ -199,20 +197,21 @@ def test_affine_planted_params_exact():
     mean, std = CIFAR10_STATS
     x = clean_view(32, mean, std, 3)(RGB32)
     aff = AffineWithParams(mean, std)
-    planted = AffineParams(
-        angle=30.0, translate_x=3.5, translate_y=-2.0, scale=1.1, shear_x=10.0, shear_y=-5.0
-    )
+    planted = AffineParams(angle=30.0, translate_x=3.5, translate_y=-2.0, scale=1.1, shear_x=10.0, shear_y=-5.0)
     out, vec = aff.apply(x, planted)
-    expected_vec = torch.tensor(
-        [30 / 360, 3.5 / 32, -2.0 / 32, 1.1, 10 / 25, -5 / 25], dtype=torch.float32
-    )
+    expected_vec = torch.tensor([30 / 360, 3.5 / 32, -2.0 / 32, 1.1, 10 / 25, -5 / 25], dtype=torch.float32)
     assert vec.dtype == torch.float32 and vec.shape == (6,)
     assert torch.equal(vec, expected_vec)
     black = [-m / s for m, s in zip(mean, std, strict=True)]
     ref = F.affine(
-        x, angle=30.0, translate=[3.5, -2.0], scale=1.1, shear=[10.0, -5.0],
-        interpolation=InterpolationMode.BILINEAR, fill=black,
-    )  # fmt: skip
+        x,
+        angle=30.0,
+        translate=[3.5, -2.0],
+        scale=1.1,
+        shear=[10.0, -5.0],
+        interpolation=InterpolationMode.BILINEAR,
+        fill=black,
+    )
     assert out.shape == x.shape and torch.equal(out, ref)
     # a plain 6-sequence is accepted too
     out2, vec2 = aff.apply(x, tuple(planted))
@@ -225,9 +224,7 @@ def test_affine_fill_is_black_in_pixel_space(case):
     x = clean_view(size, mean, std, channels)(img)
     out, _ = AffineWithParams(mean, std).apply(x, AffineParams(translate_x=size / 2))
     unnorm = out * torch.tensor(std).view(-1, 1, 1) + torch.tensor(mean).view(-1, 1, 1)
-    torch.testing.assert_close(
-        unnorm[:, :, : size // 2 - 1], torch.zeros(channels, size, size // 2 - 1)
-    )
+    torch.testing.assert_close(unnorm[:, :, : size // 2 - 1], torch.zeros(channels, size, size // 2 - 1))
     assert unnorm[:, :, size // 2 + 1 :].abs().sum() > 0
 
 

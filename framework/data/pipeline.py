@@ -57,7 +57,11 @@ def split_normalize(views: dict[str, View]) -> tuple[list[tuple[str, Any, str | 
     worker, deferred = [], {}
     for name, view in _ordered(views):
         transform = view.transform
-        if isinstance(transform, v2.Compose) and transform.transforms and isinstance(transform.transforms[-1], Normalize):
+        if (
+            isinstance(transform, v2.Compose)
+            and transform.transforms
+            and isinstance(transform.transforms[-1], Normalize)
+        ):
             deferred[name] = transform.transforms[-1]
             transform = v2.Compose(transform.transforms[:-1])
         elif view.source in deferred:
@@ -103,8 +107,9 @@ class SampleToViews:
                 raise BadRecord(f"bad label {raw['cls'][:20]!r}") from None
             top = self.num_classes if self.num_classes is not None else 2**31
             if not -1 <= label < top:
-                raise BadRecord(f"label {label} outside -1..{top - 1}"
-                                + (" (num_classes)" if self.num_classes is not None else ""))  # fmt: skip
+                raise BadRecord(
+                    f"label {label} outside -1..{top - 1}" + (" (num_classes)" if self.num_classes is not None else "")
+                )
         out: dict[str, torch.Tensor] = {}
         params: dict[str, torch.Tensor] = {}
         for name, transform, source in self.views:

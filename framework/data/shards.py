@@ -115,7 +115,7 @@ def brace_pattern(pattern: str, n_shards: int) -> str:
     if m is None:
         raise ValueError(f"shard pattern {pattern!r} needs a %d field, e.g. train-%06d.tar")
     width = int(m.group(1) or 0)
-    return f"{pattern[: m.start()]}{{{0:0{width}d}..{n_shards - 1:0{width}d}}}{pattern[m.end():]}"
+    return f"{pattern[: m.start()]}{{{0:0{width}d}..{n_shards - 1:0{width}d}}}{pattern[m.end() :]}"
 
 
 # ---------------------------------------------------------------------------
@@ -182,8 +182,9 @@ class _Pipe(io.RawIOBase):
 
     def __init__(self, cmd: str, timeout: float, guard: Any = None) -> None:
         self.cmd, self.timeout, self.guard = cmd, timeout, guard
-        self.proc = subprocess.Popen(cmd, shell=True, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                     start_new_session=True)  # fmt: skip
+        self.proc = subprocess.Popen(
+            cmd, shell=True, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, start_new_session=True
+        )
         assert self.proc.stdout is not None  # stdout=PIPE
         self.fd = self.proc.stdout.fileno()
 
@@ -273,8 +274,9 @@ def _tar_members(read: Any) -> Iterator[tuple[str, bytes]]:
     while (header := read(512)) != _END:
         if len(header) < 512:
             if first:
-                raise BadShard("empty shard (0 bytes)" if not header else "not a tar (shorter than a header)",
-                               transient=True)  # fmt: skip
+                raise BadShard(
+                    "empty shard (0 bytes)" if not header else "not a tar (shorter than a header)", transient=True
+                )
             if header:
                 raise BadShard("truncated tar header", transient=True)
             break  # end of file without the end-of-archive blocks: accepted, like tarfile

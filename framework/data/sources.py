@@ -21,9 +21,17 @@ from PIL import Image
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = [
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
-]  # fmt: skip
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+]
 
 
 @dataclass(frozen=True)
@@ -158,8 +166,17 @@ def cifar100(root: str | Path, split: str = "train", label: str = "fine") -> Ite
 STL10_DIR = "stl10_binary"
 STL10_IMAGE_BYTES = 3 * 96 * 96  # 27648
 STL10_CLASSES = [
-    "airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship", "truck",
-]  # fmt: skip
+    "airplane",
+    "bird",
+    "car",
+    "cat",
+    "deer",
+    "dog",
+    "horse",
+    "monkey",
+    "ship",
+    "truck",
+]
 
 
 def _stl_iter(x_path: Path, labels: np.ndarray | None, split: str, n: int) -> Iterator[Sample]:
@@ -187,9 +204,7 @@ def stl10(root: str | Path, split: str = "train") -> Iterator[Sample]:
         raise FileNotFoundError(f"{x_path}: STL-10 image file not found")
     size = x_path.stat().st_size
     if size % STL10_IMAGE_BYTES:
-        raise ValueError(
-            f"{x_path}: size {size} is not a multiple of {STL10_IMAGE_BYTES} bytes (truncated?)"
-        )
+        raise ValueError(f"{x_path}: size {size} is not a multiple of {STL10_IMAGE_BYTES} bytes (truncated?)")
     n = size // STL10_IMAGE_BYTES
     labels = None
     if split != "unlabeled":

@@ -117,9 +117,11 @@ class _Guard:
         idle = time.monotonic() - self.last
         if idle > self.stream.stall_seconds:
             s = self.stream
-            raise DataError(f"{s.name}: rank {s.rank}, data worker {self.worker}: no good record for {idle:.0f} s "
-                            f"(data.stall_seconds={s.stall_seconds:g}; {self.stats['bad']} bad of "
-                            f"{self.stats['seen']} records read); last bad shards: {self.last_bad()}")  # fmt: skip
+            raise DataError(
+                f"{s.name}: rank {s.rank}, data worker {self.worker}: no good record for {idle:.0f} s "
+                f"(data.stall_seconds={s.stall_seconds:g}; {self.stats['bad']} bad of "
+                f"{self.stats['seen']} records read); last bad shards: {self.last_bad()}"
+            )
 
     def sleep(self, seconds: float) -> None:
         end = time.monotonic() + seconds
@@ -184,7 +186,12 @@ class ShardStream(IterableDataset):
         name: str = "data.train",
     ) -> None:
         self.urls, self.transform, self.batch_size = urls, transform, batch_size
-        self.stall_seconds, self.timeout_seconds, self.retries, self.name = stall_seconds, timeout_seconds, retries, name
+        self.stall_seconds, self.timeout_seconds, self.retries, self.name = (
+            stall_seconds,
+            timeout_seconds,
+            retries,
+            name,
+        )
         self.epoch_samples = epoch_samples
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.shardshuffle, self.resampled, self.shuffle_buffer = shardshuffle, resampled, shuffle_buffer
@@ -221,8 +228,10 @@ class ShardStream(IterableDataset):
         if n >= readers:
             return [(url, None) for url in order[reader::readers]]
         lo, hi = reader * n, (reader + 1) * n  # this reader's units; unit j x readers + r: residue r of shard j
-        return [(order[j], range(max(lo - j * readers, 0), min(hi - j * readers, readers)))
-                for j in range(lo // readers, (hi - 1) // readers + 1)]  # fmt: skip
+        return [
+            (order[j], range(max(lo - j * readers, 0), min(hi - j * readers, readers)))
+            for j in range(lo // readers, (hi - 1) // readers + 1)
+        ]
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         """The stages, chained: epochs of (this reader's shards -> records -> shuffle) -> views -> batches."""
@@ -242,7 +251,9 @@ class ShardStream(IterableDataset):
         worker = (worker + self.role_offset) % num_workers
         start = self.resume.get(worker, Cursor())
         stats = {"bad": 0, "seen": 0, "last_bad": ""}
-        return _Reader(worker, num_workers, start, Cursor(start.epoch, start.emitted), stats, _Guard(self, worker, stats))
+        return _Reader(
+            worker, num_workers, start, Cursor(start.epoch, start.emitted), stats, _Guard(self, worker, stats)
+        )
 
     def _epochs(self, reader: _Reader) -> Iterator[dict[str, Any]]:
         """The records of every epoch from the reader's start, counted in `reader.at`; those a resumed
@@ -272,8 +283,10 @@ class ShardStream(IterableDataset):
         if not had_bad:  # every shard read cleanly: this reader has no records
             raise DataError(f"{where} {epoch} ({split}: fewer records than readers, or unreadable shards)")
         if empty_epochs >= 2 and not self.resampled:
-            raise DataError(f"{where}s {epoch - 1} and {epoch} ({split}: every shard this reader reads "
-                            f"is bad); last bad shards: {reader.guard.last_bad()}")  # fmt: skip
+            raise DataError(
+                f"{where}s {epoch - 1} and {epoch} ({split}: every shard this reader reads "
+                f"is bad); last bad shards: {reader.guard.last_bad()}"
+            )
 
     def _epoch_records(self, epoch: int, reader: _Reader) -> Iterator[dict[str, Any]]:
         """One epoch's records for this reader: its shards -> their records -> the shuffle buffer; a
@@ -354,7 +367,9 @@ class ShardStream(IterableDataset):
                     guard.sleep(BACKOFF_SECONDS * 2**attempt)
                     continue
                 if attempt or isinstance(exc, http.client.HTTPException):
-                    raise BadShard(one_line(exc, 200) + (f" (after {attempt + 1} attempts)" if attempt else "")) from None
+                    raise BadShard(
+                        one_line(exc, 200) + (f" (after {attempt + 1} attempts)" if attempt else "")
+                    ) from None
                 raise
 
     @staticmethod
@@ -366,8 +381,13 @@ class ShardStream(IterableDataset):
         """`batch` collated, with the reader's cursor and counts."""
         out = collate(batch, self.transform.normalize)
         at = reader.at
-        out["cursor"] = {"worker": reader.worker, "num_workers": reader.num_workers, "epoch": at.epoch,
-                         "emitted": at.emitted, **reader.stats}  # fmt: skip
+        out["cursor"] = {
+            "worker": reader.worker,
+            "num_workers": reader.num_workers,
+            "epoch": at.epoch,
+            "emitted": at.emitted,
+            **reader.stats,
+        }
         return out
 
 
@@ -481,8 +501,12 @@ def make_loader(
     order: dict[str, Any]  # ShardStream's shuffling keywords
     if shards is None:
         spec, name, num_classes = data.train, f"data.train={data.train}", data.num_classes
-        order = {"shardshuffle": data.shardshuffle, "resampled": data.resampled,
-                 "shuffle_buffer": data.shuffle_buffer, "epoch_samples": data.epoch_samples}  # fmt: skip
+        order = {
+            "shardshuffle": data.shardshuffle,
+            "resampled": data.resampled,
+            "shuffle_buffer": data.shuffle_buffer,
+            "epoch_samples": data.epoch_samples,
+        }
     else:
         spec, name, num_classes = shards, shards, None
         order = {"shardshuffle": False, "resampled": False, "shuffle_buffer": 0, "epoch_samples": None}
@@ -497,12 +521,21 @@ def make_loader(
             raise ValueError(f"cannot continue a stream read by {resume.num_workers} workers with {num_workers}")
         num_workers = capped
     stream = ShardStream(
-        urls, SampleToViews(views, data.channels, num_classes), batch_size,
-        rank=rank, world_size=world_size, seed=seed, epochs=epochs, **order,
+        urls,
+        SampleToViews(views, data.channels, num_classes),
+        batch_size,
+        rank=rank,
+        world_size=world_size,
+        seed=seed,
+        epochs=epochs,
+        **order,
         resume=resume.workers if resume else None,
         role_offset=resume.batches % max(num_workers, 1) if resume else 0,
-        stall_seconds=data.stall_seconds, timeout_seconds=data.timeout_seconds, retries=data.retries, name=name,
-    )  # fmt: skip
+        stall_seconds=data.stall_seconds,
+        timeout_seconds=data.timeout_seconds,
+        retries=data.retries,
+        name=name,
+    )
     return wds.WebLoader(
         stream,
         batch_size=None,

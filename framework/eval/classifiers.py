@@ -17,9 +17,13 @@ import torch
 
 
 def fit_linear(
-    train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
-    l2: float = 1e-4, iters: int = 100,
-) -> float:  # fmt: skip
+    train_x: torch.Tensor,
+    train_y: torch.Tensor,
+    test_x: torch.Tensor,
+    test_y: torch.Tensor,
+    l2: float = 1e-4,
+    iters: int = 100,
+) -> float:
     """Multinomial logistic regression (L-BFGS, full batch, standardised inputs); returns test accuracy."""
     mean, std = train_x.mean(0), train_x.std(0).clamp_min(1e-6)
     train_x, test_x = (train_x - mean) / std, (test_x - mean) / std
@@ -39,10 +43,17 @@ def fit_linear(
 
 
 def fit_sgd_linear(
-    train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
-    epochs: int = 90, batch_size: int = 256, lr: float | None = None, weight_decay: float = 0.0,
-    reextract: Callable[[int], tuple[torch.Tensor, torch.Tensor]] | None = None, seed: int = 0,
-) -> float:  # fmt: skip
+    train_x: torch.Tensor,
+    train_y: torch.Tensor,
+    test_x: torch.Tensor,
+    test_y: torch.Tensor,
+    epochs: int = 90,
+    batch_size: int = 256,
+    lr: float | None = None,
+    weight_decay: float = 0.0,
+    reextract: Callable[[int], tuple[torch.Tensor, torch.Tensor]] | None = None,
+    seed: int = 0,
+) -> float:
     """The offline linear protocol: SGD (Nesterov, m=0.9, lr 0.1 x batch/256 unless given), cosine schedule
     over every step; returns test accuracy.
 
@@ -75,9 +86,14 @@ def fit_sgd_linear(
 
 @torch.no_grad()
 def knn_accuracy(
-    train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
-    k: int = 200, temperature: float = 0.07, chunk: int = 1024,
-) -> float:  # fmt: skip
+    train_x: torch.Tensor,
+    train_y: torch.Tensor,
+    test_x: torch.Tensor,
+    test_y: torch.Tensor,
+    k: int = 200,
+    temperature: float = 0.07,
+    chunk: int = 1024,
+) -> float:
     """Weighted k-NN on L2-normalised features: the k most cosine-similar train samples vote with
     weight exp(sim / temperature) (solo-learn / lightly); returns test accuracy."""
     train_x = torch.nn.functional.normalize(train_x.float(), dim=1)
@@ -87,6 +103,8 @@ def knn_accuracy(
     correct = 0
     for i in range(0, len(test_y), chunk):
         sim, idx = (test_x[i : i + chunk] @ train_x.T).topk(k, dim=1)
-        votes = torch.zeros(len(sim), classes, device=sim.device).scatter_add_(1, train_y[idx], (sim / temperature).exp())
+        votes = torch.zeros(len(sim), classes, device=sim.device).scatter_add_(
+            1, train_y[idx], (sim / temperature).exp()
+        )
         correct += int((votes.argmax(1) == test_y[i : i + chunk]).sum().item())
     return correct / len(test_y)

@@ -37,10 +37,15 @@ def crop_and_flip(x: torch.Tensor, pad: int = 4, generator: torch.Generator | No
 
 @torch.no_grad()
 def extract(
-    model: Model, spec: str, recipe: Recipe, batch_size: int, num_workers: int = 2,
-    transform: Callable[[torch.Tensor], torch.Tensor] | None = None, max_samples: int | None = None,
+    model: Model,
+    spec: str,
+    recipe: Recipe,
+    batch_size: int,
+    num_workers: int = 2,
+    transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    max_samples: int | None = None,
     pixels: bool = True,
-) -> dict[str, torch.Tensor]:  # fmt: skip
+) -> dict[str, torch.Tensor]:
     """Pooled features `h`, raw pixels of the clean view (unless `pixels=False`), and labels of the
     samples in `spec`, sorted by sample key, on this process's device.
 
@@ -53,8 +58,14 @@ def extract(
     state = process_state()
     d = recipe.data
     loader = make_loader(
-        d, {"x": clean_x_view(d)}, rank=state.process_index, world_size=state.num_processes, epochs=1,
-        shards=spec, batch_size=batch_size, num_workers=num_workers,
+        d,
+        {"x": clean_x_view(d)},
+        rank=state.process_index,
+        world_size=state.num_processes,
+        epochs=1,
+        shards=spec,
+        batch_size=batch_size,
+        num_workers=num_workers,
     )
     cap = None if max_samples is None else math.ceil(max_samples / state.num_processes)
     dtype = next(model.parameters()).dtype  # bf16 under DeepSpeed's bf16 mode

@@ -52,17 +52,25 @@ def online_knn(model: Model, recipe: Recipe) -> dict[str, float]:
     assert e.train and e.test  # eval.knn_every needs them (EvalConfig checks)
     model.eval()
     with torch.random.fork_rng(devices=[]):  # the loader draws seeds: keep a resumed run's noise exact
-        train, test = (extract(model, spec, recipe, e.batch_size, recipe.data.num_workers, max_samples=e.knn_samples,
-                               pixels=False) for spec in (e.train, e.test))  # fmt: skip
+        train, test = (
+            extract(model, spec, recipe, e.batch_size, recipe.data.num_workers, max_samples=e.knn_samples, pixels=False)
+            for spec in (e.train, e.test)
+        )
     model.train(was_training)
     return {"knn.acc": knn_accuracy(train["features"], train["labels"], test["features"], test["labels"])}
 
 
 def evaluate(
-    output_dir: str | Path, ckpt: str | Path | None = None, baseline: bool = True,
-    protocols: Sequence[str] = ("fast",), epochs: int = 90, augment: bool = False,
-    knn_k: int = 200, knn_temperature: float = 0.07, linear_batch_size: int = 256,
-) -> dict[str, Any]:  # fmt: skip
+    output_dir: str | Path,
+    ckpt: str | Path | None = None,
+    baseline: bool = True,
+    protocols: Sequence[str] = ("fast",),
+    epochs: int = 90,
+    augment: bool = False,
+    knn_k: int = 200,
+    knn_temperature: float = 0.07,
+    linear_batch_size: int = 256,
+) -> dict[str, Any]:
     """Classifiers on frozen features (and, with `baseline`, on raw pixels); writes and returns `eval.json`.
 
     Under `accelerate launch` every rank extracts its share of the features (see `extract`) and
@@ -81,13 +89,20 @@ def evaluate(
     if not (train_spec and test_spec):
         raise ValueError(f"{path}/recipe.yaml: eval.train and eval.test (labelled shards) are needed")
     torch.manual_seed(0)
-    train, test = (extract(model, spec, recipe, recipe.eval.batch_size, pixels=baseline)
-                   for spec in (train_spec, test_spec))  # fmt: skip
+    train, test = (
+        extract(model, spec, recipe, recipe.eval.batch_size, pixels=baseline) for spec in (train_spec, test_spec)
+    )
 
     def reextract(epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
         g = torch.Generator().manual_seed(epoch)
-        fresh = extract(model, train_spec, recipe, recipe.eval.batch_size,
-                        transform=lambda x: crop_and_flip(x, generator=g), pixels=False)  # fmt: skip
+        fresh = extract(
+            model,
+            train_spec,
+            recipe,
+            recipe.eval.batch_size,
+            transform=lambda x: crop_and_flip(x, generator=g),
+            pixels=False,
+        )
         return fresh["features"], fresh["labels"]
 
     def fit(protocol: str, kind: str) -> float:
@@ -97,12 +112,18 @@ def evaluate(
         if protocol == "knn":
             return knn_accuracy(*args, k=knn_k, temperature=knn_temperature)
         use_aug = augment and kind == "features"  # raw pixels: precomputed, unaugmented
-        return fit_sgd_linear(*args, epochs=epochs, batch_size=linear_batch_size, reextract=reextract if use_aug else None)
+        return fit_sgd_linear(
+            *args, epochs=epochs, batch_size=linear_batch_size, reextract=reextract if use_aug else None
+        )
 
     descriptions = {
         "fast": "L-BFGS logistic regression on standardised frozen pooled features",
         "linear": f"SGD Nesterov m=0.9, lr 0.1 x {linear_batch_size}/256, cosine, {epochs} epochs, "
-        + ("RandomCrop(pad 4)+flip, features re-extracted per epoch" if augment else "precomputed features, no augmentation"),
+        + (
+            "RandomCrop(pad 4)+flip, features re-extracted per epoch"
+            if augment
+            else "precomputed features, no augmentation"
+        ),
         "knn": f"weighted k-NN, k={knn_k}, cosine similarity, temperature {knn_temperature}",
     }
     accuracies = {p: fit(p, "features") for p in protocols}

@@ -13,7 +13,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 # The top-level keys of a DeepSpeed 0.19 config (https://www.deepspeed.ai/docs/config-json/ and
 # deepspeed/runtime/config.py); DeepSpeed itself ignores any other key, so a misspelt one would pass.
-DEEPSPEED_KEYS = frozenset("""
+DEEPSPEED_KEYS = frozenset(
+    """
     train_batch_size train_micro_batch_size_per_gpu gradient_accumulation_steps optimizer scheduler fp16 bf16
     torch_autocast amp gradient_clipping prescale_gradients gradient_predivide_factor sparse_gradients
     zero_optimization zero_allow_untested_optimizer zero_force_ds_cpu_optimizer steps_per_print
@@ -24,7 +25,8 @@ DEEPSPEED_KEYS = frozenset("""
     dataloader_drop_last gradient_allreduce_op use_data_before_expert_parallelism zenflow tensor_parallel
     weight_quantization hybrid_engine eigenvalue progressive_layer_drop quantize_training mics_shard_size
     mics_hierarchical_params_gather managed_gradient_accumulation disable_python_gc log_level vocabulary_size
-""".split())
+""".split()
+)
 
 
 def check_deepspeed_section(section: Mapping[str, Any]) -> None:
@@ -207,8 +209,4 @@ class Recipe(Strict):
         the ELBO/reconstruction of the clean view `x`), so another plugin can ask the recipe for
         them without naming a plugin.
         """
-        return [
-            name
-            for name, cfg in self.plugins.items()
-            if capability in getattr(type(cfg), "provides", frozenset())
-        ]
+        return [name for name, cfg in self.plugins.items() if capability in getattr(type(cfg), "provides", frozenset())]
