@@ -34,7 +34,7 @@ from framework.distributed import full_parameters, gather_with_grad, rank, world
 from framework.hookspecs import hookimpl
 from framework.precision import at_least_float32, full_precision
 from framework.recipe.schema import PluginConfig, Recipe
-from framework.types import Encoding, StepContext, View
+from framework.types import Encoding, StepContext, View, num_features
 from framework.views import ToMode, check_stats, denormalize, normalize, tensor_steps
 
 __all__ = [
@@ -52,6 +52,7 @@ __all__ = [
     "gather_with_grad",
     "hookimpl",
     "normalize",
+    "num_features",
     "rank",
     "tensor_steps",
     "world_size",

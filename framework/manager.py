@@ -25,7 +25,7 @@ from torch import nn
 from framework import hookspecs
 from framework.errors import one_line
 from framework.recipe.schema import PluginConfig
-from framework.types import Encoding, StepContext, View
+from framework.types import Encoding, StepContext, View, num_features
 
 if TYPE_CHECKING:
     from framework.recipe.schema import Recipe
@@ -207,9 +207,10 @@ class PluginHooks:
         encoder = own.get("encoder") if isinstance(own, dict) else None
         if not isinstance(encoder, nn.Module):
             raise PluginError(f"{where}: the plugin that implements 'encode' must return its encoder as 'encoder'")
-        width = getattr(encoder, "num_features", None)
-        if not isinstance(width, int) or isinstance(width, bool) or width <= 0:
-            raise PluginError(f"{where}: the encoder needs `num_features`, the width of Encoding.h (got {width!r})")
+        try:
+            num_features(encoder)
+        except ValueError as exc:
+            raise PluginError(f"{where}: {exc}") from None
         return encoder
 
     def augment(self, config: Recipe) -> dict[str, View]:

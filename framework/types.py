@@ -104,3 +104,13 @@ class StepContext:
     def decode(self, encoding: Encoding) -> torch.Tensor:
         """Reconstruct images from `encoding.z` with the one decoder."""
         return self._decode(encoding, self)
+
+
+def num_features(encoder: nn.Module) -> int:
+    """The width of the features `Encoding.h` that `encoder` declares (its `num_features` attribute,
+    as timm's models carry it; the plugin manager checks it is a positive int when the run is built)."""
+    width = getattr(encoder, "num_features", None)
+    if not isinstance(width, int) or isinstance(width, bool) or width <= 0:
+        name = type(encoder).__name__
+        raise ValueError(f"the encoder needs `num_features`, the width of Encoding.h ({name} has {width!r})")
+    return width

@@ -22,14 +22,14 @@ and BYOL, 10 for Barlow Twins). The head's input size is the encoder's `num_feat
 from __future__ import annotations
 
 import functools
-from typing import Literal, cast
+from typing import Literal
 
 import torch
 from pydantic import Field, field_validator
 from torch import nn
 from torch.nn import functional as F
 
-from framework import PluginConfig, Recipe, StepContext, View, at_least_float32, hookimpl
+from framework import PluginConfig, Recipe, StepContext, View, at_least_float32, hookimpl, num_features
 from plugins.augmentations import AFFINE_COMPONENTS, AffineWithParams
 
 NAME = "affine"
@@ -84,9 +84,7 @@ def config_schema() -> type[PluginConfig]:
 
 @hookimpl
 def build_modules(cfg: AffineConfig, encoder: nn.Module) -> dict[str, nn.Module]:
-    dim = cast(
-        int, encoder.num_features
-    )  # an int (the manager checks); torch types unknown module attributes Tensor | Module
+    dim = num_features(encoder)
     return {"head": make_head(dim if cfg.aggregation == "diff" else 2 * dim, cfg.hidden)}
 
 

@@ -16,13 +16,13 @@ blocks [2,2,2,2] for ResNet-18, bottlenecks [3,6,4,3] for ResNet-50), and `conv2
 
 from __future__ import annotations
 
-from typing import Literal, cast
+from typing import Literal
 
 import torch
 import torchvision
 from torch import nn
 
-from framework import Encoding, PluginConfig, Recipe, at_least_float32, full_precision, hookimpl
+from framework import Encoding, PluginConfig, Recipe, at_least_float32, full_precision, hookimpl, num_features
 
 NAME = "backbones"
 
@@ -224,9 +224,7 @@ def build_modules(config: Recipe, cfg: BackbonesConfig) -> dict[str, nn.Module]:
     encoder = build_encoder(cfg, channels)
     modules: dict[str, nn.Module] = {"encoder": encoder}
     if cfg.latent_dim is not None:
-        modules["head"] = VAEHead(
-            cast(int, encoder.num_features), cfg.latent_dim, cfg.logvar_range
-        )  # build_encoder sets it
+        modules["head"] = VAEHead(num_features(encoder), cfg.latent_dim, cfg.logvar_range)  # build_encoder sets it
     if cfg.decoder is not None:
         if cfg.latent_dim is None:
             raise ValueError("plugins.backbones.decoder needs plugins.backbones.latent_dim")

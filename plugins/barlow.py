@@ -16,8 +16,6 @@ exactly like one process with batch W*B (tests/test_contrastive_distributed.py).
 
 from __future__ import annotations
 
-from typing import cast
-
 import torch
 from pydantic import Field
 from torch import nn
@@ -31,6 +29,7 @@ from framework import (
     full_precision,
     gather_with_grad,
     hookimpl,
+    num_features,
 )
 from plugins.augmentations import Strength, two_views
 from plugins.heads import mlp
@@ -82,9 +81,7 @@ def config_schema() -> type[PluginConfig]:
 
 @hookimpl
 def build_modules(cfg: BarlowConfig, encoder: nn.Module) -> dict[str, nn.Module]:
-    width = cast(
-        int, encoder.num_features
-    )  # an int (the manager checks); torch types unknown module attributes Tensor | Module
+    width = num_features(encoder)
     return {"projector": mlp(width, cfg.proj_hidden_dim, cfg.proj_output_dim, layers=3)}
 
 

@@ -42,6 +42,7 @@ from framework import (
     at_least_float32,
     full_parameters,
     hookimpl,
+    num_features,
 )
 from plugins.augmentations import Strength, two_views
 from plugins.heads import mlp
@@ -126,9 +127,7 @@ def config_schema() -> type[PluginConfig]:
 
 @hookimpl
 def build_modules(cfg: BYOLConfig, encoder: nn.Module) -> dict[str, nn.Module]:
-    h = cast(
-        int, encoder.num_features
-    )  # an int (the manager checks); torch types unknown module attributes Tensor | Module
+    h = num_features(encoder)
     projector = mlp(h, cfg.proj_hidden_dim, cfg.proj_output_dim)
     target_projector = mlp(h, cfg.proj_hidden_dim, cfg.proj_output_dim)
     return {

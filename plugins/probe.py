@@ -16,13 +16,11 @@ group, scaled and scheduled like `train.lr`); unset, the probe trains at the run
 
 from __future__ import annotations
 
-from typing import cast
-
 import torch
 from pydantic import Field
 from torch import nn
 
-from framework import PluginConfig, StepContext, hookimpl
+from framework import PluginConfig, StepContext, hookimpl, num_features
 
 NAME = "probe"
 
@@ -39,9 +37,7 @@ def config_schema() -> type[PluginConfig]:
 
 @hookimpl
 def build_modules(cfg: ProbeConfig, encoder: nn.Module) -> dict[str, nn.Module]:
-    width = cast(
-        int, encoder.num_features
-    )  # an int (the manager checks); torch types unknown module attributes Tensor | Module
+    width = num_features(encoder)
     return {"linear": nn.Linear(width, cfg.num_classes)}
 
 

@@ -17,8 +17,6 @@ them, so are the gradients (tests/test_contrastive_distributed.py checks both).
 
 from __future__ import annotations
 
-from typing import cast
-
 import torch
 import torch.nn.functional as F
 from pydantic import Field
@@ -33,6 +31,7 @@ from framework import (
     full_precision,
     gather_with_grad,
     hookimpl,
+    num_features,
     rank,
 )
 from plugins.augmentations import Strength, two_views
@@ -90,9 +89,7 @@ def config_schema() -> type[PluginConfig]:
 
 @hookimpl
 def build_modules(cfg: SimCLRConfig, encoder: nn.Module) -> dict[str, nn.Module]:
-    h = cast(
-        int, encoder.num_features
-    )  # an int (the manager checks); torch types unknown module attributes Tensor | Module
+    h = num_features(encoder)
     return {"projector": mlp(h, h, cfg.output_dim)}
 
 
