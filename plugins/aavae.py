@@ -1,4 +1,4 @@
-"""Plugin `aavae`: the augmentation-augmented autoencoder (METHODS.md section 2).
+"""Plugin `aavae`: the augmentation-augmented autoencoder (docs/methods.md#aavae).
 
 The encoder sees an augmented view `t(x)` (its own view `aavae.aug`, `simclr_view`);
 the decoder reconstructs the **clean** original `x` (the engine's view `"x"`):
@@ -17,8 +17,9 @@ follows the data: 1 channel -> "mnist", >= 64 px -> "stl", else "cifar".
 Guards against the known failure (solo-learn issue 111: an inf loss). Without a KL
 term nothing constrains the variance head, so:
 
-* the backbone clamps `logvar` to `plugins.backbones.logvar_range` (default
-  [-10, 10]) before `std = exp(logvar / 2) + 1e-6`, so `z` stays finite;
+* the backbone soft-bounds `logvar` to `plugins.backbones.logvar_range` (default
+  [-10, 10], a scaled tanh that keeps a gradient past the bound) before
+  `std = exp(logvar / 2) + 1e-6`, so `z` stays finite;
 * the engine checks every step's total loss: a non-finite step is skipped (no
   optimizer update), counted (`skipped_steps` in the metrics) and, after
   `train.max_bad_steps` in a row, the run stops with an error naming the last good

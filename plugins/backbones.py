@@ -2,16 +2,18 @@
 
 Encoders: torchvision ResNet-18/50 with the CIFAR stem (3x3 conv, stride 1, no
 max-pool) for 32 px or the STL stem (7x7 conv, stride 2, no max-pool) for 96 px
-(METHODS.md section 2), and `conv28`, a small conv net for 28-px grey images.
+(docs/methods.md#backbones), and `conv28`, a small conv net for 28-px grey images.
 `h` is the pooled encoder output (512 / 2048 / 256-d, the encoder's `num_features`): what
 the linear probe sees and what every head sizes itself by.
 
 VAE head (when `latent_dim` is set): Linear(h,h)+BN+ReLU, then two bias-free Linear
-layers for `mu` and `logvar`; `logvar` is clamped to `logvar_range` (without a KL
-term nothing bounds it: solo-learn issue 111 hit an inf loss), `std = exp(logvar/2) + 1e-6`.
+layers for `mu` and `logvar`; `logvar` is soft-bounded to `logvar_range` by a scaled tanh
+(`soft_bound`: without a KL term nothing bounds it, solo-learn issue 111 hit an inf loss; unlike
+a clamp it keeps a gradient past the bound), `std = exp(logvar/2) + 1e-6`.
 
-Decoders: the inverted ResNets of AAVAE (no BatchNorm, nearest upsampling; basic
-blocks [2,2,2,2] for ResNet-18, bottlenecks [3,6,4,3] for ResNet-50), and `conv28`.
+Decoders: the inverted ResNets of AAVAE's `src/models/decoder.py` (Lightning-Universe/paper-AAVAE,
+commit 1fc158d: no BatchNorm, nearest upsampling, planes 256/128/64/32; basic blocks [2,2,2,2]
+for ResNet-18, bottlenecks [3,6,4,3] for ResNet-50), and `conv28`.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Literal
 
 import torch
 import torchvision
+from pydantic import Field, field_validator
 from torch import nn
 
 from framework import Encoding, PluginConfig, Recipe, at_least_float32, full_precision, hookimpl, num_features
@@ -31,8 +34,16 @@ class BackbonesConfig(PluginConfig):
     encoder: Literal["resnet18", "resnet50", "conv28"]
     stem: Literal["cifar", "stl"] = "cifar"  # cifar: 3x3/1 conv; stl: 7x7/2 conv; never a max-pool
     latent_dim: int | None = 128  # None: no VAE head (encodings carry only h)
-    logvar_range: tuple[float, float] = (-10.0, 10.0)
+    logvar_range: tuple[float, float] = (-10.0, 10.0)  # soft bound of logvar (see `soft_bound`)
     decoder: Literal["resnet18", "resnet50", "conv28"] | None = None
+    decoder_widen: int = Field(1, ge=1)  # the ResNet decoder's stage widths x this (the official `widen`)
+
+    @field_validator("logvar_range")
+    @classmethod
+    def _ordered(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not value[0] < value[1]:
+            raise ValueError(f"logvar_range must be (low, high) with low < high, got {list(value)}")
+        return value
 
 
 # ---------------------------------------------------------------------------
@@ -90,7 +101,7 @@ def build_encoder(cfg: BackbonesConfig, channels: int) -> nn.Module:
 
 
 class VAEHead(nn.Module):
-    """h -> (mu, logvar): Linear(h,h) + BatchNorm1d + ReLU, then two bias-free Linear layers."""
+    """h -> (mu, logvar): Linear(h,h) + BatchNorm1d + ReLU, then two bias-free Linear layers; logvar soft-bounded."""
 
     def __init__(self, in_dim: int, latent_dim: int, logvar_range: tuple[float, float]) -> None:
         super().__init__()
@@ -104,11 +115,19 @@ class VAEHead(nn.Module):
         consistency KL between near-equal posteriors is a difference of near-equal numbers)."""
         with full_precision(h.device):
             body = self.body(at_least_float32(h))
-            return self.mu(body), self.logvar(body).clamp(*self.logvar_range)
+            return self.mu(body), soft_bound(self.logvar(body), *self.logvar_range)
+
+
+def soft_bound(v: torch.Tensor, low: float, high: float) -> torch.Tensor:
+    """`v` squashed into (low, high) by a scaled tanh, `mid + half * tanh((v - mid) / half)`: slope 1 at the
+    middle (within +-20 % of the half-range the value moves by under 1.4 %), a gradient everywhere (a hard clamp
+    has none past the bound, so only a prior KL could bring logvar back; the consistency KL alone could not)."""
+    mid, half = (low + high) / 2, (high - low) / 2
+    return mid + half * torch.tanh((v - mid) / half)
 
 
 def posterior_std(logvar: torch.Tensor) -> torch.Tensor:
-    """The posterior's standard deviation, as METHODS.md defines it."""
+    """The posterior's standard deviation, as docs/methods.md#backbones defines it."""
     return torch.exp(logvar / 2) + 1e-6
 
 
@@ -117,74 +136,111 @@ def posterior_std(logvar: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------
 
 
-class _Up(nn.Module):
-    def __init__(self, scale: int) -> None:
+class Interpolate(nn.Module):
+    """Nearest-neighbour resize to `size` x `size`, or by the factor `scale`."""
+
+    def __init__(self, size: int | None = None, scale: int | None = None) -> None:
         super().__init__()
-        self.scale = scale
+        if (size is None) == (scale is None):
+            raise ValueError("Interpolate takes exactly one of size and scale")
+        self.size, self.scale = size, scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.interpolate(x, scale_factor=self.scale, mode="nearest") if self.scale > 1 else x
+        if self.size is not None:
+            return nn.functional.interpolate(x, size=(self.size, self.size), mode="nearest")
+        return nn.functional.interpolate(x, scale_factor=self.scale, mode="nearest")
+
+
+def conv1x1(cin: int, cout: int) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, 1)
+
+
+def conv3x3(cin: int, cout: int) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, 3, padding=1)
 
 
 class DecoderBlock(nn.Module):
-    """Residual block without BatchNorm; optionally upsamples first. Basic (2 convs) or bottleneck (1-3-1)."""
+    """A residual block without BatchNorm (convolutions with biases), AAVAE's `BasicBlock` / `Bottleneck`.
 
-    def __init__(self, cin: int, cout: int, scale: int, bottleneck: bool) -> None:
+    Basic: [upscale], conv3x3(cin, planes), ReLU, conv3x3(planes, planes); bottleneck (x4 expansion):
+    conv1x1(cin, planes), ReLU, [upscale], conv3x3(planes, planes), ReLU, conv1x1(planes, 4 planes). The
+    first block of a stage upscales; its skip is then [upscale] + conv1x1(cin, out), else the identity.
+    Output: ReLU(body + skip).
+    """
+
+    def __init__(self, cin: int, planes: int, bottleneck: bool, upscale: Interpolate | None = None) -> None:
         super().__init__()
-        self.up = _Up(scale)
+        self.bottleneck = bottleneck
+        out = planes * (4 if bottleneck else 1)
         if bottleneck:
-            width = cout // 4
-            self.body = nn.Sequential(
-                nn.Conv2d(cin, width, 1),
-                nn.ReLU(inplace=True),
-                nn.Conv2d(width, width, 3, padding=1),
-                nn.ReLU(inplace=True),
-                nn.Conv2d(width, cout, 1),
-            )
+            self.conv1, self.conv2, self.conv3 = conv1x1(cin, planes), conv3x3(planes, planes), conv1x1(planes, out)
         else:
-            self.body = nn.Sequential(
-                nn.Conv2d(cin, cout, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(cout, cout, 3, padding=1)
-            )
-        self.skip = nn.Identity() if cin == cout else nn.Conv2d(cin, cout, 1)
+            self.conv1, self.conv2 = conv3x3(cin, planes), conv3x3(planes, planes)
+        self.upscale = upscale
+        self.skip: nn.Module | None = None
+        if upscale is not None or cin != out:
+            self.skip = nn.Sequential(*([upscale] if upscale is not None else []), conv1x1(cin, out))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.up(x)
-        return torch.relu(self.body(x) + self.skip(x))
+        up = self.upscale if self.upscale is not None else nn.Identity()
+        if self.bottleneck:
+            out = self.conv3(torch.relu(self.conv2(up(torch.relu(self.conv1(x))))))
+        else:
+            out = self.conv2(torch.relu(self.conv1(up(x))))
+        return torch.relu(out + (self.skip(x) if self.skip is not None else x))
 
 
-def upsampling_plan(size: int) -> tuple[int, list[int]]:
-    """Start resolution and the scale of each of the four stages: 32 -> (4, [1,2,2,2]), 96 -> (6, [2,2,2,2])."""
-    k = max(k for k in range(5) if size % 2**k == 0 and size // 2**k >= 4)
-    return size // 2**k, [1] * (4 - k) + [2] * k
+# The decoder's hidden width: the official code passes the encoder's h_dim (512 / 2048).
+DECODER_HIDDEN = {"resnet18": 512, "resnet50": 2048}
 
 
 class ResNetDecoder(nn.Module):
-    """AAVAE's inverted ResNet: Linear(latent,2048)+ReLU, Linear(2048,128*s*s)+ReLU, 1x1 conv, four up-stages,
-    conv3x3 to 64, ReLU, conv3x3 to the image channels."""
+    """AAVAE's inverted ResNet (`src/models/decoder.py` of Lightning-Universe/paper-AAVAE, commit 1fc158d):
+    no BatchNorm, nearest-neighbour upsampling, biases on every layer.
 
-    def __init__(self, arch: str, latent_dim: int, size: int, channels: int) -> None:
+    Linear(latent, h) + ReLU, Linear(h, h) + ReLU (h = 512 for ResNet-18, 2048 for ResNet-50), reshape to
+    (h/16, 4, 4), conv1x1 to h + ReLU, four stages of planes 256/128/64/32 (x `widen`; x4 out for
+    bottlenecks) with [2,2,2,2] basic blocks (ResNet-18) or [3,6,4,3] bottlenecks (ResNet-50), conv3x3 to 64
+    + ReLU, and conv3x3 to the image channels. The first stage resizes 4x4 to size/8 (CIFAR stem) or size/16
+    (STL stem), each later stage doubles; the STL stem's decoder doubles once more before the last conv (it
+    inverts the stem's stride 2). 32 px: 4 -> 4 -> 8 -> 16 -> 32; 96 px (STL stem): 4 -> 6 -> 12 -> 24 -> 48 -> 96.
+    """
+
+    def __init__(
+        self, arch: str, latent_dim: int, size: int, channels: int, stem: str = "cifar", widen: int = 1
+    ) -> None:
         super().__init__()
         bottleneck = arch == "resnet50"
         blocks = [3, 6, 4, 3] if bottleneck else [2, 2, 2, 2]
-        widths = [2048, 1024, 512, 256] if bottleneck else [512, 256, 128, 64]
-        self.start, scales = upsampling_plan(size)
+        expansion = 4 if bottleneck else 1
+        factor = 8 if stem == "cifar" else 16  # the encoder's downsampling: 3 strided stages, and the stem's
+        if size % factor:
+            raise ValueError(
+                f"the {arch} decoder with the {stem} stem needs an image size divisible by {factor}, got {size}"
+            )
+        self.hidden = DECODER_HIDDEN[arch]
         self.linear = nn.Sequential(
-            nn.Linear(latent_dim, 2048),
+            nn.Linear(latent_dim, self.hidden),
             nn.ReLU(inplace=True),
-            nn.Linear(2048, 128 * self.start**2),
+            nn.Linear(self.hidden, self.hidden),
             nn.ReLU(inplace=True),
         )
-        layers: list[nn.Module] = [nn.Conv2d(128, widths[0], 1)]
-        cin = widths[0]
-        for width, n, scale in zip(widths, blocks, scales, strict=True):
-            for i in range(n):
-                layers.append(DecoderBlock(cin, width, scale if i == 0 else 1, bottleneck))
-                cin = width
-        layers += [nn.Conv2d(cin, 64, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(64, channels, 3, padding=1)]
+        layers: list[nn.Module] = [conv1x1(self.hidden // 16, self.hidden), nn.ReLU(inplace=True)]
+        cin, planes = self.hidden, 256 * widen
+        for i, n in enumerate(blocks):
+            upscale = Interpolate(size=size // factor) if i == 0 else Interpolate(scale=2)
+            stage = [DecoderBlock(cin, planes, bottleneck, upscale)]
+            stage += [DecoderBlock(planes * expansion, planes, bottleneck) for _ in range(n - 1)]
+            layers.append(nn.Sequential(*stage))
+            cin, planes = planes * expansion, planes // 2
+        layers += [conv3x3(cin, 64), nn.ReLU(inplace=True)]
+        if stem != "cifar":
+            layers.append(Interpolate(scale=2))
+        layers.append(conv3x3(64, channels))
         self.body = nn.Sequential(*layers)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.body(self.linear(z).view(-1, 128, self.start, self.start))
+        return self.body(self.linear(z).view(-1, self.hidden // 16, 4, 4))
 
 
 class Conv28Decoder(nn.Module):
@@ -231,7 +287,7 @@ def build_modules(config: Recipe, cfg: BackbonesConfig) -> dict[str, nn.Module]:
         if cfg.decoder == "conv28":
             modules["decoder"] = Conv28Decoder(cfg.latent_dim, size, channels)
         else:
-            modules["decoder"] = ResNetDecoder(cfg.decoder, cfg.latent_dim, size, channels)
+            modules["decoder"] = ResNetDecoder(cfg.decoder, cfg.latent_dim, size, channels, cfg.stem, cfg.decoder_widen)
     return modules
 
 

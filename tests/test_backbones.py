@@ -1,4 +1,4 @@
-"""Encoders, stems, VAE head and decoders of the `backbones` plugin (METHODS.md section 2)."""
+"""Encoders, stems, VAE head and decoders of the `backbones` plugin (docs/methods.md#backbones)."""
 
 from __future__ import annotations
 
@@ -7,12 +7,15 @@ import torch
 from torch import nn
 
 from plugins.backbones import (
+    BackbonesConfig,
     Conv28Decoder,
+    DecoderBlock,
+    Interpolate,
     ResNetDecoder,
     VAEHead,
     conv28_encoder,
     resnet_encoder,
-    upsampling_plan,
+    soft_bound,
 )
 
 
@@ -34,25 +37,81 @@ def test_conv28_encoder_and_decoder():
     assert Conv28Decoder(16, 28, 1)(torch.randn(2, 16)).shape == (2, 1, 28, 28)
 
 
-@pytest.mark.parametrize("size, plan", [(32, (4, [1, 2, 2, 2])), (96, (6, [2, 2, 2, 2])), (28, (7, [1, 1, 2, 2]))])
-def test_upsampling_plan(size, plan):
-    assert upsampling_plan(size) == plan
+# Parameters of the official decoders (Lightning-Universe/paper-AAVAE src/models/decoder.py @ 1fc158d,
+# decoder18(h_dim=512) / decoder50(h_dim=2048), latent 128, 3 channels): the same at every image size.
+OFFICIAL_PARAMS = {"resnet18": 4_459_107, "resnet50": 13_291_203}
 
 
-@pytest.mark.parametrize("arch, size", [("resnet18", 32), ("resnet18", 96), ("resnet50", 32)])
-def test_resnet_decoders_have_no_batchnorm_and_reach_the_image_size(arch, size):
-    dec = ResNetDecoder(arch, latent_dim=128, size=size, channels=3)
-    assert not any(isinstance(m, nn.BatchNorm2d) for m in dec.modules())
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+@pytest.mark.parametrize("stem, size", [("cifar", 32), ("stl", 96)])
+def test_resnet_decoders_match_the_official_structure(arch, stem, size):
+    dec = ResNetDecoder(arch, latent_dim=128, size=size, channels=3, stem=stem)
+    assert not any(isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)) for m in dec.modules())
+    assert sum(p.numel() for p in dec.parameters()) == OFFICIAL_PARAMS[arch]
+    assert all(c.bias is not None for c in dec.modules() if isinstance(c, (nn.Conv2d, nn.Linear)))
+    hidden = {"resnet18": 512, "resnet50": 2048}[arch]
+    assert [m.out_features for m in dec.linear if isinstance(m, nn.Linear)] == [hidden, hidden]
+    first = dec.body[0]
+    assert (first.in_channels, first.out_channels, first.kernel_size) == (hidden // 16, hidden, (1, 1))
+    assert isinstance(dec.body[1], nn.ReLU)  # the official ReLU after the first 1x1 conv
+    stages = [m for m in dec.body if isinstance(m, nn.Sequential)]
+    expansion = 4 if arch == "resnet50" else 1
+    assert [len(s) for s in stages] == ([3, 6, 4, 3] if arch == "resnet50" else [2, 2, 2, 2])
+    assert [s[-1].conv2.out_channels for s in stages] == [256, 128, 64, 32]  # planes halve from 256
+    assert [s[0].skip[-1].out_channels for s in stages] == [p * expansion for p in (256, 128, 64, 32)]
+    assert all(b.skip is None and b.upscale is None for s in stages for b in s[1:])
+
+    sizes: list[int] = []
+    hooks = [s.register_forward_hook(lambda m, i, o: sizes.append(o.shape[-1])) for s in stages]
     with torch.no_grad():
         assert dec(torch.randn(2, 128)).shape == (2, 3, size, size)
-    blocks = [m for m in dec.body if m.__class__.__name__ == "DecoderBlock"]
-    assert len(blocks) == (16 if arch == "resnet50" else 8)  # [3,6,4,3] bottlenecks / [2,2,2,2] basic
+    for h in hooks:
+        h.remove()
+    assert sizes == ([4, 8, 16, 32] if stem == "cifar" else [6, 12, 24, 48])  # the STL decoder doubles once more
 
 
-def test_vae_head_clamps_logvar():
+def test_decoder_blocks_upscale_where_the_official_ones_do():
+    """Basic blocks upscale before their first conv, bottlenecks between the 1x1 and the 3x3 conv."""
+    basic = DecoderBlock(8, 4, bottleneck=False, upscale=Interpolate(scale=2))
+    bottleneck = DecoderBlock(8, 4, bottleneck=True, upscale=Interpolate(scale=2))
+    seen: dict[str, int] = {}
+
+    def record(name: str, conv: nn.Module) -> None:
+        conv.register_forward_pre_hook(lambda m, i: seen.update({name: i[0].shape[-1]}))
+
+    record("basic.conv1", basic.conv1)
+    record("bottleneck.conv1", bottleneck.conv1)
+    record("bottleneck.conv2", bottleneck.conv2)
+    x = torch.randn(1, 8, 5, 5)
+    assert basic(x).shape == (1, 4, 10, 10) and bottleneck(x).shape == (1, 16, 10, 10)
+    assert seen == {"basic.conv1": 10, "bottleneck.conv1": 5, "bottleneck.conv2": 10}
+
+
+def test_decoder_widen_and_sizes():
+    wide = ResNetDecoder("resnet50", 128, 32, 3, widen=2)
+    assert [s[-1].conv2.out_channels for s in wide.body if isinstance(s, nn.Sequential)] == [512, 256, 128, 64]
+    assert ResNetDecoder("resnet18", 16, 64, 1)(torch.randn(2, 16)).shape == (2, 1, 64, 64)
+    with pytest.raises(ValueError, match="divisible by 16, got 40"):
+        ResNetDecoder("resnet18", 16, 40, 3, stem="stl")
+
+
+def test_vae_head_soft_bounds_logvar_with_a_gradient_past_the_bound():
     head = VAEHead(8, 4, (-2.0, 2.0)).eval()
     with torch.no_grad():
         head.logvar.weight.fill_(100.0)
         mu, logvar = head(torch.ones(3, 8))
     assert mu.shape == logvar.shape == (3, 4) and logvar.max() <= 2.0
     assert head.mu.bias is None and head.logvar.bias is None
+
+    v = torch.tensor([-30.0, -12.0, 0.0, 1.0, 12.0, 30.0], dtype=torch.float64, requires_grad=True)
+    out = soft_bound(v, -10.0, 10.0)
+    assert ((out > -10) & (out < 10)).all()
+    out.sum().backward()
+    assert (v.grad > 0).all()  # a clamp's gradient is 0 at +-12 and +-30
+    assert v.grad[2] == 1.0 and abs(out[3].item() - 1.0) < 4e-3  # identity-like in the middle
+    assert soft_bound(torch.tensor([5.0]), 0.0, 10.0).item() == 5.0  # the middle of any range is fixed
+
+
+def test_logvar_range_must_be_ordered():
+    with pytest.raises(ValueError, match="low < high"):
+        BackbonesConfig(encoder="conv28", logvar_range=(3.0, -3.0))
