@@ -23,14 +23,21 @@ from safetensors.torch import load_file
 from framework import checkpoint, distributed, hookimpl
 from framework.data import Sample, shard_urls, tar_records
 from framework.data.sources import FASHION_MNIST_DIR
+from framework.testing import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 ASSETS = ROOT / "tests" / "assets"  # written by tests/assets/make_assets.py
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 ONE_NODE = ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+LAUNCH = [sys.executable, "-m", "accelerate.commands.launch"]
 
 NEEDS_FASHION_MNIST = "needs Fashion-MNIST: apt-get install dataset-fashion-mnist"
 needs_fashion_mnist = pytest.mark.skipif(not FASHION_MNIST_DIR.is_dir(), reason=NEEDS_FASHION_MNIST)
+
+
+def ddp_args(processes: int = 2) -> list[str]:
+    """`accelerate launch` arguments of a DDP run of `processes` CPU processes on one machine, on a free port."""
+    return ["--multi_gpu", "--num_processes", str(processes), *ONE_NODE, "--main_process_port", str(free_port())]
 
 
 def asset_specs(root: Path = ASSETS) -> dict[str, str]:
@@ -55,7 +62,7 @@ def accelerate_launch(
     script: str = "dist_train.py",
 ) -> subprocess.CompletedProcess:
     """`accelerate launch <args> tests/<script> <script_args>`, asserting it exits 0."""
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", *args, str(ROOT / "tests" / script), *script_args]
+    cmd = [*LAUNCH, *args, str(ROOT / "tests" / script), *script_args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **(env or {})}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -23,13 +23,14 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from tests.helpers import accelerate_launch, ddp_args
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = Path(__file__).with_name("dist_equivalence.py")
@@ -103,31 +104,7 @@ def test_byol_target_stays_identical_across_two_processes(tmp_path, fmnist_shard
     byol = {"proj_hidden_dim": 32, "proj_output_dim": 16, "pred_hidden_dim": 32}
     plugins = {"backbones": {"encoder": "conv28", "latent_dim": None}, "byol": byol}
     recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(tmp_path, fmnist_shards, plugins=plugins))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        str(WORLD),
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        str(port),
-        str(ROOT / "tests" / "dist_train.py"),
-        str(recipe),
-        "train.steps=2",
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    accelerate_launch(ddp_args(WORLD), [str(recipe), "train.steps=2"])
     w0, w1 = (torch.load(tmp_path / "run" / f"weights_rank{r}.pt") for r in range(WORLD))
     target = [k for k in w0 if k.startswith("byol.target.")]
     assert len(target) >= 10

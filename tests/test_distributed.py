@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from framework.logging import read_metrics
-from framework.testing import free_port, tiny_recipe, write_recipe
-from tests.helpers import accelerate_launch
+from framework.testing import tiny_recipe, write_recipe
+from tests.helpers import accelerate_launch, ddp_args
 
 
 @pytest.mark.slow
@@ -16,22 +16,7 @@ def test_two_processes_train_and_hold_identical_weights(tmp_path, fmnist_shards)
     broadcasts rank 0's at every forward; checkpoints hold rank 0's. `distributed.sync_batchnorm`
     syncs them on GPUs.)"""
     recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(tmp_path, fmnist_shards, train={"checkpoint_every": 2}))
-    accelerate_launch(
-        [
-            "--multi_gpu",
-            "--num_processes",
-            "2",
-            "--num_machines",
-            "1",
-            "--mixed_precision",
-            "no",
-            "--dynamo_backend",
-            "no",
-            "--main_process_port",
-            str(free_port()),
-        ],
-        [str(recipe), "train.steps=3"],
-    )
+    accelerate_launch(ddp_args(2), [str(recipe), "train.steps=3"])
     out = tmp_path / "run"
     w0, w1 = torch.load(out / "weights_rank0.pt"), torch.load(out / "weights_rank1.pt")
     assert w0.keys() == w1.keys() and len(w0) > 10

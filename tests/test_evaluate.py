@@ -16,8 +16,8 @@ from framework.cli import eval_main
 from framework.eval import crop_and_flip, extract, fit_linear, fit_sgd_linear, knn_accuracy
 from framework.logging import read_metrics
 from framework.recipe.loading import RecipeError, validate
-from framework.testing import free_port, run_steps, tiny_recipe
-from tests.helpers import asset_samples
+from framework.testing import run_steps, tiny_recipe
+from tests.helpers import LAUNCH, asset_samples, ddp_args
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -112,24 +112,7 @@ def test_eval_all_protocols(tmp_path, real_fmnist_shards, capsys):
 
 
 def _launch(script: str, *args: str, processes: int = 2) -> subprocess.CompletedProcess:
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        str(processes),
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        str(free_port()),
-        str(ROOT / script),
-        *args,
-    ]
+    cmd = [*LAUNCH, *ddp_args(processes), str(ROOT / script), *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -18,8 +18,8 @@ import yaml
 
 from framework import checkpoint, runfolder
 from framework.logging import read_metrics
-from framework.testing import free_port, run_steps, tiny_recipe, write_recipe
-from tests.helpers import ENV, ONE_NODE, ROOT, final_weights
+from framework.testing import run_steps, tiny_recipe, write_recipe
+from tests.helpers import ENV, LAUNCH, ROOT, ddp_args, final_weights
 
 TRAIN = ROOT / "launch" / "train.py"
 
@@ -270,19 +270,7 @@ def test_a_full_disk_during_a_save_removes_the_partial_folder_keeps_the_previous
 
 
 def launch2(args: list[str]) -> subprocess.CompletedProcess:
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        *ONE_NODE,
-        "--main_process_port",
-        str(free_port()),
-        str(TRAIN),
-        *map(str, args),
-    ]
+    cmd = [*LAUNCH, *ddp_args(2), str(TRAIN), *map(str, args)]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=ENV, cwd=ROOT)
 
 

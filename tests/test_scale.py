@@ -18,7 +18,7 @@ from framework.logging import read_metrics
 from framework.optim import effective_lr
 from framework.recipe import TrainConfig
 from framework.testing import free_port, run_steps, tiny_recipe, write_recipe
-from tests.helpers import ENV, ONE_NODE, ROOT, accelerate_launch, final_weights
+from tests.helpers import ENV, LAUNCH, ROOT, accelerate_launch, ddp_args, final_weights
 
 
 def run_script(script: str, args: list[str], timeout: int = 120) -> subprocess.CompletedProcess:
@@ -98,19 +98,7 @@ def test_ddp_gradients_on_two_processes_equal_one_process_on_the_global_batch(tm
     """See tests/ddp_grads.py: BatchNorm -> GroupNorm (per-sample statistics), float64, shared noise."""
     one = run_script("ddp_grads.py", [str(tmp_path / "one")])
     assert one.returncode == 0, one.stderr[-2000:]
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        *ONE_NODE,
-        "--main_process_port",
-        str(free_port()),
-        str(ROOT / "tests" / "ddp_grads.py"),
-        str(tmp_path / "two"),
-    ]
+    cmd = [*LAUNCH, *ddp_args(2), str(ROOT / "tests" / "ddp_grads.py"), str(tmp_path / "two")]
     two = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=ENV, cwd=ROOT)
     assert two.returncode == 0, two.stderr[-2000:]
     ref = torch.load(tmp_path / "one" / "grads_rank0.pt")

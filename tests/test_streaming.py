@@ -20,7 +20,7 @@ from framework.logging import read_metrics
 from framework.testing import data_section, run_steps, tiny_recipe
 from framework.types import View
 from framework.views import FASHION_MNIST_STATS, clean_view
-from tests.helpers import asset_samples, needs_fashion_mnist
+from tests.helpers import accelerate_launch, asset_samples, ddp_args, needs_fashion_mnist
 
 ROOT = Path(__file__).resolve().parents[1]
 X = {"x": View(clean_view(28, *FASHION_MNIST_STATS, channels=1))}
@@ -132,32 +132,7 @@ def test_a_run_over_corrupt_shards_finishes_and_counts_the_planted_bad_records(t
 
 def _keys_per_rank(spec: str, out: Path, processes: int) -> list[list[str]]:
     """`tests/dist_keys.py` under `accelerate launch` (gloo on CPU, 2 workers a rank): each rank's keys."""
-    import os
-
-    from framework.testing import free_port
-
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        str(processes),
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        str(free_port()),
-        str(ROOT / "tests" / "dist_keys.py"),
-        spec,
-        str(out),
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    accelerate_launch(ddp_args(processes), [spec, str(out)], script="dist_keys.py")
     ranks = [json.loads((out / f"keys_rank{r}.json").read_text()) for r in range(processes)]
     assert all(r["world_size"] == processes for r in ranks)
     return [r["keys"] for r in ranks]
