@@ -88,7 +88,7 @@ def eval_main(argv: Sequence[str]) -> None:
         "--protocol",
         default="fast",
         choices=["fast", "linear", "knn", "all"],
-        help="fast: L-BFGS logistic regression; linear: SGD protocol of METHODS.md; knn: k=200 "
+        help="fast: L-BFGS logistic regression; linear: SGD protocol of docs/methods.md#offline-evaluation; knn: k=200 "
         "weighted k-NN; all: the three (default: fast)",
     )
     parser.add_argument("--epochs", type=int, default=90, help="linear: epochs (default 90)")

@@ -1,4 +1,4 @@
-"""Plugin `affine`: predict a random affine transformation, an auxiliary head (METHODS.md section 4).
+"""Plugin `affine`: predict a random affine transformation, an auxiliary head (docs/methods.md#affine-head).
 
 `x1` is the view named by `source` (default the clean `"x"`; e.g. `"simclr.v1"` or
 `"aavae.aug"` to use a base method's augmented view). This plugin's view `affine.view`
@@ -14,7 +14,7 @@ translation +-25 %, scale 0.7-1.3, shear +-25 deg, black fill) whose normalised
 
 `components` switches target components off (they are also held at identity in `A`);
 the head keeps 6 outputs so every parameter is used (DDP) whatever the subset. The
-term is `mse` (logged `affine.mse`), multiplied by `weight` (METHODS.md: 1 for SimCLR
+term is `mse` (logged `affine.mse`), multiplied by `weight` (docs/methods.md#affine-head: 1 for SimCLR
 and BYOL, 10 for Barlow Twins). The head's input size is the encoder's `num_features`
 (twice that for "concat").
 """

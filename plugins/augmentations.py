@@ -27,7 +27,7 @@ from framework import Recipe, ToMode, View, check_stats, tensor_steps
 
 Strength = Literal["cifar", "stl", "mnist"]
 
-# CR-VAE RandomAffine presets, METHODS.md section 3.
+# CR-VAE RandomAffine presets, docs/methods.md#cr-vae.
 CRVAE_PRESETS: dict[str, dict[str, tuple[float, float]]] = {
     "simple": {"degrees": (-15.0, 15.0), "translate": (0.05, 0.05), "scale": (0.9, 1.1)},
     "large": {"degrees": (-30.0, 30.0), "translate": (0.1, 0.1), "scale": (0.75, 1.25)},
@@ -41,7 +41,7 @@ def simclr_view(
     channels: int,
     strength: Strength = "cifar",
 ) -> v2.Compose:
-    """SimCLR-style augmentation of METHODS.md section 2 (AAVAE's `t(x)`).
+    """SimCLR-style augmentation of docs/methods.md#aavae (AAVAE's `t(x)`).
 
     RandomResizedCrop(size, scale=(0.08, 1)), hflip p=0.5, ColorJitter with p=0.8
     ("cifar" 0.4,0.4,0.4,0.1; "stl" 0.8,0.8,0.8,0.2), grayscale p=0.2, and for "stl"
@@ -79,7 +79,7 @@ def crvae_affine_view(
     flip: bool = False,
     color_jitter: bool = False,
 ) -> v2.Compose:
-    """CR-VAE's `t(x)`, METHODS.md section 3: RandomAffine preset (see `CRVAE_PRESETS`),
+    """CR-VAE's `t(x)`, docs/methods.md#cr-vae: RandomAffine preset (see `CRVAE_PRESETS`),
     black fill, then normalise.
 
     ``flip`` adds hflip p=0.5; ``color_jitter`` adds ColorJitter(0.4,0.4,0.4,0.1) with
@@ -124,7 +124,7 @@ class AffineParams(NamedTuple):
     shear_y: float = 0.0
 
     def normalized(self, height: int, width: int) -> Tensor:
-        """The 6-vector target of METHODS.md section 4 (float32):
+        """The 6-vector target of docs/methods.md#affine-head (float32):
         ``[angle/360, tx/size, ty/size, scale, shear_x/25, shear_y/25]``, size = W for tx, H for ty.
         """
         return torch.tensor(
@@ -144,7 +144,7 @@ IDENTITY_AFFINE = AffineParams()
 
 
 class AffineWithParams:
-    """Derived view of METHODS.md section 4: a random affine `A` on a normalised tensor.
+    """Derived view of docs/methods.md#affine-head: a random affine `A` on a normalised tensor.
 
     Rotation +-90 deg, translation +-25 % of the size, scale 0.7-1.3, shear +-25 deg on
     x and y, black fill (pixel value 0, i.e. -mean/std per channel after normalising),

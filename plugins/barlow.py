@@ -1,4 +1,4 @@
-"""Plugin `barlow`: Barlow Twins (METHODS.md section 5).
+"""Plugin `barlow`: Barlow Twins (docs/methods.md#barlow-twins).
 
 Two SimCLR-style views, the backbone's `h`, a projector of three Linear layers (the
 first two followed by BatchNorm1d + ReLU, as in the paper). The embeddings of every
@@ -38,7 +38,7 @@ NAME = "barlow"
 
 
 class BarlowConfig(PluginConfig):
-    lambda_offdiag: float = Field(5e-3, ge=0)  # Barlow Twins paper / METHODS.md (~5e-3, or 1/dim)
+    lambda_offdiag: float = Field(5e-3, ge=0)  # Barlow Twins paper (~5e-3, or 1/dim): docs/methods.md#barlow-twins
     proj_hidden_dim: int = Field(2048, gt=0)  # paper: 8192 on ImageNet; 2048 is the common CIFAR size
     proj_output_dim: int = Field(2048, gt=0)
     eps: float = Field(1e-5, ge=0)  # added to the variance when normalising (BatchNorm1d's default)

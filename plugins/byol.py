@@ -1,4 +1,4 @@
-"""Plugin `byol`: Bootstrap Your Own Latent (METHODS.md section 5).
+"""Plugin `byol`: Bootstrap Your Own Latent (docs/methods.md#byol).
 
 Online network: the backbone encoder (through `ctx.encode`), `projector`, `predictor`
 (each Linear + BatchNorm1d + ReLU + Linear; BYOL paper: hidden 4096, output 256).

@@ -1,4 +1,4 @@
-"""Plugin `consistency`: CR-VAE's consistency regularisation (METHODS.md section 3).
+"""Plugin `consistency`: CR-VAE's consistency regularisation (docs/methods.md#cr-vae).
 
 As a loss (all terms summed over pixels / latent dims, averaged over the batch):
 

@@ -1,4 +1,4 @@
-"""Plugin `kl`: the VAE (METHODS.md section 1): -log p(x|z) + beta * KL(q(z|x) || N(0, I)).
+"""Plugin `kl`: the VAE (docs/methods.md#vae): -log p(x|z) + beta * KL(q(z|x) || N(0, I)).
 
 The KL is analytic (Bolts issue 565 estimated it from the sampled z: a bug). beta-VAE
 is the same plugin with beta != 1; `warmup_steps` ramps beta linearly from 0, and

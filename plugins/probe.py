@@ -1,4 +1,4 @@
-"""Plugin `probe`: the online linear probe (METHODS.md section 2), a cheap accuracy signal while pretraining.
+"""Plugin `probe`: the online linear probe (docs/methods.md#online-probe), a cheap accuracy signal while pretraining.
 
 A Linear layer on the **detached** pooled features `ctx.encode("x").h`, trained with
 cross-entropy on the batch's labels, one step per batch. Because the features are
@@ -9,7 +9,7 @@ batch is logged as `probe.acc` (a metric, not optimised).
 Labels < 0 mean "unlabelled" and are ignored; a batch with no labels gives a zero
 term (still connected to the probe's weights, so DDP sees every parameter used).
 
-Learning rate: METHODS.md trains the online probe with Adam at lr 1e-4: set
+Learning rate: docs/methods.md#online-probe trains the online probe with Adam at lr 1e-4: set
 `plugins.probe.lr: 1.0e-4` (every plugin's `lr` gives its modules their own optimizer param
 group, scaled and scheduled like `train.lr`); unset, the probe trains at the run's `train.lr`.
 """

@@ -1,4 +1,4 @@
-"""Plugin `simclr`: SimCLR's NT-Xent over two augmented views (METHODS.md section 5).
+"""Plugin `simclr`: SimCLR's NT-Xent over two augmented views (docs/methods.md#simclr).
 
 Two views `simclr.v1`, `simclr.v2` of every image (`plugins.augmentations.simclr_view`; the
 strength is the recipe's `strength` or inferred: "mnist" for grey images, "stl" for
@@ -41,7 +41,7 @@ NAME = "simclr"
 
 
 class SimCLRConfig(PluginConfig):
-    temperature: float = Field(0.5, gt=0)  # METHODS.md / SimCLR paper (CIFAR-10 best); 0.1-0.5 common
+    temperature: float = Field(0.5, gt=0)  # SimCLR paper (CIFAR-10 best); 0.1-0.5 common: docs/methods.md#simclr
     output_dim: int = Field(128, gt=0)  # SimCLR paper: 128-d projection
     strength: Strength | None = None  # simclr_view preset; None: inferred from data.channels/image_size
 

@@ -1,4 +1,4 @@
-"""Likelihoods and KL divergences shared by the autoencoding plugins (METHODS.md 1-3).
+"""Likelihoods and KL divergences shared by the autoencoding plugins (docs/methods.md#conventions).
 
 Every term is summed over pixels / latent dimensions and averaged over the batch, so
 reconstruction and KL stay on the same scale. Every term is computed in (at least) float32,

@@ -1,4 +1,4 @@
-"""Tests for plugins/aavae.py (METHODS.md section 2): encode t(x), reconstruct the clean x, no KL."""
+"""Tests for plugins/aavae.py (docs/methods.md#aavae): encode t(x), reconstruct the clean x, no KL."""
 
 from __future__ import annotations
 

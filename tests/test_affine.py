@@ -1,4 +1,4 @@
-"""Tests for plugins/affine.py (METHODS.md section 4) and the composition of the three plugins."""
+"""Tests for plugins/affine.py (docs/methods.md#affine-head) and the composition of the three plugins."""
 
 from __future__ import annotations
 

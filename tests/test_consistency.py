@@ -1,4 +1,4 @@
-"""Tests for plugins/consistency.py (METHODS.md section 3, CR-VAE) and the KLs it uses."""
+"""Tests for plugins/consistency.py (docs/methods.md#cr-vae) and the KLs it uses."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The `kl` plugin: analytic KL, likelihoods and the beta schedule (METHODS.md section 1)."""
+"""The `kl` plugin: analytic KL, likelihoods and the beta schedule (docs/methods.md#vae)."""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 - `fit_linear` (protocol `fast`): multinomial logistic regression by full-batch L-BFGS on
   standardised features (seconds).
-- `fit_sgd_linear` (protocol `linear`): the offline protocol of METHODS.md section 2, a Linear
+- `fit_sgd_linear` (protocol `linear`): the offline protocol of docs/methods.md#offline-evaluation, a Linear
   layer trained by SGD (Nesterov, momentum 0.9, lr 0.1 x batch/256, cosine to 0).
 - `knn_accuracy` (protocol `knn`): weighted k-NN (cosine similarity, votes weighted by
   exp(sim / temperature)), as solo-learn and lightly report it.

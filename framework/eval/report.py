@@ -6,7 +6,7 @@ to `<output_dir>/eval.json`, and `online_knn`, the k-NN probe the engine logs du
 Protocols (`augssl eval --protocol`):
 - `fast`: multinomial logistic regression by full-batch L-BFGS on standardised features
   (seconds; the default, and what `scripts/main.sh` prints).
-- `linear`: the offline protocol of METHODS.md section 2: a Linear layer trained by SGD
+- `linear`: the offline protocol of docs/methods.md#offline-evaluation: a Linear layer trained by SGD
   (Nesterov, momentum 0.9, lr 0.1 x batch/256, cosine to 0) for `epochs` epochs. By default
   on features extracted once (fast); with `augment=True` the train images get
   RandomCrop(pad 4) + horizontal flip and features are re-extracted every epoch, as the
