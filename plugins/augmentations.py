@@ -76,29 +76,27 @@ def crvae_affine_view(
     std: Sequence[float],
     channels: int,
     preset: Literal["simple", "large"] = "simple",
-    flip: bool = False,
+    vertical_flip: bool = False,
     color_jitter: bool = False,
 ) -> v2.Compose:
-    """CR-VAE's `t(x)`, docs/methods.md#cr-vae: RandomAffine preset (see `CRVAE_PRESETS`),
-    black fill, then normalise.
+    """CR-VAE's `t(x)` (docs/methods.md#cr-vae), as the authors' `CRVAE/augmentations.py` (sinhasam/CRVAE):
+    [RandomVerticalFlip p=0.5], RandomAffine preset (see `CRVAE_PRESETS`; nearest interpolation, black fill),
+    [ColorJitter(brightness=0.2, contrast=0.5, hue=0.2), always applied], then normalise.
 
-    ``flip`` adds hflip p=0.5; ``color_jitter`` adds ColorJitter(0.4,0.4,0.4,0.1) with
-    p=0.8 (brightness/contrast only for grey images) - our strengths, the paper gives none.
-    Expects ``size`` px images (no resize); a final CenterCrop(size) fixes the shape.
+    ``vertical_flip`` and ``color_jitter`` select the authors' `*_vertical_flip*` / `*_jitter` variants (hue is
+    a no-op on grey images). Expects ``size`` px images (no resize); a final CenterCrop(size) fixes the shape.
     """
     check_stats(mean, std, channels)
     if preset not in CRVAE_PRESETS:
         raise ValueError(f"unknown preset {preset!r}")
     p = CRVAE_PRESETS[preset]
-    ops: list = [
-        ToMode(channels),
-        v2.RandomAffine(degrees=p["degrees"], translate=p["translate"], scale=p["scale"], fill=0),
-    ]
-    if flip:
-        ops.append(v2.RandomHorizontalFlip(p=0.5))
+    ops: list = [ToMode(channels)]
+    if vertical_flip:
+        ops.append(v2.RandomVerticalFlip(p=0.5))
+    affine = v2.RandomAffine(p["degrees"], p["translate"], p["scale"], interpolation=InterpolationMode.NEAREST, fill=0)
+    ops.append(affine)  # nearest and black: torchvision's defaults, which the authors' code keeps
     if color_jitter:
-        sh = (0.4, 0.1) if channels == 3 else (None, None)
-        ops.append(v2.RandomApply([v2.ColorJitter(0.4, 0.4, *sh)], p=0.8))
+        ops.append(v2.ColorJitter(brightness=0.2, contrast=0.5, hue=0.2))
     ops.append(v2.CenterCrop(size))
     return v2.Compose(ops + tensor_steps(mean, std))
 

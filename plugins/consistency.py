@@ -7,7 +7,7 @@ As a loss (all terms summed over pixels / latent dims, averaged over the batch):
 
 with beta1 for `x` and beta2 for `t(x)`. `t(x)` is this plugin's own view
 `consistency.t` (`plugins.augmentations.crvae_affine_view`: RandomAffine preset
-"simple"|"large", optional `flip` and `color_jitter`). Both KLs are analytic
+"simple"|"large", optional `vertical_flip` and `color_jitter`, the authors' variants). Both KLs are analytic
 (`plugins.vae_terms`) with std = exp(logvar/2) + 1e-6: the authors' code took
 exp(logvar) as the std, a bug not copied here. Gradients flow through both posteriors
 of the consistency KL, as in the authors' code.
@@ -66,8 +66,8 @@ class ConsistencyConfig(PluginConfig):
     beta2: float = Field(1.0, ge=0)  # KL weight of L_vae(t(x))
     likelihood: Likelihood | None = None  # None: kl's, else aavae's, else gaussian
     preset: Literal["simple", "large"] = "simple"
-    flip: bool = False
-    color_jitter: bool = False
+    vertical_flip: bool = False  # RandomVerticalFlip p=0.5 before the affine (the authors' *_vertical_flip)
+    color_jitter: bool = False  # ColorJitter(brightness 0.2, contrast 0.5, hue 0.2) after it (the authors' *_jitter)
     elbo_x: bool | None = None  # None: add L_vae(x) only when no other plugin provides "elbo_x"
 
 
@@ -97,7 +97,7 @@ def config_schema() -> type[PluginConfig]:
 @hookimpl
 def augment(config: Recipe, cfg: ConsistencyConfig) -> dict[str, View]:
     d = config.data
-    t = crvae_affine_view(d.image_size, d.mean, d.std, d.channels, cfg.preset, cfg.flip, cfg.color_jitter)
+    t = crvae_affine_view(d.image_size, d.mean, d.std, d.channels, cfg.preset, cfg.vertical_flip, cfg.color_jitter)
     if d.resize is not None:  # transform the same pixels as the clean view `x` sees
         t = v2.Compose([v2.Resize(d.resize), v2.CenterCrop(d.image_size), t])
     return {"t": View(t)}

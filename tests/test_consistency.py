@@ -179,7 +179,7 @@ def test_lambda_is_a_required_recipe_key_that_round_trips(tmp_path):
 
 def test_view_is_the_crvae_affine_of_the_clean_pixels(tmp_path):
     torch.manual_seed(0)
-    recipe = _recipe(tmp_path, preset="large", flip=True)
+    recipe = _recipe(tmp_path, preset="large", vertical_flip=True)
     view = consistency.augment(config=recipe, cfg=recipe.plugins["consistency"])["t"]
     assert view.source is None
     out = view.transform(Image.new("L", (28, 28), 255))

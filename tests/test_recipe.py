@@ -9,9 +9,11 @@ from typing import ClassVar
 
 import pytest
 import yaml
+from torchvision.transforms import v2
 
 from framework import PluginConfig, hookimpl
 from framework.cli import main
+from framework.data.pipeline import clean_x_view
 from framework.recipe.loading import RecipeError, apply_overrides, deep_merge, load_recipe, validate
 from framework.testing import tiny_recipe, write_recipe
 
@@ -66,6 +68,19 @@ def test_contrastive_recipes_use_resnet18_with_the_stem_and_views_of_their_image
     assert bb.stem == {32: "cifar", 96: "stl"}[cfg.data.image_size]
     assert cfg.plugins[method].strength == {32: "cifar", 96: "stl"}[cfg.data.image_size]
     assert cfg.distributed.sync_batchnorm  # BN over the global batch on multi-GPU runs
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "recipes").glob("[!_]*_stl10.yaml")), ids=lambda p: p.stem)
+def test_stl10_recipes_take_the_aavae_clean_view(path):
+    """AAVAE's src/transforms.py: the original x of a 96-px image is Resize(int(96 * 1.1)) + CenterCrop(96);
+    CR-VAE's t(x) starts from the same pixels."""
+    cfg, hooks = load_recipe(path, check_data=False)
+    assert (cfg.data.resize, cfg.data.image_size) == (105, 96)
+    ops = clean_x_view(cfg.data).transform.transforms
+    assert [type(t) for t in ops[1:3]] == [v2.Resize, v2.CenterCrop] and ops[1].size == [105]
+    if "consistency" in cfg.plugins:
+        t = hooks.augment(cfg)["consistency.t"].transform.transforms
+        assert [type(op) for op in t[:2]] == [v2.Resize, v2.CenterCrop] and t[0].size == [105]
 
 
 # --- malformed recipes: one line, exit 2, nothing started ----------------------------

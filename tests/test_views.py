@@ -12,7 +12,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
-from framework.views import CIFAR10_STATS, FASHION_MNIST_STATS, STL10_STATS, clean_view
+from framework.views import CIFAR10_STATS, FASHION_MNIST_STATS, STL10_STATS, ToMode, clean_view
 from plugins.augmentations import (
     AFFINE_COMPONENTS,
     CRVAE_PRESETS,
@@ -57,7 +57,7 @@ def _all_views():
         simclr_view(32, m, s, 3, "cifar"),
         simclr_view(96, *STL10_STATS, 3, "stl"),
         simclr_view(28, *FASHION_MNIST_STATS, 1, "mnist"),
-        crvae_affine_view(32, m, s, 3, "large", flip=True, color_jitter=True),
+        crvae_affine_view(32, m, s, 3, "large", vertical_flip=True, color_jitter=True),
     ]
 
 
@@ -132,9 +132,28 @@ def test_simclr_view_structure():
 def test_crvae_view_shapes(case, preset):
     img, size, channels, stats = CASES[case]
     for flip, jitter in [(False, False), (True, True)]:
-        view = crvae_affine_view(size, *stats, channels, preset, flip=flip, color_jitter=jitter)
+        view = crvae_affine_view(size, *stats, channels, preset, vertical_flip=flip, color_jitter=jitter)
         for _ in range(3):
             _check_normalised(view(img), size, stats)
+
+
+def test_crvae_options_are_the_authors_variants():
+    """sinhasam/CRVAE CRVAE/augmentations.py: RandomVerticalFlip() first, RandomAffine, then
+    ColorJitter(brightness=0.2, hue=0.2, contrast=0.5) always applied; no horizontal flip."""
+    ops = list(crvae_affine_view(32, *CIFAR10_STATS, 3, "simple", vertical_flip=True, color_jitter=True).transforms)
+    kinds = [type(t) for t in ops[:4]]
+    assert kinds == [ToMode, v2.RandomVerticalFlip, v2.RandomAffine, v2.ColorJitter]
+    assert ops[1].p == 0.5 and InterpolationMode(ops[2].interpolation) == InterpolationMode.NEAREST
+    jitter = ops[3]
+    assert (jitter.brightness, jitter.contrast, jitter.saturation, jitter.hue) == (
+        (0.8, 1.2),
+        (0.5, 1.5),
+        None,
+        (-0.2, 0.2),
+    )
+    assert not any(isinstance(t, (v2.RandomApply, v2.RandomHorizontalFlip)) for t in ops)
+    plain = crvae_affine_view(32, *CIFAR10_STATS, 3, "simple").transforms
+    assert not any(isinstance(t, (v2.RandomVerticalFlip, v2.ColorJitter)) for t in plain)
 
 
 @pytest.mark.parametrize("preset", ["simple", "large"])
