@@ -21,8 +21,11 @@ Terms returned (the engine prefixes `consistency.` and multiplies each by `weigh
 | aavae + consistency       | `aavae` (aavae.recon: x from t_a(x))  | recon_t, kl_t, consistency                 |
 | kl + aavae + consistency  | `kl` and `aavae`                      | recon_t, kl_t, consistency                 |
 
-* `recon_x` = -log p(x | z), z ~ q(z|x);   `kl_x` = beta1 * KL(q(z|x) || N(0, I)).
-* `recon_t` = -log p(t(x) | z), z ~ q(z|t(x));   `kl_t` = beta2 * KL(q(z|t(x)) || N(0, I)).
+* `recon_x` = -log p(x | z), z ~ q(z|x);   `kl_x` = s * beta1 * KL(q(z|x) || N(0, I)).
+* `recon_t` = -log p(t(x) | z), z ~ q(z|t(x));   `kl_t` = s * beta2 * KL(q(z|t(x)) || N(0, I)).
+* s, the prior KLs' schedule (0..1), is that of the plugin providing L_vae(x) when its section declares one
+  (`kl`'s `warmup_steps` / `cycle_steps`, through `KLConfig.kl_factor`): the recipe's prior KLs warm up
+  together. Without one (consistency alone, or with `aavae`) s = 1. The consistency KL is never scheduled.
 * `consistency` = lambda * KL(q(z|t(x)) || q(z|x)); `consistency.kl_unweighted` is
   logged as a metric (without lambda).
 
@@ -89,6 +92,16 @@ def likelihood_of(cfg: ConsistencyConfig, recipe: Recipe) -> Likelihood:
     return "gaussian"
 
 
+def kl_factor(recipe: Recipe, step: int) -> float:
+    """The schedule (0..1) of `kl_x` and `kl_t` after `step` optimizer steps: that of the first other plugin
+    providing L_vae(x) whose section declares one (`kl_factor(step)`, as `kl`'s warm-up / cycles), else 1."""
+    for name in recipe.providers(ELBO_X):
+        schedule = getattr(recipe.plugins[name], "kl_factor", None)
+        if name != NAME and callable(schedule):
+            return float(schedule(step))
+    return 1.0
+
+
 @hookimpl
 def config_schema() -> type[PluginConfig]:
     return ConsistencyConfig
@@ -118,12 +131,13 @@ def regularize(ctx: StepContext, cfg: ConsistencyConfig) -> dict[str, torch.Tens
     enc_t = ctx.encode(VIEW)
     mu_t, logvar_t = _posterior(enc_t)
 
+    factor = kl_factor(ctx.config, ctx.step)
     terms: dict[str, torch.Tensor] = {}
     if adds_elbo_x(cfg, ctx.config):
         terms["recon_x"] = reconstruction_term(ctx, enc_x, ctx.views["x"], likelihood, f"{NAME}.recon_x")
-        terms["kl_x"] = cfg.beta1 * kl_standard_normal(mu_x, logvar_x)
+        terms["kl_x"] = factor * cfg.beta1 * kl_standard_normal(mu_x, logvar_x)
     terms["recon_t"] = reconstruction_term(ctx, enc_t, ctx.views[VIEW], likelihood, f"{NAME}.recon_t")
-    terms["kl_t"] = cfg.beta2 * kl_standard_normal(mu_t, logvar_t)
+    terms["kl_t"] = factor * cfg.beta2 * kl_standard_normal(mu_t, logvar_t)
     kl = kl_gaussians(mu_t, logvar_t, mu_x, logvar_x)
     ctx.metrics[f"{NAME}.kl_unweighted"] = kl.detach()
     terms["consistency"] = cfg.lam * kl

@@ -2,7 +2,8 @@
 
 The KL is analytic (Bolts issue 565 estimated it from the sampled z: a bug). beta-VAE
 is the same plugin with beta != 1; `warmup_steps` ramps beta linearly from 0, and
-`cycle_steps` repeats that ramp (the cyclical schedule of Fu et al. 2019).
+`cycle_steps` repeats that ramp (the cyclical schedule of Fu et al. 2019). The section declares
+the schedule (`KLConfig.kl_factor`), and the other prior KLs of the recipe follow it (consistency's).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import torch
 from pydantic import Field
 
 from framework import PluginConfig, StepContext, hookimpl
-from plugins.vae_terms import kl_standard_normal, reconstruction_term
+from plugins.vae_terms import kl_standard_normal, reconstruction_term, warmup_factor
 
 NAME = "kl"
 
@@ -26,14 +27,15 @@ class KLConfig(PluginConfig):
     warmup_steps: int = Field(0, ge=0)  # beta ramps 0 -> beta over these steps
     cycle_steps: int | None = Field(None, gt=0)  # restart the ramp every cycle_steps
 
+    def kl_factor(self, step: int) -> float:
+        """The KL weight's schedule (0..1) after `step` optimizer steps. Declared on the section, so the
+        other prior KLs of the recipe can follow it (consistency's `kl_x` and `kl_t` do)."""
+        return warmup_factor(step, self.warmup_steps, self.cycle_steps)
+
 
 def beta_at(step: int, cfg: KLConfig) -> float:
     """beta after `step` optimizer steps under the warm-up / cyclic schedule."""
-    if cfg.cycle_steps is not None:
-        step %= cfg.cycle_steps
-    if cfg.warmup_steps == 0:
-        return cfg.beta
-    return cfg.beta * min(1.0, step / cfg.warmup_steps)
+    return cfg.beta * cfg.kl_factor(step)
 
 
 @hookimpl

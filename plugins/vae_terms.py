@@ -46,6 +46,17 @@ def reconstruction_term(ctx, enc, target: torch.Tensor, likelihood: str, image: 
     return reconstruction_nll(x_hat, target, likelihood, data.mean, data.std)
 
 
+def warmup_factor(step: int, warmup_steps: int, cycle_steps: int | None = None) -> float:
+    """The schedule of a prior KL's weight after `step` optimizer steps, a factor in [0, 1]: a linear ramp from 0
+    over `warmup_steps` (1 throughout without one), restarted every `cycle_steps` when set (the cyclical
+    schedule of Fu et al. 2019). `kl`'s beta and every KL that follows its schedule use this one function."""
+    if cycle_steps is not None:
+        step %= cycle_steps
+    if warmup_steps == 0:
+        return 1.0
+    return min(1.0, step / warmup_steps)
+
+
 def _std(logvar: torch.Tensor) -> torch.Tensor:
     return torch.exp(logvar / 2) + 1e-6  # the posterior's std, as the backbone samples with it
 

@@ -14,6 +14,7 @@ from framework.logging import read_metrics
 from framework.recipe.loading import RecipeError, load_recipe, validate
 from framework.testing import CONV28, run_steps, step_context, tiny_recipe
 from plugins import consistency
+from plugins.kl import beta_at
 from plugins.vae_terms import kl_gaussians, kl_standard_normal
 
 RECIPES = Path(__file__).parents[1] / "recipes"
@@ -81,14 +82,14 @@ def _recipe(tmp_path, others=(), **cfg):
     return validate(tiny_recipe(tmp_path, NO_SHARDS, plugins=plugins), check_data=False)[0]
 
 
-def _terms(recipe, post_x, post_t):
+def _terms(recipe, post_x, post_t, step=0):
     g = torch.Generator().manual_seed(3)
     views = {
         "x": torch.randn(B, 1, 28, 28, generator=g),
         consistency.VIEW: torch.randn(B, 1, 28, 28, generator=g),
     }
     stub = StubAE({id(views["x"]): post_x, id(views[consistency.VIEW]): post_t})
-    ctx = step_context(recipe, views, encode=stub.encode, decode=stub.decode)
+    ctx = step_context(recipe, views, encode=stub.encode, decode=stub.decode, step=step)
     return consistency.regularize(ctx=ctx, cfg=recipe.plugins["consistency"]), views, ctx
 
 
@@ -132,6 +133,36 @@ def test_with_kl_or_aavae_it_does_not_add_the_elbo_of_x_twice(tmp_path, others):
 def test_elbo_x_overrides_the_detection(tmp_path, others, elbo_x, has_x):
     terms, _, _ = _terms(_recipe(tmp_path, others, elbo_x=elbo_x), _posterior(9), _posterior(10))
     assert ("recon_x" in terms) is has_x and ("kl_x" in terms) is has_x
+
+
+@pytest.mark.parametrize("elbo_x", [None, True])
+def test_the_prior_kls_follow_kls_warmup_and_cycles(tmp_path, elbo_x):
+    (mu_x, lv_x), (mu_t, lv_t) = _posterior(11), _posterior(12)
+    plugins = {
+        "backbones": CONV28,
+        "kl": {"beta": 2.0, "warmup_steps": 4, "cycle_steps": 8},
+        "consistency": {"lambda": 0.5, "beta1": 0.5, "beta2": 3.0, "elbo_x": elbo_x},
+    }
+    recipe = validate(tiny_recipe(tmp_path, NO_SHARDS, plugins=plugins), check_data=False)[0]
+    full_t, full_x = 3.0 * kl_standard_normal(mu_t, lv_t), 0.5 * kl_standard_normal(mu_x, lv_x)
+    kl_cfg = recipe.plugins["kl"]
+    for step, factor in [(0, 0.0), (2, 0.5), (4, 1.0), (7, 1.0), (8, 0.0), (10, 0.5)]:
+        terms, _, _ = _terms(recipe, (mu_x, lv_x), (mu_t, lv_t), step)
+        assert consistency.kl_factor(recipe, step) == factor == beta_at(step, kl_cfg) / kl_cfg.beta  # one schedule
+        torch.testing.assert_close(terms["kl_t"], factor * full_t)
+        if elbo_x:
+            torch.testing.assert_close(terms["kl_x"], factor * full_x)
+        consistency_kl = kl_divergence(Normal(mu_t, _std(lv_t)), Normal(mu_x, _std(lv_x))).sum(1).mean()
+        torch.testing.assert_close(terms["consistency"], 0.5 * consistency_kl)  # never scheduled
+
+
+@pytest.mark.parametrize("others", [(), ("aavae",)])
+def test_without_a_scheduled_provider_the_prior_kls_are_constant(tmp_path, others):
+    recipe = _recipe(tmp_path, others, beta2=2.0)
+    (mu_x, lv_x), (mu_t, lv_t) = _posterior(13), _posterior(14)
+    terms, _, _ = _terms(recipe, (mu_x, lv_x), (mu_t, lv_t))
+    assert consistency.kl_factor(recipe, 0) == 1.0
+    torch.testing.assert_close(terms["kl_t"], 2.0 * kl_standard_normal(mu_t, lv_t))
 
 
 def test_likelihood_follows_kl_unless_set(tmp_path):

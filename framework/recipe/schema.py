@@ -62,7 +62,8 @@ class PluginConfig(Strict):
     `provides` (a class attribute, not a recipe key) names what the plugin's terms stand for,
     so that other plugins can ask the recipe (`Recipe.providers`) instead of naming plugins:
     `"elbo_x"` says its terms include the reconstruction of the clean view `x` (a VAE's ELBO,
-    AAVAE's reconstruction); a section with a `likelihood` field says which one it uses.
+    AAVAE's reconstruction); a section with a `likelihood` field says which one it uses, and one with
+    a `kl_factor(step)` method the schedule (0..1) of its prior KL, which the recipe's other prior KLs follow.
     """
 
     provides: ClassVar[frozenset[str]] = frozenset()
