@@ -1,0 +1,243 @@
+"""Every reference to a document resolves inside the repository, anchors included.
+
+Scanned: every text file git knows of (tracked, or untracked and not ignored). Checked:
+
+* markdown links and images `[text](target)` in `*.md` files (outside code): the target, relative
+  to the linking file, exists; a `#anchor` on a `*.md` target (or alone, for the same file) is one
+  of the target's headings, as GitHub makes anchors of them;
+* bare mentions of a markdown document in any file (`docs/methods.md#aavae` in a docstring, a
+  recipe comment or a table cell): a path resolves from the repository root or from the
+  mentioning file's folder, a bare file name names a document of that name anywhere in the
+  repository, and the anchor, if any, is one of its headings. A document of another repository is
+  cited by its URL, which is not a bare mention;
+* no file names the project's old out-of-tree documents or a path of the machine it was written on
+  (`FORBIDDEN`).
+
+`test_detects_each_kind_of_broken_reference` runs the same checker on a temporary tree with one
+broken reference of each kind, so the check above cannot pass by finding nothing.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from collections.abc import Iterable
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import ROOT
+
+# Spelled in pieces so that this file, which is scanned too, does not contain them.
+FORBIDDEN = ("METHODS" + ".md", "DESIGN" + ".md", "../" + "shared", "/" + "work/")
+
+FENCE = re.compile(r"^(```|~~~).*?^\1[^\n]*$", re.M | re.S)
+CODE_SPAN = re.compile(r"`[^`\n]*`")
+LINK = re.compile(r"!?\[[^\]\n]*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
+BARE = re.compile(r"(?<![\w./#-])((?:[\w.-]+/)*[\w.-]+\.md)(?:#([\w-]+))?")
+HEADING = re.compile(r"^ {0,3}(#{1,6})[ \t]+(.+?)[ \t]*#*[ \t]*$", re.M)
+HTML_ANCHOR = re.compile(r"<a\s+(?:id|name)=\"([^\"]+)\"", re.I)
+SCHEME = re.compile(r"^[a-z][a-z0-9+.-]*:", re.I)
+
+
+def repository_files(root: Path) -> list[str]:
+    """Paths (relative, '/'-separated) of the files git tracks or would track under `root`; without
+    git (an exported tree), every file outside hidden folders, caches, virtual environments and outputs."""
+    try:
+        out = subprocess.run(
+            ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+            cwd=root,
+            capture_output=True,
+            check=True,
+        ).stdout.decode()
+        listed = out.split("\0")
+    except (OSError, subprocess.CalledProcessError):
+        skip = {"__pycache__", "build", "data", "runs"}
+        listed = [
+            p.relative_to(root).as_posix()
+            for p in root.rglob("*")
+            if not any(
+                part.startswith(".") or part in skip or part.endswith(".egg-info") for part in p.relative_to(root).parts
+            )
+        ]
+    return sorted({p for p in listed if p and (root / p).is_file()})
+
+
+def read_text(path: Path) -> str | None:
+    """The file's text, or None for a binary file (a NUL byte, or not UTF-8)."""
+    data = path.read_bytes()
+    if b"\0" in data:
+        return None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
+def github_anchor(heading: str) -> str:
+    """The anchor GitHub gives a heading: its rendered text, lower-cased, punctuation dropped
+    (letters, digits, '_', '-' and spaces stay), spaces turned into hyphens."""
+    text = re.sub(r"!?\[([^\]]*)\]\([^)]*\)", r"\1", heading)  # a link's text stays, its target goes
+    text = re.sub(r"<[^>]+>", "", text)  # inline HTML tags
+    text = text.replace("`", "").strip().lower()
+    return re.sub(r"[^\w\- ]", "", text).replace(" ", "-")
+
+
+def anchors(markdown: str) -> set[str]:
+    """Every anchor of a markdown document: its headings' (GitHub numbers repeats -1, -2, ...) and
+    explicit `<a id=...>` / `<a name=...>` ones."""
+    found: set[str] = set(HTML_ANCHOR.findall(markdown))
+    seen: dict[str, int] = {}
+    for _, title in HEADING.findall(FENCE.sub("", markdown)):
+        slug = github_anchor(title)
+        n = seen.get(slug, 0)
+        seen[slug] = n + 1
+        found.add(slug if n == 0 else f"{slug}-{n}")
+    return found
+
+
+class Checker:
+    """Resolves document references of the files of one tree; `problems(path)` lists one line per broken one."""
+
+    def __init__(self, root: Path, files: Iterable[str]) -> None:
+        self.root = root
+        self.files = sorted(files)
+        self.by_name: dict[str, list[str]] = {}
+        for f in self.files:
+            self.by_name.setdefault(Path(f).name, []).append(f)
+        self._anchors: dict[str, set[str]] = {}
+
+    def anchors_of(self, rel: str) -> set[str]:
+        if rel not in self._anchors:
+            self._anchors[rel] = anchors((self.root / rel).read_text(encoding="utf-8"))
+        return self._anchors[rel]
+
+    def _relative(self, path: Path) -> str | None:
+        """`path` relative to the root, '/'-separated, if it is inside the tree and exists."""
+        try:
+            rel = path.resolve().relative_to(self.root.resolve())
+        except ValueError:
+            return None
+        return rel.as_posix() if path.exists() else None
+
+    def _bare_targets(self, source: str, mention: str) -> list[str]:
+        """The documents a bare mention can name: a path from the root or from the mentioning
+        file's folder; a bare file name, any document of that name."""
+        if "/" not in mention:
+            return self.by_name.get(mention, [])
+        candidates = [self.root / mention, (self.root / source).parent / mention]
+        return [rel for rel in (self._relative(c) for c in candidates) if rel is not None]
+
+    def problems(self, source: str) -> list[str]:
+        text = read_text(self.root / source)
+        if text is None:
+            return []
+        found = [f"{source}: names {word!r}, which is outside the repository" for word in FORBIDDEN if word in text]
+        if source.endswith(".md"):
+            found += self._link_problems(source, text)
+            text = LINK.sub(lambda m: "\n" * m.group(0).count("\n"), text)  # links are checked as links
+        for match in BARE.finditer(text):
+            mention, anchor = match.group(1), match.group(2)
+            if any(mention.endswith(word) for word in FORBIDDEN):
+                continue  # reported above
+            targets = self._bare_targets(source, mention)
+            line = text.count("\n", 0, match.start()) + 1
+            if not targets:
+                found.append(f"{source}:{line}: {mention} does not exist in the repository")
+            elif anchor and not any(anchor in self.anchors_of(t) for t in targets):
+                found.append(f"{source}:{line}: {mention} has no heading for #{anchor}")
+        return found
+
+    def _link_problems(self, source: str, text: str) -> list[str]:
+        found = []
+        prose = CODE_SPAN.sub("", FENCE.sub("", text))
+        for match in LINK.finditer(prose):
+            target = match.group(1)
+            if SCHEME.match(target):
+                continue  # a URL
+            path, _, anchor = target.partition("#")
+            rel = source if not path else self._relative((self.root / source).parent / path)
+            if rel is None:
+                found.append(f"{source}: link to {target}: {path} does not exist in the repository")
+            elif anchor and rel.endswith(".md") and anchor not in self.anchors_of(rel):
+                found.append(f"{source}: link to {target}: {rel} has no heading for #{anchor}")
+        return found
+
+
+def broken_references(root: Path, files: Iterable[str]) -> list[str]:
+    """One line per broken document reference in `files` (paths relative to `root`)."""
+    checker = Checker(root, files)
+    return [problem for source in checker.files for problem in checker.problems(source)]
+
+
+def test_every_document_reference_resolves():
+    problems = broken_references(ROOT, repository_files(ROOT))
+    assert not problems, "broken document references:\n" + "\n".join(problems)
+
+
+def test_methods_reference_exists_with_a_section_per_method():
+    sections = anchors((ROOT / "docs" / "methods.md").read_text(encoding="utf-8"))
+    methods = ["vae", "aavae", "cr-vae", "affine-head", "simclr", "byol", "barlow-twins", "online-probe"]
+    assert set(methods) <= sections, f"docs/methods.md lacks sections {sorted(set(methods) - sections)}"
+
+
+@pytest.mark.parametrize(
+    ("heading", "anchor"),
+    [
+        ("AAVAE", "aavae"),
+        ("The affine head (`affine`)", "the-affine-head-affine"),
+        ("CR-VAE: consistency, λ and β", "cr-vae-consistency-λ-and-β"),
+        ("[Linked](elsewhere) title", "linked-title"),
+    ],
+)
+def test_github_anchor(heading, anchor):
+    assert github_anchor(heading) == anchor
+
+
+# The temporary tree's documents; "@md" stands for the extension (this file is scanned too).
+GOOD_DOC = """# Guide
+
+## Two words
+
+## Two words
+
+See [the other](sub/other@md#deep-part), [itself](#two-words-1), [a page](https://example.org/x@md#y),
+[a folder](sub) and `own["head"](features)`, which is code.
+
+```python
+own["head"](features)
+```
+"""
+GOOD_CODE = '"""Follows guide@md#guide and sub/other@md#deep-part (other@md, of the same folder)."""\n'
+
+BROKEN = {
+    "a link to a missing file": "[x](sub/nowhere@md)",
+    "a link to a missing heading": "[x](sub/other@md#no-such-part)",
+    "a same-file link to a missing heading": "[x](#two-words-2)",
+    "a bare mention of a missing document": "see docs/nowhere@md for more",
+    "a bare mention with a missing heading": "see sub/other@md#no-such-part",
+    "an old out-of-tree document": "see " + FORBIDDEN[0],
+    "a path of the machine": "in " + FORBIDDEN[3] + "main",
+}
+
+
+def write_tree(root: Path, extra: str) -> list[str]:
+    """A small tree of valid references, with `extra` appended to its guide; returns its files."""
+    files = {"sub/other@md": "# Other\n\n### Deep part\n", "guide@md": GOOD_DOC + extra + "\n", "code.py": GOOD_CODE}
+    written = []
+    for name, text in files.items():
+        path = root / name.replace("@md", ".md")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text.replace("@md", ".md"), encoding="utf-8")
+        written.append(path.relative_to(root).as_posix())
+    return sorted(written)
+
+
+def test_a_tree_of_valid_references_passes(tmp_path):
+    assert broken_references(tmp_path, write_tree(tmp_path, "")) == []
+
+
+@pytest.mark.parametrize("kind", sorted(BROKEN))
+def test_detects_each_kind_of_broken_reference(tmp_path, kind):
+    problems = broken_references(tmp_path, write_tree(tmp_path, BROKEN[kind]))
+    assert len(problems) == 1 and problems[0].startswith("guide."), problems
