@@ -29,7 +29,7 @@ term nothing constrains the variance head, so:
 
 Composes with `consistency` (its `aavae.recon` then stands for L_vae(x): consistency adds
 only the ELBO of its own view and its KL, see plugins/consistency.py) and with `affine`
-(`source: aavae.aug` takes AAVAE's augmented view as x1).
+(whose default x1 is AAVAE's augmented view `aavae.aug`: the section declares it as its "augmented_view").
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from typing import ClassVar, Literal
 import torch
 
 from framework import PluginConfig, Recipe, StepContext, View, hookimpl
-from plugins.augmentations import Strength, infer_strength, simclr_view
+from plugins.augmentations import AUGMENTED_VIEW, Strength, infer_strength, simclr_view
 from plugins.vae_terms import reconstruction_term
 
 NAME = "aavae"
@@ -47,7 +47,8 @@ VIEW = f"{NAME}.aug"
 
 
 class AAVAEConfig(PluginConfig):
-    provides: ClassVar[frozenset[str]] = frozenset({"elbo_x"})  # its recon of x stands for L_vae(x)
+    provides: ClassVar[frozenset[str]] = frozenset({"elbo_x", AUGMENTED_VIEW})  # recon of x stands for L_vae(x)
+    augmented_view: ClassVar[str] = "aug"  # the affine head's default x1
 
     strength: Strength | None = None  # None: from data.channels / data.image_size
     likelihood: Literal["gaussian", "bernoulli"] = "gaussian"

@@ -1,10 +1,13 @@
 """Plugin `affine`: predict a random affine transformation, an auxiliary head (docs/methods.md#affine-head).
 
-`x1` is the view named by `source` (default the clean `"x"`; e.g. `"simclr.v1"` or
-`"aavae.aug"` to use a base method's augmented view). This plugin's view `affine.view`
-is `A(x1)`, `A` a random affine (`plugins.augmentations.AffineWithParams`: rotation +-90 deg,
-translation +-25 %, scale 0.7-1.3, shear +-25 deg, black fill) whose normalised
-6-vector `[angle/360, tx/W, ty/H, scale, shear_x/25, shear_y/25]` is the target.
+`x1` is one augmented view of the base method, as in the paper (its code applies the affine to the
+first of SimCLR's two views). `source` unset, it is the first view declared by a plugin of the recipe
+that makes augmented views (capability "augmented_view", in recipe order): `simclr.v1`, `byol.v1`,
+`barlow.v1`, `aavae.aug`, `consistency.t`; a recipe with none (`kl` alone) is refused in one line
+(set `source: x` to use the clean view). `source` set names the view itself (`"x"`, `"aavae.aug"`, ...).
+This plugin's view `affine.view` is `A(x1)`, `A` a random affine (`plugins.augmentations.AffineWithParams`:
+rotation +-90 deg, whole-pixel translation +-25 %, scale 0.7-1.3, shear +-25 deg, nearest, black fill)
+whose normalised 6-vector `[angle/360, tx/W, ty/H, scale, shear_x/25, shear_y/25]` is the target.
 
     r1 = h(x1), r2 = h(A(x1))      pooled backbone features, before any projection head;
                                    both keep their gradients (the encoder learns from both)
@@ -30,14 +33,14 @@ from torch import nn
 from torch.nn import functional as F
 
 from framework import PluginConfig, Recipe, StepContext, View, at_least_float32, hookimpl, num_features
-from plugins.augmentations import AFFINE_COMPONENTS, AffineWithParams
+from plugins.augmentations import AFFINE_COMPONENTS, AUGMENTED_VIEW, AffineWithParams
 
 NAME = "affine"
 VIEW = f"{NAME}.view"
 
 
 class AffineConfig(PluginConfig):
-    source: str = "x"  # full name of the view x1 that A transforms
+    source: str | None = None  # the view x1 that A transforms; None: the recipe's first augmented view
     components: list[str] = Field(default_factory=lambda: list(AFFINE_COMPONENTS))
     aggregation: Literal["diff", "concat"] = "diff"
     hidden: int = Field(512, gt=0)
@@ -88,18 +91,34 @@ def build_modules(cfg: AffineConfig, encoder: nn.Module) -> dict[str, nn.Module]
     return {"head": make_head(dim if cfg.aggregation == "diff" else 2 * dim, cfg.hidden)}
 
 
+def source_of(cfg: AffineConfig, recipe: Recipe) -> str:
+    """The view x1: `source`, else the first view that a plugin of the recipe declares as its augmented one
+    (capability "augmented_view", its section's `augmented_view` naming the view), the paper's choice."""
+    if cfg.source is not None:
+        return cfg.source
+    for name in recipe.providers(AUGMENTED_VIEW):
+        view = getattr(type(recipe.plugins[name]), "augmented_view", None)
+        if name != NAME and isinstance(view, str):
+            return f"{name}.{view}"
+    raise ValueError(
+        f"plugins.{NAME}.source: no plugin of the recipe makes an augmented view for x1 (the paper's); "
+        "set source: x to transform the clean view"
+    )
+
+
 @hookimpl
 def augment(config: Recipe, cfg: AffineConfig) -> dict[str, View]:
-    owner = cfg.source.split(".", 1)[0]
-    if cfg.source != "x" and (owner == NAME or owner not in config.plugins):
-        raise ValueError(f"plugins.{NAME}.source: no plugin {owner!r} in the recipe to provide {cfg.source!r}")
+    source = source_of(cfg, config)
+    owner = source.split(".", 1)[0]
+    if source != "x" and (owner == NAME or owner not in config.plugins):
+        raise ValueError(f"plugins.{NAME}.source: no plugin {owner!r} in the recipe to provide {source!r}")
     transform = AffineWithParams(config.data.mean, config.data.std, cfg.components)
-    return {"view": View(transform, source=cfg.source)}
+    return {"view": View(transform, source=source)}
 
 
 @hookimpl
 def auxiliary_head(ctx: StepContext, cfg: AffineConfig, own: nn.ModuleDict) -> dict[str, torch.Tensor]:
-    r1 = ctx.encode(cfg.source).h
+    r1 = ctx.encode(source_of(cfg, ctx.config)).h
     r2 = ctx.encode(VIEW).h
     pred = own["head"](aggregate(r1, r2, cfg.aggregation))
     idx = _component_index_on(tuple(cfg.components), pred.device)

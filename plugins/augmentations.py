@@ -9,23 +9,24 @@ Each view is a picklable class instance (a torchvision ``v2.Compose`` of these s
 * Derived views (`AffineWithParams`) take another view's tensor and return
   ``(tensor, params)``, ``params`` a 1-D float32 tensor.
 * `two_views` is the pair of SimCLR views of the joint-embedding methods (SimCLR, BYOL,
-  Barlow Twins); `infer_strength` picks its preset from the data.
+  Barlow Twins), whose sections derive from `TwoViewsConfig`; `infer_strength` picks its preset from the data.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Literal, NamedTuple
+from typing import ClassVar, Literal, NamedTuple
 
 import torch
+from PIL import Image, ImageFilter
 from torch import Tensor
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
-from framework import Recipe, ToMode, View, check_stats, tensor_steps
+from framework import PluginConfig, Recipe, ToMode, View, check_stats, tensor_steps
 
-Strength = Literal["cifar", "stl", "mnist"]
+Strength = Literal["cifar", "stl", "mnist", "solo_symmetric", "solo_asymmetric"]
 
 # CR-VAE RandomAffine presets, docs/methods.md#cr-vae.
 CRVAE_PRESETS: dict[str, dict[str, tuple[float, float]]] = {
@@ -34,39 +35,89 @@ CRVAE_PRESETS: dict[str, dict[str, tuple[float, float]]] = {
 }
 
 
+class ViewSpec(NamedTuple):
+    """One SimCLR-style view, as `simclr_view` builds it. Every step but the crop and the flip is optional."""
+
+    jitter: tuple[float, float, float, float]  # ColorJitter brightness, contrast, saturation, hue
+    blur: Literal["none", "kernel", "pil"] = "none"  # kernel: torchvision, ~10 % of the size; pil: PIL's radius
+    blur_p: float = 0.0
+    solarize_p: float = 0.0
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    jitter_p: float = 0.8
+    grayscale_p: float = 0.2
+    bicubic: bool = False  # RandomResizedCrop's interpolation: bicubic, else bilinear (torchvision's default)
+
+
+_SOLO_ASYMMETRIC = ViewSpec((0.4, 0.4, 0.2, 0.1), bicubic=True)
+
+# The two views of each preset (docs/methods.md#simclr):
+# cifar / stl: AAVAE's src/transforms.py LocalTransform (Lightning-Universe/paper-AAVAE) with jitter_strength 0.5 and
+#   no blur for CIFAR-10, strength 1 and a kernel of int(0.1 * size) (odd) for STL-10, as its src/vae.py sets them;
+# solo_symmetric / solo_asymmetric: solo-learn's scripts/pretrain/cifar/augmentations/symmetric.yaml (SimCLR) and
+#   asymmetric.yaml (BYOL, Barlow Twins: solarisation on the second view only), its solo/data/pretrain_dataloader.py
+#   steps (bicubic crop, PIL GaussianBlur of radius 0.1-2, ImageOps.solarize);
+# mnist: ours for grey 28-px images (no paper gives one): crop 0.2-1, brightness/contrast only.
+VIEW_PRESETS: dict[str, tuple[ViewSpec, ViewSpec]] = {
+    "cifar": (ViewSpec((0.4, 0.4, 0.4, 0.1)),) * 2,
+    "stl": (ViewSpec((0.8, 0.8, 0.8, 0.2), blur="kernel", blur_p=0.5),) * 2,
+    "mnist": (ViewSpec((0.4, 0.4, 0.0, 0.0), crop_scale=(0.2, 1.0), grayscale_p=0.0),) * 2,
+    "solo_symmetric": (ViewSpec((0.8, 0.8, 0.8, 0.2), blur="pil", blur_p=0.5, bicubic=True),) * 2,
+    "solo_asymmetric": (_SOLO_ASYMMETRIC, _SOLO_ASYMMETRIC._replace(solarize_p=0.2)),
+}
+
+
+class PILGaussianBlur:
+    """PIL's GaussianBlur with a radius drawn uniformly from `sigma` (by torch's RNG), as solo-learn's GaussianBlur."""
+
+    def __init__(self, sigma: tuple[float, float] = (0.1, 2.0)) -> None:
+        self.sigma = sigma
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        lo, hi = self.sigma
+        radius = lo + (hi - lo) * torch.rand(()).item()
+        return img.filter(ImageFilter.GaussianBlur(radius=radius))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(sigma={self.sigma})"
+
+
 def simclr_view(
     size: int,
     mean: Sequence[float],
     std: Sequence[float],
     channels: int,
     strength: Strength = "cifar",
+    second: bool = False,
 ) -> v2.Compose:
-    """SimCLR-style augmentation of docs/methods.md#aavae (AAVAE's `t(x)`).
+    """A SimCLR-style augmented view (docs/methods.md#aavae, #simclr): the first (or, `second`, the second) view
+    of the preset `strength` (see `VIEW_PRESETS`), then normalise.
 
-    RandomResizedCrop(size, scale=(0.08, 1)), hflip p=0.5, ColorJitter with p=0.8
-    ("cifar" 0.4,0.4,0.4,0.1; "stl" 0.8,0.8,0.8,0.2), grayscale p=0.2, and for "stl"
-    only a Gaussian blur p=0.5, kernel ~10 % of size (odd), sigma 0.1-2; then normalise.
-    For 1-channel images saturation, hue and grayscale are meaningless and skipped.
-    "mnist" is our grey preset (not from the papers): crop scale (0.2, 1), hflip, and
-    brightness/contrast jitter 0.4 with p=0.8 only.
+    RandomResizedCrop(size, crop_scale), hflip p=0.5, ColorJitter with p=jitter_p, grayscale, Gaussian blur,
+    solarisation (threshold 128), each with its probability. For 1-channel images saturation, hue and grayscale
+    are meaningless and skipped.
     """
     check_stats(mean, std, channels)
-    jitter = {"cifar": (0.4, 0.4, 0.4, 0.1), "stl": (0.8, 0.8, 0.8, 0.2), "mnist": (0.4, 0.4, 0, 0)}
-    if strength not in jitter:
-        raise ValueError(f"unknown strength {strength!r}")
-    b, c, s, h = jitter[strength]
-    colour = channels == 3 and strength != "mnist"
+    if strength not in VIEW_PRESETS:
+        raise ValueError(f"unknown strength {strength!r}; choose from {sorted(VIEW_PRESETS)}")
+    spec = VIEW_PRESETS[strength][int(second)]
+    b, c, s, h = spec.jitter
+    colour = channels == 3
+    interpolation = InterpolationMode.BICUBIC if spec.bicubic else InterpolationMode.BILINEAR
     ops: list = [
         ToMode(channels),
-        v2.RandomResizedCrop(size, scale=(0.2 if strength == "mnist" else 0.08, 1.0)),
+        v2.RandomResizedCrop(size, scale=spec.crop_scale, interpolation=interpolation),
         v2.RandomHorizontalFlip(p=0.5),
-        v2.RandomApply([v2.ColorJitter(b, c, s if colour else None, h if colour else None)], p=0.8),
+        v2.RandomApply([v2.ColorJitter(b, c, s if colour and s else None, h if colour and h else None)], spec.jitter_p),
     ]
-    if colour:
-        ops.append(v2.RandomGrayscale(p=0.2))
-    if strength == "stl":
+    if colour and spec.grayscale_p:
+        ops.append(v2.RandomGrayscale(p=spec.grayscale_p))
+    if spec.blur == "kernel":
         kernel = max(3, int(0.1 * size)) | 1  # ~10 % of size, odd
-        ops.append(v2.RandomApply([v2.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=0.5))
+        ops.append(v2.RandomApply([v2.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=spec.blur_p))
+    elif spec.blur == "pil":
+        ops.append(v2.RandomApply([PILGaussianBlur((0.1, 2.0))], p=spec.blur_p))
+    if spec.solarize_p:
+        ops.append(v2.RandomSolarize(threshold=128, p=spec.solarize_p))
     return v2.Compose(ops + tensor_steps(mean, std))
 
 
@@ -142,11 +193,13 @@ IDENTITY_AFFINE = AffineParams()
 
 
 class AffineWithParams:
-    """Derived view of docs/methods.md#affine-head: a random affine `A` on a normalised tensor.
+    """Derived view of docs/methods.md#affine-head: a random affine `A` on a view's image tensor.
 
-    Rotation +-90 deg, translation +-25 % of the size, scale 0.7-1.3, shear +-25 deg on
-    x and y, black fill (pixel value 0, i.e. -mean/std per channel after normalising),
-    bilinear interpolation. Returns ``(A(img), params)``, ``params`` = `AffineParams.normalized`.
+    As the paper's code (DavidTorpey/homography-estimation-v0, he/data/dataset.py and the RandomAffine of
+    he/data/new_transforms.py): rotation uniform in +-90 deg, translation a whole number of pixels (a uniform
+    draw in +-25 % of the width / height, rounded half to even), scale uniform in 0.7-1.3, shear uniform in
+    +-25 deg on x and y, nearest-neighbour interpolation, black fill (pixel value 0, i.e. -mean/std per channel
+    after normalising). Returns ``(A(img), params)``, ``params`` = `AffineParams.normalized`.
     Components not in ``components`` are held at identity (angle 0, t 0, scale 1, shear 0).
     """
 
@@ -177,8 +230,8 @@ class AffineWithParams:
         lo, hi = self.SCALE_RANGE
         drawn = AffineParams(
             angle=u[0] * self.MAX_ANGLE,
-            translate_x=u[1] * self.MAX_TRANSLATE * width,
-            translate_y=u[2] * self.MAX_TRANSLATE * height,
+            translate_x=float(round(u[1] * self.MAX_TRANSLATE * width)),  # whole pixels, as the paper's code
+            translate_y=float(round(u[2] * self.MAX_TRANSLATE * height)),
             scale=lo + (hi - lo) * (u[3] + 1) / 2,
             shear_x=u[4] * self.MAX_SHEAR,
             shear_y=u[5] * self.MAX_SHEAR,
@@ -205,7 +258,7 @@ class AffineWithParams:
             translate=[params.translate_x, params.translate_y],
             scale=params.scale,
             shear=[params.shear_x, params.shear_y],
-            interpolation=InterpolationMode.BILINEAR,
+            interpolation=InterpolationMode.NEAREST,
             fill=0 if img.dtype == torch.uint8 else self.fill,  # black either way
         )
         return out, target
@@ -227,8 +280,26 @@ def infer_strength(config: Recipe, explicit: Strength | None = None) -> Strength
     return "stl" if config.data.image_size >= 64 else "cifar"
 
 
+# The capability of plugins that make augmented views of each image (`PluginConfig.provides`); their section's
+# class attribute `augmented_view` names the first one (e.g. "v1": the view "<plugin>.v1").
+AUGMENTED_VIEW = "augmented_view"
+
+
+class TwoViewsConfig(PluginConfig):
+    """The section of a joint-embedding plugin (SimCLR, BYOL, Barlow Twins): `two_views`' preset, and the
+    capability "augmented_view" with `v1`, the view the affine head transforms by default."""
+
+    provides: ClassVar[frozenset[str]] = frozenset({AUGMENTED_VIEW})
+    augmented_view: ClassVar[str] = "v1"
+
+    strength: Strength | None = None  # simclr_view preset; None: inferred from data.channels / image_size
+
+
 def two_views(config: Recipe, strength: Strength | None) -> dict[str, View]:
-    """Two independent SimCLR-augmented views of each image, `v1` and `v2`."""
+    """Two independent SimCLR-augmented views of each image, `v1` and `v2` (the preset's first and second)."""
     d = config.data
-    view = View(simclr_view(d.image_size, d.mean, d.std, d.channels, infer_strength(config, strength)))
-    return {"v1": view, "v2": view}
+    preset = infer_strength(config, strength)
+    return {
+        name: View(simclr_view(d.image_size, d.mean, d.std, d.channels, preset, second=name == "v2"))
+        for name in ("v1", "v2")
+    }

@@ -31,18 +31,17 @@ from framework import (
     hookimpl,
     num_features,
 )
-from plugins.augmentations import Strength, two_views
+from plugins.augmentations import TwoViewsConfig, two_views
 from plugins.heads import mlp
 
 NAME = "barlow"
 
 
-class BarlowConfig(PluginConfig):
+class BarlowConfig(TwoViewsConfig):
     lambda_offdiag: float = Field(5e-3, ge=0)  # Barlow Twins paper (~5e-3, or 1/dim): docs/methods.md#barlow-twins
     proj_hidden_dim: int = Field(2048, gt=0)  # paper: 8192 on ImageNet; 2048 is the common CIFAR size
     proj_output_dim: int = Field(2048, gt=0)
     eps: float = Field(1e-5, ge=0)  # added to the variance when normalising (BatchNorm1d's default)
-    strength: Strength | None = None  # simclr_view preset; None: inferred from the data
 
 
 def batch_normalise(z: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:

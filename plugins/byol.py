@@ -44,19 +44,18 @@ from framework import (
     hookimpl,
     num_features,
 )
-from plugins.augmentations import Strength, two_views
+from plugins.augmentations import TwoViewsConfig, two_views
 from plugins.heads import mlp
 
 NAME = "byol"
 
 
-class BYOLConfig(PluginConfig):
+class BYOLConfig(TwoViewsConfig):
     proj_hidden_dim: int = Field(4096, gt=0)  # BYOL paper
     proj_output_dim: int = Field(256, gt=0)  # BYOL paper
     pred_hidden_dim: int = Field(4096, gt=0)  # BYOL paper
     base_momentum: float = Field(0.996, ge=0, le=1)  # BYOL paper: tau_base
     final_momentum: float = Field(1.0, ge=0, le=1)  # BYOL paper: tau increased to 1
-    strength: Strength | None = None  # simclr_view preset; None: inferred from the data
 
 
 class Target(nn.Module):

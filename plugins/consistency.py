@@ -45,14 +45,14 @@ pixels, so the same balance is about 1e-3 * C*H*W (see the recipes).
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from pydantic import ConfigDict, Field
 from torchvision.transforms import v2
 
 from framework import Encoding, PluginConfig, Recipe, StepContext, View, hookimpl
-from plugins.augmentations import crvae_affine_view
+from plugins.augmentations import AUGMENTED_VIEW, crvae_affine_view
 from plugins.vae_terms import kl_gaussians, kl_standard_normal, reconstruction_term
 
 NAME = "consistency"
@@ -63,6 +63,8 @@ ELBO_X = "elbo_x"  # the capability of plugins whose terms stand for L_vae(x) (P
 
 class ConsistencyConfig(PluginConfig):
     model_config = ConfigDict(serialize_by_alias=True)
+    provides: ClassVar[frozenset[str]] = frozenset({AUGMENTED_VIEW})
+    augmented_view: ClassVar[str] = "t"  # t(x): the affine head's default x1 when no plugin before it makes one
 
     lam: float = Field(ge=0, alias="lambda")  # weight of KL(q(z|t(x)) || q(z|x)); recipe key `lambda`
     beta1: float = Field(1.0, ge=0)  # KL weight of L_vae(x) (when this plugin provides it)

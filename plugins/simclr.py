@@ -3,7 +3,8 @@
 Two views `simclr.v1`, `simclr.v2` of every image (`plugins.augmentations.simclr_view`; the
 strength is the recipe's `strength` or inferred: "mnist" for grey images, "stl" for
 >= 64 px, else "cifar"). Each is encoded by the backbone (`Encoding.h`) and projected
-by Linear(h,h) + BatchNorm1d + ReLU + Linear(h, output_dim) (SimCLR paper: 128-d).
+by Linear(h, hidden) + BatchNorm1d + ReLU + Linear(hidden, output_dim) (SimCLR paper: hidden = h,
+128-d; solo-learn's CIFAR config: hidden 2048, 256-d).
 
 NT-Xent over the *global* batch: the projections of every rank are gathered with
 gradient (`framework.distributed.gather_with_grad`, whose backward sums the gradient
@@ -34,16 +35,16 @@ from framework import (
     num_features,
     rank,
 )
-from plugins.augmentations import Strength, two_views
+from plugins.augmentations import TwoViewsConfig, two_views
 from plugins.heads import mlp
 
 NAME = "simclr"
 
 
-class SimCLRConfig(PluginConfig):
+class SimCLRConfig(TwoViewsConfig):
     temperature: float = Field(0.5, gt=0)  # SimCLR paper (CIFAR-10 best); 0.1-0.5 common: docs/methods.md#simclr
     output_dim: int = Field(128, gt=0)  # SimCLR paper: 128-d projection
-    strength: Strength | None = None  # simclr_view preset; None: inferred from data.channels/image_size
+    proj_hidden_dim: int | None = Field(None, gt=0)  # None: h, the SimCLR paper's Linear(h, h); solo-learn: 2048
 
 
 # ---------------------------------------------------------------------------
@@ -90,7 +91,7 @@ def config_schema() -> type[PluginConfig]:
 @hookimpl
 def build_modules(cfg: SimCLRConfig, encoder: nn.Module) -> dict[str, nn.Module]:
     h = num_features(encoder)
-    return {"projector": mlp(h, h, cfg.output_dim)}
+    return {"projector": mlp(h, cfg.proj_hidden_dim or h, cfg.output_dim)}
 
 
 @hookimpl

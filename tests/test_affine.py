@@ -24,7 +24,8 @@ WIDTH16 = SimpleNamespace(num_features=16)  # what build_modules reads of a 16-d
 
 
 def _recipe(tmp_path, backbones=CONV28, others=None, **cfg):
-    plugins = {"backbones": backbones, **(others or {}), "affine": cfg}
+    """A recipe with the affine head on the clean view `x` unless `source` says otherwise."""
+    plugins = {"backbones": backbones, **(others or {}), "affine": {"source": "x", **cfg}}
     return validate(tiny_recipe(tmp_path, NO_SHARDS, plugins=plugins), check_data=False)
 
 
@@ -122,6 +123,31 @@ def test_view_is_derived_from_the_source(tmp_path):
     assert affine.augment(config=plain, cfg=plain.plugins["affine"])["view"].source == "x"
     recipe.plugins["affine"].source = "simclr.v1"  # no simclr in this recipe
     with pytest.raises(ValueError, match="simclr"):
+        affine.augment(config=recipe, cfg=recipe.plugins["affine"])
+
+
+@pytest.mark.parametrize(
+    ("others", "expected"),
+    [
+        ({"simclr": {}}, "simclr.v1"),
+        ({"byol": {}}, "byol.v1"),
+        ({"barlow": {}}, "barlow.v1"),
+        ({"aavae": {}}, "aavae.aug"),
+        ({"kl": {}, "consistency": {"lambda": 1.0}}, "consistency.t"),
+        ({"aavae": {}, "consistency": {"lambda": 1.0}}, "aavae.aug"),  # the first in recipe order
+    ],
+)
+def test_the_default_source_is_the_base_methods_first_augmented_view(tmp_path, others, expected):
+    plugins = {"backbones": CONV28, **others, "affine": {}}
+    recipe = validate(tiny_recipe(tmp_path, NO_SHARDS, plugins=plugins), check_data=False)[0]
+    assert recipe.plugins["affine"].source is None and affine.source_of(recipe.plugins["affine"], recipe) == expected
+    assert affine.augment(config=recipe, cfg=recipe.plugins["affine"])["view"].source == expected
+
+
+def test_without_an_augmented_view_the_default_source_is_refused(tmp_path):
+    plugins = {"backbones": CONV28, "kl": {}, "affine": {}}
+    recipe = validate(tiny_recipe(tmp_path, NO_SHARDS, plugins=plugins), check_data=False)[0]
+    with pytest.raises(ValueError, match=r"plugins\.affine\.source: no plugin of the recipe makes an augmented view"):
         affine.augment(config=recipe, cfg=recipe.plugins["affine"])
 
 

@@ -93,6 +93,9 @@ def test_projection_head_and_views(tmp_path, fmnist_shards):
     assert (head[0].in_features, head[0].out_features, head[3].out_features) == (256, 256, 32)
     views = hooks.augment(cfg)
     assert {"simclr.v1", "simclr.v2"} <= set(views)
+    solo, hooks = validate(_recipe(tmp_path, fmnist_shards, output_dim=256, proj_hidden_dim=2048), check_data=False)
+    head = Model(hooks, solo).plugins["simclr"]["projector"]  # solo-learn's CIFAR projector: 2048 hidden, 256-d
+    assert (head[0].in_features, head[0].out_features, head[3].out_features) == (256, 2048, 256)
 
 
 def test_trains_two_steps_and_logs_nt_xent(tmp_path, fmnist_shards):

@@ -7,7 +7,7 @@ import pickle
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageFilter
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as F
@@ -18,6 +18,7 @@ from plugins.augmentations import (
     CRVAE_PRESETS,
     AffineParams,
     AffineWithParams,
+    PILGaussianBlur,
     crvae_affine_view,
     simclr_view,
 )
@@ -86,13 +87,14 @@ def test_clean_view_resize_crop_and_channel_forcing():
     _check_normalised(clean_view(28, *CIFAR10_STATS, 3)(GREY28), 28, CIFAR10_STATS)
 
 
-@pytest.mark.parametrize("strength", ["cifar", "stl", "mnist"])
+@pytest.mark.parametrize("strength", ["cifar", "stl", "mnist", "solo_symmetric", "solo_asymmetric"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_simclr_view_shapes(case, strength):
     img, size, channels, stats = CASES[case]
-    view = simclr_view(size, *stats, channels, strength)
-    for _ in range(5):
-        _check_normalised(view(img), size, stats)
+    for second in (False, True):
+        view = simclr_view(size, *stats, channels, strength, second=second)
+        for _ in range(5):
+            _check_normalised(view(img), size, stats)
 
 
 def test_simclr_view_structure():
@@ -125,6 +127,51 @@ def test_simclr_view_structure():
         t for t in flat(simclr_view(28, *FASHION_MNIST_STATS, 1, "mnist")) if isinstance(t, v2.RandomResizedCrop)
     ]
     assert tuple(crop.scale) == (0.2, 1.0)
+
+
+def test_solo_learn_presets_are_its_cifar_augmentations():
+    """solo-learn scripts/pretrain/cifar/augmentations/{symmetric,asymmetric}.yaml, with the steps of its
+    solo/data/pretrain_dataloader.py: bicubic RandomResizedCrop 0.08-1, jitter p 0.8, grayscale p 0.2, PIL blur,
+    solarisation, hflip p 0.5."""
+
+    def steps(view):
+        out = {}
+        for t in view.transforms:
+            inner = t.transforms[0] if isinstance(t, v2.RandomApply) else t
+            out[type(inner)] = (inner, t.p if isinstance(t, v2.RandomApply) else getattr(t, "p", None))
+        return out
+
+    for second in (False, True):
+        sym = steps(simclr_view(32, *CIFAR10_STATS, 3, "solo_symmetric", second=second))
+        jitter, p = sym[v2.ColorJitter]
+        assert p == 0.8 and jitter.saturation == pytest.approx((0.2, 1.8)) and jitter.hue == pytest.approx((-0.2, 0.2))
+        assert sym[PILGaussianBlur][0].sigma == (0.1, 2.0) and sym[PILGaussianBlur][1] == 0.5
+        crop = sym[v2.RandomResizedCrop][0]
+        assert tuple(crop.scale) == (0.08, 1.0) and InterpolationMode(crop.interpolation) == InterpolationMode.BICUBIC
+        assert sym[v2.RandomGrayscale][1] == 0.2 and sym[v2.RandomHorizontalFlip][1] == 0.5
+        assert v2.RandomSolarize not in sym and v2.GaussianBlur not in sym
+
+        asym = steps(simclr_view(32, *CIFAR10_STATS, 3, "solo_asymmetric", second=second))
+        jitter, p = asym[v2.ColorJitter]
+        assert (
+            p == 0.8
+            and jitter.brightness == pytest.approx((0.6, 1.4))
+            and jitter.saturation == pytest.approx((0.8, 1.2))
+        )
+        assert jitter.hue == pytest.approx((-0.1, 0.1)) and PILGaussianBlur not in asym
+        if second:  # solarisation on the second view only
+            solarize, p = asym[v2.RandomSolarize]
+            assert p == 0.2 and solarize.threshold == 128
+        else:
+            assert v2.RandomSolarize not in asym
+
+
+def test_pil_blur_draws_its_radius_from_torch():
+    torch.manual_seed(3)
+    radius = 0.1 + 1.9 * torch.rand(()).item()
+    torch.manual_seed(3)
+    out = PILGaussianBlur((0.1, 2.0))(RGB32)
+    assert np.array_equal(np.array(out), np.array(RGB32.filter(ImageFilter.GaussianBlur(radius=radius))))
 
 
 @pytest.mark.parametrize("preset", ["simple", "large"])
@@ -228,7 +275,7 @@ def test_affine_planted_params_exact():
         translate=[3.5, -2.0],
         scale=1.1,
         shear=[10.0, -5.0],
-        interpolation=InterpolationMode.BILINEAR,
+        interpolation=InterpolationMode.NEAREST,  # the paper's code: torchvision's RandomAffine default
         fill=black,
     )
     assert out.shape == x.shape and torch.equal(out, ref)
@@ -266,7 +313,9 @@ def test_affine_single_component(component):
     others = [i for i in range(6) if i != slot]
     vecs = torch.stack([aff(x)[1] for _ in range(50)])
     assert torch.equal(vecs[:, others], IDENTITY_VEC[others].expand(50, 5))
-    assert (vecs[:, slot] != IDENTITY_VEC[slot]).all()
+    moved = vecs[:, slot] != IDENTITY_VEC[slot]
+    # a whole-pixel translation is 0 for draws within half a pixel of it (1 in 16 at 32 px), the others never
+    assert moved.float().mean() > 0.8 if component.startswith("translate") else moved.all()
 
 
 def test_affine_sampling_ranges_and_stream():
@@ -279,6 +328,8 @@ def test_affine_sampling_ranges_and_stream():
         assert r[:, i].min() >= lo and r[:, i].max() <= hi
         span = hi - lo
         assert r[:, i].min() < lo + 0.02 * span and r[:, i].max() > hi - 0.02 * span
+    shifts = r[:, 1:3]
+    assert torch.equal(shifts, shifts.round()) and len(shifts[:, 0].unique()) == 25  # whole pixels, -12..12
     vecs = torch.stack([p.normalized(32, 48) for p in raw])
     nb = [(-0.25, 0.25), (-0.25, 0.25), (-0.25, 0.25), (0.7, 1.3), (-1, 1), (-1, 1)]
     for i, (lo, hi) in enumerate(nb):

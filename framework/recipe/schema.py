@@ -64,6 +64,8 @@ class PluginConfig(Strict):
     `"elbo_x"` says its terms include the reconstruction of the clean view `x` (a VAE's ELBO,
     AAVAE's reconstruction); a section with a `likelihood` field says which one it uses, and one with
     a `kl_factor(step)` method the schedule (0..1) of its prior KL, which the recipe's other prior KLs follow.
+    `"augmented_view"` says the plugin makes augmented views of each image, its section's class
+    attribute `augmented_view` naming the first (the affine head's default view).
     """
 
     provides: ClassVar[frozenset[str]] = frozenset()
