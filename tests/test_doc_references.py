@@ -181,6 +181,26 @@ def test_methods_reference_exists_with_a_section_per_method():
     assert set(methods) <= sections, f"docs/methods.md lacks sections {sorted(set(methods) - sections)}"
 
 
+def test_methods_reference_parameter_counts_are_the_code_s():
+    """The parameter counts docs/methods.md gives for the backbones are those of the modules as built."""
+    from plugins import backbones
+
+    def count(module) -> str:
+        return f"{sum(p.numel() for p in module.parameters()):,}"
+
+    doc = (ROOT / "docs" / "methods.md").read_text(encoding="utf-8")
+    modules = {
+        "ResNet-18 decoder": backbones.ResNetDecoder("resnet18", 128, 32, 3, "cifar"),
+        "ResNet-50 decoder": backbones.ResNetDecoder("resnet50", 128, 96, 3, "stl"),
+        "conv28 decoder": backbones.Conv28Decoder(64, 28, 1),
+        "VAE head on 2048": backbones.VAEHead(2048, 128, (-10.0, 10.0)),
+        "ResNet-50 encoder": backbones.build_encoder(backbones.BackbonesConfig(encoder="resnet50", stem="stl"), 3),
+        "conv28 encoder": backbones.build_encoder(backbones.BackbonesConfig(encoder="conv28"), 1),
+    }
+    missing = {name: count(m) for name, m in modules.items() if count(m) not in doc}
+    assert not missing, f"docs/methods.md does not give these parameter counts: {missing}"
+
+
 @pytest.mark.parametrize(
     ("heading", "anchor"),
     [
