@@ -26,6 +26,7 @@ from pydantic import Field, field_validator
 from torch import nn
 
 from framework import Encoding, PluginConfig, Recipe, at_least_float32, full_precision, hookimpl, num_features
+from plugins.vae_terms import posterior_std
 
 NAME = "backbones"
 
@@ -124,11 +125,6 @@ def soft_bound(v: torch.Tensor, low: float, high: float) -> torch.Tensor:
     has none past the bound, so only a prior KL could bring logvar back; the consistency KL alone could not)."""
     mid, half = (low + high) / 2, (high - low) / 2
     return mid + half * torch.tanh((v - mid) / half)
-
-
-def posterior_std(logvar: torch.Tensor) -> torch.Tensor:
-    """The posterior's standard deviation, as docs/methods.md#backbones defines it."""
-    return torch.exp(logvar / 2) + 1e-6
 
 
 # ---------------------------------------------------------------------------

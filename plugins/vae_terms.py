@@ -57,13 +57,15 @@ def warmup_factor(step: int, warmup_steps: int, cycle_steps: int | None = None) 
     return min(1.0, step / warmup_steps)
 
 
-def _std(logvar: torch.Tensor) -> torch.Tensor:
-    return torch.exp(logvar / 2) + 1e-6  # the posterior's std, as the backbone samples with it
+def posterior_std(logvar: torch.Tensor) -> torch.Tensor:
+    """The posterior's standard deviation, exp(logvar / 2) + 1e-6 (docs/methods.md#backbones): the backbone
+    samples z with it and every KL here is computed with it."""
+    return torch.exp(logvar / 2) + 1e-6
 
 
 def kl_standard_normal(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     """Analytic KL(N(mu, std^2) || N(0, I)), summed over latent dims, averaged over the batch."""
-    mu, std = at_least_float32(mu), _std(at_least_float32(logvar))
+    mu, std = at_least_float32(mu), posterior_std(at_least_float32(logvar))
     return (0.5 * (std.pow(2) + mu.pow(2) - 1) - torch.log(std)).sum(1).mean()
 
 
@@ -75,5 +77,5 @@ def kl_gaussians(
     Uses the standard deviation exp(logvar/2) (CR-VAE's code took exp(logvar) as the std: a bug).
     """
     mu_q, mu_p = at_least_float32(mu_q), at_least_float32(mu_p)
-    std_q, std_p = _std(at_least_float32(logvar_q)), _std(at_least_float32(logvar_p))
+    std_q, std_p = posterior_std(at_least_float32(logvar_q)), posterior_std(at_least_float32(logvar_p))
     return (torch.log(std_p / std_q) + (std_q.pow(2) + (mu_q - mu_p).pow(2)) / (2 * std_p.pow(2)) - 0.5).sum(1).mean()
