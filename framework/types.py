@@ -7,8 +7,8 @@ built-in plugins use nothing else.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -96,6 +96,37 @@ class StepContext:
                 raise KeyError(f"no view {view!r} in this batch (views: {sorted(self.views)})")
             self._encodings[view] = self._encode(self.views[view], self)
         return self._encodings[view]
+
+    def encode_grouped(self, views: Sequence[str]) -> list[Encoding]:
+        """The encodings of `views`, in that order, with one encoder call per distinct image shape.
+
+        The views not yet encoded this step are grouped by their (C, H, W), each group concatenated along the
+        batch (in the order of `views`), encoded at once and split back per view; each view's Encoding is then
+        cached as `encode` caches it. This is DINO's MultiCropWrapper (facebookresearch/dino `utils.py`; SwAV's
+        multi-resolution forward too): it changes the encoder's BatchNorm batch statistics, which cover the whole
+        group instead of one view (solo-learn instead calls the encoder once per crop). A view already encoded
+        is reused as it is, so the result depends on what other plugins encoded first only if they ask for the
+        same views with `encode`.
+        """
+        missing = [view for view in dict.fromkeys(views) if view not in self._encodings]
+        groups: dict[tuple[int, ...], list[str]] = {}
+        for view in missing:
+            if view not in self.views:
+                raise KeyError(f"no view {view!r} in this batch (views: {sorted(self.views)})")
+            groups.setdefault(tuple(self.views[view].shape[1:]), []).append(view)
+        for names in groups.values():
+            if len(names) == 1:
+                self._encodings[names[0]] = self._encode(self.views[names[0]], self)
+                continue
+            sizes = [len(self.views[name]) for name in names]
+            joint = self._encode(torch.cat([self.views[name] for name in names]), self)
+            parts: dict[str, Any] = {
+                f.name: value.split(sizes) if (value := getattr(joint, f.name)) is not None else [None] * len(names)
+                for f in fields(joint)
+            }
+            for i, name in enumerate(names):  # every field of the Encoding (h, mu, logvar, z), split the same way
+                self._encodings[name] = type(joint)(**{key: split[i] for key, split in parts.items()})
+        return [self._encodings[view] for view in views]
 
     def encode_tensor(self, images: torch.Tensor) -> Encoding:
         """Encode images that are not a named view (e.g. transformed on the fly); not cached."""

@@ -10,6 +10,8 @@ Each view is a picklable class instance (a torchvision ``v2.Compose`` of these s
   ``(tensor, params)``, ``params`` a 1-D float32 tensor.
 * `two_views` is the pair of SimCLR views of the joint-embedding methods (SimCLR, BYOL,
   Barlow Twins), whose sections derive from `TwoViewsConfig`; `infer_strength` picks its preset from the data.
+  `crop_views` is the same pair, or with the section's `crops` set a multi-crop set of N global and M local
+  crops (`MultiCrop`; docs/methods.md#multi-crop), named by `crop_names`.
 """
 
 from __future__ import annotations
@@ -19,14 +21,15 @@ from typing import ClassVar, Literal, NamedTuple
 
 import torch
 from PIL import Image, ImageFilter
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch import Tensor
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
-from framework import PluginConfig, Recipe, ToMode, View, check_stats, tensor_steps
+from framework import Encoding, PluginConfig, Recipe, StepContext, ToMode, View, check_stats, tensor_steps
 
-Strength = Literal["cifar", "stl", "mnist", "solo_symmetric", "solo_asymmetric"]
+Strength = Literal["cifar", "stl", "mnist", "solo_symmetric", "solo_asymmetric", "byol_asymmetric"]
 
 # CR-VAE RandomAffine presets, docs/methods.md#cr-vae.
 CRVAE_PRESETS: dict[str, dict[str, tuple[float, float]]] = {
@@ -49,6 +52,7 @@ class ViewSpec(NamedTuple):
 
 
 _SOLO_ASYMMETRIC = ViewSpec((0.4, 0.4, 0.2, 0.1), bicubic=True)
+_BYOL_ASYMMETRIC = _SOLO_ASYMMETRIC._replace(blur="pil", blur_p=1.0)
 
 # The two views of each preset (docs/methods.md#simclr):
 # cifar / stl: AAVAE's src/transforms.py LocalTransform (Lightning-Universe/paper-AAVAE) with jitter_strength 0.5 and
@@ -56,6 +60,9 @@ _SOLO_ASYMMETRIC = ViewSpec((0.4, 0.4, 0.2, 0.1), bicubic=True)
 # solo_symmetric / solo_asymmetric: solo-learn's scripts/pretrain/cifar/augmentations/symmetric.yaml (SimCLR) and
 #   asymmetric.yaml (BYOL, Barlow Twins: solarisation on the second view only), its solo/data/pretrain_dataloader.py
 #   steps (bicubic crop, PIL GaussianBlur of radius 0.1-2, ImageOps.solarize);
+# byol_asymmetric: the BYOL paper's Table 6 (arXiv 2006.07733): blur p = 1.0 / 0.1 and solarisation p = 0 / 0.2 on the
+#   first / second view, as solo-learn's scripts/pretrain/imagenet-100/augmentations/asymmetric.yaml (its CIFAR
+#   asymmetric.yaml, solo_asymmetric, drops the blur);
 # mnist: ours for grey 28-px images (no paper gives one): crop 0.2-1, brightness/contrast only.
 VIEW_PRESETS: dict[str, tuple[ViewSpec, ViewSpec]] = {
     "cifar": (ViewSpec((0.4, 0.4, 0.4, 0.1)),) * 2,
@@ -63,6 +70,7 @@ VIEW_PRESETS: dict[str, tuple[ViewSpec, ViewSpec]] = {
     "mnist": (ViewSpec((0.4, 0.4, 0.0, 0.0), crop_scale=(0.2, 1.0), grayscale_p=0.0),) * 2,
     "solo_symmetric": (ViewSpec((0.8, 0.8, 0.8, 0.2), blur="pil", blur_p=0.5, bicubic=True),) * 2,
     "solo_asymmetric": (_SOLO_ASYMMETRIC, _SOLO_ASYMMETRIC._replace(solarize_p=0.2)),
+    "byol_asymmetric": (_BYOL_ASYMMETRIC, _BYOL_ASYMMETRIC._replace(blur_p=0.1, solarize_p=0.2)),
 }
 
 
@@ -88,9 +96,11 @@ def simclr_view(
     channels: int,
     strength: Strength = "cifar",
     second: bool = False,
+    scale: tuple[float, float] | None = None,
 ) -> v2.Compose:
     """A SimCLR-style augmented view (docs/methods.md#aavae, #simclr): the first (or, `second`, the second) view
-    of the preset `strength` (see `VIEW_PRESETS`), then normalise.
+    of the preset `strength` (see `VIEW_PRESETS`), then normalise. `scale`, when given, replaces the preset's
+    crop scale (a multi-crop spec's global or local `scale`).
 
     RandomResizedCrop(size, crop_scale), hflip p=0.5, ColorJitter with p=jitter_p, grayscale, Gaussian blur,
     solarisation (threshold 128), each with its probability. For 1-channel images saturation, hue and grayscale
@@ -100,6 +110,8 @@ def simclr_view(
     if strength not in VIEW_PRESETS:
         raise ValueError(f"unknown strength {strength!r}; choose from {sorted(VIEW_PRESETS)}")
     spec = VIEW_PRESETS[strength][int(second)]
+    if scale is not None:
+        spec = spec._replace(crop_scale=(scale[0], scale[1]))
     b, c, s, h = spec.jitter
     colour = channels == 3
     interpolation = InterpolationMode.BICUBIC if spec.bicubic else InterpolationMode.BILINEAR
@@ -280,19 +292,67 @@ def infer_strength(config: Recipe, explicit: Strength | None = None) -> Strength
     return "stl" if config.data.image_size >= 64 else "cifar"
 
 
+LOCAL_SCALE = (0.05, 0.14)  # SwAV's (and solo-learn's) local crop scale, the default of `crops.local.scale`
+
+
+class CropGroup(BaseModel):
+    """`count` crops of `size` px and RandomResizedCrop `scale`. Unset, a global crop's size is `data.image_size`
+    and its scale the preset's; a local crop's size is required and its scale `LOCAL_SCALE`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    count: int = Field(ge=0)
+    size: int | None = Field(None, gt=0)
+    scale: tuple[float, float] | None = None
+
+    @field_validator("scale")
+    @classmethod
+    def _ordered(cls, value: tuple[float, float] | None) -> tuple[float, float] | None:
+        if value is not None and not 0 < value[0] <= value[1] <= 1:
+            raise ValueError(f"scale must be (low, high) with 0 < low <= high <= 1, got {list(value)}")
+        return value
+
+
+class MultiCrop(BaseModel):
+    """A multi-crop spec (docs/methods.md#multi-crop): `global` crops (views `v1`, `v2`, ...) at the global size
+    (default `data.image_size`) and `local` crops (`l1`, `l2`, ...) at their own, required, size.
+
+    solo-learn's names for these: `num_large_crops` / `num_small_crops`, each augmentation pipeline's `crop_size`,
+    `num_crops` and `rrc.crop_min_scale` / `crop_max_scale` (SwAV's ImageNet defaults: 2 x 224 at 0.14-1, 6 x 96
+    at 0.05-0.14).
+    """
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    global_: CropGroup = Field(default_factory=lambda: CropGroup(count=2), alias="global")
+    local: CropGroup = Field(default_factory=lambda: CropGroup(count=0))
+
+    @model_validator(mode="after")
+    def _consistent(self) -> MultiCrop:
+        if self.global_.count < 1:
+            raise ValueError(f"at least one global crop is needed, got global.count {self.global_.count}")
+        if self.global_.count + self.local.count < 2:
+            raise ValueError("at least two crops of each image are needed (global.count + local.count >= 2)")
+        if self.local.count and self.local.size is None:
+            raise ValueError(f"local.size is required with local.count {self.local.count}")
+        return self
+
+
 # The capability of plugins that make augmented views of each image (`PluginConfig.provides`); their section's
 # class attribute `augmented_view` names the first one (e.g. "v1": the view "<plugin>.v1").
 AUGMENTED_VIEW = "augmented_view"
 
 
 class TwoViewsConfig(PluginConfig):
-    """The section of a joint-embedding plugin (SimCLR, BYOL, Barlow Twins): `two_views`' preset, and the
-    capability "augmented_view" with `v1`, the view the affine head transforms by default."""
+    """The section of a joint-embedding plugin (SimCLR, BYOL, Barlow Twins): `two_views`' preset, the multi-crop
+    spec `crops` (None: the two views `v1`, `v2`), and the capability "augmented_view" with `v1`, the view the
+    affine head transforms by default."""
 
     provides: ClassVar[frozenset[str]] = frozenset({AUGMENTED_VIEW})
     augmented_view: ClassVar[str] = "v1"
 
     strength: Strength | None = None  # simclr_view preset; None: inferred from data.channels / image_size
+    crops: MultiCrop | None = None  # None: the two views v1, v2 of today, each encoded on its own
 
 
 def two_views(config: Recipe, strength: Strength | None) -> dict[str, View]:
@@ -303,3 +363,38 @@ def two_views(config: Recipe, strength: Strength | None) -> dict[str, View]:
         name: View(simclr_view(d.image_size, d.mean, d.std, d.channels, preset, second=name == "v2"))
         for name in ("v1", "v2")
     }
+
+
+def crop_names(cfg: TwoViewsConfig) -> tuple[list[str], list[str]]:
+    """The view names (without the plugin's prefix) of the global crops, `v1`..`vN`, and the local ones, `l1`..`lM`."""
+    n, m = (2, 0) if cfg.crops is None else (cfg.crops.global_.count, cfg.crops.local.count)
+    return [f"v{i}" for i in range(1, n + 1)], [f"l{i}" for i in range(1, m + 1)]
+
+
+def crop_views(config: Recipe, cfg: TwoViewsConfig) -> dict[str, View]:
+    """The section's views: `two_views` without `crops`; else every global crop `v<i>` is the preset's first view
+    (odd i) or second (even i) at the global size and scale, and every local crop the preset's first view at the
+    local size and scale (solo-learn: the same augmentations, a smaller crop)."""
+    if cfg.crops is None:
+        return two_views(config, cfg.strength)
+    d, g, loc = config.data, cfg.crops.global_, cfg.crops.local
+    preset = infer_strength(config, cfg.strength)
+    globals_, locals_ = crop_names(cfg)
+    views = {
+        name: View(simclr_view(g.size or d.image_size, d.mean, d.std, d.channels, preset, i % 2 == 1, g.scale))
+        for i, name in enumerate(globals_)
+    }
+    local_size = loc.size or d.image_size  # set whenever there are local crops (MultiCrop checks it)
+    local_scale = loc.scale or LOCAL_SCALE
+    views |= {
+        name: View(simclr_view(local_size, d.mean, d.std, d.channels, preset, False, local_scale)) for name in locals_
+    }
+    return views
+
+
+def encode_crops(ctx: StepContext, cfg: TwoViewsConfig, names: Sequence[str]) -> list[Encoding]:
+    """The encodings of the views `names`: one `ctx.encode` each without `crops` (as before multi-crop), else
+    `ctx.encode_grouped` (one encoder call per crop size, DINO's MultiCropWrapper)."""
+    if cfg.crops is None:
+        return [ctx.encode(name) for name in names]
+    return ctx.encode_grouped(names)

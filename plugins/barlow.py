@@ -9,6 +9,10 @@ variance, as the paper's `BatchNorm1d(affine=False)`), and their cross-correlati
 
     sum_i (1 - C_ii)^2 + lambda_offdiag * sum_{i != j} C_ij^2      (term `loss`)
 
+`crops` may set the pair's size and scale (docs/methods.md#multi-crop), not more crops: the loss is defined
+on one pair, and solo-learn's Barlow Twins takes only its two large crops (`z1, z2 = out["z"]`), so a
+recipe with local crops or other than two global ones is refused at validation.
+
 Every rank computes the same value on the same global C; the gather sums the gradient
 of every rank's copy and DDP averages over ranks, so W processes with batch B train
 exactly like one process with batch W*B (tests/test_contrastive_distributed.py).
@@ -17,7 +21,7 @@ exactly like one process with batch W*B (tests/test_contrastive_distributed.py).
 from __future__ import annotations
 
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator
 from torch import nn
 
 from framework import (
@@ -31,7 +35,7 @@ from framework import (
     hookimpl,
     num_features,
 )
-from plugins.augmentations import TwoViewsConfig, two_views
+from plugins.augmentations import MultiCrop, TwoViewsConfig, crop_views, encode_crops
 from plugins.heads import mlp
 
 NAME = "barlow"
@@ -42,6 +46,16 @@ class BarlowConfig(TwoViewsConfig):
     proj_hidden_dim: int = Field(2048, gt=0)  # paper: 8192 on ImageNet; 2048 is the common CIFAR size
     proj_output_dim: int = Field(2048, gt=0)
     eps: float = Field(1e-5, ge=0)  # added to the variance when normalising (BatchNorm1d's default)
+
+    @field_validator("crops")
+    @classmethod
+    def _two_global_crops(cls, value: MultiCrop | None) -> MultiCrop | None:
+        if value is not None and (value.global_.count != 2 or value.local.count):
+            raise ValueError(
+                "Barlow Twins is defined on one pair of views: crops needs global.count 2 and local.count 0 "
+                "(solo-learn's loss too takes only its two large crops)"
+            )
+        return value
 
 
 def batch_normalise(z: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
@@ -86,12 +100,11 @@ def build_modules(cfg: BarlowConfig, encoder: nn.Module) -> dict[str, nn.Module]
 
 @hookimpl
 def augment(config: Recipe, cfg: BarlowConfig) -> dict[str, View]:
-    return two_views(config, cfg.strength)
+    return crop_views(config, cfg)
 
 
 @hookimpl
 def regularize(ctx: StepContext, cfg: BarlowConfig, own: nn.ModuleDict) -> dict[str, torch.Tensor]:
     projector = own["projector"]
-    z1 = projector(ctx.encode(f"{NAME}.v1").h)
-    z2 = projector(ctx.encode(f"{NAME}.v2").h)
+    z1, z2 = (projector(encoding.h) for encoding in encode_crops(ctx, cfg, [f"{NAME}.v1", f"{NAME}.v2"]))
     return {"loss": barlow_twins_loss(z1, z2, cfg.lambda_offdiag, cfg.eps)}

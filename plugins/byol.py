@@ -15,6 +15,11 @@ direction averaged over the batch and the two directions **summed**, as in the B
 paper (so its range is [0, 8]). `q` = predictor(projector(h)), `z'` = target, run
 under `no_grad` on the other view.
 
+With `crops` set (docs/methods.md#multi-crop): N global crops `byol.v1`..`vN` and M local ones
+`byol.l1`..`lM`; the online network predicts every crop (encoded with one call per crop size), the target
+projects only the global ones (one call), and the loss is `multi_crop_byol_loss`, solo-learn's sum over each
+global crop's target against the prediction of every other crop.
+
 EMA, in `on_train_step_end` after optimizer step k (1-based): for every target
 parameter `xi <- tau * xi + (1 - tau) * theta` with
 `tau = 1 - (1 - base) * (cos(pi * (k - 1) / steps) + 1) / 2` (BYOL paper's schedule:
@@ -28,6 +33,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Sequence
 from typing import cast
 
 import torch
@@ -44,7 +50,7 @@ from framework import (
     hookimpl,
     num_features,
 )
-from plugins.augmentations import TwoViewsConfig, two_views
+from plugins.augmentations import TwoViewsConfig, crop_names, crop_views, encode_crops
 from plugins.heads import mlp
 
 NAME = "byol"
@@ -114,6 +120,18 @@ def byol_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     return (2 - 2 * nn.functional.cosine_similarity(p, z, dim=1)).mean()
 
 
+def multi_crop_byol_loss(p: Sequence[torch.Tensor], z: Sequence[torch.Tensor]) -> torch.Tensor:
+    """BYOL over several crops (docs/methods.md#multi-crop): the online predictions `p` of every crop (the
+    global ones first) against the target projections `z` of each global crop, every crop but the global
+    crop itself, summed: `sum_g sum_{c != g} byol_loss(p[c], z[g])` (solo-learn's solo/methods/byol.py loop
+    `for v1 in range(num_large_crops): for v2 in np.delete(range(num_crops), v1)`). With two global crops and
+    no local one it is the two-direction sum `byol_loss(p[0], z[1]) + byol_loss(p[1], z[0])`."""
+    if not 1 <= len(z) <= len(p) or len(p) < 2:
+        raise ValueError(f"multi_crop_byol_loss: needs 1 <= len(z) <= len(p) and 2 crops, got {len(p)} and {len(z)}")
+    terms = [byol_loss(p[c], z[g]) for g in range(len(z)) for c in range(len(p)) if c != g]
+    return torch.stack(terms).sum()
+
+
 # ---------------------------------------------------------------------------
 # Hooks
 # ---------------------------------------------------------------------------
@@ -138,21 +156,32 @@ def build_modules(cfg: BYOLConfig, encoder: nn.Module) -> dict[str, nn.Module]:
 
 @hookimpl
 def augment(config: Recipe, cfg: BYOLConfig) -> dict[str, View]:
-    return two_views(config, cfg.strength)
+    return crop_views(config, cfg)
+
+
+def target_projections(own: nn.ModuleDict, ctx: StepContext, cfg: BYOLConfig, views: list[str]) -> list[torch.Tensor]:
+    """The target's projections of the global crops `views`, under no_grad: one call per view without `crops`
+    (as before multi-crop), else one call on all of them concatenated (they share one size), as the online
+    network's grouped encoding."""
+    target = own["target"]
+    with torch.no_grad():
+        if cfg.crops is None:
+            return [target(ctx.views[name]) for name in views]
+        return list(target(torch.cat([ctx.views[name] for name in views])).chunk(len(views)))
 
 
 @hookimpl
 def regularize(ctx: StepContext, cfg: BYOLConfig, own: nn.ModuleDict) -> dict[str, torch.Tensor]:
     if ctx.step == 0:  # first forward of a fresh run (a resumed run starts at step > 0)
         initialise_target(own, ctx.encoder)
-    v1, v2 = ctx.views[f"{NAME}.v1"], ctx.views[f"{NAME}.v2"]
-    p1 = own["predictor"](own["projector"](ctx.encode(f"{NAME}.v1").h))
-    p2 = own["predictor"](own["projector"](ctx.encode(f"{NAME}.v2").h))
-    with torch.no_grad():
-        z1, z2 = own["target"](v1), own["target"](v2)
+    globals_, locals_ = crop_names(cfg)
+    names = [f"{NAME}.{view}" for view in globals_ + locals_]
+    p = [own["predictor"](own["projector"](encoding.h)) for encoding in encode_crops(ctx, cfg, names)]
+    z = target_projections(own, ctx, cfg, names[: len(globals_)])
     tau = momentum_at(ctx.step, ctx.config.train.steps, cfg.base_momentum, cfg.final_momentum)
-    ctx.metrics[f"{NAME}.tau"] = torch.full((), tau, device=p1.device)  # no host-to-device copy
-    return {"loss": byol_loss(p1, z2) + byol_loss(p2, z1)}
+    ctx.metrics[f"{NAME}.tau"] = torch.full((), tau, device=p[0].device)  # no host-to-device copy
+    loss = byol_loss(p[0], z[1]) + byol_loss(p[1], z[0]) if cfg.crops is None else multi_crop_byol_loss(p, z)
+    return {"loss": loss}
 
 
 @hookimpl

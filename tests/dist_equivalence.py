@@ -3,19 +3,21 @@
 Run by tests/test_contrastive_distributed.py, either imported (one process, the whole
 batch) or under `torchrun --standalone --nproc_per_node 2` (gloo on CPU; each rank
 takes its B rows of the same seeded batch). A small seeded MLP (no BatchNorm, float64)
-maps two fixed "views" to embeddings inside the forward of a DDP-wrapped module, as
-the engine does, and the plugin's pure loss function (which gathers with gradient
-through `framework.distributed`) gives the loss. Each rank writes
+maps fixed "views" (two, or four crops for `simclr_multicrop`: several embeddings per
+sample) to embeddings inside the forward of a DDP-wrapped module, as the engine does,
+and the plugin's pure loss function (which gathers with gradient through
+`framework.distributed`) gives the loss. Each rank writes
 `<out>/<method>_rank<r>.pt`: `{"loss": float, "grads": {name: tensor}, "world_size": W}`;
 the gradients are DDP's, i.e. averaged over the ranks.
 
-    torchrun --standalone --nproc_per_node 2 tests/dist_equivalence.py OUT simclr barlow
+    torchrun --standalone --nproc_per_node 2 tests/dist_equivalence.py OUT simclr barlow simclr_multicrop
 """
 
 from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -24,33 +26,37 @@ from torch import nn
 
 from framework.distributed import rank, world_size
 from plugins.barlow import barlow_twins_loss
-from plugins.simclr import nt_xent
+from plugins.simclr import multi_crop_nt_xent, nt_xent
 
 GLOBAL_BATCH, IN_DIM, OUT_DIM = 16, 12, 8
-LOSSES = {
-    "simclr": lambda z1, z2: nt_xent(z1, z2, temperature=0.5),
-    "barlow": lambda z1, z2: barlow_twins_loss(z1, z2, lambd=5e-3),
+# method: (views per sample, the loss of their embeddings)
+LOSSES: dict[str, tuple[int, Callable[..., torch.Tensor]]] = {
+    "simclr": (2, lambda z1, z2: nt_xent(z1, z2, temperature=0.5)),
+    "barlow": (2, lambda z1, z2: barlow_twins_loss(z1, z2, lambd=5e-3)),
+    "simclr_multicrop": (4, lambda *z: multi_crop_nt_xent(z, temperature=0.5)),
 }
 
 
-def fixed_batch() -> tuple[torch.Tensor, torch.Tensor]:
-    """Two correlated "views" of GLOBAL_BATCH samples, the same on every rank."""
+def fixed_batch(views: int = 2) -> list[torch.Tensor]:
+    """`views` correlated "views" of GLOBAL_BATCH samples, the same on every rank."""
     g = torch.Generator().manual_seed(0)
     x1 = torch.randn(GLOBAL_BATCH, IN_DIM, generator=g, dtype=torch.float64)
-    return x1, x1 + 0.3 * torch.randn(GLOBAL_BATCH, IN_DIM, generator=g, dtype=torch.float64)
+    return [x1] + [
+        x1 + 0.3 * torch.randn(GLOBAL_BATCH, IN_DIM, generator=g, dtype=torch.float64) for _ in range(views - 1)
+    ]
 
 
 class PairLoss(nn.Module):
-    """A seeded MLP encoder; `forward(x1, x2)` returns the method's loss (one DDP forward per step)."""
+    """A seeded MLP encoder; `forward(*views)` returns the method's loss (one DDP forward per step)."""
 
     def __init__(self, method: str) -> None:
         super().__init__()
         torch.manual_seed(1)
         self.net = nn.Sequential(nn.Linear(IN_DIM, 16), nn.Tanh(), nn.Linear(16, OUT_DIM)).double()
-        self.loss = LOSSES[method]
+        self.loss = LOSSES[method][1]
 
-    def forward(self, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
-        return self.loss(self.net(x1), self.net(x2))
+    def forward(self, *views: torch.Tensor) -> torch.Tensor:
+        return self.loss(*(self.net(x) for x in views))
 
 
 def run(method: str, rows: slice | None = None) -> dict:
@@ -58,13 +64,13 @@ def run(method: str, rows: slice | None = None) -> dict:
 
     Under torch.distributed the module is wrapped in DDP, so the gradients are averaged over ranks.
     """
-    x1, x2 = fixed_batch()
+    views = fixed_batch(LOSSES[method][0])
     if rows is None:
         b = GLOBAL_BATCH // world_size()
         rows = slice(rank() * b, (rank() + 1) * b)
     model = PairLoss(method)
     wrapped = nn.parallel.DistributedDataParallel(model) if dist.is_initialized() else model
-    loss = wrapped(x1[rows], x2[rows])
+    loss = wrapped(*(x[rows] for x in views))
     loss.backward()
     grads = {name: p.grad.detach().clone() for name, p in model.named_parameters()}
     return {"loss": loss.item(), "grads": grads, "world_size": world_size()}

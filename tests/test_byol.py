@@ -17,7 +17,7 @@ from framework.model import Model
 from framework.optim import build_optimizer
 from framework.recipe.loading import validate
 from framework.testing import run_steps, tiny_recipe
-from plugins.byol import byol_loss, momentum_at
+from plugins.byol import byol_loss, momentum_at, multi_crop_byol_loss
 
 SMALL = {"proj_hidden_dim": 32, "proj_output_dim": 16, "pred_hidden_dim": 32}
 PLUGINS = {"backbones": {"encoder": "conv28", "latent_dim": None}, "byol": SMALL}
@@ -60,6 +60,53 @@ def test_momentum_schedule():
     taus = [momentum_at(s, 100) for s in range(101)]
     assert taus == sorted(taus)  # increasing
     assert momentum_at(0, 10, base=0.9, final=0.99) == pytest.approx(0.9)
+
+
+def test_multi_crop_loss_is_solo_learns_loop():
+    """solo-learn's solo/methods/byol.py: for v1 in range(num_large_crops): for v2 in np.delete(range(num_crops), v1):
+    loss += byol_loss_func(P[v2], Z_momentum[v1]), written out with the per-pair formula."""
+    g = torch.Generator().manual_seed(3)
+    p = [torch.randn(6, 5, generator=g) for _ in range(5)]  # 2 global + 3 local crops
+    z = [torch.randn(6, 5, generator=g) for _ in range(2)]
+    want = sum(byol_by_loops(p[c], z[g]) for g in range(2) for c in range(5) if c != g)
+    assert multi_crop_byol_loss(p, z).item() == pytest.approx(want, rel=1e-6)
+    assert multi_crop_byol_loss(p[:2], z).item() == pytest.approx(
+        (byol_loss(p[0], z[1]) + byol_loss(p[1], z[0])).item(), rel=1e-7
+    )  # two crops: the two-direction sum
+    assert multi_crop_byol_loss(p[:3], z[:1]).item() == pytest.approx(
+        byol_by_loops(p[1], z[0]) + byol_by_loops(p[2], z[0])
+    )
+    with pytest.raises(ValueError, match="len"):
+        multi_crop_byol_loss(p[:1], z[:1])
+
+
+class Recorder:
+    """Records every tensor BYOL's target is called on, and the online encoder's calls."""
+
+    def __init__(self) -> None:
+        self.target: list[tuple[int, ...]] = []
+        self.online: list[tuple[int, ...]] = []
+
+
+def test_multi_crop_step_encodes_by_size_and_the_target_sees_only_global_crops(tmp_path, fmnist_shards):
+    crops = {"global": {"count": 2}, "local": {"count": 3, "size": 16}}
+    recipe = tiny_recipe(tmp_path, fmnist_shards, plugins={**PLUGINS, "byol": {**SMALL, "crops": crops}})
+    cfg, hooks = validate(recipe, check_data=False)
+    model = Model(hooks, cfg).train()
+    seen = Recorder()
+    model.plugins["byol"]["target"].register_forward_pre_hook(lambda m, args: seen.target.append(tuple(args[0].shape)))
+    model.plugins["backbones"]["encoder"].register_forward_pre_hook(
+        lambda m, args: seen.online.append(tuple(args[0].shape))
+    )
+    views = {name: torch.randn(4, 1, 28, 28) for name in ("x", "byol.v1", "byol.v2")}
+    views |= {f"byol.l{i}": torch.randn(4, 1, 16, 16) for i in (1, 2, 3)}
+    terms, metrics = model(views, {}, step=0)
+    assert seen.online == [(8, 1, 28, 28), (12, 1, 16, 16)]  # one call per crop size
+    assert seen.target == [(8, 1, 28, 28)]  # the two global crops, at once
+    # 2 globals x 4 other crops = 8 terms of [0, 4]
+    assert 0 < terms["byol.loss"].item() <= 32 and "byol.tau" in metrics
+    out = run_steps(recipe, steps=2)
+    assert all(0 < r["byol.loss"] <= 32 for r in read_metrics(out))
 
 
 # --- the target network ---------------------------------------------------------------

@@ -1,13 +1,14 @@
 """Global-batch losses: 2 real processes x batch B train exactly like 1 process x batch 2B.
 
-SimCLR's NT-Xent and Barlow Twins' cross-correlation need the whole batch; both gather
+SimCLR's NT-Xent (two views, or `simclr_multicrop`: its multi-positive form over four crops
+of each sample) and Barlow Twins' cross-correlation need the whole batch; all gather
 with gradient through `framework.distributed.gather_with_grad`. tests/dist_equivalence.py
 runs a seeded float64 MLP + the plugin's loss under DDP (gloo, CPU) in 2 processes
 and here in 1 process on the full batch.
 
 Scaling, as checked below:
-- SimCLR: each rank's value is the mean over its own 2B anchors (against all 2N
-  candidates), so the two ranks differ and their **mean** is the 1-process loss (the
+- SimCLR: each rank's value is the mean over its own 2B (multi-crop: KB) anchors (against
+  all 2N, KN, candidates), so the two ranks differ and their **mean** is the 1-process loss (the
   engine logs the mean over ranks).
 - Barlow Twins: every rank computes the loss of the same global C, so **each** rank's
   value is the 1-process loss.
@@ -34,7 +35,7 @@ from tests.helpers import accelerate_launch, ddp_args
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = Path(__file__).with_name("dist_equivalence.py")
-METHODS = ("simclr", "barlow")
+METHODS = ("simclr", "barlow", "simclr_multicrop")
 WORLD = 2
 
 
@@ -77,7 +78,7 @@ def test_two_processes_match_one_process(method, two_process_results):
     ranks = two_process_results[method]
     assert single["world_size"] == 1 and all(r["world_size"] == WORLD for r in ranks)
     losses = [r["loss"] for r in ranks]
-    if method == "simclr":
+    if method.startswith("simclr"):
         assert losses[0] != pytest.approx(losses[1], rel=1e-6)  # each rank: its own anchors
         assert sum(losses) / WORLD == pytest.approx(single["loss"], rel=1e-12)
     else:

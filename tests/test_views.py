@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import pickle
 
 import numpy as np
@@ -12,16 +13,22 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
+from framework import Encoding
+from framework.recipe.loading import RecipeError, validate
+from framework.testing import step_context, tiny_recipe
 from framework.views import CIFAR10_STATS, FASHION_MNIST_STATS, STL10_STATS, ToMode, clean_view
 from plugins.augmentations import (
     AFFINE_COMPONENTS,
     CRVAE_PRESETS,
+    LOCAL_SCALE,
     AffineParams,
     AffineWithParams,
     PILGaussianBlur,
     crvae_affine_view,
     simclr_view,
+    two_views,
 )
+from tests.helpers import asset_samples
 
 IDENTITY_VEC = torch.tensor([0, 0, 0, 1, 0, 0], dtype=torch.float32)
 
@@ -360,3 +367,142 @@ def test_invalid_arguments():
         AffineWithParams(*CIFAR10_STATS, components=["rotation"])
     with pytest.raises(ValueError):
         clean_view(32, (0.5, 0.5), (0.5, 0.5), 2)
+
+
+# ---------------------------------------------------------------- multi-crop (docs/methods.md#multi-crop)
+
+BACKBONE = {"encoder": "conv28", "latent_dim": None}
+
+
+def _steps(view) -> dict:
+    """{step type: (step, its probability)} of a `simclr_view` Compose (RandomApply unwrapped)."""
+    out = {}
+    for t in view.transforms:
+        inner = t.transforms[0] if isinstance(t, v2.RandomApply) else t
+        out[type(inner)] = (inner, t.p if isinstance(t, v2.RandomApply) else getattr(t, "p", None))
+    return out
+
+
+def _crop_recipe(tmp_path, shards, plugin="simclr", **section):
+    return tiny_recipe(tmp_path, shards, plugins={"backbones": BACKBONE, plugin: section})
+
+
+def test_byol_asymmetric_preset_is_the_papers_table_6():
+    """BYOL paper (arXiv 2006.07733) Table 6: blur p 1.0 / 0.1, solarisation p 0 / 0.2 on the first / second view
+    (solo-learn's imagenet-100 asymmetric.yaml); the rest as solo_asymmetric (which has no blur: its CIFAR yaml)."""
+    first, second = (_steps(simclr_view(32, *CIFAR10_STATS, 3, "byol_asymmetric", second=s)) for s in (False, True))
+    assert first[PILGaussianBlur][1] == 1.0 and v2.RandomSolarize not in first
+    assert second[PILGaussianBlur][1] == 0.1 and second[v2.RandomSolarize][1] == 0.2
+    for view in (first, second):
+        assert view[PILGaussianBlur][0].sigma == (0.1, 2.0) and view[v2.RandomGrayscale][1] == 0.2
+        jitter, p = view[v2.ColorJitter]
+        assert p == 0.8 and jitter.brightness == pytest.approx((0.6, 1.4)) and jitter.hue == pytest.approx((-0.1, 0.1))
+        crop = view[v2.RandomResizedCrop][0]
+        assert tuple(crop.scale) == (0.08, 1.0) and InterpolationMode(crop.interpolation) == InterpolationMode.BICUBIC
+    solo = _steps(simclr_view(32, *CIFAR10_STATS, 3, "solo_asymmetric"))
+    assert PILGaussianBlur not in solo
+
+
+def test_multi_crop_views_from_a_spec_on_real_images(tmp_path, fmnist_shards):
+    crops = {"global": {"count": 4, "scale": [0.14, 1.0]}, "local": {"count": 3, "size": 16}}
+    cfg, hooks = validate(_crop_recipe(tmp_path, fmnist_shards, crops=crops, strength="byol_asymmetric"))
+    views = {k: v for k, v in hooks.augment(cfg).items() if k.startswith("simclr.")}
+    assert list(views) == [f"simclr.v{i}" for i in range(1, 5)] + [f"simclr.l{i}" for i in range(1, 4)]
+    images = [s.image for s in itertools.islice(asset_samples("train"), 5)]
+    torch.manual_seed(0)
+    for name, view in views.items():
+        size = 28 if ".v" in name else 16  # the global size defaults to data.image_size
+        out = torch.stack([view.transform(img) for img in images])
+        assert out.shape == (5, 1, size, size) and out.dtype == torch.float32
+        assert out.std() > 0.1  # real images, not blank crops
+        steps = _steps(view.transform)
+        crop = steps[v2.RandomResizedCrop][0]
+        assert tuple(crop.size) == (size, size) and tuple(crop.scale) == ((0.14, 1.0) if ".v" in name else LOCAL_SCALE)
+        second = name in ("simclr.v2", "simclr.v4")  # globals alternate the preset's two views; locals: the first
+        assert steps[PILGaussianBlur][1] == (0.1 if second else 1.0)
+        assert (v2.RandomSolarize in steps) == second
+    own = dict(global_={"count": 2, "size": 20}, local={"count": 1, "size": 12, "scale": [0.1, 0.3]})
+    cfg, hooks = validate(
+        _crop_recipe(tmp_path, fmnist_shards, crops={"global": own["global_"], "local": own["local"]})
+    )
+    views = hooks.augment(cfg)
+    assert [views[f"simclr.{n}"].transform(images[0]).shape[-1] for n in ("v1", "v2", "l1")] == [20, 20, 12]
+    assert tuple(_steps(views["simclr.l1"].transform)[v2.RandomResizedCrop][0].scale) == (0.1, 0.3)
+
+
+def test_without_crops_the_views_are_todays_two(tmp_path, fmnist_shards):
+    for plugin in ("simclr", "byol", "barlow"):
+        cfg, hooks = validate(_crop_recipe(tmp_path, fmnist_shards, plugin=plugin), check_data=False)
+        assert cfg.plugins[plugin].crops is None
+        views = {k: v for k, v in hooks.augment(cfg).items() if k.startswith(plugin)}
+        want = two_views(cfg, None)
+        assert list(views) == [f"{plugin}.v1", f"{plugin}.v2"]
+        assert [repr(v.transform) for v in views.values()] == [repr(v.transform) for v in want.values()]
+
+
+@pytest.mark.parametrize(
+    ("plugin", "crops", "message"),
+    [
+        ("simclr", {"global": {"count": 1}}, "at least two crops"),
+        ("simclr", {"global": {"count": 0}, "local": {"count": 4, "size": 16}}, "at least one global crop"),
+        ("byol", {"global": {"count": 2}, "local": {"count": 2}}, "local.size is required"),
+        ("simclr", {"global": {"count": 2, "scale": [0.5, 0.2]}}, "scale must be"),
+        ("simclr", {"global": {"count": 2}, "locals": {"count": 2}}, "locals"),
+        ("barlow", {"global": {"count": 2}, "local": {"count": 2, "size": 16}}, "Barlow Twins is defined on one pair"),
+        ("barlow", {"global": {"count": 3}}, "Barlow Twins is defined on one pair"),
+    ],
+)
+def test_bad_crop_specs_are_refused_in_one_line(tmp_path, fmnist_shards, plugin, crops, message):
+    with pytest.raises(RecipeError, match=message) as err:
+        validate(_crop_recipe(tmp_path, fmnist_shards, plugin=plugin, crops=crops), check_data=False)
+    assert f"plugins.{plugin}.crops" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_barlow_accepts_a_sized_pair(tmp_path, fmnist_shards):
+    crops = {"global": {"count": 2, "size": 24, "scale": [0.2, 1.0]}}
+    cfg, hooks = validate(_crop_recipe(tmp_path, fmnist_shards, plugin="barlow", crops=crops), check_data=False)
+    views = {k: v for k, v in hooks.augment(cfg).items() if k.startswith("barlow.")}
+    assert list(views) == ["barlow.v1", "barlow.v2"]
+    assert _steps(views["barlow.v1"].transform)[v2.RandomResizedCrop][0].size == (24, 24)
+
+
+class CountingEncoder:
+    """An encoder whose output depends on the whole batch (like BatchNorm): h = x - mean over the batch."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[int, ...]] = []
+
+    def __call__(self, x: torch.Tensor) -> Encoding:
+        self.calls.append(tuple(x.shape))
+        flat = x.flatten(1)
+        h = flat - flat.mean(0)
+        return Encoding(h=h, mu=2 * h, logvar=None, z=h + 1)
+
+
+def test_encode_grouped_concatenates_views_of_one_size_and_splits_them_back():
+    g = torch.Generator().manual_seed(0)
+    views = {n: torch.randn(4, 1, 6, 6, generator=g) for n in ("x", "v1", "v2", "v3")}
+    views |= {n: torch.randn(4, 1, 3, 3, generator=g) for n in ("l1", "l2")}
+    encoder = CountingEncoder()
+    ctx = step_context(None, views, encode=encoder)
+    order = ["v1", "l1", "v2", "l2", "v3"]
+    got = ctx.encode_grouped(order)
+    assert encoder.calls == [(12, 1, 6, 6), (8, 1, 3, 3)]  # once per distinct size, the views concatenated
+    want_big = CountingEncoder()(torch.cat([views[n] for n in ("v1", "v2", "v3")]))
+    want_small = CountingEncoder()(torch.cat([views[n] for n in ("l1", "l2")]))
+    for name, encoding in zip(order, got, strict=True):
+        want, i = (want_small, int(name[1]) - 1) if name[0] == "l" else (want_big, int(name[1]) - 1)
+        for field in ("h", "mu", "z"):
+            assert torch.equal(getattr(encoding, field), getattr(want, field)[4 * i : 4 * (i + 1)]), (name, field)
+        assert encoding.logvar is None
+    separate = CountingEncoder()(views["v1"]).h
+    assert not torch.allclose(got[0].h, separate)  # grouping is not the same as one call per view
+    assert ctx.encode("v2") is got[2] and ctx.encode_grouped(["l2", "v1"]) == [got[3], got[0]]
+    assert len(encoder.calls) == 2  # cached, like `encode`
+    ctx.encode("x")
+    ctx.encode_grouped(["x", "v1"])  # an already encoded view is reused, alone in its size
+    assert encoder.calls[2:] == [(4, 1, 6, 6)]
+    single = step_context(None, views, encode=(one := CountingEncoder()))
+    assert single.encode_grouped(["l1"])[0].h.shape == (4, 9) and one.calls == [(4, 1, 3, 3)]
+    with pytest.raises(KeyError, match="no view 'v9'"):
+        ctx.encode_grouped(["v1", "v9"])
