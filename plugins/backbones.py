@@ -2,9 +2,13 @@
 
 Encoders: torchvision ResNet-18/50 with the CIFAR stem (3x3 conv, stride 1, no
 max-pool) for 32 px or the STL stem (7x7 conv, stride 2, no max-pool) for 96 px
-(docs/methods.md#backbones), and `conv28`, a small conv net for 28-px grey images.
-`h` is the pooled encoder output (512 / 2048 / 256-d, the encoder's `num_features`): what
-the linear probe sees and what every head sizes itself by.
+(docs/methods.md#backbones), `conv28`, a small conv net for 28-px grey images, and any
+pytorch-image-models (timm) model as `timm/<model name>` (`timm/vit_small_patch16_224`,
+`timm/resnet50`, `timm/convnext_tiny`), built without its classifier (`num_classes=0`) and
+with `img_size` set to the data's where the model takes one (ViTs); no weights are downloaded,
+`pretrained` names a local file. `h` is the pooled encoder output (512 / 2048 / 256-d for the
+built-in ones, the model's own width for timm's; the encoder's `num_features`): what the linear
+probe sees and what every head sizes itself by.
 
 VAE head (when `latent_dim` is set): Linear(h,h)+BN+ReLU, then two bias-free Linear
 layers for `mu` and `logvar`; `logvar` is soft-bounded to `logvar_range` by a scaled tanh
@@ -18,22 +22,34 @@ for ResNet-18, bottlenecks [3,6,4,3] for ResNet-50), and `conv28`.
 
 from __future__ import annotations
 
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal
 
 import torch
 import torchvision
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from torch import nn
 
 from framework import Encoding, PluginConfig, Recipe, at_least_float32, full_precision, hookimpl, num_features
 from plugins.vae_terms import posterior_std
 
 NAME = "backbones"
+BUILT_IN = ("resnet18", "resnet50", "conv28")
+TIMM = "timm/"
 
 
 class BackbonesConfig(PluginConfig):
-    encoder: Literal["resnet18", "resnet50", "conv28"]
-    stem: Literal["cifar", "stl"] = "cifar"  # cifar: 3x3/1 conv; stl: 7x7/2 conv; never a max-pool
+    # resnet18 | resnet50 | conv28 | timm/<any timm model name, optionally with its .tag>
+    encoder: str
+    # the built-in ResNets' stem (cifar: 3x3/1 conv; stl: 7x7/2; no max-pool), which the ResNet decoder inverts;
+    # a timm model keeps its own stem (its options go in timm_kwargs), and only the decoder reads this
+    stem: Literal["cifar", "stl"] = "cifar"
+    # timm only: the input size of models that take one (ViTs' patch grid); None: data.image_size
+    img_size: int | None = Field(None, gt=0)
+    timm_kwargs: dict[str, Any] = {}  # timm only: more create_model arguments (drop_path_rate, stem_type, ...)
+    # a local weights file loaded into the encoder at build (timm: through timm's own loader, which adapts
+    # the first conv to the data's channels; built-in: strictly); nothing is ever downloaded
+    pretrained: str | None = None
     latent_dim: int | None = 128  # None: no VAE head (encodings carry only h)
     logvar_range: tuple[float, float] = (-10.0, 10.0)  # soft bound of logvar (see `soft_bound`)
     decoder: Literal["resnet18", "resnet50", "conv28"] | None = None
@@ -45,6 +61,25 @@ class BackbonesConfig(PluginConfig):
         if not value[0] < value[1]:
             raise ValueError(f"logvar_range must be (low, high) with low < high, got {list(value)}")
         return value
+
+    @field_validator("encoder")
+    @classmethod
+    def _known_encoder(cls, value: str) -> str:
+        if value.startswith(TIMM):
+            import timm
+
+            if not timm.is_model(value[len(TIMM) :]):
+                raise ValueError(f"timm {timm.__version__} has no model {value[len(TIMM) :]!r}")
+        elif value not in BUILT_IN:
+            raise ValueError(f"expected one of {', '.join(BUILT_IN)} or timm/<model name>")
+        return value
+
+    @model_validator(mode="after")
+    def _options_fit_encoder(self) -> BackbonesConfig:
+        timm_model = self.encoder.startswith(TIMM)
+        if not timm_model and (self.img_size is not None or self.timm_kwargs):
+            raise ValueError(f"img_size and timm_kwargs apply to timm/ encoders, not {self.encoder}")
+        return self
 
 
 # ---------------------------------------------------------------------------
@@ -89,16 +124,77 @@ def conv28_encoder(channels: int) -> nn.Module:
     return net
 
 
-def build_encoder(cfg: BackbonesConfig, channels: int) -> nn.Module:
+def timm_encoder(
+    name: str, channels: int, image_size: int, kwargs: dict[str, Any], pretrained: str | None
+) -> tuple[nn.Module, dict[str, Any]]:
+    """timm's `name` without its classifier (forward gives the pooled, pre-logits features), and the
+    `create_model` arguments that rebuild it (`num_classes=0` aside).
+
+    `img_size` is passed to models that take one (a ViT's position embeddings are sized by it) unless
+    `kwargs` sets it. With `pretrained`, timm's own loader reads that local file (never the network), adapting
+    the first conv to `channels` as timm does for ImageNet weights.
+    """
+    import timm
+
+    created: dict[str, Any] = {"in_chans": channels, **kwargs}
+    loading: dict[str, Any] = {}
+    if pretrained is not None:
+        if not Path(pretrained).is_file():
+            raise FileNotFoundError(f"plugins.backbones.pretrained: no file {pretrained}")
+        loading = {"pretrained": True, "pretrained_cfg_overlay": {"file": str(pretrained), "num_classes": 0}}
+    try:
+        net = timm.create_model(name, num_classes=0, **{"img_size": image_size, **created}, **loading)
+        created.setdefault("img_size", image_size)
+    except TypeError as exc:  # a model without an input size (CNNs): timm's constructors refuse the keyword
+        if "img_size" not in str(exc) or "img_size" in kwargs:
+            raise ValueError(f"plugins.backbones: timm/{name} refuses {sorted(created)}: {exc}") from None
+        net = timm.create_model(name, num_classes=0, **created, **loading)
+    net.num_features = getattr(net, "head_hidden_size", None) or net.num_features  # num_classes=0 returns this width
+    return net, created
+
+
+def build_encoder(cfg: BackbonesConfig, channels: int, image_size: int) -> nn.Module:
     """The recipe's encoder, with `num_features` and the `export_metadata` of `augssl export`."""
-    resnet = cfg.encoder.startswith("resnet")
-    encoder = resnet_encoder(cfg.encoder, cfg.stem, channels) if resnet else conv28_encoder(channels)
-    encoder.export_metadata = {  # type: ignore[assignment]  # torch types Module.__setattr__ for tensors and modules only
-        "arch": cfg.encoder,
-        "stem": cfg.stem if resnet else "conv28",
-        "key_names": "torchvision" if resnet else "augssl conv28",
-    }
+    if cfg.encoder.startswith(TIMM):
+        name = cfg.encoder[len(TIMM) :]
+        kwargs = {**({"img_size": cfg.img_size} if cfg.img_size else {}), **cfg.timm_kwargs}
+        encoder, created = timm_encoder(name, channels, image_size, kwargs, cfg.pretrained)
+        metadata: dict[str, Any] = {
+            "arch": cfg.encoder,
+            "key_names": "timm",
+            "timm_model": name,
+            "timm_kwargs": created,
+        }
+    else:
+        resnet = cfg.encoder.startswith("resnet")
+        encoder = resnet_encoder(cfg.encoder, cfg.stem, channels) if resnet else conv28_encoder(channels)
+        if cfg.pretrained is not None:
+            load_weights(encoder, cfg.pretrained)
+        metadata = {
+            "arch": cfg.encoder,
+            "stem": cfg.stem if resnet else "conv28",
+            "key_names": "torchvision" if resnet else "augssl conv28",
+        }
+    encoder.export_metadata = metadata  # type: ignore[assignment]  # torch types Module.__setattr__ for tensors and modules only
     return encoder
+
+
+def load_weights(encoder: nn.Module, path: str) -> None:
+    """A built-in encoder's weights from a local `.safetensors` (e.g. `augssl export`'s) or torch file, strictly."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"plugins.backbones.pretrained: no file {path}")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        state = load_file(path)
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        encoder.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise ValueError(
+            f"plugins.backbones.pretrained: {path} does not fit the encoder: {str(exc).splitlines()[0]}"
+        ) from None
 
 
 class VAEHead(nn.Module):
@@ -273,7 +369,7 @@ def config_schema() -> type[PluginConfig]:
 @hookimpl
 def build_modules(config: Recipe, cfg: BackbonesConfig) -> dict[str, nn.Module]:
     channels, size = config.data.channels, config.data.image_size
-    encoder = build_encoder(cfg, channels)
+    encoder = build_encoder(cfg, channels, size)
     modules: dict[str, nn.Module] = {"encoder": encoder}
     if cfg.latent_dim is not None:
         modules["head"] = VAEHead(num_features(encoder), cfg.latent_dim, cfg.logvar_range)  # build_encoder sets it

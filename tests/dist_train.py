@@ -29,7 +29,8 @@ class NaNOnRank:
     """`AUGSSL_TEST_NAN=R:K`: a term that is NaN on rank R at forward K (0-based micro-steps), else 0;
     `AUGSSL_TEST_NAN=R:K:grad`: a term that is 0 there but whose gradient is NaN;
     `AUGSSL_TEST_SLEEP=R:K:S`: rank R sleeps S seconds at forward K (a stalled rank);
-    `AUGSSL_TEST_AUTOCAST=path`: write the autocast state seen inside the hooks on the first forward."""
+    `AUGSSL_TEST_AUTOCAST=path`: write the autocast state seen inside the hooks on the first forward (and
+    the output dtype of the encoder's first Linear, when it has one)."""
 
     def __init__(self) -> None:
         rank, call, *grad = os.environ.get("AUGSSL_TEST_NAN", "-1:-1").split(":")
@@ -45,6 +46,13 @@ class NaNOnRank:
                 "h": str(h.dtype),
                 "dtype": str(torch.get_autocast_dtype(x.device.type)),
             }
+            linear = next((m for m in ctx.encoder.modules() if isinstance(m, torch.nn.Linear)), None)
+            if linear is not None:  # e.g. a ViT, whose pooled h leaves a float32 LayerNorm: its first matmul
+                seen = []
+                handle = linear.register_forward_hook(lambda module, args, out: seen.append(str(out.dtype)))
+                ctx.encode_tensor(x)
+                handle.remove()
+                state["first_linear"] = seen[0]
             Path(path).with_name(f"{Path(path).name}.rank{distributed.rank()}").write_text(json.dumps(state))
         bad = distributed.rank() == self.rank and self.calls == self.call
         if sleep := os.environ.get("AUGSSL_TEST_SLEEP"):  # R:K:S: rank R sleeps S seconds at forward K

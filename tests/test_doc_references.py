@@ -194,8 +194,8 @@ def test_methods_reference_parameter_counts_are_the_code_s():
         "ResNet-50 decoder": backbones.ResNetDecoder("resnet50", 128, 96, 3, "stl"),
         "conv28 decoder": backbones.Conv28Decoder(64, 28, 1),
         "VAE head on 2048": backbones.VAEHead(2048, 128, (-10.0, 10.0)),
-        "ResNet-50 encoder": backbones.build_encoder(backbones.BackbonesConfig(encoder="resnet50", stem="stl"), 3),
-        "conv28 encoder": backbones.build_encoder(backbones.BackbonesConfig(encoder="conv28"), 1),
+        "ResNet-50 encoder": backbones.build_encoder(backbones.BackbonesConfig(encoder="resnet50", stem="stl"), 3, 96),
+        "conv28 encoder": backbones.build_encoder(backbones.BackbonesConfig(encoder="conv28"), 1, 28),
     }
     missing = {name: count(m) for name, m in modules.items() if count(m) not in doc}
     assert not missing, f"docs/methods.md does not give these parameter counts: {missing}"
