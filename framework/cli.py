@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import NoReturn
 
 from framework.errors import one_line
@@ -142,7 +143,7 @@ def eval_main(argv: Sequence[str]) -> None:
 def shards_main(argv: Sequence[str]) -> None:
     """`shards SOURCE ROOT --split S --out PATTERN`: convert a dataset to WebDataset shards."""
     from framework.data import sources
-    from framework.data.shards import write_shards
+    from framework.data.shards import SampleRef, write_shards
 
     parser = argparse.ArgumentParser(prog="augssl shards", description="Convert a dataset to WebDataset tar shards.")
     parser.add_argument("source", choices=sorted(sources.SOURCES))
@@ -154,14 +155,31 @@ def shards_main(argv: Sequence[str]) -> None:
     parser.add_argument("--format", choices=["png", "jpg"], default="png")
     parser.add_argument("--quality", type=int, default=95, help="JPEG quality")
     parser.add_argument("--limit", type=int, default=None, help="convert only the first N samples")
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        help="worker processes reading, decoding and encoding the images (0: one per CPU core "
+        "this process may use; default 1). The shards and manifest are the same bytes for any "
+        "number. For imagefolder each worker reads its own files; the other sources are read "
+        "from their few big files here and only the encoding is spread, worth little for their "
+        "small images",
+    )
     args = parser.parse_args(argv)
     if "%" not in args.out:
         _fail(f"--out {args.out!r}: needs a %d field for the shard number, e.g. train-%06d.tar")
+    if args.processes < 0:
+        _fail(f"--processes {args.processes}: needs 0 (one per CPU core) or more")
+    processes = args.processes or len(os.sched_getaffinity(0))
     root = args.root if args.root is not None else sources.DEFAULT_ROOTS.get(args.source)
     if root is None:
         _fail(f"{args.source}: give the dataset folder (ROOT)")
     try:
-        samples = sources.SOURCES[args.source](root, split=args.split)
+        samples: Iterable[sources.Sample | SampleRef]
+        if args.source == "imagefolder":  # listed here, each file read in a worker
+            samples = sources.image_folder_files(root, split=args.split)
+        else:
+            samples = sources.SOURCES[args.source](root, split=args.split)
         if args.limit is not None:
             from itertools import islice
 
@@ -179,9 +197,13 @@ def shards_main(argv: Sequence[str]) -> None:
                 "split": args.split,
                 "classes": sources.classes(args.source, root),
             },
+            processes=processes,
         )
     except (OSError, ValueError) as exc:  # the shards and manifest already there are left untouched
         _fail(one_line(exc))
+    except KeyboardInterrupt:  # the workers are stopped and the temporaries gone by now
+        print("augssl: interrupted; the shards and manifest already there are left untouched", file=sys.stderr)
+        raise SystemExit(130) from None
     except Exception as exc:  # a reader tripping on a damaged file: still one line
         _fail(f"{args.source} {root}: {type(exc).__name__}: {one_line(exc)}")
     print(json.dumps({k: info[k] for k in ("samples", "pattern", "format")}))

@@ -1,7 +1,8 @@
 """Shards on disk and on the wire: writing them, naming them, reading one.
 
 - Writing: `write_shards` turns a stream of `Sample`s into tar shards and a manifest, all or
-  nothing (`.tmp` files renamed once every sample is written); `brace_pattern` names the result.
+  nothing (`.tmp` files renamed once every sample is written), reading and encoding them in
+  worker processes if asked (the same bytes); `brace_pattern` names the result.
 - Naming: `shard_urls` expands a shard spec (brace patterns, `::` lists), `is_local` tells a
   path from a remote URL, `check_shards` finds missing local shards before a run starts.
 - Reading: `tar_records` yields one shard's records (`open_shard`: local, `http(s)://`, `pipe:`
@@ -13,17 +14,25 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import multiprocessing
+import multiprocessing.forkserver
 import os
 import re
 import select
 import signal
 import subprocess
+import threading
+import time
 import urllib.request
 import zlib
-from collections.abc import Iterable, Iterator
-from itertools import count
+from collections import deque
+from collections.abc import Generator, Iterable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from functools import partial
+from itertools import count, islice
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import webdataset as wds
 from braceexpand import braceexpand
@@ -48,14 +57,28 @@ def encode_image(image: Image.Image, fmt: str = "png", quality: int = 95) -> byt
     return buf.getvalue()
 
 
+class SampleRef(Protocol):
+    """A sample not read yet (`sources.ImageFile`): what `write_shards` loads in its workers."""
+
+    def load(self) -> Sample: ...
+
+
+# Samples per task handed to a worker, and tasks in flight per worker: a task is long enough to
+# dwarf its pickling and keep every worker busy while the writer waits for the oldest, short
+# enough that the encoded bytes in flight stay a few hundred MB even for full-size ImageNet PNGs
+# (16 workers x 2 x 16 x ~0.5 MB).
+_CHUNK, _AHEAD = 16, 2
+
+
 def write_shards(
-    samples: Iterable[Sample],
+    samples: Iterable[Sample | SampleRef],
     pattern: str,
     maxcount: int = 5000,
     maxsize: float = 3e9,
     fmt: str = "png",
     quality: int = 95,
     manifest: dict[str, Any] | None = None,
+    processes: int = 1,
 ) -> dict[str, Any]:
     """Write `samples` to tar shards `pattern` (e.g. `out/train-%06d.tar`).
 
@@ -63,22 +86,38 @@ def write_shards(
     (`<dir>/<prefix>.json`: sample count, shard list with counts, format, plus
     `manifest`) is written beside the shards and returned.
 
+    `processes` > 1: the samples are loaded (a `SampleRef`'s `load()`: reading and decoding a
+    file) and encoded in that many worker processes (`_context`), `_CHUNK` samples per task, in
+    order; this process writes the tars. The shards and manifest are byte for byte those of
+    `processes=1` (same records, same order, same shard boundaries, `maxsize` included). A
+    sample that fails raises its error here, the first in sample order; a worker that dies
+    (a signal, out of memory) raises `ChildProcessError` naming the sample it died on, when a lone
+    worker dies on it again, or the range of samples in flight.
+
     All or nothing: shards and manifest are written as `<name>.tmp` and renamed over their names
     only once every sample is written; if `samples` raises (a wrong source, a damaged file) or
     yields nothing (`ValueError`), the temporaries are removed and existing files are untouched.
     """
+    if processes < 1:
+        raise ValueError(f"processes={processes}: needs at least 1")
+    encode_image(Image.new("RGB", (1, 1)), fmt, quality)  # a wrong format fails before any worker starts
     Path(pattern).parent.mkdir(parents=True, exist_ok=True)
     prefix = Path(pattern).name.split("%")[0].rstrip("-_.") or "shards"
     manifest_path = Path(pattern).with_name(f"{prefix}.json")
     tmp = pattern + ".tmp"
     counts: dict[str, int] = {}
     ext = "jpg" if fmt == "jpeg" else fmt
+    records = (
+        map(partial(_record, fmt=fmt, quality=quality, ext=ext), samples)
+        if processes == 1
+        else _records_in_workers(samples, processes, fmt, quality, ext)
+    )
     try:
         # An integer mtime keeps tarfile from adding a PAX header per member (a float mtime needs
         # one): half the headers to parse when streaming, and byte-identical shards for equal input.
         with wds.ShardWriter(tmp, maxcount=maxcount, maxsize=maxsize, verbose=0, mtime=0) as sink:
-            for sample in samples:
-                sink.write({"__key__": sample.key, ext: encode_image(sample.image, fmt, quality), "cls": sample.label})
+            for record in records:
+                sink.write(record)
                 counts[sink.fname] = counts.get(sink.fname, 0) + 1
         if not counts:
             raise ValueError(f"no samples to write to {pattern} (existing shards left as they are)")
@@ -91,12 +130,121 @@ def write_shards(
         }
         manifest_path.with_name(manifest_path.name + ".tmp").write_text(json.dumps(info, indent=1))
     except BaseException:
+        if isinstance(records, Generator):
+            records.close()  # the workers stop before the temporaries go
         _remove_temporaries(tmp, manifest_path)
         raise
     for name in counts:
         os.replace(name, name.removesuffix(".tmp"))
     os.replace(manifest_path.with_name(manifest_path.name + ".tmp"), manifest_path)
     return info
+
+
+def _record(item: Sample | SampleRef, fmt: str, quality: int, ext: str) -> dict[str, Any]:
+    """One sample (loaded first if a `SampleRef`) as the record `write_shards` writes."""
+    sample = item if isinstance(item, Sample) else item.load()
+    return {"__key__": sample.key, ext: encode_image(sample.image, fmt, quality), "cls": sample.label}
+
+
+def _records_of(chunk: list[Sample | SampleRef], fmt: str, quality: int, ext: str) -> list[dict[str, Any]]:
+    """A worker's task: the records of `chunk`, in order."""
+    return [_record(item, fmt, quality, ext) for item in chunk]
+
+
+def _records_in_workers(
+    samples: Iterable[Sample | SampleRef], processes: int, fmt: str, quality: int, ext: str
+) -> Generator[dict[str, Any], None, None]:
+    """The records of `samples` in order, made by `processes` worker processes.
+
+    At most `_AHEAD` tasks per worker are in flight, so a slow disk or a huge folder never piles
+    records up in memory. Closing the generator early (an error, Ctrl-C in this process) kills
+    the workers at once (a worker stuck on a file must not hold Ctrl-C up): none outlives it.
+    """
+    context = _context()
+    pool = _pool(processes, context)
+    pending: deque[tuple[list[Sample | SampleRef], Future[list[dict[str, Any]]]]] = deque()
+    items = iter(samples)
+    finished = False
+    try:
+        while True:
+            try:
+                while len(pending) < _AHEAD * processes and (chunk := list(islice(items, _CHUNK))):
+                    pending.append((chunk, pool.submit(_records_of, chunk, fmt, quality, ext)))
+                if not pending:
+                    finished = True
+                    return
+                records = pending[0][1].result()
+            except BrokenProcessPool:  # from `result()`, or `submit()` once a worker is gone
+                in_flight = [item for chunk, _ in pending for item in chunk]
+                raise ChildProcessError(_worker_died(in_flight, context, fmt, quality, ext)) from None
+            pending.popleft()
+            yield from records
+    finally:
+        if not finished:
+            # No public way before Python 3.14's `terminate_workers()`; the workers hold no file.
+            for process in list((getattr(pool, "_processes", None) or {}).values()):
+                process.terminate()
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _context() -> Any:
+    """Forkserver: each worker is forked from a clean single-threaded server that has imported
+    this module once (not `fork`: this process may hold threads; not `spawn`: every worker would
+    import torch anew, seconds of CPU each). Spawn where there is no forkserver (Windows).
+
+    The server is started with SIGINT ignored, which its forks keep: Ctrl-C at the terminal (sent
+    to the whole process group) reaches only this process, which stops the workers.
+    """
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([__name__])  # no effect once the server runs: it has it then
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            multiprocessing.forkserver.ensure_running()  # starts it (at once: it imports on its own)
+        finally:
+            signal.signal(signal.SIGINT, signal.SIG_DFL if previous is None else previous)
+    return context
+
+
+def _pool(processes: int, context: Any) -> ProcessPoolExecutor:
+    return ProcessPoolExecutor(processes, mp_context=context, initializer=_worker_init)
+
+
+def _worker_init() -> None:
+    """In each worker: Ctrl-C is the writer's to handle (it stops the workers), and a worker whose
+    parent is gone (the writer killed, and with it the forkserver) exits instead of waiting forever."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def _worker_died(items: list[Sample | SampleRef], context: Any, fmt: str, quality: int, ext: str) -> str:
+    """Why the workers broke while `items` were in flight: the items are tried again one by one
+    in a fresh lone worker, and the one it dies on is named; if none kills it, the range (the
+    first death was not one file's: memory, a signal)."""
+
+    def name(item: Sample | SampleRef) -> str:
+        return str(getattr(item, "path", None) or getattr(item, "key", item))
+
+    with _pool(1, context) as lone:
+        for item in items:
+            try:
+                lone.submit(_records_of, [item], fmt, quality, ext).result()
+            except BrokenProcessPool:
+                return f"{name(item)}: a worker process died converting it (a crash in its decoder?)"
+            except Exception:  # an error of its own (a damaged file): not what killed the worker
+                continue
+    return f"a worker process died (killed? out of memory?) with {len(items)} samples in flight: " + (
+        f"{name(items[0])} .. {name(items[-1])}"
+    )
 
 
 def _remove_temporaries(tmp_pattern: str, manifest_path: Path) -> None:

@@ -251,19 +251,41 @@ def _folder_files(root: Path, names: list[str]) -> list[tuple[str, int]]:
     return files
 
 
-def _folder_iter(files: list[tuple[str, int]], split: str) -> Iterator[Sample]:
-    for i, (path, label) in enumerate(files):
-        with Image.open(path) as img:
-            yield Sample(f"{split}_{i:07d}", img.convert("RGB"), label)
+@dataclass(frozen=True)
+class ImageFile:
+    """One file of an image folder, listed but not read: `load()` reads it as a `Sample`.
+
+    What `write_shards(..., processes=N)` hands its worker processes: a path travels to a
+    worker for a few bytes, where the decoded pixels of the file would cost a copy.
+    """
+
+    key: str
+    path: str
+    label: int
+
+    def load(self) -> Sample:
+        """The file as an RGB `Sample`; `ValueError` naming the file if it cannot be decoded."""
+        try:
+            with Image.open(self.path) as img:
+                return Sample(self.key, img.convert("RGB"), self.label)
+        except Exception as exc:  # PIL raises OSError, ValueError, SyntaxError, ... on a damaged file
+            raise ValueError(f"{self.path}: unreadable image ({type(exc).__name__}: {exc})") from None
+
+
+def image_folder_files(root: str | Path, split: str = "train") -> list[ImageFile]:
+    """The files of an ImageFolder tree in `image_folder`'s order, keys and labels, none read yet."""
+    root = Path(root)
+    files = _folder_files(root, _folder_classes(root))
+    return [ImageFile(f"{split}_{i:07d}", path, label) for i, (path, label) in enumerate(files)]
 
 
 def image_folder(root: str | Path, split: str = "train") -> Iterator[Sample]:
     """Any ImageFolder tree (`root/<class>/.../<image>`), ordered and labelled like torchvision's.
 
-    `split` only prefixes the keys: point `root` at the split's own folder.
+    `split` only prefixes the keys: point `root` at the split's own folder. The files are listed
+    at once (a missing or empty folder raises here), read one at a time.
     """
-    root = Path(root)
-    return _folder_iter(_folder_files(root, _folder_classes(root)), split)
+    return (file.load() for file in image_folder_files(root, split))
 
 
 # --- registry --------------------------------------------------------------------------------
