@@ -1,7 +1,7 @@
 """Global-batch losses: 2 real processes x batch B train exactly like 1 process x batch 2B.
 
 SimCLR's NT-Xent (two views, or `simclr_multicrop`: its multi-positive form over four crops
-of each sample) and Barlow Twins' cross-correlation need the whole batch; all gather
+of each sample; `simclr_vit`: through a timm ViT) and Barlow Twins' cross-correlation need the whole batch; all gather
 with gradient through `framework.distributed.gather_with_grad`. tests/dist_equivalence.py
 runs a seeded float64 MLP + the plugin's loss under DDP (gloo, CPU) in 2 processes
 and here in 1 process on the full batch.
@@ -35,7 +35,7 @@ from tests.helpers import accelerate_launch, ddp_args
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = Path(__file__).with_name("dist_equivalence.py")
-METHODS = ("simclr", "barlow", "simclr_multicrop")
+METHODS = ("simclr", "barlow", "simclr_multicrop", "simclr_vit")
 WORLD = 2
 
 
