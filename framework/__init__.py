@@ -34,6 +34,7 @@ from framework.distributed import full_parameters, gather_with_grad, rank, world
 from framework.hookspecs import hookimpl
 from framework.precision import at_least_float32, full_precision
 from framework.recipe.schema import PluginConfig, Recipe
+from framework.schedules import Scheduled
 from framework.types import Encoding, StepContext, View, num_features
 from framework.views import ToMode, check_stats, denormalize, normalize, tensor_steps
 
@@ -41,6 +42,7 @@ __all__ = [
     "Encoding",
     "PluginConfig",
     "Recipe",
+    "Scheduled",
     "StepContext",
     "ToMode",
     "View",

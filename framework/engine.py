@@ -15,9 +15,9 @@ tensor from host data):
 5. By request only: preview images (`train.preview_every`), the online k-NN
    (`eval.knn_every`) and checkpoints (`train.checkpoint_every`).
 
-Everything else (data cursors, the lr schedule, BYOL's momentum, beta warm-up) is host
-arithmetic or a device op queued without waiting; batches arrive with `non_blocking` copies
-from pinned memory.
+Everything else (data cursors, the lr and weight-decay schedules, LARS' trust ratios, BYOL's
+momentum, beta warm-up) is host arithmetic or a device op queued without waiting; batches arrive
+with `non_blocking` copies from pinned memory.
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ from framework.model import Model, weighted_total
 from framework.optim import build_optimizer, effective_lr, lr_factor
 from framework.preemption import Preempted, StopRequests
 from framework.recipe.schema import Recipe
+from framework.schedules import scheduled_values, set_weight_decay
 from framework.types import View
 
 if TYPE_CHECKING:
@@ -190,6 +191,7 @@ def log_interval(run: Run, recipe: Recipe, skipped: int) -> None:
         {
             "epoch": run.position.epoch,
             **logged_lrs(recipe, run.optimizer, run.scheduler, lr_now),
+            **scheduled_values(recipe, run.step),  # wd and plugins' Scheduled fields, for the next step
             "skipped_steps": skipped,
             "images/s": run.logger.images_per_second(),
         }
@@ -244,6 +246,7 @@ def train(recipe: Recipe, hooks: PluginHooks) -> Path:
                     accelerator.backward(loss)
                 if accelerator.sync_gradients and recipe.distributed.grad_clip is not None:
                     accelerator.clip_grad_norm_(model.parameters(), recipe.distributed.grad_clip)
+                set_weight_decay(optimizer, cfg, run.step)  # train.weight_decay_end: the decay groups' cosine
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 skipped += accelerator.sync_gradients and accelerator.optimizer_step_was_skipped  # fp16 loss scaler

@@ -1,17 +1,23 @@
-"""The optimisation: one param group per plugin, the lr scaled by the global batch, the schedule.
+"""The optimisation: param groups per plugin, the lr scaled by the global batch, the optimizers, LARS.
 
 `build_optimizer` gives every plugin's trainable modules their own param group (a plugin's
-`lr` is scaled like `train.lr`); `lr_factor` is the multiplier `LambdaLR` applies per step.
+`lr` is scaled like `train.lr`); with `train.exclude_norm_bias_from_wd` (always under `lars`)
+each plugin's group is split in two: the parameters that decay, and the biases and normalisation
+weights (every parameter with `ndim <= 1`) in a group marked `no_decay` with weight decay 0, which
+LARS also leaves unadapted. Both halves keep the plugin's name (`plugin`) and lr. `lr_factor` is the
+multiplier `LambdaLR` applies per step (`framework.schedules.lr_schedule`).
 """
 
 from __future__ import annotations
 
-import math
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 
 from framework.model import Model
 from framework.recipe.schema import Recipe, TrainConfig
+from framework.schedules import lr_schedule
 
 
 def effective_lr(cfg: TrainConfig, global_batch: int) -> float:
@@ -19,20 +25,121 @@ def effective_lr(cfg: TrainConfig, global_batch: int) -> float:
     return cfg.lr * global_batch / 256 if cfg.lr_scaling == "linear" else cfg.lr
 
 
-def build_optimizer(model: Model, recipe: Recipe, lr: float | None = None) -> torch.optim.Optimizer:
-    """The recipe's optimizer over the trainable parameters, at `lr` (default `train.lr`).
+def decays(param: torch.Tensor) -> bool:
+    """Whether weight decay (and LARS' trust ratio) applies: not to biases and normalisation weights,
+    told apart as solo-learn does by their shape (`ndim <= 1`: every bias, BatchNorm/LayerNorm/GroupNorm
+    weight, and any scalar such as a learnt temperature)."""
+    return param.ndim > 1
 
-    One param group per plugin: a plugin's `lr` (e.g. the online probe's) is scaled by the
-    same factor as `train.lr` (`lr / train.lr`), so `train.lr_scaling` moves every group alike.
+
+class LARS(torch.optim.Optimizer):
+    """LARS (You et al. 2017, "Large Batch Training of Convolutional Networks"): SGD with momentum where
+    each parameter's step is scaled by a trust ratio, as SimCLR, BYOL and Barlow Twins train and as
+    solo-learn implements it (`solo/utils/lars.py`). For a parameter `w` with gradient `g`, in a group
+    with lr, weight decay `wd`, momentum `m`, trust coefficient `eta`:
+
+        d = g + wd * w
+        r = eta * ||w|| / (||g|| + wd * ||w|| + eps)   if ||w|| > 0 and ||g|| > 0, else 1
+        r = min(r / lr, 1)                             with clip (solo-learn's clip_lr: the lr is capped)
+        buf = m * buf + r * d                          (buf = r * d at the first step)
+        w = w - lr * buf
+
+    Plain momentum (no dampening, not Nesterov), as solo-learn and the papers. A group with `no_decay`
+    true (biases, normalisation weights) gets neither the weight decay nor the ratio: `d = g`, `r = 1`.
+    Unlike solo-learn, a parameter whose weight or gradient norm is 0 still decays (`r = 1`, as the
+    SimCLR code's LARS); solo-learn skips its decay. The ratio stays a device tensor (`torch.where`),
+    so a step reads nothing back to the host.
     """
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+        lr: float,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        eta: float = 1e-3,
+        clip: bool = False,
+        eps: float = 1e-8,
+    ) -> None:
+        if lr < 0 or not 0 <= momentum < 1 or weight_decay < 0 or eta <= 0 or eps < 0:
+            raise ValueError(f"LARS: lr {lr}, momentum {momentum}, weight_decay {weight_decay}, eta {eta}, eps {eps}")
+        defaults = {
+            "lr": lr,
+            "momentum": momentum,
+            "weight_decay": weight_decay,
+            "eta": eta,
+            "clip": clip,
+            "eps": eps,
+            "no_decay": False,
+        }
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, momentum, adapt = group["lr"], group["momentum"], not group.get("no_decay", False)
+            wd = group["weight_decay"] if adapt else 0.0
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                d = p.grad
+                if adapt:
+                    w_norm, g_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(d)
+                    ratio = group["eta"] * w_norm / (g_norm + wd * w_norm + group["eps"])
+                    if group["clip"]:
+                        ratio = torch.clamp(ratio / lr, max=1.0)
+                    ratio = torch.where((w_norm > 0) & (g_norm > 0), ratio, torch.ones_like(ratio))
+                    d = d.add(p, alpha=wd).mul_(ratio)
+                if momentum:
+                    state = self.state[p]
+                    if "momentum_buffer" not in state:
+                        state["momentum_buffer"] = d.detach().clone()
+                    else:
+                        state["momentum_buffer"].mul_(momentum).add_(d)
+                    d = state["momentum_buffer"]
+                p.add_(d, alpha=-lr)
+        return loss
+
+
+def param_groups(model: Model, recipe: Recipe, lr: float) -> list[dict[str, Any]]:
+    """One param group per plugin at its lr (a plugin's `lr` scaled by `lr / train.lr`), split into a
+    decaying group and a `no_decay` one (weight decay 0) under `exclude_norm_bias_from_wd` or LARS."""
     cfg = recipe.train
-    lr = cfg.lr if lr is None else lr
+    split = cfg.exclude_norm_bias_from_wd or cfg.optimizer == "lars"
     groups = []
     for name, modules in model.plugins.items():
         own = getattr(recipe.plugins.get(name), "lr", None)
+        group_lr = lr if own is None else own * lr / cfg.lr
         params = [p for p in modules.parameters() if p.requires_grad]
-        if params:
-            groups.append({"params": params, "lr": lr if own is None else own * lr / cfg.lr, "plugin": name})
+        parts = [(params, False)]
+        if split:
+            parts = [([p for p in params if decays(p)], False), ([p for p in params if not decays(p)], True)]
+        for members, no_decay in parts:
+            if members:
+                wd = 0.0 if no_decay else cfg.weight_decay
+                groups.append(
+                    {"params": members, "lr": group_lr, "weight_decay": wd, "no_decay": no_decay, "plugin": name}
+                )
+    return groups
+
+
+def build_optimizer(model: Model, recipe: Recipe, lr: float | None = None) -> torch.optim.Optimizer:
+    """The recipe's optimizer over the trainable parameters (`param_groups`), at `lr` (default `train.lr`).
+
+    A plugin's `lr` (e.g. the online probe's) is scaled by the same factor as `train.lr`
+    (`lr / train.lr`), so `train.lr_scaling` moves every group alike.
+    """
+    cfg = recipe.train
+    lr = cfg.lr if lr is None else lr
+    groups = param_groups(model, recipe, lr)
+    if cfg.optimizer == "lars":
+        return LARS(
+            groups, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, eta=cfg.lars_eta, clip=cfg.lars_clip
+        )
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=True, weight_decay=cfg.weight_decay)
     opt = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
@@ -40,10 +147,5 @@ def build_optimizer(model: Model, recipe: Recipe, lr: float | None = None) -> to
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
-    """Linear warm-up over `warmup_steps`, then constant or cosine to 0 at `steps`."""
-    if step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
-    if cfg.schedule == "constant":
-        return 1.0
-    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    """Linear warm-up over `warmup_steps`, then constant or cosine to 0 at `steps` (`schedules.lr_schedule`)."""
+    return lr_schedule(cfg).at(step, cfg.steps)

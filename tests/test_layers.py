@@ -30,6 +30,7 @@ LAYERS: dict[str, int] = {
     "framework.distributed": 1,
     "framework.data.shards": 1,
     "framework.plots": 1,
+    "framework.schedules": 1,
     "framework.hookspecs": 2,
     "framework.data.pipeline": 2,
     # plugins and the stream

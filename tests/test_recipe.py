@@ -161,7 +161,7 @@ BAD = {
     "missing eval shards": (lambda r: deep_merge(r, {"eval": {"test": "/nope/t.tar"}}), r"eval\.test: no such shard"),
     "unknown optimizer": (
         lambda r: deep_merge(r, {"train": {"optimizer": "lamb"}}),
-        r"train\.optimizer: Input should be 'adam', 'adamw' or 'sgd'",
+        r"train\.optimizer: Input should be 'adam', 'adamw', 'sgd' or 'lars'",
     ),
 }
 

@@ -115,9 +115,20 @@ class TrainConfig(Strict):
     # "linear": the optimizer's lr is lr x global_batch / 256 (Goyal et al. 2017), where
     # global_batch = data.batch_size x processes x distributed.accumulation_steps
     lr_scaling: Literal["none", "linear"] = "none"
-    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    # lars: SGD with plain momentum and a per-parameter trust ratio (docs/methods.md#optimiser)
+    optimizer: Literal["adam", "adamw", "sgd", "lars"] = "adam"
     weight_decay: float = Field(0.0, ge=0)
-    momentum: float = 0.9  # sgd (Nesterov)
+    # set: the weight decay follows a cosine from weight_decay at step 0 to this at train.steps
+    # (DINO's schedule), in the param groups that decay; None: constant
+    weight_decay_end: float | None = Field(None, ge=0)
+    # biases and normalisation weights (every parameter with ndim <= 1) get no weight decay, in their
+    # own param group per plugin (solo-learn's exclude_bias_n_norm_wd); always so under lars
+    exclude_norm_bias_from_wd: bool = False
+    momentum: float = Field(0.9, ge=0, lt=1)  # sgd (Nesterov), lars (plain)
+    # lars: the trust coefficient eta (the LARS, SimCLR and BYOL papers' 1e-3; solo-learn's CIFAR
+    # recipes take 0.02 with lars_clip), and clip: a parameter's lr is min(eta-scaled lr, lr) (solo-learn's clip_lr)
+    lars_eta: float = Field(1e-3, gt=0)
+    lars_clip: bool = False
     betas: tuple[float, float] = (0.9, 0.999)  # adam/adamw
     warmup_steps: int = Field(0, ge=0)
     schedule: Literal["constant", "cosine"] = "constant"
