@@ -3,7 +3,8 @@
 `build_optimizer` gives every plugin's trainable modules their own param group (a plugin's
 `lr` is scaled like `train.lr`); with `train.exclude_norm_bias_from_wd` (always under `lars`)
 each plugin's group is split in two: the parameters that decay, and the biases and normalisation
-weights (every parameter with `ndim <= 1`) in a group marked `no_decay` with weight decay 0, which
+weights (every parameter with `ndim <= 1`, and those a module names in its `no_weight_decay()`, timm's
+convention: a ViT's position embedding and class token) in a group marked `no_decay` with weight decay 0, which
 LARS also leaves unadapted. Both halves keep the plugin's name (`plugin`) and lr. `lr_factor` is the
 multiplier `LambdaLR` applies per step (`framework.schedules.lr_schedule`).
 """
@@ -25,11 +26,23 @@ def effective_lr(cfg: TrainConfig, global_batch: int) -> float:
     return cfg.lr * global_batch / 256 if cfg.lr_scaling == "linear" else cfg.lr
 
 
-def decays(param: torch.Tensor) -> bool:
+def decays(param: torch.Tensor, declared: frozenset[int] = frozenset()) -> bool:
     """Whether weight decay (and LARS' trust ratio) applies: not to biases and normalisation weights,
     told apart as solo-learn does by their shape (`ndim <= 1`: every bias, BatchNorm/LayerNorm/GroupNorm
-    weight, and any scalar such as a learnt temperature)."""
-    return param.ndim > 1
+    weight, and any scalar such as a learnt temperature), nor to the parameters in `declared` (the ids
+    `declared_no_decay` finds)."""
+    return param.ndim > 1 and id(param) not in declared
+
+
+def declared_no_decay(modules: torch.nn.Module) -> frozenset[int]:
+    """The ids of the parameters a submodule lists by name in its `no_weight_decay()` (timm's models do:
+    a ViT's `pos_embed` and `cls_token`, which timm's and DINO's optimisers exclude from weight decay)."""
+    ids = set()
+    for module in modules.modules():
+        names = module.no_weight_decay() if callable(getattr(module, "no_weight_decay", None)) else ()
+        params = dict(module.named_parameters())
+        ids.update(id(params[n]) for n in names if n in params)
+    return frozenset(ids)
 
 
 class LARS(torch.optim.Optimizer):
@@ -117,7 +130,9 @@ def param_groups(model: Model, recipe: Recipe, lr: float) -> list[dict[str, Any]
         params = [p for p in modules.parameters() if p.requires_grad]
         parts = [(params, False)]
         if split:
-            parts = [([p for p in params if decays(p)], False), ([p for p in params if not decays(p)], True)]
+            declared = declared_no_decay(modules)
+            decaying = [p for p in params if decays(p, declared)]
+            parts = [(decaying, False), ([p for p in params if not decays(p, declared)], True)]
         for members, no_decay in parts:
             if members:
                 wd = 0.0 if no_decay else cfg.weight_decay

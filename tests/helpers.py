@@ -40,6 +40,19 @@ def ddp_args(processes: int = 2) -> list[str]:
     return ["--multi_gpu", "--num_processes", str(processes), *ONE_NODE, "--main_process_port", str(free_port())]
 
 
+def small_crops(raw: dict, size: int) -> list[str]:
+    """Overrides that shrink a (merged, raw) recipe's multi-crop sizes for a CPU test at `size` px: global
+    crops at the data's size, local crops at half of it."""
+    out = []
+    for name, section in raw.get("plugins", {}).items():
+        crops = (section or {}).get("crops") or {}
+        if (crops.get("global") or {}).get("size") is not None:
+            out.append(f"plugins.{name}.crops.global.size=null")
+        if crops.get("local"):
+            out.append(f"plugins.{name}.crops.local.size={size // 2}")
+    return out
+
+
 def asset_specs(root: Path = ASSETS) -> dict[str, str]:
     """`{"train": spec, "test": spec}` of the asset shards under `root` (brace patterns, `data.train`)."""
     return {

@@ -2,7 +2,8 @@
 Accelerate, no engine, no optimizer. Each loss term is a finite scalar named `<plugin>.<term>`.
 
 The fast counterpart of tests/test_recipes_train.py (which trains each recipe 2 steps): recipes as
-shipped, the data pointed at tiny shards, 96-px (STL-10) recipes at 32 px, a batch of 4.
+shipped, the data pointed at tiny shards, 96- and 224-px recipes at 32 px (multi-crop: local crops at
+16), a batch of 4.
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ import torch
 from framework.data import batch_to_device, make_loader
 from framework.engine import build_views
 from framework.model import Model
-from framework.recipe.loading import load_recipe
+from framework.recipe.loading import load_raw, load_recipe
 from framework.testing import tiny_shards
-from tests.helpers import ROOT
+from tests.helpers import ROOT, small_crops
 
 RECIPES = sorted((ROOT / "recipes").glob("[!_]*.yaml"))
 
@@ -33,14 +34,16 @@ def tiny(path: Path, shards: dict[str, dict[str, str]], tmp_path: Path) -> list[
     """The overrides that point the recipe at `path` at tiny shards, at most 32 px and a batch of 4."""
     data = load_recipe(path, check_data=False)[0].data
     spec = shards[(data.channels == 1 and "grey") or "rgb"]["train"]
+    size = min(data.image_size, 32)
     return [
         f"output_dir={tmp_path / 'run'}",
         f"data.train={spec}",
-        f"data.image_size={min(data.image_size, 32)}",
+        f"data.image_size={size}",
         "data.resize=null",
         "data.batch_size=4",
         "data.num_workers=0",
         "data.shuffle_buffer=0",
+        *small_crops(load_raw(path), size),
     ]
 
 

@@ -130,6 +130,21 @@ def test_biases_and_norm_weights_get_no_weight_decay(tmp_path, optimizer):
     assert sum(p.ndim <= 1 for p in params) >= 10, "the conv28 encoder's BatchNorm weights and biases"
 
 
+def test_a_vits_position_embedding_and_class_token_get_no_weight_decay(tmp_path):
+    """Parameters a module names in `no_weight_decay()` (timm's convention) join the biases and norms."""
+    plugins = {"backbones": {"encoder": "timm/vit_tiny_patch16_224", "latent_dim": None}, "simclr": {}}
+    recipe = tiny_recipe(tmp_path, NO_SHARDS, plugins=plugins, size=32, channels=3)
+    recipe["train"].update(optimizer="adamw", weight_decay=0.05, exclude_norm_bias_from_wd=True)
+    cfg, hooks = validate(recipe, check_data=False)
+    model = Model(hooks, cfg)
+    vit = model.encoder
+    groups = build_optimizer(model, cfg).param_groups
+    no_decay = {id(p) for g in groups if g["no_decay"] for p in g["params"]}
+    assert {id(vit.pos_embed), id(vit.cls_token)} <= no_decay and vit.pos_embed.ndim == 3
+    assert id(vit.patch_embed.proj.weight) not in no_decay and id(vit.blocks[0].attn.qkv.weight) not in no_decay
+    assert all(g["weight_decay"] == (0.0 if g["no_decay"] else 0.05) for g in groups)
+
+
 def test_each_plugin_keeps_its_lr_through_the_split(tmp_path):
     model, cfg = model_and_recipe(tmp_path, lr=0.01, exclude_norm_bias_from_wd=True, weight_decay=1e-4)
     groups = build_optimizer(model, cfg, lr=0.02).param_groups

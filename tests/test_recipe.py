@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -102,15 +103,28 @@ def test_cifar10_recipes_that_cite_solo_learn_use_its_settings(method):
     assert cfg.train.schedule == "cosine" and cfg.plugins["backbones"].encoder == "resnet18"
 
 
+STEPS_COMMENT = re.compile(
+    r"^  steps: (\d+) +# (\d+) epochs x (\d+) steps \((\d+) //? \(?(\d+)(?: x (\d+) GPUs\))?", re.M
+)
+WARMUP_COMMENT = re.compile(r"^  warmup_steps: (\d+) +# .*?(\d+) (?:warm-up )?epochs", re.M)
+
+
 def test_step_counts_are_the_epochs_the_comments_say():
-    """3200 AAVAE epochs of 195 steps (50000 // 256, 100000 // 512) are 624,000 steps."""
+    """Each recipe's `steps: N  # E epochs x M steps (IMAGES // BATCH [x G GPUs])` is right: M = IMAGES // (BATCH x G)
+    and N = E x M (3200 AAVAE epochs of 195 steps are 624,000), and `warmup_steps: W  # ... K epochs` is K x M."""
+    checked = 0
     for path in sorted((ROOT / "recipes").glob("[!_]*.yaml")):
         text = path.read_text()
         cfg, _ = load_recipe(path, check_data=False)
+        if match := STEPS_COMMENT.search(text):
+            steps, epochs, per_epoch, images, batch, gpus = (int(g or 1) for g in match.groups())
+            assert per_epoch == images // (batch * gpus) and steps == epochs * per_epoch == cfg.train.steps, path.name
+            if warmup := WARMUP_COMMENT.search(text):
+                assert int(warmup.group(1)) == int(warmup.group(2)) * per_epoch == cfg.train.warmup_steps, path.name
+            checked += 1
         if "3200 epochs" in text:
             assert cfg.train.steps == 3200 * 195 == 624_000, path.name
-        if "1000 epochs" in text:
-            assert cfg.train.steps == 1000 * 195, path.name
+    assert checked >= 15  # every recipe whose comment gives its epoch arithmetic
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "recipes").glob("[!_]*_stl10.yaml")), ids=lambda p: p.stem)

@@ -17,6 +17,7 @@ from framework.engine import train
 from framework.logging import read_metrics
 from framework.recipe.loading import apply_overrides, load_raw, validate
 from framework.testing import tiny_shards
+from tests.helpers import small_crops
 
 pytestmark = pytest.mark.slow  # the engine trains every recipe; the fast check: tests/test_model_forward.py
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("[!_]*.yaml"))
@@ -47,6 +48,7 @@ def test_recipe_trains_two_steps(path, tmp_path, shard_sets):
         "train.log_every=1",
         "train.checkpoint_every=1000",
         "train.warmup_steps=0",
+        *small_crops(raw, size),
     ]
     recipe, hooks = validate(apply_overrides(raw, overrides))
     out = train(recipe, hooks)
