@@ -37,9 +37,10 @@ def decays(param: torch.Tensor, declared: frozenset[int] = frozenset()) -> bool:
 def declared_no_decay(modules: torch.nn.Module) -> frozenset[int]:
     """The ids of the parameters a submodule lists by name in its `no_weight_decay()` (timm's models do:
     a ViT's `pos_embed` and `cls_token`, which timm's and DINO's optimisers exclude from weight decay)."""
-    ids = set()
+    ids: set[int] = set()
     for module in modules.modules():
-        names = module.no_weight_decay() if callable(getattr(module, "no_weight_decay", None)) else ()
+        declare = getattr(module, "no_weight_decay", None)
+        names = declare() if callable(declare) else ()
         params = dict(module.named_parameters())
         ids.update(id(params[n]) for n in names if n in params)
     return frozenset(ids)
