@@ -23,10 +23,13 @@ global crop's target against the prediction of every other crop.
 EMA, in `on_train_step_end` after optimizer step k (1-based): for every target
 parameter `xi <- tau * xi + (1 - tau) * theta` with
 `tau = 1 - (1 - base) * (cos(pi * (k - 1) / steps) + 1) / 2` (BYOL paper's schedule:
-`base` at the start, 1 at the end). The value used after the current step is logged
-as `byol.tau`. Only parameters are averaged; the target's BatchNorm running
-statistics follow its own forward passes (it runs in train mode, on batch statistics,
-as in the BYOL paper); they are copied from the online network only at initialisation.
+`base` at the start, 1 at the end): the section's `momentum`, a `framework.Scheduled`
+(default `{start: 0.996, end: 1, shape: cosine}`; `base_momentum` / `final_momentum` are its
+shorthand), read at step k - 1. The value used after the current step is logged
+as `byol.tau` (and the engine logs `byol.momentum`, the value of the step about to be
+taken). Only parameters are averaged; the target's BatchNorm running statistics follow its
+own forward passes (it runs in train mode, on batch statistics, as in the BYOL paper); they
+are copied from the online network only at initialisation.
 """
 
 from __future__ import annotations
@@ -34,15 +37,16 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Sequence
-from typing import cast
+from typing import Any, cast
 
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator, model_validator
 from torch import nn
 
 from framework import (
     PluginConfig,
     Recipe,
+    Scheduled,
     StepContext,
     View,
     at_least_float32,
@@ -60,8 +64,39 @@ class BYOLConfig(TwoViewsConfig):
     proj_hidden_dim: int = Field(4096, gt=0)  # BYOL paper
     proj_output_dim: int = Field(256, gt=0)  # BYOL paper
     pred_hidden_dim: int = Field(4096, gt=0)  # BYOL paper
-    base_momentum: float = Field(0.996, ge=0, le=1)  # BYOL paper: tau_base
-    final_momentum: float = Field(1.0, ge=0, le=1)  # BYOL paper: tau increased to 1
+    # BYOL paper: tau_base 0.996 cosine-increased to 1 (framework.Scheduled: a number, or {start, end, shape, ...})
+    momentum: Scheduled = Scheduled(start=0.996, end=1.0, shape="cosine")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _momentum_shorthand(cls, data: Any) -> Any:
+        """`base_momentum` / `final_momentum` (the recipes' keys before `Scheduled`, solo-learn's base_tau /
+        final_tau) are `momentum: {start: base, end: final, shape: cosine}`, with 0.996 and 1 when one is unset."""
+        if not isinstance(data, dict) or not {"base_momentum", "final_momentum"} & data.keys():
+            return data
+        if "momentum" in data:
+            raise ValueError("momentum and base_momentum / final_momentum say the same thing: give one of them")
+        data = dict(data)
+        start, end = data.pop("base_momentum", 0.996), data.pop("final_momentum", 1.0)
+        return {**data, "momentum": {"start": start, "end": end, "shape": "cosine"}}
+
+    @field_validator("momentum")
+    @classmethod
+    def _in_unit_interval(cls, value: Scheduled) -> Scheduled:
+        ends = [value.start] + ([value.end] if value.end is not None else [])
+        if not all(0 <= v <= 1 for v in ends):
+            raise ValueError(f"the momentum must stay in [0, 1], got start {value.start}, end {value.end}")
+        return value
+
+    @property
+    def base_momentum(self) -> float:
+        """tau at step 0 (`momentum.start`; the shorthand's key)."""
+        return self.momentum.start
+
+    @property
+    def final_momentum(self) -> float | None:
+        """tau at the last step (`momentum.end`; the shorthand's key)."""
+        return self.momentum.end
 
 
 class Target(nn.Module):
@@ -86,7 +121,8 @@ def online_pairs(own: nn.ModuleDict, encoder: nn.Module) -> list[tuple[nn.Module
 
 
 def momentum_at(step: int, steps: int, base: float = 0.996, final: float = 1.0) -> float:
-    """tau after `step` of `steps` optimizer steps: `base` at 0, cosine-increased to `final` at `steps`."""
+    """tau after `step` of `steps` optimizer steps: `base` at 0, cosine-increased to `final` at `steps` (the BYOL
+    paper's formula, written out; the plugin reads its `Scheduled` field, which gives the same values)."""
     return final - (final - base) * (math.cos(math.pi * min(step, steps) / steps) + 1) / 2
 
 
@@ -178,7 +214,7 @@ def regularize(ctx: StepContext, cfg: BYOLConfig, own: nn.ModuleDict) -> dict[st
     names = [f"{NAME}.{view}" for view in globals_ + locals_]
     p = [own["predictor"](own["projector"](encoding.h)) for encoding in encode_crops(ctx, cfg, names)]
     z = target_projections(own, ctx, cfg, names[: len(globals_)])
-    tau = momentum_at(ctx.step, ctx.config.train.steps, cfg.base_momentum, cfg.final_momentum)
+    tau = cfg.momentum.at(ctx.step, ctx.config.train.steps)
     ctx.metrics[f"{NAME}.tau"] = torch.full((), tau, device=p[0].device)  # no host-to-device copy
     loss = byol_loss(p[0], z[1]) + byol_loss(p[1], z[0]) if cfg.crops is None else multi_crop_byol_loss(p, z)
     return {"loss": loss}
@@ -186,7 +222,7 @@ def regularize(ctx: StepContext, cfg: BYOLConfig, own: nn.ModuleDict) -> dict[st
 
 @hookimpl
 def on_train_step_end(own: nn.ModuleDict, encoder: nn.Module, step: int, config: Recipe, cfg: BYOLConfig) -> None:
-    tau = momentum_at(step - 1, config.train.steps, cfg.base_momentum, cfg.final_momentum)
+    tau = cfg.momentum.at(step - 1, config.train.steps)
     for target, online in online_pairs(own, encoder):
         with full_parameters(target, online, modify=True):  # ZeRO-3: partitioned outside forward
             ema_update(target, online, tau)

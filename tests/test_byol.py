@@ -15,7 +15,7 @@ from framework.checkpoint import complete_checkpoints, model_weights_file
 from framework.logging import read_metrics
 from framework.model import Model
 from framework.optim import build_optimizer
-from framework.recipe.loading import validate
+from framework.recipe.loading import RecipeError, validate
 from framework.testing import run_steps, tiny_recipe
 from plugins.byol import byol_loss, momentum_at, multi_crop_byol_loss
 
@@ -107,6 +107,44 @@ def test_multi_crop_step_encodes_by_size_and_the_target_sees_only_global_crops(t
     assert 0 < terms["byol.loss"].item() <= 32 and "byol.tau" in metrics
     out = run_steps(recipe, steps=2)
     assert all(0 < r["byol.loss"] <= 32 for r in read_metrics(out))
+
+
+@pytest.mark.parametrize(
+    ("section", "base", "final"),
+    [({}, 0.996, 1.0), ({"base_momentum": 0.99}, 0.99, 1.0), ({"momentum": {"start": 0.99, "end": 1.0}}, 0.99, 1.0)],
+)
+def test_momentum_is_a_scheduled_value_with_the_formulas_values(tmp_path, fmnist_shards, section, base, final):
+    """`momentum` (framework.Scheduled) gives the BYOL formula's values bit for bit; the recipes' shorthand
+    base_momentum / final_momentum is the same cosine."""
+    recipe = tiny_recipe(tmp_path, fmnist_shards, plugins={**PLUGINS, "byol": {**SMALL, **section}})
+    cfg = validate(recipe, check_data=False)[0].plugins["byol"]
+    assert (cfg.momentum.start, cfg.momentum.end, cfg.momentum.shape) == (base, final, "cosine")
+    assert (cfg.base_momentum, cfg.final_momentum) == (base, final)
+    for steps in (1, 7, 195_000):
+        for step in sorted({0, 1, steps // 3, steps // 2, steps - 1, steps, steps + 5}):
+            assert cfg.momentum.at(step, steps) == momentum_at(step, steps, base, final), (steps, step)
+
+
+@pytest.mark.parametrize(
+    ("section", "message"),
+    [
+        ({"momentum": 0.99, "base_momentum": 0.99}, "give one of them"),
+        ({"momentum": {"start": 0.9, "end": 1.5}}, "must stay in"),
+        ({"base_momentum": -0.1}, "must stay in"),
+        ({"momentum": {"start": 0.9}}, "needs an end"),
+    ],
+)
+def test_bad_momentum_is_refused_in_one_line(tmp_path, fmnist_shards, section, message):
+    recipe = tiny_recipe(tmp_path, fmnist_shards, plugins={**PLUGINS, "byol": {**SMALL, **section}})
+    with pytest.raises(RecipeError, match=message) as err:
+        validate(recipe, check_data=False)
+    assert "plugins.byol" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_constant_momentum(tmp_path, fmnist_shards):
+    recipe = tiny_recipe(tmp_path, fmnist_shards, plugins={**PLUGINS, "byol": {**SMALL, "momentum": 0.5}})
+    cfg = validate(recipe, check_data=False)[0].plugins["byol"]
+    assert [cfg.momentum.at(k, 10) for k in (0, 5, 10)] == [0.5, 0.5, 0.5] and not cfg.momentum.varies
 
 
 # --- the target network ---------------------------------------------------------------
