@@ -94,6 +94,9 @@ SOLO_LEARN_CIFAR = {
 }
 
 
+SOLO_LEARN_LARS = {"simclr": (0.4, "linear", 1e-4), "byol": (1.0, "linear", 1e-5), "barlow": (0.3, "linear", 1e-4)}
+
+
 @pytest.mark.parametrize("method", sorted(SOLO_LEARN_CIFAR))
 def test_cifar10_recipes_that_cite_solo_learn_use_its_settings(method):
     cfg, _ = load_recipe(ROOT / "recipes" / f"{method}_cifar10.yaml", check_data=False)
@@ -101,6 +104,9 @@ def test_cifar10_recipes_that_cite_solo_learn_use_its_settings(method):
     assert {key: getattr(section, key) for key in SOLO_LEARN_CIFAR[method]} == SOLO_LEARN_CIFAR[method]
     assert (cfg.data.batch_size, cfg.train.steps, cfg.train.warmup_steps) == (256, 1000 * 195, 10 * 195)
     assert cfg.train.schedule == "cosine" and cfg.plugins["backbones"].encoder == "resnet18"
+    t = cfg.train  # solo-learn's LARS: its lr per 256 images, weight decay, eta 0.02, clip_lr
+    optimiser = (t.optimizer, t.lr, t.lr_scaling, t.weight_decay, t.lars_eta, t.lars_clip)
+    assert optimiser == ("lars", *SOLO_LEARN_LARS[method], 0.02, True)
 
 
 STEPS_COMMENT = re.compile(
