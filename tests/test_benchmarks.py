@@ -1,4 +1,4 @@
-"""The benchmark scripts that CI cannot measure still run: the GPU benchmark's CPU smoke mode."""
+"""The benchmark scripts still run: the GPU benchmark's CPU smoke mode, the backbone benchmark at 32 px."""
 
 from __future__ import annotations
 
@@ -33,6 +33,17 @@ def test_the_gpu_benchmark_runs_end_to_end_in_its_cpu_smoke_mode(tmp_path):
         result = results[f"simclr_resnet18_32px/{mode}"]
         assert "error" not in result, result
         assert result["images_per_second"] > 0 and result["batch_per_gpu"] == 4
+
+
+@pytest.mark.slow
+def test_the_backbone_benchmark_times_both_encoders_side_by_side(tmp_path):
+    out = tmp_path / "backbones.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "backbone_throughput.py"), "--batch", "2", "--steps", "1"]
+    subprocess.run([*cmd, "--sizes", "32", "--out", str(out)], check=True, cwd=ROOT, capture_output=True, timeout=300)
+    report = json.loads(out.read_text())
+    assert set(report["results"]) == {"resnet50_32px", "vit_s16_32px"}
+    assert all(r["images_per_second"] > 0 for r in report["results"].values())
+    assert report["images_per_second_ratios"]["vit_s16_over_resnet50_32px"] > 0
 
 
 def test_the_methods_table_aggregates_seeds_and_judges_directions_on_the_means(tmp_path):
