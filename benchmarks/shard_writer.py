@@ -10,7 +10,8 @@ interleaved `--repeats` times (medians reported) so a slow spell of the machine 
 each run checks that its shards are byte for byte those of the first one-process run. Each run
 is a whole call, worker start included; the forkserver's one-off start (it imports the framework
 once per writing process) is timed apart as `worker_start_seconds`. The load average is
-recorded: on a machine busy with other work the speed-up is less than the cores would give.
+recorded, and the speed-up of each repeat beside the medians': on a machine busy with other
+work the figures swing from one repeat to the next and the speed-up is less than the cores give.
 """
 
 from __future__ import annotations
@@ -88,6 +89,7 @@ def main() -> None:
         "images_per_second": {f"{p}_processes": round(r, 1) for p, r in rate.items()},
         "images_per_second_per_process": {f"{p}_processes": round(r / p, 1) for p, r in rate.items()},
         "speedup_2_over_1": round(rate[2] / rate[1], 3),
+        "speedup_per_repeat": [round(one / two, 2) for one, two in zip(seconds[1], seconds[2], strict=True)],
         "seconds": {f"{p}_processes": [round(s, 2) for s in v] for p, v in seconds.items()},
         "worker_start_seconds": round(worker_start, 2),
         "byte_identical": True,
