@@ -170,7 +170,8 @@ def shards_main(argv: Sequence[str]) -> None:
         _fail(f"--out {args.out!r}: needs a %d field for the shard number, e.g. train-%06d.tar")
     if args.processes < 0:
         _fail(f"--processes {args.processes}: needs 0 (one per CPU core) or more")
-    processes = args.processes or len(os.sched_getaffinity(0))
+    affinity = getattr(os, "sched_getaffinity", None)  # Linux; elsewhere every core
+    processes = args.processes or (len(affinity(0)) if affinity else os.cpu_count() or 1)
     root = args.root if args.root is not None else sources.DEFAULT_ROOTS.get(args.source)
     if root is None:
         _fail(f"{args.source}: give the dataset folder (ROOT)")

@@ -74,6 +74,12 @@ class BackbonesConfig(PluginConfig):
             raise ValueError(f"expected one of {', '.join(BUILT_IN)} or timm/<model name>")
         return value
 
+    @field_validator("pretrained")
+    @classmethod
+    def _absolute(cls, value: str | None) -> str | None:
+        """Absolute, so that a run rebuilt from its saved recipe (eval, export, resume) finds it from any folder."""
+        return None if value is None else str(Path(value).expanduser().resolve())
+
     @model_validator(mode="after")
     def _options_fit_encoder(self) -> BackbonesConfig:
         timm_model = self.encoder.startswith(TIMM)
@@ -131,8 +137,9 @@ def timm_encoder(
     `create_model` arguments that rebuild it (`num_classes=0` aside).
 
     `img_size` is passed to models that take one (a ViT's position embeddings are sized by it) unless
-    `kwargs` sets it. With `pretrained`, timm's own loader reads that local file (never the network), adapting
-    the first conv to `channels` as timm does for ImageNet weights.
+    `kwargs` sets it. With `pretrained`, timm's own loader reads that local file (never the network) as it
+    reads its ImageNet weights: a classifier in the file is dropped, the first conv adapted to `channels`,
+    a ViT's position embedding resampled to the patch grid.
     """
     import timm
 
@@ -141,14 +148,25 @@ def timm_encoder(
     if pretrained is not None:
         if not Path(pretrained).is_file():
             raise FileNotFoundError(f"plugins.backbones.pretrained: no file {pretrained}")
-        loading = {"pretrained": True, "pretrained_cfg_overlay": {"file": str(pretrained), "num_classes": 0}}
+        loading = {"pretrained": True, "pretrained_cfg_overlay": {"file": str(pretrained)}}
     try:
-        net = timm.create_model(name, num_classes=0, **{"img_size": image_size, **created}, **loading)
-        created.setdefault("img_size", image_size)
-    except TypeError as exc:  # a model without an input size (CNNs): timm's constructors refuse the keyword
-        if "img_size" not in str(exc) or "img_size" in kwargs:
-            raise ValueError(f"plugins.backbones: timm/{name} refuses {sorted(created)}: {exc}") from None
-        net = timm.create_model(name, num_classes=0, **created, **loading)
+        try:
+            net = timm.create_model(name, num_classes=0, **{"img_size": image_size, **created}, **loading)
+            created.setdefault("img_size", image_size)
+        except TypeError as exc:  # a model without an input size (CNNs): timm's constructors refuse the keyword
+            if "img_size" not in str(exc) or "img_size" in kwargs:
+                raise ValueError(f"plugins.backbones: timm/{name} refuses {sorted(created)}: {exc}") from None
+            net = timm.create_model(name, num_classes=0, **created, **loading)
+    except RuntimeError as exc:  # the file's tensors do not fit the model
+        first = str(exc).strip().splitlines()[0]
+        raise ValueError(f"plugins.backbones.pretrained: {pretrained} does not fit timm/{name}: {first}") from None
+    if pretrained is not None:  # timm loads non-strictly once it drops a classifier: every tensor must be the file's
+        missing = sorted(set(net.state_dict()) - set(timm.models.load_state_dict(pretrained)))
+        if missing:
+            raise ValueError(
+                f"plugins.backbones.pretrained: {pretrained} does not fit timm/{name}: "
+                f"{len(missing)} of its tensors are not in the file (first: {missing[0]})"
+            )
     net.num_features = getattr(net, "head_hidden_size", None) or net.num_features  # num_classes=0 returns this width
     return net, created
 

@@ -79,6 +79,17 @@ def test_pretrained_is_a_local_file_and_nothing_else(tmp_path):
         build_encoder(BackbonesConfig(encoder=VIT, pretrained=str(tmp_path / "missing.safetensors")), 3, 32)
 
 
+def test_a_stock_timm_checkpoint_with_its_classifier_loads_and_a_misfit_is_one_line(tmp_path):
+    stock = timm.create_model("vit_tiny_patch16_224", num_classes=1000, img_size=32)  # as timm's hub files hold it
+    torch.save(stock.state_dict(), tmp_path / "stock.pth")
+    loaded = build_encoder(BackbonesConfig(encoder=VIT, pretrained=str(tmp_path / "stock.pth")), 3, 32)
+    for key, value in loaded.state_dict().items():  # every tensor of the encoder is the file's; the head is dropped
+        torch.testing.assert_close(value, stock.state_dict()[key], rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"pretrained: .*stock.pth does not fit timm/resnet18: ") as err:
+        build_encoder(BackbonesConfig(encoder="timm/resnet18", pretrained=str(tmp_path / "stock.pth")), 3, 32)
+    assert "\n" not in str(err.value)
+
+
 def test_a_built_in_encoder_loads_its_pretrained_file_strictly(tmp_path):
     resnet = build_encoder(BackbonesConfig(encoder="resnet18"), 3, 32)
     torch.save(resnet.state_dict(), tmp_path / "r.pt")

@@ -211,7 +211,7 @@ class Recipe(Strict):
         """The recipe as plain data, every default filled in (written to runs and checkpoints)."""
         out = self.model_dump(mode="json", exclude={"plugins"})
         out["plugins"] = {
-            name: cfg.model_dump(mode="json") if isinstance(cfg, PluginConfig) else cfg
+            name: cfg.model_dump(mode="json", by_alias=True) if isinstance(cfg, PluginConfig) else cfg  # crops.global
             for name, cfg in self.plugins.items()
         }
         return out
