@@ -83,6 +83,7 @@ def run(recipe: str, spec: str, mode: str, args: argparse.Namespace, batch: int,
         f"train.log_every={log_every}",
         f"train.checkpoint_every={10 * args.steps}",
         "train.warmup_steps=0",
+        "train.optimizer=adam",  # one optimizer in every mode: DeepSpeed's ZeRO cannot step the recipes' LARS
         "eval.train=null",
         "eval.test=null",
     ]
