@@ -145,10 +145,11 @@ def timm_encoder(
 
     created: dict[str, Any] = {"in_chans": channels, **kwargs}
     loading: dict[str, Any] = {}
-    if pretrained is not None:
-        if not Path(pretrained).is_file():
-            raise FileNotFoundError(f"plugins.backbones.pretrained: no file {pretrained}")
-        loading = {"pretrained": True, "pretrained_cfg_overlay": {"file": str(pretrained)}}
+    file_keys: set[str] = set()
+    if pretrained is not None:  # read once: timm loads from the state dict, the check below reads its keys
+        state = timm.models.load_state_dict(local_file(pretrained))
+        file_keys = set(state)  # before timm drops a classifier from it
+        loading = {"pretrained": True, "pretrained_cfg_overlay": {"state_dict": state}}
     try:
         try:
             net = timm.create_model(name, num_classes=0, **{"img_size": image_size, **created}, **loading)
@@ -161,7 +162,7 @@ def timm_encoder(
         first = str(exc).strip().splitlines()[0]
         raise ValueError(f"plugins.backbones.pretrained: {pretrained} does not fit timm/{name}: {first}") from None
     if pretrained is not None:  # timm loads non-strictly once it drops a classifier: every tensor must be the file's
-        missing = sorted(set(net.state_dict()) - set(timm.models.load_state_dict(pretrained)))
+        missing = sorted(set(net.state_dict()) - file_keys)
         if missing:
             raise ValueError(
                 f"plugins.backbones.pretrained: {pretrained} does not fit timm/{name}: "
@@ -197,10 +198,16 @@ def build_encoder(cfg: BackbonesConfig, channels: int, image_size: int) -> nn.Mo
     return encoder
 
 
-def load_weights(encoder: nn.Module, path: str) -> None:
-    """A built-in encoder's weights from a local `.safetensors` (e.g. `augssl export`'s) or torch file, strictly."""
+def local_file(path: str) -> str:
+    """`path`, or a one-line FileNotFoundError naming the recipe key when there is no such file."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"plugins.backbones.pretrained: no file {path}")
+    return path
+
+
+def load_weights(encoder: nn.Module, path: str) -> None:
+    """A built-in encoder's weights from a local `.safetensors` (e.g. `augssl export`'s) or torch file, strictly."""
+    local_file(path)
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
 
