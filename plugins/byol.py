@@ -35,7 +35,6 @@ are copied from the online network only at initialisation.
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Sequence
 from typing import Any, cast
 
@@ -118,12 +117,6 @@ def online_pairs(own: nn.ModuleDict, encoder: nn.Module) -> list[tuple[nn.Module
     """(target part, online part) pairs: the run's encoder and this plugin's projector."""
     target = cast(Target, own["target"])  # built by build_modules below
     return [(target.encoder, encoder), (target.projector, own["projector"])]
-
-
-def momentum_at(step: int, steps: int, base: float = 0.996, final: float = 1.0) -> float:
-    """tau after `step` of `steps` optimizer steps: `base` at 0, cosine-increased to `final` at `steps` (the BYOL
-    paper's formula, written out; the plugin reads its `Scheduled` field, which gives the same values)."""
-    return final - (final - base) * (math.cos(math.pi * min(step, steps) / steps) + 1) / 2
 
 
 @torch.no_grad()

@@ -17,7 +17,14 @@ from framework.model import Model
 from framework.optim import build_optimizer
 from framework.recipe.loading import RecipeError, validate
 from framework.testing import run_steps, tiny_recipe
-from plugins.byol import byol_loss, momentum_at, multi_crop_byol_loss
+from plugins.byol import byol_loss, multi_crop_byol_loss
+
+
+def momentum_at(step: int, steps: int, base: float = 0.996, final: float = 1.0) -> float:
+    """The BYOL paper's tau after `step` of `steps` optimizer steps, written out: `base` at 0, cosine-increased
+    to `final` at `steps` (the oracle the plugin's `Scheduled` momentum is checked against)."""
+    return final - (final - base) * (math.cos(math.pi * min(step, steps) / steps) + 1) / 2
+
 
 SMALL = {"proj_hidden_dim": 32, "proj_output_dim": 16, "pred_hidden_dim": 32}
 PLUGINS = {"backbones": {"encoder": "conv28", "latent_dim": None}, "byol": SMALL}
