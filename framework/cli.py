@@ -25,6 +25,14 @@ def _fail(msg: str) -> NoReturn:
     raise SystemExit(EXIT_USAGE)
 
 
+def _fail_if_bad_input(exc: Exception, prefix: str = "") -> NoReturn:
+    """One line for a plugin hook that refused the recipe (ValueError) or a file (OSError); a plugin's own bug
+    (any other error) keeps its traceback."""
+    if not isinstance(exc.__cause__, (ValueError, OSError)):
+        raise exc
+    _fail(f"{prefix}{exc}")
+
+
 def train_main(argv: Sequence[str]) -> None:
     """`train RECIPE [key=value ...]`: validate everything, then pretrain."""
     from framework.recipe.loading import RecipeError, load_recipe
@@ -51,8 +59,9 @@ def train_or_exit(recipe, hooks) -> None:
         _fail(str(exc))
     from framework.checkpoint import CheckpointError
     from framework.data.stream import DataError
-    from framework.distributed import CollectiveTimeout, rank
+    from framework.distributed import CollectiveTimeout, rank, world_size
     from framework.engine import TrainingError
+    from framework.manager import PluginError
     from framework.preemption import EXIT_PREEMPTED, Preempted
 
     try:
@@ -76,6 +85,8 @@ def train_or_exit(recipe, hooks) -> None:
         if rank() == 0:
             print(f"augssl: error: {exc}", file=sys.stderr)
         raise SystemExit(1) from None
+    except PluginError as exc:  # a hook refused the recipe or a file: one line per rank (it may be one rank's alone)
+        _fail_if_bad_input(exc, f"rank {rank()}: " if world_size() > 1 else "")
 
 
 def eval_main(argv: Sequence[str]) -> None:
@@ -106,6 +117,7 @@ def eval_main(argv: Sequence[str]) -> None:
     if args.checkpoint and len(args.output_dirs) > 1:
         _fail("--checkpoint names one run's checkpoint: give one output_dir")
     from framework.eval.report import PROTOCOLS, evaluate
+    from framework.manager import PluginError
 
     protocols = list(PROTOCOLS) if args.protocol == "all" else [args.protocol]
     rows = []
@@ -124,6 +136,8 @@ def eval_main(argv: Sequence[str]) -> None:
             )  # raw pixels: the same for every run, fitted once
         except (FileNotFoundError, ValueError) as exc:
             _fail(str(exc))
+        except PluginError as exc:  # e.g. the run's `pretrained` file is gone
+            _fail_if_bad_input(exc)
         if i == 0:
             rows.append(("raw pixels", result["pixel_dim"], result["raw_pixels_accuracies"], "-"))
         rows.append((out, result["feature_dim"], result["accuracies"], f"{result['seconds']} s"))
@@ -236,11 +250,14 @@ def export_main(argv: Sequence[str]) -> None:
     parser.add_argument("--checkpoint", default=None, help="a checkpoint folder (default: newest)")
     args = parser.parse_args(argv)
     from framework.export import export_encoder
+    from framework.manager import PluginError
 
     try:
         meta = export_encoder(args.output_dir, args.out, args.checkpoint)
     except (FileNotFoundError, ValueError) as exc:
         _fail(str(exc))
+    except PluginError as exc:  # e.g. the run's `pretrained` file is gone
+        _fail_if_bad_input(exc)
     print(json.dumps({"out": args.out, **meta}))
 
 

@@ -121,7 +121,7 @@ def start(recipe: Recipe, hooks: PluginHooks) -> Run | None:
     """Set a run up: accelerator, run folder (locked), model, optimizer, resume point, data and logger.
     None when the run folder already holds a run trained to `train.steps`."""
     cfg, out = recipe.train, Path(recipe.output_dir)
-    accelerator = build_accelerator(recipe, log_with=list(cfg.log_with))
+    accelerator = build_accelerator(recipe, log_with=list(cfg.log_with) or None)  # accelerate warns at an empty list
     lock = runfolder.open_run(accelerator, recipe)  # rank 0 holds output_dir's lock while the Run lives
     set_seed(cfg.seed)
     model = Model(hooks, recipe)

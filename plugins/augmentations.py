@@ -365,6 +365,18 @@ def two_views(config: Recipe, strength: Strength | None) -> dict[str, View]:
     }
 
 
+def image_sizes(config: Recipe) -> list[int]:
+    """Every image size the recipe's views give the encoder: `data.image_size` and the sizes of each multi-crop
+    section (`crops`) of any plugin, sorted."""
+    sizes = {config.data.image_size}
+    for cfg in config.plugins.values():
+        if isinstance(crops := getattr(cfg, "crops", None), MultiCrop):
+            sizes.add(crops.global_.size or config.data.image_size)
+            if crops.local.count and crops.local.size is not None:  # validation requires the size with a count
+                sizes.add(crops.local.size)
+    return sorted(sizes)
+
+
 def crop_names(cfg: TwoViewsConfig) -> tuple[list[str], list[str]]:
     """The view names (without the plugin's prefix) of the global crops, `v1`..`vN`, and the local ones, `l1`..`lM`."""
     n, m = (2, 0) if cfg.crops is None else (cfg.crops.global_.count, cfg.crops.local.count)

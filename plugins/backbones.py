@@ -31,6 +31,7 @@ from pydantic import Field, field_validator, model_validator
 from torch import nn
 
 from framework import Encoding, PluginConfig, Recipe, at_least_float32, full_precision, hookimpl, num_features
+from plugins.augmentations import image_sizes
 from plugins.vae_terms import posterior_std
 
 NAME = "backbones"
@@ -196,6 +197,26 @@ def build_encoder(cfg: BackbonesConfig, channels: int, image_size: int) -> nn.Mo
         }
     encoder.export_metadata = metadata  # type: ignore[assignment]  # torch types Module.__setattr__ for tensors and modules only
     return encoder
+
+
+def check_input_sizes(encoder: nn.Module, name: str, sizes: list[int]) -> None:
+    """ValueError, naming the fix, unless a patch-embedding encoder (timm's ViTs) takes every image size in
+    `sizes`: without `dynamic_img_size` it takes its `img_size` only (timm asserts so at the first step), and
+    with it sizes that are multiples of its patch (unless `dynamic_img_pad`)."""
+    embed = getattr(encoder, "patch_embed", None)
+    if embed is None or getattr(embed, "img_size", None) is None:
+        return
+    fixed, patch = embed.img_size[0], embed.patch_size[0]
+    if embed.strict_img_size and (other := [s for s in sizes if s != fixed]):
+        raise ValueError(
+            f"plugins.backbones: {name} takes {fixed} px images only and the recipe's views are also {other} px "
+            "(multi-crop): set plugins.backbones.timm_kwargs: {dynamic_img_size: true}"
+        )
+    if not embed.strict_img_size and not embed.dynamic_img_pad and (odd := [s for s in sizes if s % patch]):
+        raise ValueError(
+            f"plugins.backbones: {name} needs image sizes that are multiples of its {patch} px patch, got {odd} px: "
+            "change the crop sizes or add dynamic_img_pad: true to plugins.backbones.timm_kwargs"
+        )
 
 
 def local_file(path: str) -> str:
@@ -395,6 +416,7 @@ def config_schema() -> type[PluginConfig]:
 def build_modules(config: Recipe, cfg: BackbonesConfig) -> dict[str, nn.Module]:
     channels, size = config.data.channels, config.data.image_size
     encoder = build_encoder(cfg, channels, size)
+    check_input_sizes(encoder, cfg.encoder, image_sizes(config))
     modules: dict[str, nn.Module] = {"encoder": encoder}
     if cfg.latent_dim is not None:
         modules["head"] = VAEHead(num_features(encoder), cfg.latent_dim, cfg.logvar_range)  # build_encoder sets it

@@ -1,6 +1,7 @@
 """What tests and the scripts they launch share (no test module imports another): the repository's
 paths, the committed image shards and their samples, whether Fashion-MNIST is installed, the
-environment and runner of `accelerate launch`, a finished run's weights, and `DumpWeights`.
+environment and runner of `accelerate launch`, the runner of a command that must fail with one
+line (`one_line`), a finished run's weights, and `DumpWeights`.
 
 Fixtures built on these are in tests/conftest.py.
 """
@@ -14,6 +15,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -33,6 +35,26 @@ LAUNCH = [sys.executable, "-m", "accelerate.commands.launch"]
 
 NEEDS_FASHION_MNIST = "needs Fashion-MNIST: apt-get install dataset-fashion-mnist"
 needs_fashion_mnist = pytest.mark.skipif(not FASHION_MNIST_DIR.is_dir(), reason=NEEDS_FASHION_MNIST)
+
+
+AUGSSL_CLI = "import sys; from framework.cli import main; sys.argv[0] = 'augssl'; main()"  # `augssl` uninstalled
+
+
+def one_line(args: list[Any], script: str = "train.py") -> str:
+    """Run `launch/<script> args` (`script="augssl"`: the `augssl` command); assert it fails with exit 2 and one
+    `augssl: error:` line, and return it."""
+    command = ["-c", AUGSSL_CLI] if script == "augssl" else [str(ROOT / "launch" / script)]
+    proc = subprocess.run(
+        [sys.executable, *command, *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=ENV,
+        cwd=ROOT,
+    )
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("augssl: error: "), proc.stderr[-2000:]
+    return lines[0]
 
 
 def ddp_args(processes: int = 2) -> list[str]:

@@ -4,31 +4,15 @@ keys DeepSpeed would silently ignore, an empty output folder, an export to where
 from __future__ import annotations
 
 import math
-import subprocess
-import sys
 
 import pytest
 
 from framework.logging import read_metrics
 from framework.recipe.loading import RecipeError, validate
 from framework.testing import run_steps, tiny_recipe, write_recipe
-from tests.helpers import ENV, ROOT, asset_samples
+from tests.helpers import ROOT, asset_samples, one_line
 
 NO_SHARDS = {"train": "none.tar", "test": "none.tar"}
-
-
-def one_line(args: list[str], script: str = "train.py") -> str:
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "launch" / script), *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=ENV,
-        cwd=ROOT,
-    )
-    lines = proc.stderr.strip().splitlines()
-    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("augssl: error: "), proc.stderr[-2000:]
-    return lines[0]
 
 
 @pytest.mark.slow
@@ -73,16 +57,7 @@ def test_an_empty_output_dir_is_a_recipe_error(tmp_path, fmnist_shards):
 @pytest.mark.slow
 def test_an_export_to_an_unwritable_place_is_one_line(tmp_path, fmnist_shards):
     out = run_steps(tiny_recipe(tmp_path, fmnist_shards, train={"log_with": []}), steps=1)
-    code = "import sys; from framework.cli import main; sys.argv[0] = 'augssl'; main()"
-    proc = subprocess.run(
-        [sys.executable, "-c", code, "export", str(out), "--out", "/proc/augssl/encoder.safetensors"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=ENV,
-        cwd=ROOT,
-    )
-    assert proc.returncode == 2 and proc.stderr.startswith("augssl: error: ") and proc.stderr.count("\n") == 1
+    one_line(["export", out, "--out", "/proc/augssl/encoder.safetensors"], script="augssl")
 
 
 def test_a_label_outside_the_recipes_classes_is_a_counted_bad_record_not_a_crash(tmp_path, fmnist_shards):
@@ -124,3 +99,23 @@ def test_a_run_whose_shards_are_all_unreadable_stops_with_one_line(tmp_path, fmn
         ),
     )
     assert "data.train" in one_line([recipe])
+
+
+@pytest.mark.slow
+def test_a_pretrained_file_gone_after_training_is_one_line_for_resume_eval_and_export(tmp_path, fmnist_shards):
+    """The run started from a `pretrained` file that is then deleted: resuming, evaluating and exporting rebuild
+    the model from recipe.yaml, and each stops with one line naming the key, not a traceback."""
+    from safetensors.torch import save_file
+
+    from framework.testing import CONV28
+    from plugins.backbones import BackbonesConfig, build_encoder
+
+    weights = tmp_path / "start.safetensors"
+    save_file(build_encoder(BackbonesConfig(encoder="conv28"), 1, 28).state_dict(), str(weights))
+    plugins = {"backbones": {**CONV28, "pretrained": str(weights)}, "kl": {}}
+    out = run_steps(tiny_recipe(tmp_path, fmnist_shards, plugins=plugins, train={"log_with": []}), steps=1)
+    weights.unlink()
+    gone = f"plugins.backbones.pretrained: no file {weights}"
+    assert gone in one_line([out / "recipe.yaml", "train.steps=2"])
+    assert gone in one_line([out], script="evaluate.py")
+    assert gone in one_line(["export", out, "--out", tmp_path / "e.safetensors"], script="augssl")

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 
 import pytest
 import timm
@@ -18,8 +20,9 @@ from framework.cli import main
 from framework.logging import read_metrics
 from framework.recipe.loading import RecipeError, validate
 from framework.testing import run_steps, tiny_recipe, write_recipe
-from plugins.backbones import BackbonesConfig, build_encoder
-from tests.helpers import ONE_NODE, accelerate_launch
+from plugins.augmentations import image_sizes
+from plugins.backbones import BackbonesConfig, build_encoder, check_input_sizes
+from tests.helpers import ENV, ONE_NODE, ROOT, accelerate_launch, one_line
 
 VIT = "timm/vit_tiny_patch16_224"  # 5.5 M parameters: the smallest ViT timm names
 
@@ -153,3 +156,42 @@ def test_a_vit_run_exports_a_file_timm_loads_with_the_same_features(tmp_path, vi
             torch.testing.assert_close(net(x), want)
     with safe_open(str(weights), "pt") as f:
         assert f.metadata()["image_size"] == "32"
+
+
+def test_a_vit_refuses_image_sizes_it_cannot_take_naming_the_fix():
+    """Without `dynamic_img_size` a ViT takes its `img_size` only (timm would assert at the first step); with it,
+    multiples of its patch. CNNs take any size."""
+    fixed = build_encoder(BackbonesConfig(encoder=VIT), 3, 32)
+    check_input_sizes(fixed, VIT, [32])
+    with pytest.raises(ValueError, match=r"takes 32 px images only .* also \[16\] px .*dynamic_img_size: true"):
+        check_input_sizes(fixed, VIT, [16, 32])
+    dynamic = build_encoder(BackbonesConfig(encoder=VIT, timm_kwargs={"dynamic_img_size": True}), 3, 32)
+    check_input_sizes(dynamic, VIT, [16, 32])
+    with pytest.raises(ValueError, match=r"multiples of its 16 px patch, got \[20\] px"):
+        check_input_sizes(dynamic, VIT, [20, 32])
+    padded = build_encoder(
+        BackbonesConfig(encoder=VIT, timm_kwargs={"dynamic_img_size": True, "dynamic_img_pad": True}), 3, 32
+    )
+    check_input_sizes(padded, VIT, [20, 32])
+    check_input_sizes(build_encoder(BackbonesConfig(encoder="timm/resnet18"), 3, 32), "timm/resnet18", [20, 32])
+
+
+def test_multi_crop_sizes_are_every_plugins_crops_and_the_data_size(tmp_path, vit_shards):
+    crops = {"global": {"count": 2, "size": 24}, "local": {"count": 3, "size": 12}}
+    plugins = {"backbones": {"encoder": VIT, "latent_dim": None}, "simclr": {"crops": crops}, "byol": {}}
+    recipe, _ = validate(tiny_recipe(tmp_path, vit_shards, plugins=plugins, size=32, channels=3))
+    assert image_sizes(recipe) == [12, 24, 32]
+
+
+@pytest.mark.slow
+def test_a_vit_multi_crop_recipe_without_dynamic_img_size_is_one_line_and_trains_once_fixed(tmp_path, vit_shards):
+    """The attack: multi-crop's local crops on a fixed-size ViT. One line before any step (not timm's assertion
+    and its traceback at step 1); the same output_dir then trains once the recipe sets the fix."""
+    crops = {"global": {"count": 2}, "local": {"count": 2, "size": 16}}
+    plugins = {"backbones": {"encoder": VIT, "latent_dim": None}, "simclr": {"crops": crops}}
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(tmp_path, vit_shards, plugins=plugins, size=32, channels=3))
+    line = one_line([recipe])
+    assert "timm/vit_tiny_patch16_224 takes 32 px images only" in line and "dynamic_img_size: true" in line
+    fixed = [str(recipe), "plugins.backbones.timm_kwargs={dynamic_img_size: true}"]
+    subprocess.run([sys.executable, str(ROOT / "launch" / "train.py"), *fixed], check=True, env=ENV, timeout=300)
+    assert read_metrics(tmp_path / "run")[-1]["step"] == 2
