@@ -246,7 +246,7 @@ def train(recipe: Recipe, hooks: PluginHooks) -> Path:
                     accelerator.backward(loss)
                 if accelerator.sync_gradients and recipe.distributed.grad_clip is not None:
                     accelerator.clip_grad_norm_(model.parameters(), recipe.distributed.grad_clip)
-                set_weight_decay(optimizer, cfg, run.step)  # train.weight_decay_end: the decay groups' cosine
+                set_weight_decay(optimizer, cfg, run.step)  # the recipe's, or its cosine to train.weight_decay_end
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 skipped += accelerator.sync_gradients and accelerator.optimizer_step_was_skipped  # fp16 loss scaler

@@ -56,7 +56,7 @@ DAMAGED = ".damaged"
 # checkpoint's state depends on it: the modules (plugin sections of plugins that hold modules:
 # encoder, latent_dim, ...), the data stream the saved cursor replays (image_size, channels,
 # num_workers, shuffle_buffer, batch_size, seed, ...) and the optimizer whose state is restored
-# (optimizer, betas, momentum, weight_decay: a restored optimizer keeps the saved ones).
+# (optimizer, betas, momentum: a restored optimizer keeps the saved ones).
 # Plugins that hold no modules (loss terms such as `kl`) may be added, removed or changed.
 RESUME_MAY_CHANGE = (
     "output_dir",  # the run folder may have moved
@@ -65,6 +65,8 @@ RESUME_MAY_CHANGE = (
     "train.lr_scaling",
     "train.warmup_steps",
     "train.schedule",  # lrs are rebased on load
+    "train.weight_decay",
+    "train.weight_decay_end",  # written into the decay groups every step (schedules.set_weight_decay)
     "train.log_every",
     "train.checkpoint_every",
     "train.preview_every",

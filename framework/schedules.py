@@ -93,11 +93,11 @@ def weight_decay_schedule(cfg: TrainConfig) -> Scheduled | None:
 
 
 def set_weight_decay(optimizer: torch.optim.Optimizer, cfg: TrainConfig, step: int) -> None:
-    """Write step `step`'s scheduled weight decay into every decay param group (host arithmetic only);
-    does nothing when the weight decay is constant (the groups keep what `build_optimizer` gave them)."""
-    if (schedule := weight_decay_schedule(cfg)) is None:
-        return
-    value = schedule.at(step, cfg.steps)
+    """Write step `step`'s weight decay (`weight_decay`, or its cosine to `weight_decay_end`) into every decay
+    param group (host arithmetic only). Written every step, it is the recipe's and not a restored optimizer's:
+    a resume may change either key."""
+    schedule = weight_decay_schedule(cfg)
+    value = cfg.weight_decay if schedule is None else schedule.at(step, cfg.steps)
     for group in optimizer.param_groups:
         if not group.get("no_decay", False):
             group["weight_decay"] = value

@@ -312,3 +312,23 @@ def test_a_lars_run_resumed_from_its_checkpoint_ends_as_an_uninterrupted_one(tmp
     buffers = [[s["momentum_buffer"] for _, s in sorted(st["state"].items())] for st in states]
     assert len(buffers[0]) == len(buffers[1]) > 0 and all(map(torch.equal, *buffers)), "momentum restored"
     assert [g["no_decay"] for g in states[1]["param_groups"]] == [False, True, False, True]
+
+
+def test_a_resume_may_change_the_weight_decay_and_add_its_cosine(tmp_path, fmnist_shards):
+    """The decay groups take the recipe's weight decay every step, not the restored optimizer's: resumed with a
+    new train.weight_decay, then with a train.weight_decay_end, the saved groups follow the recipe."""
+    train = {"optimizer": "adamw", "weight_decay": 0.05, "exclude_norm_bias_from_wd": True, "log_with": []}
+    recipe = tiny_recipe(tmp_path, fmnist_shards, plugins=PLUGINS, train=train)
+
+    def saved_decays(out) -> list[tuple[bool, float]]:
+        state = torch.load(checkpoint.complete_checkpoints(out)[-1] / "optimizer.bin", weights_only=False)
+        return sorted({(g["no_decay"], g["weight_decay"]) for g in state["param_groups"]})
+
+    out = run_steps(recipe, steps=2)
+    assert saved_decays(out) == [(False, 0.05), (True, 0.0)]
+    run_steps(recipe, steps=3, overrides=["train.weight_decay=0.2"])
+    assert saved_decays(out) == [(False, 0.2), (True, 0.0)]
+    run_steps(recipe, steps=5, overrides=["train.weight_decay=0.2", "train.weight_decay_end=0.4"])
+    last = Scheduled(start=0.2, end=0.4, shape="cosine").at(4, 5)  # the decay of the optimizer step after step 4
+    assert saved_decays(out) == [(False, pytest.approx(last)), (True, 0.0)]
+    assert [r["step"] for r in read_metrics(out)] == [1, 2, 3, 4, 5]
