@@ -45,6 +45,8 @@ class BarlowConfig(TwoViewsConfig):
     lambda_offdiag: float = Field(5e-3, ge=0)  # Barlow Twins paper (~5e-3, or 1/dim): docs/methods.md#barlow-twins
     proj_hidden_dim: int = Field(2048, gt=0)  # paper: 8192 on ImageNet; 2048 is the common CIFAR size
     proj_output_dim: int = Field(2048, gt=0)
+    # the projector's Linear layers have biases (solo-learn); the official code has none (main.py: bias=False)
+    proj_bias: bool = True
     eps: float = Field(1e-5, ge=0)  # added to the variance when normalising (BatchNorm1d's default)
 
     @field_validator("crops")
@@ -95,7 +97,7 @@ def config_schema() -> type[PluginConfig]:
 @hookimpl
 def build_modules(cfg: BarlowConfig, encoder: nn.Module) -> dict[str, nn.Module]:
     width = num_features(encoder)
-    return {"projector": mlp(width, cfg.proj_hidden_dim, cfg.proj_output_dim, layers=3)}
+    return {"projector": mlp(width, cfg.proj_hidden_dim, cfg.proj_output_dim, layers=3, bias=cfg.proj_bias)}
 
 
 @hookimpl

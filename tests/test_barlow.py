@@ -95,6 +95,15 @@ def test_config_defaults_and_projector(tmp_path, fmnist_shards):
     assert [type(m) for m in head] == [nn.Linear, nn.BatchNorm1d, nn.ReLU] * 2 + [nn.Linear]
     assert (head[0].in_features, head[0].out_features, head[6].out_features) == (256, 64, 32)
     assert {"barlow.v1", "barlow.v2"} <= set(hooks.augment(cfg))
+    assert sum(p.numel() for p in head.parameters()) == 256 * 64 + 64 * 64 + 64 * 32 + (64 + 64 + 32) + 4 * 64
+
+
+def test_the_official_projector_has_no_biases(tmp_path, fmnist_shards):
+    """facebookresearch/barlowtwins `main.py` builds every projector Linear with bias=False: `proj_bias: false`."""
+    cfg, hooks = validate(_recipe(tmp_path, fmnist_shards, proj_bias=False), check_data=False)
+    head = Model(hooks, cfg).plugins["barlow"]["projector"]
+    assert [m.bias for m in head if isinstance(m, nn.Linear)] == [None] * 3
+    assert sum(p.numel() for p in head.parameters()) == 256 * 64 + 64 * 64 + 64 * 32 + 4 * 64  # BatchNorm's affine
 
 
 def test_trains_two_steps_and_logs_loss(tmp_path, fmnist_shards):
