@@ -9,6 +9,7 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
+export AUGSSL_REQUIRE_ORACLES=1  # setup.sh installed lightly: its loss comparisons must run, never skip
 
 failed=0
 SOURCES=(framework plugins tests benchmarks launch examples/augssl-rotation/augssl_rotation.py)
