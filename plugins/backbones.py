@@ -328,7 +328,9 @@ class DecoderBlock(nn.Module):
         return torch.relu(out + (self.skip(x) if self.skip is not None else x))
 
 
-# The decoder's hidden width: the official code passes the encoder's h_dim (512 / 2048).
+# The decoder's hidden width, by decoder type whatever the encoder: the official code passes the encoder's h_dim
+# (512 / 2048) and always pairs a decoder with its own encoder type, so only a mixed pair differs
+# (docs/methods.md#deviations).
 DECODER_HIDDEN = {"resnet18": 512, "resnet50": 2048}
 
 
