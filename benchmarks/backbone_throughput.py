@@ -17,6 +17,7 @@ import argparse
 import os
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -33,15 +34,16 @@ ENCODERS = {"resnet50": "timm/resnet50", "vit_s16": "timm/vit_small_patch16_224"
 
 def build(encoder: str, size: int, batch: int):
     """A SimCLR model on `encoder` at `size` px, its optimizer, and a step function."""
-    recipe, hooks = validate(
-        {
-            "output_dir": "/tmp/unused",
-            "train": {"steps": 1, "lr": 0.1},
-            "data": {"train": "unused", "image_size": size, "channels": 3, "mean": [0.5] * 3, "std": [0.25] * 3},
-            "plugins": {"backbones": {"encoder": encoder, "latent_dim": None}, "simclr": {"temperature": 0.2}},
-        },
-        check_data=False,
-    )
+    with tempfile.TemporaryDirectory() as out_dir:  # the recipe needs an output_dir; nothing is written to it
+        recipe, hooks = validate(
+            {
+                "output_dir": out_dir,
+                "train": {"steps": 1, "lr": 0.1},
+                "data": {"train": "unused", "image_size": size, "channels": 3, "mean": [0.5] * 3, "std": [0.25] * 3},
+                "plugins": {"backbones": {"encoder": encoder, "latent_dim": None}, "simclr": {"temperature": 0.2}},
+            },
+            check_data=False,
+        )
     torch.manual_seed(0)
     model = Model(hooks, recipe).train()
     weights = model.weights()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -35,18 +36,19 @@ def main() -> None:
     ap.add_argument("--out", default=str(RESULTS / "hook_overhead.json"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    recipe, hooks = validate(
-        {
-            "output_dir": "/tmp/unused",
-            "train": {"steps": 1, "lr": 2.5e-4},
-            "data": {"train": "unused", "image_size": 32, "channels": 3, "mean": MEAN, "std": STD},
-            "plugins": {
-                "backbones": {"encoder": "resnet18", "stem": "cifar", "decoder": "resnet18", "latent_dim": 128},
-                "aavae": {"likelihood": "gaussian"},
+    with tempfile.TemporaryDirectory() as out_dir:  # the recipe needs an output_dir; nothing is written to it
+        recipe, hooks = validate(
+            {
+                "output_dir": out_dir,
+                "train": {"steps": 1, "lr": 2.5e-4},
+                "data": {"train": "unused", "image_size": 32, "channels": 3, "mean": MEAN, "std": STD},
+                "plugins": {
+                    "backbones": {"encoder": "resnet18", "stem": "cifar", "decoder": "resnet18", "latent_dim": 128},
+                    "aavae": {"likelihood": "gaussian"},
+                },
             },
-        },
-        check_data=False,
-    )
+            check_data=False,
+        )
     torch.manual_seed(0)
     model = Model(hooks, recipe).train()
     weights = model.weights()
