@@ -10,8 +10,18 @@ Scanned: every text file git knows of (tracked, or untracked and not ignored). C
   mentioning file's folder, a bare file name names a document of that name anywhere in the
   repository, and the anchor, if any, is one of its headings. A document of another repository is
   cited by its URL, which is not a bare mention;
-* no file names the project's old out-of-tree documents or a path of the machine it was written on
-  (`FORBIDDEN`).
+* bare mentions of a repository path of any other kind in any file: a path that starts with one of the
+  project's top folders (`TOP_FOLDERS`: `tests/test_simclr.py`, `framework/eval/`) exists, from the
+  root or from the mentioning file's folder; a glob (`recipes/*_imagenet.yaml`) or a brace list
+  (`recipes/{vae,aavae}_fashionmnist.yaml`) matches a file for each alternative. Not checked:
+  outputs written at run time (`OUTPUTS`, and `runs/`, which is no top folder), placeholders
+  (`tests/{name}` in an f-string), and another repository's tree, recognised as a path going into a
+  folder right under a top folder that augssl does not have (solo-learn's
+  `scripts/pretrain/cifar/simclr.yaml`). A file of another repository directly in a folder of a top
+  folder's name (a `scripts/...` file) is cited by its URL;
+* no file, code included, names the project's old out-of-tree documents or a machine path
+  (`FORBIDDEN`: the project's folder, a temporary or a home folder); a script that needs a folder
+  takes one from `tempfile`.
 
 `test_detects_each_kind_of_broken_reference` runs the same checker on a temporary tree with one
 broken reference of each kind, so the check above cannot pass by finding nothing.
@@ -19,17 +29,21 @@ broken reference of each kind, so the check above cannot pass by finding nothing
 
 from __future__ import annotations
 
+import fnmatch
+import posixpath
 import re
 import subprocess
 from collections.abc import Iterable
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import pytest
 
 from tests.helpers import ROOT
 
 # Spelled in pieces so that this file, which is scanned too, does not contain them.
-FORBIDDEN = ("METHODS" + ".md", "DESIGN" + ".md", "../" + "shared", "/" + "work/")
+FORBIDDEN = ("METHODS" + ".md", "DESIGN" + ".md", "../" + "shared", "/" + "work/", "/" + "tmp/", "/" + "home/")
+TOP_FOLDERS = ("benchmarks", "docs", "examples", "framework", "launch", "plugins", "recipes", "scripts", "tests")
+OUTPUTS = ("benchmarks/results/",)  # what the benchmarks write when they run, as a training run writes runs/
 
 FENCE = re.compile(r"^(```|~~~).*?^\1[^\n]*$", re.M | re.S)
 CODE_SPAN = re.compile(r"`[^`\n]*`")
@@ -38,6 +52,9 @@ BARE = re.compile(r"(?<![\w./#-])((?:[\w.-]+/)*[\w.-]+\.md)(?:#([\w-]+))?")
 HEADING = re.compile(r"^ {0,3}(#{1,6})[ \t]+(.+?)[ \t]*#*[ \t]*$", re.M)
 HTML_ANCHOR = re.compile(r"<a\s+(?:id|name)=\"([^\"]+)\"", re.I)
 SCHEME = re.compile(r"^[a-z][a-z0-9+.-]*:", re.I)
+# A path from a top folder, not inside a longer path (`src/...`, a URL's `/tests/...`) or after a `<placeholder>/`.
+PATH = re.compile(r"(?<![\w./#<>$@-])((?:" + "|".join(TOP_FOLDERS) + r")/[\w.*?{},/-]*)")
+BRACES = re.compile(r"\{([^{}]*)\}")
 
 
 def repository_files(root: Path) -> list[str]:
@@ -83,6 +100,15 @@ def github_anchor(heading: str) -> str:
     return re.sub(r"[^\w\- ]", "", text).replace(" ", "-")
 
 
+def expand_braces(pattern: str) -> list[str]:
+    """Every alternative of a path's brace lists: `r/{a,b}.yaml` is `r/a.yaml` and `r/b.yaml`."""
+    match = BRACES.search(pattern)
+    if match is None:
+        return [pattern]
+    head, tail = pattern[: match.start()], pattern[match.end() :]
+    return [path for alternative in match.group(1).split(",") for path in expand_braces(head + alternative + tail)]
+
+
 def anchors(markdown: str) -> set[str]:
     """Every anchor of a markdown document: its headings' (GitHub numbers repeats -1, -2, ...) and
     explicit `<a id=...>` / `<a name=...>` ones."""
@@ -105,6 +131,7 @@ class Checker:
         self.by_name: dict[str, list[str]] = {}
         for f in self.files:
             self.by_name.setdefault(Path(f).name, []).append(f)
+        self.folders = {parent.as_posix() for f in self.files for parent in PurePosixPath(f).parents}
         self._anchors: dict[str, set[str]] = {}
 
     def anchors_of(self, rel: str) -> set[str]:
@@ -128,6 +155,30 @@ class Checker:
         candidates = [self.root / mention, (self.root / source).parent / mention]
         return [rel for rel in (self._relative(c) for c in candidates) if rel is not None]
 
+    def _exists(self, rel: str) -> bool:
+        """`rel` (a path or a glob, from the root) names a file or folder of the tree."""
+        if any(c in rel for c in "*?"):
+            return any(fnmatch.fnmatchcase(f, rel) for f in self.files)
+        return rel in self.folders or rel in self.by_name.get(posixpath.basename(rel), [])
+
+    def _missing_paths(self, source: str, mention: str) -> list[str]:
+        """The alternatives of a bare mention of a path from a top folder that name nothing in the tree, from
+        the root or from `source`'s folder; none for what is not checked (see the module's docstring)."""
+        if mention.endswith(".md") or mention.startswith(OUTPUTS):
+            return []  # a document, checked with its anchor as a bare mention; an output written at run time
+        if any("," not in group for group in BRACES.findall(mention)):
+            return []  # a placeholder: tests/{name}
+        top, _, rest = mention.partition("/")
+        first, _, below = rest.partition("/")
+        if below and not any(c in first for c in "*?{") and f"{top}/{first}" not in self.folders:
+            return []  # into a folder augssl does not have: another repository's tree
+        bases = ("", posixpath.dirname(source))
+        return [
+            path
+            for path in expand_braces(mention)
+            if not any(self._exists(posixpath.normpath(posixpath.join(base, path))) for base in bases)
+        ]
+
     def problems(self, source: str) -> list[str]:
         text = read_text(self.root / source)
         if text is None:
@@ -146,6 +197,10 @@ class Checker:
                 found.append(f"{source}:{line}: {mention} does not exist in the repository")
             elif anchor and not any(anchor in self.anchors_of(t) for t in targets):
                 found.append(f"{source}:{line}: {mention} has no heading for #{anchor}")
+        for match in PATH.finditer(text):
+            line = text.count("\n", 0, match.start()) + 1
+            for path in self._missing_paths(source, match.group(1).rstrip(".,;:-")):
+                found.append(f"{source}:{line}: {path} does not exist in the repository")
         return found
 
     def _link_problems(self, source: str, text: str) -> list[str]:
@@ -214,7 +269,7 @@ def test_github_anchor(heading, anchor):
     assert github_anchor(heading) == anchor
 
 
-# The temporary tree's documents; "@md" stands for the extension (this file is scanned too).
+# The temporary tree's documents; "@md" stands for the extension and "@/" for a path's "/" (this file is scanned too).
 GOOD_DOC = """# Guide
 
 ## Two words
@@ -228,27 +283,45 @@ See [the other](sub/other@md#deep-part), [itself](#two-words-1), [a page](https:
 own["head"](features)
 ```
 """
-GOOD_CODE = '"""Follows guide@md#guide and sub/other@md#deep-part (other@md, of the same folder)."""\n'
+GOOD_CODE = (
+    '"""Follows guide@md#guide and sub/other@md#deep-part (other@md, of the same folder).\n\n'
+    "Runs recipes@/{a,b}.yaml (recipes@/*.yaml, recipes@/), writes benchmarks@/results/x.json,\n"
+    "takes solo-learn's scripts@/pretrain/cifar/simclr.yaml and its src/tests@/x.py; reads tests@/{name}.\n"
+    '"""\n'
+)
 
 BROKEN = {
     "a link to a missing file": "[x](sub/nowhere@md)",
     "a link to a missing heading": "[x](sub/other@md#no-such-part)",
     "a same-file link to a missing heading": "[x](#two-words-2)",
-    "a bare mention of a missing document": "see docs/nowhere@md for more",
+    "a bare mention of a missing document": "see docs@/nowhere@md for more",
     "a bare mention with a missing heading": "see sub/other@md#no-such-part",
     "an old out-of-tree document": "see " + FORBIDDEN[0],
     "a path of the machine": "in " + FORBIDDEN[3] + "main",
+    "a temporary folder": '"output_dir": "' + FORBIDDEN[4] + 'unused"',
+    "a home folder": "from " + FORBIDDEN[5] + "someone/data",
+    "a bare mention of a missing file": "tests@/test_nowhere.py checks both",
+    "a bare mention of a missing folder": "see recipes@/old/",
+    "a glob that matches no file": "every recipes@/*_nowhere.yaml",
+    "a brace list with a missing alternative": "recipes@/{a,nowhere}.yaml",
 }
 
 
 def write_tree(root: Path, extra: str) -> list[str]:
     """A small tree of valid references, with `extra` appended to its guide; returns its files."""
-    files = {"sub/other@md": "# Other\n\n### Deep part\n", "guide@md": GOOD_DOC + extra + "\n", "code.py": GOOD_CODE}
+    files = {
+        "sub/other@md": "# Other\n\n### Deep part\n\nIts tests@/t.py, from its own folder.\n",
+        "guide@md": GOOD_DOC + extra + "\n",
+        "code.py": GOOD_CODE,
+        "recipes@/a.yaml": "",
+        "recipes@/b.yaml": "",
+        "sub/tests/t.py": "",
+    }
     written = []
     for name, text in files.items():
-        path = root / name.replace("@md", ".md")
+        path = root / name.replace("@md", ".md").replace("@/", "/")
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text.replace("@md", ".md"), encoding="utf-8")
+        path.write_text(text.replace("@md", ".md").replace("@/", "/"), encoding="utf-8")
         written.append(path.relative_to(root).as_posix())
     return sorted(written)
 
