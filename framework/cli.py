@@ -26,9 +26,12 @@ def _fail(msg: str) -> NoReturn:
 
 
 def _fail_if_bad_input(exc: Exception, prefix: str = "") -> NoReturn:
-    """One line for a plugin hook that refused the recipe (ValueError) or a file (OSError); a plugin's own bug
-    (any other error) keeps its traceback."""
-    if not isinstance(exc.__cause__, (ValueError, OSError)):
+    """One line for bad input: a missing file or a bad value, raised directly or by a plugin hook that refused
+    the recipe (ValueError) or a file (OSError); a plugin's own bug (any other error in a hook) keeps its
+    traceback."""
+    from framework.manager import PluginError
+
+    if isinstance(exc, PluginError) and not isinstance(exc.__cause__, (ValueError, OSError)):
         raise exc
     _fail(f"{prefix}{exc}")
 
@@ -134,9 +137,7 @@ def eval_main(argv: Sequence[str]) -> None:
                 knn_temperature=args.temperature,
                 linear_batch_size=args.batch_size,
             )  # raw pixels: the same for every run, fitted once
-        except (FileNotFoundError, ValueError) as exc:
-            _fail(str(exc))
-        except PluginError as exc:  # e.g. the run's `pretrained` file is gone
+        except (FileNotFoundError, ValueError, PluginError) as exc:  # PluginError: e.g. the `pretrained` file is gone
             _fail_if_bad_input(exc)
         if i == 0:
             rows.append(("raw pixels", result["pixel_dim"], result["raw_pixels_accuracies"], "-"))
@@ -254,9 +255,7 @@ def export_main(argv: Sequence[str]) -> None:
 
     try:
         meta = export_encoder(args.output_dir, args.out, args.checkpoint)
-    except (FileNotFoundError, ValueError) as exc:
-        _fail(str(exc))
-    except PluginError as exc:  # e.g. the run's `pretrained` file is gone
+    except (FileNotFoundError, ValueError, PluginError) as exc:  # PluginError: e.g. the `pretrained` file is gone
         _fail_if_bad_input(exc)
     print(json.dumps({"out": args.out, **meta}))
 
