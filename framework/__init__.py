@@ -30,13 +30,43 @@ plugin's own section as ``cfg`` and its own modules as ``own``.
 The names below are the whole plugin API; the built-in plugins use nothing else.
 """
 
-from framework.distributed import full_parameters, gather_with_grad, rank, world_size
-from framework.hookspecs import hookimpl
-from framework.precision import at_least_float32, full_precision
-from framework.recipe.schema import PluginConfig, Recipe
-from framework.schedules import Scheduled
-from framework.types import Encoding, StepContext, View, num_features
-from framework.views import ToMode, check_stats, denormalize, normalize, tensor_steps
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from framework.distributed import full_parameters, gather_with_grad, rank, world_size
+    from framework.hookspecs import hookimpl
+    from framework.precision import at_least_float32, full_precision
+    from framework.recipe.schema import PluginConfig, Recipe
+    from framework.schedules import Scheduled
+    from framework.types import Encoding, StepContext, View, num_features
+    from framework.views import ToMode, check_stats, denormalize, normalize, tensor_steps
+
+# Each name of the API and the module that defines it, imported on first use: `augssl train` and
+# `framework.cli` import this package first, and a bad recipe is answered before torch is imported.
+_MODULES = {
+    "framework.distributed": ("full_parameters", "gather_with_grad", "rank", "world_size"),
+    "framework.hookspecs": ("hookimpl",),
+    "framework.precision": ("at_least_float32", "full_precision"),
+    "framework.recipe.schema": ("PluginConfig", "Recipe"),
+    "framework.schedules": ("Scheduled",),
+    "framework.types": ("Encoding", "StepContext", "View", "num_features"),
+    "framework.views": ("ToMode", "check_stats", "denormalize", "normalize", "tensor_steps"),
+}
+_HOME = {name: module for module, names in _MODULES.items() for name in names}
+
+
+def __getattr__(name: str) -> Any:
+    """The API name `name`, from its module (imported now if not yet); AttributeError for any other name
+    (so `from framework import checkpoint` imports the submodule)."""
+    if name not in _HOME:
+        raise AttributeError(f"module 'framework' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_HOME[name]), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "Encoding",

@@ -227,7 +227,8 @@ def shards_main(argv: Sequence[str]) -> None:
 
 def plugins_main(argv: Sequence[str]) -> None:
     """`plugins`: every plugin a recipe can name, the hooks it implements and its recipe section."""
-    from framework.manager import PluginError, PluginHooks, discover
+    from framework.manager import PluginHooks
+    from framework.registry import PluginError, discover
 
     for name, origin in sorted(discover().items()):
         try:

@@ -1,7 +1,7 @@
 """The plugin manager and its typed facade.
 
-`PluginHooks` registers exactly the plugins a recipe names (built-ins by name from
-`plugins/`, third-party ones through the `augssl` entry-point group), checks them
+`PluginHooks` registers exactly the plugins a recipe names (loaded by `framework.registry`:
+built-ins by name from `plugins/`, third-party ones through the `augssl` entry-point group), checks them
 against `framework.hookspecs`, and offers one typed method per hook. It calls each
 plugin's implementation itself, with the arguments the implementation asks for, its own
 recipe section (`cfg`) and modules (`own`) among them; results of collect hooks come back
@@ -12,10 +12,7 @@ are refused at registration, in one line. Every error names the plugin and the h
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 from collections.abc import Callable
-from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Any
 
 import pluggy
@@ -25,54 +22,13 @@ from torch import nn
 from framework import hookspecs
 from framework.errors import one_line
 from framework.recipe.schema import PluginConfig
+from framework.registry import PluginError, load_plugin
 from framework.types import Encoding, StepContext, View, num_features
 
 if TYPE_CHECKING:
     from framework.recipe.schema import Recipe
 
-ENTRY_POINT_GROUP = hookspecs.PROJECT
-
-# The built-in plugins, by recipe name; each is the module `plugins.<name>`.
-BUILTIN_PLUGINS: tuple[str, ...] = (
-    "backbones",
-    "kl",
-    "aavae",
-    "consistency",
-    "affine",
-    "simclr",
-    "byol",
-    "barlow",
-    "probe",
-)
-
-
-class PluginError(Exception):
-    """A plugin could not be loaded, is malformed, or one of its hooks failed."""
-
-
-def _builtin_available(name: str) -> bool:
-    return importlib.util.find_spec(f"plugins.{name}") is not None
-
-
-def discover() -> dict[str, str]:
-    """Every plugin a recipe may name: `{name: where it comes from}`."""
-    found = {name: "built-in" for name in BUILTIN_PLUGINS if _builtin_available(name)}
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
-        found.setdefault(ep.name, f"entry point {ep.value}" + (f" ({ep.dist.name})" if ep.dist else ""))
-    return found
-
-
-def load_plugin(name: str) -> object:
-    """Import the plugin a recipe calls `name`: a built-in first, else an entry point."""
-    if name in BUILTIN_PLUGINS and _builtin_available(name):
-        return importlib.import_module(f"plugins.{name}")
-    for ep in entry_points(group=ENTRY_POINT_GROUP, name=name):
-        try:
-            return ep.load()
-        except Exception as exc:  # an installed plugin that fails to import
-            raise PluginError(f"plugin {name!r}: entry point {ep.value} failed to load: {exc}") from exc
-    known = ", ".join(sorted(discover()))
-    raise PluginError(f"unknown plugin {name!r} (known: {known})")
+__all__ = ["PluginError", "PluginHooks"]
 
 
 class PluginHooks:

@@ -18,6 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 LAYERS: dict[str, int] = {
     # leaves: import nothing of the framework
     "framework.errors": 0,
+    "framework.registry": 0,
     "framework.precision": 0,
     "framework.preemption": 0,
     "framework.views": 0,

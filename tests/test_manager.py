@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import re
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
 
 from framework import hookimpl
-from framework.manager import PluginError, PluginHooks, discover, load_plugin
-from framework.testing import run_steps, tiny_recipe
+from framework.cli import main
+from framework.manager import PluginError, PluginHooks
+from framework.recipe.loading import validate
+from framework.registry import discover, load_plugin
+from framework.testing import run_steps, tiny_recipe, write_recipe
+
+NO_SHARDS = {"train": "none.tar", "test": "none.tar"}
 
 
 def test_builtins_load_by_name_and_unknown_names_list_the_known_ones():
@@ -129,10 +136,20 @@ def test_a_broken_hook_at_run_time_names_plugin_and_hook(plugin, expected, tmp_p
         run_steps(tiny_recipe(tmp_path, fmnist_shards), steps=1, extra_plugins={"broken": plugin})
 
 
+def _install(site: Path, monkeypatch, module: str, source: str, entry: str) -> None:
+    """A distribution `module` (its module and metadata) in the folder `site`, put on sys.path: as pip installs
+    a package whose pyproject.toml names `entry` (`name = module`) in the `augssl` entry-point group."""
+    (site / f"{module}.py").parent.mkdir(exist_ok=True)
+    (site / f"{module}.py").write_text(textwrap.dedent(source))
+    dist = site / f"{module}-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {module.replace('_', '-')}\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text(f"[augssl]\n{entry}\n")
+    monkeypatch.syspath_prepend(str(site))
+
+
 def test_third_party_plugins_come_from_the_entry_point_group(tmp_path, monkeypatch, fmnist_shards):
-    (tmp_path / "site" / "thirdparty_l2.py").parent.mkdir()
-    (tmp_path / "site" / "thirdparty_l2.py").write_text(
-        textwrap.dedent("""
+    source = """
         from framework import PluginConfig, hookimpl
 
         class Config(PluginConfig):
@@ -145,13 +162,8 @@ def test_third_party_plugins_come_from_the_entry_point_group(tmp_path, monkeypat
         @hookimpl
         def regularize(ctx, cfg):
             return {"l2": cfg.scale * ctx.encode("x").h.pow(2).mean()}
-    """)
-    )
-    dist = tmp_path / "site" / "thirdparty_l2-0.1.dist-info"
-    dist.mkdir()
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: thirdparty-l2\nVersion: 0.1\n")
-    (dist / "entry_points.txt").write_text("[augssl]\nl2 = thirdparty_l2\n")
-    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    """
+    _install(tmp_path / "site", monkeypatch, "thirdparty_l2", source, "l2 = thirdparty_l2")
     assert discover()["l2"].startswith("entry point thirdparty_l2")
     from framework.logging import read_metrics
     from framework.testing import CONV28
@@ -160,3 +172,22 @@ def test_third_party_plugins_come_from_the_entry_point_group(tmp_path, monkeypat
     out = run_steps(recipe, steps=1)
     assert "l2.l2" in read_metrics(out)[-1]
     sys.modules.pop("thirdparty_l2", None)
+
+
+def test_an_entry_point_named_like_a_built_in_is_refused_in_one_line(tmp_path, monkeypatch, capsys):
+    """A third-party `kl` beside the built-in one was silently ignored (the built-in won): a recipe naming `kl`
+    is now refused in one line naming both, before either is imported; recipes without `kl` are unaffected."""
+    _install(tmp_path / "site", monkeypatch, "shadow_kl", "raise ImportError('never imported')", "kl = shadow_kl")
+    assert discover()["kl"] == "built-in and entry point shadow_kl (shadow-kl)"
+    claimed = "plugin 'kl' is claimed by the built-in and by the entry point shadow_kl (shadow-kl): uninstall one"
+    with pytest.raises(PluginError, match=re.escape(claimed)):
+        load_plugin("kl")
+    path = write_recipe(tmp_path / "r.yaml", tiny_recipe(tmp_path, NO_SHARDS))
+    with pytest.raises(SystemExit) as exc:
+        main(["train", str(path)])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.strip().splitlines() == [
+        f"augssl: error: {path}: plugins: {claimed}, or rename the entry point"
+    ]
+    validate(tiny_recipe(tmp_path, NO_SHARDS, plugins={"backbones": {"encoder": "conv28"}}), check_data=False)
+    assert "shadow_kl" not in sys.modules

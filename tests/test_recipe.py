@@ -237,6 +237,25 @@ def test_bad_override_syntax(tmp_path, fmnist_shards, capsys):
         apply_overrides(yaml.safe_load(path.read_text()), ["train.lr.x=1"])
 
 
+# Run `augssl` in a fresh process and print its exit status and which of torch and the plugins it imported.
+IMPORTED = (
+    "import sys; from framework.cli import main\n"
+    "try: main(sys.argv[1:])\n"
+    "except SystemExit as e: print(e.code, [m for m in sys.modules if m == 'torch' or m.startswith('plugins.')])"
+)
+
+
+@pytest.mark.parametrize("override", ["plugins.kll.weight=1", "train.lr=fast", "trian.steps=2", "train.seed=[1"])
+def test_a_bad_recipe_is_refused_before_torch_or_a_plugin_is_imported(override):
+    """What validation does not need comes after it: a misspelt plugin name cost 4-9 s of CPU (torch,
+    torchvision's models, torch._dynamo) before its one line; now a fraction of a second."""
+    recipe = ROOT / "recipes" / "vae_fashionmnist.yaml"
+    proc = subprocess.run(
+        [sys.executable, "-c", IMPORTED, "train", str(recipe), override], capture_output=True, text=True, timeout=300
+    )
+    assert proc.stdout.strip() == "2 []" and proc.stderr.startswith("augssl: error: "), proc.stdout + proc.stderr
+
+
 @pytest.mark.slow
 def test_launch_script_rejects_a_bad_recipe_in_a_fresh_process(tmp_path, fmnist_shards):
     recipe = deep_merge(tiny_recipe(tmp_path, fmnist_shards), {"plugins": {"kl": {"beta": "high"}}})

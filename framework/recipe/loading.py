@@ -1,8 +1,10 @@
 """Loading a recipe: read its YAML, inherit (`extends:`), apply command-line overrides, validate.
 
-Validation checks the engine's sections (`framework.recipe.schema`), then builds the plugin
-manager to validate each plugin's section against the schema it registers. Every problem is a
-`RecipeError` whose one-line message names the key path and the file.
+Validation checks the engine's sections (`framework.recipe.schema`) and the
+plugin names, then builds the plugin manager to validate each plugin's section against the schema
+it registers. Every problem is a `RecipeError` whose one-line message names the key path and the file.
+Torch and the plugins are imported only for that last step, so a recipe whose YAML, engine
+sections or plugin names are wrong is answered in a fraction of a second.
 """
 
 from __future__ import annotations
@@ -12,14 +14,16 @@ import importlib.util
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 from pydantic import ValidationError
 
-from framework.data.shards import check_shards
-from framework.manager import PluginError, PluginHooks
 from framework.recipe.schema import Recipe
+from framework.registry import PluginError, check_names
+
+if TYPE_CHECKING:
+    from framework.manager import PluginHooks
 
 
 class RecipeError(Exception):
@@ -148,6 +152,9 @@ def validate(
         raise RecipeError(_first_error(exc)) from None
 
     try:
+        check_names(name for name in plugins_raw if name not in (extra_plugins or {}))
+        from framework.manager import PluginHooks  # imports torch: only once the checks that need no plugin pass
+
         hooks = PluginHooks(list(plugins_raw), extra=extra_plugins)
         schemas = hooks.config_schema()
     except PluginError as exc:
@@ -165,6 +172,8 @@ def validate(
         if importlib.util.find_spec(tracker) is None:
             raise RecipeError(f"train.log_with: {tracker} is not installed (pip install {tracker})")
     if check_data:
+        from framework.data.shards import check_shards  # its package imports torch (the data pipeline)
+
         try:  # a missing local shard is a recipe error naming the key
             check_shards("data.train", recipe.data.train)
             for key in ("train", "test"):

@@ -1,0 +1,86 @@
+"""The plugins a recipe may name, and loading one by name.
+
+A plugin is a built-in (`plugins.<name>`, listed in `BUILTIN_PLUGINS`) or a third-party module
+registered in the `augssl` entry-point group. Nothing here imports torch or a plugin, so a recipe
+that names an unknown plugin is answered before either is imported (`framework.recipe.loading`
+checks the names first). A name that more than one source claims (an entry point named like a
+built-in, or two installed packages' entry points of one name) is refused when a recipe uses it:
+taking one of them silently would train something other than what the user installed.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from collections.abc import Iterable
+from importlib.metadata import EntryPoint, entry_points
+
+ENTRY_POINT_GROUP = "augssl"  # the name of the project's hooks too (framework.hookspecs.PROJECT)
+
+# The built-in plugins, by recipe name; each is the module `plugins.<name>`.
+BUILTIN_PLUGINS: tuple[str, ...] = (
+    "backbones",
+    "kl",
+    "aavae",
+    "consistency",
+    "affine",
+    "simclr",
+    "byol",
+    "barlow",
+    "probe",
+)
+
+
+class PluginError(Exception):
+    """A plugin could not be loaded, is malformed, or one of its hooks failed."""
+
+
+# A plugin's source: where it comes from (for messages), and its entry point (None: a built-in).
+Source = tuple[str, EntryPoint | None]
+
+
+def _sources() -> dict[str, list[Source]]:
+    """Every plugin name, with every source that claims it."""
+    found: dict[str, list[Source]] = {
+        name: [("built-in", None)] for name in BUILTIN_PLUGINS if importlib.util.find_spec(f"plugins.{name}")
+    }
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        origin = f"entry point {ep.value}" + (f" ({ep.dist.name})" if ep.dist else "")
+        found.setdefault(ep.name, []).append((origin, ep))
+    return found
+
+
+def discover() -> dict[str, str]:
+    """Every plugin a recipe may name: `{name: where it comes from}` (each source, for a name claimed twice)."""
+    return {name: " and ".join(origin for origin, _ in sources) for name, sources in _sources().items()}
+
+
+def _entry_point(name: str, found: dict[str, list[Source]]) -> EntryPoint | None:
+    """The entry point of the one source of `name` (None: the built-in); PluginError for none or several."""
+    sources = found.get(name, [])
+    if not sources:
+        raise PluginError(f"unknown plugin {name!r} (known: {', '.join(sorted(found))})")
+    if len(sources) > 1:
+        raise PluginError(
+            f"plugin {name!r} is claimed by the {' and by the '.join(origin for origin, _ in sources)}: "
+            "uninstall one, or rename the entry point"
+        )
+    return sources[0][1]
+
+
+def check_names(names: Iterable[str]) -> None:
+    """PluginError for the first of `names` that no plugin, or more than one, claims; imports none."""
+    found = _sources()
+    for name in names:
+        _entry_point(name, found)
+
+
+def load_plugin(name: str) -> object:
+    """Import the plugin a recipe calls `name`: the built-in module or the entry point that claims it."""
+    ep = _entry_point(name, _sources())
+    if ep is None:
+        return importlib.import_module(f"plugins.{name}")
+    try:
+        return ep.load()
+    except Exception as exc:  # an installed plugin that fails to import
+        raise PluginError(f"plugin {name!r}: entry point {ep.value} failed to load: {exc}") from exc
