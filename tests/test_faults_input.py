@@ -6,27 +6,62 @@ from __future__ import annotations
 import math
 
 import pytest
+import yaml
 
 from framework.logging import read_metrics
-from framework.recipe.loading import RecipeError, validate
+from framework.recipe.loading import RecipeError, apply_overrides, load_recipe, validate
 from framework.testing import run_steps, tiny_recipe, write_recipe
 from tests.helpers import ROOT, asset_samples, one_line
 
 NO_SHARDS = {"train": "none.tar", "test": "none.tar"}
 
 
+# Nine levels of nine aliases: 9^9 values once expanded (validation, recipe.yaml), in a few hundred characters.
+LEVELS = ["l0: &l0 [" + ", ".join(["lol"] * 9) + "]"]
+LEVELS += [f"l{i}: &l{i} [" + ", ".join([f"*l{i - 1}"] * 9) + "]" for i in range(1, 9)]
+LAUGHS = "{" + ", ".join(LEVELS) + "}"
+DEEP = "[" * 60 + "]" * 60  # nested 60 levels deep (PyYAML itself recurses past ~300)
+
+
 @pytest.mark.slow
 def test_a_billion_laughs_recipe_stops_before_it_expands(tmp_path):
-    """Nine levels of nine aliases are 9^9 values once expanded (validation, recipe.yaml); refused at once."""
-    levels = ["    l0: &l0 [" + ", ".join(['"lol"'] * 9) + "]"]
-    levels += [f"    l{i}: &l{i} [" + ", ".join([f"*l{i - 1}"] * 9) + "]" for i in range(1, 9)]
+    """Refused at once, in a recipe file and in an override: under `train.seed` the error's own message used to
+    expand it (a hang), under `distributed.deepspeed` it passed validation, created the run folder and its lock
+    and exhausted memory writing recipe.yaml."""
     path = tmp_path / "laughs.yaml"
     path.write_text(
         f"extends: {ROOT / 'recipes' / 'vae_fashionmnist.yaml'}\n"
-        f"output_dir: {tmp_path / 'run'}\ndistributed:\n  deepspeed:\n" + "\n".join(levels) + "\n"
+        f"output_dir: {tmp_path / 'run'}\ndistributed:\n  deepspeed: {LAUGHS}\n"
     )
-    assert "expands to more than 100000 values (YAML aliases?)" in one_line([path])
+    assert "the recipe expands to more than 100000 values (YAML aliases?)" in one_line([path])
+    recipe = ROOT / "recipes" / "vae_fashionmnist.yaml"
+    for key in ("train.seed", "distributed.deepspeed.wall_clock_breakdown"):
+        line = one_line([recipe, f"output_dir={tmp_path / 'run'}", f"{key}={LAUGHS}"])
+        assert f"override {key}: the value expands to more than 100000 values" in line
     assert not (tmp_path / "run").exists()
+
+
+def test_every_free_form_value_and_the_whole_recipe_are_bounded(tmp_path):
+    """The bound holds for what validation receives, however it was assembled: a free-form mapping holding
+    a million values (one list shared 1000 times), a recipe nested 60 levels deep, an override's value."""
+    shared = list(range(1000))
+    big = tiny_recipe(tmp_path, NO_SHARDS, distributed={"deepspeed": {"wall_clock_breakdown": [shared] * 1000}})
+    with pytest.raises(RecipeError, match="the recipe expands to more than 100000 values"):
+        validate(big, check_data=False)
+    with pytest.raises(RecipeError, match="the recipe is nested deeper than 50 levels"):
+        validate(tiny_recipe(tmp_path, NO_SHARDS, train={"seed": yaml.safe_load(DEEP)}), check_data=False)
+    for value, message in ((LAUGHS, "expands to more than 100000"), (DEEP, "is nested deeper than 50 levels")):
+        with pytest.raises(RecipeError, match=f"override plugins.backbones.timm_kwargs: the value {message}"):
+            apply_overrides({}, [f"plugins.backbones.timm_kwargs={value}"])
+    with pytest.raises(RecipeError, match="override train.seed: the value is nested deeper than 50 levels"):
+        apply_overrides({}, ["train.seed=" + "[" * 2000 + "]" * 2000])  # past what PyYAML can parse
+
+
+def test_a_recipe_file_nested_past_what_yaml_can_read_is_one_line(tmp_path):
+    path = tmp_path / "deep.yaml"
+    path.write_text("train: {seed: " + "[" * 2000 + "]" * 2000 + "}\n")
+    with pytest.raises(RecipeError, match=r"deep.yaml: nested deeper than 50 levels$"):
+        load_recipe(path, check_data=False)
 
 
 @pytest.mark.parametrize(

@@ -15,7 +15,15 @@ from torchvision.transforms import v2
 from framework import PluginConfig, hookimpl
 from framework.cli import main
 from framework.data.pipeline import clean_x_view
-from framework.recipe.loading import RecipeError, apply_overrides, deep_merge, load_recipe, validate
+from framework.recipe.loading import (
+    MAX_EXTENDS,
+    RecipeError,
+    apply_overrides,
+    deep_merge,
+    load_raw,
+    load_recipe,
+    validate,
+)
 from framework.testing import tiny_recipe, write_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -227,6 +235,17 @@ def test_extends_cycle(tmp_path, capsys):
     (tmp_path / "b.yaml").write_text("extends: a.yaml\n")
     code, err = _run_cli([str(tmp_path / "a.yaml")], capsys)
     assert code == 2 and "`extends` cycle: a.yaml -> b.yaml -> a.yaml" in err
+
+
+def test_an_extends_chain_longer_than_the_bound_is_one_line(tmp_path, capsys):
+    """17 recipes each extending the next used to be read to any depth (a chain of 1000 was a RecursionError)."""
+    for i in range(MAX_EXTENDS + 1):
+        (tmp_path / f"r{i}.yaml").write_text(f"extends: r{i + 1}.yaml\n" if i < MAX_EXTENDS else "train: {}\n")
+    code, err = _run_cli([str(tmp_path / "r0.yaml")], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert f"r{MAX_EXTENDS - 1}.yaml: extends: a chain of more than {MAX_EXTENDS} recipes (from r0.yaml)" in err
+    (tmp_path / f"r{MAX_EXTENDS - 1}.yaml").write_text("train: {}\n")  # 16 recipes: read
+    assert load_raw(tmp_path / "r0.yaml") == {"train": {}}
 
 
 def test_bad_override_syntax(tmp_path, fmnist_shards, capsys):

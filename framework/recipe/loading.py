@@ -1,6 +1,6 @@
 """Loading a recipe: read its YAML, inherit (`extends:`), apply command-line overrides, validate.
 
-Validation checks the engine's sections (`framework.recipe.schema`) and the
+Validation checks the size of the data, the engine's sections (`framework.recipe.schema`) and the
 plugin names, then builds the plugin manager to validate each plugin's section against the schema
 it registers. Every problem is a `RecipeError` whose one-line message names the key path and the file.
 Torch and the plugins are imported only for that last step, so a recipe whose YAML, engine
@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 import re
+import reprlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -41,42 +42,55 @@ def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _parse(text: str, where: str) -> Any:
+    """YAML `text` as data; RecipeError naming `where` (and the line) when it is not YAML or nests too deep
+    for the parser (PyYAML recurses once per level)."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark else ""
+        raise RecipeError(f"{where}{line}: invalid YAML: {getattr(exc, 'problem', exc)}") from None
+    except RecursionError:
+        raise RecipeError(f"{where}: nested deeper than {MAX_DEPTH} levels") from None
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     """One recipe file's mapping (empty for an empty file); RecipeError naming the file or line."""
     try:
         text = path.read_text()
     except OSError as exc:
         raise RecipeError(f"{path}: cannot read recipe ({exc.strerror})") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise RecipeError(f"{where}: invalid YAML: {getattr(exc, 'problem', exc)}") from None
+    data = _parse(text, str(path))
     if data is None:
         return {}
-    _check_size(data, path)
+    _check_size(data, f"{path}: the recipe")
     if not isinstance(data, dict):
         raise RecipeError(f"{path}: a recipe must be a mapping of sections, got {type(data).__name__}")
     return data
 
 
-MAX_VALUES = 100_000  # a recipe is a few hundred values; YAML aliases can make a short file expand to 10^9
+# A recipe is a few hundred values, five levels deep: YAML aliases can make a short text expand to 10^9
+# values ("billion laughs"), and a deep nesting exhausts the recursion of whatever walks it.
+MAX_VALUES = 100_000
+MAX_DEPTH = 50
+MAX_EXTENDS = 16  # recipes in one `extends` chain (the shipped ones: 3)
 
 
-def _check_size(data: Any, path: Path) -> None:
-    """RecipeError if `data`, with every YAML alias expanded, holds more than MAX_VALUES values (a
-    "billion laughs" recipe would exhaust memory in validation or when the run writes recipe.yaml)."""
-    stack, count = [data], 0
+def _check_size(data: Any, what: str) -> None:
+    """RecipeError unless `data`, with every YAML alias expanded, holds at most MAX_VALUES values nested at
+    most MAX_DEPTH levels: a file, an override's value or the merged recipe, checked before anything walks,
+    validates or writes them (a "billion laughs" would exhaust memory in validation or in recipe.yaml)."""
+    stack, count = [(data, 0)], 0
     while stack:
-        node = stack.pop()
+        node, depth = stack.pop()
         count += 1
         if count > MAX_VALUES:
-            raise RecipeError(f"{path}: the recipe expands to more than {MAX_VALUES} values (YAML aliases?)")
-        if isinstance(node, dict):
-            stack.extend(node.values())
-        elif isinstance(node, list):
-            stack.extend(node)
+            raise RecipeError(f"{what} expands to more than {MAX_VALUES} values (YAML aliases?)")
+        if depth > MAX_DEPTH:
+            raise RecipeError(f"{what} is nested deeper than {MAX_DEPTH} levels")
+        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()
+        stack.extend((child, depth + 1) for child in children)
 
 
 def load_raw(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
@@ -84,6 +98,8 @@ def load_raw(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     path = Path(path).resolve()
     if path in _seen:
         raise RecipeError(f"{path}: `extends` cycle: {' -> '.join(p.name for p in (*_seen, path))}")
+    if len(_seen) == MAX_EXTENDS:
+        raise RecipeError(f"{_seen[-1]}: extends: a chain of more than {MAX_EXTENDS} recipes (from {_seen[0].name})")
     data = _read_yaml(path)
     parent = data.pop("extends", None)
     if parent is None:
@@ -110,6 +126,9 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             value = yaml.safe_load(raw) if raw != "" else ""
         except yaml.YAMLError:
             value = raw
+        except RecursionError:
+            raise RecipeError(f"override {key}: the value is nested deeper than {MAX_DEPTH} levels") from None
+        _check_size(value, f"override {key}: the value")
         node = data
         parts = key.split(".")
         for i, part in enumerate(parts[:-1]):
@@ -121,12 +140,16 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
+_SHORT = reprlib.Repr()  # a value in a message: its first items and characters, however long it is
+_SHORT.maxstring = _SHORT.maxother = 120
+
+
 def _first_error(exc: ValidationError, prefix: str = "") -> str:
     """The first validation error as one line: its key path under `prefix`, the message and the value."""
     err = exc.errors()[0]
     loc = ".".join(str(p) for p in (prefix, *err["loc"]) if p != "")
     more = f" (+{exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
-    got = f" (got {err['input']!r})" if err["type"] not in ("missing", "extra_forbidden") else ""
+    got = f" (got {_SHORT.repr(err['input'])})" if err["type"] not in ("missing", "extra_forbidden") else ""
     return f"{loc or '<root>'}: {err['msg']}{got}{more}"
 
 
@@ -138,6 +161,7 @@ def validate(
     `extra_plugins` registers plugin objects by name beside those the recipe names
     (tests and embedding applications); their section defaults to `{}`.
     """
+    _check_size(data, "the recipe")
     plugins_raw = data.get("plugins")
     if not isinstance(plugins_raw, dict) or not plugins_raw:
         raise RecipeError("plugins: a recipe must name at least one plugin (e.g. plugins: {backbones: ..., kl: ...})")
