@@ -24,7 +24,7 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from framework.recipe.schema import Recipe, TrainConfig
+from framework.recipe.schema import SECTION_CONFIG, Recipe, TrainConfig
 
 
 class Scheduled(BaseModel):
@@ -37,7 +37,7 @@ class Scheduled(BaseModel):
     a path without an `end` or a constant with a different one are one-line recipe errors.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(**SECTION_CONFIG, frozen=True)  # unknown keys and non-finite numbers are errors
 
     start: float
     end: float | None = None

@@ -299,7 +299,7 @@ class CropGroup(BaseModel):
     """`count` crops of `size` px and RandomResizedCrop `scale`. Unset, a global crop's size is `data.image_size`
     and its scale the preset's; a local crop's size is required and its scale `LOCAL_SCALE`."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # as every recipe section's
 
     count: int = Field(ge=0)
     size: int | None = Field(None, gt=0)
@@ -322,7 +322,7 @@ class MultiCrop(BaseModel):
     at 0.05-0.14).
     """
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, populate_by_name=True)
 
     global_: CropGroup = Field(default_factory=lambda: CropGroup(count=2), alias="global")
     local: CropGroup = Field(default_factory=lambda: CropGroup(count=0))

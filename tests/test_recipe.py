@@ -5,16 +5,19 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+import typing
 from pathlib import Path
 from typing import ClassVar
 
 import pytest
 import yaml
+from pydantic import BaseModel
 from torchvision.transforms import v2
 
-from framework import PluginConfig, hookimpl
+from framework import PluginConfig, Recipe, Scheduled, hookimpl
 from framework.cli import main
 from framework.data.pipeline import clean_x_view
+from framework.manager import PluginHooks
 from framework.recipe.loading import (
     MAX_EXTENDS,
     RecipeError,
@@ -27,6 +30,7 @@ from framework.recipe.loading import (
 from framework.testing import tiny_recipe, write_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
+NO_SHARDS = {"train": "none.tar", "test": "none.tar"}
 
 
 def test_deep_merge_lists_replace_dicts_merge():
@@ -246,6 +250,59 @@ def test_an_extends_chain_longer_than_the_bound_is_one_line(tmp_path, capsys):
     assert f"r{MAX_EXTENDS - 1}.yaml: extends: a chain of more than {MAX_EXTENDS} recipes (from r0.yaml)" in err
     (tmp_path / f"r{MAX_EXTENDS - 1}.yaml").write_text("train: {}\n")  # 16 recipes: read
     assert load_raw(tmp_path / "r0.yaml") == {"train": {}}
+
+
+NON_FINITE_PLUGINS = {
+    "backbones": {"encoder": "conv28", "latent_dim": None},
+    "byol": {},
+    "simclr": {"crops": {"local": {"count": 2, "size": 14}}},
+}
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "train.lr=.inf",
+        "train.lr=inf",  # a string pydantic would read as a float
+        "train.weight_decay=.inf",
+        "train.weight_decay_end=.nan",
+        "train.lars_eta=.inf",
+        "train.betas=[0.9, .nan]",
+        "distributed.grad_clip=.inf",
+        "data.mean=[-.inf]",
+        "data.stall_seconds=1e999",
+        "plugins.backbones.logvar_range=[-.inf, 10]",
+        "plugins.byol.weight=.inf",
+        "plugins.byol.lr=.inf",
+        "plugins.byol.momentum.start=.nan",  # framework.Scheduled, a model nested in a plugin section
+        "plugins.simclr.crops.local.scale=[0.05, .inf]",  # a plugin's own nested model
+    ],
+)
+def test_numbers_in_recipes_must_be_finite(tmp_path, override):
+    """Every float of every section, plugin sections and the models nested in them included: `.inf` as a
+    learning rate, weight decay, LARS eta or clip used to be accepted."""
+    path = write_recipe(tmp_path / "r.yaml", tiny_recipe(tmp_path, NO_SHARDS, plugins=NON_FINITE_PLUGINS))
+    key = override.partition("=")[0]
+    with pytest.raises(RecipeError, match=rf"^{path}: {re.escape(key)}(\.\d)?: Input should be a finite number"):
+        load_recipe(path, [override], check_data=False)
+
+
+def _models(annotation) -> list[type[BaseModel]]:
+    """The pydantic models an annotation names, at any depth (`Scheduled | None`, `dict[str, MultiCrop]`)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation, *(m for f in annotation.model_fields.values() for m in _models(f.annotation))]
+    return [m for arg in typing.get_args(annotation) for m in _models(arg)]
+
+
+def test_every_model_of_every_section_refuses_non_finite_numbers():
+    """What makes the test above hold for fields it does not name: the engine's sections, every built-in
+    plugin's section and every model nested in one refuse inf and nan (pydantic's allow_inf_nan)."""
+    from framework.registry import BUILTIN_PLUGINS
+
+    schemas = [Recipe, *(PluginHooks([name], require_encoder=False).config_schema()[name] for name in BUILTIN_PLUGINS)]
+    models = {m for schema in schemas for m in _models(schema)}
+    assert Scheduled in models and len(models) > 15
+    assert not [m.__name__ for m in models if m.model_config.get("allow_inf_nan") is not False]
 
 
 def test_bad_override_syntax(tmp_path, fmnist_shards, capsys):

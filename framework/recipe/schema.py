@@ -45,10 +45,15 @@ def check_deepspeed_section(section: Mapping[str, Any]) -> None:
             raise ValueError(f"zero_optimization.{'.'.join(map(str, err['loc']))}: {err['msg']}") from None
 
 
-class Strict(BaseModel):
-    """A recipe section: unknown keys are errors, values are validated on assignment."""
+# Every section's config, and that of the models nested in one: unknown keys are errors, and a float
+# must be finite (`.inf`, `.nan`, `1e999` or "inf" as a learning rate, weight decay or clip is a typo).
+SECTION_CONFIG = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+class Strict(BaseModel):
+    """A recipe section: unknown keys and non-finite numbers are errors, values are validated on assignment."""
+
+    model_config = ConfigDict(**SECTION_CONFIG, validate_assignment=True, frozen=False)
 
 
 class PluginConfig(Strict):
@@ -57,7 +62,8 @@ class PluginConfig(Strict):
     `weight` multiplies every loss term the plugin returns (`total = sum(weight * term)`).
     `lr`, when set, is the learning rate of the plugin's own modules (their own optimizer
     param group, scaled and scheduled like `train.lr`); unset, they train at `train.lr`.
-    Subclass it and return the subclass from the plugin's `config_schema` hook.
+    Subclass it and return the subclass from the plugin's `config_schema` hook. Its floats must be
+    finite, as every section's; a pydantic model nested in it should say so too (`allow_inf_nan=False`).
 
     `provides` (a class attribute, not a recipe key) names what the plugin's terms stand for,
     so that other plugins can ask the recipe (`Recipe.providers`) instead of naming plugins:
