@@ -122,9 +122,9 @@ def start(recipe: Recipe, hooks: PluginHooks) -> Run | None:
     None when the run folder already holds a run trained to `train.steps`."""
     cfg, out = recipe.train, Path(recipe.output_dir)
     accelerator = build_accelerator(recipe, log_with=list(cfg.log_with) or None)  # accelerate warns at an empty list
-    lock = runfolder.open_run(accelerator, recipe)  # rank 0 holds output_dir's lock while the Run lives
     set_seed(cfg.seed)
-    model = Model(hooks, recipe)
+    model = Model(hooks, recipe)  # before the run folder: a plugin refusing the recipe or a file leaves none
+    lock = runfolder.open_run(accelerator, recipe)  # rank 0 holds output_dir's lock while the Run lives
     if recipe.distributed.sync_batchnorm and accelerator.num_processes > 1 and accelerator.device.type == "cuda":
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     units = [module for modules in model.plugins.values() for module in cast(torch.nn.ModuleDict, modules).values()]

@@ -22,6 +22,7 @@ for ResNet-18, bottlenecks [3,6,4,3] for ResNet-50), and `conv28`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -148,7 +149,7 @@ def timm_encoder(
     loading: dict[str, Any] = {}
     file_keys: set[str] = set()
     if pretrained is not None:  # read once: timm loads from the state dict, the check below reads its keys
-        state = timm.models.load_state_dict(local_file(pretrained))
+        state = read_weights(pretrained, timm.models.load_state_dict)
         file_keys = set(state)  # before timm drops a classifier from it
         loading = {"pretrained": True, "pretrained_cfg_overlay": {"state_dict": state}}
     try:
@@ -157,8 +158,10 @@ def timm_encoder(
             created.setdefault("img_size", image_size)
         except TypeError as exc:  # a model without an input size (CNNs): timm's constructors refuse the keyword
             if "img_size" not in str(exc) or "img_size" in kwargs:
-                raise ValueError(f"plugins.backbones: timm/{name} refuses {sorted(created)}: {exc}") from None
+                raise
             net = timm.create_model(name, num_classes=0, **created, **loading)
+    except TypeError as exc:  # a keyword of timm_kwargs the model's constructor does not take
+        raise ValueError(f"plugins.backbones.timm_kwargs: timm/{name} refuses {sorted(created)}: {exc}") from None
     except RuntimeError as exc:  # the file's tensors do not fit the model
         first = str(exc).strip().splitlines()[0]
         raise ValueError(f"plugins.backbones.pretrained: {pretrained} does not fit timm/{name}: {first}") from None
@@ -219,22 +222,37 @@ def check_input_sizes(encoder: nn.Module, name: str, sizes: list[int]) -> None:
         )
 
 
-def local_file(path: str) -> str:
-    """`path`, or a one-line FileNotFoundError naming the recipe key when there is no such file."""
+def read_weights(path: str, reader: Callable[[str], Any]) -> dict[str, torch.Tensor]:
+    """The state dict `reader` reads from the local file `path`: a one-line FileNotFoundError naming the recipe
+    key when there is no such file, and a one-line ValueError when it holds no state dict (not safetensors, not
+    a torch file of tensors: the reader's own error would be a traceback)."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"plugins.backbones.pretrained: no file {path}")
-    return path
+    refused = f"plugins.backbones.pretrained: {path} is not a weights file (.safetensors, or a torch state dict)"
+    try:
+        state = reader(path)
+    except OSError:  # unreadable (permissions, I/O): already one line, and not the content's fault
+        raise
+    except Exception as exc:  # safetensors' header errors, unpickling errors, timm's checks: the content's fault
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise ValueError(f"{refused}: {type(exc).__name__}: {first}") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"{refused}: it holds a {type(state).__name__}")
+    return state
 
 
-def load_weights(encoder: nn.Module, path: str) -> None:
-    """A built-in encoder's weights from a local `.safetensors` (e.g. `augssl export`'s) or torch file, strictly."""
-    local_file(path)
+def _state_dict(path: str) -> Any:
+    """A `.safetensors` file's tensors (e.g. `augssl export`'s), or what a torch file holds."""
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
 
-        state = load_file(path)
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        return load_file(path)
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def load_weights(encoder: nn.Module, path: str) -> None:
+    """A built-in encoder's weights from a local `.safetensors` or torch file, strictly."""
+    state = read_weights(path, _state_dict)
     try:
         encoder.load_state_dict(state, strict=True)
     except RuntimeError as exc:

@@ -10,7 +10,7 @@ import yaml
 
 from framework.logging import read_metrics
 from framework.recipe.loading import RecipeError, apply_overrides, load_recipe, validate
-from framework.testing import run_steps, tiny_recipe, write_recipe
+from framework.testing import CONV28, run_steps, tiny_recipe, write_recipe
 from tests.helpers import ROOT, asset_samples, one_line
 
 NO_SHARDS = {"train": "none.tar", "test": "none.tar"}
@@ -62,6 +62,22 @@ def test_a_recipe_file_nested_past_what_yaml_can_read_is_one_line(tmp_path):
     path.write_text("train: {seed: " + "[" * 2000 + "]" * 2000 + "}\n")
     with pytest.raises(RecipeError, match=r"deep.yaml: nested deeper than 50 levels$"):
         load_recipe(path, check_data=False)
+
+
+@pytest.mark.slow
+def test_a_backbone_refusing_its_options_or_its_file_is_one_line_and_leaves_no_run_folder(tmp_path, fmnist_shards):
+    """A timm_kwargs key a CNN does not take was a traceback, a `pretrained` file that is not safetensors (nor a
+    torch file) too, each after the run folder and its lock were made: now one line naming the key, no folder."""
+    (tmp_path / "weights.safetensors").write_bytes(b"not safetensors")
+    cases = {
+        "timm_kwargs": {"encoder": "timm/resnet18", "timm_kwargs": {"drop_rate_typo": 0.1}},
+        "pretrained": {"encoder": "conv28", "pretrained": str(tmp_path / "weights.safetensors")},
+    }
+    for key, backbone in cases.items():
+        recipe = tiny_recipe(tmp_path / key, fmnist_shards, plugins={"backbones": {**CONV28, **backbone}, "kl": {}})
+        line = one_line([write_recipe(tmp_path / f"{key}.yaml", recipe)])
+        assert f"ValueError: plugins.backbones.{key}: " in line
+        assert not (tmp_path / key / "run").exists()
 
 
 @pytest.mark.parametrize(
@@ -142,7 +158,6 @@ def test_a_pretrained_file_gone_after_training_is_one_line_for_resume_eval_and_e
     the model from recipe.yaml, and each stops with one line naming the key, not a traceback."""
     from safetensors.torch import save_file
 
-    from framework.testing import CONV28
     from plugins.backbones import BackbonesConfig, build_encoder
 
     weights = tmp_path / "start.safetensors"

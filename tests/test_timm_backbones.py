@@ -66,9 +66,14 @@ def test_a_bad_timm_section_is_one_line_naming_the_key(tmp_path, backbone, messa
     assert "\n" not in str(err.value)
 
 
-def test_timm_refusing_an_option_is_one_line_at_build():
-    cfg = BackbonesConfig(encoder="timm/resnet18", timm_kwargs={"img_size": 32})
-    with pytest.raises(ValueError, match=r"timm/resnet18 refuses \['img_size', 'in_chans'\]"):
+@pytest.mark.parametrize("kwargs", [{"img_size": 32}, {"drop_rate_typo": 0.1}])
+def test_timm_refusing_an_option_is_one_line_at_build(kwargs):
+    """A keyword the model's constructor does not take: `img_size` set on a CNN, and any unknown one (that was a
+    TypeError's traceback: timm's first refusal, of the data's img_size, hid it)."""
+    cfg = BackbonesConfig(encoder="timm/resnet18", timm_kwargs=kwargs)
+    with pytest.raises(
+        ValueError, match=rf"^plugins.backbones.timm_kwargs: timm/resnet18 refuses \[.*'{next(iter(kwargs))}'"
+    ):
         build_encoder(cfg, 3, 32)
 
 
@@ -80,6 +85,18 @@ def test_pretrained_is_a_local_file_and_nothing_else(tmp_path):
         torch.testing.assert_close(loaded.state_dict()[key], value, rtol=0, atol=0)
     with pytest.raises(FileNotFoundError, match="plugins.backbones.pretrained: no file"):
         build_encoder(BackbonesConfig(encoder=VIT, pretrained=str(tmp_path / "missing.safetensors")), 3, 32)
+
+
+@pytest.mark.parametrize("encoder", ["conv28", "timm/resnet18"])
+def test_a_pretrained_file_that_holds_no_state_dict_is_one_line(tmp_path, encoder):
+    """Neither safetensors nor a torch file of tensors: safetensors', pickle's or timm's own error was a traceback."""
+    (tmp_path / "text.safetensors").write_text("not safetensors")
+    (tmp_path / "text.pth").write_text("not a torch file")
+    torch.save(torch.zeros(3), tmp_path / "tensor.pth")
+    for name, why in (("text.safetensors", "SafetensorError"), ("text.pth", ""), ("tensor.pth", "")):
+        path = tmp_path / name
+        with pytest.raises(ValueError, match=f"^plugins.backbones.pretrained: {path} is not a weights file .*{why}"):
+            build_encoder(BackbonesConfig(encoder=encoder, pretrained=str(path)), 1, 28)
 
 
 def test_a_stock_timm_checkpoint_with_its_classifier_loads_and_a_misfit_is_one_line(tmp_path):
