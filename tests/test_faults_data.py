@@ -1,6 +1,6 @@
 """Data faults with real files and processes: damaged and non-tar shards, labels outside the classes,
 dead / failing / stalled HTTP servers and `pipe:` commands, streams that can never yield, data
-workers whose trainer is killed, and `augssl shards` over a wrong source."""
+workers whose trainer is killed, and `augssl shards` over a wrong source and a folder of link loops."""
 
 from __future__ import annotations
 
@@ -20,7 +20,9 @@ import time
 from itertools import islice
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 import framework.data.stream as stream
 from framework.data import BadShard, DataError, make_loader, tar_records, write_shards
@@ -28,7 +30,7 @@ from framework.data.sources import fashion_mnist
 from framework.testing import data_section
 from framework.types import View
 from framework.views import FASHION_MNIST_STATS, clean_view
-from tests.helpers import asset_samples, needs_fashion_mnist
+from tests.helpers import AUGSSL_CLI, ENV, asset_samples, needs_fashion_mnist
 
 ROOT = Path(__file__).resolve().parents[1]
 X = {"x": View(clean_view(28, *FASHION_MNIST_STATS, channels=1))}
@@ -327,7 +329,7 @@ def test_a_trainer_stopped_by_a_data_error_exits_with_one_line(tmp_path):
     assert len(lines) == 1 and lines[0].startswith(f"augssl: error: data.train={spec}: rank 0, data worker")
 
 
-# --- augssl shards over a wrong source ----------------------------------------------------------
+# --- augssl shards over a wrong source, over link loops -------------------------------------------
 
 
 def _shards_cli(argv: list[str], capsys) -> tuple[int, str]:
@@ -367,3 +369,34 @@ def test_shards_with_a_wrong_source_leave_existing_shards_and_manifest_untouched
     assert keys(load(str(out / "train-{000..002}.tar"))) == sorted(
         s.key for s in islice(fashion_mnist(split="test"), 25)
     )
+
+
+def _image_folder(root: Path, n: int, seed: int = 0) -> Path:
+    """`root/{c0,c1}/NNN.png`: `n` small RGB images, alternately in two classes."""
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        (root / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(root / f"c{i % 2}" / f"{i:03d}.png")
+    return root
+
+
+@pytest.mark.slow
+def test_shards_over_a_folder_of_link_loops_list_each_image_once(tmp_path):
+    """Two links to the folder itself and one to the root: the listing never ended (each link doubles the paths
+    to walk, until the path is too long), and the root's other class was listed again under the first one."""
+    folder = _image_folder(tmp_path / "images", 16)
+    (folder / "c0" / "self1").symlink_to(".")
+    (folder / "c0" / "self2").symlink_to(".")
+    (folder / "c1" / "root").symlink_to("..")
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, "-c", AUGSSL_CLI, "shards", "imagefolder", folder, "--out", out / "t-%02d.tar"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=ENV,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    labels = [int(r["cls"]) for r in tar_records(str(out / "t-00.tar"))]
+    assert labels == [0] * 8 + [1] * 8

@@ -329,6 +329,55 @@ def test_image_folder_matches_torchvision(tmp_path: Path) -> None:
         sources.image_folder(root)
 
 
+def _tree(root: Path, per_class: int = 4) -> None:
+    """`root/{ant,bee}/` and `root/{ant,bee}/sub/`, `per_class` // 2 grey PNGs in each."""
+    for name in ("ant", "bee"):
+        for folder in (root / name, root / name / "sub"):
+            folder.mkdir(parents=True)
+            for i in range(per_class // 2):
+                Image.fromarray(RNG.integers(0, 256, (5, 5), dtype=np.uint8)).save(folder / f"{i}.png")
+
+
+def test_links_up_an_image_folder_are_walked_once_and_keep_every_label(tmp_path: Path) -> None:
+    """A link to the root once turned 8 images into hundreds, most labelled with the wrong class (the walk
+    went round the loop until the path was too long); links to the folder itself or its parent never ended."""
+    root = tmp_path / "images"
+    _tree(root)
+    (root / "ant" / "sub" / "up").symlink_to(root)  # the loop of the issue: the root again, from inside a class
+    (root / "ant" / "bee").symlink_to(root / "bee")  # another class: its images are its own
+    (root / "bee" / "sub" / "itself").symlink_to(".")
+    (root / "bee" / "sub" / "parent").symlink_to("..")
+    outside = tmp_path / "elsewhere"  # a link out of the tree is followed, as torchvision does
+    outside.mkdir()
+    Image.fromarray(RNG.integers(0, 256, (5, 5), dtype=np.uint8)).save(outside / "far.png")
+    (root / "ant" / "far").symlink_to(outside)
+    (root / "bee" / "far_again").symlink_to(outside)  # reached twice: listed once, at its first path
+    listed = [(str(Path(f.path).relative_to(root)), f.label) for f in sources.image_folder_files(root)]
+    assert listed == [
+        ("ant/0.png", 0),
+        ("ant/1.png", 0),
+        ("ant/far/far.png", 0),
+        ("ant/sub/0.png", 0),
+        ("ant/sub/1.png", 0),
+        ("bee/0.png", 1),
+        ("bee/1.png", 1),
+        ("bee/sub/0.png", 1),
+        ("bee/sub/1.png", 1),
+    ]
+
+
+def test_a_class_folder_that_links_to_the_root_or_another_class_is_refused(tmp_path: Path) -> None:
+    root = tmp_path / "images"
+    _tree(root)
+    (root / "cat").symlink_to(root / "ant")
+    with pytest.raises(ValueError, match=f"^{root / 'cat'}: the same folder as {root / 'ant'} "):
+        sources.image_folder_files(root)
+    (root / "cat").unlink()
+    (root / "all").symlink_to(root)
+    with pytest.raises(ValueError, match=rf"^{root / 'all'}: the same folder as {root} \(a link\?\): its images"):
+        sources.image_folder_files(root)
+
+
 # --- Fashion-MNIST on the real files --------------------------------------------------------
 
 

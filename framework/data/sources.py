@@ -236,12 +236,19 @@ def _folder_classes(root: Path) -> list[str]:
 
 
 def _folder_files(root: Path, names: list[str]) -> list[tuple[str, int]]:
-    """(path, class index) in torchvision's `make_dataset` order."""
+    """(path, class index) in torchvision's `make_dataset` order, links to folders followed as torchvision
+    does, but each real folder (device, inode) walked once, at its first path in name order: a link up the
+    tree (to itself, a parent, the root) or to a class folder is not walked, so there is no loop and no
+    image under two labels. `ValueError` for a class folder that is the root or another class's folder."""
+    seen: dict[tuple[int, int], str] = {}
+    for folder in (str(root), *(str(root / name) for name in names)):
+        if (first := _claim(seen, folder)) != folder:
+            raise ValueError(f"{folder}: the same folder as {first} (a link?): its images would have two labels")
     files = []
     for index, name in enumerate(names):
         found = [
             os.path.join(dirpath, fname)
-            for dirpath, _, fnames in sorted(os.walk(root / name, followlinks=True))
+            for dirpath, fnames in sorted(_walk_once(root / name, seen))
             for fname in sorted(fnames)
             if fname.lower().endswith(IMG_EXTENSIONS)
         ]
@@ -249,6 +256,22 @@ def _folder_files(root: Path, names: list[str]) -> list[tuple[str, int]]:
             raise FileNotFoundError(f"{root / name}: no image files ({', '.join(IMG_EXTENSIONS)})")
         files += [(path, index) for path in found]
     return files
+
+
+def _claim(seen: dict[tuple[int, int], str], path: str) -> str:
+    """The first path in `seen` to the real folder (device, inode) `path` is or links to: `path` if none
+    (then recorded)."""
+    stat = os.stat(path)
+    return seen.setdefault((stat.st_dev, stat.st_ino), path)
+
+
+def _walk_once(top: Path, seen: dict[tuple[int, int], str]) -> Iterator[tuple[str, list[str]]]:
+    """(folder, file names) of `top` and its sub-folders, links to folders followed, depth first in name
+    order, skipping a folder already in `seen` (which gains every folder walked): no loop, no folder twice."""
+    for dirpath, dirnames, fnames in os.walk(top, followlinks=True):
+        dirnames.sort()
+        dirnames[:] = [d for d in dirnames if _claim(seen, path := os.path.join(dirpath, d)) == path]
+        yield dirpath, fnames
 
 
 @dataclass(frozen=True)
