@@ -1,6 +1,7 @@
 """Data faults with real files and processes: damaged and non-tar shards, labels outside the classes,
-dead / failing / stalled HTTP servers and `pipe:` commands, streams that can never yield, data
-workers whose trainer is killed, and `augssl shards` over a wrong source and a folder of link loops."""
+decompression bombs, dead / failing / stalled HTTP servers and `pipe:` commands, streams that can never
+yield, data workers whose trainer is killed, and `augssl shards` over a wrong source, a folder of link
+loops and a decompression bomb."""
 
 from __future__ import annotations
 
@@ -27,10 +28,10 @@ from PIL import Image
 import framework.data.stream as stream
 from framework.data import BadShard, DataError, make_loader, tar_records, write_shards
 from framework.data.sources import fashion_mnist
-from framework.testing import data_section
+from framework.testing import data_section, tiny_recipe, write_recipe
 from framework.types import View
 from framework.views import FASHION_MNIST_STATS, clean_view
-from tests.helpers import AUGSSL_CLI, ENV, asset_samples, needs_fashion_mnist
+from tests.helpers import AUGSSL_CLI, ENV, asset_samples, bomb_png, needs_fashion_mnist, one_line
 
 ROOT = Path(__file__).resolve().parents[1]
 X = {"x": View(clean_view(28, *FASHION_MNIST_STATS, channels=1))}
@@ -123,6 +124,57 @@ def test_labels_outside_the_recipe_classes_are_counted_bad_records(tmp_path):
     assert keys(batches) == ["ok0", "ok9", "unlabelled"]
     assert batches[-1]["cursor"]["bad"] == 5 and "labels.tar" in batches[-1]["cursor"]["last_bad"]
     assert keys(load(str(tmp_path / "labels.tar"))) == ["big", "ok0", "ok9", "unlabelled"], "no num_classes: 57 passes"
+
+
+# --- decompression bombs in the shards -------------------------------------------------------
+
+
+def _shard_of_pngs(path: Path, pngs: dict[str, bytes]) -> Path:
+    """A shard of `key.png` + `key.cls` (0) records, written as any tool may (no re-encoding)."""
+    with tarfile.open(path, "w") as tar:
+        for key, png in pngs.items():
+            for ext, payload in (("png", png), ("cls", b"0")):
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+    return path
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_a_decompression_bomb_in_a_shard_stops_the_stream_saying_how_to_allow_it(tmp_path, num_workers, monkeypatch):
+    """Not a bad record skipped in silence (the image may be genuine, written with --max-image-pixels): one line
+    naming the shard and the record, and the recipe key that lifts PIL's limit."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # a stream without workers sets this one's
+    png = io.BytesIO()
+    next(asset_samples("test")).image.save(png, format="PNG")  # 28 x 28 = 784 pixels
+    shard = _shard_of_pngs(
+        tmp_path / "b.tar", {"ok": png.getvalue(), "bomb": bomb_png(tmp_path / "x.png").read_bytes()}
+    )
+    with pytest.raises(DataError) as stopped:
+        load(str(shard), num_workers=num_workers)
+    assert str(stopped.value) == (
+        f"{shard}: bomb: 200000000 pixels, over PIL's decompression-bomb limit of 178956970 (twice "
+        "PIL.Image.MAX_IMAGE_PIXELS): a damaged or hostile file, or a huge image; if it is genuine, allow it with "
+        "data.max_image_pixels=200000000 (0: no limit)"
+    )
+    small = _shard_of_pngs(tmp_path / "s.tar", {"ok": png.getvalue()})  # the recipe's own limit, both ways
+    with pytest.raises(
+        DataError, match="ok: 784 pixels, over PIL's decompression-bomb limit of 200 .*data.max_image_pixels=784 "
+    ):
+        load(str(small), num_workers=num_workers, max_image_pixels=100)
+    assert keys(load(str(small), num_workers=num_workers, max_image_pixels=784)) == ["ok"]
+
+
+@pytest.mark.slow
+def test_a_run_over_a_decompression_bomb_stops_with_one_line(tmp_path, fmnist_shards):
+    png = io.BytesIO()
+    next(asset_samples("test")).image.save(png, format="PNG")
+    shard = _shard_of_pngs(
+        tmp_path / "b.tar", {"bomb": bomb_png(tmp_path / "x.png").read_bytes(), "ok": png.getvalue()}
+    )
+    shards = {"train": str(shard), "test": fmnist_shards["test"]}
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(tmp_path, shards, data={"num_workers": 1}))
+    assert one_line([recipe]).endswith("allow it with data.max_image_pixels=200000000 (0: no limit)")
 
 
 # --- remote shards ----------------------------------------------------------------------------
@@ -329,7 +381,7 @@ def test_a_trainer_stopped_by_a_data_error_exits_with_one_line(tmp_path):
     assert len(lines) == 1 and lines[0].startswith(f"augssl: error: data.train={spec}: rank 0, data worker")
 
 
-# --- augssl shards over a wrong source, over link loops -------------------------------------------
+# --- augssl shards over a wrong source, link loops, a decompression bomb -----------------------
 
 
 def _shards_cli(argv: list[str], capsys) -> tuple[int, str]:
@@ -400,3 +452,27 @@ def test_shards_over_a_folder_of_link_loops_list_each_image_once(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     labels = [int(r["cls"]) for r in tar_records(str(out / "t-00.tar"))]
     assert labels == [0] * 8 + [1] * 8
+
+
+def test_a_decompression_bomb_is_one_line_saying_how_to_allow_it_and_the_limit_reaches_the_workers(
+    tmp_path, capsys, monkeypatch
+):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # `--max-image-pixels` sets this process's
+    folder = _image_folder(tmp_path / "images", 6)
+    out = tmp_path / "out"
+    pattern = str(out / "t-%02d.tar")
+    bomb = bomb_png(folder / "c1" / "bomb.png")
+    for processes in ("1", "2"):
+        code, err = _shards_cli(["imagefolder", str(folder), "--out", pattern, "--processes", processes], capsys)
+        assert code == 2 and err == (
+            f"augssl: error: {bomb}: 200000000 pixels, over PIL's decompression-bomb limit of 178956970 (twice "
+            "PIL.Image.MAX_IMAGE_PIXELS): a damaged or hostile file, or a huge image; if it is genuine, allow it "
+            "with --max-image-pixels=200000000 (0: no limit)\n"
+        ), err
+        assert not out.exists() or not list(out.iterdir()), "nothing written"
+    bomb.unlink()
+    for limit, written in (("20", False), ("64", True)):  # 8 x 8 = 64 pixels: over twice 20, not over 64
+        for processes in ("1", "2"):
+            argv = ["imagefolder", str(folder), "--out", pattern, "--processes", processes, "--max-image-pixels", limit]
+            code, err = _shards_cli(argv, capsys)
+            assert (code == 0) == written and ("allow it with --max-image-pixels=64 " in err) != written, err

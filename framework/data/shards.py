@@ -209,12 +209,16 @@ def _context() -> Any:
 
 
 def _pool(processes: int, context: Any) -> ProcessPoolExecutor:
-    return ProcessPoolExecutor(processes, mp_context=context, initializer=_worker_init)
+    return ProcessPoolExecutor(
+        processes, mp_context=context, initializer=_worker_init, initargs=(Image.MAX_IMAGE_PIXELS,)
+    )
 
 
-def _worker_init() -> None:
-    """In each worker: Ctrl-C is the writer's to handle (it stops the workers), and a worker whose
-    parent is gone (the writer killed, and with it the forkserver) exits instead of waiting forever."""
+def _worker_init(max_image_pixels: int | None) -> None:
+    """In each worker: the writer's decompression-bomb limit (`augssl shards --max-image-pixels`); Ctrl-C
+    is the writer's to handle (it stops the workers), and a worker whose parent is gone (the writer
+    killed, and with it the forkserver) exits instead of waiting forever."""
+    Image.MAX_IMAGE_PIXELS = max_image_pixels
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     parent = os.getppid()
 
