@@ -1,7 +1,7 @@
 """Data faults with real files and processes: damaged and non-tar shards, labels outside the classes,
 decompression bombs, dead / failing / stalled HTTP servers and `pipe:` commands, streams that can never
 yield, data workers whose trainer is killed, and `augssl shards` over a wrong source, a folder of link
-loops and a decompression bomb."""
+loops, a decompression bomb, beside a second writer, over a file it cannot replace, and over more shards."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ import pytest
 from PIL import Image
 
 import framework.data.stream as stream
-from framework.data import BadShard, DataError, make_loader, tar_records, write_shards
+from framework.data import BadShard, DataError, Sample, make_loader, shard_urls, sources, tar_records, write_shards
 from framework.data.sources import fashion_mnist
 from framework.testing import data_section, tiny_recipe, write_recipe
 from framework.types import View
@@ -381,7 +381,7 @@ def test_a_trainer_stopped_by_a_data_error_exits_with_one_line(tmp_path):
     assert len(lines) == 1 and lines[0].startswith(f"augssl: error: data.train={spec}: rank 0, data worker")
 
 
-# --- augssl shards over a wrong source, link loops, a decompression bomb -----------------------
+# --- augssl shards: a wrong source, link loops, a bomb, a second writer, a failed rename --------
 
 
 def _shards_cli(argv: list[str], capsys) -> tuple[int, str]:
@@ -432,6 +432,10 @@ def _image_folder(root: Path, n: int, seed: int = 0) -> Path:
     return root
 
 
+def _records(spec: str) -> list[tuple[str, bytes]]:
+    return [(r["__key__"], r["png"]) for url in shard_urls(spec) for r in tar_records(url)]
+
+
 @pytest.mark.slow
 def test_shards_over_a_folder_of_link_loops_list_each_image_once(tmp_path):
     """Two links to the folder itself and one to the root: the listing never ended (each link doubles the paths
@@ -476,3 +480,87 @@ def test_a_decompression_bomb_is_one_line_saying_how_to_allow_it_and_the_limit_r
             argv = ["imagefolder", str(folder), "--out", pattern, "--processes", processes, "--max-image-pixels", limit]
             code, err = _shards_cli(argv, capsys)
             assert (code == 0) == written and ("allow it with --max-image-pixels=64 " in err) != written, err
+
+
+def test_rewriting_a_pattern_with_fewer_shards_removes_the_stale_ones(tmp_path, capsys):
+    """10 shards, then 3 of another data set: `t-*.tar` used to find 3 new and 7 old ones."""
+    out = tmp_path / "out"
+    first = [Sample(f"old{i:02d}", s.image, s.label) for i, s in enumerate(islice(asset_samples("test"), 20))]
+    write_shards(first, str(out / "t-%02d.tar"), maxcount=2)
+    (out / "t-12.tar").write_bytes(b"")  # a gap before it: found all the same
+    (out / "t-5.tar").write_bytes(b"not this pattern's: %02d")
+    info = write_shards(islice(asset_samples("train"), 5), str(out / "t-%02d.tar"), maxcount=2)
+    assert sorted(p.name for p in out.iterdir()) == ["t-00.tar", "t-01.tar", "t-02.tar", "t-5.tar", "t.json"]
+    assert [k for k, _ in _records(str(out / "t-{00..02}.tar"))] == [s.key for s in islice(asset_samples("train"), 5)]
+    assert info["pattern"].endswith("t-{00..02}.tar")
+    err = capsys.readouterr().err
+    assert err == f"augssl: removed 8 shards left by an earlier data set at {out}/t-%02d.tar ({out}/t-03.tar .. " + (
+        f"{out}/t-12.tar): it now holds 3\n"
+    ), err
+
+
+def test_a_rename_that_fails_removes_every_temporary_and_says_which_shards_are_new(tmp_path, capsys):
+    folder = _image_folder(tmp_path / "images", 6)
+    out = tmp_path / "out"
+    pattern = str(out / "t-%02d.tar")
+    assert _shards_cli(["imagefolder", str(folder), "--out", pattern, "--maxcount", "2"], capsys)[0] == 0
+    (out / "t-01.tar").unlink()
+    (out / "t-01.tar").mkdir()  # cannot be replaced by a file
+    (out / "t-01.tar" / "keep").write_text("")
+    code, err = _shards_cli(["imagefolder", str(folder), "--out", pattern, "--maxcount", "2"], capsys)
+    assert code == 2 and err == (
+        f"augssl: error: {out}/t-01.tar: cannot replace it (Is a directory): the first 1 of 4 files are the new ones, "
+        "the others the old; the temporaries are removed: write them again\n"
+    ), err
+    assert sorted(p.name for p in out.iterdir()) == ["t-00.tar", "t-01.tar", "t-02.tar", "t.json"], "no temporary"
+
+
+WRITER = ["-c", AUGSSL_CLI, "shards", "imagefolder"]
+
+
+@pytest.mark.slow
+def test_a_second_writer_of_the_same_shards_stops_with_one_line_and_the_first_writes_its_own(tmp_path):
+    """The two used to write the same temporaries: one failed, leaving them, and a shard held the other's bytes.
+    The first writer waits on a named pipe (its last image) while the second one starts."""
+    first, second = _image_folder(tmp_path / "a", 8, seed=1), _image_folder(tmp_path / "b", 12, seed=2)
+    fifo = first / "c1" / "zz.png"
+    os.mkfifo(fifo)
+    last = io.BytesIO()
+    Image.new("RGB", (8, 8), "red").save(last, format="PNG")
+    out = tmp_path / "out"
+    pattern = str(out / "t-%02d.tar")
+    writer = subprocess.Popen(
+        [sys.executable, *WRITER, first, "--out", pattern, "--maxcount", "2"],
+        env=ENV,
+        cwd=ROOT,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        while True:  # until the writer has the pipe open: four shards written, the lock held
+            try:
+                fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+                break
+            except OSError:  # ENXIO: no reader yet
+                assert writer.poll() is None, writer.communicate()
+                time.sleep(0.1)
+        line = one_line(["shards", "imagefolder", second, "--out", pattern, "--maxcount", "3"], script="augssl")
+        holder = f"pid {writer.pid} on {socket.gethostname()} ({out}/t.json.lock)"
+        assert (
+            line
+            == f"augssl: error: {pattern}: being written by {holder}: wait for it to finish, or write to another --out"
+        )
+        os.set_blocking(fd, True)
+        os.write(fd, last.getvalue())
+        os.close(fd)
+        _, err = writer.communicate(timeout=300)
+    finally:
+        writer.kill()
+    assert writer.returncode == 0, err
+    assert sorted(p.name for p in out.iterdir()) == [f"t-{i:02d}.tar" for i in range(5)] + ["t.json"]
+    files, records = sources.image_folder_files(first), _records(str(out / "t-{00..04}.tar"))
+    assert [key for key, _ in records] == [file.key for file in files]
+    for file, (_, png) in zip(files, records, strict=True):  # the first writer's images, none of the second's
+        want = Image.open(last) if file.path == str(fifo) else Image.open(file.path)
+        assert np.array_equal(np.asarray(Image.open(io.BytesIO(png))), np.asarray(want.convert("RGB"))), file.path
