@@ -515,45 +515,43 @@ def test_a_rename_that_fails_removes_every_temporary_and_says_which_shards_are_n
     assert sorted(p.name for p in out.iterdir()) == ["t-00.tar", "t-01.tar", "t-02.tar", "t.json"], "no temporary"
 
 
-WRITER = ["-c", AUGSSL_CLI, "shards", "imagefolder"]
+def _held_writer(folder: Path, pattern: str) -> tuple[subprocess.Popen, int]:
+    """`augssl shards imagefolder folder --out pattern --maxcount 2` in a subprocess, held on its last image, a
+    named pipe `c1/zz.png`: returned once it has the pipe open (the lock held, its other shards written) with
+    the pipe's writing end, to give it `RED` (or kill it)."""
+    fifo = folder / "c1" / "zz.png"
+    os.mkfifo(fifo)
+    command = [sys.executable, "-c", AUGSSL_CLI, "shards", "imagefolder", folder, "--out", pattern, "--maxcount", "2"]
+    writer = subprocess.Popen(command, env=ENV, cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    while True:
+        try:
+            return writer, os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError:  # ENXIO: no reader yet
+            assert writer.poll() is None, writer.communicate()
+            time.sleep(0.1)
+
+
+RED = io.BytesIO()
+Image.new("RGB", (8, 8), "red").save(RED, format="PNG")
 
 
 @pytest.mark.slow
 def test_a_second_writer_of_the_same_shards_stops_with_one_line_and_the_first_writes_its_own(tmp_path):
-    """The two used to write the same temporaries: one failed, leaving them, and a shard held the other's bytes.
-    The first writer waits on a named pipe (its last image) while the second one starts."""
+    """The two used to write the same temporaries: one failed, leaving them, and a shard held the other's bytes."""
     first, second = _image_folder(tmp_path / "a", 8, seed=1), _image_folder(tmp_path / "b", 12, seed=2)
-    fifo = first / "c1" / "zz.png"
-    os.mkfifo(fifo)
-    last = io.BytesIO()
-    Image.new("RGB", (8, 8), "red").save(last, format="PNG")
     out = tmp_path / "out"
     pattern = str(out / "t-%02d.tar")
-    writer = subprocess.Popen(
-        [sys.executable, *WRITER, first, "--out", pattern, "--maxcount", "2"],
-        env=ENV,
-        cwd=ROOT,
-        text=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
+    writer, fifo = _held_writer(first, pattern)
     try:
-        while True:  # until the writer has the pipe open: four shards written, the lock held
-            try:
-                fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
-                break
-            except OSError:  # ENXIO: no reader yet
-                assert writer.poll() is None, writer.communicate()
-                time.sleep(0.1)
         line = one_line(["shards", "imagefolder", second, "--out", pattern, "--maxcount", "3"], script="augssl")
         holder = f"pid {writer.pid} on {socket.gethostname()} ({out}/t.json.lock)"
         assert (
             line
             == f"augssl: error: {pattern}: being written by {holder}: wait for it to finish, or write to another --out"
         )
-        os.set_blocking(fd, True)
-        os.write(fd, last.getvalue())
-        os.close(fd)
+        os.set_blocking(fifo, True)
+        os.write(fifo, RED.getvalue())
+        os.close(fifo)
         _, err = writer.communicate(timeout=300)
     finally:
         writer.kill()
@@ -562,5 +560,22 @@ def test_a_second_writer_of_the_same_shards_stops_with_one_line_and_the_first_wr
     files, records = sources.image_folder_files(first), _records(str(out / "t-{00..04}.tar"))
     assert [key for key, _ in records] == [file.key for file in files]
     for file, (_, png) in zip(files, records, strict=True):  # the first writer's images, none of the second's
-        want = Image.open(last) if file.path == str(fifo) else Image.open(file.path)
+        want = Image.open(RED) if file.path.endswith("zz.png") else Image.open(file.path)
         assert np.array_equal(np.asarray(Image.open(io.BytesIO(png))), np.asarray(want.convert("RGB"))), file.path
+
+
+@pytest.mark.slow
+def test_the_temporaries_of_a_killed_writer_are_removed_by_the_next(tmp_path, capsys):
+    folder = _image_folder(tmp_path / "images", 8)
+    out = tmp_path / "out"
+    pattern = str(out / "t-%02d.tar")
+    writer, fifo = _held_writer(folder, pattern)
+    writer.kill()
+    writer.communicate(timeout=300)
+    os.close(fifo)
+    left = sorted(p.name for p in out.iterdir())
+    assert left == [f"t-{i:02d}.tar.{writer.pid}.tmp" for i in range(4)] + ["t.json.lock"], left
+    (folder / "c1" / "zz.png").unlink()
+    (folder / "c1" / "zz.png").write_bytes(RED.getvalue())
+    assert _shards_cli(["imagefolder", str(folder), "--out", pattern, "--maxcount", "2"], capsys)[0] == 0
+    assert sorted(p.name for p in out.iterdir()) == [f"t-{i:02d}.tar" for i in range(5)] + ["t.json"]

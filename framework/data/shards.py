@@ -103,9 +103,10 @@ def write_shards(
     renamed over their names only once every sample is written; if `samples` raises (a wrong source,
     a damaged file) or yields nothing (`ValueError`), or a rename fails (`OSError` saying how many
     shards it replaced), every temporary is removed and the files not yet replaced are untouched.
-    One writer at a time: a second one of the same manifest raises `ShardsBusy` (`_writer_lock`) before
-    writing anything. Shards the pattern numbers past the new last one (a data set written there
-    before with more shards) are removed, said on stderr, so that no glob mixes two data sets.
+    One writer at a time: a second one of the same manifest raises `ShardsBusy` (`_writer_lock`)
+    before writing anything; the temporaries of one that was killed are removed by the next. Shards
+    the pattern numbers past the new last one (a data set written there before with more shards) are
+    removed, said on stderr, so that no glob mixes two data sets.
     """
     if processes < 1:
         raise ValueError(f"processes={processes}: needs at least 1")
@@ -117,7 +118,9 @@ def write_shards(
     manifest_tmp = manifest_path.with_name(manifest_path.name + suffix)
     counts: dict[str, int] = {}
     ext = "jpg" if fmt == "jpeg" else fmt
-    with _writer_lock(manifest_path, pattern):
+    with _writer_lock(manifest_path, pattern) as locked:
+        if locked:  # no other writer lives: a temporary here is a killed one's
+            _remove_leftovers(pattern, manifest_path)
         records = (
             map(partial(_record, fmt=fmt, quality=quality, ext=ext), samples)
             if processes == 1
@@ -155,10 +158,12 @@ class ShardsBusy(OSError):
 
 
 @contextlib.contextmanager
-def _writer_lock(manifest_path: Path, pattern: str) -> Iterator[None]:
+def _writer_lock(manifest_path: Path, pattern: str) -> Iterator[bool]:
     """Hold `<manifest>.lock` (`flock`, released by the OS if this process dies) while the shards are
     written: a second writer of the same manifest raises `ShardsBusy` at once, naming the holder. On a
-    filesystem without `flock` there is no lock (each writer still writes only its own temporaries)."""
+    filesystem without `flock` there is no lock (each writer still writes only its own temporaries).
+    Yields whether the lock is held."""
+    locked = True
     path = manifest_path.with_name(manifest_path.name + ".lock")
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -171,6 +176,7 @@ def _writer_lock(manifest_path: Path, pattern: str) -> Iterator[None]:
                 f"{pattern}: being written by {holder} ({path}): wait for it to finish, or write to another --out"
             ) from None
         except OSError:  # a filesystem without flock
+            locked = False
             break
         with contextlib.suppress(FileNotFoundError):
             if os.fstat(fd).st_ino == os.stat(path).st_ino:
@@ -178,7 +184,7 @@ def _writer_lock(manifest_path: Path, pattern: str) -> Iterator[None]:
         os.close(fd)
     os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
     try:
-        yield
+        yield locked
     finally:
         with contextlib.suppress(OSError):
             os.unlink(path)  # while still held: a waiting opener sees another inode and retries
@@ -201,30 +207,42 @@ def _rename(temporaries: list[str], suffix: str) -> None:
             ) from None
 
 
-def _remove_stale(pattern: str, n_shards: int) -> None:
-    """Remove the shards `pattern` numbers `n_shards` and above (left by a data set written there before
-    with more shards), saying so on stderr: a glob of the pattern then finds only the new ones."""
+def _numbered(pattern: str) -> list[tuple[int, str, bool]]:
+    """(number, path, temporary) of each file in `pattern`'s folder that is one of its shards (`pattern %
+    number`) or a writer's temporary of one (`<shard>.<pid>.tmp`), in number order."""
     folder, name = os.path.split(pattern)
     field = re.search(r"%0?\d*d", name)
     if field is None:  # the number is in a folder's name
-        return
-    head, tail = name[: field.start()], name[field.end() :]
-    stale = sorted(
-        (int(number), entry.path)
-        for entry in os.scandir(folder or ".")
-        if entry.name.startswith(head)
-        and entry.name.endswith(tail)
-        and entry.is_file()
-        and (number := entry.name[len(head) : len(entry.name) - len(tail)]).isdigit()
-        and int(number) >= n_shards
-        and name % int(number) == entry.name
-    )
-    for _, path in stale:
+        return []
+    shape = re.compile(re.escape(name[: field.start()]) + r"(\d+)" + re.escape(name[field.end() :]) + r"(\.\d+\.tmp)?")
+    found = []
+    for entry in os.scandir(folder or "."):
+        match = shape.fullmatch(entry.name)
+        if match and name % int(match[1]) + (match[2] or "") == entry.name and entry.is_file():
+            found.append((int(match[1]), entry.path, match[2] is not None))
+    return sorted(found)
+
+
+def _remove_leftovers(pattern: str, manifest_path: Path) -> None:
+    """Remove the temporaries of a writer that was killed (SIGKILL, a node lost) before it could."""
+    for _, path, temporary in _numbered(pattern):
+        if temporary:
+            os.unlink(path)
+    for entry in os.scandir(manifest_path.parent):
+        if re.fullmatch(re.escape(manifest_path.name) + r"\.\d+\.tmp", entry.name):
+            os.unlink(entry.path)
+
+
+def _remove_stale(pattern: str, n_shards: int) -> None:
+    """Remove the shards `pattern` numbers `n_shards` and above (left by a data set written there before
+    with more shards), saying so on stderr: a glob of the pattern then finds only the new ones."""
+    stale = [path for number, path, temporary in _numbered(pattern) if number >= n_shards and not temporary]
+    for path in stale:
         os.unlink(path)
     if stale:
         print(
-            f"augssl: removed {len(stale)} shards left by an earlier data set at {pattern} ({stale[0][1]} .. "
-            f"{stale[-1][1]}): it now holds {n_shards}",
+            f"augssl: removed {len(stale)} shards left by an earlier data set at {pattern} ({stale[0]} .. "
+            f"{stale[-1]}): it now holds {n_shards}",
             file=sys.stderr,
         )
 
