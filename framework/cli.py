@@ -171,6 +171,13 @@ def shards_main(argv: Sequence[str]) -> None:
     parser.add_argument("--quality", type=int, default=95, help="JPEG quality")
     parser.add_argument("--limit", type=int, default=None, help="convert only the first N samples")
     parser.add_argument(
+        "--max-image-pixels",
+        type=int,
+        default=None,
+        help="PIL's decompression-bomb limit, Image.MAX_IMAGE_PIXELS: an image of more than twice as many pixels "
+        "stops the command, one of more is warned about (default: PIL's, 89478485; 0: no limit)",
+    )
+    parser.add_argument(
         "--processes",
         type=int,
         default=1,
@@ -185,6 +192,12 @@ def shards_main(argv: Sequence[str]) -> None:
         _fail(f"--out {args.out!r}: needs a %d field for the shard number, e.g. train-%06d.tar")
     if args.processes < 0:
         _fail(f"--processes {args.processes}: needs 0 (one per CPU core) or more")
+    if args.max_image_pixels is not None:
+        if args.max_image_pixels < 0:
+            _fail(f"--max-image-pixels {args.max_image_pixels}: needs 0 (no limit) or more")
+        from PIL import Image
+
+        Image.MAX_IMAGE_PIXELS = args.max_image_pixels or None  # here and in the workers (`write_shards`)
     affinity = getattr(os, "sched_getaffinity", None)  # Linux; elsewhere every core
     processes = args.processes or (len(affinity(0)) if affinity else os.cpu_count() or 1)
     root = args.root if args.root is not None else sources.DEFAULT_ROOTS.get(args.source)

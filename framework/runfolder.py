@@ -81,6 +81,7 @@ RESUME_MAY_CHANGE = (
     "data.timeout_seconds",
     "data.retries",  # fault handling
     "data.num_classes",  # which labels count as bad records
+    "data.max_image_pixels",  # which images may be decoded
     "eval.*",  # evaluation only
     "distributed.*",  # the launch: checkpoint.check_resumable decides (DeepSpeed needs the same world and stage)
     "plugins.*.weight",

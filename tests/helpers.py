@@ -11,8 +11,10 @@ from __future__ import annotations
 import io
 import json
 import os
+import struct
 import subprocess
 import sys
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -117,3 +119,17 @@ class DumpWeights:
         if step == config.train.steps:
             state = {k: v.detach().cpu().clone() for k, v in modules.named_parameters()}
             torch.save(state, Path(config.output_dir) / f"weights_rank{distributed.rank()}.pt")
+
+
+def bomb_png(path: Path, width: int = 20000, height: int = 10000) -> Path:
+    """A valid black 1-bit PNG of `width` x `height` pixels (default 200 million: over PIL's decompression-bomb
+    limit of 178,956,970), a few kB on disk, written row by row without holding the pixels."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    row, deflate = b"\0" * (1 + (width + 7) // 8), zlib.compressobj(9)
+    pixels = b"".join(deflate.compress(row) for _ in range(height)) + deflate.flush()
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)  # 1 bit, grey, deflate, no filter, no interlace
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b""))
+    return path

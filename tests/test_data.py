@@ -9,12 +9,15 @@ import tarfile
 from itertools import islice
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from framework.data import (
     BadShard,
     Cursor,
+    Sample,
     SampleToViews,
     ShardStream,
     StreamPosition,
@@ -244,6 +247,20 @@ def test_bad_records_are_skipped_and_counted(tmp_path):
     assert sorted(k for b in batches for k in b["key"]) == sorted([s.key for s in samples] + ["d"])
     cursor = batches[-1]["cursor"]
     assert cursor["bad"] == 3 and cursor["seen"] == 10 and "bad-00.tar" in cursor["last_bad"]
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_a_16_bit_png_record_is_scaled_to_8_bits_not_clipped_to_white(tmp_path, channels):
+    """A shard record holding a 16-bit PNG (any writer's shards may): PIL's convert made every pixel above
+    255 white; the view gets each pixel's 8 high bits."""
+    wide = np.arange(28 * 28, dtype=np.uint16).reshape(28, 28) * 83  # 0..65011
+    write_shards([Sample("wide", Image.fromarray(wide), 0)], str(tmp_path / "w-%02d.tar"))
+    assert Image.open(io.BytesIO(next(tar_records(str(tmp_path / "w-00.tar")))["png"])).mode == "I;16"
+    views = {"x": View(clean_view(28, [0.5] * channels, [0.25] * channels, channels))}
+    section = data_section(str(tmp_path / "w-00.tar"), channels=channels, batch_size=1, num_workers=0)
+    (batch,) = make_loader(section, views, epochs=1)
+    expected = torch.from_numpy((wide >> 8).astype(np.uint8)).expand(channels, 28, 28)
+    assert batch["cursor"]["bad"] == 0 and torch.equal(batch["views"]["x"][0], expected)
 
 
 @pytest.mark.parametrize("fmt", ["pax", "gnu", "ustar"])

@@ -1,6 +1,7 @@
 """Data faults with real files and processes: damaged and non-tar shards, labels outside the classes,
-dead / failing / stalled HTTP servers and `pipe:` commands, streams that can never yield, data
-workers whose trainer is killed, and `augssl shards` over a wrong source."""
+decompression bombs, dead / failing / stalled HTTP servers and `pipe:` commands, streams that can never
+yield, data workers whose trainer is killed, and `augssl shards` over a wrong source, a folder of link
+loops, a decompression bomb, beside a second writer, over a file it cannot replace, and over more shards."""
 
 from __future__ import annotations
 
@@ -20,15 +21,17 @@ import time
 from itertools import islice
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 import framework.data.stream as stream
-from framework.data import BadShard, DataError, make_loader, tar_records, write_shards
+from framework.data import BadShard, DataError, Sample, make_loader, shard_urls, sources, tar_records, write_shards
 from framework.data.sources import fashion_mnist
-from framework.testing import data_section
+from framework.testing import data_section, tiny_recipe, write_recipe
 from framework.types import View
 from framework.views import FASHION_MNIST_STATS, clean_view
-from tests.helpers import asset_samples, needs_fashion_mnist
+from tests.helpers import AUGSSL_CLI, ENV, asset_samples, bomb_png, needs_fashion_mnist, one_line
 
 ROOT = Path(__file__).resolve().parents[1]
 X = {"x": View(clean_view(28, *FASHION_MNIST_STATS, channels=1))}
@@ -121,6 +124,57 @@ def test_labels_outside_the_recipe_classes_are_counted_bad_records(tmp_path):
     assert keys(batches) == ["ok0", "ok9", "unlabelled"]
     assert batches[-1]["cursor"]["bad"] == 5 and "labels.tar" in batches[-1]["cursor"]["last_bad"]
     assert keys(load(str(tmp_path / "labels.tar"))) == ["big", "ok0", "ok9", "unlabelled"], "no num_classes: 57 passes"
+
+
+# --- decompression bombs in the shards -------------------------------------------------------
+
+
+def _shard_of_pngs(path: Path, pngs: dict[str, bytes]) -> Path:
+    """A shard of `key.png` + `key.cls` (0) records, written as any tool may (no re-encoding)."""
+    with tarfile.open(path, "w") as tar:
+        for key, png in pngs.items():
+            for ext, payload in (("png", png), ("cls", b"0")):
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+    return path
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_a_decompression_bomb_in_a_shard_stops_the_stream_saying_how_to_allow_it(tmp_path, num_workers, monkeypatch):
+    """Not a bad record skipped in silence (the image may be genuine, written with --max-image-pixels): one line
+    naming the shard and the record, and the recipe key that lifts PIL's limit."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # a stream without workers sets this one's
+    png = io.BytesIO()
+    next(asset_samples("test")).image.save(png, format="PNG")  # 28 x 28 = 784 pixels
+    shard = _shard_of_pngs(
+        tmp_path / "b.tar", {"ok": png.getvalue(), "bomb": bomb_png(tmp_path / "x.png").read_bytes()}
+    )
+    with pytest.raises(DataError) as stopped:
+        load(str(shard), num_workers=num_workers)
+    assert str(stopped.value) == (
+        f"{shard}: bomb: 200000000 pixels, over PIL's decompression-bomb limit of 178956970 (twice "
+        "PIL.Image.MAX_IMAGE_PIXELS): a damaged or hostile file, or a huge image; if it is genuine, allow it with "
+        "data.max_image_pixels=200000000 (0: no limit)"
+    )
+    small = _shard_of_pngs(tmp_path / "s.tar", {"ok": png.getvalue()})  # the recipe's own limit, both ways
+    with pytest.raises(
+        DataError, match="ok: 784 pixels, over PIL's decompression-bomb limit of 200 .*data.max_image_pixels=784 "
+    ):
+        load(str(small), num_workers=num_workers, max_image_pixels=100)
+    assert keys(load(str(small), num_workers=num_workers, max_image_pixels=784)) == ["ok"]
+
+
+@pytest.mark.slow
+def test_a_run_over_a_decompression_bomb_stops_with_one_line(tmp_path, fmnist_shards):
+    png = io.BytesIO()
+    next(asset_samples("test")).image.save(png, format="PNG")
+    shard = _shard_of_pngs(
+        tmp_path / "b.tar", {"bomb": bomb_png(tmp_path / "x.png").read_bytes(), "ok": png.getvalue()}
+    )
+    shards = {"train": str(shard), "test": fmnist_shards["test"]}
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(tmp_path, shards, data={"num_workers": 1}))
+    assert one_line([recipe]).endswith("allow it with data.max_image_pixels=200000000 (0: no limit)")
 
 
 # --- remote shards ----------------------------------------------------------------------------
@@ -327,7 +381,7 @@ def test_a_trainer_stopped_by_a_data_error_exits_with_one_line(tmp_path):
     assert len(lines) == 1 and lines[0].startswith(f"augssl: error: data.train={spec}: rank 0, data worker")
 
 
-# --- augssl shards over a wrong source ----------------------------------------------------------
+# --- augssl shards: a wrong source, link loops, a bomb, a second writer, a failed rename --------
 
 
 def _shards_cli(argv: list[str], capsys) -> tuple[int, str]:
@@ -367,3 +421,161 @@ def test_shards_with_a_wrong_source_leave_existing_shards_and_manifest_untouched
     assert keys(load(str(out / "train-{000..002}.tar"))) == sorted(
         s.key for s in islice(fashion_mnist(split="test"), 25)
     )
+
+
+def _image_folder(root: Path, n: int, seed: int = 0) -> Path:
+    """`root/{c0,c1}/NNN.png`: `n` small RGB images, alternately in two classes."""
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        (root / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(root / f"c{i % 2}" / f"{i:03d}.png")
+    return root
+
+
+def _records(spec: str) -> list[tuple[str, bytes]]:
+    return [(r["__key__"], r["png"]) for url in shard_urls(spec) for r in tar_records(url)]
+
+
+@pytest.mark.slow
+def test_shards_over_a_folder_of_link_loops_list_each_image_once(tmp_path):
+    """Two links to the folder itself and one to the root: the listing never ended (each link doubles the paths
+    to walk, until the path is too long), and the root's other class was listed again under the first one."""
+    folder = _image_folder(tmp_path / "images", 16)
+    (folder / "c0" / "self1").symlink_to(".")
+    (folder / "c0" / "self2").symlink_to(".")
+    (folder / "c1" / "root").symlink_to("..")
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, "-c", AUGSSL_CLI, "shards", "imagefolder", folder, "--out", out / "t-%02d.tar"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=ENV,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    labels = [int(r["cls"]) for r in tar_records(str(out / "t-00.tar"))]
+    assert labels == [0] * 8 + [1] * 8
+
+
+def test_a_decompression_bomb_is_one_line_saying_how_to_allow_it_and_the_limit_reaches_the_workers(
+    tmp_path, capsys, monkeypatch
+):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # `--max-image-pixels` sets this process's
+    folder = _image_folder(tmp_path / "images", 6)
+    out = tmp_path / "out"
+    pattern = str(out / "t-%02d.tar")
+    bomb = bomb_png(folder / "c1" / "bomb.png")
+    for processes in ("1", "2"):
+        code, err = _shards_cli(["imagefolder", str(folder), "--out", pattern, "--processes", processes], capsys)
+        assert code == 2 and err == (
+            f"augssl: error: {bomb}: 200000000 pixels, over PIL's decompression-bomb limit of 178956970 (twice "
+            "PIL.Image.MAX_IMAGE_PIXELS): a damaged or hostile file, or a huge image; if it is genuine, allow it "
+            "with --max-image-pixels=200000000 (0: no limit)\n"
+        ), err
+        assert not out.exists() or not list(out.iterdir()), "nothing written"
+    bomb.unlink()
+    for limit, written in (("20", False), ("64", True)):  # 8 x 8 = 64 pixels: over twice 20, not over 64
+        for processes in ("1", "2"):
+            argv = ["imagefolder", str(folder), "--out", pattern, "--processes", processes, "--max-image-pixels", limit]
+            code, err = _shards_cli(argv, capsys)
+            assert (code == 0) == written and ("allow it with --max-image-pixels=64 " in err) != written, err
+
+
+def test_rewriting_a_pattern_with_fewer_shards_removes_the_stale_ones(tmp_path, capsys):
+    """10 shards, then 3 of another data set: `t-*.tar` used to find 3 new and 7 old ones."""
+    out = tmp_path / "out"
+    first = [Sample(f"old{i:02d}", s.image, s.label) for i, s in enumerate(islice(asset_samples("test"), 20))]
+    write_shards(first, str(out / "t-%02d.tar"), maxcount=2)
+    (out / "t-12.tar").write_bytes(b"")  # a gap before it: found all the same
+    (out / "t-5.tar").write_bytes(b"not this pattern's: %02d")
+    info = write_shards(islice(asset_samples("train"), 5), str(out / "t-%02d.tar"), maxcount=2)
+    assert sorted(p.name for p in out.iterdir()) == ["t-00.tar", "t-01.tar", "t-02.tar", "t-5.tar", "t.json"]
+    assert [k for k, _ in _records(str(out / "t-{00..02}.tar"))] == [s.key for s in islice(asset_samples("train"), 5)]
+    assert info["pattern"].endswith("t-{00..02}.tar")
+    err = capsys.readouterr().err
+    assert err == f"augssl: removed 8 shards left by an earlier data set at {out}/t-%02d.tar ({out}/t-03.tar .. " + (
+        f"{out}/t-12.tar): it now holds 3\n"
+    ), err
+
+
+def test_a_rename_that_fails_removes_every_temporary_and_says_which_shards_are_new(tmp_path, capsys):
+    folder = _image_folder(tmp_path / "images", 6)
+    out = tmp_path / "out"
+    pattern = str(out / "t-%02d.tar")
+    assert _shards_cli(["imagefolder", str(folder), "--out", pattern, "--maxcount", "2"], capsys)[0] == 0
+    (out / "t-01.tar").unlink()
+    (out / "t-01.tar").mkdir()  # cannot be replaced by a file
+    (out / "t-01.tar" / "keep").write_text("")
+    code, err = _shards_cli(["imagefolder", str(folder), "--out", pattern, "--maxcount", "2"], capsys)
+    assert code == 2 and err == (
+        f"augssl: error: {out}/t-01.tar: cannot replace it (Is a directory): the first 1 of 4 files are the new ones, "
+        "the others the old; the temporaries are removed: write them again\n"
+    ), err
+    assert sorted(p.name for p in out.iterdir()) == ["t-00.tar", "t-01.tar", "t-02.tar", "t.json"], "no temporary"
+
+
+def _held_writer(folder: Path, pattern: str) -> tuple[subprocess.Popen, int]:
+    """`augssl shards imagefolder folder --out pattern --maxcount 2` in a subprocess, held on its last image, a
+    named pipe `c1/zz.png`: returned once it has the pipe open (the lock held, its other shards written) with
+    the pipe's writing end, to give it `RED` (or kill it)."""
+    fifo = folder / "c1" / "zz.png"
+    os.mkfifo(fifo)
+    command = [sys.executable, "-c", AUGSSL_CLI, "shards", "imagefolder", folder, "--out", pattern, "--maxcount", "2"]
+    writer = subprocess.Popen(command, env=ENV, cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    while True:
+        try:
+            return writer, os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError:  # ENXIO: no reader yet
+            assert writer.poll() is None, writer.communicate()
+            time.sleep(0.1)
+
+
+RED = io.BytesIO()
+Image.new("RGB", (8, 8), "red").save(RED, format="PNG")
+
+
+@pytest.mark.slow
+def test_a_second_writer_of_the_same_shards_stops_with_one_line_and_the_first_writes_its_own(tmp_path):
+    """The two used to write the same temporaries: one failed, leaving them, and a shard held the other's bytes."""
+    first, second = _image_folder(tmp_path / "a", 8, seed=1), _image_folder(tmp_path / "b", 12, seed=2)
+    out = tmp_path / "out"
+    pattern = str(out / "t-%02d.tar")
+    writer, fifo = _held_writer(first, pattern)
+    try:
+        line = one_line(["shards", "imagefolder", second, "--out", pattern, "--maxcount", "3"], script="augssl")
+        holder = f"pid {writer.pid} on {socket.gethostname()} ({out}/t.json.lock)"
+        assert (
+            line
+            == f"augssl: error: {pattern}: being written by {holder}: wait for it to finish, or write to another --out"
+        )
+        os.set_blocking(fifo, True)
+        os.write(fifo, RED.getvalue())
+        os.close(fifo)
+        _, err = writer.communicate(timeout=300)
+    finally:
+        writer.kill()
+    assert writer.returncode == 0, err
+    assert sorted(p.name for p in out.iterdir()) == [f"t-{i:02d}.tar" for i in range(5)] + ["t.json"]
+    files, records = sources.image_folder_files(first), _records(str(out / "t-{00..04}.tar"))
+    assert [key for key, _ in records] == [file.key for file in files]
+    for file, (_, png) in zip(files, records, strict=True):  # the first writer's images, none of the second's
+        want = Image.open(RED) if file.path.endswith("zz.png") else Image.open(file.path)
+        assert np.array_equal(np.asarray(Image.open(io.BytesIO(png))), np.asarray(want.convert("RGB"))), file.path
+
+
+@pytest.mark.slow
+def test_the_temporaries_of_a_killed_writer_are_removed_by_the_next(tmp_path, capsys):
+    folder = _image_folder(tmp_path / "images", 8)
+    out = tmp_path / "out"
+    pattern = str(out / "t-%02d.tar")
+    writer, fifo = _held_writer(folder, pattern)
+    writer.kill()
+    writer.communicate(timeout=300)
+    os.close(fifo)
+    left = sorted(p.name for p in out.iterdir())
+    assert left == [f"t-{i:02d}.tar.{writer.pid}.tmp" for i in range(4)] + ["t.json.lock"], left
+    (folder / "c1" / "zz.png").unlink()
+    (folder / "c1" / "zz.png").write_bytes(RED.getvalue())
+    assert _shards_cli(["imagefolder", str(folder), "--out", pattern, "--maxcount", "2"], capsys)[0] == 0
+    assert sorted(p.name for p in out.iterdir()) == [f"t-{i:02d}.tar" for i in range(5)] + ["t.json"]

@@ -17,7 +17,7 @@ from PIL import Image
 
 from framework.data import sources
 from framework.data.sources import Sample
-from tests.helpers import needs_fashion_mnist
+from tests.helpers import bomb_png, needs_fashion_mnist
 
 RNG = np.random.default_rng(0)
 CIFAR10_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -327,6 +327,102 @@ def test_image_folder_matches_torchvision(tmp_path: Path) -> None:
     (root / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="empty: no image files"):
         sources.image_folder(root)
+
+
+def _tree(root: Path, per_class: int = 4) -> None:
+    """`root/{ant,bee}/` and `root/{ant,bee}/sub/`, `per_class` // 2 grey PNGs in each."""
+    for name in ("ant", "bee"):
+        for folder in (root / name, root / name / "sub"):
+            folder.mkdir(parents=True)
+            for i in range(per_class // 2):
+                Image.fromarray(RNG.integers(0, 256, (5, 5), dtype=np.uint8)).save(folder / f"{i}.png")
+
+
+def test_links_up_an_image_folder_are_walked_once_and_keep_every_label(tmp_path: Path) -> None:
+    """A link to the root once turned 8 images into hundreds, most labelled with the wrong class (the walk
+    went round the loop until the path was too long); links to the folder itself or its parent never ended."""
+    root = tmp_path / "images"
+    _tree(root)
+    (root / "ant" / "sub" / "up").symlink_to(root)  # the loop of the issue: the root again, from inside a class
+    (root / "ant" / "bee").symlink_to(root / "bee")  # another class: its images are its own
+    (root / "bee" / "sub" / "itself").symlink_to(".")
+    (root / "bee" / "sub" / "parent").symlink_to("..")
+    outside = tmp_path / "elsewhere"  # a link out of the tree is followed, as torchvision does
+    outside.mkdir()
+    Image.fromarray(RNG.integers(0, 256, (5, 5), dtype=np.uint8)).save(outside / "far.png")
+    (root / "ant" / "far").symlink_to(outside)
+    (root / "bee" / "far_again").symlink_to(outside)  # reached twice: listed once, at its first path
+    listed = [(str(Path(f.path).relative_to(root)), f.label) for f in sources.image_folder_files(root)]
+    assert listed == [
+        ("ant/0.png", 0),
+        ("ant/1.png", 0),
+        ("ant/far/far.png", 0),
+        ("ant/sub/0.png", 0),
+        ("ant/sub/1.png", 0),
+        ("bee/0.png", 1),
+        ("bee/1.png", 1),
+        ("bee/sub/0.png", 1),
+        ("bee/sub/1.png", 1),
+    ]
+
+
+def test_a_class_folder_that_links_to_the_root_or_another_class_is_refused(tmp_path: Path) -> None:
+    root = tmp_path / "images"
+    _tree(root)
+    (root / "cat").symlink_to(root / "ant")
+    with pytest.raises(ValueError, match=f"^{root / 'cat'}: the same folder as {root / 'ant'} "):
+        sources.image_folder_files(root)
+    (root / "cat").unlink()
+    (root / "all").symlink_to(root)
+    with pytest.raises(ValueError, match=rf"^{root / 'all'}: the same folder as {root} \(a link\?\): its images"):
+        sources.image_folder_files(root)
+
+
+# --- decoding: wide pixels, decompression bombs ----------------------------------------------
+
+# 16-bit grey values at the ends and in the middle of the range; PIL's `convert` made all but 0 and 255 white
+WIDE = np.array([[0, 255, 256, 4000], [32768, 40000, 65280, 65535]], dtype=np.uint16)
+
+
+def test_16_bit_images_are_scaled_to_8_bits_not_clipped_to_white(tmp_path: Path) -> None:
+    """A 16-bit PNG (PIL's I;16), TIFF (I;16B) and PGM (I, on the 0..65535 scale): their 8 high bits."""
+    folder = tmp_path / "images" / "grey"
+    folder.mkdir(parents=True)
+    Image.fromarray(WIDE).save(folder / "a.png")
+    Image.frombytes("I;16B", (4, 2), WIDE.astype(">u2").tobytes()).save(folder / "b.tiff")
+    (folder / "c.pgm").write_bytes(b"P5 4 2 65535\n" + WIDE.astype(">u2").tobytes())
+    files = sources.image_folder_files(tmp_path / "images")
+    assert [Image.open(f.path).mode for f in files] == ["I;16", "I;16B", "I"]
+    high = np.array([[0, 0, 1, 15], [128, 156, 255, 255]], dtype=np.uint8)
+    rgb = np.repeat(high[..., None], 3, axis=2)
+    for file in files:
+        assert np.array_equal(np.asarray(file.load().image), rgb), file.path
+        assert np.array_equal(np.asarray(sources.read_image(file.path, "L", "--max-image-pixels")), high), file.path
+
+
+def test_pixels_without_an_8_bit_scale_are_refused_naming_the_file(tmp_path: Path) -> None:
+    """Float pixels and 32-bit integers outside 16 bits (a signed 16-bit TIFF reads as I): no scale to guess."""
+    folder = tmp_path / "images" / "wide"
+    folder.mkdir(parents=True)
+    Image.fromarray(WIDE.astype(np.float32) / 65535).save(folder / "float.tiff")
+    Image.fromarray(WIDE.astype(np.int32) - 1000).save(folder / "signed.tiff")
+    float_file, signed_file = sources.image_folder_files(tmp_path / "images")
+    with pytest.raises(sources.ImageRefused, match=r"float.tiff: float pixels \(mode F\) have no known 8-bit scale"):
+        float_file.load()
+    with pytest.raises(sources.ImageRefused, match="signed.tiff: 32-bit integer pixels -1000..64535 have no known"):
+        signed_file.load()
+
+
+def test_a_decompression_bomb_says_what_it_is_and_how_to_allow_it(tmp_path: Path) -> None:
+    """200 million pixels in a 25 kB PNG: PIL refuses it before decoding; the error is no "unreadable image"."""
+    path = bomb_png(tmp_path / "bomb.png")
+    with pytest.raises(sources.ImageTooLarge) as refused:
+        sources.ImageFile("train_0000000", str(path), 0).load()
+    assert str(refused.value) == (
+        f"{path}: 200000000 pixels, over PIL's decompression-bomb limit of 178956970 (twice "
+        "PIL.Image.MAX_IMAGE_PIXELS): a damaged or hostile file, or a huge image; if it is genuine, allow it with "
+        "--max-image-pixels=200000000 (0: no limit)"
+    )
 
 
 # --- Fashion-MNIST on the real files --------------------------------------------------------

@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
+from framework.data.sources import ImageTooLarge, read_image
 from framework.types import View
 from framework.views import Normalize, clean_view
 
@@ -80,23 +81,29 @@ class SampleToViews:
     batch's `"normalize"` entry maps them to their `Normalize`, for `batch_to_device`.
 
     Labels are -1 (unlabelled) or 0..`num_classes` - 1 (without `num_classes`: below 2**31); any
-    other `cls` (57 for 10 classes, -2, "3.5", "seven") makes the record a `BadRecord`.
+    other `cls` (57 for 10 classes, -2, "3.5", "seven") makes the record a `BadRecord`. An image over
+    PIL's decompression-bomb limit (`Image.MAX_IMAGE_PIXELS`, set to `max_image_pixels` when given)
+    raises `ImageTooLarge`: not a bad record to skip, a limit the recipe may lift.
     """
 
-    def __init__(self, views: dict[str, View], channels: int, num_classes: int | None = None) -> None:
+    def __init__(
+        self, views: dict[str, View], channels: int, num_classes: int | None = None, max_image_pixels: int | None = None
+    ) -> None:
         self.views, self.normalize = split_normalize(views)
         self.mode = "L" if channels == 1 else "RGB"
         self.num_classes = num_classes
+        self.max_image_pixels = max_image_pixels
 
     def __call__(self, raw: dict[str, Any]) -> dict[str, Any]:
         key = next((k for k in IMAGE_KEYS if k in raw), None)
         if key is None:
             raise BadRecord(f"no image ({'/'.join(IMAGE_KEYS)}) in record")
+        if self.max_image_pixels is not None:  # this process decodes the recipe's images: its limit (0: none)
+            Image.MAX_IMAGE_PIXELS = self.max_image_pixels or None
         try:
-            image: Image.Image = Image.open(io.BytesIO(raw[key]))
-            image.load()
-            if image.mode != self.mode:
-                image = image.convert(self.mode)
+            image = read_image(io.BytesIO(raw[key]), self.mode, "data.max_image_pixels")  # 16 bits scaled to 8
+        except ImageTooLarge:
+            raise  # not a damaged record: the run stops, saying how to allow it
         except Exception as exc:
             raise BadRecord(f"undecodable image: {exc}") from None
         label = -1

@@ -1,8 +1,9 @@
 """Shards on disk and on the wire: writing them, naming them, reading one.
 
 - Writing: `write_shards` turns a stream of `Sample`s into tar shards and a manifest, all or
-  nothing (`.tmp` files renamed once every sample is written), reading and encoding them in
-  worker processes if asked (the same bytes); `brace_pattern` names the result.
+  nothing (the writer's own `.tmp` files renamed once every sample is written), one writer at a
+  time per manifest (a lock), reading and encoding them in worker processes if asked (the same
+  bytes); `brace_pattern` names the result.
 - Naming: `shard_urls` expands a shard spec (brace patterns, `::` lists), `is_local` tells a
   path from a remote URL, `check_shards` finds missing local shards before a run starts.
 - Reading: `tar_records` yields one shard's records (`open_shard`: local, `http(s)://`, `pipe:`
@@ -11,6 +12,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import gzip
 import io
 import json
@@ -20,7 +23,9 @@ import os
 import re
 import select
 import signal
+import socket
 import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -87,16 +92,21 @@ def write_shards(
     `manifest`) is written beside the shards and returned.
 
     `processes` > 1: the samples are loaded (a `SampleRef`'s `load()`: reading and decoding a
-    file) and encoded in that many worker processes (`_context`), `_CHUNK` samples per task, in
-    order; this process writes the tars. The shards and manifest are byte for byte those of
-    `processes=1` (same records, same order, same shard boundaries, `maxsize` included). A
-    sample that fails raises its error here, the first in sample order; a worker that dies
-    (a signal, out of memory) raises `ChildProcessError` naming the sample it died on, when a lone
-    worker dies on it again, or the range of samples in flight.
+    file, under this process's `PIL.Image.MAX_IMAGE_PIXELS`) and encoded in that many worker
+    processes (`_context`), `_CHUNK` samples per task, in order; this process writes the tars. The
+    shards and manifest are byte for byte those of `processes=1` (same records, same order, same
+    shard boundaries, `maxsize` included). A sample that fails raises its error here, the first in
+    sample order; a worker that dies (a signal, out of memory) raises `ChildProcessError` naming the
+    sample it died on, when a lone worker dies on it again, or the range of samples in flight.
 
-    All or nothing: shards and manifest are written as `<name>.tmp` and renamed over their names
-    only once every sample is written; if `samples` raises (a wrong source, a damaged file) or
-    yields nothing (`ValueError`), the temporaries are removed and existing files are untouched.
+    All or nothing: shards and manifest are written as `<name>.<pid>.tmp`, this writer's own, and
+    renamed over their names only once every sample is written; if `samples` raises (a wrong source,
+    a damaged file) or yields nothing (`ValueError`), or a rename fails (`OSError` saying how many
+    shards it replaced), every temporary is removed and the files not yet replaced are untouched.
+    One writer at a time: a second one of the same manifest raises `ShardsBusy` (`_writer_lock`)
+    before writing anything; the temporaries of one that was killed are removed by the next. Shards
+    the pattern numbers past the new last one (a data set written there before with more shards) are
+    removed, said on stderr, so that no glob mixes two data sets.
     """
     if processes < 1:
         raise ValueError(f"processes={processes}: needs at least 1")
@@ -104,40 +114,137 @@ def write_shards(
     Path(pattern).parent.mkdir(parents=True, exist_ok=True)
     prefix = Path(pattern).name.split("%")[0].rstrip("-_.") or "shards"
     manifest_path = Path(pattern).with_name(f"{prefix}.json")
-    tmp = pattern + ".tmp"
+    suffix = f".{os.getpid()}.tmp"  # this writer's: never another's (which the lock keeps away, where it can)
+    manifest_tmp = manifest_path.with_name(manifest_path.name + suffix)
     counts: dict[str, int] = {}
     ext = "jpg" if fmt == "jpeg" else fmt
-    records = (
-        map(partial(_record, fmt=fmt, quality=quality, ext=ext), samples)
-        if processes == 1
-        else _records_in_workers(samples, processes, fmt, quality, ext)
-    )
-    try:
-        # An integer mtime keeps tarfile from adding a PAX header per member (a float mtime needs
-        # one): half the headers to parse when streaming, and byte-identical shards for equal input.
-        with wds.ShardWriter(tmp, maxcount=maxcount, maxsize=maxsize, verbose=0, mtime=0) as sink:
-            for record in records:
-                sink.write(record)
-                counts[sink.fname] = counts.get(sink.fname, 0) + 1
-        if not counts:
-            raise ValueError(f"no samples to write to {pattern} (existing shards left as they are)")
-        info = {
-            "samples": sum(counts.values()),
-            "shards": [{"url": Path(name).name.removesuffix(".tmp"), "samples": n} for name, n in counts.items()],
-            "pattern": brace_pattern(pattern, len(counts)),
-            "format": fmt,
-            **(manifest or {}),
-        }
-        manifest_path.with_name(manifest_path.name + ".tmp").write_text(json.dumps(info, indent=1))
-    except BaseException:
-        if isinstance(records, Generator):
-            records.close()  # the workers stop before the temporaries go
-        _remove_temporaries(tmp, manifest_path)
-        raise
-    for name in counts:
-        os.replace(name, name.removesuffix(".tmp"))
-    os.replace(manifest_path.with_name(manifest_path.name + ".tmp"), manifest_path)
+    with _writer_lock(manifest_path, pattern) as locked:
+        if locked:  # no other writer lives: a temporary here is a killed one's
+            _remove_leftovers(pattern, manifest_path)
+        records = (
+            map(partial(_record, fmt=fmt, quality=quality, ext=ext), samples)
+            if processes == 1
+            else _records_in_workers(samples, processes, fmt, quality, ext)
+        )
+        try:
+            # An integer mtime keeps tarfile from adding a PAX header per member (a float mtime needs
+            # one): half the headers to parse when streaming, and byte-identical shards for equal input.
+            with wds.ShardWriter(pattern + suffix, maxcount=maxcount, maxsize=maxsize, verbose=0, mtime=0) as sink:
+                for record in records:
+                    sink.write(record)
+                    counts[sink.fname] = counts.get(sink.fname, 0) + 1
+            if not counts:
+                raise ValueError(f"no samples to write to {pattern} (existing shards left as they are)")
+            info = {
+                "samples": sum(counts.values()),
+                "shards": [{"url": Path(name).name.removesuffix(suffix), "samples": n} for name, n in counts.items()],
+                "pattern": brace_pattern(pattern, len(counts)),
+                "format": fmt,
+                **(manifest or {}),
+            }
+            manifest_tmp.write_text(json.dumps(info, indent=1))
+        except BaseException:
+            if isinstance(records, Generator):
+                records.close()  # the workers stop before the temporaries go
+            _remove_temporaries(pattern + suffix, manifest_tmp)
+            raise
+        _rename([*counts, str(manifest_tmp)], suffix)
+        _remove_stale(pattern, len(counts))
     return info
+
+
+class ShardsBusy(OSError):
+    """Another process is writing the same shards (it holds their manifest's `.lock`)."""
+
+
+@contextlib.contextmanager
+def _writer_lock(manifest_path: Path, pattern: str) -> Iterator[bool]:
+    """Hold `<manifest>.lock` (`flock`, released by the OS if this process dies) while the shards are
+    written: a second writer of the same manifest raises `ShardsBusy` at once, naming the holder. On a
+    filesystem without `flock` there is no lock (each writer still writes only its own temporaries).
+    Yields whether the lock is held."""
+    locked = True
+    path = manifest_path.with_name(manifest_path.name + ".lock")
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace") or "another process"
+            os.close(fd)
+            raise ShardsBusy(
+                f"{pattern}: being written by {holder} ({path}): wait for it to finish, or write to another --out"
+            ) from None
+        except OSError:  # a filesystem without flock
+            locked = False
+            break
+        with contextlib.suppress(FileNotFoundError):
+            if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                break  # else the holder removed the file between our open and flock: again
+        os.close(fd)
+    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
+    try:
+        yield locked
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(path)  # while still held: a waiting opener sees another inode and retries
+        os.close(fd)  # lets go of the lock
+
+
+def _rename(temporaries: list[str], suffix: str) -> None:
+    """Rename each temporary over its name (the `suffix` cut), in order; if one rename fails, it and
+    the ones after are removed and `OSError` says how many were renamed (those are the new ones)."""
+    for done, name in enumerate(temporaries):
+        try:
+            os.replace(name, name.removesuffix(suffix))
+        except OSError as exc:
+            for rest in temporaries[done:]:
+                Path(rest).unlink(missing_ok=True)
+            raise OSError(
+                f"{name.removesuffix(suffix)}: cannot replace it ({exc.strerror or exc}): the first {done} of "
+                f"{len(temporaries)} files are the new ones, the others the old; the temporaries are removed: "
+                "write them again"
+            ) from None
+
+
+def _numbered(pattern: str) -> list[tuple[int, str, bool]]:
+    """(number, path, temporary) of each file in `pattern`'s folder that is one of its shards (`pattern %
+    number`) or a writer's temporary of one (`<shard>.<pid>.tmp`), in number order."""
+    folder, name = os.path.split(pattern)
+    field = re.search(r"%0?\d*d", name)
+    if field is None:  # the number is in a folder's name
+        return []
+    shape = re.compile(re.escape(name[: field.start()]) + r"(\d+)" + re.escape(name[field.end() :]) + r"(\.\d+\.tmp)?")
+    found = []
+    for entry in os.scandir(folder or "."):
+        match = shape.fullmatch(entry.name)
+        if match and name % int(match[1]) + (match[2] or "") == entry.name and entry.is_file():
+            found.append((int(match[1]), entry.path, match[2] is not None))
+    return sorted(found)
+
+
+def _remove_leftovers(pattern: str, manifest_path: Path) -> None:
+    """Remove the temporaries of a writer that was killed (SIGKILL, a node lost) before it could."""
+    for _, path, temporary in _numbered(pattern):
+        if temporary:
+            os.unlink(path)
+    for entry in os.scandir(manifest_path.parent):
+        if re.fullmatch(re.escape(manifest_path.name) + r"\.\d+\.tmp", entry.name):
+            os.unlink(entry.path)
+
+
+def _remove_stale(pattern: str, n_shards: int) -> None:
+    """Remove the shards `pattern` numbers `n_shards` and above (left by a data set written there before
+    with more shards), saying so on stderr: a glob of the pattern then finds only the new ones."""
+    stale = [path for number, path, temporary in _numbered(pattern) if number >= n_shards and not temporary]
+    for path in stale:
+        os.unlink(path)
+    if stale:
+        print(
+            f"augssl: removed {len(stale)} shards left by an earlier data set at {pattern} ({stale[0]} .. "
+            f"{stale[-1]}): it now holds {n_shards}",
+            file=sys.stderr,
+        )
 
 
 def _record(item: Sample | SampleRef, fmt: str, quality: int, ext: str) -> dict[str, Any]:
@@ -209,12 +316,16 @@ def _context() -> Any:
 
 
 def _pool(processes: int, context: Any) -> ProcessPoolExecutor:
-    return ProcessPoolExecutor(processes, mp_context=context, initializer=_worker_init)
+    return ProcessPoolExecutor(
+        processes, mp_context=context, initializer=_worker_init, initargs=(Image.MAX_IMAGE_PIXELS,)
+    )
 
 
-def _worker_init() -> None:
-    """In each worker: Ctrl-C is the writer's to handle (it stops the workers), and a worker whose
-    parent is gone (the writer killed, and with it the forkserver) exits instead of waiting forever."""
+def _worker_init(max_image_pixels: int | None) -> None:
+    """In each worker: the writer's decompression-bomb limit (`augssl shards --max-image-pixels`); Ctrl-C
+    is the writer's to handle (it stops the workers), and a worker whose parent is gone (the writer
+    killed, and with it the forkserver) exits instead of waiting forever."""
+    Image.MAX_IMAGE_PIXELS = max_image_pixels
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     parent = os.getppid()
 
@@ -247,9 +358,9 @@ def _worker_died(items: list[Sample | SampleRef], context: Any, fmt: str, qualit
     )
 
 
-def _remove_temporaries(tmp_pattern: str, manifest_path: Path) -> None:
+def _remove_temporaries(tmp_pattern: str, manifest_tmp: Path) -> None:
     """Delete an unfinished `write_shards`' `.tmp` shards and manifest."""
-    manifest_path.with_name(manifest_path.name + ".tmp").unlink(missing_ok=True)
+    manifest_tmp.unlink(missing_ok=True)
     for i in count():
         shard = Path(tmp_pattern % i)
         if not shard.exists():

@@ -10,11 +10,12 @@ from __future__ import annotations
 import gzip
 import os
 import pickle
+import re
 import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 from PIL import Image
@@ -220,6 +221,66 @@ def stl10(root: str | Path, split: str = "train") -> Iterator[Sample]:
     return _stl_iter(x_path, labels, split, n)
 
 
+# --- decoding a file: 8 bits per channel, a decompression bomb named -------------------------
+
+
+class ImageRefused(ValueError):
+    """An image that decodes but is refused: over PIL's decompression-bomb limit (`ImageTooLarge`), or of
+    pixels without a known 8-bit scale (floats, integers beyond 16 bits)."""
+
+
+class ImageTooLarge(ImageRefused):
+    """More pixels than PIL's decompression-bomb limit (twice `PIL.Image.MAX_IMAGE_PIXELS`)."""
+
+
+# Modes of 16 bits per pixel. PIL's `convert` to L or RGB clips these (and I, F) at 255 instead of
+# scaling them: every 16-bit pixel above 255 turns white.
+_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def eight_bit(image: Image.Image) -> Image.Image:
+    """`image` with 8 bits per channel: 16-bit pixels (modes I;16*, and I, which PIL decodes a 16-bit
+    PGM to, on the same 0..65535 scale) shifted right by 8, as torchvision's uint16-to-uint8 and PIL's
+    own 16-bit RGB PNG decoding do. Pixels without a known scale raise `ImageRefused`: floats
+    (mode F), 32-bit integers outside 0..65535. The 8-bit modes are returned as they are."""
+    if image.mode == "F":
+        raise ImageRefused("float pixels (mode F) have no known 8-bit scale: convert the file to 8 or 16 bits")
+    if image.mode not in (*_SIXTEEN_BIT, "I"):
+        return image
+    pixels = np.asarray(image)
+    if image.mode == "I" and pixels.size and (pixels.min() < 0 or pixels.max() > 65535):
+        raise ImageRefused(
+            f"32-bit integer pixels {pixels.min()}..{pixels.max()} have no known 8-bit scale (16-bit ones hold "
+            "0..65535): convert the file to 8 or 16 bits"
+        )
+    return Image.fromarray((pixels >> 8).astype(np.uint8))
+
+
+def read_image(file: str | IO[bytes], mode: str, allow: str) -> Image.Image:
+    """The image in `file` (a path or a binary file) decoded whole, with 8 bits per channel (`eight_bit`:
+    not clipped), in `mode` (L or RGB). An image over PIL's decompression-bomb limit raises `ImageTooLarge`
+    saying how to allow it: with `allow`, the caller's setting of `PIL.Image.MAX_IMAGE_PIXELS` (e.g.
+    `--max-image-pixels`); what else PIL raises on a damaged file goes through."""
+    try:
+        with Image.open(file) as image:
+            image.load()
+            narrow = eight_bit(image)
+            return narrow if narrow.mode == mode else narrow.convert(mode)
+    except Image.DecompressionBombError as exc:
+        raise ImageTooLarge(_too_large(exc, allow)) from None
+
+
+def _too_large(exc: Image.DecompressionBombError, allow: str) -> str:
+    """What a decompression-bomb image is and how to allow it, from PIL's `Image size (N pixels) exceeds ...`."""
+    found = re.search(r"\((\d+) pixels\)", str(exc))
+    pixels = found.group(1) if found else "N"
+    limit = 2 * (Image.MAX_IMAGE_PIXELS or 0)
+    return (
+        f"{pixels} pixels, over PIL's decompression-bomb limit of {limit} (twice PIL.Image.MAX_IMAGE_PIXELS): "
+        f"a damaged or hostile file, or a huge image; if it is genuine, allow it with {allow}={pixels} (0: no limit)"
+    )
+
+
 # --- ImageFolder: root/<class>/**/<image> --------------------------------------------------
 
 # Same as torchvision.datasets.folder.IMG_EXTENSIONS (tests check they agree).
@@ -236,12 +297,19 @@ def _folder_classes(root: Path) -> list[str]:
 
 
 def _folder_files(root: Path, names: list[str]) -> list[tuple[str, int]]:
-    """(path, class index) in torchvision's `make_dataset` order."""
+    """(path, class index) in torchvision's `make_dataset` order, links to folders followed as torchvision
+    does, but each real folder (device, inode) walked once, at its first path in name order: a link up the
+    tree (to itself, a parent, the root) or to a class folder is not walked, so there is no loop and no
+    image under two labels. `ValueError` for a class folder that is the root or another class's folder."""
+    seen: dict[tuple[int, int], str] = {}
+    for folder in (str(root), *(str(root / name) for name in names)):
+        if (first := _claim(seen, folder)) != folder:
+            raise ValueError(f"{folder}: the same folder as {first} (a link?): its images would have two labels")
     files = []
     for index, name in enumerate(names):
         found = [
             os.path.join(dirpath, fname)
-            for dirpath, _, fnames in sorted(os.walk(root / name, followlinks=True))
+            for dirpath, fnames in sorted(_walk_once(root / name, seen))
             for fname in sorted(fnames)
             if fname.lower().endswith(IMG_EXTENSIONS)
         ]
@@ -249,6 +317,22 @@ def _folder_files(root: Path, names: list[str]) -> list[tuple[str, int]]:
             raise FileNotFoundError(f"{root / name}: no image files ({', '.join(IMG_EXTENSIONS)})")
         files += [(path, index) for path in found]
     return files
+
+
+def _claim(seen: dict[tuple[int, int], str], path: str) -> str:
+    """The first path in `seen` to the real folder (device, inode) `path` is or links to: `path` if none
+    (then recorded)."""
+    stat = os.stat(path)
+    return seen.setdefault((stat.st_dev, stat.st_ino), path)
+
+
+def _walk_once(top: Path, seen: dict[tuple[int, int], str]) -> Iterator[tuple[str, list[str]]]:
+    """(folder, file names) of `top` and its sub-folders, links to folders followed, depth first in name
+    order, skipping a folder already in `seen` (which gains every folder walked): no loop, no folder twice."""
+    for dirpath, dirnames, fnames in os.walk(top, followlinks=True):
+        dirnames.sort()
+        dirnames[:] = [d for d in dirnames if _claim(seen, path := os.path.join(dirpath, d)) == path]
+        yield dirpath, fnames
 
 
 @dataclass(frozen=True)
@@ -264,10 +348,12 @@ class ImageFile:
     label: int
 
     def load(self) -> Sample:
-        """The file as an RGB `Sample`; `ValueError` naming the file if it cannot be decoded."""
+        """The file as an RGB `Sample` (`read_image`); `ValueError` naming the file if it cannot be decoded,
+        `ImageRefused` naming it if it is refused (a decompression bomb: `augssl shards --max-image-pixels`)."""
         try:
-            with Image.open(self.path) as img:
-                return Sample(self.key, img.convert("RGB"), self.label)
+            return Sample(self.key, read_image(self.path, "RGB", "--max-image-pixels"), self.label)
+        except ImageRefused as exc:
+            raise type(exc)(f"{self.path}: {exc}") from None
         except Exception as exc:  # PIL raises OSError, ValueError, SyntaxError, ... on a damaged file
             raise ValueError(f"{self.path}: unreadable image ({type(exc).__name__}: {exc})") from None
 

@@ -46,6 +46,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from framework.data.pipeline import BadRecord, SampleToViews, collate
 from framework.data.shards import BadShard, is_local, shard_urls, tar_records
+from framework.data.sources import ImageTooLarge
 from framework.errors import one_line
 from framework.preemption import workers_ignore_stop_signals
 from framework.types import View
@@ -332,6 +333,8 @@ class ShardStream(IterableDataset):
                 self._bad(reader.stats, f"{raw.get('__url__', '?')}: {raw.get('__key__', '?')}: {exc}")
                 reader.guard()
                 continue
+            except ImageTooLarge as exc:  # the recipe's limit, not a damaged record: one line, exit 2
+                raise DataError(f"{raw.get('__url__', '?')}: {raw.get('__key__', '?')}: {exc}") from None
             reader.guard.progress()
             yield sample
 
@@ -467,6 +470,7 @@ class DataSection(Protocol):
     stall_seconds: float
     timeout_seconds: float
     retries: int
+    max_image_pixels: int | None
 
 
 def make_loader(
@@ -496,7 +500,7 @@ def make_loader(
     byte for `timeout_seconds` fails; an unreadable shard is skipped and counted as a bad record; a
     worker without a good record for `stall_seconds` raises `DataError` (one line, naming
     `data.train=<spec>` or the `shards`, and the last bad shards); labels outside -1..`num_classes` - 1
-    are bad records.
+    are bad records; an image over PIL's decompression-bomb limit (`max_image_pixels`) raises `DataError`.
     """
     order: dict[str, Any]  # ShardStream's shuffling keywords
     if shards is None:
@@ -522,7 +526,7 @@ def make_loader(
         num_workers = capped
     stream = ShardStream(
         urls,
-        SampleToViews(views, data.channels, num_classes),
+        SampleToViews(views, data.channels, num_classes, data.max_image_pixels),
         batch_size,
         rank=rank,
         world_size=world_size,

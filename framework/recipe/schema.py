@@ -105,6 +105,9 @@ class DataConfig(Strict):
     stall_seconds: float = Field(600.0, gt=0)
     timeout_seconds: float = Field(60.0, gt=0)
     retries: int = Field(3, ge=0)
+    # PIL's Image.MAX_IMAGE_PIXELS where the images are decoded (default: PIL's, 89478485; 0: no limit): an
+    # image of more than twice as many pixels (a decompression bomb?) stops the run, one line
+    max_image_pixels: int | None = Field(None, ge=0)
 
     @model_validator(mode="after")
     def _epoch_samples_need_resampling(self) -> DataConfig:
