@@ -60,6 +60,16 @@ def online_knn(model: Model, recipe: Recipe) -> dict[str, float]:
     return {"knn.acc": knn_accuracy(train["features"], train["labels"], test["features"], test["labels"])}
 
 
+def _labelled(samples: dict[str, torch.Tensor], key: str, spec: str) -> dict[str, torch.Tensor]:
+    """`samples`, if every one has a label (not -1, the label of a record without `.cls`); else ValueError."""
+    missing = int((samples["labels"] < 0).sum())
+    if missing == len(samples["labels"]):
+        raise ValueError(f"{key}: no labels in {spec} (no record has a .cls of 0 or more); give labelled shards")
+    if missing:
+        raise ValueError(f"{key}: {missing} of {len(samples['labels'])} samples in {spec} have no label (.cls)")
+    return samples
+
+
 def evaluate(
     output_dir: str | Path,
     ckpt: str | Path | None = None,
@@ -78,6 +88,10 @@ def evaluate(
 
     `accuracies[protocol]` (and `raw_pixels_accuracies`) hold each protocol's test accuracy;
     `accuracy` / `raw_pixels_accuracy` repeat the first protocol's, for older readers.
+
+    Refused with a ValueError naming `eval.train` or `eval.test`, before eval.json is touched: shards
+    that gave another number of samples than their manifests list (a damaged shard is skipped by
+    the stream), and samples without labels.
     """
     unknown = set(protocols) - set(PROTOCOLS)
     if unknown or not protocols:
@@ -90,7 +104,8 @@ def evaluate(
         raise ValueError(f"{path}/recipe.yaml: eval.train and eval.test (labelled shards) are needed")
     torch.manual_seed(0)
     train, test = (
-        extract(model, spec, recipe, recipe.eval.batch_size, pixels=baseline) for spec in (train_spec, test_spec)
+        _labelled(extract(model, spec, recipe, recipe.eval.batch_size, pixels=baseline, key=key), key, spec)
+        for key, spec in (("eval.train", train_spec), ("eval.test", test_spec))
     )
 
     def reextract(epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
