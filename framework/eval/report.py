@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from framework.checkpoint import load_run
+from framework.checkpoint import load_run, tensors_digest
 from framework.distributed import process_state
 from framework.eval.classifiers import fit_linear, fit_sgd_linear, knn_accuracy
 from framework.eval.features import crop_and_flip, extract
@@ -87,7 +87,8 @@ def evaluate(
     fits the same classifiers on all of them, on its device; the main process writes the JSON.
 
     `accuracies[protocol]` (and `raw_pixels_accuracies`) hold each protocol's test accuracy;
-    `accuracy` / `raw_pixels_accuracy` repeat the first protocol's, for older readers.
+    `accuracy` / `raw_pixels_accuracy` repeat the first protocol's, for older readers;
+    `encoder_blake2b` identifies the encoder measured (`augssl export` shows only its accuracies).
 
     Refused with a ValueError naming `eval.train` or `eval.test`, before eval.json is touched: shards
     that gave another number of samples than their manifests list (a damaged shard is skipped by
@@ -98,6 +99,7 @@ def evaluate(
         raise ValueError(f"protocols {sorted(unknown) or '[]'}: choose from {', '.join(PROTOCOLS)}")
     start = time.perf_counter()
     model, recipe, path = load_run(output_dir, ckpt)
+    encoder_digest = tensors_digest(model.encoder.state_dict())
     model.to(process_state().device)
     train_spec, test_spec = recipe.eval.train, recipe.eval.test
     if not (train_spec and test_spec):
@@ -145,6 +147,7 @@ def evaluate(
     result: dict[str, Any] = {
         "protocol": {p: descriptions[p] for p in protocols},
         "checkpoint": str(path),
+        "encoder_blake2b": encoder_digest,  # what augssl export compares before it shows these accuracies
         "dataset": {"train": recipe.eval.train, "test": recipe.eval.test},
         "train_samples": len(train["labels"]),
         "test_samples": len(test["labels"]),
