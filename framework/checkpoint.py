@@ -8,7 +8,9 @@ Every checkpoint has the full model (parameters and buffers) in `model.safetenso
 the model's state_dict names: Accelerate writes it under DDP; under DeepSpeed (whose own
 partitioned files are in `pytorch_model/`) rank 0 consolidates the fp32 weights from those
 files into it, for any ZeRO stage, so `augssl eval` and `augssl export` read every run alike;
-`load_run` rebuilds a run's model from a checkpoint's resolved recipe and those weights.
+`load_run` rebuilds a run's model from a checkpoint's resolved recipe and those weights, both
+checked against `checksums.json` as they are read (the newest intact checkpoint by default); a
+checkpoint pruned by the run training in the folder while it is read is no fault: the newest is read.
 
 Resuming on another number of processes works under DDP: model, optimizer and schedule are
 restored, the data stream and every rank's RNG are reseeded with `train.seed + step`, and
@@ -36,16 +38,19 @@ import math
 import os
 import re
 import shutil
+import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
+import torch
 import yaml
-from safetensors.torch import load_file
+from safetensors.torch import load as safetensors_load
 
 from framework.data.stream import StreamPosition
 from framework.model import Model
-from framework.recipe.loading import load_recipe
+from framework.recipe.loading import RecipeError, validate
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -369,7 +374,7 @@ def model_weights_file(path: Path) -> Path:
     A DeepSpeed checkpoint written before augssl consolidated its weights gets its
     `model.safetensors` now, from DeepSpeed's files.
     """
-    for name in (WEIGHTS_FILE, "pytorch_model.bin"):
+    for name in WEIGHTS_FILES:
         if (path / name).is_file():
             return path / name
     if (path / DEEPSPEED_TAG).is_dir():
@@ -377,15 +382,196 @@ def model_weights_file(path: Path) -> Path:
     raise FileNotFoundError(f"{path}: no model weights ({WEIGHTS_FILE}) in checkpoint")
 
 
+# ---------------------------------------------------------------------------
+# Reading a run's model (augssl eval, augssl export): verified, and safe beside a training run
+# ---------------------------------------------------------------------------
+
+WEIGHTS_FILES = (WEIGHTS_FILE, "pytorch_model.bin")  # Accelerate's names, safetensors first
+PRUNE_GRACE_SECONDS = 10.0  # how long a folder missing a file is watched for a prune that removes it
+_RELISTS = 20  # fresh looks at checkpoints/ after a checkpoint went away while it was read
+
+
+class _Read(NamedTuple):
+    """What `augssl eval` and `augssl export` read of a checkpoint, checked against its `checksums.json`."""
+
+    path: Path
+    recipe: str  # recipe.yaml
+    weights: dict[str, torch.Tensor]
+
+
+def _read_checked(path: Path) -> _Read | str:
+    """Read `recipe.yaml` and the model weights of checkpoint `path`, each file whole and once, and check
+    them against `checksums.json`; or what is wrong (a phrase naming the file, as `verify` says it).
+
+    Only the files read are checked (the optimizer's state does not change the model). A file once
+    opened is read to its end even if a prune unlinks it meanwhile; a file missing raises
+    FileNotFoundError (the caller tells a prune from damage).
+    """
+    try:
+        state = json.loads((path / STATE_FILE).read_bytes())
+    except ValueError as exc:
+        return f"{STATE_FILE} is unreadable ({exc.__class__.__name__})"
+    listed: dict[str, Any] = {}
+    if (path / CHECKSUMS_FILE).is_file() or state.get("checksums"):
+        try:
+            listed = json.loads((path / CHECKSUMS_FILE).read_bytes())["files"]
+        except (ValueError, KeyError, TypeError) as exc:
+            return f"{CHECKSUMS_FILE} is unreadable ({exc.__class__.__name__})"
+    name = next((n for n in WEIGHTS_FILES if n in listed), None)
+    if name is None:  # a checkpoint from before checksums (or DeepSpeed's, before consolidation)
+        try:
+            name = model_weights_file(path).name
+        except FileNotFoundError:
+            return f"no model weights ({WEIGHTS_FILE})"
+    data = {n: (path / n).read_bytes() for n in ("recipe.yaml", name)}
+    for n, blob in data.items():
+        if n not in listed:
+            continue
+        if len(blob) != listed[n]["bytes"]:
+            return f"{n} has {len(blob)} bytes, {listed[n]['bytes']} were written"
+        if hashlib.blake2b(blob, digest_size=32).hexdigest() != listed[n]["blake2b"]:
+            return f"{n} does not match its checksum"
+    return _Read(path, data["recipe.yaml"].decode(), _tensors(data[name], name))
+
+
+def _tensors(blob: bytes, name: str) -> dict[str, torch.Tensor]:
+    """The state dict in a weights file's bytes (safetensors, or a torch pickle of tensors)."""
+    if name.endswith(".safetensors"):
+        return safetensors_load(blob)
+    return torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+
+
+def _read_or_gone(path: Path) -> _Read | str | None:
+    """`_read_checked(path)`, or None if the folder went away (or was replaced by a new save of its
+    step) while it was read: a prune of the run that trains in the folder, not damage.
+
+    A prune removes the files one by one, then the folder: a file missing from a folder still there
+    is damage only once the folder has stood for `PRUNE_GRACE_SECONDS` more.
+    """
+
+    def same_folder() -> bool:
+        try:
+            return path.stat().st_ino == inode
+        except FileNotFoundError:
+            return False
+
+    try:
+        inode = path.stat().st_ino
+    except FileNotFoundError:
+        return None
+    try:
+        got = _read_checked(path)
+    except FileNotFoundError as exc:
+        got = f"{Path(exc.filename or '?').name} is missing"
+        deadline = time.monotonic() + PRUNE_GRACE_SECONDS
+        while same_folder() and time.monotonic() < deadline:
+            time.sleep(0.1)
+    return got if isinstance(got, _Read) or same_folder() else None
+
+
+def _pick_and_read(output_dir: Path, ckpt: str | Path | None) -> _Read:
+    """The checkpoint `ckpt`, or the newest intact one of `output_dir`, read and verified.
+
+    `ckpt` damaged or gone: CheckpointError. Newest: a damaged one is named in one line on stderr and
+    the one before it is read (nothing is renamed: a reader leaves the run folder to its run); one
+    that went away while read (pruned by the run training there) is no fault, the newest is read again.
+    """
+    if ckpt:
+        path = Path(ckpt)
+        if not (path / STATE_FILE).is_file():
+            raise FileNotFoundError(f"--checkpoint {path}: not a complete checkpoint (no {STATE_FILE})")
+        got = _read_or_gone(path)
+        if got is None:
+            raise CheckpointError(
+                f"--checkpoint {path} went away while it was read (the run training in its folder pruned it); "
+                "give a newer one, or leave --checkpoint out for the newest intact one"
+            )
+        if isinstance(got, str):
+            raise CheckpointError(
+                f"--checkpoint {path} is damaged ({got}); give another checkpoint, or leave --checkpoint out "
+                "for the newest intact one"
+            )
+        return got
+    for attempt in range(_RELISTS):
+        done = complete_checkpoints(output_dir)
+        if not done and attempt < 3:  # a listing that ran into a save's rename may miss every checkpoint
+            time.sleep(0.1)
+            continue
+        damaged: list[tuple[Path, str]] = []
+        for path in reversed(done):
+            got = _read_or_gone(path)
+            if got is None:
+                break  # pruned: look again
+            if isinstance(got, str):
+                damaged.append((path, got))
+                continue
+            for bad, why in damaged:
+                print(f"augssl: checkpoint {bad} is damaged ({why}): reading {path.name} instead", file=sys.stderr)
+            return got
+        else:
+            if damaged:
+                bad, why = damaged[0]
+                raise CheckpointError(
+                    f"every checkpoint in {checkpoint_root(output_dir)} is damaged (newest {bad.name}: {why}); "
+                    "there is no intact one to read"
+                )
+            raise FileNotFoundError(f"{output_dir}: no complete checkpoint to read")
+    raise CheckpointError(
+        f"the checkpoints of {output_dir} went away {_RELISTS} times while they were read (a run there prunes "
+        "them faster than they can be read: train.keep_checkpoints); give --checkpoint of one that stays"
+    )
+
+
+def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """BLAKE2b-256 of a state dict (names, dtypes, shapes, values): `augssl eval` records its encoder's
+    in eval.json, and `augssl export` shows only the accuracies of the encoder it writes."""
+    h = hashlib.blake2b(digest_size=32)
+    for name in sorted(tensors):
+        t = tensors[name].detach().contiguous().cpu()
+        h.update(f"{name} {t.dtype} {list(t.shape)}\n".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _check_finite(module: torch.nn.Module, path: Path) -> None:
+    """CheckpointError naming the first tensor of `module` (the encoder) holding NaN or infinity."""
+    for name, tensor in module.state_dict().items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            nan, inf = int(tensor.isnan().sum()), int(tensor.isinf().sum())
+            raise CheckpointError(
+                f"checkpoint {path}: the encoder's {name} holds non-finite values ({nan} NaN, {inf} infinite of "
+                f"{tensor.numel()}); evaluate or export an earlier checkpoint (--checkpoint)"
+            )
+
+
 def load_run(output_dir: str | Path, ckpt: str | Path | None = None) -> tuple[Model, Recipe, Path]:
-    """Rebuild a run's model from its resolved recipe and load a checkpoint's weights (newest by default)."""
-    output_dir = Path(output_dir)
-    path = Path(ckpt) if ckpt else find_resume(output_dir, "auto")
-    if path is None:
-        raise FileNotFoundError(f"{output_dir}: no complete checkpoint to evaluate")
-    if not (path / STATE_FILE).is_file():
-        raise FileNotFoundError(f"--checkpoint {path}: not a complete checkpoint (no {STATE_FILE})")
-    recipe, hooks = load_recipe(path / "recipe.yaml", check_data=False)
+    """Rebuild a run's model from its resolved recipe and load a checkpoint's weights (newest intact by
+    default, see `_pick_and_read`); CheckpointError if its encoder holds a non-finite value.
+
+    Under `accelerate launch` the main process reads the checkpoint and every rank receives it, so all
+    build the same model (a run training in the folder may save and prune between two ranks' reads).
+    """
+    from framework.distributed import process_state
+
+    state = process_state()
+    got, error = None, None
+    if state.is_main_process:
+        try:
+            got = _pick_and_read(Path(output_dir), ckpt)
+        except (CheckpointError, FileNotFoundError) as exc:
+            error = exc
+    if state.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        got, error = broadcast_object_list([got, error], from_process=0)
+    if error is not None:
+        raise error
+    assert got is not None
+    try:
+        recipe, hooks = validate(yaml.safe_load(got.recipe) or {}, check_data=False)
+    except RecipeError as exc:  # e.g. a plugin it names is not installed here
+        raise RecipeError(f"{got.path / 'recipe.yaml'}: {exc}") from None
     model = Model(hooks, recipe)
-    model.load_state_dict(load_file(model_weights_file(path)))
-    return model.eval(), recipe, path
+    model.load_state_dict(got.weights)
+    _check_finite(model.encoder, got.path)
+    return model.eval(), recipe, got.path

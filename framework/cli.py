@@ -9,6 +9,7 @@ on stderr, before anything is trained or loaded.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import sys
@@ -34,6 +35,17 @@ def _fail_if_bad_input(exc: Exception, prefix: str = "") -> NoReturn:
     if isinstance(exc, PluginError) and not isinstance(exc.__cause__, (ValueError, OSError)):
         raise exc
     _fail(f"{prefix}{exc}")
+
+
+def _read_errors() -> tuple[type[Exception], ...]:
+    """What `augssl eval` and `augssl export` report in one line: a missing file or a bad value, a damaged
+    or non-finite checkpoint, a checkpoint's recipe naming a plugin not installed, a plugin refusing
+    the recipe or a file (e.g. its `pretrained` file is gone)."""
+    from framework.checkpoint import CheckpointError
+    from framework.manager import PluginError
+    from framework.recipe.loading import RecipeError
+
+    return FileNotFoundError, ValueError, CheckpointError, RecipeError, PluginError
 
 
 def train_main(argv: Sequence[str]) -> None:
@@ -92,6 +104,16 @@ def train_or_exit(recipe, hooks) -> None:
         _fail_if_bad_input(exc, f"rank {rank()}: " if world_size() > 1 else "")
 
 
+def _end_process_group() -> None:
+    """Leave the launch's process group, if any, before the interpreter ends: a gloo process that exits
+    with it still up may abort at finalization ("terminate called without an active exception",
+    exit -6) and fail the launch of an evaluation that succeeded (pytorch/pytorch#190489)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def eval_main(argv: Sequence[str]) -> None:
     """`eval OUTPUT_DIR [OUTPUT_DIR ...] [--protocol fast|linear|knn|all]`: classifiers on runs' frozen
     encoders beside the same classifiers on raw pixels; writes each run's eval.json. Under
@@ -119,10 +141,11 @@ def eval_main(argv: Sequence[str]) -> None:
     args = parser.parse_args(argv)
     if args.checkpoint and len(args.output_dirs) > 1:
         _fail("--checkpoint names one run's checkpoint: give one output_dir")
+    from framework.distributed import process_state
     from framework.eval.report import PROTOCOLS, evaluate
-    from framework.manager import PluginError
 
     protocols = list(PROTOCOLS) if args.protocol == "all" else [args.protocol]
+    atexit.register(_end_process_group)
     rows = []
     for i, out in enumerate(args.output_dirs):
         try:
@@ -137,13 +160,13 @@ def eval_main(argv: Sequence[str]) -> None:
                 knn_temperature=args.temperature,
                 linear_batch_size=args.batch_size,
             )  # raw pixels: the same for every run, fitted once
-        except (FileNotFoundError, ValueError, PluginError) as exc:  # PluginError: e.g. the `pretrained` file is gone
+        except _read_errors() as exc:  # every rank has the same: the main process says it
+            if not process_state().is_main_process:
+                raise SystemExit(EXIT_USAGE) from None
             _fail_if_bad_input(exc)
         if i == 0:
             rows.append(("raw pixels", result["pixel_dim"], result["raw_pixels_accuracies"], "-"))
         rows.append((out, result["feature_dim"], result["accuracies"], f"{result['seconds']} s"))
-    from framework.distributed import process_state
-
     if not process_state().is_main_process:
         return  # under `accelerate launch`: every rank computed the same table
     title = "linear probe" if protocols == ["fast"] else "frozen-feature classifiers"
@@ -265,11 +288,10 @@ def export_main(argv: Sequence[str]) -> None:
     parser.add_argument("--checkpoint", default=None, help="a checkpoint folder (default: newest)")
     args = parser.parse_args(argv)
     from framework.export import export_encoder
-    from framework.manager import PluginError
 
     try:
         meta = export_encoder(args.output_dir, args.out, args.checkpoint)
-    except (FileNotFoundError, ValueError, PluginError) as exc:  # PluginError: e.g. the `pretrained` file is gone
+    except _read_errors() as exc:
         _fail_if_bad_input(exc)
     print(json.dumps({"out": args.out, **meta}))
 

@@ -11,24 +11,57 @@ model, so `timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(
 num_classes=0, **timm_kwargs)` loads it.
 
 Beside the weights, `<out>.md` is a model card: the recipe's plugins, steps, data and
-normalisation, the run's `eval.json` accuracies when it has them, and how to load the file.
+normalisation, the accuracies of the run's `eval.json` when they were measured on these very
+weights (its `encoder_blake2b`), and how to load the file. The card never takes the weights'
+path (an `--out` ending in `.md` is refused), and a file there that is not an augssl model card is never
+replaced; an earlier export's card is, with one line saying so.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
 from safetensors.torch import save_file
 
-from framework.checkpoint import load_run
+from framework.checkpoint import load_run, tensors_digest
 from framework.recipe.schema import Recipe
+
+CARD_TAGS = "tags: [self-supervised, augssl]"  # the front matter line that marks a card augssl wrote
+
+
+def card_path(out: Path) -> Path:
+    """Where the model card of weights `out` goes (`out` with the suffix `.md`); ValueError, before
+    anything is written, if that is `out` itself or a file augssl did not write."""
+    card = out.with_suffix(".md")
+    if out.suffix.lower() == ".md":
+        raise ValueError(
+            f"--out {out}: the model card goes beside the weights as <name>.md; give the weights another "
+            f"name, e.g. --out {out.with_suffix('.safetensors')}"
+        )
+    if card.exists() and not _is_card(card):
+        raise ValueError(
+            f"--out {out}: {card} exists and is not a model card augssl wrote; move it, or give --out another name"
+        )
+    return card
+
+
+def _is_card(path: Path) -> bool:
+    """`path` is a model card of an earlier `augssl export` (its front matter carries CARD_TAGS)."""
+    try:
+        head = path.read_text(errors="replace")[:4096].split("---")
+    except OSError:
+        return False
+    return len(head) > 2 and head[0] == "" and CARD_TAGS in head[1].splitlines()
 
 
 def export_encoder(output_dir: str | Path, out: str | Path, ckpt: str | Path | None = None) -> dict[str, str]:
-    """Write the encoder of a run's checkpoint (newest by default) to `out` and its model card to
-    `out` with the suffix `.md`; returns the file's metadata."""
+    """Write the encoder of a run's checkpoint (newest intact by default) to `out` and its model card to
+    `card_path(out)`; returns the file's metadata and the card's path."""
+    out = Path(out)
+    card = card_path(out)
     model, recipe, path = load_run(output_dir, ckpt)
     encoder = model.encoder
     tensors = {k: v.detach().contiguous().cpu() for k, v in encoder.state_dict().items()}
@@ -42,18 +75,33 @@ def export_encoder(output_dir: str | Path, out: str | Path, ckpt: str | Path | N
         "std": str(list(recipe.data.std)),
         "checkpoint": str(path),
     }
-    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out), metadata=metadata)
-    out.with_suffix(".md").write_text(model_card(recipe, metadata, out.name, Path(output_dir) / "eval.json"))
-    return metadata
+    accuracies = _measured(Path(output_dir) / "eval.json", tensors_digest(tensors))
+    if card.exists():
+        print(f"augssl: replacing the model card {card} of an earlier export", file=sys.stderr)
+    card.write_text(model_card(recipe, metadata, out.name, accuracies))
+    return {**metadata, "card": str(card)}
 
 
-def model_card(recipe: Recipe, metadata: dict[str, str], weights: str, eval_file: Path) -> str:
-    """A Markdown model card (Hugging Face style front matter) for the exported weights."""
+def _measured(eval_file: Path, digest: str) -> str | None:
+    """The line of `eval_file`'s accuracies if they were measured on the encoder whose digest is `digest`."""
+    try:
+        report = json.loads(eval_file.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(report, dict) or report.get("encoder_blake2b") != digest:
+        return None  # another checkpoint's (or from before eval recorded the encoder)
+    protocols = ", ".join(report.get("protocol", {}))
+    return f"test accuracy (`augssl eval`, {protocols}): {json.dumps(report.get('accuracies'))}"
+
+
+def model_card(recipe: Recipe, metadata: dict[str, str], weights: str, accuracies: str | None) -> str:
+    """A Markdown model card (Hugging Face style front matter) for the exported weights; `accuracies`:
+    the line of `augssl eval`'s accuracies of these weights, if any."""
     plugins = ", ".join(recipe.plugins)
     timm_model = metadata.get("timm_model")
-    lines = ["---", f"library_name: {'timm' if timm_model else 'pytorch'}", "tags: [self-supervised, augssl]", "---"]
+    lines = ["---", f"library_name: {'timm' if timm_model else 'pytorch'}", CARD_TAGS, "---"]
     lines += [
         f"# {metadata.get('arch', 'encoder')} pretrained with augssl ({plugins})",
         "",
@@ -63,10 +111,11 @@ def model_card(recipe: Recipe, metadata: dict[str, str], weights: str, eval_file
         f"- normalisation: mean {metadata['mean']}, std {metadata['std']}",
         f"- features: {metadata['num_features']}-d pooled; checkpoint `{metadata['checkpoint']}`",
     ]
-    if eval_file.is_file():
-        report = json.loads(eval_file.read_text())
-        protocols = ", ".join(report.get("protocol", {}))
-        lines.append(f"- test accuracy (`augssl eval`, {protocols}): {json.dumps(report.get('accuracies'))}")
+    lines.append(
+        f"- {accuracies}"
+        if accuracies
+        else f"- test accuracy: not measured on this checkpoint (`augssl eval --checkpoint {metadata['checkpoint']}`)"
+    )
     lines += ["", "## Loading", "", "```python"]
     if timm_model:
         kwargs = "".join(f", {k}={v!r}" for k, v in json.loads(metadata["timm_kwargs"]).items())

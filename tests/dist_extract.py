@@ -20,3 +20,4 @@ if __name__ == "__main__":
     capped = extract(model, recipe.eval.test, recipe, batch_size=16, num_workers=2, max_samples=40)
     if PartialState().is_main_process:
         torch.save({"train": features, "capped": capped}, sys.argv[2])
+    torch.distributed.destroy_process_group()  # as augssl eval does: gloo may abort an exit with it up

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +19,7 @@ from framework.eval import crop_and_flip, extract, fit_linear, fit_sgd_linear, k
 from framework.logging import read_metrics
 from framework.recipe.loading import RecipeError, validate
 from framework.testing import run_steps, tiny_recipe
-from tests.helpers import LAUNCH, asset_samples, ddp_args
+from tests.helpers import LAUNCH, asset_samples, ddp_args, one_line
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -55,6 +57,21 @@ def test_sgd_linear_protocol_reextracts_features_each_epoch():
 
     assert fit_sgd_linear(x[:1500], y[:1500], x[1500:], y[1500:], epochs=4, reextract=reextract) > 0.97
     assert seen == [1, 2, 3]
+
+
+@pytest.mark.parametrize("fit", [fit_linear, lambda *args: fit_sgd_linear(*args, epochs=3)], ids=["fast", "linear"])
+def test_linear_classifiers_ignore_the_global_rng_and_dimensions_constant_over_the_train_set(fit):
+    """The attack of a raw-pixel border: 8 dimensions constant over the train images but not the test ones
+    (scaled by a clamped std of 1e-6 they dwarfed every other input, times weights only the initial
+    draw set), and another global RNG state (what 1 and N processes reach differently): the same accuracy."""
+    x, y, _ = _blobs()
+    train = torch.cat([x[:1500], torch.full((1500, 8), 0.3)], 1)
+    test = torch.cat([x[1500:], torch.randn(500, 8, generator=torch.Generator().manual_seed(1))], 1)
+    torch.manual_seed(0)
+    plain = fit(x[:1500], y[:1500], x[1500:], y[1500:])
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        assert fit(train, y[:1500], test, y[1500:]) == plain > 0.97
 
 
 def test_knn_separable_classes_and_shuffled_labels():
@@ -165,7 +182,11 @@ def test_eval_under_accelerate_launch_matches_one_process(tmp_path, fmnist_shard
     proc = _launch("launch/evaluate.py", str(out), "--protocol", "all", "--epochs", "3")
     assert proc.stdout.count("frozen-feature classifiers, test accuracy (192 train / 96 test images)") == 1
     two = json.loads((out / "eval.json").read_text())
-    for p in ("fast", "linear", "knn"):  # same features, same order: at most one test image (1/96) apart
+    # The classifiers are functions of their inputs alone (zero start, no amplified constant pixel), and the
+    # gathered pixels are bit-identical. Features agree to ~1e-6, not bitwise (each rank encodes other batch
+    # compositions), and this process may run another thread count than the launched ones (sums in another
+    # order): a test image whose margin is within that rounding may flip, at most one of 96.
+    for p in ("fast", "linear", "knn"):
         assert abs(two["accuracies"][p] - one["accuracies"][p]) <= 1 / 96 + 1e-9, p
         assert abs(two["raw_pixels_accuracies"][p] - one["raw_pixels_accuracies"][p]) <= 1 / 96 + 1e-9, p
 
@@ -191,3 +212,45 @@ def test_online_knn_needs_eval_shards(tmp_path, fmnist_shards):
     del recipe["eval"]["test"]
     with pytest.raises(RecipeError, match="eval.knn_every needs eval.train and eval.test"):
         validate(recipe)
+
+
+def _run_on(tmp_path, fmnist_shards, test_spec: str):
+    recipe = tiny_recipe(tmp_path, fmnist_shards, eval={"test": test_spec}, train={"checkpoint_every": 2})
+    return run_steps(recipe, steps=2)
+
+
+@pytest.mark.parametrize("manifest", [True, False], ids=["with its manifest", "without"])
+@pytest.mark.slow
+def test_eval_refuses_test_shards_that_gave_fewer_samples_than_they_hold(tmp_path, fmnist_shards, manifest):
+    """A test shard cut short: the stream reads the records before the cut and counts the shard as bad.
+    Evaluation compares what it read with the manifest (without one: the bad count) and refuses in one
+    line instead of reporting an accuracy on part of the test set."""
+    shards = tmp_path / "shards"
+    shutil.copytree(Path(fmnist_shards["test"]).parent, shards)
+    cut = shards / "test-000002.tar"
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2 + 100])
+    if not manifest:
+        (shards / "test.json").unlink()
+    out = _run_on(tmp_path, fmnist_shards, str(shards / "test-{000000..000003}.tar"))
+    error = one_line([out], script="evaluate.py")
+    listed = " of the 96 their manifests list" if manifest else ""
+    assert re.fullmatch(
+        rf"augssl: error: eval\.test: read (\d+) samples{listed}; 1 bad shard\(s\) or record\(s\), last: .*", error
+    )
+    assert int(re.search(r"read (\d+)", error)[1]) < 96 and str(cut) in error and "leave it out of eval.test" in error
+    assert not (out / "eval.json").exists()
+
+
+@pytest.mark.slow
+def test_eval_refuses_test_shards_without_labels(tmp_path, fmnist_shards):
+    from framework.data import Sample, write_shards
+
+    unlabelled = (Sample(s.key, s.image, -1) for s in asset_samples("test"))
+    spec = write_shards(unlabelled, str(tmp_path / "u" / "test-%06d.tar"), maxcount=48)["pattern"]
+    out = _run_on(tmp_path, fmnist_shards, str(tmp_path / "u" / spec))
+    error = one_line([out], script="evaluate.py")
+    assert error == (
+        f"augssl: error: eval.test: no labels in {tmp_path / 'u' / spec} (no record has a .cls of 0 or more); "
+        "give labelled shards"
+    )
+    assert not (out / "eval.json").exists()

@@ -1,18 +1,24 @@
-"""`augssl export`: the encoder loads strictly into a plain torchvision ResNet and gives the same features."""
+"""`augssl export`: the encoder loads strictly into a plain torchvision ResNet and gives the same features; its
+model card never takes the weights' path nor replaces a file augssl did not write, and shows only the
+accuracies measured on the exported encoder."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
+import pytest
 import torch
 import torchvision
 from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
-from framework.checkpoint import load_run
-from framework.cli import main
+from framework.checkpoint import complete_checkpoints, load_run
+from framework.cli import eval_main, main
 from framework.testing import run_steps, tiny_recipe, tiny_shards
+from tests.helpers import AUGSSL_CLI, ENV, ROOT, one_line
 
 
 def test_exported_resnet18_loads_into_torchvision_strictly(tmp_path, capsys):
@@ -43,3 +49,70 @@ def test_exported_resnet18_loads_into_torchvision_strictly(tmp_path, capsys):
     x = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(net.eval()(x), model.encode(x).h)
+
+
+@pytest.fixture
+def two_checkpoints(tmp_path, fmnist_shards):
+    """A run folder with checkpoints at steps 1 and 2."""
+    out = run_steps(tiny_recipe(tmp_path, fmnist_shards, train={"checkpoint_every": 1, "log_with": []}), steps=2)
+    assert [p.name for p in complete_checkpoints(out)] == ["step_00000001", "step_00000002"]
+    return out
+
+
+@pytest.mark.slow
+def test_the_model_card_never_takes_the_weights_path_nor_replaces_a_file_augssl_did_not_write(
+    two_checkpoints, tmp_path
+):
+    out = two_checkpoints
+    weights = tmp_path / "encoder.safetensors"
+    notes = weights.with_suffix(".md")  # the card's path
+    error = one_line(["export", out, "--out", notes], script="augssl")
+    assert error == (
+        f"augssl: error: --out {notes}: the model card goes beside the weights as <name>.md; "
+        f"give the weights another name, e.g. --out {weights}"
+    )
+    assert not notes.exists()
+    notes.write_text("# my notes on this encoder\n")
+    error = one_line(["export", out, "--out", weights], script="augssl")
+    assert error.endswith(f"{notes} exists and is not a model card augssl wrote; move it, or give --out another name")
+    assert notes.read_text() == "# my notes on this encoder\n" and not weights.exists()
+
+    notes.unlink()
+    for again in (False, True):  # an earlier export's card is replaced, with one line
+        proc = subprocess.run(
+            [sys.executable, "-c", AUGSSL_CLI, "export", str(out), "--out", str(weights)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=ENV,
+            cwd=ROOT,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert json.loads(proc.stdout)["card"] == str(notes) and load_file(weights)
+        replaced = [line for line in proc.stderr.splitlines() if line.startswith("augssl:")]
+        assert replaced == ([f"augssl: replacing the model card {notes} of an earlier export"] if again else [])
+        assert notes.read_text().startswith("---\nlibrary_name: pytorch\ntags: [self-supervised, augssl]\n---\n")
+
+
+def test_the_model_card_shows_only_accuracies_measured_on_the_exported_encoder(two_checkpoints, tmp_path, capsys):
+    out = two_checkpoints
+    older, newest = complete_checkpoints(out)
+    weights = tmp_path / "encoder.safetensors"
+    card = weights.with_suffix(".md")
+
+    def export(ckpt=newest) -> str:
+        main(["export", str(out), "--out", str(weights), "--checkpoint", str(ckpt)])
+        return card.read_text()
+
+    eval_main([str(out), "--checkpoint", str(older)])  # eval.json holds the older checkpoint's accuracies
+    report = json.loads((out / "eval.json").read_text())
+    measured = f"test accuracy (`augssl eval`, fast): {json.dumps(report['accuracies'])}"
+    text = export()
+    assert measured not in text and f"not measured on this checkpoint (`augssl eval --checkpoint {newest}`)" in text
+    assert measured in export(older)
+    del report["encoder_blake2b"]  # an eval.json from before eval recorded the encoder it measured
+    (out / "eval.json").write_text(json.dumps(report))
+    assert "test accuracy: not measured" in export(older)
+    eval_main([str(out)])
+    report = json.loads((out / "eval.json").read_text())
+    assert f"test accuracy (`augssl eval`, fast): {json.dumps(report['accuracies'])}" in export()

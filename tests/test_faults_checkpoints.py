@@ -1,25 +1,30 @@
 """Attacks on a run folder and its checkpoints, each with real processes and real files: a second
 run on a busy folder, a stale lock, resume=never/fresh, an incompatible recipe, damaged, truncated
-and missing checkpoint files, stray folders, a full disk during a save, bad paths; and a
-2-process run that checkpoints, verifies and falls back."""
+and missing checkpoint files, stray folders, a full disk during a save, bad paths; a 2-process run
+that checkpoints, verifies and falls back; and `augssl eval` / `augssl export` reading a damaged
+checkpoint, one with non-finite weights, and one pruned by the run training in the folder."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
+import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from safetensors.torch import load_file, save_file
 
 from framework import checkpoint, runfolder
 from framework.logging import read_metrics
 from framework.testing import run_steps, tiny_recipe, write_recipe
-from tests.helpers import ENV, LAUNCH, ROOT, ddp_args, final_weights
+from tests.helpers import AUGSSL_CLI, ENV, LAUNCH, ROOT, ddp_args, final_weights, one_line
 
 TRAIN = ROOT / "launch" / "train.py"
 
@@ -301,3 +306,130 @@ def test_two_processes_checkpoint_with_checksums_fall_back_and_stop_together_on_
     assert proc.returncode != 0 and len(errors) == 1, proc.stderr[-3000:]
     assert f"{out} is in use by another run (pid {os.getpid()} on" in errors[0]
     assert checkpoint.complete_checkpoints(out)[-1].name == "step_00000003"
+
+
+# ---------------------------------------------------------------------------
+# The read side: augssl eval and augssl export
+# ---------------------------------------------------------------------------
+
+
+def augssl(*args) -> subprocess.CompletedProcess:
+    """The `augssl` command, run to its end."""
+    cmd = [sys.executable, "-c", AUGSSL_CLI, *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=ENV, cwd=ROOT)
+
+
+def notes(proc: subprocess.CompletedProcess) -> list[str]:
+    """The `augssl:` lines a successful command printed on stderr."""
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [line for line in proc.stderr.splitlines() if line.startswith("augssl:")]
+
+
+@pytest.mark.slow
+def test_eval_and_export_read_the_previous_checkpoint_past_a_damaged_newest_and_stop_on_a_damaged_explicit_one(
+    trained, tmp_path
+):
+    _, out = trained
+    previous, newest = checkpoint.complete_checkpoints(out)
+    why = damage(newest, "random bytes")
+    note = f"augssl: checkpoint {newest} is damaged ({why}): reading {previous.name} instead"
+    proc = augssl("export", out, "--out", tmp_path / "encoder.safetensors")
+    assert notes(proc) == [note] and json.loads(proc.stdout)["checkpoint"] == str(previous)
+    proc = augssl("eval", out)
+    assert notes(proc) == [note] and json.loads((out / "eval.json").read_text())["checkpoint"] == str(previous)
+    report = (out / "eval.json").read_bytes()
+
+    refusal = f"--checkpoint {newest} is damaged ({why}); give another checkpoint, or leave --checkpoint out for"
+    assert refusal in one_line(["eval", out, "--checkpoint", newest], script="augssl")
+    assert refusal in one_line(["export", out, "--checkpoint", newest, "--out", tmp_path / "e.st"], script="augssl")
+    damage(previous, "truncated")  # its optimizer state: the model it holds is intact, and read
+    assert notes(augssl("export", out, "--out", tmp_path / "e.st")) == [
+        f"augssl: checkpoint {newest} is damaged ({why}): reading {previous.name} instead"
+    ]
+    damage(previous, "random bytes")
+    error = one_line(["eval", out], script="augssl")
+    assert error.startswith(
+        f"augssl: error: every checkpoint in {out / 'checkpoints'} is damaged (newest step_00000003: {why})"
+    ), error
+    assert (out / "eval.json").read_bytes() == report, "kept"
+    assert sorted(p.name for p in out.joinpath("checkpoints").iterdir()) == [previous.name, newest.name], "no rename"
+
+
+def nan_in_encoder(ckpt) -> str:
+    """Write a NaN into the encoder's first weight of checkpoint `ckpt`, checksums rewritten to match (as a
+    run that committed a non-finite step would have saved it); returns that tensor's name in the encoder."""
+    weights = load_file(ckpt / checkpoint.WEIGHTS_FILE)
+    name = next(k for k in weights if k.startswith("plugins.backbones.encoder.") and k.endswith("weight"))
+    weights[name].view(-1)[0] = math.nan
+    save_file(weights, str(ckpt / checkpoint.WEIGHTS_FILE), metadata={"format": "pt"})
+    checkpoint.write_checksums(ckpt)
+    return name.removeprefix("plugins.backbones.encoder.")
+
+
+@pytest.mark.slow
+def test_eval_and_export_refuse_an_encoder_with_non_finite_weights_naming_the_checkpoint_and_tensor(trained, tmp_path):
+    _, out = trained
+    newest = checkpoint.complete_checkpoints(out)[-1]
+    name = nan_in_encoder(newest)
+    assert checkpoint.verify(newest) is None, "intact on disk: its numbers are what is wrong"
+    refusal = f"augssl: error: checkpoint {newest}: the encoder's {name} holds non-finite values (1 NaN, 0 infinite"
+    assert one_line(["export", out, "--out", tmp_path / "encoder.safetensors"], script="augssl").startswith(refusal)
+    assert one_line(["eval", out], script="augssl").startswith(refusal)
+    assert not list(tmp_path.glob("encoder*")) and not (out / "eval.json").exists(), "nothing written"
+
+
+def test_a_checkpoint_pruned_while_it_is_read_is_no_fault_and_the_newest_is_read(trained, monkeypatch, capsys):
+    """The run training in the folder saves two checkpoints and prunes the one eval reads meanwhile: its
+    files go one by one (the weights first, here), then the folder. Eval reads the newest, and says
+    nothing of damage; a pruned `--checkpoint` stops in one line."""
+    _, out = trained
+    read = checkpoint._read_checked
+    prune: list[Path] = [checkpoint.complete_checkpoints(out)[-1]]  # the next to go while it is read
+
+    def pruned_meanwhile(path):
+        if path in prune:
+            prune.remove(path)
+            step = int(path.name.removeprefix("step_"))
+            for saved in (step + 1, step + 2):
+                shutil.copytree(path, path.with_name(f"step_{saved:08d}"))
+            (path / checkpoint.WEIGHTS_FILE).unlink()
+            threading.Timer(0.5, shutil.rmtree, [path]).start()
+        return read(path)
+
+    monkeypatch.setattr(checkpoint, "_read_checked", pruned_meanwhile)
+    assert checkpoint.load_run(out)[2].name == "step_00000005"
+    assert "damaged" not in capsys.readouterr().err
+    newest = checkpoint.complete_checkpoints(out)[-1]
+    prune.append(newest)
+    with pytest.raises(checkpoint.CheckpointError, match=f"--checkpoint {newest} went away while it was read"):
+        checkpoint.load_run(out, newest)
+
+
+@pytest.mark.slow
+def test_eval_reads_a_folder_while_its_run_saves_and_prunes_a_checkpoint_every_step(tmp_path, fmnist_shards):
+    """A real run saving every step and keeping one checkpoint, read again and again meanwhile: every
+    read gives a model (before, a read failed within seconds: a checkpoint pruned between the listing
+    and the read has "no model weights", and a listing that runs into a save's rename sees none)."""
+    recipe = tiny_recipe(
+        tmp_path,
+        fmnist_shards,
+        train={"steps": 400, "checkpoint_every": 1, "keep_checkpoints": 1, "log_every": 100, "log_with": []},
+    )
+    out = tmp_path / "run"
+    trainer = subprocess.Popen(
+        [sys.executable, str(TRAIN), str(write_recipe(tmp_path / "r.yaml", recipe))],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=ENV,
+        cwd=ROOT,
+    )
+    steps = set()
+    try:
+        while trainer.poll() is None:
+            if checkpoint.complete_checkpoints(out):
+                steps.add(checkpoint.load_run(out)[2].name)
+    finally:
+        _, err = trainer.communicate(timeout=300)
+    assert trainer.returncode == 0, err[-3000:]
+    assert len(steps) >= 10, f"read while the run saved: {len(steps)} checkpoints"

@@ -15,7 +15,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from framework.checkpoint import load_run
+from framework.checkpoint import load_run, tensors_digest
 from framework.cli import main
 from framework.logging import read_metrics
 from framework.recipe.loading import RecipeError, validate
@@ -147,7 +147,11 @@ def test_a_vit_run_exports_a_file_timm_loads_with_the_same_features(tmp_path, vi
     `pretrained_cfg_overlay=dict(file=...)`, the model card's strict one) and gives the run's features."""
     plugins = {"backbones": {"encoder": VIT, "latent_dim": None}, "simclr": {}}
     out = run_steps(tiny_recipe(tmp_path, vit_shards, plugins=plugins, size=32, channels=3), steps=2)
-    (out / "eval.json").write_text(json.dumps({"protocol": {"fast": "L-BFGS"}, "accuracies": {"fast": 0.25}}))
+    model, _, _ = load_run(out)
+    measured = {"encoder_blake2b": tensors_digest(model.encoder.state_dict())}  # an eval of this very encoder
+    (out / "eval.json").write_text(
+        json.dumps({"protocol": {"fast": "L-BFGS"}, "accuracies": {"fast": 0.25}, **measured})
+    )
     weights = tmp_path / "export" / "vit.safetensors"
     capsys.readouterr()
     main(["export", str(out), "--out", str(weights)])
@@ -160,7 +164,6 @@ def test_a_vit_run_exports_a_file_timm_loads_with_the_same_features(tmp_path, vi
     assert '(`augssl eval`, fast): {"fast": 0.25}' in card and "img_size=32" in card
 
     file_keys = set(load_file(str(weights)))
-    model, _, _ = load_run(out)
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
         want = model.encode(x).h

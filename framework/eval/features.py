@@ -6,14 +6,17 @@ of the linear protocol's re-extracted features.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate.utils import gather, gather_object, pad_across_processes
 
 from framework.data.pipeline import batch_to_device, clean_x_view
+from framework.data.shards import is_local, shard_urls
 from framework.data.stream import make_loader
 from framework.distributed import process_state
 from framework.model import Model
@@ -45,6 +48,7 @@ def extract(
     transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
     max_samples: int | None = None,
     pixels: bool = True,
+    key: str | None = None,
 ) -> dict[str, torch.Tensor]:
     """Pooled features `h`, raw pixels of the clean view (unless `pixels=False`), and labels of the
     samples in `spec`, sorted by sample key, on this process's device.
@@ -54,6 +58,10 @@ def extract(
     classifier as one process. `max_samples` caps the samples (the first of each rank's share; the
     shard order is fixed, so the subset is the same every call). `transform` (e.g. `crop_and_flip`)
     is applied to each batch of the clean view before encoding.
+
+    `key` (the recipe key of `spec`, e.g. `eval.test`) asks for every sample: ValueError naming it if
+    the shards gave fewer or more than their manifests list (`listed_samples`), or, without
+    manifests, if any shard or record was bad (the stream skips and counts those).
     """
     state = process_state()
     d = recipe.data
@@ -70,7 +78,9 @@ def extract(
     cap = None if max_samples is None else math.ceil(max_samples / state.num_processes)
     dtype = next(model.parameters()).dtype  # bf16 under DeepSpeed's bf16 mode
     parts: dict[str, list] = {"features": [], "labels": [], "keys": [], **({"pixels": []} if pixels else {})}
+    cursors: dict[int, dict[str, Any]] = {}  # each data worker's last: its counts of bad shards and records
     for batch in loader:  # inference only: no autograd graph, BatchNorm in eval mode (the caller's)
+        cursors[batch["cursor"]["worker"]] = batch["cursor"]
         x = batch_to_device(batch, state.device)[0]["x"]
         if transform is not None:
             x = transform(x)
@@ -86,7 +96,45 @@ def extract(
     result = _gather_sorted(local, parts["keys"][:n], state)
     if not len(result["labels"]):
         raise ValueError(f"{spec}: no samples to extract features from")
+    if key is not None:
+        bad = [(c["bad"], c["last_bad"]) for c in cursors.values()]
+        _check_complete(key, spec, len(result["labels"]), gather_object(bad) if state.num_processes > 1 else bad)
     return result
+
+
+def _check_complete(key: str, spec: str, read: int, bad: list[tuple[int, str]]) -> None:
+    """ValueError naming `key` unless `read` samples are what the manifests of `spec` list (without
+    manifests: unless no data worker counted a bad shard or record)."""
+    listed = listed_samples(spec)
+    bad_count, last = sum(n for n, _ in bad), next((what for n, what in bad if n), "")
+    if listed is not None and read == listed:
+        return
+    if listed is None and not bad_count:
+        return
+    got = f"read {read} samples" + (f" of the {listed} their manifests list" if listed is not None else "")
+    why = f"; {bad_count} bad shard(s) or record(s), last: {last}" if bad_count else ""
+    raise ValueError(f"{key}: {got}{why} ({spec}); rewrite the damaged shard (augssl shards), or leave it out of {key}")
+
+
+def listed_samples(spec: str) -> int | None:
+    """The samples that the manifests beside the local shards of `spec` (`write_shards`' `<prefix>.json`
+    files) list for those shards; None when a shard is remote or no manifest lists it."""
+    urls = [url.removeprefix("file://") for url in shard_urls(spec)]
+    if not all(map(is_local, urls)):
+        return None
+    counts: dict[Path, int] = {}
+    for folder in {Path(url).parent for url in urls}:
+        for manifest in folder.glob("*.json"):
+            try:
+                counts.update(
+                    {folder / s["url"]: int(s["samples"]) for s in json.loads(manifest.read_text())["shards"]}
+                )
+            except (OSError, ValueError, KeyError, TypeError):
+                continue  # not a manifest
+    try:
+        return sum(counts[Path(url)] for url in urls)
+    except KeyError:
+        return None
 
 
 def _gather_sorted(local: dict[str, torch.Tensor | None], keys: list[str], state: Any) -> dict[str, torch.Tensor]:

@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from framework.checkpoint import load_run
+from framework.checkpoint import load_run, tensors_digest
 from framework.distributed import process_state
 from framework.eval.classifiers import fit_linear, fit_sgd_linear, knn_accuracy
 from framework.eval.features import crop_and_flip, extract
@@ -60,6 +60,16 @@ def online_knn(model: Model, recipe: Recipe) -> dict[str, float]:
     return {"knn.acc": knn_accuracy(train["features"], train["labels"], test["features"], test["labels"])}
 
 
+def _labelled(samples: dict[str, torch.Tensor], key: str, spec: str) -> dict[str, torch.Tensor]:
+    """`samples`, if every one has a label (not -1, the label of a record without `.cls`); else ValueError."""
+    missing = int((samples["labels"] < 0).sum())
+    if missing == len(samples["labels"]):
+        raise ValueError(f"{key}: no labels in {spec} (no record has a .cls of 0 or more); give labelled shards")
+    if missing:
+        raise ValueError(f"{key}: {missing} of {len(samples['labels'])} samples in {spec} have no label (.cls)")
+    return samples
+
+
 def evaluate(
     output_dir: str | Path,
     ckpt: str | Path | None = None,
@@ -77,20 +87,27 @@ def evaluate(
     fits the same classifiers on all of them, on its device; the main process writes the JSON.
 
     `accuracies[protocol]` (and `raw_pixels_accuracies`) hold each protocol's test accuracy;
-    `accuracy` / `raw_pixels_accuracy` repeat the first protocol's, for older readers.
+    `accuracy` / `raw_pixels_accuracy` repeat the first protocol's, for older readers;
+    `encoder_blake2b` identifies the encoder measured (`augssl export` shows only its accuracies).
+
+    Refused with a ValueError naming `eval.train` or `eval.test`, before eval.json is touched: shards
+    that gave another number of samples than their manifests list (a damaged shard is skipped by
+    the stream), and samples without labels.
     """
     unknown = set(protocols) - set(PROTOCOLS)
     if unknown or not protocols:
         raise ValueError(f"protocols {sorted(unknown) or '[]'}: choose from {', '.join(PROTOCOLS)}")
     start = time.perf_counter()
     model, recipe, path = load_run(output_dir, ckpt)
+    encoder_digest = tensors_digest(model.encoder.state_dict())
     model.to(process_state().device)
     train_spec, test_spec = recipe.eval.train, recipe.eval.test
     if not (train_spec and test_spec):
         raise ValueError(f"{path}/recipe.yaml: eval.train and eval.test (labelled shards) are needed")
     torch.manual_seed(0)
     train, test = (
-        extract(model, spec, recipe, recipe.eval.batch_size, pixels=baseline) for spec in (train_spec, test_spec)
+        _labelled(extract(model, spec, recipe, recipe.eval.batch_size, pixels=baseline, key=key), key, spec)
+        for key, spec in (("eval.train", train_spec), ("eval.test", test_spec))
     )
 
     def reextract(epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -130,6 +147,7 @@ def evaluate(
     result: dict[str, Any] = {
         "protocol": {p: descriptions[p] for p in protocols},
         "checkpoint": str(path),
+        "encoder_blake2b": encoder_digest,  # what augssl export compares before it shows these accuracies
         "dataset": {"train": recipe.eval.train, "test": recipe.eval.test},
         "train_samples": len(train["labels"]),
         "test_samples": len(test["labels"]),
