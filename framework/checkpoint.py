@@ -104,6 +104,37 @@ def find_resume(output_dir: str | Path, resume: str) -> Path | None:
     return path
 
 
+def saved_step(path: Path) -> int:
+    """The step checkpoint `path` holds (its state file's)."""
+    return int(json.loads((path / STATE_FILE).read_text())["step"])
+
+
+def finite_weights(path: Path) -> bool:
+    """Whether every floating-point tensor of checkpoint `path`'s weights is finite (read back)."""
+    import torch
+
+    weights = model_weights_file(path)
+    if weights.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(weights), "pt") as f:
+            tensors = (f.get_tensor(name) for name in f.keys())  # one at a time
+            return all(torch.isfinite(t).all() for t in tensors if t.is_floating_point())
+    state = torch.load(weights, map_location="cpu", weights_only=True)
+    return all(torch.isfinite(t).all() for t in state.values() if t.is_floating_point())
+
+
+def last_good(output_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint that is intact (`verify`) and whose weights are all finite: the
+    one to go back to after a run went non-finite (a checkpoint from before augssl checked the weights
+    it writes may hold NaN)."""
+    for path in reversed(complete_checkpoints(output_dir)):
+        with contextlib.suppress(Exception):  # unreadable weights are not good ones
+            if verify(path) is None and finite_weights(path):
+                return path
+    return None
+
+
 def _relative_files(folder: Path) -> list[str]:
     """Every file of a checkpoint folder (recursively) except the two written after the checksums."""
     return sorted(
@@ -242,8 +273,10 @@ def save(
     step: int,
     position: StreamPosition,
     extra: dict[str, Any] | None = None,
+    keep: Path | None = None,
 ) -> Path:
-    """Write checkpoint `step` from every rank; returns its final path."""
+    """Write checkpoint `step` from every rank; returns its final path. Then all but the newest
+    `train.keep_checkpoints` are removed, except `keep` (the checkpoint an explicit `train.resume` named)."""
     root = checkpoint_root(recipe.output_dir)
     final = root / f"step_{step:08d}"
     tmp = final.with_name(final.name + ".tmp")
@@ -277,7 +310,8 @@ def save(
             error = _os_error(exc)
         else:
             for old in complete_checkpoints(recipe.output_dir)[: -recipe.train.keep_checkpoints]:
-                shutil.rmtree(old, ignore_errors=True)
+                if keep is None or old.resolve() != keep.resolve():
+                    shutil.rmtree(old, ignore_errors=True)
     _agree(accelerator, error, tmp, recipe.output_dir)
     return final
 

@@ -226,17 +226,38 @@ def _decided(accelerator: Accelerator, decide: Callable[[], tuple[Any, Any]]) ->
 # ---------------------------------------------------------------------------
 
 
-def move_aside(out: Path) -> Path | None:
-    """Move everything in `out` (but the lock and earlier moved runs) to `out/previous/<time>/`."""
-    entries = [p for p in out.iterdir() if p.name not in (LOCK_FILE, PREVIOUS)]
-    if not entries:
-        return None
+def _previous(out: Path) -> Path:
+    """A new, empty `out/previous/<time>/`."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
     dest, n = out / PREVIOUS / stamp, 1
     while dest.exists():
         dest, n = out / PREVIOUS / f"{stamp}-{n}", n + 1
     dest.mkdir(parents=True)
+    return dest
+
+
+def move_aside(out: Path) -> Path | None:
+    """Move everything in `out` (but the lock and earlier moved runs) to `out/previous/<time>/`."""
+    entries = [p for p in out.iterdir() if p.name not in (LOCK_FILE, PREVIOUS)]
+    if not entries:
+        return None
+    dest = _previous(out)
     for p in entries:
+        p.rename(dest / p.name)
+    return dest
+
+
+def move_later_checkpoints(out: Path, start: Path) -> Path | None:
+    """Move the complete checkpoints of `out` at a later step than `start` (those of the branch a run
+    resumed from `start` abandons) to `out/previous/<time>/checkpoints/`, where `train.resume: auto`,
+    eval and export no longer take them for the newest (and `--checkpoint` still reads them)."""
+    step = checkpoint.saved_step(start)
+    later = [p for p in checkpoint.complete_checkpoints(out) if int(p.name.removeprefix("step_")) > step]
+    if not later:
+        return None
+    dest = checkpoint.checkpoint_root(_previous(out))
+    dest.mkdir()
+    for p in later:
         p.rename(dest / p.name)
     return dest
 
@@ -370,8 +391,10 @@ def _newest_intact(out: Path) -> Path | None:
 def resume_point(accelerator: Accelerator, recipe: Recipe, model: Model, lock: RunLock | None) -> Path | None:
     """The checkpoint this run continues (None: from step 0), the same on every rank.
 
-    Rank 0 picks it (`auto`: the newest intact one), checks this recipe may continue it, and
-    only then writes the folder's `recipe.yaml`. `lock` is `open_run`'s (held by the caller).
+    Rank 0 picks it (`auto`: the newest intact one), checks this recipe may continue it, moves
+    the folder's later checkpoints aside when an explicit path goes back to an older one (a branch:
+    the abandoned later steps must not pass for the newest), and only then writes the folder's
+    `recipe.yaml`. `lock` is `open_run`'s (held by the caller).
     """
     from framework.recipe.loading import write_resolved
 
@@ -382,6 +405,9 @@ def resume_point(accelerator: Accelerator, recipe: Recipe, model: Model, lock: R
         path = _newest_intact(out) if resume == "auto" else checkpoint.find_resume(out, resume)
         if path is not None:
             check_compatible(path, recipe, model)
+        if path is not None and resume != "auto" and (moved := move_later_checkpoints(out, path)) is not None:
+            names = ", ".join(p.name for p in sorted(moved.iterdir()))
+            print(f"augssl: train.resume={resume}: moved the later checkpoints ({names}) to {moved}", flush=True)
         write_resolved(recipe, out / "recipe.yaml")
         return None, None if path is None else str(path)
 

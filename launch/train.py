@@ -5,6 +5,9 @@
 
 Runs as one process under `python`, or as every process of an `accelerate launch`
 (DDP or DeepSpeed, one node or many). See README.md for the multi-GPU commands.
+With `AUGSSL_EXIT_STATUS_FILE` set, rank 0 writes its exit status there (75: stopped on a
+signal after a checkpoint), which `accelerate launch` does not pass on: see
+launch/slurm/pretrain.sbatch.
 """
 
 import sys
@@ -13,6 +16,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout without install
 
 from framework.cli import train_main  # noqa: E402
+from framework.preemption import exit_status_file  # noqa: E402
 
 if __name__ == "__main__":
-    train_main(sys.argv[1:])
+    with exit_status_file():
+        train_main(sys.argv[1:])

@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from framework import distributed, hookimpl  # noqa: E402
 from framework.cli import train_or_exit  # noqa: E402
+from framework.preemption import exit_status_file  # noqa: E402
 from framework.recipe.loading import load_recipe  # noqa: E402
 from tests.helpers import DumpWeights  # noqa: E402
 
@@ -68,4 +69,5 @@ class NaNOnRank:
 if __name__ == "__main__":
     extra = {"dump": DumpWeights(), "nan": NaNOnRank()}
     recipe, hooks = load_recipe(sys.argv[1], sys.argv[2:], extra_plugins=extra)
-    train_or_exit(recipe, hooks)
+    with exit_status_file():  # as launch/train.py
+        train_or_exit(recipe, hooks)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from framework import checkpoint, hookimpl
 from framework.engine import TrainingError
@@ -79,6 +81,44 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path, fmnist_shards)
         run_steps(recipe, steps=10, extra_plugins={"nan": NaNAfter(start=2)})
     out = tmp_path / "run"
     assert checkpoint.find_resume(out, "auto").name == "step_00000002", "the last good checkpoint is kept"
+
+
+class NaNGradAt:
+    """At step `at` (0-based) a term that is 0 but whose gradient is NaN (d sqrt(u)/du at u = 0 is inf,
+    times 0): a finite loss whose update fills the weights with NaN."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    @hookimpl
+    def regularize(self, ctx):
+        h = ctx.encode("x").h
+        return {"nan_grad": torch.sqrt((h * 0).sum()) if ctx.step == self.at else (h * 0).sum()}
+
+
+def test_a_step_that_leaves_a_weight_non_finite_stops_the_run_at_the_next_vote(tmp_path, fmnist_shards):
+    """No checkpoint is due: the next step's vote carries the flag, and the run stops naming the tensor
+    (it used to skip 10 NaN losses of the NaN weights first, and to checkpoint them when one was due)."""
+    recipe = tiny_recipe(tmp_path, fmnist_shards, train={"checkpoint_every": 1000})
+    with pytest.raises(TrainingError, match=r"^step 2 left \S+ non-finite \(.*; last good checkpoint: None$"):
+        run_steps(recipe, steps=5, extra_plugins={"nan": NaNGradAt(1)})
+    assert not checkpoint.complete_checkpoints(tmp_path / "run")
+
+
+def test_the_last_good_checkpoint_is_an_intact_one_whose_weights_are_finite(tmp_path, fmnist_shards):
+    """step_2 is intact but holds NaN weights (as one written before augssl checked them): the run
+    resumed from it skips its NaN losses and stops naming step_1, not step_2, as the last good one."""
+    recipe = tiny_recipe(tmp_path, fmnist_shards, train={"checkpoint_every": 1, "max_bad_steps": 2})
+    out = run_steps(recipe, steps=2)
+    one, two = checkpoint.complete_checkpoints(out)
+    weights = load_file(two / checkpoint.WEIGHTS_FILE)
+    nan = {k: v * math.nan if v.is_floating_point() else v for k, v in weights.items()}
+    save_file(nan, two / checkpoint.WEIGHTS_FILE, {"format": "pt"})
+    checkpoint.write_checksums(two)
+    assert checkpoint.verify(two) is None
+    with pytest.raises(TrainingError, match=rf"in a row at step 2; last good checkpoint: {re.escape(str(one))}$"):
+        run_steps(recipe, steps=4)
+    assert not checkpoint.finite_weights(two) and checkpoint.finite_weights(one)
 
 
 def test_lr_schedule():

@@ -148,6 +148,58 @@ def test_an_incompatible_recipe_is_refused_naming_the_key_and_recipe_yaml_is_kep
     assert yaml.safe_load((out / "recipe.yaml").read_text())["train"]["lr"] == 0.002, "allowed changes are taken"
 
 
+@pytest.mark.slow
+def test_resuming_an_older_checkpoint_moves_the_later_ones_aside_and_never_prunes_its_start(tmp_path, fmnist_shards):
+    """A run of 9 steps keeps step_6 and step_9; `train.resume=<run>/checkpoints/step_6` with 8 steps
+    used to prune step_6 itself at its next save and keep the abandoned step_9, which auto-resume,
+    eval and export then took for the newest. Now step_9 goes to previous/<time>/checkpoints/, and
+    step_6 is kept even with train.keep_checkpoints=1."""
+    recipe = tiny_recipe(tmp_path, fmnist_shards, train={"steps": 9, "checkpoint_every": 3, "log_with": []})
+    path, out = write_recipe(tmp_path / "r.yaml", recipe), tmp_path / "run"
+    assert train([path]).returncode == 0
+    root = checkpoint.checkpoint_root(out)
+    six, nine = root / "step_00000006", root / "step_00000009"
+    assert checkpoint.complete_checkpoints(out) == [six, nine]
+    abandoned = snapshot(nine)
+    proc = train([path, f"train.resume={six}", "train.steps=8", "train.checkpoint_every=1", "train.keep_checkpoints=1"])
+    assert proc.returncode == 0 and f"resumed from {six} at step 6" in proc.stdout, proc.stderr[-3000:]
+    (moved,) = (out / runfolder.PREVIOUS).iterdir()
+    assert f"augssl: train.resume={six}: moved the later checkpoints (step_00000009) to {moved / 'checkpoints'}" in (
+        proc.stdout
+    )
+    assert snapshot(moved / "checkpoints" / nine.name) == abandoned, "the abandoned branch, whole"
+    assert checkpoint.complete_checkpoints(out) == [six, root / "step_00000008"], "its start is never pruned"
+    assert checkpoint.find_resume(out, "auto").name == "step_00000008", "what eval, export and auto take"
+    proc = train([path, "train.steps=10"])
+    assert proc.returncode == 0 and f"resumed from {root / 'step_00000008'} at step 8" in proc.stdout
+
+
+@pytest.mark.slow
+def test_a_step_that_leaves_a_weight_non_finite_is_never_checkpointed(trained):
+    """Step 4's loss is finite but its gradients are NaN (tests/dist_train.py's `AUGSSL_TEST_NAN=0:0:grad`,
+    as an overflow in backward gives), so its update fills the weights with NaN. With a checkpoint due
+    at every step, step 4's used to be written with them (and named "last good" 10 skipped steps
+    later). Now the run stops at that checkpoint, one line, exit 1, naming the tensor and the last
+    good (finite) checkpoint; nothing of step 4 is written."""
+    path, out = trained
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "dist_train.py"), str(path), "train.steps=8"],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env={**ENV, "AUGSSL_TEST_NAN": "0:0:grad"},
+        cwd=ROOT,
+    )
+    newest = checkpoint.complete_checkpoints(out)[-1]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("augssl: error: ")]
+    assert proc.returncode == 1 and len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert errors[0].startswith("augssl: error: step 4 left ") and errors[0].endswith(
+        "non-finite (non-finite gradients, or a train.lr / weight_decay too large for its dtype): it is not "
+        f"checkpointed; last good checkpoint: {newest}"
+    ), errors[0]
+    assert newest.name == "step_00000003" and checkpoint.finite_weights(newest)
+
+
 def damage(ckpt, how: str) -> str:
     """Damage one file of a checkpoint; returns what verify should say."""
     if how == "random bytes":

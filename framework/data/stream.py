@@ -19,13 +19,17 @@ Faults end as counts or as one line, never as a hang: an unreadable shard (empty
 damaged, truncated; remote: no answer, HTTP 5xx, a failing `pipe:` command, no byte for
 `timeout_seconds`, after `retries` retries with exponential backoff) is skipped and counted as a
 bad record; a worker without a good record for `stall_seconds`, or with every shard bad two epochs
-in a row, raises `DataError`; a data worker whose trainer has died exits (`_Guard`).
+in a row, raises `DataError`; a data worker whose trainer has died exits (`_Guard`); a trainer whose
+data worker has died (the out-of-memory killer's SIGKILL) learns it at its next batch
+(`batches`: `DataWorkerDied`, one line naming the worker); a batch larger than the shards hold is
+refused before anything starts (`check_batch`).
 """
 
 from __future__ import annotations
 
 import atexit
 import http.client
+import json
 import multiprocessing.util  # before atexit.register(_stop_data_workers): see there
 import os
 import random
@@ -42,7 +46,7 @@ from typing import Any, Literal, Protocol
 
 import torch
 import webdataset as wds
-from torch.utils.data import IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from framework.data.pipeline import BadRecord, SampleToViews, collate
 from framework.data.shards import BadShard, is_local, shard_urls, tar_records
@@ -65,6 +69,10 @@ class DataError(ValueError):
         if "\nOriginal Traceback" in message:
             message = message.rstrip().rsplit("\n", 1)[-1].split(": ", 1)[-1]
         super().__init__(message)
+
+
+class DataWorkerDied(RuntimeError):
+    """A data worker of this rank's loader died (killed by a signal, or exited): one line naming it."""
 
 
 class _Orphaned(BaseException):
@@ -455,6 +463,81 @@ def _stop_data_workers() -> None:
 atexit.register(_stop_data_workers)  # after multiprocessing.util's import registered its own: runs first
 
 
+def _death(rank: int, worker: int, pid: int | None, exitcode: int) -> str:
+    """One line: which data worker died, how, and what likely killed it."""
+    if exitcode < 0 and -exitcode == signal.SIGKILL:
+        how = (
+            "was killed by SIGKILL, most likely by the out-of-memory killer (the kernel's log or the job's "
+            "memory accounting says so): lower data.batch_size, data.shuffle_buffer or data.num_workers, "
+            "or give the job more memory"
+        )
+    elif exitcode < 0:
+        how = f"was killed by {signal.Signals(-exitcode).name}"
+    else:
+        how = f"exited with status {exitcode}"
+    return f"rank {rank}, data worker {worker} (pid {pid}) {how}"
+
+
+def batches(loader: Iterable[dict[str, Any]], rank: int = 0) -> Iterator[dict[str, Any]]:
+    """The batches of a `make_loader` loader; a data worker that dies raises `DataWorkerDied` here.
+
+    torch's DataLoader installs a SIGCHLD handler that raises its error wherever the main thread is
+    when a worker dies: in a forward, in an optimizer step, in a checkpoint's write. It is set back
+    to the default (for the rest of the process) once the workers run, so a death shows where the
+    trainer can act on it: its wait for the next batch, which finds a dead worker within 5 s
+    (torch's `MP_STATUS_CHECK_INTERVAL`) and is turned into one line naming the worker here.
+    """
+    pipeline = getattr(loader, "pipeline", [])  # a WebLoader(batch_size=None) is its DataLoader
+    dataloader = pipeline[0] if len(pipeline) == 1 and isinstance(pipeline[0], DataLoader) else loader
+    it = iter(dataloader)
+    if getattr(dataloader, "num_workers", 0) and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    while True:
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        except RuntimeError:
+            workers = getattr(it, "_workers", [])  # torch's worker processes, by worker id
+            dead = [(i, w) for i, w in enumerate(workers) if not w.is_alive() and w.exitcode]
+            if not dead:
+                raise
+            worker, process = dead[0]
+            raise DataWorkerDied(_death(rank, worker, process.pid, process.exitcode)) from None
+        yield batch
+
+
+def _manifest_counts(folder: Path, names: list[str]) -> dict[str, int]:
+    """Shard name -> records, from the manifests `augssl shards` writes beside shards (`<prefix>.json`,
+    a prefix of the shards' names)."""
+    counts: dict[str, int] = {}
+    for manifest in folder.glob("*.json"):
+        if not any(name.startswith(manifest.stem) for name in names):
+            continue
+        try:
+            counts.update({s["url"]: int(s["samples"]) for s in json.loads(manifest.read_text())["shards"]})
+        except (OSError, ValueError, TypeError, KeyError):
+            continue
+    return counts
+
+
+def manifest_records(urls: list[str]) -> int | None:
+    """The records the shards `urls` hold by their manifests; None if one is remote or listed in none."""
+    folders: dict[Path, list[str]] = {}
+    for url in urls:
+        if not is_local(url):
+            return None
+        path = Path(url.removeprefix("file://"))
+        folders.setdefault(path.parent, []).append(path.name)
+    total = 0
+    for folder, names in folders.items():
+        counts = _manifest_counts(folder, names)
+        if any(name not in counts for name in names):
+            return None
+        total += sum(counts[name] for name in names)
+    return total
+
+
 class DataSection(Protocol):
     """What `make_loader` reads of a recipe's `data` section (`framework.recipe.schema.DataConfig`)."""
 
@@ -471,6 +554,19 @@ class DataSection(Protocol):
     timeout_seconds: float
     retries: int
     max_image_pixels: int | None
+
+
+def check_batch(data: DataSection, world_size: int) -> None:
+    """`DataError` (one line) if one micro-step of every rank asks for more records than the shards of
+    `data.train` hold (by their manifests; shards without one are not counted): such a batch would
+    repeat the whole dataset, held in memory, and wait for hours before the first step."""
+    records = manifest_records(shard_urls(data.train))
+    if records is not None and data.batch_size * world_size > records:
+        processes = f" x {world_size} processes" if world_size > 1 else ""
+        raise DataError(
+            f"data.batch_size={data.batch_size}{processes} is more than the {records} records data.train "
+            f"holds ({data.train}): lower data.batch_size"
+        )
 
 
 def make_loader(
