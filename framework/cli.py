@@ -65,18 +65,19 @@ def train_main(argv: Sequence[str]) -> None:
 def train_or_exit(recipe, hooks) -> None:
     """Train a validated recipe; what stops it early becomes one line and an exit status: 2 for a
     launch or checkpoint it cannot run with, `EXIT_PREEMPTED` (75) after a signal's checkpoint."""
-    from framework.distributed import check_launch
+    from framework.distributed import check_launch, using_deepspeed
     from framework.engine import train
+    from framework.manager import PluginError
 
     try:
         check_launch(recipe)  # what the launch adds (precision, DeepSpeed's stage and offload)
-    except ValueError as exc:
+        hooks.check_launch(deepspeed=using_deepspeed())  # a hook the launch cannot call
+    except (ValueError, PluginError) as exc:
         _fail(str(exc))
     from framework.checkpoint import CheckpointError
     from framework.data.stream import DataError
     from framework.distributed import CollectiveTimeout, rank, world_size
     from framework.engine import TrainingError
-    from framework.manager import PluginError
     from framework.preemption import EXIT_PREEMPTED, Preempted
 
     try:

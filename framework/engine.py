@@ -43,6 +43,7 @@ from framework.distributed import (
     collective,
     mixed_precision,
     speed_settings,
+    using_deepspeed,
 )
 from framework.eval.report import online_knn
 from framework.logging import RunLogger, logged_lrs
@@ -162,6 +163,7 @@ def start(recipe: Recipe, hooks: PluginHooks) -> Run | None:
     """Set a run up: accelerator, run folder (locked), model, optimizer, resume point, data and logger.
     None when the run folder already holds a run trained to `train.steps`."""
     cfg, out = recipe.train, Path(recipe.output_dir)
+    hooks.check_launch(deepspeed=using_deepspeed())  # before anything starts: a hook DeepSpeed cannot call
     accelerator = build_accelerator(recipe, log_with=list(cfg.log_with) or None)  # accelerate warns at an empty list
     check_batch(recipe.data, accelerator.num_processes)  # a batch the shards cannot fill would never come
     set_seed(cfg.seed)
@@ -305,6 +307,22 @@ def data_worker_died(run: Run, recipe: Recipe, voted: Vote, lost: DataWorkerDied
     raise TrainingError(f"{error[0]}; " + (where if run.checkpoint else "no checkpoint yet"))
 
 
+def gradients_ready(run: Run, recipe: Recipe, hooks: PluginHooks) -> None:
+    """At an optimizer step, after backward: the gradients, unscaled (fp16's loss scale; else a no-op), go to
+    `on_after_backward`, then are clipped to `distributed.grad_clip`. Under DeepSpeed backward has stepped
+    already (DeepSpeed clips; `PluginHooks.check_launch` refused the hook): Accelerate reads the norm."""
+    clip, parameters = recipe.distributed.grad_clip, run.model.parameters()
+    if run.deepspeed:
+        if clip is not None:
+            run.accelerator.clip_grad_norm_(parameters, clip)
+        return
+    run.accelerator.unscale_gradients()  # once: Accelerate's clip_grad_norm_ would unscale a second time
+    with torch.no_grad():
+        hooks.on_after_backward(run.unwrapped.plugins, run.step, recipe, run.unwrapped.encoder)
+    if clip is not None:
+        torch.nn.utils.clip_grad_norm_(parameters, clip)
+
+
 def steps(run: Run, recipe: Recipe, hooks: PluginHooks, stop: StopRequests) -> int:
     """Train until `train.steps` or a voted stop; returns the stop's signal (0: none). The steps
     end early with TrainingError (non-finite losses in a row or weights, a dead data worker, bad
@@ -313,6 +331,8 @@ def steps(run: Run, recipe: Recipe, hooks: PluginHooks, stop: StopRequests) -> i
     accelerator, model, optimizer, logger = run.accelerator, run.model, run.optimizer, run.logger
     weights, signum, bad_in_row, skipped = run.unwrapped.weights(), 0, 0, 0
     model.train()
+    with torch.no_grad():
+        hooks.on_train_start(run.unwrapped.plugins, run.step, recipe, run.unwrapped.encoder)
     for batch, lost in fetched(run.loader, accelerator.process_index):  # lost: a data worker died
         if batch is None:  # before this rank had a batch: nothing to forward
             with collective(f"step {run.step + 1}: the non-finite/stop vote"):
@@ -345,8 +365,8 @@ def steps(run: Run, recipe: Recipe, hooks: PluginHooks, stop: StopRequests) -> i
             bad_in_row = 0
             with collective(f"step {run.step + 1}: the gradient all-reduce"):
                 accelerator.backward(loss)
-            if accelerator.sync_gradients and recipe.distributed.grad_clip is not None:
-                accelerator.clip_grad_norm_(model.parameters(), recipe.distributed.grad_clip)
+            if accelerator.sync_gradients:  # the step's reduced gradients: on_after_backward, then the clip
+                gradients_ready(run, recipe, hooks)
             set_weight_decay(optimizer, cfg, run.step)  # the recipe's, or its cosine to train.weight_decay_end
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

@@ -2,11 +2,15 @@
 
 A plugin is a module (or object) with functions marked `@hookimpl` whose names are
 hook names below. An implementation may accept any subset of a hook's arguments, by
-name. The engine calls hooks only through `framework.manager.PluginHooks`, which calls
-each plugin's implementation itself and keeps every result keyed by the plugin that
-returned it; never rely on the order in which plugins are called. (So pluggy's
-`hookwrapper`/`wrapper`, `tryfirst` and `trylast` have no meaning here: the manager refuses
-them in one line.)
+name. Pluggy is the registry (and loads the `augssl` entry points), but the engine never
+calls `pm.hook.<name>()`: `framework.manager.PluginHooks` calls each plugin's implementation
+itself, with that plugin's own arguments (`cfg`, `own` below), and keeps every result keyed
+by the plugin that returned it; never rely on the order in which plugins are called. That
+own call is why pluggy's call-chain options mean nothing here: no spec is `firstresult`
+(a single-provider hook, `encode` or `decode`, is checked at start-up to have exactly or at
+most one implementation, instead of taking the first non-None of several), and an
+implementation marked `hookwrapper`/`wrapper` (which would wrap a chain that is never
+called) or `tryfirst`/`trylast` (an order) is refused in one line.
 
 Scoped arguments: besides what a hook says, every hook but `config_schema` may ask for
 `cfg`, the plugin's *own* validated recipe section (`plugins.<name>:`, an instance of the
@@ -109,7 +113,7 @@ def augment(config: Recipe, cfg: PluginConfig) -> dict[str, View]:
 # -------------------------------------------------------------------------
 
 
-@hookspec(firstresult=True)
+@hookspec
 def encode(
     modules: nn.ModuleDict, view: torch.Tensor, ctx: StepContext | None, cfg: PluginConfig, own: nn.ModuleDict
 ) -> Encoding:
@@ -127,11 +131,11 @@ def encode(
     :returns: A `framework.Encoding` with pooled features `h` and, when the backbone
         has a VAE head, the posterior `mu`, `logvar` and a sample `z`.
 
-    Result mode: firstresult, exactly one provider.
+    Result mode: single, exactly one provider (checked at start-up).
     """
 
 
-@hookspec(firstresult=True)
+@hookspec
 def decode(
     modules: nn.ModuleDict, encoding: Encoding, ctx: StepContext | None, cfg: PluginConfig, own: nn.ModuleDict
 ) -> torch.Tensor:
@@ -148,7 +152,7 @@ def decode(
     :returns: The reconstruction, (B, C, H, W), in the normalised pixel space of the
         views (or logits, for a Bernoulli likelihood).
 
-    Result mode: firstresult, at most one provider.
+    Result mode: single, at most one provider (checked at start-up).
     """
 
 
@@ -158,7 +162,11 @@ def regularize(
 ) -> dict[str, torch.Tensor]:
     """Return this plugin's terms of the training objective.
 
-    Called every step inside the root module's forward. This is where a method's
+    Called every step inside the root module's forward, for every plugin, before any
+    `auxiliary_head`; in no set order, so a plugin's terms must not depend on another's
+    calls. What plugins share is `ctx`'s encodings, the same whoever asks first:
+    `ctx.encode(v)` is `v` encoded alone, `ctx.encode_grouped(vs)` is `vs` encoded in groups
+    of one image size (multi-crop), each computed once per step. This is where a method's
     loss lives: a VAE's reconstruction and KL, AAVAE's reconstruction of `x` from
     an augmented view, CR-VAE's consistency KL, SimCLR's NT-Xent. Obtain encodings
     with `ctx.encode(view name)` and reconstructions with `ctx.decode(encoding)`.
@@ -182,13 +190,14 @@ def auxiliary_head(
 ) -> dict[str, torch.Tensor]:
     """Return the loss terms of an auxiliary head attached to any base method.
 
-    Called every step inside the root module's forward, after every `regularize`.
+    Called every step inside the root module's forward, after every plugin's `regularize`;
+    it does not see their terms, and its results must not depend on them (see `regularize`).
     Examples: the affine-transform prediction head, an online linear probe on
     detached features.
 
     :param modules: Every plugin's modules (a plugin needs only `own`).
-    :param ctx: The step context (see `regularize`); encodings already computed for
-        a view are reused.
+    :param ctx: The step context (see `regularize`); its encodings are shared, and are the
+        same whichever plugin asked first.
     :param cfg: This plugin's own section.
     :param own: This plugin's own modules.
     :returns: `{term: scalar tensor}`, named and weighted as for `regularize`.
@@ -198,8 +207,62 @@ def auxiliary_head(
 
 
 # -------------------------------------------------------------------------
-# After the optimizer step
+# The training loop: before the first step, between backward and the optimizer step, after it
 # -------------------------------------------------------------------------
+
+
+@hookspec
+def on_train_start(
+    modules: nn.ModuleDict, step: int, config: Recipe, cfg: PluginConfig, own: nn.ModuleDict, encoder: nn.Module
+) -> None:
+    """Prepare for training, once the weights are final (e.g. copy the online network into a target).
+
+    Called once per process start, after a resume has loaded its checkpoint and before the
+    first step, on every rank, outside autograd (`torch.no_grad()`), with the unwrapped
+    modules. Not called when the run is already trained to `train.steps`.
+
+    :param modules: Every plugin's modules (a plugin needs only `own`).
+    :param step: The number of optimizer steps already completed: 0 on a fresh run, the
+        checkpoint's step after a resume.
+    :param config: The validated recipe.
+    :param cfg: This plugin's own section.
+    :param own: This plugin's own modules.
+    :param encoder: The run's encoder.
+    :returns: Nothing.
+
+    Result mode: collect; results are ignored.
+    """
+
+
+@hookspec
+def on_after_backward(
+    modules: nn.ModuleDict, step: int, config: Recipe, cfg: PluginConfig, own: nn.ModuleDict, encoder: nn.Module
+) -> None:
+    """Edit the gradients of an optimizer step before they are clipped and applied.
+
+    Called once per optimizer step (under gradient accumulation, after the last micro-step's
+    backward), on every rank, once the gradients are reduced across ranks (each rank sees the
+    same `.grad`) and unscaled (fp16's loss scale is removed), before `distributed.grad_clip`
+    and the optimizer step; outside autograd (`torch.no_grad()`), with the unwrapped modules.
+    Examples: DINO's frozen last layer (`p.grad = None` for the first epochs: the optimizer
+    then leaves `p` alone, weight decay included), a per-module gradient clip. A step whose
+    loss was non-finite is dropped before backward and does not call it.
+
+    Not supported under DeepSpeed: its backward steps the optimizer too (the gradients of
+    ZeRO live in its own partitioned buffers, not in `.grad`), so a launch with DeepSpeed
+    refuses a plugin implementing this hook at start-up, in one line.
+
+    :param modules: Every plugin's modules (a plugin needs only `own`).
+    :param step: The number of optimizer steps completed before this one (0 on a fresh run's
+        first step, as `ctx.step`).
+    :param config: The validated recipe.
+    :param cfg: This plugin's own section.
+    :param own: This plugin's own modules (their parameters' `.grad`).
+    :param encoder: The run's encoder.
+    :returns: Nothing.
+
+    Result mode: collect; results are ignored.
+    """
 
 
 @hookspec

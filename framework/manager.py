@@ -211,9 +211,30 @@ class PluginHooks:
     def auxiliary_head(self, modules: nn.ModuleDict, ctx: StepContext) -> dict[str, dict[str, torch.Tensor]]:
         return self._collect("auxiliary_head", dict, self._scope(ctx.config, modules), modules=modules, ctx=ctx)
 
+    # -- the loop ------------------------------------------------------------------------
+
+    def check_launch(self, deepspeed: bool) -> None:
+        """Refuse, in one line, a hook this launch cannot call: `on_after_backward` under DeepSpeed (its
+        backward steps the optimizer too, and ZeRO keeps the gradients out of `.grad`)."""
+        if deepspeed and (names := [impl.plugin_name for impl in self._impls("on_after_backward")]):
+            raise PluginError(
+                f"plugin {names[0]!r}, hook 'on_after_backward': not supported under DeepSpeed, whose backward "
+                "steps the optimizer too (launch without --use_deepspeed, or leave the plugin out)"
+            )
+
+    def on_train_start(self, modules: nn.ModuleDict, step: int, config: Recipe, encoder: nn.Module) -> None:
+        self._loop_hook("on_train_start", modules, step, config, encoder)
+
+    def on_after_backward(self, modules: nn.ModuleDict, step: int, config: Recipe, encoder: nn.Module) -> None:
+        self._loop_hook("on_after_backward", modules, step, config, encoder)
+
     def on_train_step_end(self, modules: nn.ModuleDict, step: int, config: Recipe, encoder: nn.Module) -> None:
+        self._loop_hook("on_train_step_end", modules, step, config, encoder)
+
+    def _loop_hook(self, hook: str, modules: nn.ModuleDict, step: int, config: Recipe, encoder: nn.Module) -> None:
+        """The training loop's hooks share their arguments; results are ignored."""
         scope = self._scope(config, modules)
-        self._collect("on_train_step_end", None, scope, modules=modules, step=step, config=config, encoder=encoder)
+        self._collect(hook, None, scope, modules=modules, step=step, config=config, encoder=encoder)
 
     # -- description (for `augssl plugins`) ---------------------------------------------
 

@@ -28,6 +28,8 @@ def test_hookspecs_are_the_designed_hooks():
             "decode",
             "regularize",
             "auxiliary_head",
+            "on_train_start",
+            "on_after_backward",
             "on_train_step_end",
         ]
     )
@@ -82,6 +84,14 @@ class Recorder:
         return {}
 
     @hookimpl
+    def on_train_start(self, step):
+        self.calls.append(f"on_train_start:{step}")
+
+    @hookimpl
+    def on_after_backward(self, step):
+        self.calls.append(f"on_after_backward:{step}")
+
+    @hookimpl
     def on_train_step_end(self, modules, step):
         self.calls.append(f"on_train_step_end:{step}")
 
@@ -93,11 +103,14 @@ def test_hooks_fire_in_order(tmp_path, fmnist_shards):
         "config_schema",
         "build_modules",
         "augment",
+        "on_train_start:0",
         "regularize",
         "auxiliary_head",
+        "on_after_backward:0",
         "on_train_step_end:1",
         "regularize",
         "auxiliary_head",
+        "on_after_backward:1",
         "on_train_step_end:2",
     ]
 
@@ -327,3 +340,98 @@ def test_hook_on_train_step_end(tmp_path, fmnist_shards):
     run_steps(recipe, steps=3, extra_plugins={"count": counter})
     assert counter.steps == [1, 2, 3], "once per optimizer step, not per accumulation micro-step"
     assert counter.grad_enabled == [False] * 3
+
+
+class StartWatcher:
+    """Records the step and a weight of the encoder that `on_train_start` sees."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[int, dict[str, torch.Tensor], bool]] = []
+
+    @hookimpl
+    def on_train_start(self, step, config, encoder):
+        weights = {k: v.clone() for k, v in encoder.state_dict().items() if v.is_floating_point()}
+        self.seen.append((step, weights, torch.is_grad_enabled()))
+        assert config.train.steps == 3
+
+
+def test_hook_on_train_start(tmp_path, fmnist_shards):
+    from safetensors.torch import load_file
+
+    recipe, first, resumed = tiny_recipe(tmp_path, fmnist_shards), StartWatcher(), StartWatcher()
+    out = run_steps(recipe, steps=3, overrides=["train.checkpoint_every=2"], extra_plugins={"w": first})
+    (tmp_path / "run" / "checkpoints" / "step_00000003").rename(tmp_path / "dropped")  # stop after step 2
+    saved = load_file(out / "checkpoints" / "step_00000002" / "model.safetensors")
+    run_steps(recipe, steps=3, extra_plugins={"w": resumed})
+    assert [step for step, _, _ in first.seen] == [0] and [step for step, _, _ in resumed.seen] == [2]
+    for key, weight in resumed.seen[0][1].items():
+        assert torch.equal(weight, saved[f"plugins.backbones.encoder.{key}"]), f"{key}: not the resumed weights"
+    assert any(not torch.equal(w, resumed.seen[0][1][k]) for k, w in first.seen[0][1].items())
+    assert not first.seen[0][2] and not resumed.seen[0][2], "outside autograd"
+
+
+class FreezeOne:
+    """Two linear heads on detached features; `on_after_backward` drops the gradients of `frozen`."""
+
+    def __init__(self) -> None:
+        self.start: dict[str, torch.Tensor] = {}
+        self.log: list[tuple[int, float, bool]] = []  # (step, grad norm seen, grad enabled)
+
+    @hookimpl
+    def build_modules(self, encoder):
+        return {"frozen": nn.Linear(encoder.num_features, 3), "free": nn.Linear(encoder.num_features, 3)}
+
+    @hookimpl
+    def on_train_start(self, own):
+        self.start = {k: v.detach().clone() for k, v in own.state_dict().items()}
+
+    @hookimpl
+    def auxiliary_head(self, own, ctx):
+        h = ctx.encode("x").h.detach()
+        return {"fit": (own["frozen"](h) - 1).pow(2).mean() + (own["free"](h) - 1).pow(2).mean()}
+
+    @hookimpl
+    def on_after_backward(self, step, own):
+        norms = [p.grad.norm() for p in own.parameters()]  # every gradient is there, and before the clip
+        self.log.append((step, torch.stack(norms).norm().item(), torch.is_grad_enabled()))
+        for p in own["frozen"].parameters():
+            p.grad = None
+
+
+def test_hook_on_after_backward(tmp_path, fmnist_shards):
+    plugin = FreezeOne()
+    recipe = tiny_recipe(tmp_path, fmnist_shards, distributed={"accumulation_steps": 2, "grad_clip": 1e-3})
+    out = run_steps(recipe, steps=2, extra_plugins={"fr": plugin})
+    assert [step for step, _, _ in plugin.log] == [0, 1], "once per optimizer step, not per micro-step"
+    assert all(norm > 1e-3 for _, norm, _ in plugin.log), "the gradients before distributed.grad_clip"
+    assert not any(enabled for _, _, enabled in plugin.log)
+    assert_frozen_moved(out / "checkpoints" / "step_00000002", "fr", plugin.start)
+
+
+def assert_frozen_moved(checkpoint: Path, plugin: str, start: dict[str, torch.Tensor]) -> None:
+    """The checkpoint's `frozen` weights (weight decay included) are `start`'s, its `free` ones are not."""
+    from safetensors.torch import load_file
+
+    saved = load_file(checkpoint / "model.safetensors")
+    for key, before in start.items():
+        after = saved[f"plugins.{plugin}.{key}"]
+        if key.startswith("frozen."):
+            assert torch.equal(after, before), f"{key} changed although its gradient was dropped"
+        else:
+            assert not torch.equal(after, before), f"{key} did not train"
+
+
+def test_on_after_backward_is_refused_under_deepspeed(tmp_path, fmnist_shards, monkeypatch, capsys):
+    from framework.cli import train_or_exit
+    from framework.manager import PluginError
+    from framework.recipe.loading import validate
+
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")  # what `accelerate launch --use_deepspeed` sets
+    recipe = tiny_recipe(tmp_path, fmnist_shards)
+    with pytest.raises(PluginError, match=r"plugin 'fr', hook 'on_after_backward': not supported under DeepSpeed"):
+        run_steps(recipe, extra_plugins={"fr": FreezeOne()})
+    with pytest.raises(SystemExit) as exit_:
+        train_or_exit(*validate(recipe, extra_plugins={"fr": FreezeOne()}))
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and len(lines) == 1 and "'on_after_backward': not supported under" in lines[0]
+    assert not (tmp_path / "run").exists(), "refused before anything starts"
