@@ -88,6 +88,7 @@ class StepContext:
         self.metrics: dict[str, torch.Tensor] = {}
         self.images: dict[str, torch.Tensor] = {}
         self._encodings: dict[str, Encoding] = {}
+        self._groups: dict[tuple[str, ...], dict[str, Encoding]] = {}  # `encode_grouped`'s, by view names
 
     def encode(self, view: str) -> Encoding:
         """The encoding of view `view`, computed once per step and shared by all plugins."""
@@ -100,33 +101,38 @@ class StepContext:
     def encode_grouped(self, views: Sequence[str]) -> list[Encoding]:
         """The encodings of `views`, in that order, with one encoder call per distinct image shape.
 
-        The views not yet encoded this step are grouped by their (C, H, W), each group concatenated along the
-        batch (in the order of `views`), encoded at once and split back per view; each view's Encoding is then
-        cached as `encode` caches it. This is DINO's MultiCropWrapper (facebookresearch/dino `utils.py`; SwAV's
-        multi-resolution forward too): it changes the encoder's BatchNorm batch statistics, which cover the whole
-        group instead of one view (solo-learn instead calls the encoder once per crop). A view already encoded
-        is reused as it is, so the result depends on what other plugins encoded first only if they ask for the
-        same views with `encode`.
+        The views are grouped by their (C, H, W), each group concatenated along the batch (in the order of
+        `views`), encoded at once and split back per view. This is DINO's MultiCropWrapper (facebookresearch/dino
+        `utils.py`; SwAV's multi-resolution forward too): it changes the encoder's BatchNorm batch statistics,
+        which cover the whole group instead of one view (solo-learn instead calls the encoder once per crop).
+        Each group is cached by its view names, apart from `encode`'s cache (a group of one view is that view's
+        `encode`): the result depends on `views` alone, never on what another plugin encoded first.
         """
-        missing = [view for view in dict.fromkeys(views) if view not in self._encodings]
         groups: dict[tuple[int, ...], list[str]] = {}
-        for view in missing:
+        for view in dict.fromkeys(views):
             if view not in self.views:
                 raise KeyError(f"no view {view!r} in this batch (views: {sorted(self.views)})")
             groups.setdefault(tuple(self.views[view].shape[1:]), []).append(view)
+        encoded: dict[str, Encoding] = {}
         for names in groups.values():
-            if len(names) == 1:
-                self._encodings[names[0]] = self._encode(self.views[names[0]], self)
-                continue
+            encoded |= self._encode_group(tuple(names))
+        return [encoded[view] for view in views]
+
+    def _encode_group(self, names: tuple[str, ...]) -> dict[str, Encoding]:
+        """The encodings of views of one shape, concatenated into one encoder call (cached per `names`)."""
+        if len(names) == 1:
+            return {names[0]: self.encode(names[0])}
+        if names not in self._groups:
             sizes = [len(self.views[name]) for name in names]
             joint = self._encode(torch.cat([self.views[name] for name in names]), self)
             parts: dict[str, Any] = {
                 f.name: value.split(sizes) if (value := getattr(joint, f.name)) is not None else [None] * len(names)
                 for f in fields(joint)
+            }  # every field of the Encoding (h, mu, logvar, z), split the same way
+            self._groups[names] = {
+                name: type(joint)(**{key: split[i] for key, split in parts.items()}) for i, name in enumerate(names)
             }
-            for i, name in enumerate(names):  # every field of the Encoding (h, mu, logvar, z), split the same way
-                self._encodings[name] = type(joint)(**{key: split[i] for key, split in parts.items()})
-        return [self._encodings[view] for view in views]
+        return self._groups[names]
 
     def encode_tensor(self, images: torch.Tensor) -> Encoding:
         """Encode images that are not a named view (e.g. transformed on the fly); not cached."""
