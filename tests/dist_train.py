@@ -4,7 +4,8 @@
 
 A plugin (tests/helpers.py's `DumpWeights`) saves every rank's modules after the last step to
 `<output_dir>/weights_rank<R>.pt`, so a test can check that the ranks agree; another can make
-one rank's loss NaN at one micro-step, or record the autocast state the hooks run under
+one rank's loss NaN at one micro-step, drop one head's gradients (`AUGSSL_TEST_FREEZE=1`, `FrozenHead`), or
+record the autocast state the hooks run under
 (environment variables, see `NaNOnRank`).
 """
 
@@ -23,7 +24,7 @@ from framework import distributed, hookimpl  # noqa: E402
 from framework.cli import train_or_exit  # noqa: E402
 from framework.preemption import exit_status_file  # noqa: E402
 from framework.recipe.loading import load_recipe  # noqa: E402
-from tests.helpers import DumpWeights  # noqa: E402
+from tests.helpers import DumpWeights, FrozenHead  # noqa: E402
 
 
 class NaNOnRank:
@@ -68,6 +69,8 @@ class NaNOnRank:
 
 if __name__ == "__main__":
     extra = {"dump": DumpWeights(), "nan": NaNOnRank()}
+    if os.environ.get("AUGSSL_TEST_FREEZE"):  # a plugin dropping one head's gradients in on_after_backward
+        extra["freeze"] = FrozenHead()
     recipe, hooks = load_recipe(sys.argv[1], sys.argv[2:], extra_plugins=extra)
     with exit_status_file():  # as launch/train.py
         train_or_exit(recipe, hooks)

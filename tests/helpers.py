@@ -121,6 +121,51 @@ class DumpWeights:
             torch.save(state, Path(config.output_dir) / f"weights_rank{distributed.rank()}.pt")
 
 
+class FrozenHead:
+    """A plugin with two heads on detached features whose `on_after_backward` drops the gradients of `frozen`,
+    so that no step changes it. `start`: its weights as `on_train_start` saw them (also saved, per rank, to
+    `<output_dir>/start_rank<R>.pt`); `log`: (step, norm of its gradients, grad enabled) per call; the gradient of
+    `free.weight` it saw, saved to `<output_dir>/grad_rank<R>_step<S>.pt`."""
+
+    def __init__(self) -> None:
+        self.start: dict[str, torch.Tensor] = {}
+        self.log: list[tuple[int, float, bool]] = []
+
+    @hookimpl
+    def build_modules(self, encoder):
+        return {"frozen": torch.nn.Linear(encoder.num_features, 3), "free": torch.nn.Linear(encoder.num_features, 3)}
+
+    @hookimpl
+    def on_train_start(self, own, config):
+        self.start = {k: v.detach().cpu().clone() for k, v in own.state_dict().items()}
+        torch.save(self.start, Path(config.output_dir) / f"start_rank{distributed.rank()}.pt")
+
+    @hookimpl
+    def auxiliary_head(self, own, ctx):
+        h = ctx.encode("x").h.detach()
+        return {"fit": (own["frozen"](h) - 1).pow(2).mean() + (own["free"](h) - 1).pow(2).mean()}
+
+    @hookimpl
+    def on_after_backward(self, step, own, config):
+        norms = [p.grad.norm() for p in own.parameters()]  # every gradient is there
+        self.log.append((step, torch.stack(norms).norm().item(), torch.is_grad_enabled()))
+        grad = own["free"].weight.grad.cpu().clone()
+        torch.save(grad, Path(config.output_dir) / f"grad_rank{distributed.rank()}_step{step}.pt")
+        for p in own["frozen"].parameters():
+            p.grad = None
+
+
+def assert_only_frozen_kept(weights: dict[str, torch.Tensor], plugin: str, start: dict[str, torch.Tensor]) -> None:
+    """`weights` (a state dict) holds `FrozenHead` `plugin`'s `frozen` weights of `start` (weight decay
+    included), and trained `free` ones."""
+    for key, before in start.items():
+        after = weights[f"plugins.{plugin}.{key}"].cpu()
+        if key.startswith("frozen."):
+            assert torch.equal(after, before), f"{key} changed although its gradient was dropped"
+        else:
+            assert not torch.equal(after, before), f"{key} did not train"
+
+
 def bomb_png(path: Path, width: int = 20000, height: int = 10000) -> Path:
     """A valid black 1-bit PNG of `width` x `height` pixels (default 200 million: over PIL's decompression-bomb
     limit of 178,956,970), a few kB on disk, written row by row without holding the pixels."""

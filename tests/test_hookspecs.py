@@ -13,6 +13,7 @@ from torch import nn
 from framework import PluginConfig, View, hookimpl, hookspecs
 from framework.logging import read_metrics
 from framework.testing import CONV28, run_steps, tiny_recipe
+from tests.helpers import FrozenHead, assert_only_frozen_kept, final_weights
 
 HOOKS = [name for name, fn in inspect.getmembers(hookspecs, inspect.isfunction) if hasattr(fn, "augssl_spec")]
 TESTS = Path(__file__).parent
@@ -370,55 +371,14 @@ def test_hook_on_train_start(tmp_path, fmnist_shards):
     assert not first.seen[0][2] and not resumed.seen[0][2], "outside autograd"
 
 
-class FreezeOne:
-    """Two linear heads on detached features; `on_after_backward` drops the gradients of `frozen`."""
-
-    def __init__(self) -> None:
-        self.start: dict[str, torch.Tensor] = {}
-        self.log: list[tuple[int, float, bool]] = []  # (step, grad norm seen, grad enabled)
-
-    @hookimpl
-    def build_modules(self, encoder):
-        return {"frozen": nn.Linear(encoder.num_features, 3), "free": nn.Linear(encoder.num_features, 3)}
-
-    @hookimpl
-    def on_train_start(self, own):
-        self.start = {k: v.detach().clone() for k, v in own.state_dict().items()}
-
-    @hookimpl
-    def auxiliary_head(self, own, ctx):
-        h = ctx.encode("x").h.detach()
-        return {"fit": (own["frozen"](h) - 1).pow(2).mean() + (own["free"](h) - 1).pow(2).mean()}
-
-    @hookimpl
-    def on_after_backward(self, step, own):
-        norms = [p.grad.norm() for p in own.parameters()]  # every gradient is there, and before the clip
-        self.log.append((step, torch.stack(norms).norm().item(), torch.is_grad_enabled()))
-        for p in own["frozen"].parameters():
-            p.grad = None
-
-
 def test_hook_on_after_backward(tmp_path, fmnist_shards):
-    plugin = FreezeOne()
+    plugin = FrozenHead()
     recipe = tiny_recipe(tmp_path, fmnist_shards, distributed={"accumulation_steps": 2, "grad_clip": 1e-3})
     out = run_steps(recipe, steps=2, extra_plugins={"fr": plugin})
     assert [step for step, _, _ in plugin.log] == [0, 1], "once per optimizer step, not per micro-step"
     assert all(norm > 1e-3 for _, norm, _ in plugin.log), "the gradients before distributed.grad_clip"
     assert not any(enabled for _, _, enabled in plugin.log)
-    assert_frozen_moved(out / "checkpoints" / "step_00000002", "fr", plugin.start)
-
-
-def assert_frozen_moved(checkpoint: Path, plugin: str, start: dict[str, torch.Tensor]) -> None:
-    """The checkpoint's `frozen` weights (weight decay included) are `start`'s, its `free` ones are not."""
-    from safetensors.torch import load_file
-
-    saved = load_file(checkpoint / "model.safetensors")
-    for key, before in start.items():
-        after = saved[f"plugins.{plugin}.{key}"]
-        if key.startswith("frozen."):
-            assert torch.equal(after, before), f"{key} changed although its gradient was dropped"
-        else:
-            assert not torch.equal(after, before), f"{key} did not train"
+    assert_only_frozen_kept(final_weights(out), "fr", plugin.start)
 
 
 def test_on_after_backward_is_refused_under_deepspeed(tmp_path, fmnist_shards, monkeypatch, capsys):
@@ -429,9 +389,9 @@ def test_on_after_backward_is_refused_under_deepspeed(tmp_path, fmnist_shards, m
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")  # what `accelerate launch --use_deepspeed` sets
     recipe = tiny_recipe(tmp_path, fmnist_shards)
     with pytest.raises(PluginError, match=r"plugin 'fr', hook 'on_after_backward': not supported under DeepSpeed"):
-        run_steps(recipe, extra_plugins={"fr": FreezeOne()})
+        run_steps(recipe, extra_plugins={"fr": FrozenHead()})
     with pytest.raises(SystemExit) as exit_:
-        train_or_exit(*validate(recipe, extra_plugins={"fr": FreezeOne()}))
+        train_or_exit(*validate(recipe, extra_plugins={"fr": FrozenHead()}))
     lines = capsys.readouterr().err.strip().splitlines()
     assert exit_.value.code == 2 and len(lines) == 1 and "'on_after_backward': not supported under" in lines[0]
     assert not (tmp_path / "run").exists(), "refused before anything starts"
