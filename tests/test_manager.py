@@ -90,6 +90,14 @@ class Scoped:
         return {"zero": own["head"](ctx.encode("x").h).sum() * 0}
 
     @hookimpl
+    def on_train_start(self, cfg, own, encoder):
+        self.seen["on_train_start"] = (cfg, own, encoder)
+
+    @hookimpl
+    def on_after_backward(self, cfg, own, encoder):
+        self.seen["on_after_backward"] = (cfg, own, encoder)
+
+    @hookimpl
     def on_train_step_end(self, cfg, own, encoder):
         self.seen["on_train_step_end"] = (cfg, own, encoder)
 
@@ -108,8 +116,9 @@ def test_hooks_receive_their_own_section_and_modules(tmp_path, fmnist_shards):
     assert cfg is recipe.plugins["spy"] and own is model.plugins["spy"] and ctx_encoder is model.encoder
     hooks.augment(recipe)
     assert spy.seen["augment"] == (recipe.plugins["spy"],)
-    hooks.on_train_step_end(model.plugins, 1, recipe, model.encoder)
-    assert spy.seen["on_train_step_end"] == (recipe.plugins["spy"], model.plugins["spy"], model.encoder)
+    for hook in ("on_train_start", "on_after_backward", "on_train_step_end"):
+        getattr(hooks, hook)(model.plugins, 1, recipe, model.encoder)
+        assert spy.seen[hook] == (recipe.plugins["spy"], model.plugins["spy"], model.encoder), hook
 
 
 class Raises:
