@@ -39,7 +39,7 @@ if TYPE_CHECKING:
     from framework.distributed import full_parameters, gather_with_grad, rank, world_size
     from framework.hookspecs import hookimpl
     from framework.precision import at_least_float32, full_precision
-    from framework.recipe.schema import PluginConfig, Recipe
+    from framework.recipe.schema import PluginConfig, Recipe, needed_by
     from framework.schedules import Scheduled
     from framework.types import Encoding, StepContext, View, num_features
     from framework.views import ToMode, check_stats, denormalize, normalize, tensor_steps
@@ -50,7 +50,7 @@ _MODULES = {
     "framework.distributed": ("full_parameters", "gather_with_grad", "rank", "world_size"),
     "framework.hookspecs": ("hookimpl",),
     "framework.precision": ("at_least_float32", "full_precision"),
-    "framework.recipe.schema": ("PluginConfig", "Recipe"),
+    "framework.recipe.schema": ("PluginConfig", "Recipe", "needed_by"),
     "framework.schedules": ("Scheduled",),
     "framework.types": ("Encoding", "StepContext", "View", "num_features"),
     "framework.views": ("ToMode", "check_stats", "denormalize", "normalize", "tensor_steps"),
@@ -83,6 +83,7 @@ __all__ = [
     "full_precision",
     "gather_with_grad",
     "hookimpl",
+    "needed_by",
     "normalize",
     "num_features",
     "rank",

@@ -111,23 +111,16 @@ def saved_step(path: Path) -> int:
 
 def finite_weights(path: Path) -> bool:
     """Whether every floating-point tensor of checkpoint `path`'s weights is finite (read back)."""
-    import torch
+    from safetensors import safe_open
 
-    weights = model_weights_file(path)
-    if weights.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        with safe_open(str(weights), "pt") as f:
-            tensors = (f.get_tensor(name) for name in f.keys())  # one at a time
-            return all(torch.isfinite(t).all() for t in tensors if t.is_floating_point())
-    state = torch.load(weights, map_location="cpu", weights_only=True)
-    return all(torch.isfinite(t).all() for t in state.values() if t.is_floating_point())
+    with safe_open(str(model_weights_file(path)), "pt") as f:
+        tensors = (f.get_tensor(name) for name in f.keys())  # one at a time
+        return all(torch.isfinite(t).all() for t in tensors if t.is_floating_point())
 
 
 def last_good(output_dir: str | Path) -> Path | None:
     """The newest complete checkpoint that is intact (`verify`) and whose weights are all finite: the
-    one to go back to after a run went non-finite (a checkpoint from before augssl checked the weights
-    it writes may hold NaN)."""
+    one to go back to after a run went non-finite."""
     for path in reversed(complete_checkpoints(output_dir)):
         with contextlib.suppress(Exception):  # unreadable weights are not good ones
             if verify(path) is None and finite_weights(path):
@@ -173,15 +166,15 @@ def verify(folder: Path) -> str | None:
     """None if checkpoint `folder` is intact, else what is wrong with it (a phrase naming the file).
 
     Checks the state file parses, every file in `checksums.json` is there with its size (cheap),
-    then every file's hash. A checkpoint written before augssl wrote checksums has none to check.
+    then every file's hash.
     """
     try:
-        state = json.loads((folder / STATE_FILE).read_text())
+        json.loads((folder / STATE_FILE).read_text())
     except (OSError, ValueError) as exc:
         return f"{STATE_FILE} is unreadable ({exc.__class__.__name__})"
     listed = folder / CHECKSUMS_FILE
     if not listed.is_file():
-        return f"{CHECKSUMS_FILE} is missing" if state.get("checksums") else None
+        return f"{CHECKSUMS_FILE} is missing"
     try:
         files = json.loads(listed.read_text())["files"]
     except (OSError, ValueError, KeyError) as exc:
@@ -302,7 +295,7 @@ def save(
                 consolidate_deepspeed_weights(tmp)  # every rank's partition is on disk now
             (tmp / "recipe.yaml").write_text(yaml.safe_dump(recipe.resolved(), sort_keys=False))
             write_checksums(tmp)
-            state = {"step": step, **launch, "checksums": CHECKSUMS_FILE, **(extra or {})}
+            state = {"step": step, **launch, **(extra or {})}
             (tmp / STATE_FILE).write_text(json.dumps(state))  # last file: marks the folder complete
             shutil.rmtree(final, ignore_errors=True)
             tmp.rename(final)
@@ -321,8 +314,7 @@ def _describe(launch: dict[str, Any]) -> str:
     processes = f"{n} process{'es' if n != 1 else ''}"
     if not launch["deepspeed"]:
         return f"{processes} without DeepSpeed"
-    stage = launch.get("zero_stage")
-    return f"{processes} of DeepSpeed" + (f" ZeRO-{stage}" if stage is not None else "")
+    return f"{processes} of DeepSpeed ZeRO-{launch['zero_stage']}"
 
 
 def check_resumable(path: Path, saved: dict[str, Any], now: dict[str, Any]) -> None:
@@ -330,18 +322,15 @@ def check_resumable(path: Path, saved: dict[str, Any], now: dict[str, Any]) -> N
 
     DDP continues at any world size. DeepSpeed's optimizer state is partitioned per rank and
     stage, so a DeepSpeed checkpoint needs the same processes and stage, and neither format
-    loads into the other. (Checkpoints from before `deepspeed` was recorded: DeepSpeed if it has
-    `pytorch_model/`.)
+    loads into the other.
     """
-    saved = {"deepspeed": (path / DEEPSPEED_TAG).is_dir(), "zero_stage": None, **saved}
-    same_stage = saved["zero_stage"] in (None, now["zero_stage"])
+    same_stage = saved["zero_stage"] == now["zero_stage"]
     if saved["deepspeed"] == now["deepspeed"] and (
         not now["deepspeed"] or (saved["world_size"] == now["world_size"] and same_stage)
     ):
         return
     if saved["deepspeed"]:
-        flags = f"--use_deepspeed --num_processes {saved['world_size']}"
-        flags += f" --zero_stage {saved['zero_stage']}" if saved["zero_stage"] is not None else ""
+        flags = f"--use_deepspeed --num_processes {saved['world_size']} --zero_stage {saved['zero_stage']}"
         why = "DeepSpeed cannot re-split its partitioned optimizer state"
     else:
         flags, why = f"--num_processes {now['world_size']} without --use_deepspeed", "DeepSpeed cannot load it"
@@ -403,16 +392,9 @@ def load(
 
 
 def model_weights_file(path: Path) -> Path:
-    """The model's weights inside a checkpoint folder (Accelerate's naming).
-
-    A DeepSpeed checkpoint written before augssl consolidated its weights gets its
-    `model.safetensors` now, from DeepSpeed's files.
-    """
-    for name in WEIGHTS_FILES:
-        if (path / name).is_file():
-            return path / name
-    if (path / DEEPSPEED_TAG).is_dir():
-        return consolidate_deepspeed_weights(path)
+    """The model's weights inside a checkpoint folder (`model.safetensors`, consolidated under DeepSpeed)."""
+    if (path / WEIGHTS_FILE).is_file():
+        return path / WEIGHTS_FILE
     raise FileNotFoundError(f"{path}: no model weights ({WEIGHTS_FILE}) in checkpoint")
 
 
@@ -420,7 +402,6 @@ def model_weights_file(path: Path) -> Path:
 # Reading a run's model (augssl eval, augssl export): verified, and safe beside a training run
 # ---------------------------------------------------------------------------
 
-WEIGHTS_FILES = (WEIGHTS_FILE, "pytorch_model.bin")  # Accelerate's names, safetensors first
 PRUNE_GRACE_SECONDS = 10.0  # how long a folder missing a file is watched for a prune that removes it
 _RELISTS = 20  # fresh looks at checkpoints/ after a checkpoint went away while it was read
 
@@ -442,37 +423,22 @@ def _read_checked(path: Path) -> _Read | str:
     FileNotFoundError (the caller tells a prune from damage).
     """
     try:
-        state = json.loads((path / STATE_FILE).read_bytes())
+        json.loads((path / STATE_FILE).read_bytes())
     except ValueError as exc:
         return f"{STATE_FILE} is unreadable ({exc.__class__.__name__})"
-    listed: dict[str, Any] = {}
-    if (path / CHECKSUMS_FILE).is_file() or state.get("checksums"):
-        try:
-            listed = json.loads((path / CHECKSUMS_FILE).read_bytes())["files"]
-        except (ValueError, KeyError, TypeError) as exc:
-            return f"{CHECKSUMS_FILE} is unreadable ({exc.__class__.__name__})"
-    name = next((n for n in WEIGHTS_FILES if n in listed), None)
-    if name is None:  # a checkpoint from before checksums (or DeepSpeed's, before consolidation)
-        try:
-            name = model_weights_file(path).name
-        except FileNotFoundError:
-            return f"no model weights ({WEIGHTS_FILE})"
-    data = {n: (path / n).read_bytes() for n in ("recipe.yaml", name)}
+    try:
+        listed = json.loads((path / CHECKSUMS_FILE).read_bytes())["files"]
+    except (ValueError, KeyError, TypeError) as exc:
+        return f"{CHECKSUMS_FILE} is unreadable ({exc.__class__.__name__})"
+    data = {n: (path / n).read_bytes() for n in ("recipe.yaml", WEIGHTS_FILE)}
     for n, blob in data.items():
         if n not in listed:
-            continue
+            return f"{n} is not in {CHECKSUMS_FILE}"
         if len(blob) != listed[n]["bytes"]:
             return f"{n} has {len(blob)} bytes, {listed[n]['bytes']} were written"
         if hashlib.blake2b(blob, digest_size=32).hexdigest() != listed[n]["blake2b"]:
             return f"{n} does not match its checksum"
-    return _Read(path, data["recipe.yaml"].decode(), _tensors(data[name], name))
-
-
-def _tensors(blob: bytes, name: str) -> dict[str, torch.Tensor]:
-    """The state dict in a weights file's bytes (safetensors, or a torch pickle of tensors)."""
-    if name.endswith(".safetensors"):
-        return safetensors_load(blob)
-    return torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+    return _Read(path, data["recipe.yaml"].decode(), safetensors_load(data[WEIGHTS_FILE]))
 
 
 def _read_or_gone(path: Path) -> _Read | str | None:

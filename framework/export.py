@@ -91,7 +91,7 @@ def _measured(eval_file: Path, digest: str) -> str | None:
     except (OSError, ValueError):
         return None
     if not isinstance(report, dict) or report.get("encoder_blake2b") != digest:
-        return None  # another checkpoint's (or from before eval recorded the encoder)
+        return None  # another checkpoint's, or a report that does not name the encoder it measured
     protocols = ", ".join(report.get("protocol", {}))
     return f"test accuracy (`augssl eval`, {protocols}): {json.dumps(report.get('accuracies'))}"
 

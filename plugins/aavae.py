@@ -40,7 +40,7 @@ import torch
 
 from framework import PluginConfig, Recipe, StepContext, View, hookimpl
 from plugins.augmentations import AUGMENTED_VIEW, Strength, infer_strength, simclr_view
-from plugins.vae_terms import reconstruction_term
+from plugins.vae_terms import VAE_HEAD, reconstruction_term
 
 NAME = "aavae"
 VIEW = f"{NAME}.aug"
@@ -49,6 +49,7 @@ VIEW = f"{NAME}.aug"
 class AAVAEConfig(PluginConfig):
     provides: ClassVar[frozenset[str]] = frozenset({"elbo_x", AUGMENTED_VIEW})  # recon of x stands for L_vae(x)
     augmented_view: ClassVar[str] = "aug"  # the affine head's default x1
+    needs: ClassVar[frozenset[str]] = frozenset({VAE_HEAD})  # it decodes z
 
     strength: Strength | None = None  # None: from data.channels / data.image_size
     likelihood: Literal["gaussian", "bernoulli"] = "gaussian"

@@ -10,7 +10,8 @@ with `img_size` set to the data's where the model takes one (ViTs); no weights a
 built-in ones, the model's own width for timm's; the encoder's `num_features`): what the linear
 probe sees and what every head sizes itself by.
 
-VAE head (when `latent_dim` is set): Linear(h,h)+BN+ReLU, then two bias-free Linear
+VAE head (when `latent_dim` is set; unset, a 128-d one only when a plugin of the recipe `needs` a "vae_head"
+(kl, aavae, consistency) or a decoder decodes its z, none otherwise): Linear(h,h)+BN+ReLU, then two bias-free Linear
 layers for `mu` and `logvar`; `logvar` is soft-bounded to `logvar_range` by a scaled tanh
 (`soft_bound`: without a KL term nothing bounds it, solo-learn issue 111 hit an inf loss; unlike
 a clamp it keeps a gradient past the bound), `std = exp(logvar/2) + 1e-6`.
@@ -28,16 +29,26 @@ from typing import Any, Literal
 
 import torch
 import torchvision
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 from torch import nn
 
-from framework import Encoding, PluginConfig, Recipe, at_least_float32, full_precision, hookimpl, num_features
+from framework import (
+    Encoding,
+    PluginConfig,
+    Recipe,
+    at_least_float32,
+    full_precision,
+    hookimpl,
+    needed_by,
+    num_features,
+)
 from plugins.augmentations import image_sizes
-from plugins.vae_terms import posterior_std
+from plugins.vae_terms import VAE_HEAD, posterior_std
 
 NAME = "backbones"
 BUILT_IN = ("resnet18", "resnet50", "conv28")
 TIMM = "timm/"
+DEFAULT_LATENT_DIM = 128  # AAVAE's
 
 
 class BackbonesConfig(PluginConfig):
@@ -52,10 +63,30 @@ class BackbonesConfig(PluginConfig):
     # a local weights file loaded into the encoder at build (timm: through timm's own loader, which adapts
     # the first conv to the data's channels; built-in: strictly); nothing is ever downloaded
     pretrained: str | None = None
-    latent_dim: int | None = 128  # None: no VAE head (encodings carry only h)
+    # the VAE head's width; None: no head (encodings carry only h). Unset: DEFAULT_LATENT_DIM when a plugin of
+    # the recipe needs the head (`needs` "vae_head") or `decoder` is set, else None (`_head_when_needed`)
+    latent_dim: int | None = None
     logvar_range: tuple[float, float] = (-10.0, 10.0)  # soft bound of logvar (see `soft_bound`)
     decoder: Literal["resnet18", "resnet50", "conv28"] | None = None
     decoder_widen: int = Field(1, ge=1)  # the ResNet decoder's stage widths x this (the official `widen`)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _head_when_needed(cls, data: Any, info: ValidationInfo) -> Any:
+        """Fill an unset `latent_dim` from what the recipe needs; refuse `latent_dim: null` where a plugin
+        needs the head, naming the plugin (it would fail at its first step)."""
+        if not isinstance(data, dict):
+            return data
+        needing = needed_by(info, VAE_HEAD)
+        if "latent_dim" not in data:
+            wanted = bool(needing) or data.get("decoder") is not None
+            return {**data, "latent_dim": DEFAULT_LATENT_DIM if wanted else None}
+        if data["latent_dim"] is None and needing:
+            raise ValueError(
+                f"latent_dim: null builds no VAE head, and plugins {', '.join(needing)} need one: "
+                "give latent_dim a size or leave it out"
+            )
+        return data
 
     @field_validator("logvar_range")
     @classmethod

@@ -24,8 +24,7 @@ EMA, in `on_train_step_end` after optimizer step k (1-based): for every target
 parameter `xi <- tau * xi + (1 - tau) * theta` with
 `tau = 1 - (1 - base) * (cos(pi * (k - 1) / steps) + 1) / 2` (BYOL paper's schedule:
 `base` at the start, 1 at the end): the section's `momentum`, a `framework.Scheduled`
-(default `{start: 0.996, end: 1, shape: cosine}`; `base_momentum` / `final_momentum` are its
-shorthand), read at step k - 1. The value used after the current step is logged
+(default `{start: 0.996, end: 1, shape: cosine}`), read at step k - 1. The value used after the current step is logged
 as `byol.tau` (and the engine logs `byol.momentum`, the value of the step about to be
 taken). Only parameters are averaged; the target's BatchNorm running statistics follow its
 own forward passes (it runs in train mode, on batch statistics, as in the BYOL paper); they
@@ -36,10 +35,10 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
-from typing import Any, cast
+from typing import cast
 
 import torch
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, field_validator
 from torch import nn
 
 from framework import (
@@ -66,19 +65,6 @@ class BYOLConfig(TwoViewsConfig):
     # BYOL paper: tau_base 0.996 cosine-increased to 1 (framework.Scheduled: a number, or {start, end, shape, ...})
     momentum: Scheduled = Scheduled(start=0.996, end=1.0, shape="cosine")
 
-    @model_validator(mode="before")
-    @classmethod
-    def _momentum_shorthand(cls, data: Any) -> Any:
-        """`base_momentum` / `final_momentum` (the recipes' keys before `Scheduled`, solo-learn's base_tau /
-        final_tau) are `momentum: {start: base, end: final, shape: cosine}`, with 0.996 and 1 when one is unset."""
-        if not isinstance(data, dict) or not {"base_momentum", "final_momentum"} & data.keys():
-            return data
-        if "momentum" in data:
-            raise ValueError("momentum and base_momentum / final_momentum say the same thing: give one of them")
-        data = dict(data)
-        start, end = data.pop("base_momentum", 0.996), data.pop("final_momentum", 1.0)
-        return {**data, "momentum": {"start": start, "end": end, "shape": "cosine"}}
-
     @field_validator("momentum")
     @classmethod
     def _in_unit_interval(cls, value: Scheduled) -> Scheduled:
@@ -86,16 +72,6 @@ class BYOLConfig(TwoViewsConfig):
         if not all(0 <= v <= 1 for v in ends):
             raise ValueError(f"the momentum must stay in [0, 1], got start {value.start}, end {value.end}")
         return value
-
-    @property
-    def base_momentum(self) -> float:
-        """tau at step 0 (`momentum.start`; the shorthand's key)."""
-        return self.momentum.start
-
-    @property
-    def final_momentum(self) -> float | None:
-        """tau at the last step (`momentum.end`; the shorthand's key)."""
-        return self.momentum.end
 
 
 class Target(nn.Module):

@@ -53,7 +53,7 @@ from torchvision.transforms import v2
 
 from framework import Encoding, PluginConfig, Recipe, StepContext, View, hookimpl
 from plugins.augmentations import AUGMENTED_VIEW, crvae_affine_view
-from plugins.vae_terms import kl_gaussians, kl_standard_normal, reconstruction_term
+from plugins.vae_terms import VAE_HEAD, kl_gaussians, kl_standard_normal, reconstruction_term
 
 NAME = "consistency"
 VIEW = f"{NAME}.t"
@@ -65,6 +65,7 @@ class ConsistencyConfig(PluginConfig):
     model_config = ConfigDict(serialize_by_alias=True)
     provides: ClassVar[frozenset[str]] = frozenset({AUGMENTED_VIEW})
     augmented_view: ClassVar[str] = "t"  # t(x): the affine head's default x1 when no plugin before it makes one
+    needs: ClassVar[frozenset[str]] = frozenset({VAE_HEAD})
 
     lam: float = Field(ge=0, alias="lambda")  # weight of KL(q(z|t(x)) || q(z|x)); recipe key `lambda`
     beta1: float = Field(1.0, ge=0)  # KL weight of L_vae(x) (when this plugin provides it)

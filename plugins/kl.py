@@ -14,13 +14,14 @@ import torch
 from pydantic import Field
 
 from framework import PluginConfig, StepContext, hookimpl
-from plugins.vae_terms import kl_standard_normal, reconstruction_term, warmup_factor
+from plugins.vae_terms import VAE_HEAD, kl_standard_normal, reconstruction_term, warmup_factor
 
 NAME = "kl"
 
 
 class KLConfig(PluginConfig):
     provides: ClassVar[frozenset[str]] = frozenset({"elbo_x"})  # recon + KL of the clean view
+    needs: ClassVar[frozenset[str]] = frozenset({VAE_HEAD})
 
     beta: float = Field(1.0, ge=0)
     likelihood: Literal["gaussian", "bernoulli"] = "gaussian"

@@ -12,6 +12,9 @@ from torch.nn import functional as F
 
 from framework import at_least_float32, denormalize, normalize
 
+# What the autoencoding plugins need (`PluginConfig.needs`): the encoder's VAE head, encodings with mu, logvar, z
+VAE_HEAD = "vae_head"
+
 
 def gaussian_nll(x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """-log p(x|z) for a unit-variance Gaussian, constants dropped: 0.5 * ||x - x_hat||^2 over C,H,W."""

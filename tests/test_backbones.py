@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import pytest
 import torch
 from torch import nn
 
+from framework import PluginConfig, hookimpl
+from framework.recipe.loading import RecipeError, validate
+from framework.testing import tiny_recipe
+from plugins import backbones
 from plugins.backbones import (
+    DEFAULT_LATENT_DIM,
     BackbonesConfig,
     Conv28Decoder,
     DecoderBlock,
@@ -115,3 +122,63 @@ def test_vae_head_soft_bounds_logvar_with_a_gradient_past_the_bound():
 def test_logvar_range_must_be_ordered():
     with pytest.raises(ValueError, match="low < high"):
         BackbonesConfig(encoder="conv28", logvar_range=(3.0, -3.0))
+
+
+NO_SHARDS = {"train": "none.tar", "test": "none.tar"}
+
+
+class NeedsHeadConfig(PluginConfig):
+    needs: ClassVar[frozenset[str]] = frozenset({"vae_head"})
+
+
+class NeedsHead:
+    """A third-party plugin that reads the encodings' mu/logvar and says so in its section's class."""
+
+    @hookimpl
+    def config_schema(self) -> type[PluginConfig]:
+        return NeedsHeadConfig
+
+
+def _backbone(tmp_path, backbone: dict, plugins: dict, extra: dict | None = None) -> tuple[int | None, set[str]]:
+    """The validated `latent_dim` of a recipe with these plugins, and the modules backbones builds for it."""
+    data = tiny_recipe(tmp_path, NO_SHARDS, plugins={"backbones": {"encoder": "conv28", **backbone}, **plugins})
+    recipe = validate(data, check_data=False, extra_plugins=extra)[0]
+    cfg = recipe.plugins["backbones"]
+    assert recipe.resolved()["plugins"]["backbones"]["latent_dim"] == cfg.latent_dim  # written to runs as built
+    return cfg.latent_dim, set(backbones.build_modules(config=recipe, cfg=cfg))
+
+
+@pytest.mark.parametrize(
+    ("plugins", "latent_dim"),
+    [({"simclr": {}}, None), ({"byol": {}, "probe": {}}, None), ({"kl": {}}, DEFAULT_LATENT_DIM)]
+    + [({"aavae": {}}, DEFAULT_LATENT_DIM), ({"consistency": {"lambda": 1.0}}, DEFAULT_LATENT_DIM)],
+)
+def test_the_vae_head_is_built_only_when_a_plugin_of_the_recipe_needs_it(tmp_path, plugins, latent_dim):
+    """Unset, `latent_dim` was 128 for every recipe: the contrastive ones had to say `latent_dim: null` or train
+    (and checkpoint) a head nothing read."""
+    built, modules = _backbone(tmp_path, {}, plugins)
+    assert built == latent_dim and ("head" in modules) == (latent_dim is not None)
+
+
+def test_a_third_party_plugin_gets_the_head_by_declaring_it(tmp_path):
+    assert _backbone(tmp_path, {}, {"simclr": {}}, extra={"needs_head": NeedsHead()})[0] == DEFAULT_LATENT_DIM
+
+
+def test_a_decoder_or_an_explicit_latent_dim_builds_the_head(tmp_path):
+    assert _backbone(tmp_path, {"latent_dim": 32}, {"simclr": {}}) == (32, {"encoder", "head"})
+    assert _backbone(tmp_path, {"decoder": "conv28"}, {"simclr": {}}) == (
+        DEFAULT_LATENT_DIM,
+        {"encoder", "head", "decoder"},
+    )
+    assert BackbonesConfig(encoder="conv28").latent_dim is None  # a section validated outside a recipe
+
+
+def test_no_head_where_a_plugin_needs_one_is_a_recipe_error(tmp_path):
+    with pytest.raises(RecipeError) as err:
+        _backbone(
+            tmp_path, {"latent_dim": None}, {"simclr": {}, "kl": {}, "needs_head": {}}, {"needs_head": NeedsHead()}
+        )
+    assert str(err.value) == (
+        "plugins.backbones: Value error, latent_dim: null builds no VAE head, and plugins kl, needs_head need one: "
+        "give latent_dim a size or leave it out (got {'encoder': 'conv28', 'latent_dim': None})"
+    )

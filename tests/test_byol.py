@@ -118,15 +118,13 @@ def test_multi_crop_step_encodes_by_size_and_the_target_sees_only_global_crops(t
 
 @pytest.mark.parametrize(
     ("section", "base", "final"),
-    [({}, 0.996, 1.0), ({"base_momentum": 0.99}, 0.99, 1.0), ({"momentum": {"start": 0.99, "end": 1.0}}, 0.99, 1.0)],
+    [({}, 0.996, 1.0), ({"momentum": {"start": 0.99, "end": 1.0}}, 0.99, 1.0)],
 )
 def test_momentum_is_a_scheduled_value_with_the_formulas_values(tmp_path, fmnist_shards, section, base, final):
-    """`momentum` (framework.Scheduled) gives the BYOL formula's values bit for bit; the recipes' shorthand
-    base_momentum / final_momentum is the same cosine."""
+    """`momentum` (framework.Scheduled) gives the BYOL formula's values bit for bit."""
     recipe = tiny_recipe(tmp_path, fmnist_shards, plugins={**PLUGINS, "byol": {**SMALL, **section}})
     cfg = validate(recipe, check_data=False)[0].plugins["byol"]
     assert (cfg.momentum.start, cfg.momentum.end, cfg.momentum.shape) == (base, final, "cosine")
-    assert (cfg.base_momentum, cfg.final_momentum) == (base, final)
     for steps in (1, 7, 195_000):
         for step in sorted({0, 1, steps // 3, steps // 2, steps - 1, steps, steps + 5}):
             assert cfg.momentum.at(step, steps) == momentum_at(step, steps, base, final), (steps, step)
@@ -135,9 +133,8 @@ def test_momentum_is_a_scheduled_value_with_the_formulas_values(tmp_path, fmnist
 @pytest.mark.parametrize(
     ("section", "message"),
     [
-        ({"momentum": 0.99, "base_momentum": 0.99}, "give one of them"),
         ({"momentum": {"start": 0.9, "end": 1.5}}, "must stay in"),
-        ({"base_momentum": -0.1}, "must stay in"),
+        ({"momentum": -0.1}, "must stay in"),
         ({"momentum": {"start": 0.9}}, "needs an end"),
     ],
 )

@@ -110,7 +110,7 @@ def test_the_model_card_shows_only_accuracies_measured_on_the_exported_encoder(t
     text = export()
     assert measured not in text and f"not measured on this checkpoint (`augssl eval --checkpoint {newest}`)" in text
     assert measured in export(older)
-    del report["encoder_blake2b"]  # an eval.json from before eval recorded the encoder it measured
+    del report["encoder_blake2b"]  # a report that does not name the encoder it measured is not trusted
     (out / "eval.json").write_text(json.dumps(report))
     assert "test accuracy: not measured" in export(older)
     eval_main([str(out)])

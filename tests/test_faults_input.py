@@ -10,7 +10,7 @@ import yaml
 
 from framework.logging import read_metrics
 from framework.recipe.loading import RecipeError, apply_overrides, load_recipe, validate
-from framework.testing import CONV28, run_steps, tiny_recipe, write_recipe
+from framework.testing import CONV28, run_steps, tiny_recipe, tiny_shards, write_recipe
 from tests.helpers import ROOT, asset_samples, one_line
 
 NO_SHARDS = {"train": "none.tar", "test": "none.tar"}
@@ -169,3 +169,15 @@ def test_a_pretrained_file_gone_after_training_is_one_line_for_resume_eval_and_e
     assert gone in one_line([out / "recipe.yaml", "train.steps=2"])
     assert gone in one_line([out], script="evaluate.py")
     assert gone in one_line(["export", out, "--out", tmp_path / "e.safetensors"], script="augssl")
+
+
+@pytest.mark.slow
+def test_no_vae_head_beside_a_plugin_that_needs_one_is_one_line_and_creates_nothing(tmp_path):
+    """`latent_dim: null` beside kl (without a decoder) passed validation and failed at kl's first step, after the
+    run folder was made: now the recipe's error, naming the key and the plugin that needs the head."""
+    shards = tiny_shards(tmp_path)
+    backbone = {"encoder": "conv28", "latent_dim": None}
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(tmp_path, shards, plugins={"backbones": backbone, "kl": {}}))
+    line = one_line([recipe])
+    assert "plugins.backbones: Value error, latent_dim: null builds no VAE head, and plugins kl need one" in line
+    assert not (tmp_path / "run").exists()

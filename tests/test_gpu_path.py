@@ -257,8 +257,7 @@ def test_byol_ema_under_zero3_on_two_processes_equals_the_formula(tmp_path, fmni
             "proj_hidden_dim": 32,
             "proj_output_dim": 16,
             "pred_hidden_dim": 32,
-            "base_momentum": 0.5,
-            "final_momentum": 0.5,
+            "momentum": 0.5,
         },
     }
     zero3 = {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}

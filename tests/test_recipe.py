@@ -92,8 +92,7 @@ SOLO_LEARN_CIFAR = {
         "proj_hidden_dim": 4096,
         "proj_output_dim": 256,
         "pred_hidden_dim": 4096,
-        "base_momentum": 0.99,
-        "final_momentum": 1.0,
+        "momentum": Scheduled(start=0.99, end=1.0, shape="cosine"),
         "strength": "solo_asymmetric",
     },
     "barlow": {

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 from pydantic import ValidationError
 
-from framework.recipe.schema import Recipe
+from framework.recipe.schema import NEEDS, Recipe
 from framework.registry import PluginError, check_names
 
 if TYPE_CHECKING:
@@ -184,9 +184,10 @@ def validate(
     except PluginError as exc:
         raise RecipeError(f"plugins: {exc}") from None
     validated = {}
+    needs: dict[str, frozenset[str]] = {name: getattr(schema, "needs", frozenset()) for name, schema in schemas.items()}
     for name, schema in schemas.items():
         try:
-            validated[name] = schema.model_validate(plugins_raw[name])
+            validated[name] = schema.model_validate(plugins_raw[name], context={NEEDS: needs})
         except ValidationError as exc:
             raise RecipeError(_first_error(exc, f"plugins.{name}")) from None
     recipe.plugins = validated

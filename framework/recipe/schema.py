@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 # The top-level keys of a DeepSpeed 0.19 config (https://www.deepspeed.ai/docs/config-json/ and
 # deepspeed/runtime/config.py); DeepSpeed itself ignores any other key, so a misspelt one would pass.
@@ -72,12 +72,27 @@ class PluginConfig(Strict):
     a `kl_factor(step)` method the schedule (0..1) of its prior KL, which the recipe's other prior KLs follow.
     `"augmented_view"` says the plugin makes augmented views of each image, its section's class
     attribute `augmented_view` naming the first (the affine head's default view).
+
+    `needs` (a class attribute too) names what the plugin needs another plugin to build, so that the
+    other fits its defaults to the recipe: `"vae_head"` asks the encoder plugin for a VAE head (encodings
+    with `mu`, `logvar`, `z`). A section's validator asks which plugins need a thing with `needed_by`.
     """
 
     provides: ClassVar[frozenset[str]] = frozenset()
+    needs: ClassVar[frozenset[str]] = frozenset()
 
     weight: float = 1.0
     lr: float | None = Field(None, gt=0)
+
+
+NEEDS = "needs"  # the validation context's key: each plugin of the recipe and its section's `needs`
+
+
+def needed_by(info: ValidationInfo, thing: str) -> list[str]:
+    """The plugins of the recipe being validated, in recipe order, whose section's class declares `thing`
+    in `needs`; none for a section validated on its own (no recipe in the validation context)."""
+    needs: Mapping[str, frozenset[str]] = (info.context or {}).get(NEEDS, {})
+    return [name for name, declared in needs.items() if thing in declared]
 
 
 class DataConfig(Strict):
