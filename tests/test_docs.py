@@ -115,3 +115,40 @@ def test_every_example_hook_takes_spec_arguments_only(index_node):
     shown = [a.arg for a in node.args.args]
     assert set(shown) <= set(spec), f"docs/plugins.md: {node.name}({', '.join(shown)}) - the spec has {spec}"
     assert not node.args.defaults, f"docs/plugins.md: {node.name}: pluggy never passes defaulted arguments"
+
+
+HOST_SYNCS = ("item", "tolist", "cpu", "numpy")  # what docs/plugins.md's rules forbid in a hook
+
+
+@pytest.mark.parametrize("index_node", documented_hooks(), ids=lambda t: f"block{t[0]}-{t[1].name}")
+def test_no_example_hook_syncs_with_the_host(index_node):
+    _, node = index_node
+    calls = sorted(
+        f".{n.func.attr}()"
+        for n in ast.walk(node)
+        if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and n.func.attr in HOST_SYNCS
+    )
+    assert not calls, (
+        f"docs/plugins.md: the example {node.name} calls {calls}, a host sync every step; keep it on the device"
+    )
+
+
+def test_hooks_are_listed_in_one_document():
+    """A list of the hooks outside docs/plugins.md's reference drifts when a hook is added: other documents link to
+    it. A list is a paragraph or table naming most hooks as code (`encode`, `regularize(ctx, cfg, own)`)."""
+    root = DOC.parents[1]
+    listed = []
+    for path in [root / "README.md", *sorted((root / "docs").glob("*.md")), *sorted((root / "examples").rglob("*.md"))]:
+        if path == DOC:
+            continue
+        text = re.sub(r"^```.*?^```", lambda m: "\n" * m.group(0).count("\n"), path.read_text(), flags=re.S | re.M)
+        line = 1
+        for block in re.split(r"(\n\s*\n)", text):
+            named = {name for name in re.findall(r"`(\w+)[(`]", block) if name in HOOKS}
+            if len(named) > len(HOOKS) // 2:
+                listed.append(f"{path.relative_to(root)}:{line} names hooks {sorted(named)}")
+            line += block.count("\n")
+    assert not listed, (
+        "hooks are listed once, in docs/plugins.md#the-hooks-in-the-order-they-fire (checked against "
+        "framework/hookspecs.py); link to it instead:\n" + "\n".join(listed)
+    )
