@@ -263,10 +263,14 @@ def shards_main(argv: Sequence[str]) -> None:
 
 
 def plugins_main(argv: Sequence[str]) -> None:
-    """`plugins`: every plugin a recipe can name, the hooks it implements and its recipe section."""
+    """`plugins`: every plugin a recipe can name, the hooks it implements and its recipe section.
+
+    Every plugin is listed; if one fails to load, the command says which on stderr and exits 2, so a
+    broken install fails a CI job or a cluster's pre-flight check instead of passing it."""
     from framework.manager import PluginHooks
     from framework.registry import PluginError, discover
 
+    broken = []
     for name, origin in sorted(discover().items()):
         try:
             hooks = PluginHooks([name], require_encoder=False)
@@ -274,11 +278,14 @@ def plugins_main(argv: Sequence[str]) -> None:
             implemented = ", ".join(hooks.implemented_hooks()[name])
         except PluginError as exc:
             print(f"{name}  ({origin})\n  error: {exc}")
+            broken.append(one_line(exc))
             continue
         print(f"{name}  ({origin})\n  hooks: {implemented}")
         for field, info in schema.model_fields.items():
             default = "required" if info.is_required() else f"default {info.default!r}"
             print(f"  plugins.{name}.{field}: {getattr(info.annotation, '__name__', info.annotation)} ({default})")
+    if broken:
+        _fail(f"{len(broken)} plugin(s) failed to load, a recipe naming them cannot run: {'; '.join(broken)}")
 
 
 def export_main(argv: Sequence[str]) -> None:

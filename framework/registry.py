@@ -78,9 +78,8 @@ def check_names(names: Iterable[str]) -> None:
 def load_plugin(name: str) -> object:
     """Import the plugin a recipe calls `name`: the built-in module or the entry point that claims it."""
     ep = _entry_point(name, _sources())
-    if ep is None:
-        return importlib.import_module(f"plugins.{name}")
+    where = f"module plugins.{name}" if ep is None else f"entry point {ep.value}"
     try:
-        return ep.load()
-    except Exception as exc:  # an installed plugin that fails to import
-        raise PluginError(f"plugin {name!r}: entry point {ep.value} failed to load: {exc}") from exc
+        return importlib.import_module(f"plugins.{name}") if ep is None else ep.load()
+    except Exception as exc:  # a plugin that fails to import (a missing dependency, a bug at import time)
+        raise PluginError(f"plugin {name!r}: {where} failed to load: {type(exc).__name__}: {exc}") from exc

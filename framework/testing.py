@@ -159,8 +159,16 @@ def step_context(
     preview: bool = False,
 ) -> Any:
     """A `framework.StepContext` for a plugin's unit test, without a model: `ctx.encode(name)` is
-    `encode(views[name])` (cached per view), `ctx.decode(encoding)` is `decode(encoding)`."""
+    `encode(views[name])` (cached per view), `ctx.decode(encoding)` is `decode(encoding)`.
+
+    `recipe` is what `tiny_recipe` returns (validated here, its shards unchecked, so `ctx.config` is a
+    `Recipe` and `ctx.config.plugins[name]` a plugin's section, as in a run), or any object standing for
+    `ctx.config` (a validated `Recipe`, or a stub with only the fields the hook reads)."""
+    from framework.recipe.loading import validate
     from framework.types import StepContext
+
+    if isinstance(recipe, dict):
+        recipe = validate(recipe, check_data=False)[0]
 
     def no_model(*_: Any) -> Any:
         raise AssertionError("this test context has no encode/decode function")

@@ -29,6 +29,7 @@ broken reference of each kind, so the check above cannot pass by finding nothing
 
 from __future__ import annotations
 
+import difflib
 import fnmatch
 import posixpath
 import re
@@ -133,6 +134,8 @@ class Checker:
             self.by_name.setdefault(Path(f).name, []).append(f)
         self.folders = {parent.as_posix() for f in self.files for parent in PurePosixPath(f).parents}
         self._anchors: dict[str, set[str]] = {}
+        # (document, missing anchor) -> where it is referenced: a renamed heading is one problem, not one per use
+        self.missing_anchors: dict[tuple[str, str], list[str]] = {}
 
     def anchors_of(self, rel: str) -> set[str]:
         if rel not in self._anchors:
@@ -153,7 +156,7 @@ class Checker:
         if "/" not in mention:
             return self.by_name.get(mention, [])
         candidates = [self.root / mention, (self.root / source).parent / mention]
-        return [rel for rel in (self._relative(c) for c in candidates) if rel is not None]
+        return sorted({rel for rel in (self._relative(c) for c in candidates) if rel is not None})
 
     def _exists(self, rel: str) -> bool:
         """`rel` (a path or a glob, from the root) names a file or folder of the tree."""
@@ -196,7 +199,7 @@ class Checker:
             if not targets:
                 found.append(f"{source}:{line}: {mention} does not exist in the repository")
             elif anchor and not any(anchor in self.anchors_of(t) for t in targets):
-                found.append(f"{source}:{line}: {mention} has no heading for #{anchor}")
+                self.missing_anchors.setdefault((" or ".join(targets), anchor), []).append(f"{source}:{line}")
         for match in PATH.finditer(text):
             line = text.count("\n", 0, match.start()) + 1
             for path in self._missing_paths(source, match.group(1).rstrip(".,;:-")):
@@ -205,7 +208,7 @@ class Checker:
 
     def _link_problems(self, source: str, text: str) -> list[str]:
         found = []
-        prose = CODE_SPAN.sub("", FENCE.sub("", text))
+        prose = CODE_SPAN.sub("", FENCE.sub(lambda m: "\n" * m.group(0).count("\n"), text))
         for match in LINK.finditer(prose):
             target = match.group(1)
             if SCHEME.match(target):
@@ -215,14 +218,28 @@ class Checker:
             if rel is None:
                 found.append(f"{source}: link to {target}: {path} does not exist in the repository")
             elif anchor and rel.endswith(".md") and anchor not in self.anchors_of(rel):
-                found.append(f"{source}: link to {target}: {rel} has no heading for #{anchor}")
+                line = prose.count("\n", 0, match.start()) + 1
+                self.missing_anchors.setdefault((rel, anchor), []).append(f"{source}:{line}")
+        return found
+
+    def anchor_problems(self) -> list[str]:
+        """One line per missing anchor: the document, the anchor, its closest headings, every place using it."""
+        found = []
+        for (documents, anchor), uses in sorted(self.missing_anchors.items()):
+            existing = set().union(*(self.anchors_of(d) for d in documents.split(" or ")))
+            close = sorted(existing, key=lambda a: -difflib.SequenceMatcher(None, anchor, a).ratio())[:3]
+            found.append(
+                f"{documents} has no heading for #{anchor} (renamed? its closest: "
+                f"{', '.join('#' + a for a in close) or 'none'}); point these {len(uses)} reference(s) to the "
+                f'heading\'s new anchor, or add an <a id="{anchor}"></a> beside it: {", ".join(uses)}'
+            )
         return found
 
 
 def broken_references(root: Path, files: Iterable[str]) -> list[str]:
     """One line per broken document reference in `files` (paths relative to `root`)."""
     checker = Checker(root, files)
-    return [problem for source in checker.files for problem in checker.problems(source)]
+    return [problem for source in checker.files for problem in checker.problems(source)] + checker.anchor_problems()
 
 
 def test_every_document_reference_resolves():
@@ -333,4 +350,18 @@ def test_a_tree_of_valid_references_passes(tmp_path):
 @pytest.mark.parametrize("kind", sorted(BROKEN))
 def test_detects_each_kind_of_broken_reference(tmp_path, kind):
     problems = broken_references(tmp_path, write_tree(tmp_path, BROKEN[kind]))
-    assert len(problems) == 1 and problems[0].startswith("guide."), problems
+    guide = "guide@md".replace(
+        "@md", ".md"
+    )  # the broken reference is in the guide: its line, or a missing anchor's use
+    assert len(problems) == 1 and (problems[0].startswith(guide) or f"beside it: {guide}:" in problems[0]), problems
+
+
+def test_a_renamed_heading_is_one_problem_naming_its_closest_headings_and_every_use(tmp_path):
+    files = write_tree(tmp_path, "See [x](sub/other@md#deep-parts).\n\nAnd [y](sub/other@md#deep-parts).")
+    (tmp_path / "code.py").write_text('"""See sub/other@md#deep-parts."""\n'.replace("@md", ".md"))
+    message = (
+        "sub/other@md has no heading for #deep-parts (renamed? its closest: #deep-part, #other); point these 3 "
+        'reference(s) to the heading\'s new anchor, or add an <a id="deep-parts"></a> beside it: code.py:1, '
+        "guide@md:13, guide@md:15"
+    )
+    assert broken_references(tmp_path, files) == [message.replace("@md", ".md")]

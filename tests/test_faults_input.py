@@ -4,6 +4,9 @@ keys DeepSpeed would silently ignore, an empty output folder, an export to where
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import yaml
@@ -11,7 +14,7 @@ import yaml
 from framework.logging import read_metrics
 from framework.recipe.loading import RecipeError, apply_overrides, load_recipe, validate
 from framework.testing import CONV28, run_steps, tiny_recipe, tiny_shards, write_recipe
-from tests.helpers import ROOT, asset_samples, one_line
+from tests.helpers import AUGSSL_CLI, ENV, ROOT, asset_samples, one_line
 
 NO_SHARDS = {"train": "none.tar", "test": "none.tar"}
 
@@ -181,3 +184,24 @@ def test_no_vae_head_beside_a_plugin_that_needs_one_is_one_line_and_creates_noth
     line = one_line([recipe])
     assert "plugins.backbones: Value error, latent_dim: null builds no VAE head, and plugins kl need one" in line
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_augssl_plugins_fails_when_an_installed_plugin_does_not_load(tmp_path):
+    """A plugin whose import fails (a missing dependency) is listed with its error, and the command exits 2 with
+    one line naming it: `augssl plugins` as a CI or pre-flight check must not pass on a broken install."""
+    (tmp_path / "broken_plugin.py").write_text("import augssl_missing_dependency\n")
+    dist = tmp_path / "augssl_broken-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: augssl-broken\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[augssl]\nbroken = broken_plugin\n")
+    env = {**ENV, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)])}
+    proc = subprocess.run(
+        [sys.executable, "-c", AUGSSL_CLI, "plugins"], capture_output=True, text=True, timeout=300, env=env, cwd=ROOT
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "broken  (entry point broken_plugin (augssl-broken))\n  error: plugin 'broken'" in proc.stdout
+    assert "kl  (built-in)\n  hooks:" in proc.stdout  # the others are still listed
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("augssl: error: 1 plugin(s) failed to load"), proc.stderr
+    assert "plugin 'broken': entry point broken_plugin failed to load: ModuleNotFoundError" in lines[0]

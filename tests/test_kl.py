@@ -6,6 +6,9 @@ import pytest
 import torch
 from torch.distributions import Normal, kl_divergence
 
+from framework import Encoding
+from framework.testing import CONV28, step_context, tiny_recipe
+from plugins import kl
 from plugins.kl import KLConfig, beta_at
 from plugins.vae_terms import bernoulli_nll, gaussian_nll, kl_standard_normal, reconstruction_nll
 
@@ -36,3 +39,19 @@ def test_beta_warmup_and_cycles():
     assert [beta_at(s, warm) for s in (0, 5, 10, 20)] == [0, 1, 2, 2]
     cyc = KLConfig(beta=1, warmup_steps=4, cycle_steps=8)
     assert [beta_at(s, cyc) for s in (0, 2, 4, 7, 8, 10)] == [0, 0.5, 1, 1, 0, 0.5]
+
+
+def test_a_hook_unit_test_needs_only_tiny_recipe(tmp_path):
+    """`step_context` takes the recipe data `tiny_recipe` returns, as docs/plugins.md shows, and gives the hook
+    what a run gives it: `ctx.config` a validated `Recipe`, its sections the plugins' own config classes."""
+    data = tiny_recipe(tmp_path, {"train": "none.tar", "test": "none.tar"}, plugins={"backbones": CONV28, "kl": {}})
+
+    def encode(view: torch.Tensor) -> Encoding:
+        z = view.flatten(1)
+        return Encoding(h=z, mu=z, logvar=torch.zeros_like(z), z=z)
+
+    x = torch.rand(4, 1, 28, 28)
+    ctx = step_context(data, {"x": x}, encode=encode, decode=lambda enc: enc.z.view(-1, 1, 28, 28))
+    assert ctx.config.providers("elbo_x") == ["kl"] and isinstance(ctx.config.plugins["kl"], KLConfig)
+    terms = kl.regularize(ctx=ctx, cfg=ctx.config.plugins["kl"])
+    assert set(terms) == {"recon", "kl"} and all(torch.isfinite(t) for t in terms.values())

@@ -2,59 +2,44 @@
 
 The import graph is read from the source (every import statement, at any depth, `if TYPE_CHECKING:`
 ones included; importing `a.b.c` also imports the packages `a` and `a.b`), so a lazy import
-cannot hide a cycle and a new module must be given its place in `LAYERS`.
+cannot hide a cycle. The layers are read from the table in docs/architecture.md, so the picture
+there is the rule here: a new module is given its place in that table, and each failure says what
+to change and where.
 """
 
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
+
+import pytest
 
 import framework
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# A module may import only modules of lower layers; docs/architecture.md draws the same picture.
-LAYERS: dict[str, int] = {
-    # leaves: import nothing of the framework
-    "framework.errors": 0,
-    "framework.registry": 0,
-    "framework.precision": 0,
-    "framework.preemption": 0,
-    "framework.views": 0,
-    "framework.data.sources": 0,
-    "framework.recipe.schema": 0,
-    "framework.recipe": 0,
-    "framework.eval.classifiers": 0,
-    # the plugin contract, processes, shard files
-    "framework.types": 1,
-    "framework.distributed": 1,
-    "framework.data.shards": 1,
-    "framework.plots": 1,
-    "framework.schedules": 1,
-    "framework.hookspecs": 2,
-    "framework.data.pipeline": 2,
-    # plugins and the stream
-    "framework.manager": 3,
-    "framework.data.stream": 3,
-    "framework.model": 4,
-    "framework.data": 4,
-    # what a run uses
-    "framework.optim": 5,
-    "framework.logging": 5,
-    "framework.recipe.loading": 5,
-    "framework.eval.features": 5,
-    "framework.checkpoint": 6,
-    "framework.runfolder": 7,
-    "framework.eval.report": 7,
-    "framework.export": 7,
-    "framework.eval": 8,
-    # the loop, and what users call
-    "framework.engine": 9,
-    "framework.cli": 10,
-    "framework.testing": 10,
-    "framework": 10,
-}
+ARCHITECTURE = ROOT / "docs" / "architecture.md"
+TABLE = "docs/architecture.md's layer table (section 'The layers')"
+
+
+def documented_layers(text: str) -> dict[str, int]:
+    """`{module: layer}` from the layer table of docs/architecture.md, the one place the layers are written:
+    each row is `| layer | modules | imports |`, every `code span` of its modules cell a module under
+    `framework.` (`framework` itself is the package)."""
+    section = text.split("## The layers", 1)[1].split("\n## ", 1)[0]
+    layers: dict[str, int] = {}
+    for row in re.findall(r"^\|\s*(\d+)\s*\|([^|]*)\|", section, re.M):
+        for name in re.findall(r"`([\w.]+)`", row[1]):
+            module = name if name == "framework" else f"framework.{name}"
+            assert module not in layers, f"{TABLE}: `{name}` is in layers {layers[module]} and {row[0]}; keep one"
+            layers[module] = int(row[0])
+    assert layers, f"{TABLE}: no row `| layer | modules | imports |` found; the layer tests read it"
+    return layers
+
+
+# A module may import only modules of lower layers.
+LAYERS = documented_layers(ARCHITECTURE.read_text(encoding="utf-8"))
 
 
 def modules(package: str) -> dict[str, Path]:
@@ -92,14 +77,34 @@ def imports(path: Path, name: str) -> set[str]:
 GRAPH = {name: imports(path, name) for name, path in KNOWN.items()}
 
 
+def _layer_hint(module: str) -> str:
+    """Where a module without a layer goes: above everything it imports, below everything importing it."""
+    below = {d: LAYERS[d] for d in GRAPH[module] if d in LAYERS}
+    above = {m: LAYERS[m] for m, deps in GRAPH.items() if module in deps and m in LAYERS}
+    lowest = max(below.values(), default=-1) + 1
+    highest = min(above.values(), default=max(LAYERS.values())) - (1 if above else 0)
+    imports = ", ".join(f"{d} ({n})" for d, n in sorted(below.items())) or "no framework module"
+    users = ", ".join(f"{m} ({n})" for m, n in sorted(above.items())) or "nothing yet"
+    short = module.removeprefix("framework.")
+    if lowest > highest:
+        where = f"no layer fits: it must sit above {lowest - 1} and below {highest + 1}; move an import or split it"
+    else:
+        span = f"layer {lowest}" if lowest == highest else f"a layer from {lowest} to {highest} (the lowest: {lowest})"
+        where = f"add `{short}` to {span} in {TABLE}"
+    return f"{module} has no layer: {where}. It imports {imports}; imported by {users}."
+
+
 def test_every_framework_module_has_a_layer():
     missing = sorted(m for m in KNOWN if m.startswith("framework") and m not in LAYERS)
-    assert not missing, f"give these modules a layer in tests/test_layers.py and docs/architecture.md: {missing}"
+    assert not missing, "\n".join(_layer_hint(m) for m in missing)
+    gone = sorted(m for m in LAYERS if m not in KNOWN)
+    assert not gone, f"{TABLE} names modules that do not exist: {gone}; remove them from it"
 
 
 def test_each_module_imports_only_lower_layers():
     wrong = [
-        f"{m} (layer {LAYERS[m]}) imports {d} (layer {LAYERS[d]})"
+        f"{m} (layer {LAYERS[m]}) imports {d} (layer {LAYERS[d]}): in {TABLE}, move {d} below layer {LAYERS[m]} "
+        f"or {m} above layer {LAYERS[d]} if nothing else forbids it; else import something lower"
         for m, deps in GRAPH.items()
         if m in LAYERS
         for d in sorted(deps)
@@ -115,8 +120,11 @@ def test_the_import_graph_has_no_cycle():
         state[node] = 1
         for dep in sorted(GRAPH[node]):
             if state.get(dep) == 1:
-                cycle = path[path.index(dep) :] + [dep]
-                raise AssertionError("import cycle: " + " -> ".join(cycle))
+                cycle = " -> ".join(path[path.index(dep) :] + [dep])
+                raise AssertionError(
+                    f"import cycle: {cycle}. Lazy and TYPE_CHECKING imports count too; break the cycle by moving "
+                    "what both need into a lower module (docs/architecture.md: 'Two choices keep the graph a DAG')"
+                )
             if dep not in state:
                 visit(dep, [*path, dep])
         state[node] = 2
@@ -124,6 +132,19 @@ def test_the_import_graph_has_no_cycle():
     for start in sorted(GRAPH):
         if start not in state:
             visit(start, [start])
+
+
+def test_the_layer_table_is_parsed_as_written():
+    """The parser reads a row's every module and refuses a module written in two rows."""
+    text = "## The layers\n\n| layer | modules | imports |\n|---|---|---|\n| 0 | `a`, `b.c` (and `b`) | x |\n"
+    assert documented_layers(text + "| 1 | `framework` | y |\n\n## Next\n| 5 | `z` | |\n") == {
+        "framework.a": 0,
+        "framework.b.c": 0,
+        "framework.b": 0,
+        "framework": 1,
+    }
+    with pytest.raises(AssertionError, match="`a` is in layers 0 and 1; keep one"):
+        documented_layers(text + "| 1 | `a` | y |\n")
 
 
 def test_the_framework_knows_no_method():
