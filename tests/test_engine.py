@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from framework import checkpoint, hookimpl
-from framework.engine import TrainingError
+from framework.engine import TrainingError, nonfinite_flag
 from framework.logging import read_metrics
 from framework.optim import lr_factor
 from framework.recipe import TrainConfig
@@ -127,3 +127,19 @@ def test_lr_schedule():
     assert lr_factor(2, cfg) == pytest.approx(1.0) and lr_factor(10, cfg) == pytest.approx(0.0)
     assert lr_factor(6, cfg) == pytest.approx(0.5)
     assert lr_factor(7, TrainConfig(steps=10, lr=1.0)) == 1.0
+
+
+def test_the_nonfinite_weight_check_skips_zero3_partition_padding():
+    """Under ZeRO-3 a rank holds `ds_tensor`, its partition of each parameter; the last rank's is padded with
+    memory DeepSpeed allocates and never writes, which may hold NaNs (a healthy ZeRO-3 run was stopped as
+    'non-finite' now and then). Only the values the partition really holds count."""
+    model = torch.nn.Linear(2, 3)
+    last = model.weight  # 6 values over 2 ranks of 4: rank 1 holds values 4-5, then 2 of padding
+    last.ds_tensor, last.ds_numel, last.ds_zero_partition_rank = torch.tensor([1.0, 2.0, math.nan, math.inf]), 6, 1
+    assert nonfinite_flag(model).item() == 0.0
+    last.ds_tensor[1] = math.nan  # a held value
+    assert nonfinite_flag(model).item() == 1.0
+    first = model.bias  # rank 0 of 2: all 2 of its values held
+    first.ds_tensor, first.ds_numel, first.ds_zero_partition_rank = torch.tensor([0.0, math.inf]), 3, 0
+    last.ds_tensor[1] = 2.0
+    assert nonfinite_flag(model).item() == 1.0
