@@ -112,7 +112,7 @@ def held(param: torch.nn.Parameter) -> torch.Tensor:
     if part is None:
         return param
     start = part.numel() * getattr(param, "ds_zero_partition_rank", 0)
-    return part.narrow(0, 0, max(0, min(part.numel(), param.ds_numel - start)))
+    return part.narrow(0, 0, max(0, min(part.numel(), param.ds_numel - start)))  # type: ignore[attr-defined]
 
 
 def fetched(loader: Iterable[dict], rank: int) -> Iterator[tuple[dict | None, DataWorkerDied | None]]:
