@@ -6,8 +6,11 @@ here, and nothing else distributed. Only this module and the engine touch Accele
 
 from __future__ import annotations
 
+import atexit
 import importlib.util
 import os
+import sys
+import traceback
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from datetime import timedelta
@@ -84,6 +87,39 @@ def collective(what: str) -> Iterator[None]:
         else:
             raise
         raise CollectiveTimeout(f"rank {rank()} of {world_size()}: {what}: {why}") from None
+
+
+@contextmanager
+def ends_without_finalizing(env: Mapping[str, str] = os.environ) -> Iterator[None]:
+    """The main block of a process of a multi-process launch (`WORLD_SIZE` > 1): the process then ends
+    with the block's status (0; a SystemExit's code; 1 after an exception's traceback), once its
+    process group is left, the atexit handlers have run and the streams are flushed, without the
+    interpreter's finalization. One process: an ordinary block.
+
+    Finalization can abort a process whose work succeeded: objects holding gloo's or DeepSpeed's
+    collective work and threads are then destroyed while the interpreter is torn down ("terminate
+    called without an active exception", SIGABRT), and the launcher fails the whole launch (about
+    once per slow test tier, after ZeRO-3 runs that had checkpointed their last step; see
+    pytorch/pytorch#190489 and pytorch/pytorch#179291)."""
+    if int(env.get("WORLD_SIZE", "1")) <= 1:
+        yield
+        return
+    status = 1
+    try:
+        yield
+        status = 0
+    except SystemExit as exc:
+        status = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
+        if isinstance(exc.code, str):
+            print(exc.code, file=sys.stderr)
+    except BaseException:
+        traceback.print_exc()
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    atexit._run_exitfuncs()  # what a normal exit runs first (logging's flush, multiprocessing's children)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 def _deepspeed_without_transformers() -> None:

@@ -11,6 +11,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from framework.cli import eval_main  # noqa: E402
+from framework.distributed import ends_without_finalizing  # noqa: E402
 
 if __name__ == "__main__":
-    eval_main(sys.argv[1:])
+    with ends_without_finalizing():  # a launch's process: no finalization (its docstring)
+        eval_main(sys.argv[1:])

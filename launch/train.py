@@ -16,8 +16,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout without install
 
 from framework.cli import train_main  # noqa: E402
+from framework.distributed import ends_without_finalizing  # noqa: E402
 from framework.preemption import exit_status_file  # noqa: E402
 
 if __name__ == "__main__":
-    with exit_status_file():
+    with ends_without_finalizing(), exit_status_file():  # a launch's process: no finalization (its docstring)
         train_main(sys.argv[1:])

@@ -44,4 +44,5 @@ class RecordEMA:
 
 if __name__ == "__main__":
     recipe, hooks = load_recipe(sys.argv[1], sys.argv[2:], extra_plugins={"record": RecordEMA()})
-    train(recipe, hooks)
+    with distributed.ends_without_finalizing():  # as launch/train.py
+        train(recipe, hooks)

@@ -38,4 +38,5 @@ class DumpState:
 if __name__ == "__main__":
     recipe, hooks = load_recipe(sys.argv[1], sys.argv[2:])
     hooks.pm.register(DumpState(), name="dump")  # not a recipe plugin: the run's recipe stays evaluable
-    train(recipe, hooks)
+    with distributed.ends_without_finalizing():  # as launch/train.py
+        train(recipe, hooks)

@@ -72,5 +72,5 @@ if __name__ == "__main__":
     if os.environ.get("AUGSSL_TEST_FREEZE"):  # a plugin dropping one head's gradients in on_after_backward
         extra["freeze"] = FrozenHead()
     recipe, hooks = load_recipe(sys.argv[1], sys.argv[2:], extra_plugins=extra)
-    with exit_status_file():  # as launch/train.py
+    with distributed.ends_without_finalizing(), exit_status_file():  # as launch/train.py
         train_or_exit(recipe, hooks)

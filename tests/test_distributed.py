@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
 from framework.logging import read_metrics
 from framework.testing import tiny_recipe, write_recipe
-from tests.helpers import accelerate_launch, assert_only_frozen_kept, ddp_args
+from tests.helpers import ENV, ROOT, accelerate_launch, assert_only_frozen_kept, ddp_args
 
 
 @pytest.mark.slow
@@ -39,3 +42,36 @@ def test_on_after_backward_sees_reduced_gradients_under_ddp(tmp_path, fmnist_sha
         assert_only_frozen_kept(weights, "freeze", start)
     for step in (0, 1):
         assert torch.equal(torch.load(out / f"grad_rank0_step{step}.pt"), torch.load(out / f"grad_rank1_step{step}.pt"))
+
+
+# A process whose interpreter finalization aborts (as gloo's and DeepSpeed's leftovers sometimes make it do, after
+# a run that succeeded): an object whose __del__ calls os.abort() when the module's globals are cleared.
+FINALIZATION_ABORTS = """
+import atexit, os, sys
+from framework.distributed import ends_without_finalizing
+class AbortsWhenFinalized:
+    def __del__(self):
+        os.abort()
+leftover = AbortsWhenFinalized()
+atexit.register(lambda: print("atexit ran", flush=True))
+with ends_without_finalizing():
+    print("working")
+    if sys.argv[1] == "raise":
+        raise RuntimeError("a failure of its own")
+    if sys.argv[1] != "ok":
+        raise SystemExit(int(sys.argv[1]))
+"""
+
+
+@pytest.mark.parametrize(("how", "status"), [("ok", 0), ("75", 75), ("raise", 1)])
+def test_a_launched_process_ends_with_its_status_whatever_finalization_would_do(how, status):
+    """Under a multi-process launch the block's status is the process's (0, SystemExit's, 1 with the traceback),
+    after the atexit handlers and with the output flushed; the interpreter's finalization, which would abort
+    (SIGABRT, the launcher failing the launch), never runs. One process keeps the ordinary exit (and aborts)."""
+    run = [sys.executable, "-c", FINALIZATION_ABORTS, how]
+    proc = subprocess.run(run, capture_output=True, text=True, timeout=300, env={**ENV, "WORLD_SIZE": "2"}, cwd=ROOT)
+    assert proc.returncode == status, proc.stderr
+    assert proc.stdout == "working\natexit ran\n"
+    assert ("RuntimeError: a failure of its own" in proc.stderr) == (how == "raise")
+    alone = subprocess.run(run, capture_output=True, text=True, timeout=300, env={**ENV, "WORLD_SIZE": "1"}, cwd=ROOT)
+    assert alone.returncode < 0, "the attack: without the launch, finalization aborts"
