@@ -42,6 +42,12 @@ needs_fashion_mnist = pytest.mark.skipif(not FASHION_MNIST_DIR.is_dir(), reason=
 AUGSSL_CLI = "import sys; from framework.cli import main; sys.argv[0] = 'augssl'; main()"  # `augssl` uninstalled
 
 
+def augssl(*args: Any, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """The `augssl` command (uninstalled: `AUGSSL_CLI`), run to its end with `env` (default `ENV`) in the repository."""
+    command = [sys.executable, "-c", AUGSSL_CLI, *map(str, args)]
+    return subprocess.run(command, capture_output=True, text=True, timeout=300, env=env or ENV, cwd=ROOT)
+
+
 def one_line(args: list[Any], script: str = "train.py") -> str:
     """Run `launch/<script> args` (`script="augssl"`: the `augssl` command); assert it fails with exit 2 and one
     `augssl: error:` line, and return it."""

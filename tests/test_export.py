@@ -5,8 +5,6 @@ accuracies measured on the exported encoder."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -18,7 +16,7 @@ from torch import nn
 from framework.checkpoint import complete_checkpoints, load_run
 from framework.cli import eval_main, main
 from framework.testing import run_steps, tiny_recipe, tiny_shards
-from tests.helpers import AUGSSL_CLI, ENV, ROOT, one_line
+from tests.helpers import augssl, one_line
 
 
 def test_exported_resnet18_loads_into_torchvision_strictly(tmp_path, capsys):
@@ -79,14 +77,7 @@ def test_the_model_card_never_takes_the_weights_path_nor_replaces_a_file_augssl_
 
     notes.unlink()
     for again in (False, True):  # an earlier export's card is replaced, with one line
-        proc = subprocess.run(
-            [sys.executable, "-c", AUGSSL_CLI, "export", str(out), "--out", str(weights)],
-            capture_output=True,
-            text=True,
-            timeout=300,
-            env=ENV,
-            cwd=ROOT,
-        )
+        proc = augssl("export", out, "--out", weights)
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert json.loads(proc.stdout)["card"] == str(notes) and load_file(weights)
         replaced = [line for line in proc.stderr.splitlines() if line.startswith("augssl:")]

@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from framework import checkpoint, runfolder
 from framework.logging import read_metrics
 from framework.testing import run_steps, tiny_recipe, write_recipe
-from tests.helpers import AUGSSL_CLI, ENV, LAUNCH, ROOT, ddp_args, final_weights, one_line
+from tests.helpers import ENV, LAUNCH, ROOT, augssl, ddp_args, final_weights, one_line
 
 TRAIN = ROOT / "launch" / "train.py"
 
@@ -363,12 +363,6 @@ def test_two_processes_checkpoint_with_checksums_fall_back_and_stop_together_on_
 # ---------------------------------------------------------------------------
 # The read side: augssl eval and augssl export
 # ---------------------------------------------------------------------------
-
-
-def augssl(*args) -> subprocess.CompletedProcess:
-    """The `augssl` command, run to its end."""
-    cmd = [sys.executable, "-c", AUGSSL_CLI, *map(str, args)]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=ENV, cwd=ROOT)
 
 
 def notes(proc: subprocess.CompletedProcess) -> list[str]:

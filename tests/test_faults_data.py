@@ -31,7 +31,7 @@ from framework.data.sources import fashion_mnist
 from framework.testing import data_section, tiny_recipe, write_recipe
 from framework.types import View
 from framework.views import FASHION_MNIST_STATS, clean_view
-from tests.helpers import AUGSSL_CLI, ENV, asset_samples, bomb_png, needs_fashion_mnist, one_line
+from tests.helpers import AUGSSL_CLI, ENV, asset_samples, augssl, bomb_png, needs_fashion_mnist, one_line
 
 ROOT = Path(__file__).resolve().parents[1]
 X = {"x": View(clean_view(28, *FASHION_MNIST_STATS, channels=1))}
@@ -445,14 +445,7 @@ def test_shards_over_a_folder_of_link_loops_list_each_image_once(tmp_path):
     (folder / "c0" / "self2").symlink_to(".")
     (folder / "c1" / "root").symlink_to("..")
     out = tmp_path / "out"
-    proc = subprocess.run(
-        [sys.executable, "-c", AUGSSL_CLI, "shards", "imagefolder", folder, "--out", out / "t-%02d.tar"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=ENV,
-        cwd=ROOT,
-    )
+    proc = augssl("shards", "imagefolder", folder, "--out", out / "t-%02d.tar")
     assert proc.returncode == 0, proc.stderr[-2000:]
     labels = [int(r["cls"]) for r in tar_records(str(out / "t-00.tar"))]
     assert labels == [0] * 8 + [1] * 8

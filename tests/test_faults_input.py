@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import math
 import os
-import subprocess
-import sys
 
 import pytest
 import yaml
@@ -14,7 +12,7 @@ import yaml
 from framework.logging import read_metrics
 from framework.recipe.loading import RecipeError, apply_overrides, load_recipe, validate
 from framework.testing import CONV28, run_steps, tiny_recipe, tiny_shards, write_recipe
-from tests.helpers import AUGSSL_CLI, ENV, ROOT, asset_samples, one_line
+from tests.helpers import ENV, ROOT, asset_samples, augssl, one_line
 
 NO_SHARDS = {"train": "none.tar", "test": "none.tar"}
 
@@ -196,9 +194,7 @@ def test_augssl_plugins_fails_when_an_installed_plugin_does_not_load(tmp_path):
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: augssl-broken\nVersion: 0.1\n")
     (dist / "entry_points.txt").write_text("[augssl]\nbroken = broken_plugin\n")
     env = {**ENV, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)])}
-    proc = subprocess.run(
-        [sys.executable, "-c", AUGSSL_CLI, "plugins"], capture_output=True, text=True, timeout=300, env=env, cwd=ROOT
-    )
+    proc = augssl("plugins", env=env)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "broken  (entry point broken_plugin (augssl-broken))\n  error: plugin 'broken'" in proc.stdout
     assert "kl  (built-in)\n  hooks:" in proc.stdout  # the others are still listed
