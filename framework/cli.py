@@ -105,16 +105,6 @@ def train_or_exit(recipe, hooks) -> None:
         _fail_if_bad_input(exc, f"rank {rank()}: " if world_size() > 1 else "")
 
 
-def _end_process_group() -> None:
-    """Leave the launch's process group, if any, before the interpreter ends: a gloo process that exits
-    with it still up may abort at finalization ("terminate called without an active exception",
-    exit -6) and fail the launch of an evaluation that succeeded (pytorch/pytorch#190489)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-
-
 def eval_main(argv: Sequence[str]) -> None:
     """`eval OUTPUT_DIR [OUTPUT_DIR ...] [--protocol fast|linear|knn|all]`: classifiers on runs' frozen
     encoders beside the same classifiers on raw pixels; writes each run's eval.json. Under
@@ -142,11 +132,11 @@ def eval_main(argv: Sequence[str]) -> None:
     args = parser.parse_args(argv)
     if args.checkpoint and len(args.output_dirs) > 1:
         _fail("--checkpoint names one run's checkpoint: give one output_dir")
-    from framework.distributed import process_state
+    from framework.distributed import leave_process_group, process_state
     from framework.eval.report import PROTOCOLS, evaluate
 
     protocols = list(PROTOCOLS) if args.protocol == "all" else [args.protocol]
-    atexit.register(_end_process_group)
+    atexit.register(leave_process_group)  # before finalization: see its docstring
     rows = []
     for i, out in enumerate(args.output_dirs):
         try:

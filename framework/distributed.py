@@ -89,6 +89,14 @@ def collective(what: str) -> Iterator[None]:
         raise CollectiveTimeout(f"rank {rank()} of {world_size()}: {what}: {why}") from None
 
 
+def leave_process_group() -> None:
+    """Leave the launch's process group, if any, before the interpreter ends: a gloo process that exits
+    with it still up may abort at finalization ("terminate called without an active exception",
+    exit -6) and fail a launch that succeeded (pytorch/pytorch#190489)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 @contextmanager
 def ends_without_finalizing(env: Mapping[str, str] = os.environ) -> Iterator[None]:
     """The main block of a process of a multi-process launch (`WORLD_SIZE` > 1): the process then ends
@@ -114,8 +122,7 @@ def ends_without_finalizing(env: Mapping[str, str] = os.environ) -> Iterator[Non
             print(exc.code, file=sys.stderr)
     except BaseException:
         traceback.print_exc()
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    leave_process_group()
     atexit._run_exitfuncs()  # what a normal exit runs first (logging's flush, multiprocessing's children)
     sys.stdout.flush()
     sys.stderr.flush()
