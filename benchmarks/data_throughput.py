@@ -36,7 +36,7 @@ from framework.data import make_loader, shard_urls, split_normalize, tar_records
 from framework.testing import data_section, synthetic_samples  # noqa: E402
 from framework.types import View  # noqa: E402
 from framework.views import STL10_STATS, clean_view  # noqa: E402
-from plugins.augmentations import simclr_view  # noqa: E402
+from plugins.blocks import simclr_view  # noqa: E402
 
 SIZE, BATCH = 96, 64
 

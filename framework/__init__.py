@@ -36,25 +36,29 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from framework.distributed import full_parameters, gather_with_grad, rank, world_size
+    from framework.distributed import all_reduce, full_parameters, gather_with_grad, rank, world_size
     from framework.hookspecs import hookimpl
     from framework.precision import at_least_float32, full_precision
-    from framework.recipe.schema import PluginConfig, Recipe, needed_by
+    from framework.recipe.schema import PluginConfig, Recipe, capability, needed_by
     from framework.schedules import Scheduled
-    from framework.types import Encoding, StepContext, View, num_features
+    from framework.types import Encoding, StepContext, View, full_name, num_features
     from framework.views import ToMode, check_stats, denormalize, normalize, tensor_steps
 
 # Each name of the API and the module that defines it, imported on first use: `augssl train` and
 # `framework.cli` import this package first, and a bad recipe is answered before torch is imported.
 _MODULES = {
-    "framework.distributed": ("full_parameters", "gather_with_grad", "rank", "world_size"),
+    "framework.distributed": ("all_reduce", "full_parameters", "gather_with_grad", "rank", "world_size"),
     "framework.hookspecs": ("hookimpl",),
     "framework.precision": ("at_least_float32", "full_precision"),
-    "framework.recipe.schema": ("PluginConfig", "Recipe", "needed_by"),
+    "framework.recipe.schema": ("PluginConfig", "Recipe", "capability", "needed_by"),
     "framework.schedules": ("Scheduled",),
-    "framework.types": ("Encoding", "StepContext", "View", "num_features"),
+    "framework.types": ("Encoding", "StepContext", "View", "full_name", "num_features"),
     "framework.views": ("ToMode", "check_stats", "denormalize", "normalize", "tensor_steps"),
 }
+# The plugin API's version, (major, minor): a minor release adds names (here or in `plugins.blocks`), a
+# major one changes or removes one. A plugin that needs a name added in 1.2 may check `API_VERSION >= (1, 2)`.
+API_VERSION = (1, 0)
+
 _HOME = {name: module for module, names in _MODULES.items() for name in names}
 
 
@@ -69,6 +73,7 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
+    "API_VERSION",
     "Encoding",
     "PluginConfig",
     "Recipe",
@@ -76,9 +81,12 @@ __all__ = [
     "StepContext",
     "ToMode",
     "View",
+    "all_reduce",
     "at_least_float32",
+    "capability",
     "check_stats",
     "denormalize",
+    "full_name",
     "full_parameters",
     "full_precision",
     "gather_with_grad",

@@ -1,7 +1,7 @@
 """Everything that knows about processes: ranks, the Accelerator, cross-rank gathers.
 
-Plugins may use `rank()`, `world_size()`, `gather_with_grad()` and `full_parameters()` from
-here, and nothing else distributed. Only this module and the engine touch Accelerate.
+Plugins may use `rank()`, `world_size()`, `gather_with_grad()`, `all_reduce()` and `full_parameters()`
+from here, and nothing else distributed. Only this module and the engine touch Accelerate.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import traceback
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.distributed as dist
@@ -48,6 +48,20 @@ def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
     from torch.distributed.nn.functional import all_gather
 
     return torch.cat(all_gather(tensor.contiguous()), dim=0)
+
+
+@torch.no_grad()
+def all_reduce(tensor: torch.Tensor, op: Literal["sum", "mean", "max", "min"] = "mean") -> torch.Tensor:
+    """`tensor` reduced element-wise over every rank, as a new tensor without gradient (`tensor` is left alone):
+    a statistic every rank must agree on, such as DINO's centre (the mean of the teacher's outputs over the
+    global batch) or a metric. In one process, a copy of `tensor`."""
+    out = tensor.detach().clone()
+    if world_size() > 1 and dist.is_initialized():
+        reduce_op = {"sum": dist.ReduceOp.SUM, "mean": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}
+        dist.all_reduce(out, op=reduce_op.get(op, dist.ReduceOp.MIN))
+        if op == "mean":
+            out /= world_size()
+    return out
 
 
 def full_parameters(*modules: torch.nn.Module, modify: bool = False) -> AbstractContextManager:

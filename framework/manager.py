@@ -12,6 +12,7 @@ are refused at registration, in one line. Every error names the plugin and the h
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -23,12 +24,23 @@ from framework import hookspecs
 from framework.errors import one_line
 from framework.recipe.schema import PluginConfig
 from framework.registry import PluginError, load_plugin
-from framework.types import Encoding, StepContext, View, num_features
+from framework.types import Encoding, StepContext, View, check_short_name, full_name, num_features
 
 if TYPE_CHECKING:
     from framework.recipe.schema import Recipe
 
 __all__ = ["PluginError", "PluginHooks"]
+
+
+class Registration:
+    """One name's registration of a plugin: the plugin's hook implementations, on an object of its own (pluggy
+    registers an object once, and one module may be listed under two names: two entry points, two sections)."""
+
+    def __init__(self, plugin: object) -> None:
+        for attr in dir(plugin):
+            value = getattr(plugin, attr, None)
+            if callable(value) and getattr(value, f"{hookspecs.PROJECT}_impl", None) is not None:
+                setattr(self, attr, value)
 
 
 class PluginHooks:
@@ -45,7 +57,7 @@ class PluginHooks:
         plugins.update(extra or {})
         for name, plugin in plugins.items():
             try:
-                self.pm.register(plugin, name=name)
+                self.pm.register(Registration(plugin), name=name)
             except pluggy.PluginValidationError as exc:
                 raise PluginError(f"plugin {name!r}: {one_line(exc)}") from exc
         self._check_implementations()
@@ -111,12 +123,15 @@ class PluginHooks:
         return results
 
     @staticmethod
-    def _scope(config: Recipe, modules: nn.ModuleDict | None = None) -> Callable[[str], dict[str, Any]]:
-        """A plugin's scoped arguments: its own section `cfg` and (with `modules`) its own modules `own`."""
+    def _scope(
+        config: Recipe, modules: nn.ModuleDict | None = None, ctx: StepContext | None = None
+    ) -> Callable[[str], dict[str, Any]]:
+        """A plugin's scoped arguments: its own section `cfg`, (with `modules`) its own modules `own` and (with
+        `ctx`) its own view of the step context, in which its views, metrics and images have short names."""
 
         def scope(name: str) -> dict[str, Any]:
             own = modules[name] if modules is not None and name in modules else nn.ModuleDict()
-            return {"cfg": config.plugins.get(name), "own": own}
+            return {"cfg": config.plugins.get(name), "own": own, "ctx": ctx.scoped(name) if ctx is not None else None}
 
         return scope
 
@@ -170,12 +185,20 @@ class PluginHooks:
         return encoder
 
     def augment(self, config: Recipe) -> dict[str, View]:
-        """All views, by full name `<plugin>.<view>`."""
+        """All views, by full name `<plugin>.<view>`; a `source` naming the plugin's own view by its short
+        name is given the full one."""
         views: dict[str, View] = {}
         for plugin, named in self._collect("augment", dict, self._scope(config), config=config).items():
+            where = f"plugin {plugin!r}, hook 'augment'"
             for key, view in named.items():
+                try:
+                    check_short_name(plugin, key, "view")
+                except ValueError as exc:
+                    raise PluginError(f"{where}: {exc}") from None
                 if not isinstance(view, View):
-                    raise PluginError(f"plugin {plugin!r}, hook 'augment': view {key!r} is not a framework.View")
+                    raise PluginError(f"{where}: view {key!r} is not a framework.View")
+                if view.source is not None:
+                    view = dataclasses.replace(view, source=full_name(plugin, view.source))
                 views[f"{plugin}.{key}"] = view
         return views
 
@@ -186,7 +209,7 @@ class PluginHooks:
         assert self.encoder_plugin is not None
         (impl,) = self._impls("encode")
         return self._call(
-            "encode", impl, modules=modules, view=view, ctx=ctx, **self._scope(config, modules)(impl.plugin_name)
+            "encode", impl, modules=modules, view=view, **self._scope(config, modules, ctx)(impl.plugin_name)
         )
 
     def decode(
@@ -196,20 +219,14 @@ class PluginHooks:
         if self.decoder_plugin is None:
             raise PluginError("hook 'decode': no plugin of this recipe implements it (a decoder)")
         (impl,) = self._impls("decode")
-        return self._call(
-            "decode",
-            impl,
-            modules=modules,
-            encoding=encoding,
-            ctx=ctx,
-            **self._scope(config, modules)(impl.plugin_name),
-        )
+        scope = self._scope(config, modules, ctx)
+        return self._call("decode", impl, modules=modules, encoding=encoding, **scope(impl.plugin_name))
 
     def regularize(self, modules: nn.ModuleDict, ctx: StepContext) -> dict[str, dict[str, torch.Tensor]]:
-        return self._collect("regularize", dict, self._scope(ctx.config, modules), modules=modules, ctx=ctx)
+        return self._collect("regularize", dict, self._scope(ctx.config, modules, ctx), modules=modules)
 
     def auxiliary_head(self, modules: nn.ModuleDict, ctx: StepContext) -> dict[str, dict[str, torch.Tensor]]:
-        return self._collect("auxiliary_head", dict, self._scope(ctx.config, modules), modules=modules, ctx=ctx)
+        return self._collect("auxiliary_head", dict, self._scope(ctx.config, modules, ctx), modules=modules)
 
     # -- the loop ------------------------------------------------------------------------
 

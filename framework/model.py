@@ -44,8 +44,8 @@ class Model(nn.Module):
             for plugin, plugin_terms in hook(self.plugins, ctx).items():
                 terms.update({f"{plugin}.{name}": value for name, value in plugin_terms.items()})
         if preview:
-            self.preview_images = ctx.images
-        return terms, ctx.metrics
+            self.preview_images = dict(ctx.images)
+        return terms, dict(ctx.metrics)
 
     def context(
         self,

@@ -157,9 +157,13 @@ def step_context(
     labels: Any = None,
     step: int = 0,
     preview: bool = False,
+    plugin: str | None = None,
 ) -> Any:
     """A `framework.StepContext` for a plugin's unit test, without a model: `ctx.encode(name)` is
     `encode(views[name])` (cached per view), `ctx.decode(encoding)` is `decode(encoding)`.
+
+    `views` and `params` are keyed by the engine's names (`"x"`, `"<plugin>.v1"`); with `plugin`, the context
+    is that plugin's, as its hooks receive it (`ctx.views["v1"]`, metrics named `<plugin>.<name>`).
 
     `recipe` is what `tiny_recipe` returns (validated here, its shards unchecked, so `ctx.config` is a
     `Recipe` and `ctx.config.plugins[name]` a plugin's section, as in a run), or any object standing for
@@ -175,4 +179,5 @@ def step_context(
 
     enc = (lambda view, ctx: encode(view)) if encode is not None else no_model
     dec = (lambda encoding, ctx: decode(encoding)) if decode is not None else no_model
-    return StepContext(enc, dec, encoder, recipe, views, params or {}, labels, step, preview)
+    ctx = StepContext(enc, dec, encoder, recipe, views, params or {}, labels, step, preview)
+    return ctx if plugin is None else ctx.scoped(plugin)

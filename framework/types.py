@@ -7,9 +7,11 @@ built-in plugins use nothing else.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import copy
+import re
+from collections.abc import Callable, Iterator, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
@@ -17,6 +19,77 @@ if TYPE_CHECKING:
     from torch import nn
 
     from framework.recipe.schema import Recipe
+
+
+CLEAN_VIEW = "x"  # the view the engine always provides: each image with minimal preprocessing
+SHORT_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")  # a plugin's name for its own view, metric or image
+T = TypeVar("T")
+
+
+def full_name(plugin: str, name: str) -> str:
+    """The engine's name of what plugin `plugin` calls `name`: its own `v1` is `<plugin>.v1`; the clean view
+    `x` and another plugin's full name (`simclr.v1`, with a dot) stay as they are."""
+    return name if name == CLEAN_VIEW or "." in name else f"{plugin}.{name}"
+
+
+def check_short_name(plugin: str, name: object, what: str) -> str:
+    """`name` if it can name one of `plugin`'s own views, metrics or images, else a one-line ValueError."""
+    if not isinstance(name, str) or not SHORT_NAME.fullmatch(name) or name == CLEAN_VIEW:
+        own = f"{plugin}."
+        hint = f"use {name.removeprefix(own)!r}" if isinstance(name, str) and name.startswith(own) else "e.g. 'v1'"
+        raise ValueError(
+            f"{what} {name!r}: a plugin names its own by a short name (letters, digits, _; not {CLEAN_VIEW!r}), "
+            f"which the engine prefixes with {own!r}: {hint}"
+        )
+    return name
+
+
+class ScopedMapping(Mapping[str, T]):
+    """A plugin's read view of the batch's views (or params): its own by short name (`v1` for `<plugin>.v1`),
+    the clean view `x`, and every other plugin's by full name."""
+
+    def __init__(self, data: Mapping[str, T], plugin: str) -> None:
+        self.data, self.plugin = data, plugin
+
+    def __getitem__(self, name: str) -> T:
+        full = full_name(self.plugin, name)
+        if full not in self.data:
+            raise KeyError(f"no view {name!r} of plugin {self.plugin!r} in this batch (views: {sorted(self)})")
+        return self.data[full]
+
+    def __iter__(self) -> Iterator[str]:
+        own = f"{self.plugin}."
+        return (name.removeprefix(own) for name in self.data)
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+
+class ScopedNames(MutableMapping[str, T]):
+    """Where a plugin puts its metrics (or preview images) by short name: `ctx.metrics["acc"]` is logged as
+    `<plugin>.acc`."""
+
+    def __init__(self, data: dict[str, T], plugin: str, what: str) -> None:
+        self.data, self.plugin, self.what = data, plugin, what
+
+    def _key(self, name: str) -> str:
+        return f"{self.plugin}.{check_short_name(self.plugin, name, f'ctx.{self.what}')}"
+
+    def __getitem__(self, name: str) -> T:
+        return self.data[self._key(name)]
+
+    def __setitem__(self, name: str, value: T) -> None:
+        self.data[self._key(name)] = value
+
+    def __delitem__(self, name: str) -> None:
+        del self.data[self._key(name)]
+
+    def __iter__(self) -> Iterator[str]:
+        own = f"{self.plugin}."
+        return (name.removeprefix(own) for name in self.data if name.startswith(own))
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
 
 
 @dataclass(frozen=True)
@@ -55,6 +128,11 @@ class Encoding:
 class StepContext:
     """What a step's hooks share: the batch, the recipe, the encoder and cached encodings.
 
+    A hook receives its plugin's own context (`scoped`), in which names are the plugin's: `ctx.views["v1"]`
+    is its own view `v1` (the engine's `<plugin>.v1`), `ctx.views["x"]` the clean view and
+    `ctx.views["simclr.v1"]` another plugin's, by full name; so for `params`, `encode` and `encode_grouped`.
+    What it puts in `metrics` and `images` under a short name `n` is logged as `<plugin>.n`.
+
     `views`: `{view name: (B, C, H, W)}`, with the clean view under `"x"`.
     `params`: `{view name: (B, k)}` random parameters returned by view transforms.
     `labels`: (B,) class labels, or -1 where unknown; only probes may use them.
@@ -62,13 +140,16 @@ class StepContext:
     `config`: the validated recipe; a hook's own section is its `cfg` argument.
     `encoder`: the run's encoder module (the `encode` provider's `encoder`): its
     `num_features` is the width of `Encoding.h`; BYOL's EMA reads its weights.
-    `metrics`: a plugin may put detached scalars here (`"<plugin>.<name>"`); they are
+    `plugin`: the name the recipe gives the plugin this context belongs to (None: the engine's).
+    `metrics`: a plugin may put detached scalars here (`ctx.metrics["acc"]`); they are
     logged, never optimised.
     `preview`: True on the steps whose images the engine saves (`train.preview_every`);
     then a plugin may put detached image batches (B, C, H, W), in the views' normalised
-    space, in `images` (`"<plugin>.<name>"`, e.g. a reconstruction): they are drawn
+    space, in `images` (e.g. `ctx.images["recon"]`, a reconstruction): they are drawn
     under the views in `<output_dir>/previews/step_<N>.png`.
     """
+
+    plugin: str | None = None
 
     def __init__(
         self,
@@ -83,20 +164,43 @@ class StepContext:
         preview: bool = False,
     ) -> None:
         self._encode, self._decode, self.encoder, self.config = encode, decode, encoder, config
-        self.views, self.params, self.labels, self.step = views, params, labels, step
-        self.preview = preview
-        self.metrics: dict[str, torch.Tensor] = {}
-        self.images: dict[str, torch.Tensor] = {}
+        self._views, self._params = views, params
+        self.views: Mapping[str, torch.Tensor] = views
+        self.params: Mapping[str, torch.Tensor] = params
+        self.labels, self.step, self.preview = labels, step, preview
+        self._metrics: dict[str, torch.Tensor] = {}
+        self._images: dict[str, torch.Tensor] = {}
+        self.metrics: MutableMapping[str, torch.Tensor] = self._metrics
+        self.images: MutableMapping[str, torch.Tensor] = self._images
         self._encodings: dict[str, Encoding] = {}
         self._groups: dict[tuple[str, ...], dict[str, Encoding]] = {}  # `encode_grouped`'s, by view names
 
+    def scoped(self, plugin: str) -> StepContext:
+        """This step's context as plugin `plugin` sees it: its own names are short; the batch, the caches,
+        the metrics and the images are shared with every other plugin's context of the step."""
+        ctx = copy.copy(self)
+        ctx.plugin = plugin
+        ctx.views, ctx.params = ScopedMapping(self._views, plugin), ScopedMapping(self._params, plugin)
+        ctx.metrics = ScopedNames(self._metrics, plugin, "metrics")
+        ctx.images = ScopedNames(self._images, plugin, "images")
+        return ctx
+
+    def _full(self, view: str) -> str:
+        """The engine's name of `view` as this context names it; KeyError if the batch has no such view."""
+        full = view if self.plugin is None else full_name(self.plugin, view)
+        if full not in self._views:
+            raise KeyError(f"no view {view!r} in this batch (views: {sorted(self.views)})")
+        return full
+
     def encode(self, view: str) -> Encoding:
         """The encoding of view `view`, computed once per step and shared by all plugins."""
-        if view not in self._encodings:
-            if view not in self.views:
-                raise KeyError(f"no view {view!r} in this batch (views: {sorted(self.views)})")
-            self._encodings[view] = self._encode(self.views[view], self)
-        return self._encodings[view]
+        return self._encoded(self._full(view))
+
+    def _encoded(self, full: str) -> Encoding:
+        """The encoding of the view the engine calls `full`, cached."""
+        if full not in self._encodings:
+            self._encodings[full] = self._encode(self._views[full], self)
+        return self._encodings[full]
 
     def encode_grouped(self, views: Sequence[str]) -> list[Encoding]:
         """The encodings of `views`, in that order, with one encoder call per distinct image shape.
@@ -108,23 +212,23 @@ class StepContext:
         Each group is cached by its view names, apart from `encode`'s cache (a group of one view is that view's
         `encode`): the result depends on `views` alone, never on what another plugin encoded first.
         """
+        full = [self._full(view) for view in views]
         groups: dict[tuple[int, ...], list[str]] = {}
-        for view in dict.fromkeys(views):
-            if view not in self.views:
-                raise KeyError(f"no view {view!r} in this batch (views: {sorted(self.views)})")
-            groups.setdefault(tuple(self.views[view].shape[1:]), []).append(view)
+        for view in dict.fromkeys(full):
+            groups.setdefault(tuple(self._views[view].shape[1:]), []).append(view)
         encoded: dict[str, Encoding] = {}
         for names in groups.values():
             encoded |= self._encode_group(tuple(names))
-        return [encoded[view] for view in views]
+        return [encoded[view] for view in full]
 
     def _encode_group(self, names: tuple[str, ...]) -> dict[str, Encoding]:
-        """The encodings of views of one shape, concatenated into one encoder call (cached per `names`)."""
+        """The encodings of views of one shape (full names), concatenated into one encoder call (cached per
+        `names`)."""
         if len(names) == 1:
-            return {names[0]: self.encode(names[0])}
+            return {names[0]: self._encoded(names[0])}
         if names not in self._groups:
-            sizes = [len(self.views[name]) for name in names]
-            joint = self._encode(torch.cat([self.views[name] for name in names]), self)
+            sizes = [len(self._views[name]) for name in names]
+            joint = self._encode(torch.cat([self._views[name] for name in names]), self)
             parts: dict[str, Any] = {
                 f.name: value.split(sizes) if (value := getattr(joint, f.name)) is not None else [None] * len(names)
                 for f in fields(joint)

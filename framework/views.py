@@ -1,7 +1,7 @@
 """The clean view, normalisation, and the building blocks of every plugin's views.
 
 The engine knows one view: the clean image `x` (`clean_view`). Every augmentation belongs
-to the plugin that uses it (the built-in ones are in `plugins/augmentations.py`) and is
+to the plugin that uses it (the built-in ones are in `plugins/blocks/augmentations.py`) and is
 built from the pieces here: `ToMode` first, `tensor_steps` last.
 
 A view is a picklable callable applied per sample inside DataLoader workers, so a view is

@@ -8,9 +8,9 @@ the decoder reconstructs the **clean** original `x` (the engine's view `"x"`):
 There is no KL term: augmentation replaces it (the authors trained with `kl_coeff 0`).
 Term: `recon` (the engine logs it as `aavae.recon`). `likelihood` is `gaussian`
 (unit variance, `0.5 * ||x - x_hat||^2` summed over C,H,W) or `bernoulli` (BCE with
-logits against `x` mapped back to [0, 1]); both from `plugins.vae_terms`.
+logits against `x` mapped back to [0, 1]); both from `plugins.blocks.vae`.
 
-`strength` picks the SimCLR augmentation of `plugins.augmentations.simclr_view`: "cifar"
+`strength` picks the SimCLR augmentation of `plugins.blocks.simclr_view`: "cifar"
 (32 px), "stl" (96 px, with blur) or "mnist" (grey 28 px, our preset). Left unset it
 follows the data: 1 channel -> "mnist", >= 64 px -> "stl", else "cifar".
 
@@ -34,25 +34,26 @@ only the ELBO of its own view and its KL, see plugins/consistency.py) and with `
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import ClassVar
 
 import torch
 
 from framework import PluginConfig, Recipe, StepContext, View, hookimpl
-from plugins.augmentations import AUGMENTED_VIEW, Strength, infer_strength, simclr_view
-from plugins.vae_terms import VAE_HEAD, reconstruction_term
-
-NAME = "aavae"
-VIEW = f"{NAME}.aug"
+from plugins.blocks import VAE_HEAD, Likelihood, Strength, infer_strength, reconstruction_term, simclr_view
 
 
 class AAVAEConfig(PluginConfig):
-    provides: ClassVar[frozenset[str]] = frozenset({"elbo_x", AUGMENTED_VIEW})  # recon of x stands for L_vae(x)
+    """Capabilities `StandsForELBO` (its reconstruction of x stands for L_vae(x)) and `AugmentedViews`."""
+
     augmented_view: ClassVar[str] = "aug"  # the affine head's default x1
     needs: ClassVar[frozenset[str]] = frozenset({VAE_HEAD})  # it decodes z
 
     strength: Strength | None = None  # None: from data.channels / data.image_size
-    likelihood: Literal["gaussian", "bernoulli"] = "gaussian"
+    likelihood: Likelihood = "gaussian"
+
+    def elbo_likelihood(self) -> Likelihood:
+        """The likelihood of the reconstruction of `x` (capability `StandsForELBO`)."""
+        return self.likelihood
 
 
 @hookimpl
@@ -69,10 +70,10 @@ def augment(config: Recipe, cfg: AAVAEConfig) -> dict[str, View]:
 
 @hookimpl
 def regularize(ctx: StepContext, cfg: AAVAEConfig) -> dict[str, torch.Tensor]:
-    enc = ctx.encode(VIEW)
+    enc = ctx.encode("aug")
     if enc.z is None:
         raise ValueError("the encoder has no VAE head: set plugins.backbones.latent_dim")
-    recon = reconstruction_term(ctx, enc, ctx.views["x"], cfg.likelihood, f"{NAME}.recon")
+    recon = reconstruction_term(ctx, enc, ctx.views["x"], cfg.likelihood, "recon")
     if enc.logvar is not None:
-        ctx.metrics[f"{NAME}.logvar_mean"] = enc.logvar.detach().mean()
+        ctx.metrics["logvar_mean"] = enc.logvar.detach().mean()
     return {"recon": recon}

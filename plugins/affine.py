@@ -5,7 +5,7 @@ first of SimCLR's two views). `source` unset, it is the first view declared by a
 that makes augmented views (capability "augmented_view", in recipe order): `simclr.v1`, `byol.v1`,
 `barlow.v1`, `aavae.aug`, `consistency.t`; a recipe with none (`kl` alone) is refused in one line
 (set `source: x` to use the clean view). `source` set names the view itself (`"x"`, `"aavae.aug"`, ...).
-This plugin's view `affine.view` is `A(x1)`, `A` a random affine (`plugins.augmentations.AffineWithParams`:
+This plugin's view `affine.view` is `A(x1)`, `A` a random affine (`plugins.blocks.AffineWithParams`:
 rotation +-90 deg, whole-pixel translation +-25 %, scale 0.7-1.3, shear +-25 deg, nearest, black fill)
 whose normalised 6-vector `[angle/360, tx/W, ty/H, scale, shear_x/25, shear_y/25]` is the target.
 
@@ -33,10 +33,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from framework import PluginConfig, Recipe, StepContext, View, at_least_float32, hookimpl, num_features
-from plugins.augmentations import AFFINE_COMPONENTS, AUGMENTED_VIEW, AffineWithParams
-
-NAME = "affine"
-VIEW = f"{NAME}.view"
+from plugins.blocks import AFFINE_COMPONENTS, AffineWithParams, AugmentedViews
 
 
 class AffineConfig(PluginConfig):
@@ -92,16 +89,14 @@ def build_modules(cfg: AffineConfig, encoder: nn.Module) -> dict[str, nn.Module]
 
 
 def source_of(cfg: AffineConfig, recipe: Recipe) -> str:
-    """The view x1: `source`, else the first view that a plugin of the recipe declares as its augmented one
-    (capability "augmented_view", its section's `augmented_view` naming the view), the paper's choice."""
+    """The view x1 (its full name): `source`, else the first view that a plugin of the recipe declares as its
+    augmented one (capability `AugmentedViews`), the paper's choice."""
     if cfg.source is not None:
         return cfg.source
-    for name in recipe.providers(AUGMENTED_VIEW):
-        view = getattr(type(recipe.plugins[name]), "augmented_view", None)
-        if name != NAME and isinstance(view, str):
-            return f"{name}.{view}"
+    for name, section in recipe.providers(AugmentedViews).items():
+        return f"{name}.{section.augmented_view}"
     raise ValueError(
-        f"plugins.{NAME}.source: no plugin of the recipe makes an augmented view for x1 (the paper's); "
+        "source: no plugin of the recipe makes an augmented view for x1 (the paper's); "
         "set source: x to transform the clean view"
     )
 
@@ -110,8 +105,8 @@ def source_of(cfg: AffineConfig, recipe: Recipe) -> str:
 def augment(config: Recipe, cfg: AffineConfig) -> dict[str, View]:
     source = source_of(cfg, config)
     owner = source.split(".", 1)[0]
-    if source != "x" and (owner == NAME or owner not in config.plugins):
-        raise ValueError(f"plugins.{NAME}.source: no plugin {owner!r} in the recipe to provide {source!r}")
+    if source != "x" and (owner not in config.plugins or config.plugins[owner] is cfg):
+        raise ValueError(f"source: no other plugin {owner!r} in the recipe to provide {source!r}")
     transform = AffineWithParams(config.data.mean, config.data.std, cfg.components)
     return {"view": View(transform, source=source)}
 
@@ -119,8 +114,8 @@ def augment(config: Recipe, cfg: AffineConfig) -> dict[str, View]:
 @hookimpl
 def auxiliary_head(ctx: StepContext, cfg: AffineConfig, own: nn.ModuleDict) -> dict[str, torch.Tensor]:
     r1 = ctx.encode(source_of(cfg, ctx.config)).h
-    r2 = ctx.encode(VIEW).h
+    r2 = ctx.encode("view").h
     pred = own["head"](aggregate(r1, r2, cfg.aggregation))
     idx = _component_index_on(tuple(cfg.components), pred.device)
-    pred, target = at_least_float32(pred), at_least_float32(ctx.params[VIEW])  # never cast the target down
+    pred, target = at_least_float32(pred), at_least_float32(ctx.params["view"])  # never cast the target down
     return {"mse": F.mse_loss(pred.index_select(1, idx), target.index_select(1, idx))}

@@ -42,10 +42,8 @@ from framework import (
     needed_by,
     num_features,
 )
-from plugins.augmentations import image_sizes
-from plugins.vae_terms import VAE_HEAD, posterior_std
+from plugins.blocks import VAE_HEAD, image_sizes, posterior_std
 
-NAME = "backbones"
 BUILT_IN = ("resnet18", "resnet50", "conv28")
 TIMM = "timm/"
 DEFAULT_LATENT_DIM = 128  # AAVAE's

@@ -24,21 +24,8 @@ import torch
 from pydantic import Field, field_validator
 from torch import nn
 
-from framework import (
-    PluginConfig,
-    Recipe,
-    StepContext,
-    View,
-    at_least_float32,
-    full_precision,
-    gather_with_grad,
-    hookimpl,
-    num_features,
-)
-from plugins.augmentations import MultiCrop, TwoViewsConfig, crop_views, encode_crops
-from plugins.heads import mlp
-
-NAME = "barlow"
+from framework import PluginConfig, Recipe, StepContext, View, hookimpl, num_features
+from plugins.blocks import MultiCrop, TwoViewsConfig, barlow_twins_loss, crop_views, encode_crops, mlp
 
 
 class BarlowConfig(TwoViewsConfig):
@@ -58,30 +45,6 @@ class BarlowConfig(TwoViewsConfig):
                 "(solo-learn's loss too takes only its two large crops)"
             )
         return value
-
-
-def batch_normalise(z: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    """Zero mean and unit (biased) variance along the batch, per feature."""
-    z = z - z.mean(dim=0)
-    return z / torch.sqrt(z.pow(2).mean(dim=0) + eps)
-
-
-def barlow_twins_loss(z1: torch.Tensor, z2: torch.Tensor, lambd: float = 5e-3, eps: float = 1e-5) -> torch.Tensor:
-    """Barlow Twins loss of this rank's embeddings `z1`, `z2` (B, D), computed over the global batch.
-
-    Both are gathered from every rank first (a no-op in one process), so every rank
-    returns the same value: the loss of the global batch.
-    """
-    if z1.shape != z2.shape or z1.dim() != 2:
-        raise ValueError(f"barlow_twins_loss: z1 and z2 must both be (B, D), got {tuple(z1.shape)}, {tuple(z2.shape)}")
-    with full_precision(z1.device):  # C in (at least) float32, even under AMP
-        z1, z2 = gather_with_grad(at_least_float32(z1)), gather_with_grad(at_least_float32(z2))
-        n = z1.shape[0]
-        c = batch_normalise(z1, eps).T @ batch_normalise(z2, eps) / n  # (D, D)
-        eye = torch.eye(c.shape[0], dtype=torch.bool, device=c.device)
-        on_diag = (1 - torch.diagonal(c)).pow(2).sum()
-        off_diag = c.masked_fill(eye, 0).pow(2).sum()
-        return on_diag + lambd * off_diag
 
 
 # ---------------------------------------------------------------------------
@@ -108,5 +71,5 @@ def augment(config: Recipe, cfg: BarlowConfig) -> dict[str, View]:
 @hookimpl
 def regularize(ctx: StepContext, cfg: BarlowConfig, own: nn.ModuleDict) -> dict[str, torch.Tensor]:
     projector = own["projector"]
-    z1, z2 = (projector(encoding.h) for encoding in encode_crops(ctx, cfg, [f"{NAME}.v1", f"{NAME}.v2"]))
+    z1, z2 = (projector(encoding.h) for encoding in encode_crops(ctx, cfg, ["v1", "v2"]))
     return {"loss": barlow_twins_loss(z1, z2, cfg.lambda_offdiag, cfg.eps)}

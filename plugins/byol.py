@@ -34,28 +34,25 @@ are copied from the online network only at initialisation.
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
 from typing import cast
 
 import torch
 from pydantic import Field, field_validator
 from torch import nn
 
-from framework import (
-    PluginConfig,
-    Recipe,
-    Scheduled,
-    StepContext,
-    View,
-    at_least_float32,
-    full_parameters,
-    hookimpl,
-    num_features,
+from framework import PluginConfig, Recipe, Scheduled, StepContext, View, hookimpl, num_features
+from plugins.blocks import (
+    Target,
+    TwoViewsConfig,
+    byol_loss,
+    crop_names,
+    crop_views,
+    encode_crops,
+    initialise_targets,
+    mlp,
+    multi_crop_byol_loss,
+    update_targets,
 )
-from plugins.augmentations import TwoViewsConfig, crop_names, crop_views, encode_crops
-from plugins.heads import mlp
-
-NAME = "byol"
 
 
 class BYOLConfig(TwoViewsConfig):
@@ -74,67 +71,10 @@ class BYOLConfig(TwoViewsConfig):
         return value
 
 
-class Target(nn.Module):
-    """The EMA network: `projector(encoder(x))`, never trained by the optimizer."""
-
-    initialised: torch.Tensor  # a buffer: True once the online weights are copied in
-
-    def __init__(self, encoder: nn.Module, projector: nn.Module) -> None:
-        super().__init__()
-        self.encoder, self.projector = encoder, projector
-        self.register_buffer("initialised", torch.zeros((), dtype=torch.bool))
-        self.requires_grad_(False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.projector(self.encoder(x))
-
-
 def online_pairs(own: nn.ModuleDict, encoder: nn.Module) -> list[tuple[nn.Module, nn.Module]]:
     """(target part, online part) pairs: the run's encoder and this plugin's projector."""
-    target = cast(Target, own["target"])  # built by build_modules below
-    return [(target.encoder, encoder), (target.projector, own["projector"])]
-
-
-@torch.no_grad()
-def ema_update(target: nn.Module, online: nn.Module, tau: float) -> None:
-    """`xi <- tau * xi + (1 - tau) * theta` for every parameter (matched by name)."""
-    online_params = dict(online.named_parameters())
-    for name, xi in target.named_parameters():
-        xi.mul_(tau).add_(online_params[name].detach(), alpha=1 - tau)
-
-
-@torch.no_grad()
-def initialise_target(own: nn.ModuleDict, encoder: nn.Module) -> None:
-    """Copy the online weights (parameters and buffers) into the target unless it already holds some.
-
-    Uses `torch.where` on the `initialised` flag, so no value is read back to the host; under
-    ZeRO-3 on the gathered parameters (`full_parameters`), which are empty placeholders otherwise.
-    """
-    done = cast(Target, own["target"]).initialised
-    for t_part, o_part in online_pairs(own, encoder):
-        with full_parameters(t_part, o_part, modify=True):
-            online = o_part.state_dict()
-            for name, value in t_part.state_dict().items():
-                value.copy_(torch.where(done, value, online[name].to(value.dtype)))
-    done.fill_(True)
-
-
-def byol_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    """`2 - 2 cos(p, z)` averaged over the batch (one direction of the symmetric loss)."""
-    p, z = at_least_float32(p), at_least_float32(z)
-    return (2 - 2 * nn.functional.cosine_similarity(p, z, dim=1)).mean()
-
-
-def multi_crop_byol_loss(p: Sequence[torch.Tensor], z: Sequence[torch.Tensor]) -> torch.Tensor:
-    """BYOL over several crops (docs/methods.md#multi-crop): the online predictions `p` of every crop (the
-    global ones first) against the target projections `z` of each global crop, every crop but the global
-    crop itself, summed: `sum_g sum_{c != g} byol_loss(p[c], z[g])` (solo-learn's solo/methods/byol.py loop
-    `for v1 in range(num_large_crops): for v2 in np.delete(range(num_crops), v1)`). With two global crops and
-    no local one it is the two-direction sum `byol_loss(p[0], z[1]) + byol_loss(p[1], z[0])`."""
-    if not 1 <= len(z) <= len(p) or len(p) < 2:
-        raise ValueError(f"multi_crop_byol_loss: needs 1 <= len(z) <= len(p) and 2 crops, got {len(p)} and {len(z)}")
-    terms = [byol_loss(p[c], z[g]) for g in range(len(z)) for c in range(len(p)) if c != g]
-    return torch.stack(terms).sum()
+    target = own["target"]  # a blocks.Target(encoder=..., projector=...), built by build_modules below
+    return [(target.get_submodule("encoder"), encoder), (target.get_submodule("projector"), own["projector"])]
 
 
 # ---------------------------------------------------------------------------
@@ -155,7 +95,7 @@ def build_modules(cfg: BYOLConfig, encoder: nn.Module) -> dict[str, nn.Module]:
     return {
         "projector": projector,
         "predictor": mlp(cfg.proj_output_dim, cfg.pred_hidden_dim, cfg.proj_output_dim),
-        "target": Target(copy.deepcopy(encoder), target_projector),
+        "target": Target(encoder=copy.deepcopy(encoder), projector=target_projector),
     }
 
 
@@ -178,20 +118,17 @@ def target_projections(own: nn.ModuleDict, ctx: StepContext, cfg: BYOLConfig, vi
 @hookimpl
 def regularize(ctx: StepContext, cfg: BYOLConfig, own: nn.ModuleDict) -> dict[str, torch.Tensor]:
     if ctx.step == 0:  # first forward of a fresh run (a resumed run starts at step > 0)
-        initialise_target(own, ctx.encoder)
+        initialise_targets(online_pairs(own, ctx.encoder), cast(Target, own["target"]).initialised)
     globals_, locals_ = crop_names(cfg)
-    names = [f"{NAME}.{view}" for view in globals_ + locals_]
+    names = globals_ + locals_
     p = [own["predictor"](own["projector"](encoding.h)) for encoding in encode_crops(ctx, cfg, names)]
     z = target_projections(own, ctx, cfg, names[: len(globals_)])
     tau = cfg.momentum.at(ctx.step, ctx.config.train.steps)
-    ctx.metrics[f"{NAME}.tau"] = torch.full((), tau, device=p[0].device)  # no host-to-device copy
+    ctx.metrics["tau"] = torch.full((), tau, device=p[0].device)  # no host-to-device copy
     loss = byol_loss(p[0], z[1]) + byol_loss(p[1], z[0]) if cfg.crops is None else multi_crop_byol_loss(p, z)
     return {"loss": loss}
 
 
 @hookimpl
 def on_train_step_end(own: nn.ModuleDict, encoder: nn.Module, step: int, config: Recipe, cfg: BYOLConfig) -> None:
-    tau = cfg.momentum.at(step - 1, config.train.steps)
-    for target, online in online_pairs(own, encoder):
-        with full_parameters(target, online, modify=True):  # ZeRO-3: partitioned outside forward
-            ema_update(target, online, tau)
+    update_targets(online_pairs(own, encoder), cfg.momentum.at(step - 1, config.train.steps))

@@ -6,9 +6,9 @@ As a loss (all terms summed over pixels / latent dims, averaged over the batch):
     L_vae(v) = -log p(v | z) + beta * KL( q(z|v) || N(0, I) ),  z ~ q(z|v)
 
 with beta1 for `x` and beta2 for `t(x)`. `t(x)` is this plugin's own view
-`consistency.t` (`plugins.augmentations.crvae_affine_view`: RandomAffine preset
+`consistency.t` (`plugins.blocks.crvae_affine_view`: RandomAffine preset
 "simple"|"large", optional `vertical_flip` and `color_jitter`, the authors' variants). Both KLs are analytic
-(`plugins.vae_terms`) with std = exp(logvar/2) + 1e-6: the authors' code took
+(`plugins.blocks.vae`) with std = exp(logvar/2) + 1e-6: the authors' code took
 exp(logvar) as the std, a bug not copied here. Gradients flow through both posteriors
 of the consistency KL, as in the authors' code.
 
@@ -29,14 +29,14 @@ Terms returned (the engine prefixes `consistency.` and multiplies each by `weigh
 * `consistency` = lambda * KL(q(z|t(x)) || q(z|x)); `consistency.kl_unweighted` is
   logged as a metric (without lambda).
 
-A plugin whose section declares `provides = {"elbo_x"}` already stands for L_vae(x): `kl`
+A plugin whose section has the capability `StandsForELBO` already stands for L_vae(x): `kl`
 (with its own beta, schedule and likelihood; `beta1` is then unused), so it is not added
 twice, and `aavae`, whose reconstruction of the clean `x` from its augmented view takes the
 place of L_vae(x) (AAVAE has no KL); q(z|x) in the consistency KL is still the posterior of
-the clean `x`. This plugin asks the recipe (`Recipe.providers("elbo_x")`), so a third-party
+the clean `x`. This plugin asks the recipe (`Recipe.providers(StandsForELBO)`), so a third-party
 VAE plugin that declares it is detected too; `elbo_x: true|false` overrides the detection.
-`likelihood` unset follows the first such provider's `likelihood`, else gaussian, so the two
-ELBOs use one likelihood.
+`likelihood` unset follows the first such provider's `elbo_likelihood()`, else gaussian, so the two
+ELBOs use one likelihood; the prior KLs follow the first such provider that is also a `PriorKLSchedule`.
 
 `lambda` (recipe key `lambda`) has no default: the authors' gamma = 1e-3 multiplies a
 per-sample KL against a BCE *averaged* per pixel; our reconstruction is *summed* over
@@ -52,18 +52,22 @@ from pydantic import ConfigDict, Field
 from torchvision.transforms import v2
 
 from framework import Encoding, PluginConfig, Recipe, StepContext, View, hookimpl
-from plugins.augmentations import AUGMENTED_VIEW, crvae_affine_view
-from plugins.vae_terms import VAE_HEAD, kl_gaussians, kl_standard_normal, reconstruction_term
-
-NAME = "consistency"
-VIEW = f"{NAME}.t"
-Likelihood = Literal["gaussian", "bernoulli"]
-ELBO_X = "elbo_x"  # the capability of plugins whose terms stand for L_vae(x) (PluginConfig.provides)
+from plugins.blocks import (
+    VAE_HEAD,
+    Likelihood,
+    PriorKLSchedule,
+    StandsForELBO,
+    crvae_affine_view,
+    kl_gaussians,
+    kl_standard_normal,
+    reconstruction_term,
+)
 
 
 class ConsistencyConfig(PluginConfig):
+    """Capability `AugmentedViews` (t(x)); it follows the recipe's `StandsForELBO` and `PriorKLSchedule`."""
+
     model_config = ConfigDict(serialize_by_alias=True)
-    provides: ClassVar[frozenset[str]] = frozenset({AUGMENTED_VIEW})
     augmented_view: ClassVar[str] = "t"  # t(x): the affine head's default x1 when no plugin before it makes one
     needs: ClassVar[frozenset[str]] = frozenset({VAE_HEAD})
 
@@ -74,34 +78,30 @@ class ConsistencyConfig(PluginConfig):
     preset: Literal["simple", "large"] = "simple"
     vertical_flip: bool = False  # RandomVerticalFlip p=0.5 before the affine (the authors' *_vertical_flip)
     color_jitter: bool = False  # ColorJitter(brightness 0.2, contrast 0.5, hue 0.2) after it (the authors' *_jitter)
-    elbo_x: bool | None = None  # None: add L_vae(x) only when no other plugin provides "elbo_x"
+    elbo_x: bool | None = None  # None: add L_vae(x) only when no other plugin is a StandsForELBO
 
 
 def adds_elbo_x(cfg: ConsistencyConfig, recipe: Recipe) -> bool:
     """Whether this plugin returns L_vae(x) (`recon_x`, `kl_x`) in `recipe`."""
     if cfg.elbo_x is not None:
         return cfg.elbo_x
-    return not [name for name in recipe.providers(ELBO_X) if name != NAME]
+    return not [other for other in recipe.providers(StandsForELBO).values() if other is not cfg]
 
 
 def likelihood_of(cfg: ConsistencyConfig, recipe: Recipe) -> Likelihood:
-    """`likelihood`, else that of the first plugin providing L_vae(x) that has one, else gaussian."""
+    """`likelihood`, else that of the first plugin providing L_vae(x), else gaussian."""
     if cfg.likelihood is not None:
         return cfg.likelihood
-    for name in recipe.providers(ELBO_X):
-        other = getattr(recipe.plugins[name], "likelihood", None)
-        if other is not None:
-            return other
-    return "gaussian"
+    providers = [other for other in recipe.providers(StandsForELBO).values() if other is not cfg]
+    return providers[0].elbo_likelihood() if providers else "gaussian"
 
 
-def kl_factor(recipe: Recipe, step: int) -> float:
+def kl_factor(cfg: ConsistencyConfig, recipe: Recipe, step: int) -> float:
     """The schedule (0..1) of `kl_x` and `kl_t` after `step` optimizer steps: that of the first other plugin
-    providing L_vae(x) whose section declares one (`kl_factor(step)`, as `kl`'s warm-up / cycles), else 1."""
-    for name in recipe.providers(ELBO_X):
-        schedule = getattr(recipe.plugins[name], "kl_factor", None)
-        if name != NAME and callable(schedule):
-            return float(schedule(step))
+    providing L_vae(x) whose section has one (`PriorKLSchedule`, as `kl`'s warm-up / cycles), else 1."""
+    for other in recipe.providers(StandsForELBO).values():
+        if other is not cfg and isinstance(other, PriorKLSchedule):
+            return float(other.kl_factor(step))
     return 1.0
 
 
@@ -131,17 +131,17 @@ def regularize(ctx: StepContext, cfg: ConsistencyConfig) -> dict[str, torch.Tens
     likelihood = likelihood_of(cfg, ctx.config)
     enc_x = ctx.encode("x")
     mu_x, logvar_x = _posterior(enc_x)
-    enc_t = ctx.encode(VIEW)
+    enc_t = ctx.encode("t")
     mu_t, logvar_t = _posterior(enc_t)
 
-    factor = kl_factor(ctx.config, ctx.step)
+    factor = kl_factor(cfg, ctx.config, ctx.step)
     terms: dict[str, torch.Tensor] = {}
     if adds_elbo_x(cfg, ctx.config):
-        terms["recon_x"] = reconstruction_term(ctx, enc_x, ctx.views["x"], likelihood, f"{NAME}.recon_x")
+        terms["recon_x"] = reconstruction_term(ctx, enc_x, ctx.views["x"], likelihood, "recon_x")
         terms["kl_x"] = factor * cfg.beta1 * kl_standard_normal(mu_x, logvar_x)
-    terms["recon_t"] = reconstruction_term(ctx, enc_t, ctx.views[VIEW], likelihood, f"{NAME}.recon_t")
+    terms["recon_t"] = reconstruction_term(ctx, enc_t, ctx.views["t"], likelihood, "recon_t")
     terms["kl_t"] = factor * cfg.beta2 * kl_standard_normal(mu_t, logvar_t)
     kl = kl_gaussians(mu_t, logvar_t, mu_x, logvar_x)
-    ctx.metrics[f"{NAME}.kl_unweighted"] = kl.detach()
+    ctx.metrics["kl_unweighted"] = kl.detach()
     terms["consistency"] = cfg.lam * kl
     return terms

@@ -22,12 +22,10 @@ from torch import nn
 
 from framework import PluginConfig, StepContext, hookimpl, num_features
 
-NAME = "probe"
-
 
 class ProbeConfig(PluginConfig):
     num_classes: int = Field(10, gt=1)
-    view: str = "x"  # the view whose features are probed (the clean view by default)
+    view: str = "x"  # the view whose features are probed (the clean view by default; another's by full name)
 
 
 @hookimpl
@@ -50,6 +48,6 @@ def auxiliary_head(ctx: StepContext, cfg: ProbeConfig, own: nn.ModuleDict) -> di
     n = labelled.sum().clamp_min(1)
     ce = nn.functional.cross_entropy(logits, torch.where(labelled, labels, 0), reduction="none")
     correct = (logits.argmax(1) == labels) & labelled
-    ctx.metrics[f"{NAME}.acc"] = (correct.sum() / n).detach()  # 0 on an unlabelled batch
+    ctx.metrics["acc"] = (correct.sum() / n).detach()  # 0 on an unlabelled batch
     # no host sync: masked mean instead of indexing; an unlabelled batch gives 0 * logits (graph kept)
     return {"ce": (ce * labelled).sum() / n + 0 * logits.sum()}

@@ -26,8 +26,7 @@ import torch.distributed as dist
 from torch import nn
 
 from framework.distributed import rank, world_size
-from plugins.barlow import barlow_twins_loss
-from plugins.simclr import multi_crop_nt_xent, nt_xent
+from plugins.blocks import barlow_twins_loss, multi_crop_nt_xent, nt_xent
 
 GLOBAL_BATCH, IN_DIM, OUT_DIM = 16, 12, 8
 # method: (views per sample, the loss of their embeddings)

@@ -16,8 +16,7 @@ from framework.model import Model
 from framework.recipe.loading import load_recipe, validate
 from framework.testing import CONV28, run_steps, step_context, tiny_recipe
 from plugins import aavae
-from plugins.augmentations import infer_strength
-from plugins.vae_terms import gaussian_nll
+from plugins.blocks import gaussian_nll, infer_strength
 
 RECIPES = Path(__file__).parents[1] / "recipes"
 NO_SHARDS = {"train": "none.tar", "test": "none.tar"}
@@ -43,7 +42,7 @@ class IdentityAE:
 
 
 def _terms(recipe, views, stub):
-    ctx = step_context(recipe, views, encode=stub.encode, decode=stub.decode)
+    ctx = step_context(recipe, views, encode=stub.encode, decode=stub.decode, plugin="aavae")
     return aavae.regularize(ctx=ctx, cfg=recipe.plugins["aavae"])
 
 
@@ -56,7 +55,7 @@ def _views(seed: int = 0) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return {
         "x": torch.randn(8, 1, 28, 28, generator=g),
-        aavae.VIEW: torch.randn(8, 1, 28, 28, generator=g),
+        "aavae.aug": torch.randn(8, 1, 28, 28, generator=g),
     }
 
 
@@ -64,9 +63,9 @@ def test_reconstructs_the_clean_x_from_the_augmented_view(tmp_path):
     recipe, views, stub = _recipe(tmp_path), _views(), IdentityAE()
     terms = _terms(recipe, views, stub)
     assert set(terms) == {"recon"}  # no KL term
-    assert len(stub.encoded) == 1 and stub.encoded[0] is views[aavae.VIEW]
+    assert len(stub.encoded) == 1 and stub.encoded[0] is views["aavae.aug"]
     # x_hat is the augmented view itself: the loss is its distance to x, computed by hand
-    expected = 0.5 * (views[aavae.VIEW] - views["x"]).pow(2).sum() / 8
+    expected = 0.5 * (views["aavae.aug"] - views["x"]).pow(2).sum() / 8
     torch.testing.assert_close(terms["recon"], expected)
     assert terms["recon"] > 100  # reconstructing the augmented view would give 0 here
 
@@ -75,7 +74,7 @@ def test_bernoulli_likelihood_targets_x_in_unit_range(tmp_path):
     recipe, views = _recipe(tmp_path, likelihood="bernoulli"), _views(1)
     terms = _terms(recipe, views, IdentityAE())
     target = (views["x"] * 0.25 + 0.5).clamp(0, 1)  # tiny_recipe: mean 0.5, std 0.25
-    logits = views[aavae.VIEW]
+    logits = views["aavae.aug"]
     expected = F.binary_cross_entropy_with_logits(logits, target, reduction="sum") / 8
     torch.testing.assert_close(terms["recon"], expected)
 
@@ -89,12 +88,12 @@ def test_real_backbone_loss_by_hand(tmp_path):
     model = Model(hooks, recipe).eval()
     views = _views(2)
     with torch.no_grad():
-        terms = aavae.regularize(ctx=model.context(views, {}), cfg=recipe.plugins["aavae"])
+        terms = aavae.regularize(ctx=model.context(views, {}).scoped("aavae"), cfg=recipe.plugins["aavae"])
         own = model.plugins["backbones"]
-        mu, _ = own["head"](own["encoder"](views[aavae.VIEW]))
+        mu, _ = own["head"](own["encoder"](views["aavae.aug"]))
         x_hat = own["decoder"](mu)
     torch.testing.assert_close(terms["recon"], gaussian_nll(x_hat, views["x"]))
-    assert not torch.allclose(terms["recon"], gaussian_nll(x_hat, views[aavae.VIEW]))
+    assert not torch.allclose(terms["recon"], gaussian_nll(x_hat, views["aavae.aug"]))
 
 
 def test_needs_a_vae_head(tmp_path):

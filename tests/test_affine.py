@@ -15,7 +15,7 @@ from framework.model import Model
 from framework.recipe.loading import RecipeError, load_recipe, validate
 from framework.testing import CONV28, run_steps, step_context, tiny_recipe
 from plugins import affine
-from plugins.augmentations import AFFINE_COMPONENTS
+from plugins.blocks import AFFINE_COMPONENTS
 
 RECIPES = Path(__file__).parents[1] / "recipes"
 NO_SHARDS = {"train": "none.tar", "test": "none.tar"}
@@ -35,7 +35,7 @@ def _batch(recipe, seed: int = 0):
     x = torch.randn(B, 1, 28, 28)
     transform = affine.augment(config=recipe, cfg=recipe.plugins["affine"])["view"].transform
     out, params = zip(*(transform(img) for img in x), strict=True)
-    return {"x": x, affine.VIEW: torch.stack(out)}, {affine.VIEW: torch.stack(params)}
+    return {"x": x, "affine.view": torch.stack(out)}, {"affine.view": torch.stack(params)}
 
 
 class LinearEncoder:
@@ -59,7 +59,7 @@ def _head(recipe, encoder=WIDTH16):
 
 
 def _loss(recipe, own, ctx):
-    return affine.auxiliary_head(ctx=ctx, cfg=recipe.plugins["affine"], own=own)["mse"]
+    return affine.auxiliary_head(ctx=ctx.scoped("affine"), cfg=recipe.plugins["affine"], own=own)["mse"]
 
 
 # ---------------------------------------------------------------------------
@@ -92,19 +92,19 @@ def test_loss_is_mse_over_the_enabled_components_only(tmp_path):
     assert recipe.plugins["affine"].components == ["angle", "scale"]  # canonical order
     own = _head(recipe)
     ctx, _ = _stub_ctx(recipe)
-    target = ctx.params[affine.VIEW]
+    target = ctx.params["affine.view"]
     # disabled components are held at identity in the view itself
     torch.testing.assert_close(target[:, [1, 2, 4, 5]], torch.zeros(B, 4))
     assert (target[:, 0] != 0).all()
     loss = _loss(recipe, own, ctx)
 
-    h1, h2 = ctx.encode("x").h, ctx.encode(affine.VIEW).h
+    h1, h2 = ctx.encode("x").h, ctx.encode("affine.view").h
     pred = own["head"](h1 - h2)
     torch.testing.assert_close(loss, F.mse_loss(pred[:, [0, 3]], target[:, [0, 3]]))
 
-    ctx.params[affine.VIEW] = target + torch.tensor([0, 5.0, 5.0, 0, 5.0, 5.0])  # disabled columns
+    ctx.params["affine.view"] = target + torch.tensor([0, 5.0, 5.0, 0, 5.0, 5.0])  # disabled columns
     torch.testing.assert_close(_loss(recipe, own, ctx), loss)
-    ctx.params[affine.VIEW] = target + torch.tensor([5.0, 0, 0, 0, 0, 0])  # an enabled one
+    ctx.params["affine.view"] = target + torch.tensor([5.0, 0, 0, 0, 0, 0])  # an enabled one
     assert _loss(recipe, own, ctx) > loss + 1
 
 
@@ -147,7 +147,7 @@ def test_the_default_source_is_the_base_methods_first_augmented_view(tmp_path, o
 def test_without_an_augmented_view_the_default_source_is_refused(tmp_path):
     plugins = {"backbones": CONV28, "kl": {}, "affine": {}}
     recipe = validate(tiny_recipe(tmp_path, NO_SHARDS, plugins=plugins), check_data=False)[0]
-    with pytest.raises(ValueError, match=r"plugins\.affine\.source: no plugin of the recipe makes an augmented view"):
+    with pytest.raises(ValueError, match=r"source: no plugin of the recipe makes an augmented view"):
         affine.augment(config=recipe, cfg=recipe.plugins["affine"])
 
 
@@ -157,7 +157,7 @@ def test_gradients_reach_the_encoder_through_both_passes(tmp_path, aggregation):
     model = Model(hooks, recipe).train()
     views, params = _batch(recipe, seed=1)
     ctx = model.context(views, params)
-    r1, r2 = ctx.encode("x").h, ctx.encode(affine.VIEW).h  # the cached encodings the plugin reuses
+    r1, r2 = ctx.encode("x").h, ctx.encode("affine.view").h  # the cached encodings the plugin reuses
     r1.retain_grad()
     r2.retain_grad()
     _loss(recipe, model.plugins["affine"], ctx).backward()
@@ -176,7 +176,7 @@ def test_stub_encoder_gets_gradient_from_each_pass(tmp_path):
     ctx, stub = _stub_ctx(recipe, seed=2)
     _loss(recipe, own, ctx).backward()
     full = stub.weight.grad.clone()
-    for detached in ("x", affine.VIEW):
+    for detached in ("x", "affine.view"):
         ctx2 = step_context(recipe, ctx.views, encode=stub.encode, params=ctx.params)
         enc = ctx2.encode(detached)
         enc.h = enc.h.detach()

@@ -12,7 +12,7 @@ from framework.logging import read_metrics
 from framework.model import Model
 from framework.recipe.loading import validate
 from framework.testing import run_steps, tiny_recipe
-from plugins.barlow import barlow_twins_loss, batch_normalise
+from plugins.blocks import barlow_twins_loss, batch_normalise
 
 CONTRASTIVE_BACKBONE = {"encoder": "conv28", "latent_dim": None}
 

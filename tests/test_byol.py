@@ -17,7 +17,7 @@ from framework.model import Model
 from framework.optim import build_optimizer
 from framework.recipe.loading import RecipeError, validate
 from framework.testing import run_steps, tiny_recipe
-from plugins.byol import byol_loss, multi_crop_byol_loss
+from plugins.blocks import byol_loss, multi_crop_byol_loss
 
 
 def momentum_at(step: int, steps: int, base: float = 0.996, final: float = 1.0) -> float:

@@ -14,8 +14,8 @@ from framework.logging import read_metrics
 from framework.recipe.loading import RecipeError, load_recipe, validate
 from framework.testing import CONV28, run_steps, step_context, tiny_recipe
 from plugins import consistency
+from plugins.blocks import kl_gaussians, kl_standard_normal
 from plugins.kl import beta_at
-from plugins.vae_terms import kl_gaussians, kl_standard_normal
 
 RECIPES = Path(__file__).parents[1] / "recipes"
 NO_SHARDS = {"train": "none.tar", "test": "none.tar"}
@@ -23,7 +23,7 @@ B, LATENT = 8, 5
 
 
 def _std(logvar: torch.Tensor) -> torch.Tensor:
-    return torch.exp(logvar / 2) + 1e-6  # as plugins.vae_terms and the backbone
+    return torch.exp(logvar / 2) + 1e-6  # as plugins.blocks.vae and the backbone
 
 
 def _posterior(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -86,10 +86,10 @@ def _terms(recipe, post_x, post_t, step=0):
     g = torch.Generator().manual_seed(3)
     views = {
         "x": torch.randn(B, 1, 28, 28, generator=g),
-        consistency.VIEW: torch.randn(B, 1, 28, 28, generator=g),
+        "consistency.t": torch.randn(B, 1, 28, 28, generator=g),
     }
-    stub = StubAE({id(views["x"]): post_x, id(views[consistency.VIEW]): post_t})
-    ctx = step_context(recipe, views, encode=stub.encode, decode=stub.decode, step=step)
+    stub = StubAE({id(views["x"]): post_x, id(views["consistency.t"]): post_t})
+    ctx = step_context(recipe, views, encode=stub.encode, decode=stub.decode, step=step, plugin="consistency")
     return consistency.regularize(ctx=ctx, cfg=recipe.plugins["consistency"]), views, ctx
 
 
@@ -108,7 +108,7 @@ def test_consistency_is_lambda_times_kl_of_t_given_x(tmp_path):
     terms, _, ctx = _terms(_recipe(tmp_path, **{"lambda": 0.25}), (mu_x, lv_x), (mu_t, lv_t))
     kl = kl_divergence(Normal(mu_t, _std(lv_t)), Normal(mu_x, _std(lv_x))).sum(1).mean()
     torch.testing.assert_close(terms["consistency"], 0.25 * kl)
-    torch.testing.assert_close(ctx.metrics["consistency.kl_unweighted"], kl)
+    torch.testing.assert_close(ctx.metrics["kl_unweighted"], kl)
     reverse = kl_divergence(Normal(mu_x, _std(lv_x)), Normal(mu_t, _std(lv_t))).sum(1).mean()
     assert not torch.allclose(terms["consistency"], 0.25 * reverse)
 
@@ -118,7 +118,7 @@ def test_alone_it_returns_both_elbos_with_their_betas(tmp_path):
     terms, views, _ = _terms(_recipe(tmp_path, beta1=0.5, beta2=2.0), (mu_x, lv_x), (mu_t, lv_t))
     assert set(terms) == {"recon_x", "kl_x", "recon_t", "kl_t", "consistency"}
     torch.testing.assert_close(terms["recon_x"], _half_sq(views["x"]))
-    torch.testing.assert_close(terms["recon_t"], _half_sq(views[consistency.VIEW]))
+    torch.testing.assert_close(terms["recon_t"], _half_sq(views["consistency.t"]))
     torch.testing.assert_close(terms["kl_x"], 0.5 * kl_standard_normal(mu_x, lv_x))
     torch.testing.assert_close(terms["kl_t"], 2.0 * kl_standard_normal(mu_t, lv_t))
 
@@ -148,7 +148,11 @@ def test_the_prior_kls_follow_kls_warmup_and_cycles(tmp_path, elbo_x):
     kl_cfg = recipe.plugins["kl"]
     for step, factor in [(0, 0.0), (2, 0.5), (4, 1.0), (7, 1.0), (8, 0.0), (10, 0.5)]:
         terms, _, _ = _terms(recipe, (mu_x, lv_x), (mu_t, lv_t), step)
-        assert consistency.kl_factor(recipe, step) == factor == beta_at(step, kl_cfg) / kl_cfg.beta  # one schedule
+        assert (
+            consistency.kl_factor(recipe.plugins["consistency"], recipe, step)
+            == factor
+            == beta_at(step, kl_cfg) / kl_cfg.beta
+        )  # one schedule
         torch.testing.assert_close(terms["kl_t"], factor * full_t)
         if elbo_x:
             torch.testing.assert_close(terms["kl_x"], factor * full_x)
@@ -161,7 +165,7 @@ def test_without_a_scheduled_provider_the_prior_kls_are_constant(tmp_path, other
     recipe = _recipe(tmp_path, others, beta2=2.0)
     (mu_x, lv_x), (mu_t, lv_t) = _posterior(13), _posterior(14)
     terms, _, _ = _terms(recipe, (mu_x, lv_x), (mu_t, lv_t))
-    assert consistency.kl_factor(recipe, 0) == 1.0
+    assert consistency.kl_factor(recipe.plugins["consistency"], recipe, 0) == 1.0
     torch.testing.assert_close(terms["kl_t"], 2.0 * kl_standard_normal(mu_t, lv_t))
 
 
@@ -184,10 +188,10 @@ def test_needs_a_vae_head(tmp_path):
         def encode(self, view):
             return Encoding(h=view.flatten(1))
 
-    views = {"x": torch.zeros(B, 1, 28, 28), consistency.VIEW: torch.zeros(B, 1, 28, 28)}
+    views = {"x": torch.zeros(B, 1, 28, 28), "consistency.t": torch.zeros(B, 1, 28, 28)}
     with pytest.raises(ValueError, match="latent_dim"):
         recipe = _recipe(tmp_path)
-        ctx = step_context(recipe, views, encode=NoHead({}).encode)
+        ctx = step_context(recipe, views, encode=NoHead({}).encode, plugin="consistency")
         consistency.regularize(ctx=ctx, cfg=recipe.plugins["consistency"])
 
 

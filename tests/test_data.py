@@ -57,7 +57,7 @@ def test_write_shards_round_trips_images_labels_and_manifest(tmp_path):
 
 def test_a_derived_view_gets_uint8_only_if_it_says_it_accepts_it():
     from framework.views import Normalize
-    from plugins.augmentations import AffineWithParams
+    from plugins.blocks import AffineWithParams
 
     class Plain:  # a third-party derived view that expects the normalised tensor
         def __call__(self, x):

@@ -26,7 +26,7 @@ from framework.model import Model
 from framework.recipe.loading import validate
 from framework.testing import CONV28, free_port, run_steps, tiny_recipe, write_recipe
 from plugins.backbones import VAEHead
-from plugins.vae_terms import kl_gaussians
+from plugins.blocks import kl_gaussians
 from tests.helpers import ROOT, accelerate_launch
 
 DDP2 = ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--dynamo_backend", "no"]

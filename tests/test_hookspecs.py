@@ -178,14 +178,14 @@ class ViewPlugin:
 
     @hookimpl
     def augment(self, config):
-        return {"flip": View(FlipWithParam()), "twice": View(Negate(), source="viewp.flip")}
+        return {"flip": View(FlipWithParam()), "twice": View(Negate(), source="flip")}
 
     @hookimpl
     def auxiliary_head(self, ctx):
-        flip, twice, x = ctx.views["viewp.flip"], ctx.views["viewp.twice"], ctx.views["x"]
-        flipped = ctx.params["viewp.flip"][:, 0].bool()
+        flip, twice, x = ctx.views["flip"], ctx.views["twice"], ctx.views["x"]
+        flipped = ctx.params["flip"][:, 0].bool()
         expect = torch.where(flipped[:, None, None, None], x.flip(-1), x)
-        ctx.metrics["viewp.match"] = (torch.isclose(flip, expect).all() & torch.equal(twice, -flip)).float()
+        ctx.metrics["match"] = (torch.isclose(flip, expect).all() & torch.equal(twice, -flip)).float()
         return {}
 
 
@@ -312,7 +312,7 @@ class ProbeLike:
     @hookimpl
     def auxiliary_head(self, own, ctx):
         logits = own["linear"](ctx.encode("x").h.detach())
-        ctx.metrics["aux.acc"] = (logits.argmax(1) == ctx.labels).float().mean().detach()
+        ctx.metrics["acc"] = (logits.argmax(1) == ctx.labels).float().mean().detach()
         return {"ce": nn.functional.cross_entropy(logits, ctx.labels)}
 
 

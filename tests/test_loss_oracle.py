@@ -30,10 +30,10 @@ from torch.distributions import Independent, Normal, kl_divergence
 from framework import Encoding
 from framework.testing import step_context
 from plugins import barlow, byol, simclr
-from plugins.barlow import BarlowConfig, barlow_twins_loss
-from plugins.byol import BYOLConfig, byol_loss
-from plugins.simclr import SimCLRConfig, nt_xent
-from plugins.vae_terms import kl_gaussians, kl_standard_normal
+from plugins.barlow import BarlowConfig
+from plugins.blocks import barlow_twins_loss, byol_loss, kl_gaussians, kl_standard_normal, nt_xent
+from plugins.byol import BYOLConfig
+from plugins.simclr import SimCLRConfig
 
 TOL = 1e-10
 APART = 1e-3  # the controls: a different convention is at least this far from the oracle
@@ -77,7 +77,8 @@ def _assert_same(ours, theirs, *inputs: torch.Tensor) -> float:
 def _ctx(views: dict[str, torch.Tensor], *, step: int = 0, steps: int = 10):
     """A step context whose encoder is the identity: `ctx.encode(view).h` is the view itself."""
     recipe = SimpleNamespace(train=SimpleNamespace(steps=steps))  # BYOL reads train.steps for tau
-    return step_context(recipe, views, encode=lambda v: Encoding(h=v), step=step)
+    plugin = next(name.split(".")[0] for name in views if "." in name)  # the views' plugin: its hook's context
+    return step_context(recipe, views, encode=lambda v: Encoding(h=v), step=step, plugin=plugin)
 
 
 # --- SimCLR: NT-Xent ------------------------------------------------------------------
@@ -194,7 +195,7 @@ def test_the_barlow_hook_and_defaults_equal_lightly():
 
 def _posterior(mu: torch.Tensor, logvar: torch.Tensor) -> Independent:
     """The diagonal Gaussian augssl's KLs describe: std = exp(logvar / 2) + 1e-6, exactly as
-    plugins.vae_terms (and the backbone's sampling) define it; latent dims are one event."""
+    plugins.blocks.vae (and the backbone's sampling) define it; latent dims are one event."""
     return Independent(Normal(mu, torch.exp(logvar / 2) + 1e-6), 1)
 
 

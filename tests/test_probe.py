@@ -11,18 +11,13 @@ from framework import Encoding
 from framework.logging import read_metrics
 from framework.model import Model
 from framework.recipe.loading import validate
-from framework.testing import CONV28, run_steps, tiny_recipe
+from framework.testing import CONV28, run_steps, step_context, tiny_recipe
 from plugins import probe
 
 
-class FakeCtx:
-    """Just enough of a StepContext for the probe: fixed features and labels."""
-
-    def __init__(self, config, features, labels):
-        self.config, self.labels, self.metrics, self._h = config, labels, {}, features
-
-    def encode(self, view):
-        return Encoding(h=self._h)
+def FakeCtx(config, features, labels):
+    """The probe's step context with fixed features (whatever the view) and labels."""
+    return step_context(config, {"x": features}, encode=lambda _: Encoding(h=features), labels=labels, plugin="probe")
 
 
 def _config(tmp_path, fmnist_shards, **probe_cfg):
@@ -54,7 +49,7 @@ def test_probe_learns_separable_features(tmp_path, fmnist_shards):
         opt.zero_grad()
         loss.backward()
         opt.step()
-    assert ctx.metrics["probe.acc"].item() > 0.95 and loss.item() < 0.2
+    assert ctx.metrics["acc"].item() > 0.95 and loss.item() < 0.2
 
 
 def test_probe_ignores_unlabelled_samples(tmp_path, fmnist_shards):

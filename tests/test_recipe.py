@@ -7,14 +7,14 @@ import subprocess
 import sys
 import typing
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, Protocol
 
 import pytest
 import yaml
 from pydantic import BaseModel
 from torchvision.transforms import v2
 
-from framework import PluginConfig, Recipe, Scheduled, hookimpl
+from framework import PluginConfig, Recipe, Scheduled, capability, hookimpl
 from framework.cli import main
 from framework.data.pipeline import clean_x_view
 from framework.manager import PluginHooks
@@ -375,14 +375,21 @@ class _Section:
         return self.schema
 
 
+@capability()
+class _TestTerms(Protocol):
+    """A capability of the test: the plugin's terms are test terms."""
+
+    test_terms: ClassVar[str]
+
+
 class _Provides(PluginConfig):
-    provides: ClassVar[frozenset[str]] = frozenset({"test_terms", "other"})
+    test_terms: ClassVar[str] = "yes"
 
 
 def test_providers_are_the_plugins_whose_section_declares_the_capability_in_recipe_order(tmp_path):
     extra = {"zeta": _Section(_Provides), "plain": _Section(PluginConfig), "alpha": _Section(_Provides)}
     recipe, _ = validate(tiny_recipe(tmp_path, {"train": "none.tar", "test": "none.tar"}), False, extra)
     assert list(recipe.plugins) == ["backbones", "kl", "zeta", "plain", "alpha"]
-    assert recipe.providers("test_terms") == ["zeta", "alpha"]
-    assert recipe.providers("other") == ["zeta", "alpha"]
-    assert recipe.providers("nothing_declares_this") == []
+    assert list(recipe.providers(_TestTerms)) == ["zeta", "alpha"]
+    assert recipe.providers(_TestTerms)["zeta"] is recipe.plugins["zeta"]
+    assert isinstance(recipe.plugins["alpha"], _TestTerms) and not isinstance(recipe.plugins["plain"], _TestTerms)

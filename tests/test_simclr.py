@@ -14,8 +14,7 @@ from framework.logging import read_metrics
 from framework.model import Model
 from framework.recipe.loading import load_recipe, validate
 from framework.testing import run_steps, tiny_recipe
-from plugins.augmentations import infer_strength
-from plugins.simclr import multi_crop_nt_xent, nt_xent
+from plugins.blocks import infer_strength, multi_crop_nt_xent, nt_xent
 
 CONTRASTIVE_BACKBONE = {"encoder": "conv28", "latent_dim": None}
 

@@ -20,8 +20,8 @@ from framework.cli import main
 from framework.logging import read_metrics
 from framework.recipe.loading import RecipeError, validate
 from framework.testing import run_steps, tiny_recipe, write_recipe
-from plugins.augmentations import image_sizes
 from plugins.backbones import BackbonesConfig, build_encoder, check_input_sizes
+from plugins.blocks import image_sizes
 from tests.helpers import ENV, ONE_NODE, ROOT, accelerate_launch, one_line
 
 VIT = "timm/vit_tiny_patch16_224"  # 5.5 M parameters: the smallest ViT timm names

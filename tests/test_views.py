@@ -1,4 +1,4 @@
-"""Tests for the clean view (framework/views.py) and the methods' augmentations (plugins/augmentations.py)."""
+"""Tests for the clean view (framework/views.py) and the methods' augmentations (plugins/blocks/augmentations.py)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from framework import Encoding
 from framework.recipe.loading import RecipeError, validate
 from framework.testing import step_context, tiny_recipe
 from framework.views import CIFAR10_STATS, FASHION_MNIST_STATS, STL10_STATS, ToMode, clean_view
-from plugins.augmentations import (
+from plugins.blocks import (
     AFFINE_COMPONENTS,
     CRVAE_PRESETS,
     LOCAL_SCALE,

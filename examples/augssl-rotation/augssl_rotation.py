@@ -2,8 +2,8 @@
 
 Every image of the view is rotated 4 times; a Linear head on the pooled features of
 the rotated batch classifies the rotation (Gidaris et al. 2018). Loss term `rotation.ce`,
-metric `rotation.acc`. Installed through the `augssl` entry-point group; a recipe names it
-as `rotation`.
+metric `rotation.acc` (the engine names both after the plugin: under a second name, `<name>.ce`).
+Installed through the `augssl` entry-point group; a recipe names it as `rotation`.
 """
 
 from __future__ import annotations
@@ -12,8 +12,6 @@ import torch
 from torch import nn
 
 from framework import PluginConfig, StepContext, hookimpl
-
-NAME = "rotation"
 
 
 class RotationConfig(PluginConfig):
@@ -36,5 +34,5 @@ def auxiliary_head(ctx: StepContext, cfg: RotationConfig, own: nn.ModuleDict) ->
     rotated = torch.cat([torch.rot90(x, k, dims=(2, 3)) for k in range(4)])
     target = torch.arange(4, device=x.device).repeat_interleave(len(x))
     logits = own["head"](ctx.encode_tensor(rotated).h)
-    ctx.metrics[f"{NAME}.acc"] = (logits.argmax(1) == target).float().mean().detach()
+    ctx.metrics["acc"] = (logits.argmax(1) == target).float().mean().detach()
     return {"ce": nn.functional.cross_entropy(logits, target)}

@@ -6,8 +6,9 @@ YAML is `framework.recipe.loading`). Each plugin's own section is its `PluginCon
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any, ClassVar, Literal
+import typing
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
@@ -56,6 +57,65 @@ class Strict(BaseModel):
     model_config = ConfigDict(**SECTION_CONFIG, validate_assignment=True, frozen=False)
 
 
+P = TypeVar("P", bound=type)
+# Each capability (a Protocol) and its own check of a declaration beyond the members' types (None: none).
+CAPABILITIES: dict[type, Callable[[type], str | None] | None] = {}
+
+
+def capability(check: Callable[[type], str | None] | None = None) -> Callable[[P], P]:
+    """Declare a `typing.Protocol` a capability a plugin's section may have (e.g. "makes augmented views").
+
+    The protocol becomes runtime-checkable, so another plugin asks `isinstance(section, TheProtocol)` or
+    `Recipe.providers(TheProtocol)`. A section whose class has any member of the protocol claims it, and is
+    checked when the recipe is validated: it must have every member, each a value of the annotated type (a
+    `ClassVar[str]` holds a str) or a method, and pass `check(section class)`, which returns what is wrong
+    or None. A wrong claim is a one-line recipe error naming the section and the member.
+    """
+
+    def declare(protocol: P) -> P:
+        checkable = typing.runtime_checkable(protocol)
+        CAPABILITIES[checkable] = check
+        return checkable
+
+    return declare
+
+
+def _members(protocol: type) -> dict[str, Any]:
+    """A protocol's members: `{name: annotation}` for its annotated attributes, `{name: None}` for its methods."""
+    members: dict[str, Any] = {}
+    for klass in reversed(protocol.__mro__):
+        if klass in (object, typing.Protocol, typing.Generic) or not getattr(klass, "_is_protocol", False):
+            continue
+        members |= dict(typing.get_type_hints(klass, include_extras=False)) if "__annotations__" in vars(klass) else {}
+        members |= {k: None for k, v in vars(klass).items() if callable(v) and not k.startswith("_")}
+    return members
+
+
+def capability_problem(section: type) -> str | None:
+    """What is wrong with the capabilities the section class `section` claims, or None."""
+    for protocol, check in CAPABILITIES.items():
+        members = _members(protocol)
+        claimed = [m for m in members if hasattr(section, m) or m in getattr(section, "model_fields", {})]
+        if not claimed:
+            continue
+        for member, annotation in members.items():
+            where = f"{member} (capability {protocol.__name__})"
+            if not hasattr(section, member) and member not in getattr(section, "model_fields", {}):
+                return f"{where}: missing, while {claimed[0]} claims the capability"
+            value = getattr(section, member, None)
+            if annotation is None:
+                if not callable(value):
+                    return f"{where}: must be a method, got {value!r}"
+                continue
+            expected = typing.get_args(annotation)[0] if typing.get_origin(annotation) is ClassVar else annotation
+            if isinstance(expected, type) and member not in getattr(section, "model_fields", {}):
+                if not isinstance(value, expected):
+                    return f"{where}: must be a {expected.__name__}, got {value!r}"
+        if check is not None and (problem := check(section)):
+            return f"capability {protocol.__name__}: {problem}"
+    return None
+
+
 class PluginConfig(Strict):
     """Base of every plugin's recipe section (`plugins.<name>:`).
 
@@ -65,24 +125,27 @@ class PluginConfig(Strict):
     Subclass it and return the subclass from the plugin's `config_schema` hook. Its floats must be
     finite, as every section's; a pydantic model nested in it should say so too (`allow_inf_nan=False`).
 
-    `provides` (a class attribute, not a recipe key) names what the plugin's terms stand for,
-    so that other plugins can ask the recipe (`Recipe.providers`) instead of naming plugins:
-    `"elbo_x"` says its terms include the reconstruction of the clean view `x` (a VAE's ELBO,
-    AAVAE's reconstruction); a section with a `likelihood` field says which one it uses, and one with
-    a `kl_factor(step)` method the schedule (0..1) of its prior KL, which the recipe's other prior KLs follow.
-    `"augmented_view"` says the plugin makes augmented views of each image, its section's class
-    attribute `augmented_view` naming the first (the affine head's default view).
+    What a plugin offers the others (its terms stand for the ELBO of `x`, it makes augmented views, ...) is a
+    capability: a typed Protocol (`framework.capability`) its section class implements, which another
+    plugin finds with `Recipe.providers(TheProtocol)` instead of naming plugins (`plugins.blocks` has the
+    built-in ones). A wrongly declared capability is refused when the section is validated.
 
     `needs` (a class attribute too) names what the plugin needs another plugin to build, so that the
     other fits its defaults to the recipe: `"vae_head"` asks the encoder plugin for a VAE head (encodings
     with `mu`, `logvar`, `z`). A section's validator asks which plugins need a thing with `needed_by`.
     """
 
-    provides: ClassVar[frozenset[str]] = frozenset()
     needs: ClassVar[frozenset[str]] = frozenset()
 
     weight: float = 1.0
     lr: float | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _capabilities(self) -> PluginConfig:
+        """The capabilities the section's class claims are declared right (`capability`)."""
+        if problem := capability_problem(type(self)):
+            raise ValueError(problem)
+        return self
 
 
 NEEDS = "needs"  # the validation context's key: each plugin of the recipe and its section's `needs`
@@ -240,11 +303,8 @@ class Recipe(Strict):
         }
         return out
 
-    def providers(self, capability: str) -> list[str]:
-        """The plugins, in recipe order, whose section's class declares `capability` in `provides`.
-
-        Plugins declare what their terms stand for (e.g. `"elbo_x"`: the plugin's terms stand for
-        the ELBO/reconstruction of the clean view `x`), so another plugin can ask the recipe for
-        them without naming a plugin.
-        """
-        return [name for name, cfg in self.plugins.items() if capability in getattr(type(cfg), "provides", frozenset())]
+    def providers(self, capability: Any) -> dict[str, Any]:
+        """`{plugin: section}`, in recipe order, of the plugins whose section has `capability` (a Protocol
+        declared with `framework.capability`), so that a plugin asks the recipe for what it needs from
+        others (e.g. a view to transform) without naming a plugin."""
+        return {name: cfg for name, cfg in self.plugins.items() if isinstance(cfg, capability)}

@@ -10,10 +10,20 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
-from framework import at_least_float32, denormalize, normalize
+from framework import Encoding, StepContext, at_least_float32, denormalize, normalize
+from plugins.blocks.capabilities import VAE_HEAD
 
-# What the autoencoding plugins need (`PluginConfig.needs`): the encoder's VAE head, encodings with mu, logvar, z
-VAE_HEAD = "vae_head"
+__all__ = [
+    "VAE_HEAD",
+    "bernoulli_nll",
+    "gaussian_nll",
+    "kl_gaussians",
+    "kl_standard_normal",
+    "posterior_std",
+    "reconstruction_nll",
+    "reconstruction_term",
+    "warmup_factor",
+]
 
 
 def gaussian_nll(x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -36,9 +46,12 @@ def reconstruction_nll(
     return bernoulli_nll(x_hat, denormalize(x, mean, std).clamp(0, 1))
 
 
-def reconstruction_term(ctx, enc, target: torch.Tensor, likelihood: str, image: str) -> torch.Tensor:
+def reconstruction_term(
+    ctx: StepContext, enc: Encoding, target: torch.Tensor, likelihood: str, image: str
+) -> torch.Tensor:
     """Decode `enc` and return -log p(target | z); on preview steps keep the reconstruction as
-    `ctx.images[image]` (normalised like the views: Bernoulli logits go through a sigmoid)."""
+    `ctx.images[image]` (a short name, e.g. "recon"; normalised like the views: Bernoulli logits go through a
+    sigmoid)."""
     x_hat = ctx.decode(enc)
     data = ctx.config.data
     if ctx.preview:

@@ -1,4 +1,4 @@
-"""The augmentations of the built-in methods: SimCLR's, CR-VAE's affine `t(x)`, the affine head's warp.
+"""View builders and augmentation presets: SimCLR's views, multi-crop, CR-VAE's affine `t(x)`, the affine head's warp.
 
 Each view is a picklable class instance (a torchvision ``v2.Compose`` of these steps, or
 `AffineWithParams`) built from the public pieces of `framework` (`ToMode` first,
@@ -338,17 +338,11 @@ class MultiCrop(BaseModel):
         return self
 
 
-# The capability of plugins that make augmented views of each image (`PluginConfig.provides`); their section's
-# class attribute `augmented_view` names the first one (e.g. "v1": the view "<plugin>.v1").
-AUGMENTED_VIEW = "augmented_view"
-
-
 class TwoViewsConfig(PluginConfig):
     """The section of a joint-embedding plugin (SimCLR, BYOL, Barlow Twins): `two_views`' preset, the multi-crop
-    spec `crops` (None: the two views `v1`, `v2`), and the capability "augmented_view" with `v1`, the view the
+    spec `crops` (None: the two views `v1`, `v2`), and the capability `AugmentedViews` with `v1`, the view the
     affine head transforms by default."""
 
-    provides: ClassVar[frozenset[str]] = frozenset({AUGMENTED_VIEW})
     augmented_view: ClassVar[str] = "v1"
 
     strength: Strength | None = None  # simclr_view preset; None: inferred from data.channels / image_size
@@ -405,8 +399,9 @@ def crop_views(config: Recipe, cfg: TwoViewsConfig) -> dict[str, View]:
 
 
 def encode_crops(ctx: StepContext, cfg: TwoViewsConfig, names: Sequence[str]) -> list[Encoding]:
-    """The encodings of the views `names`: one `ctx.encode` each without `crops` (as before multi-crop), else
-    `ctx.encode_grouped` (one encoder call per crop size, DINO's MultiCropWrapper)."""
+    """The encodings of the views `names` (short names, as `crop_names` gives them): one `ctx.encode` each without
+    `crops` (as before multi-crop), else `ctx.encode_grouped` (one encoder call per crop size, DINO's
+    MultiCropWrapper)."""
     if cfg.crops is None:
         return [ctx.encode(name) for name in names]
     return ctx.encode_grouped(names)

@@ -1,0 +1,115 @@
+"""augssl's building blocks for methods: what the built-in plugins are made of, public for any plugin.
+
+The built-in plugins import nothing else of augssl than `framework` and this package (tests/test_plugin_contract.py
+checks it), so a third-party plugin can do all they do. The names below are versioned with the plugin API,
+`framework.API_VERSION`: a minor version adds names, a major one changes or removes one.
+
+* Views and augmentation presets (`plugins.blocks.augmentations`): `simclr_view` (the SimCLR-style view of a
+  preset, `Strength`), `TwoViewsConfig` + `crop_views` / `crop_names` / `encode_crops` (two views or multi-crop,
+  `MultiCrop`), `crvae_affine_view` (CR-VAE's t(x)), `AffineWithParams` (a warp that returns its parameters).
+* Heads (`plugins.blocks.heads`): `mlp`, the projection / prediction MLP of SimCLR, BYOL, Barlow Twins.
+* VAE terms (`plugins.blocks.vae`): likelihoods, `reconstruction_term`, the KLs, `warmup_factor`.
+* Losses (`plugins.blocks.losses`): `nt_xent`, `multi_crop_nt_xent`, `barlow_twins_loss`, `byol_loss`,
+  `multi_crop_byol_loss`, each over the global batch where the method says so.
+* EMA targets (`plugins.blocks.ema`): `Target`, `initialise_targets`, `update_targets`, `ema_update`.
+* Capabilities (`plugins.blocks.capabilities`): `AugmentedViews`, `StandsForELBO`, `PriorKLSchedule`, typed
+  Protocols a plugin finds with `Recipe.providers`, and `VAE_HEAD`, what a plugin `needs` of the encoder.
+
+Distributed statistics without gradient (`framework.all_reduce`) and with it (`framework.gather_with_grad`)
+are the framework's.
+"""
+
+from __future__ import annotations
+
+from plugins.blocks.augmentations import (
+    AFFINE_COMPONENTS,
+    CRVAE_PRESETS,
+    IDENTITY_AFFINE,
+    LOCAL_SCALE,
+    VIEW_PRESETS,
+    AffineParams,
+    AffineWithParams,
+    CropGroup,
+    MultiCrop,
+    PILGaussianBlur,
+    Strength,
+    TwoViewsConfig,
+    ViewSpec,
+    crop_names,
+    crop_views,
+    crvae_affine_view,
+    encode_crops,
+    image_sizes,
+    infer_strength,
+    simclr_view,
+    two_views,
+)
+from plugins.blocks.capabilities import VAE_HEAD, AugmentedViews, Likelihood, PriorKLSchedule, StandsForELBO
+from plugins.blocks.ema import Target, ema_update, initialise_targets, update_targets
+from plugins.blocks.heads import mlp
+from plugins.blocks.losses import (
+    barlow_twins_loss,
+    batch_normalise,
+    byol_loss,
+    multi_crop_byol_loss,
+    multi_crop_nt_xent,
+    nt_xent,
+)
+from plugins.blocks.vae import (
+    bernoulli_nll,
+    gaussian_nll,
+    kl_gaussians,
+    kl_standard_normal,
+    posterior_std,
+    reconstruction_nll,
+    reconstruction_term,
+    warmup_factor,
+)
+
+__all__ = [
+    "AFFINE_COMPONENTS",
+    "CRVAE_PRESETS",
+    "IDENTITY_AFFINE",
+    "LOCAL_SCALE",
+    "VAE_HEAD",
+    "VIEW_PRESETS",
+    "AffineParams",
+    "AffineWithParams",
+    "AugmentedViews",
+    "CropGroup",
+    "Likelihood",
+    "MultiCrop",
+    "PILGaussianBlur",
+    "PriorKLSchedule",
+    "StandsForELBO",
+    "Strength",
+    "Target",
+    "TwoViewsConfig",
+    "ViewSpec",
+    "barlow_twins_loss",
+    "batch_normalise",
+    "bernoulli_nll",
+    "byol_loss",
+    "crop_names",
+    "crop_views",
+    "crvae_affine_view",
+    "ema_update",
+    "encode_crops",
+    "gaussian_nll",
+    "image_sizes",
+    "infer_strength",
+    "initialise_targets",
+    "kl_gaussians",
+    "kl_standard_normal",
+    "mlp",
+    "multi_crop_byol_loss",
+    "multi_crop_nt_xent",
+    "nt_xent",
+    "posterior_std",
+    "reconstruction_nll",
+    "reconstruction_term",
+    "simclr_view",
+    "two_views",
+    "update_targets",
+    "warmup_factor",
+]

@@ -1,0 +1,52 @@
+"""The capabilities the built-in plugins offer each other: typed Protocols a section class implements, found
+with `Recipe.providers(Protocol)` (or `isinstance(section, Protocol)`); `framework.capability` checks each
+declaration when the recipe is validated."""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal, Protocol, runtime_checkable
+
+from framework import capability
+
+Likelihood = Literal["gaussian", "bernoulli"]
+
+# What autoencoding plugins ask of the encoder's plugin (`PluginConfig.needs`): a VAE head, encodings with mu,
+# logvar, z (the `backbones` plugin builds one when a plugin of the recipe needs it).
+VAE_HEAD = "vae_head"
+
+
+def _short_view_name(section: type) -> str | None:
+    view = getattr(section, "augmented_view", None)
+    if isinstance(view, str) and (not view.isidentifier() or view == "x"):
+        return (
+            f"augmented_view {view!r} must be the short name of one of the plugin's own views, as its "
+            "`augment` returns it (e.g. 'v1', not '<plugin>.v1' or 'x')"
+        )
+    return None
+
+
+@capability(_short_view_name)
+@runtime_checkable
+class AugmentedViews(Protocol):
+    """The plugin makes augmented views of each image; `augmented_view` (a `ClassVar[str]` of the section class)
+    is the short name of the first, e.g. "v1" for the view `<plugin>.v1` (the affine head's default x1)."""
+
+    augmented_view: ClassVar[str]
+
+
+@capability()
+@runtime_checkable
+class StandsForELBO(Protocol):
+    """The plugin's terms stand for L_vae(x), the reconstruction of the clean view `x` (a VAE's ELBO, AAVAE's
+    reconstruction), under the likelihood `elbo_likelihood()` returns (CR-VAE adds L_vae(x) only without one)."""
+
+    def elbo_likelihood(self) -> Likelihood: ...
+
+
+@capability()
+@runtime_checkable
+class PriorKLSchedule(Protocol):
+    """The plugin's prior KL follows a schedule, `kl_factor(step)` in 0..1 after `step` optimizer steps (the KL
+    warm-up / cycles of `kl`); the recipe's other prior KLs follow it (CR-VAE's)."""
+
+    def kl_factor(self, step: int) -> float: ...
