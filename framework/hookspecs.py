@@ -17,8 +17,14 @@ Scoped arguments: besides what a hook says, every hook but `config_schema` may a
 class its `config_schema` returned), and the hooks that see modules for `own`, the
 plugin's *own* modules (`{name: module}` from its `build_modules`, an `nn.ModuleDict`).
 A plugin needs nothing else to find its settings and weights, and never looks another
-plugin up by name: it asks the recipe (`Recipe.providers`) or the encoder (`encoder`,
-`ctx.encoder`: `num_features` is the width of `Encoding.h`).
+plugin up by name: it asks the recipe for a capability (`Recipe.providers(Protocol)`) or the
+encoder (`encoder`, `ctx.encoder`: `num_features` is the width of `Encoding.h`).
+
+Scoped names: a plugin never spells the name the recipe gives it (one module may be listed
+under two names). Its views, their params, its metrics and its preview images have short
+names (`v1`, `acc`), which the engine prefixes with `<plugin>.`; every hook's `ctx` is the
+plugin's own (`StepContext.scoped`), in which `ctx.views["v1"]` is its view `<plugin>.v1`,
+`ctx.views["x"]` the clean view and `ctx.views["simclr.v1"]` another plugin's, by full name.
 
 Loss terms: `regularize` and `auxiliary_head` return `{term: tensor}`; the engine
 names each `<plugin>.<term>` (e.g. `kl.kl`, `aavae.recon`), multiplies it by the
@@ -97,12 +103,13 @@ def augment(config: Recipe, cfg: PluginConfig) -> dict[str, View]:
     Called once, when the data pipeline is built (in the main process; the returned
     transforms are pickled into the data workers and applied per sample). The engine
     always provides the clean view `x` (minimal preprocessing); a view named `v` by
-    plugin `p` is available in the step as `ctx.views["p.v"]`.
+    plugin `p` is `ctx.views["v"]` in p's hooks and `ctx.views["p.v"]` in any other's.
 
     :param config: The validated recipe (`config.data`: image size, channels, statistics).
     :param cfg: This plugin's own section.
-    :returns: `{view name: framework.View}`; a view may take another view as its
-        `source` (full name, e.g. `"simclr.v1"`) and may return its random parameters.
+    :returns: `{view name: framework.View}`, each name short (letters, digits, `_`; not `x`);
+        a view may take another view as its `source` (its own by short name, `"x"`, or another
+        plugin's by full name, e.g. `"simclr.v1"`) and may return its random parameters.
 
     Result mode: collect, keyed by plugin name.
     """
@@ -172,13 +179,14 @@ def regularize(
     with `ctx.encode(view name)` and reconstructions with `ctx.decode(encoding)`.
 
     :param modules: Every plugin's modules (a plugin needs only `own`).
-    :param ctx: The step context: `ctx.views`, `ctx.params`, `ctx.labels`,
-        `ctx.step`, `ctx.config`, `ctx.encoder`, `ctx.encode`, `ctx.decode`, `ctx.metrics`.
+    :param ctx: This plugin's step context: `ctx.views`, `ctx.params`, `ctx.labels`,
+        `ctx.step`, `ctx.config`, `ctx.encoder`, `ctx.encode`, `ctx.decode`, `ctx.metrics`,
+        its own names short (see "Scoped names" above).
     :param cfg: This plugin's own section.
     :param own: This plugin's own modules.
     :returns: `{term: scalar tensor}`, named `<plugin>.<term>` by the engine and
         weighted by the plugin's `weight`. Put metrics (not optimised) in
-        `ctx.metrics["<plugin>.<name>"]` instead.
+        `ctx.metrics["<name>"]` instead (logged as `<plugin>.<name>`).
 
     Result mode: collect, keyed by plugin name.
     """
