@@ -37,17 +37,35 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", 1))
 
 
-def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
-    """Concatenate `tensor` from every rank along dim 0, gradients flowing back to each rank.
+class _GatherWithGrad(torch.autograd.Function):
+    """All-gather along dim 0 whose backward gives each rank the sum over ranks of the gradient of its rows."""
 
-    Uses `torch.distributed.nn.functional.all_gather`, whose backward sums the
-    gradients of every rank's copy (lightly issue 1528 was a gather that did not).
+    @staticmethod
+    def forward(ctx: Any, tensor: torch.Tensor) -> torch.Tensor:
+        ctx.rows = tensor.shape[0]
+        parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, tensor)
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous()
+        dist.all_reduce(grad)  # every rank's gradient of every row, summed
+        start = dist.get_rank() * ctx.rows
+        return grad[start : start + ctx.rows]
+
+
+def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate `tensor` (the same shape on every rank) from every rank along dim 0, gradients flowing back
+    to each rank.
+
+    The backward sums the gradients of every rank's copy of a rank's rows (lightly issue 1528 was a gather
+    that did not), as lightly's and solo-learn's `GatherLayer`; it is written here because torch's
+    `torch.distributed.nn.functional.all_gather` warns that it is deprecated on every call.
     """
     if world_size() == 1 or not dist.is_initialized():
         return tensor
-    from torch.distributed.nn.functional import all_gather
-
-    return torch.cat(all_gather(tensor.contiguous()), dim=0)
+    return _GatherWithGrad.apply(tensor.contiguous())
 
 
 @torch.no_grad()

@@ -1,11 +1,12 @@
 """The plugin contract: a plugin names only its own things (the engine scopes them), the built-in plugins use only
-the public API (`framework` and `plugins.blocks`), capabilities are typed and checked, `all_reduce` agrees
-across processes."""
+the public API (`framework` and `plugins.blocks`), capabilities are typed and checked, `all_reduce` and
+`gather_with_grad` agree across processes (without a deprecation warning)."""
 
 from __future__ import annotations
 
 import ast
 import socket
+import warnings
 from pathlib import Path
 from typing import ClassVar
 
@@ -18,7 +19,7 @@ from torch import nn
 
 import framework
 import plugins.blocks
-from framework import PluginConfig, View, all_reduce, hookimpl
+from framework import PluginConfig, View, all_reduce, gather_with_grad, hookimpl
 from framework.logging import read_metrics
 from framework.model import Model
 from framework.recipe.loading import RecipeError, validate
@@ -237,13 +238,19 @@ def _reduce_on_rank(rank: int, port: int, queue) -> None:
         rows = torch.arange(8, dtype=torch.float32).view(4, 2)  # the global batch; rank r holds rows 2r, 2r+1
         local = rows[2 * rank : 2 * rank + 2].clone().requires_grad_()
         out = {op: all_reduce(local.sum(0), op) for op in ("sum", "mean", "max", "min")}
-        queue.put((rank, {op: v.tolist() for op, v in out.items()}, all(not v.requires_grad for v in out.values())))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            gathered = gather_with_grad(local)  # (4, 2) on every rank: the global batch, in rank order
+        (gathered * torch.arange(1.0, 9.0).view(4, 2)).sum().backward()
+        gather = {"rows": gathered.tolist(), "grad": local.grad.tolist(), "warnings": [str(w.message) for w in caught]}
+        detached = all(not v.requires_grad for v in out.values())
+        queue.put((rank, {op: v.tolist() for op, v in out.items()}, detached, gather))
     finally:
         dist.destroy_process_group()
 
 
 @pytest.mark.slow
-def test_all_reduce_of_two_processes_equals_one_process_over_the_whole_batch():
+def test_all_reduce_and_gather_of_two_processes_equal_one_process_over_the_whole_batch():
     rows = torch.arange(8, dtype=torch.float32).view(4, 2)
     one = all_reduce(rows.sum(0), "sum")  # one process: a copy
     assert torch.equal(one, rows.sum(0)) and not one.requires_grad
@@ -259,8 +266,11 @@ def test_all_reduce_of_two_processes_equals_one_process_over_the_whole_batch():
     for p in procs:
         p.join(timeout=300)
     halves = [rows[0:2].sum(0), rows[2:4].sum(0)]
-    for _, values, detached in results:
+    weights = torch.arange(1.0, 9.0).view(4, 2)
+    for rank, values, detached, gather in results:
         assert detached
+        assert gather["rows"] == rows.tolist() and not gather["warnings"]
+        assert gather["grad"] == (2 * weights[2 * rank : 2 * rank + 2]).tolist()  # both ranks' gradients, summed
         assert values["sum"] == one.tolist()
         assert values["mean"] == (one / 2).tolist()
         assert values["max"] == torch.maximum(*halves).tolist() and values["min"] == torch.minimum(*halves).tolist()
