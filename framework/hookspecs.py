@@ -97,7 +97,7 @@ def augment(config: Recipe, cfg: PluginConfig) -> dict[str, View]:
     Called once, when the data pipeline is built (in the main process; the returned
     transforms are pickled into the data workers and applied per sample). The engine
     always provides the clean view `x` (minimal preprocessing); a view named `v` by
-    plugin `p` is available in the step as `ctx.views["p.v"]`.
+    plugin `p` is `ctx.views["v"]` in `p`'s hooks and `ctx.views["p.v"]` in the others'.
 
     :param config: The validated recipe (`config.data`: image size, channels, statistics).
     :param cfg: This plugin's own section.
@@ -178,7 +178,7 @@ def regularize(
     :param own: This plugin's own modules.
     :returns: `{term: scalar tensor}`, named `<plugin>.<term>` by the engine and
         weighted by the plugin's `weight`. Put metrics (not optimised) in
-        `ctx.metrics["<plugin>.<name>"]` instead.
+        `ctx.metrics["<name>"]` instead, logged as `<plugin>.<name>`.
 
     Result mode: collect, keyed by plugin name.
     """
