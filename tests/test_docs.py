@@ -92,9 +92,14 @@ def test_annotations_compare_by_type_not_spelling():
     assert normal("type[PluginConfig]") != normal("PluginConfig")
 
 
+REFERENCE = "# Hook reference"  # the first line of the reference block
+
+
 def test_reference_shows_every_hook_with_its_exact_signature():
-    reference = {node.name: node for i, node in documented_hooks() if i == 0}
-    where = "docs/plugins.md's hook reference (its first python block)"
+    blocks = [i for i, block in enumerate(python_blocks(DOC.read_text())) if block.startswith(REFERENCE)]
+    assert len(blocks) == 1, f"docs/plugins.md needs one python block starting with {REFERENCE!r}, has {len(blocks)}"
+    reference = {node.name: node for i, node in documented_hooks() if i == blocks[0]}
+    where = f"docs/plugins.md's hook reference (the python block starting with {REFERENCE!r})"
     missing = [spec_def(hook) for hook in sorted(set(HOOKS) - set(reference))]
     assert not missing, f"{where} lacks hooks of framework/hookspecs.py; add:\n" + "\n".join(missing)
     extra = sorted(set(reference) - set(HOOKS))
