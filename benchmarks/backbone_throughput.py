@@ -38,7 +38,8 @@ def build(encoder: str, size: int, batch: int):
         recipe, hooks = validate(
             {
                 "output_dir": out_dir,
-                "train": {"steps": 1, "lr": 0.1},
+                "train": {"steps": 1},
+                "optim": {"lr": 0.1},
                 "data": {"train": "unused", "image_size": size, "channels": 3, "mean": [0.5] * 3, "std": [0.25] * 3},
                 "plugins": {"backbones": {"encoder": encoder, "latent_dim": None}, "simclr": {"temperature": 0.2}},
             },

@@ -40,7 +40,8 @@ def main() -> None:
         recipe, hooks = validate(
             {
                 "output_dir": out_dir,
-                "train": {"steps": 1, "lr": 2.5e-4},
+                "train": {"steps": 1},
+                "optim": {"lr": 2.5e-4},
                 "data": {"train": "unused", "image_size": 32, "channels": 3, "mean": MEAN, "std": STD},
                 "plugins": {
                     "backbones": {"encoder": "resnet18", "stem": "cifar", "decoder": "resnet18", "latent_dim": 128},

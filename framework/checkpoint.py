@@ -14,7 +14,7 @@ checkpoint pruned by the run training in the folder while it is read is no fault
 
 Resuming on another number of processes works under DDP: model, optimizer and schedule are
 restored, the data stream and every rank's RNG are reseeded with `train.seed + step`, and
-with `train.lr_scaling: linear` the new global batch's lr replaces the saved one. DeepSpeed
+with `optim.lr_scaling: linear` the new global batch's lr replaces the saved one. DeepSpeed
 cannot re-split its partitioned optimizer state, so there (and between DDP and DeepSpeed) a
 resume stops with a one-line `CheckpointError` before anything is loaded.
 
@@ -269,7 +269,7 @@ def save(
     keep: Path | None = None,
 ) -> Path:
     """Write checkpoint `step` from every rank; returns its final path. Then all but the newest
-    `train.keep_checkpoints` are removed, except `keep` (the checkpoint an explicit `train.resume` named)."""
+    `checkpoint.keep` are removed, except `keep` (the checkpoint an explicit `train.resume` named)."""
     root = checkpoint_root(recipe.output_dir)
     final = root / f"step_{step:08d}"
     tmp = final.with_name(final.name + ".tmp")
@@ -302,7 +302,7 @@ def save(
         except Exception as exc:  # noqa: BLE001
             error = _os_error(exc)
         else:
-            for old in complete_checkpoints(recipe.output_dir)[: -recipe.train.keep_checkpoints]:
+            for old in complete_checkpoints(recipe.output_dir)[: -recipe.checkpoint.keep]:
                 if keep is None or old.resolve() != keep.resolve():
                     shutil.rmtree(old, ignore_errors=True)
     _agree(accelerator, error, tmp, recipe.output_dir)
@@ -366,7 +366,7 @@ def load(
     every rank's RNG (`train.seed + step`; Accelerate has no saved state for a new rank). The
     schedule (`scheduler`, the engine's LambdaLR, maybe wrapped by Accelerate) keeps its step
     but takes this launch's base lrs, which differ after a world-size change under
-    `train.lr_scaling: linear` or a changed `train.lr`; one line says so.
+    `optim.lr_scaling: linear` or a changed `optim.lr`; one line says so.
     """
     from accelerate.utils import set_seed
 
@@ -383,7 +383,7 @@ def load(
         accelerator.print(
             f"augssl: lr {old[0]:g} -> {base_lrs[0]:g} on resume (global batch "
             f"{state.get('global_batch', '?')} -> {now['global_batch']}, "
-            f"train.lr_scaling={recipe.train.lr_scaling})"
+            f"optim.lr_scaling={recipe.optim.lr_scaling})"
         )
     rank_file = path / f"data_rank{accelerator.process_index}.json"
     if not same_world or not rank_file.is_file():
@@ -518,7 +518,7 @@ def _pick_and_read(output_dir: Path, ckpt: str | Path | None) -> _Read:
             raise FileNotFoundError(f"{output_dir}: no complete checkpoint to read")
     raise CheckpointError(
         f"the checkpoints of {output_dir} went away {_RELISTS} times while they were read (a run there prunes "
-        "them faster than they can be read: train.keep_checkpoints); give --checkpoint of one that stays"
+        "them faster than they can be read: checkpoint.keep); give --checkpoint of one that stays"
     )
 
 

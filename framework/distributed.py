@@ -166,17 +166,17 @@ def deepspeed_config(recipe: Recipe, env: Mapping[str, str] = os.environ) -> dic
         # stage 0 steps a plain torch optimizer with no overflow check: a skipped step's NaN would reach
         # the weights (augssl drops a DeepSpeed window through that check); stage 0 is DDP anyway
         raise ValueError("DeepSpeed ZeRO stage 0: launch without DeepSpeed (DDP) instead, or use stage 1-3")
-    if recipe.train.optimizer == "lars":
+    if recipe.optim.optimizer == "lars":
         # ZeRO hands the optimizer one flat shard per param group and rank: LARS' norms would be the shard's
         raise ValueError(
-            "distributed: DeepSpeed ZeRO would step LARS on flat shards: train.optimizer=lars runs under DDP"
+            "distributed: DeepSpeed ZeRO would step LARS on flat shards: optim.optimizer=lars runs under DDP"
         )
     offload = ds["zero_optimization"].get("offload_optimizer", {}).get("device", "none")
-    if offload != "none" and recipe.train.optimizer not in ("adam", "adamw"):
+    if offload != "none" and recipe.optim.optimizer not in ("adam", "adamw"):
         # Accelerate replaces any optimizer by DeepSpeedCPUAdam under optimizer offload.
         raise ValueError(
             f"distributed: optimizer offload ({offload}) runs DeepSpeed's CPU Adam, not "
-            f"train.optimizer={recipe.train.optimizer}: use adam/adamw or drop offload_optimizer"
+            f"optim.optimizer={recipe.optim.optimizer}: use adam/adamw or drop offload_optimizer"
         )
     precision = mixed_precision(recipe, env)
     recipe_sets_precision = any(k in ds for k in ("bf16", "fp16", "torch_autocast"))

@@ -11,11 +11,11 @@ tensor from host data):
 1. The vote: one all-reduce ("max") and one read of four scalars per micro-step (marked). It carries
    the loss's finiteness, stop requests, a dead data worker, and whether the previous step left a
    non-finite weight (`nonfinite_flag`, a norm of the weights queued after each step).
-2. The log: one all-reduce and one `.tolist()` per `train.log_every` steps (`RunLogger.interval_record`).
+2. The log: one all-reduce and one `.tolist()` per `log.every` steps (`RunLogger.interval_record`).
 3. fp16 only (DDP on CUDA): the grad scaler reads its inf/NaN flag at every optimizer step.
 4. Inside DeepSpeed: ZeRO reads the global gradient norm (its overflow check) per optimizer step.
-5. By request only: preview images (`train.preview_every`), the online k-NN
-   (`eval.knn_every`) and checkpoints (`train.checkpoint_every`; each first agrees that the weights
+5. By request only: preview images (`log.preview_every`), the online k-NN
+   (`eval.knn_every`) and checkpoints (`checkpoint.every`; each first agrees that the weights
    are finite: one all-reduce).
 
 Everything else (data cursors, the lr and weight-decay schedules, LARS' trust ratios, BYOL's
@@ -149,7 +149,7 @@ class Run:
     scheduler: torch.optim.lr_scheduler.LambdaLR
     loader: Iterable[dict]
     logger: RunLogger
-    lr: float  # train.lr after lr_scaling, before the schedule
+    lr: float  # optim.lr after lr_scaling, before the schedule
     step: int
     position: StreamPosition
     channels_last: bool
@@ -175,7 +175,8 @@ def start(recipe: Recipe, hooks: PluginHooks) -> Run | None:
     None when the run folder already holds a run trained to `train.steps`."""
     cfg, out = recipe.train, Path(recipe.output_dir)
     hooks.check_launch(deepspeed=using_deepspeed())  # before anything starts: a hook DeepSpeed cannot call
-    accelerator = build_accelerator(recipe, log_with=list(cfg.log_with) or None)  # accelerate warns at an empty list
+    trackers = list(recipe.log.trackers) or None  # accelerate warns at an empty list
+    accelerator = build_accelerator(recipe, log_with=trackers)
     check_batch(recipe.data, accelerator.num_processes)  # a batch the shards cannot fill would never come
     set_seed(cfg.seed)
     model = Model(hooks, recipe)  # before the run folder: a plugin refusing the recipe or a file leaves none
@@ -185,13 +186,13 @@ def start(recipe: Recipe, hooks: PluginHooks) -> Run | None:
     units = [module for modules in model.plugins.values() for module in cast(torch.nn.ModuleDict, modules).values()]
     speed = apply_speed_settings(model, speed_settings(recipe, accelerator.device.type), units)
     global_batch = recipe.data.batch_size * accelerator.num_processes * recipe.distributed.accumulation_steps
-    lr = effective_lr(cfg, global_batch)
+    lr = effective_lr(recipe.optim, global_batch)
     accelerator.print(
-        f"augssl: global batch {global_batch}, lr {lr:g} (train.lr_scaling={cfg.lr_scaling}), "
+        f"augssl: global batch {global_batch}, lr {lr:g} (optim.lr_scaling={recipe.optim.lr_scaling}), "
         f"precision {mixed_precision(recipe)}, {' '.join(k for k, on in speed.items() if on) or 'eager'}"
     )
     optimizer = build_optimizer(model, recipe, lr)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, recipe.optim, cfg.steps))
     prepared, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     unwrapped = prepared
     while not isinstance(unwrapped, Model):  # DDP's or DeepSpeed's wrapper (unwrap_model imports DeepSpeed)
@@ -247,7 +248,7 @@ def log_interval(run: Run, recipe: Recipe, skipped: int) -> None:
     (TrainingError) when more than `data.max_bad_fraction` of the records seen so far were bad."""
     with collective(f"step {run.step}: the log reduction"):
         record = run.logger.interval_record(run.position)
-    lr_now = run.lr * lr_factor(run.step, recipe.train)
+    lr_now = run.lr * lr_factor(run.step, recipe.optim, recipe.train.steps)
     record.update(
         {
             "epoch": run.position.epoch,
@@ -283,7 +284,7 @@ def broken_weights(run: Run, out: Path) -> TrainingError:
     named = [*run.unwrapped.named_parameters(), *run.unwrapped.named_buffers()]
     name = next((n for n, t in named if t.is_floating_point() and not torch.isfinite(t).all()), "a weight")
     return TrainingError(
-        f"step {run.step} left {name} non-finite (non-finite gradients, or a train.lr / weight_decay too large "
+        f"step {run.step} left {name} non-finite (non-finite gradients, or an optim.lr / weight_decay too large "
         f"for its dtype): it is not checkpointed; last good checkpoint: {last_good(run, out)}"
     )
 
@@ -350,7 +351,7 @@ def steps(run: Run, recipe: Recipe, hooks: PluginHooks, stop: StopRequests) -> i
                 voted = vote(accelerator, None, stop.signum, run.broken, True)
             data_worker_died(run, recipe, voted, lost)
         views, params, labels = run.batch(batch)
-        preview = due(cfg.preview_every, run.step + 1)
+        preview = due(recipe.log.preview_every, run.step + 1)
         with accelerator.accumulate(model):
             terms, metrics = model(views, params, labels, step=run.step, preview=preview)
             loss = weighted_total(terms, weights)
@@ -378,7 +379,8 @@ def steps(run: Run, recipe: Recipe, hooks: PluginHooks, stop: StopRequests) -> i
                 accelerator.backward(loss)
             if accelerator.sync_gradients:  # the step's reduced gradients: on_after_backward, then the clip
                 gradients_ready(run, recipe, hooks)
-            set_weight_decay(optimizer, cfg, run.step)  # the recipe's, or its cosine to train.weight_decay_end
+            # the recipe's weight decay, or its cosine to optim.weight_decay_end
+            set_weight_decay(optimizer, recipe.optim, run.step, cfg.steps)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             skipped += accelerator.sync_gradients and accelerator.optimizer_step_was_skipped  # fp16 loss scaler
@@ -397,12 +399,12 @@ def steps(run: Run, recipe: Recipe, hooks: PluginHooks, stop: StopRequests) -> i
         if preview:
             logger.preview(run.step, {**views, **run.unwrapped.preview_images}, recipe.data.mean, recipe.data.std)
         last = run.step >= cfg.steps or bool(signum)
-        if due(cfg.log_every, run.step) or last:
+        if due(recipe.log.every, run.step) or last:
             log_interval(run, recipe, skipped)
         if due(recipe.eval.knn_every, run.step):
             with collective(f"step {run.step}: the online k-NN"):  # every rank extracts a share
                 logger.log(run.step, online_knn(run.unwrapped, recipe))
-        if due(cfg.checkpoint_every, run.step) or last:
+        if due(recipe.checkpoint.every, run.step) or last:
             commit(run, recipe, run.position)
         if last:
             break

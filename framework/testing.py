@@ -93,7 +93,10 @@ def tiny_recipe(
             "shuffle_buffer": 16,
         },
         "eval": {"train": shards["train"], "test": shards["test"], "batch_size": 64},
-        "train": {"steps": 2, "lr": 1e-3, "log_every": 1, "checkpoint_every": 1000},
+        "train": {"steps": 2},
+        "optim": {"lr": 1e-3},
+        "log": {"every": 1},
+        "checkpoint": {"every": 1000},
         "plugins": plugins if plugins is not None else {"backbones": CONV28, "kl": {}},
     }
     return deep_merge(recipe, sections)

@@ -64,7 +64,7 @@ class StepContext:
     `num_features` is the width of `Encoding.h`; BYOL's EMA reads its weights.
     `metrics`: a plugin may put detached scalars here (`"<plugin>.<name>"`); they are
     logged, never optimised.
-    `preview`: True on the steps whose images the engine saves (`train.preview_every`);
+    `preview`: True on the steps whose images the engine saves (`log.preview_every`);
     then a plugin may put detached image batches (B, C, H, W), in the views' normalised
     space, in `images` (`"<plugin>.<name>"`, e.g. a reconstruction): they are drawn
     under the views in `<output_dir>/previews/step_<N>.png`.

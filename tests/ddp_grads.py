@@ -47,7 +47,8 @@ if __name__ == "__main__":
         {
             "output_dir": str(out),
             "plugins": {"backbones": CONV28, "kl": {}},
-            "train": {"steps": 1, "lr": 1e-3},
+            "train": {"steps": 1},
+            "optim": {"lr": 1e-3},
             "data": {"train": "unused", "image_size": 28, "channels": 1, "mean": [0.5], "std": [0.25]},
         },
         check_data=False,

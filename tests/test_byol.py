@@ -229,7 +229,7 @@ class TargetSpy:
 
 
 def test_target_follows_the_ema_and_survives_a_checkpoint_round_trip(tmp_path, fmnist_shards):
-    recipe = _recipe(tmp_path, fmnist_shards, train={"checkpoint_every": 1})
+    recipe = _recipe(tmp_path, fmnist_shards, checkpoint={"every": 1})
     out = run_steps(recipe, steps=2)
     records = read_metrics(out)
     assert [r["byol.tau"] for r in records] == pytest.approx([momentum_at(0, 2), momentum_at(1, 2)])

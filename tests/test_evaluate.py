@@ -98,7 +98,7 @@ def test_crop_and_flip_shifts_and_mirrors():
 
 @pytest.mark.slow
 def test_evaluate_a_trained_run(tmp_path, real_fmnist_shards):
-    out = run_steps(tiny_recipe(tmp_path, real_fmnist_shards, train={"checkpoint_every": 2}), steps=2)
+    out = run_steps(tiny_recipe(tmp_path, real_fmnist_shards, checkpoint={"every": 2}), steps=2)
     proc = subprocess.run(
         [sys.executable, str(ROOT / "launch" / "evaluate.py"), str(out)],
         capture_output=True,
@@ -116,7 +116,7 @@ def test_evaluate_a_trained_run(tmp_path, real_fmnist_shards):
 
 
 def test_eval_all_protocols(tmp_path, real_fmnist_shards, capsys):
-    out = run_steps(tiny_recipe(tmp_path, real_fmnist_shards, train={"checkpoint_every": 2}), steps=2)
+    out = run_steps(tiny_recipe(tmp_path, real_fmnist_shards, checkpoint={"every": 2}), steps=2)
     eval_main([str(out), "--protocol", "all", "--epochs", "2", "--augment"])
     printed = capsys.readouterr().out
     assert "frozen-feature classifiers, test accuracy (192 train / 96 test images)" in printed
@@ -139,7 +139,7 @@ def _launch(script: str, *args: str, processes: int = 2) -> subprocess.Completed
 @pytest.mark.slow
 def test_two_processes_extract_the_same_features_as_one(tmp_path, fmnist_shards):
     """Each rank encodes half of the shards; every rank gets all features, in sample-key order."""
-    out = run_steps(tiny_recipe(tmp_path, fmnist_shards, train={"checkpoint_every": 2}), steps=2)
+    out = run_steps(tiny_recipe(tmp_path, fmnist_shards, checkpoint={"every": 2}), steps=2)
     _launch("tests/dist_extract.py", str(out), str(tmp_path / "two.pt"))
     two = torch.load(tmp_path / "two.pt")
     model, recipe, _ = load_run(out)
@@ -162,7 +162,7 @@ def test_four_processes_extract_two_eval_shards_and_a_rank_without_samples_as_on
     samples = list(islice(asset_samples("test"), 43))
     two = write_shards(samples[:40], str(tmp_path / "e" / "train-%02d.tar"), maxcount=20)["pattern"]
     three = write_shards(samples[40:], str(tmp_path / "e" / "test-%02d.tar"))["pattern"]
-    recipe = tiny_recipe(tmp_path, fmnist_shards, eval={"train": two, "test": three}, train={"checkpoint_every": 2})
+    recipe = tiny_recipe(tmp_path, fmnist_shards, eval={"train": two, "test": three}, checkpoint={"every": 2})
     out = run_steps(recipe, steps=2)
     _launch("tests/dist_extract.py", str(out), str(tmp_path / "four.pt"), processes=4)
     four = torch.load(tmp_path / "four.pt")
@@ -176,7 +176,7 @@ def test_four_processes_extract_two_eval_shards_and_a_rank_without_samples_as_on
 
 @pytest.mark.slow
 def test_eval_under_accelerate_launch_matches_one_process(tmp_path, fmnist_shards):
-    out = run_steps(tiny_recipe(tmp_path, fmnist_shards, train={"checkpoint_every": 2}), steps=2)
+    out = run_steps(tiny_recipe(tmp_path, fmnist_shards, checkpoint={"every": 2}), steps=2)
     eval_main([str(out), "--protocol", "all", "--epochs", "3"])
     one = json.loads((out / "eval.json").read_text())
     proc = _launch("launch/evaluate.py", str(out), "--protocol", "all", "--epochs", "3")
@@ -215,7 +215,7 @@ def test_online_knn_needs_eval_shards(tmp_path, fmnist_shards):
 
 
 def _run_on(tmp_path, fmnist_shards, test_spec: str):
-    recipe = tiny_recipe(tmp_path, fmnist_shards, eval={"test": test_spec}, train={"checkpoint_every": 2})
+    recipe = tiny_recipe(tmp_path, fmnist_shards, eval={"test": test_spec}, checkpoint={"every": 2})
     return run_steps(recipe, steps=2)
 
 

@@ -80,7 +80,7 @@ def test_deepspeed_drops_a_window_whose_last_micro_step_is_nan_exactly_as_ddp_do
             fmnist_shards,
             distributed={"accumulation_steps": 2},
             data={"shuffle_buffer": 0},
-            train={"optimizer": "sgd", "lr": 1e-4},
+            optim={"optimizer": "sgd", "lr": 1e-4},
         ),
     )
     runs = {}
@@ -141,7 +141,7 @@ def test_deepspeed_zero_trains_in_bf16_with_float32_weights(tmp_path, fmnist_sha
     """The shipped DeepSpeed launch configs (bf16) on 2 processes. DeepSpeed's own bf16 mode cast the
     parameters but not the inputs ("Input type (float) and bias type (c10::BFloat16)"); augssl asks
     for its `torch_autocast` section: hooks under bf16 autocast, weights and checkpoints float32."""
-    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(tmp_path, fmnist_shards, train={"checkpoint_every": 2}))
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(tmp_path, fmnist_shards, checkpoint={"every": 2}))
     proc = launch(ds(stage), recipe, "train.steps=2", precision="bf16", AUGSSL_TEST_AUTOCAST=str(tmp_path / "ac"))
     assert "precision bf16" in proc.stdout
     assert all(seen["enabled"] and seen["h"] == "torch.bfloat16" for seen in autocast_seen(tmp_path / "ac", 2))
@@ -170,14 +170,14 @@ def test_the_deepspeed_config_carries_the_precision_as_torch_autocast_and_refuse
     with pytest.raises(ValueError, match="ZeRO stage 0: launch without DeepSpeed"):  # no overflow check to skip with
         _ds_config(tmp_path, {"ACCELERATE_DEEPSPEED_ZERO_STAGE": "0"})
     offload = {"ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE": "cpu"}
-    with pytest.raises(ValueError, match="optimizer offload .* not train.optimizer=sgd"):
-        _ds_config(tmp_path, offload, train={"optimizer": "sgd"})
-    assert _ds_config(tmp_path, offload, train={"optimizer": "adamw"})["zero_optimization"]["offload_optimizer"]
+    with pytest.raises(ValueError, match="optimizer offload .* not optim.optimizer=sgd"):
+        _ds_config(tmp_path, offload, optim={"optimizer": "sgd"})
+    assert _ds_config(tmp_path, offload, optim={"optimizer": "adamw"})["zero_optimization"]["offload_optimizer"]
 
 
 @pytest.mark.slow
 def test_a_launch_the_recipe_cannot_run_under_stops_in_one_line_before_anything_starts(tmp_path, fmnist_shards):
-    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(tmp_path, fmnist_shards, train={"optimizer": "sgd"}))
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(tmp_path, fmnist_shards, optim={"optimizer": "sgd"}))
     env = {
         "ACCELERATE_USE_DEEPSPEED": "true",
         "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE": "cpu",
@@ -380,7 +380,7 @@ def test_a_compiled_run_starts_with_the_losses_of_an_eager_run(tmp_path, fmnist_
     the first losses match eager within float tolerance, and the checkpoint keeps eager key names."""
     runs = {}
     for mode in ("true", "false"):
-        recipe = tiny_recipe(tmp_path / mode, fmnist_shards, train={"checkpoint_every": 2})
+        recipe = tiny_recipe(tmp_path / mode, fmnist_shards, checkpoint={"every": 2})
         out = run_steps(recipe, steps=2, overrides=[f"train.compile={mode}"])
         runs[mode] = [r["loss"] for r in read_metrics(out)]
         keys = sorted(load_file(checkpoint.model_weights_file(checkpoint.complete_checkpoints(out)[-1])))

@@ -166,7 +166,7 @@ def test_hook_build_modules(tmp_path, fmnist_shards):
     assert isinstance(model.plugins["modp"]["bias"], nn.Linear)
     assert any(name.startswith("plugins.modp.bias.") for name in model.state_dict())
     before = model.plugins["modp"]["bias"].weight.detach().clone()
-    out = run_steps(recipe, steps=2, overrides=["train.checkpoint_every=2"], extra_plugins={"modp": ModulesPlugin()})
+    out = run_steps(recipe, steps=2, overrides=["checkpoint.every=2"], extra_plugins={"modp": ModulesPlugin()})
     from safetensors.torch import load_file
 
     saved = load_file(out / "checkpoints" / "step_00000002" / "model.safetensors")
@@ -360,7 +360,7 @@ def test_hook_on_train_start(tmp_path, fmnist_shards):
     from safetensors.torch import load_file
 
     recipe, first, resumed = tiny_recipe(tmp_path, fmnist_shards), StartWatcher(), StartWatcher()
-    out = run_steps(recipe, steps=3, overrides=["train.checkpoint_every=2"], extra_plugins={"w": first})
+    out = run_steps(recipe, steps=3, overrides=["checkpoint.every=2"], extra_plugins={"w": first})
     (tmp_path / "run" / "checkpoints" / "step_00000003").rename(tmp_path / "dropped")  # stop after step 2
     saved = load_file(out / "checkpoints" / "step_00000002" / "model.safetensors")
     run_steps(recipe, steps=3, extra_plugins={"w": resumed})

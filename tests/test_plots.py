@@ -37,9 +37,7 @@ def test_every_preview_step_saves_a_grid_of_views_and_reconstructions(tmp_path, 
         return real(path, rows, mean, std, n)
 
     monkeypatch.setattr(framework.plots, "save_preview", spy)
-    recipe = tiny_recipe(
-        tmp_path, fmnist_shards, plugins={"backbones": CONV28, "aavae": {}}, train={"preview_every": 2}
-    )
+    recipe = tiny_recipe(tmp_path, fmnist_shards, plugins={"backbones": CONV28, "aavae": {}}, log={"preview_every": 2})
     out = run_steps(recipe, steps=4)
     assert sorted(p.name for p in (out / "previews").iterdir()) == ["step_00000002.png", "step_00000004.png"]
     rows = saved["step_00000004.png"]

@@ -45,9 +45,9 @@ def test_recipe_trains_two_steps(path, tmp_path, shard_sets):
         f"eval.train={shards['train']}",
         f"eval.test={shards['test']}",
         "train.steps=2",
-        "train.log_every=1",
-        "train.checkpoint_every=1000",
-        "train.warmup_steps=0",
+        "log.every=1",
+        "checkpoint.every=1000",
+        "optim.warmup_steps=0",
         *small_crops(raw, size),
     ]
     recipe, hooks = validate(apply_overrides(raw, overrides))

@@ -11,12 +11,25 @@ re-exporting the loader here would make the package import itself through the ma
 """
 
 from framework.recipe.schema import (
+    CheckpointConfig,
     DataConfig,
     DistributedConfig,
     EvalConfig,
+    LogConfig,
+    OptimConfig,
     PluginConfig,
     Recipe,
     TrainConfig,
 )
 
-__all__ = ["DataConfig", "DistributedConfig", "EvalConfig", "PluginConfig", "Recipe", "TrainConfig"]
+__all__ = [
+    "CheckpointConfig",
+    "DataConfig",
+    "DistributedConfig",
+    "EvalConfig",
+    "LogConfig",
+    "OptimConfig",
+    "PluginConfig",
+    "Recipe",
+    "TrainConfig",
+]

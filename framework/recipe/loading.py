@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 from pydantic import ValidationError
 
-from framework.recipe.schema import NEEDS, Recipe
+from framework.recipe.schema import MOVED, NEEDS, Recipe
 from framework.registry import PluginError, check_names
 
 if TYPE_CHECKING:
@@ -153,6 +153,15 @@ def _first_error(exc: ValidationError, prefix: str = "") -> str:
     return f"{loc or '<root>'}: {err['msg']}{got}{more}"
 
 
+def _check_moved(data: dict[str, Any]) -> None:
+    """RecipeError naming the first key of `data` that has moved to another section (`schema.MOVED`): an
+    older recipe is told where the key is now, not that it is unknown."""
+    for section, keys in data.items():
+        for key in keys if isinstance(keys, dict) else ():
+            if (moved := MOVED.get(f"{section}.{key}")) is not None:
+                raise RecipeError(f"{section}.{key} moved to {moved}")
+
+
 def validate(
     data: dict[str, Any], check_data: bool = True, extra_plugins: dict[str, object] | None = None
 ) -> tuple[Recipe, PluginHooks]:
@@ -162,6 +171,7 @@ def validate(
     (tests and embedding applications); their section defaults to `{}`.
     """
     _check_size(data, "the recipe")
+    _check_moved(data)
     plugins_raw = data.get("plugins")
     if not isinstance(plugins_raw, dict) or not plugins_raw:
         raise RecipeError("plugins: a recipe must name at least one plugin (e.g. plugins: {backbones: ..., kl: ...})")
@@ -193,9 +203,9 @@ def validate(
     recipe.plugins = validated
     if len(recipe.data.mean) != recipe.data.channels or len(recipe.data.std) != recipe.data.channels:
         raise RecipeError(f"data.mean/data.std: need {recipe.data.channels} values (data.channels)")
-    for tracker in recipe.train.log_with:
+    for tracker in recipe.log.trackers:
         if importlib.util.find_spec(tracker) is None:
-            raise RecipeError(f"train.log_with: {tracker} is not installed (pip install {tracker})")
+            raise RecipeError(f"log.trackers: {tracker} is not installed (pip install {tracker})")
     if check_data:
         from framework.data.shards import check_shards  # its package imports torch (the data pipeline)
 
