@@ -49,6 +49,7 @@ import yaml
 from safetensors.torch import load as safetensors_load
 
 from framework.data.stream import StreamPosition
+from framework.distributed import global_batch
 from framework.model import Model
 from framework.recipe.loading import RecipeError, validate
 
@@ -56,7 +57,7 @@ if TYPE_CHECKING:
     from accelerate import Accelerator
     from torch.optim.lr_scheduler import LambdaLR
 
-    from framework.recipe.schema import Recipe
+    from framework.recipe.schema import OptimConfig, Recipe, TrainConfig
 
 STATE_FILE = "trainer_state.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -225,7 +226,7 @@ def _agree(accelerator: Accelerator, error: str | None, tmp: Path, output_dir: s
     )
 
 
-def launch_state(accelerator: Accelerator, recipe: Recipe) -> dict[str, Any]:
+def launch_state(accelerator: Accelerator, global_batch: int) -> dict[str, Any]:
     """What a checkpoint records about the launch that wrote it: processes, DeepSpeed, its ZeRO stage, global batch."""
     from accelerate.utils import DistributedType
 
@@ -234,7 +235,7 @@ def launch_state(accelerator: Accelerator, recipe: Recipe) -> dict[str, Any]:
         "world_size": accelerator.num_processes,
         "deepspeed": deepspeed,
         "zero_stage": accelerator.deepspeed_config["zero_optimization"]["stage"] if deepspeed else None,
-        "global_batch": recipe.data.batch_size * accelerator.num_processes * recipe.distributed.accumulation_steps,
+        "global_batch": global_batch,
     }
 
 
@@ -290,7 +291,8 @@ def save(
     _agree(accelerator, error, tmp, recipe.output_dir)  # every rank has written its files
     if accelerator.is_main_process:
         try:
-            launch = launch_state(accelerator, recipe)
+            processes = accelerator.num_processes
+            launch = launch_state(accelerator, global_batch(recipe.data, recipe.distributed, processes))
             if launch["deepspeed"]:
                 consolidate_deepspeed_weights(tmp)  # every rank's partition is on disk now
             (tmp / "recipe.yaml").write_text(yaml.safe_dump(recipe.resolved(), sort_keys=False))
@@ -356,7 +358,12 @@ def rebase_lr(scheduler: LambdaLR, base_lrs: list[float]) -> list[float] | None:
 
 
 def load(
-    accelerator: Accelerator, path: Path, recipe: Recipe, scheduler: Any = None
+    accelerator: Accelerator,
+    path: Path,
+    train: TrainConfig,
+    optim: OptimConfig,
+    global_batch_size: int,
+    scheduler: Any = None,
 ) -> tuple[dict[str, Any], StreamPosition | None]:
     """Restore model/optimizer/scheduler/RNG states; returns the trainer state and this rank's data position.
 
@@ -371,19 +378,19 @@ def load(
     from accelerate.utils import set_seed
 
     state = json.loads((path / STATE_FILE).read_text())
-    now = launch_state(accelerator, recipe)
+    now = launch_state(accelerator, global_batch_size)
     check_resumable(path, state, now)
     lambda_lr = getattr(scheduler, "scheduler", scheduler)  # Accelerate's AcceleratedScheduler wraps it
     base_lrs = list(lambda_lr.base_lrs) if lambda_lr is not None else None  # this launch's, before the load
     accelerator.load_state(str(path))
     same_world = state.get("world_size") == accelerator.num_processes
     if not same_world:
-        set_seed(recipe.train.seed + state["step"])
+        set_seed(train.seed + state["step"])
     if base_lrs is not None and (old := rebase_lr(lambda_lr, base_lrs)) is not None:
         accelerator.print(
             f"augssl: lr {old[0]:g} -> {base_lrs[0]:g} on resume (global batch "
             f"{state.get('global_batch', '?')} -> {now['global_batch']}, "
-            f"optim.lr_scaling={recipe.optim.lr_scaling})"
+            f"optim.lr_scaling={optim.lr_scaling})"
         )
     rank_file = path / f"data_rank{accelerator.process_index}.json"
     if not same_world or not rank_file.is_file():

@@ -70,7 +70,9 @@ def train_or_exit(recipe, hooks) -> None:
     from framework.manager import PluginError
 
     try:
-        check_launch(recipe)  # what the launch adds (precision, DeepSpeed's stage and offload)
+        check_launch(
+            recipe.distributed, recipe.data, recipe.optim
+        )  # what the launch adds (precision, DeepSpeed's stage and offload)
         hooks.check_launch(deepspeed=using_deepspeed())  # a hook the launch cannot call
     except (ValueError, PluginError) as exc:
         _fail(str(exc))

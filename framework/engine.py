@@ -41,6 +41,7 @@ from framework.distributed import (
     apply_speed_settings,
     build_accelerator,
     collective,
+    global_batch,
     mixed_precision,
     speed_settings,
     using_deepspeed,
@@ -175,23 +176,23 @@ def start(recipe: Recipe, hooks: PluginHooks) -> Run | None:
     None when the run folder already holds a run trained to `train.steps`."""
     cfg, out = recipe.train, Path(recipe.output_dir)
     hooks.check_launch(deepspeed=using_deepspeed())  # before anything starts: a hook DeepSpeed cannot call
-    trackers = list(recipe.log.trackers) or None  # accelerate warns at an empty list
-    accelerator = build_accelerator(recipe, log_with=trackers)
+    trackers: list[str] | None = list(recipe.log.trackers) or None  # accelerate warns at an empty list
+    accelerator = build_accelerator(recipe.distributed, recipe.data, recipe.optim, recipe.output_dir, trackers)
     check_batch(recipe.data, accelerator.num_processes)  # a batch the shards cannot fill would never come
     set_seed(cfg.seed)
     model = Model(hooks, recipe)  # before the run folder: a plugin refusing the recipe or a file leaves none
-    lock = runfolder.open_run(accelerator, recipe)  # rank 0 holds output_dir's lock while the Run lives
+    lock = runfolder.open_run(accelerator, out, cfg.resume)  # rank 0 holds output_dir's lock while the Run lives
     if recipe.distributed.sync_batchnorm and accelerator.num_processes > 1 and accelerator.device.type == "cuda":
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     units = [module for modules in model.plugins.values() for module in cast(torch.nn.ModuleDict, modules).values()]
-    speed = apply_speed_settings(model, speed_settings(recipe, accelerator.device.type), units)
-    global_batch = recipe.data.batch_size * accelerator.num_processes * recipe.distributed.accumulation_steps
-    lr = effective_lr(recipe.optim, global_batch)
+    speed = apply_speed_settings(model, speed_settings(recipe.distributed, cfg, accelerator.device.type), units)
+    batch = global_batch(recipe.data, recipe.distributed, accelerator.num_processes)
+    lr = effective_lr(recipe.optim, batch)
     accelerator.print(
-        f"augssl: global batch {global_batch}, lr {lr:g} (optim.lr_scaling={recipe.optim.lr_scaling}), "
-        f"precision {mixed_precision(recipe)}, {' '.join(k for k, on in speed.items() if on) or 'eager'}"
+        f"augssl: global batch {batch}, lr {lr:g} (optim.lr_scaling={recipe.optim.lr_scaling}), precision "
+        f"{mixed_precision(recipe.distributed)}, {' '.join(k for k, on in speed.items() if on) or 'eager'}"
     )
-    optimizer = build_optimizer(model, recipe, lr)
+    optimizer = build_optimizer(model, recipe.optim, recipe.plugins, lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, recipe.optim, cfg.steps))
     prepared, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     unwrapped = prepared
@@ -201,7 +202,7 @@ def start(recipe: Recipe, hooks: PluginHooks) -> Run | None:
     step, position = 0, StreamPosition()
     resume_from = runfolder.resume_point(accelerator, recipe, unwrapped, lock)  # intact, compatible; writes recipe.yaml
     if resume_from is not None:
-        state, saved_position = checkpoint.load(accelerator, resume_from, recipe, scheduler)
+        state, saved_position = checkpoint.load(accelerator, resume_from, cfg, recipe.optim, batch, scheduler)
         step, position = state["step"], saved_position or StreamPosition()
         accelerator.print(f"augssl: resumed from {resume_from} at step {step}")
     if step >= cfg.steps:
@@ -252,8 +253,9 @@ def log_interval(run: Run, recipe: Recipe, skipped: int) -> None:
     record.update(
         {
             "epoch": run.position.epoch,
-            **logged_lrs(recipe, run.optimizer, run.scheduler, lr_now),
-            **scheduled_values(recipe, run.step),  # wd and plugins' Scheduled fields, for the next step
+            **logged_lrs(recipe.plugins, run.optimizer, run.scheduler, lr_now),
+            # wd and plugins' Scheduled fields, for the next step
+            **scheduled_values(recipe.optim, recipe.plugins, run.step, recipe.train.steps),
             "skipped_steps": skipped,
             "images/s": run.logger.images_per_second(),
         }
@@ -403,7 +405,7 @@ def steps(run: Run, recipe: Recipe, hooks: PluginHooks, stop: StopRequests) -> i
             log_interval(run, recipe, skipped)
         if due(recipe.eval.knn_every, run.step):
             with collective(f"step {run.step}: the online k-NN"):  # every rank extracts a share
-                logger.log(run.step, online_knn(run.unwrapped, recipe))
+                logger.log(run.step, online_knn(run.unwrapped, recipe.data, recipe.eval))
         if due(recipe.checkpoint.every, run.step) or last:
             commit(run, recipe, run.position)
         if last:

@@ -11,13 +11,13 @@ multiplier `LambdaLR` applies per step (`framework.schedules.lr_schedule`).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
 
 from framework.model import Model
-from framework.recipe.schema import OptimConfig, Recipe
+from framework.recipe.schema import OptimConfig
 from framework.schedules import lr_schedule
 
 
@@ -119,14 +119,14 @@ class LARS(torch.optim.Optimizer):
         return loss
 
 
-def param_groups(model: Model, recipe: Recipe, lr: float) -> list[dict[str, Any]]:
-    """One param group per plugin at its lr (a plugin's `lr` scaled by `lr / optim.lr`), split into a
-    decaying group and a `no_decay` one (weight decay 0) under `exclude_norm_bias_from_wd` or LARS."""
-    cfg = recipe.optim
+def param_groups(model: Model, cfg: OptimConfig, plugins: Mapping[str, Any], lr: float) -> list[dict[str, Any]]:
+    """One param group per plugin at its lr (a plugin's `lr` in `plugins`, its recipe section, scaled by
+    `lr / optim.lr`), split into a decaying group and a `no_decay` one (weight decay 0) under
+    `exclude_norm_bias_from_wd` or LARS."""
     split = cfg.exclude_norm_bias_from_wd or cfg.optimizer == "lars"
     groups = []
     for name, modules in model.plugins.items():
-        own = getattr(recipe.plugins.get(name), "lr", None)
+        own = getattr(plugins.get(name), "lr", None)
         group_lr = lr if own is None else own * lr / cfg.lr
         params = [p for p in modules.parameters() if p.requires_grad]
         parts = [(params, False)]
@@ -143,15 +143,17 @@ def param_groups(model: Model, recipe: Recipe, lr: float) -> list[dict[str, Any]
     return groups
 
 
-def build_optimizer(model: Model, recipe: Recipe, lr: float | None = None) -> torch.optim.Optimizer:
-    """The recipe's optimizer over the trainable parameters (`param_groups`), at `lr` (default `optim.lr`).
+def build_optimizer(
+    model: Model, cfg: OptimConfig, plugins: Mapping[str, Any], lr: float | None = None
+) -> torch.optim.Optimizer:
+    """The `optim` section's optimizer over the trainable parameters (`param_groups`; `plugins`: the recipe's
+    plugin sections), at `lr` (default `optim.lr`).
 
     A plugin's `lr` (e.g. the online probe's) is scaled by the same factor as `optim.lr`
     (`lr / optim.lr`), so `optim.lr_scaling` moves every group alike.
     """
-    cfg = recipe.optim
     lr = cfg.lr if lr is None else lr
-    groups = param_groups(model, recipe, lr)
+    groups = param_groups(model, cfg, plugins, lr)
     if cfg.optimizer == "lars":
         return LARS(
             groups, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, eta=cfg.lars_eta, clip=cfg.lars_clip

@@ -234,14 +234,14 @@ def _verified(path: Path) -> Path:
     return path
 
 
-def open_run(accelerator: Accelerator, recipe: Recipe) -> RunLock | None:
-    """Claim `output_dir` for this run before anything is written (every rank calls it).
+def open_run(accelerator: Accelerator, out: Path, resume: str) -> RunLock | None:
+    """Claim the output folder `out` for this run before anything is written (every rank calls it).
 
     Rank 0: an explicit `train.resume` path is checked (complete and intact) before the folder
     is created; then the lock; then `never` refuses a folder holding checkpoints and `fresh`
-    moves the previous run aside. Returns the lock on rank 0 (hold it for the run), else None.
+    moves the previous run aside (`resume`: `train.resume`). Returns the lock on rank 0 (hold it for the
+    run), else None.
     """
-    out, resume = Path(recipe.output_dir), recipe.train.resume
 
     def decide() -> tuple[RunLock, None]:
         if resume not in ("auto", "never", "fresh"):

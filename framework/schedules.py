@@ -19,12 +19,13 @@ taken, as the logged `lr` is.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from framework.recipe.schema import SECTION_CONFIG, OptimConfig, Recipe
+from framework.recipe.schema import SECTION_CONFIG, OptimConfig
 
 
 class Scheduled(BaseModel):
@@ -103,14 +104,14 @@ def set_weight_decay(optimizer: torch.optim.Optimizer, cfg: OptimConfig, step: i
             group["weight_decay"] = value
 
 
-def scheduled_values(recipe: Recipe, step: int) -> dict[str, float]:
-    """What the log shows of the schedules at `step`: `wd` when scheduled, and `<plugin>.<field>` for
-    every plugin section field that is a `Scheduled` that varies (constants are in recipe.yaml)."""
-    steps = recipe.train.steps
+def scheduled_values(optim: OptimConfig, plugins: Mapping[str, Any], step: int, steps: int) -> dict[str, float]:
+    """What the log shows of the schedules at `step` of `steps`: `wd` when scheduled, and `<plugin>.<field>`
+    for every field of a plugin section (`plugins`) that is a `Scheduled` that varies (constants are in
+    recipe.yaml)."""
     out = {}
-    if (wd := weight_decay_schedule(recipe.optim)) is not None:
+    if (wd := weight_decay_schedule(optim)) is not None:
         out["wd"] = wd.at(step, steps)
-    for plugin, section in recipe.plugins.items():
+    for plugin, section in plugins.items():
         for field in type(section).model_fields if isinstance(section, BaseModel) else ():
             value = getattr(section, field)
             if isinstance(value, Scheduled) and value.varies:

@@ -53,7 +53,7 @@ if __name__ == "__main__":
         },
         check_data=False,
     )
-    accelerator = build_accelerator(recipe)
+    accelerator = build_accelerator(recipe.distributed, recipe.data, recipe.optim, recipe.output_dir)
     torch.manual_seed(0)
     model = without_batchnorm(Model(hooks, recipe)).double()
     model = accelerator.prepare(model)

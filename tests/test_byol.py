@@ -166,7 +166,9 @@ def test_target_is_a_frozen_separate_copy_excluded_from_the_optimizer(tmp_path, 
     assert target.encoder is not online and {id(p) for p in target.parameters()}.isdisjoint(
         id(p) for p in online.parameters()
     )
-    optimized = {id(p) for group in build_optimizer(model, cfg).param_groups for p in group["params"]}
+    optimized = {
+        id(p) for group in build_optimizer(model, cfg.optim, cfg.plugins).param_groups for p in group["params"]
+    }
     assert optimized.isdisjoint(id(p) for p in target.parameters())
     assert {id(p) for p in model.plugins["byol"]["predictor"].parameters()} <= optimized
 

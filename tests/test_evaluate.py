@@ -143,7 +143,7 @@ def test_two_processes_extract_the_same_features_as_one(tmp_path, fmnist_shards)
     _launch("tests/dist_extract.py", str(out), str(tmp_path / "two.pt"))
     two = torch.load(tmp_path / "two.pt")
     model, recipe, _ = load_run(out)
-    one = extract(model, recipe.eval.train, recipe, batch_size=64, num_workers=0)
+    one = extract(model, recipe.eval.train, recipe.data, batch_size=64, num_workers=0)
     assert len(two["train"]["labels"]) == len(one["labels"]) == 192
     assert torch.equal(two["train"]["labels"], one["labels"]) and torch.equal(two["train"]["pixels"], one["pixels"])
     assert torch.allclose(two["train"]["features"], one["features"], atol=1e-5)
@@ -168,7 +168,7 @@ def test_four_processes_extract_two_eval_shards_and_a_rank_without_samples_as_on
     four = torch.load(tmp_path / "four.pt")
     model, recipe, _ = load_run(out)
     for spec, got in ((two, four["train"]), (three, four["capped"])):
-        one = extract(model, spec, recipe, batch_size=64, num_workers=0)
+        one = extract(model, spec, recipe.data, batch_size=64, num_workers=0)
         assert len(got["labels"]) == len(one["labels"]) == (40 if spec == two else 3)
         assert torch.equal(got["labels"], one["labels"]) and torch.equal(got["pixels"], one["pixels"])
         assert torch.allclose(got["features"], one["features"], atol=1e-5)
@@ -199,7 +199,7 @@ def test_online_knn_is_logged_and_leaves_training_unchanged(tmp_path, fmnist_sha
     assert [s for s, _ in accs] == [2, 4]
     model, recipe, _ = load_run(knn)  # the step-4 checkpoint: the same k-NN, computed offline
     train, test = (
-        extract(model, spec, recipe, 64, 0, max_samples=64) for spec in (recipe.eval.train, recipe.eval.test)
+        extract(model, spec, recipe.data, 64, 0, max_samples=64) for spec in (recipe.eval.train, recipe.eval.test)
     )
     assert len(train["labels"]) == len(test["labels"]) == 64
     assert abs(accs[-1][1] - knn_accuracy(train["features"], train["labels"], test["features"], test["labels"])) < 1e-6

@@ -153,7 +153,8 @@ def test_deepspeed_zero_trains_in_bf16_with_float32_weights(tmp_path, fmnist_sha
 
 def _ds_config(tmp_path, env: dict[str, str], **sections):
     data = tiny_recipe(tmp_path, NO_SHARDS, **sections)
-    return distributed.deepspeed_config(validate(data, check_data=False)[0], env=env)
+    recipe = validate(data, check_data=False)[0]
+    return distributed.deepspeed_config(recipe.distributed, recipe.data, recipe.optim, env=env)
 
 
 def test_the_deepspeed_config_carries_the_precision_as_torch_autocast_and_refuses_what_deepspeed_breaks(tmp_path):
@@ -339,13 +340,13 @@ def test_speed_settings_are_on_for_cuda_off_for_cpu_and_the_recipe_can_change_th
     """The decision only (CUDA does not exist here): channels_last, TF32 and cudnn.benchmark default
     on for CUDA and off elsewhere; a recipe may turn each off (or channels_last on)."""
     recipe = validate(tiny_recipe(tmp_path, NO_SHARDS), check_data=False)[0]
-    assert distributed.speed_settings(recipe, "cuda") == {
+    assert distributed.speed_settings(recipe.distributed, recipe.train, "cuda") == {
         "channels_last": True,
         "tf32": True,
         "cudnn_benchmark": True,
         "compile": False,
     }
-    assert not any(distributed.speed_settings(recipe, "cpu").values())
+    assert not any(distributed.speed_settings(recipe.distributed, recipe.train, "cpu").values())
     custom = validate(
         tiny_recipe(
             tmp_path,
@@ -355,7 +356,7 @@ def test_speed_settings_are_on_for_cuda_off_for_cpu_and_the_recipe_can_change_th
         ),
         check_data=False,
     )[0]
-    assert distributed.speed_settings(custom, "cuda") == {
+    assert distributed.speed_settings(custom.distributed, custom.train, "cuda") == {
         "channels_last": False,
         "tf32": False,
         "cudnn_benchmark": False,

@@ -109,7 +109,7 @@ def test_lars_is_refused_under_deepspeed_in_one_line(tmp_path):
     _, cfg = model_and_recipe(tmp_path, optimizer="lars")
     env = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"}
     with pytest.raises(ValueError, match=r"^distributed: DeepSpeed ZeRO would step LARS on flat shards: .*DDP$"):
-        deepspeed_config(cfg, env)
+        deepspeed_config(cfg.distributed, cfg.data, cfg.optim, env)
 
 
 # --- the param groups ---------------------------------------------------------------------------
@@ -119,7 +119,7 @@ def test_lars_is_refused_under_deepspeed_in_one_line(tmp_path):
 def test_biases_and_norm_weights_get_no_weight_decay(tmp_path, optimizer):
     """With every gradient 0 only weight decay moves a parameter: the 1-D ones must stay put."""
     model, cfg = model_and_recipe(tmp_path, optimizer=optimizer, weight_decay=0.1, exclude_norm_bias_from_wd=True)
-    opt = build_optimizer(model, cfg)
+    opt = build_optimizer(model, cfg.optim, cfg.plugins)
     params = [p for g in opt.param_groups for p in g["params"]]
     before = [p.detach().clone() for p in params]
     for p in params:
@@ -139,7 +139,7 @@ def test_a_vits_position_embedding_and_class_token_get_no_weight_decay(tmp_path)
     cfg, hooks = validate(recipe, check_data=False)
     model = Model(hooks, cfg)
     vit = model.encoder
-    groups = build_optimizer(model, cfg).param_groups
+    groups = build_optimizer(model, cfg.optim, cfg.plugins).param_groups
     no_decay = {id(p) for g in groups if g["no_decay"] for p in g["params"]}
     assert {id(vit.pos_embed), id(vit.cls_token)} <= no_decay and vit.pos_embed.ndim == 3
     assert id(vit.patch_embed.proj.weight) not in no_decay and id(vit.blocks[0].attn.qkv.weight) not in no_decay
@@ -148,7 +148,7 @@ def test_a_vits_position_embedding_and_class_token_get_no_weight_decay(tmp_path)
 
 def test_each_plugin_keeps_its_lr_through_the_split(tmp_path):
     model, cfg = model_and_recipe(tmp_path, lr=0.01, exclude_norm_bias_from_wd=True, weight_decay=1e-4)
-    groups = build_optimizer(model, cfg, lr=0.02).param_groups
+    groups = build_optimizer(model, cfg.optim, cfg.plugins, lr=0.02).param_groups
     summary = [(g["plugin"], g["no_decay"], g["weight_decay"]) for g in groups]
     assert summary == [
         ("backbones", False, 1e-4),
@@ -158,7 +158,8 @@ def test_each_plugin_keeps_its_lr_through_the_split(tmp_path):
     ]
     # the probe's lr 1e-4, scaled by 0.02 / 0.01 like optim.lr, in both its groups
     assert [g["lr"] for g in groups] == pytest.approx([0.02, 0.02, 2e-4, 2e-4])
-    unsplit = build_optimizer(*model_and_recipe(tmp_path, lr=0.01)).param_groups
+    other, other_cfg = model_and_recipe(tmp_path, lr=0.01)
+    unsplit = build_optimizer(other, other_cfg.optim, other_cfg.plugins).param_groups
     assert [(g["plugin"], g["no_decay"]) for g in unsplit] == [("backbones", False), ("probe", False)]
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
     assert sorted(id(p) for g in groups for p in g["params"]) == sorted(trainable), "every parameter, once"
@@ -174,10 +175,10 @@ def test_the_weight_decay_cosine_and_only_the_decay_groups_follow_it(tmp_path):
     assert [schedule.at(s, 10) for s in (0, 5, 10, 20)] == pytest.approx([0.04, 0.22, 0.4, 0.4])
     assert weight_decay_schedule(OptimConfig(lr=1.0, weight_decay=0.04)) is None
     model, recipe = model_and_recipe(tmp_path, optimizer="lars", weight_decay=0.04, weight_decay_end=0.4, steps=10)
-    opt = build_optimizer(model, recipe)
+    opt = build_optimizer(model, recipe.optim, recipe.plugins)
     set_weight_decay(opt, recipe.optim, 5, recipe.train.steps)
     assert [(g["no_decay"], g["weight_decay"]) for g in opt.param_groups] == [(False, 0.22), (True, 0.0)] * 2
-    assert scheduled_values(recipe, 5) == {"wd": pytest.approx(0.22)}
+    assert scheduled_values(recipe.optim, recipe.plugins, 5, recipe.train.steps) == {"wd": pytest.approx(0.22)}
 
 
 def test_scheduled_takes_a_number_or_a_mapping_and_byols_formula():

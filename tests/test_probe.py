@@ -105,7 +105,7 @@ def test_a_plugin_lr_gives_its_modules_their_own_param_group(tmp_path, fmnist_sh
 
     cfg, hooks = _config(tmp_path, fmnist_shards, lr=1e-4)
     model = Model(hooks, cfg)
-    groups = {g["plugin"]: g for g in build_optimizer(model, cfg, lr=2 * cfg.optim.lr).param_groups}
+    groups = {g["plugin"]: g for g in build_optimizer(model, cfg.optim, cfg.plugins, lr=2 * cfg.optim.lr).param_groups}
     assert groups["probe"]["lr"] == 2e-4, "scaled like optim.lr (here x2)"
     assert groups["backbones"]["lr"] == 2 * cfg.optim.lr
     assert {id(p) for p in groups["probe"]["params"]} == {id(p) for p in model.plugins["probe"].parameters()}

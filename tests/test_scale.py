@@ -176,9 +176,9 @@ def test_the_deepspeed_config_takes_stage_and_offload_from_the_launch_unless_the
         data = tiny_recipe(
             tmp_path, {"train": "x", "test": "x"}, distributed={"accumulation_steps": 4, "deepspeed": deepspeed}
         )
-        return deepspeed_config(
-            validate(data, check_data=False)[0], env={f"ACCELERATE_DEEPSPEED_{k}": v for k, v in env.items()}
-        )
+        recipe = validate(data, check_data=False)[0]
+        env = {f"ACCELERATE_DEEPSPEED_{k}": v for k, v in env.items()}
+        return deepspeed_config(recipe.distributed, recipe.data, recipe.optim, env=env)
 
     ds = config(ZERO_STAGE="3", OFFLOAD_OPTIMIZER_DEVICE="cpu", OFFLOAD_PARAM_DEVICE="none")
     assert ds["zero_optimization"] == {"stage": 3, "offload_optimizer": {"device": "cpu"}}
