@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import RESULTS, write_report  # noqa: E402
 from framework.model import Model, weighted_total  # noqa: E402
-from framework.recipe.loading import validate  # noqa: E402
+from framework.startup import validate  # noqa: E402
 from plugins.vae_terms import posterior_std, reconstruction_nll  # noqa: E402
 
 MEAN, STD = [0.49, 0.48, 0.45], [0.25, 0.24, 0.26]

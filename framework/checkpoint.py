@@ -51,7 +51,8 @@ from safetensors.torch import load as safetensors_load
 from framework.data.stream import StreamPosition
 from framework.distributed import global_batch
 from framework.model import Model
-from framework.recipe.loading import RecipeError, validate
+from framework.recipe.loading import RecipeError
+from framework.startup import validate
 
 if TYPE_CHECKING:
     from accelerate import Accelerator

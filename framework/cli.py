@@ -50,7 +50,8 @@ def _read_errors() -> tuple[type[Exception], ...]:
 
 def train_main(argv: Sequence[str]) -> None:
     """`train RECIPE [key=value ...]`: validate everything, then pretrain."""
-    from framework.recipe.loading import RecipeError, load_recipe
+    from framework.recipe.loading import RecipeError
+    from framework.startup import load_recipe
 
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: augssl train RECIPE.yaml [key.path=value ...]")

@@ -139,7 +139,8 @@ def run_steps(
     `extra_plugins` registers plugin objects (e.g. a class instance with `@hookimpl` methods) by name.
     """
     from framework.engine import train
-    from framework.recipe.loading import apply_overrides, load_recipe, validate
+    from framework.recipe.loading import apply_overrides
+    from framework.startup import load_recipe, validate
 
     extra = [f"train.steps={steps}"] if steps is not None else []
     if isinstance(recipe, dict):
@@ -167,7 +168,7 @@ def step_context(
     `recipe` is what `tiny_recipe` returns (validated here, its shards unchecked, so `ctx.config` is a
     `Recipe` and `ctx.config.plugins[name]` a plugin's section, as in a run), or any object standing for
     `ctx.config` (a validated `Recipe`, or a stub with only the fields the hook reads)."""
-    from framework.recipe.loading import validate
+    from framework.startup import validate
     from framework.types import StepContext
 
     if isinstance(recipe, dict):

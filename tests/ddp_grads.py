@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from framework.distributed import build_accelerator, rank, world_size  # noqa: E402
 from framework.model import Model, weighted_total  # noqa: E402
-from framework.recipe.loading import validate  # noqa: E402
+from framework.startup import validate  # noqa: E402
 from framework.testing import CONV28  # noqa: E402
 
 GLOBAL_BATCH = 8

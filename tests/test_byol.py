@@ -15,7 +15,8 @@ from framework.checkpoint import complete_checkpoints, model_weights_file
 from framework.logging import read_metrics
 from framework.model import Model
 from framework.optim import build_optimizer
-from framework.recipe.loading import RecipeError, validate
+from framework.recipe.loading import RecipeError
+from framework.startup import validate
 from framework.testing import run_steps, tiny_recipe
 from plugins.byol import byol_loss, multi_crop_byol_loss
 

@@ -17,7 +17,8 @@ from framework.checkpoint import load_run
 from framework.cli import eval_main
 from framework.eval import crop_and_flip, extract, fit_linear, fit_sgd_linear, knn_accuracy
 from framework.logging import read_metrics
-from framework.recipe.loading import RecipeError, validate
+from framework.recipe.loading import RecipeError
+from framework.startup import validate
 from framework.testing import run_steps, tiny_recipe
 from tests.helpers import LAUNCH, asset_samples, ddp_args, one_line
 

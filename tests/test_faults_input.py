@@ -10,7 +10,8 @@ import pytest
 import yaml
 
 from framework.logging import read_metrics
-from framework.recipe.loading import RecipeError, apply_overrides, load_recipe, validate
+from framework.recipe.loading import RecipeError, apply_overrides
+from framework.startup import load_recipe, validate
 from framework.testing import CONV28, run_steps, tiny_recipe, tiny_shards, write_recipe
 from tests.helpers import ENV, ROOT, asset_samples, augssl, one_line
 

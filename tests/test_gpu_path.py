@@ -23,7 +23,7 @@ from framework.data import batch_to_device, make_loader
 from framework.engine import build_views
 from framework.logging import read_metrics
 from framework.model import Model
-from framework.recipe.loading import validate
+from framework.startup import validate
 from framework.testing import CONV28, free_port, run_steps, tiny_recipe, write_recipe
 from plugins.backbones import VAEHead
 from plugins.vae_terms import kl_gaussians

@@ -18,8 +18,9 @@ from framework.model import Model
 from framework.optim import LARS, build_optimizer
 from framework.preemption import Preempted
 from framework.recipe import OptimConfig
-from framework.recipe.loading import RecipeError, validate
+from framework.recipe.loading import RecipeError
 from framework.schedules import scheduled_values, set_weight_decay, weight_decay_schedule
+from framework.startup import validate
 from framework.testing import CONV28, run_steps, tiny_recipe
 from tests.helpers import final_weights
 

@@ -51,7 +51,7 @@ def test_bernoulli_reconstructions_are_previewed_in_the_views_space(tmp_path, fm
     import torch
 
     from framework.model import Model
-    from framework.recipe.loading import validate
+    from framework.startup import validate
 
     recipe = tiny_recipe(tmp_path, fmnist_shards, plugins={"backbones": CONV28, "kl": {"likelihood": "bernoulli"}})
     cfg, hooks = validate(recipe, check_data=False)

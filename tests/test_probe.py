@@ -10,7 +10,7 @@ import torch
 from framework import Encoding
 from framework.logging import read_metrics
 from framework.model import Model
-from framework.recipe.loading import validate
+from framework.startup import validate
 from framework.testing import CONV28, run_steps, tiny_recipe
 from plugins import probe
 

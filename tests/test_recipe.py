@@ -18,15 +18,8 @@ from framework import PluginConfig, Recipe, Scheduled, hookimpl
 from framework.cli import main
 from framework.data.pipeline import clean_x_view
 from framework.manager import PluginHooks
-from framework.recipe.loading import (
-    MAX_EXTENDS,
-    RecipeError,
-    apply_overrides,
-    deep_merge,
-    load_raw,
-    load_recipe,
-    validate,
-)
+from framework.recipe.loading import MAX_EXTENDS, RecipeError, apply_overrides, deep_merge, load_raw
+from framework.startup import load_recipe, validate
 from framework.testing import tiny_recipe, write_recipe
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -15,7 +15,8 @@ import pytest
 
 from framework.engine import train
 from framework.logging import read_metrics
-from framework.recipe.loading import apply_overrides, load_raw, validate
+from framework.recipe.loading import apply_overrides, load_raw
+from framework.startup import validate
 from framework.testing import tiny_shards
 from tests.helpers import small_crops
 

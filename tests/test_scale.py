@@ -170,7 +170,7 @@ def test_linear_lr_scaling_uses_the_global_batch(tmp_path, fmnist_shards):
 
 def test_the_deepspeed_config_takes_stage_and_offload_from_the_launch_unless_the_recipe_sets_them(tmp_path):
     from framework.distributed import deepspeed_config
-    from framework.recipe.loading import validate
+    from framework.startup import validate
 
     def config(deepspeed=None, **env):
         data = tiny_recipe(
