@@ -1,8 +1,10 @@
 """The training loop under Accelerate: forward (all hooks), weighted sum, backward, step.
 
 `train()` reads top to bottom: `start()` sets the run up (accelerator, run folder, model,
-optimizer, resume point, data), then one loop whose body is the step; what happens at a log
-interval is `log_interval()`.
+optimizer, resume point, data), then `steps()` loops over the batches, one `train_step()` each:
+forward, the vote, then `update()` (backward, optimizer step) or `skip()`, and after an optimizer
+step `finish_step()` (schedule, hooks, log, checkpoint); what happens at a log interval is
+`log_interval()`.
 
 Host-device sync points of a step (constants such as normalisation statistics are cached
 on the device; `tests/test_gpu_path.py` checks that a step of every built-in plugin makes no
@@ -161,6 +163,10 @@ class Run:
     saved_step: int  # the step of `checkpoint` (0: none)
     committed: dict  # the data position's state at the last completed step
     broken: torch.Tensor  # `nonfinite_flag` after the last step (on the device; the next vote reads it)
+    weights: dict[str, float]  # each plugin's loss weight
+    signum: int = 0  # the signal of a voted stop request (0: none)
+    bad_in_row: int = 0  # micro-steps skipped in a row (a non-finite loss on some rank)
+    skipped: int = 0  # micro-steps and optimizer steps skipped since the start (logged)
 
     def batch(self, batch: dict[str, Any]) -> tuple[dict, dict, torch.Tensor]:
         """Advance the data position; the batch's views (normalised on the device), params and labels."""
@@ -241,10 +247,11 @@ def start(recipe: Recipe, hooks: PluginHooks) -> Run | None:
         saved_step=step,
         committed=position.state_dict(),
         broken=torch.zeros((), device=accelerator.device),
+        weights=unwrapped.weights(),
     )
 
 
-def log_interval(run: Run, recipe: Recipe, skipped: int) -> None:
+def log_interval(run: Run, recipe: Recipe) -> None:
     """Log the interval's means over ranks and micro-steps, the lrs and the counters; stop the run
     (TrainingError) when more than `data.max_bad_fraction` of the records seen so far were bad."""
     with collective(f"step {run.step}: the log reduction"):
@@ -256,7 +263,7 @@ def log_interval(run: Run, recipe: Recipe, skipped: int) -> None:
             **logged_lrs(recipe.plugins, run.optimizer, run.scheduler, lr_now),
             # wd and plugins' Scheduled fields, for the next step
             **scheduled_values(recipe.optim, recipe.plugins, run.step, recipe.train.steps),
-            "skipped_steps": skipped,
+            "skipped_steps": run.skipped,
             "images/s": run.logger.images_per_second(),
         }
     )
@@ -337,80 +344,102 @@ def gradients_ready(run: Run, recipe: Recipe, hooks: PluginHooks) -> None:
         torch.nn.utils.clip_grad_norm_(parameters, clip)
 
 
+def skip(run: Run, recipe: Recipe, loss: torch.Tensor) -> None:
+    """A micro-step whose loss is non-finite on some rank: every rank skips it (counted), and drops the
+    window's gradients; TrainingError after `train.max_bad_steps` in a row."""
+    run.bad_in_row, run.skipped = run.bad_in_row + 1, run.skipped + 1
+    if run.deepspeed and run.accelerator.sync_gradients:  # DeepSpeed drops a window with non-finite grads
+        run.accelerator.backward(loss * math.nan)
+    run.optimizer.zero_grad(set_to_none=True)  # DDP: drops the window on its last micro-step
+    if run.bad_in_row >= recipe.train.max_bad_steps:
+        raise TrainingError(
+            f"{run.bad_in_row} non-finite losses in a row at step {run.step}; "
+            f"last good checkpoint: {last_good(run, Path(recipe.output_dir))}"
+        )
+
+
+def update(run: Run, recipe: Recipe, hooks: PluginHooks, loss: torch.Tensor) -> None:
+    """Backward (the gradient all-reduce), and at an optimizer step the gradients' hook and clip, then the
+    weight decay (the recipe's, or its cosine to optim.weight_decay_end) and the step."""
+    run.bad_in_row = 0
+    with collective(f"step {run.step + 1}: the gradient all-reduce"):
+        run.accelerator.backward(loss)
+    if run.accelerator.sync_gradients:  # the step's reduced gradients: on_after_backward, then the clip
+        gradients_ready(run, recipe, hooks)
+    set_weight_decay(run.optimizer, recipe.optim, run.step, recipe.train.steps)
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.skipped += run.accelerator.sync_gradients and run.accelerator.optimizer_step_was_skipped  # fp16 scaler
+
+
+def finish_step(run: Run, recipe: Recipe, hooks: PluginHooks, preview: dict[str, torch.Tensor] | None) -> bool:
+    """After an optimizer step: the schedule, the step-end hooks, the weights' finiteness flag, then what
+    falls on this step (preview, log, online k-NN, checkpoint). Returns whether the run ends here."""
+    run.step += 1
+    run.scheduler.step()
+    with torch.no_grad():
+        hooks.on_train_step_end(run.unwrapped.plugins, run.step, recipe, run.unwrapped.encoder)
+        run.broken = nonfinite_flag(run.unwrapped)  # the update's and the hooks' changes
+    run.committed = run.position.state_dict()
+    run.logger.advance()
+    if preview is not None:
+        run.logger.preview(run.step, {**preview, **run.unwrapped.preview_images}, recipe.data.mean, recipe.data.std)
+    last = run.step >= recipe.train.steps or bool(run.signum)
+    if due(recipe.log.every, run.step) or last:
+        log_interval(run, recipe)
+    if due(recipe.eval.knn_every, run.step):
+        with collective(f"step {run.step}: the online k-NN"):  # every rank extracts a share
+            run.logger.log(run.step, online_knn(run.unwrapped, recipe.data, recipe.eval))
+    if due(recipe.checkpoint.every, run.step) or last:
+        commit(run, recipe, run.position)
+    return last
+
+
+def train_step(
+    run: Run, recipe: Recipe, hooks: PluginHooks, stop: StopRequests, batch: dict | None, lost: DataWorkerDied | None
+) -> bool:
+    """One micro-step on `batch` (`lost`: this rank's data worker died): forward, the vote, backward and, at
+    the end of an accumulation window, the optimizer step and what follows it. Returns whether the run ends."""
+    accelerator, out = run.accelerator, Path(recipe.output_dir)
+    if batch is None:  # before this rank had a batch: nothing to forward
+        with collective(f"step {run.step + 1}: the non-finite/stop vote"):
+            voted = vote(accelerator, None, stop.signum, run.broken, True)
+        data_worker_died(run, recipe, voted, lost)
+    views, params, labels = run.batch(batch)
+    preview = due(recipe.log.preview_every, run.step + 1)
+    with accelerator.accumulate(run.model):
+        terms, metrics = run.model(views, params, labels, step=run.step, preview=preview)
+        loss = weighted_total(terms, run.weights)
+        with collective(f"step {run.step + 1}: the non-finite/stop vote"):  # sync point: one per micro-step
+            voted = vote(accelerator, loss, stop.signum, run.broken, lost is not None)
+        stop.defer()  # from now on a stop request finishes the step in progress
+        if voted.failed >= 0:  # a data worker died (on its rank this forward ran on a stand-in)
+            data_worker_died(run, recipe, voted, lost)
+        if voted.broken:  # the previous step left a non-finite weight: it is never checkpointed
+            raise broken_weights(run, out)
+        run.signum = run.signum or voted.signum
+        if voted.nonfinite:  # on some rank: every rank skips this micro-step
+            skip(run, recipe, loss)
+            return False
+        update(run, recipe, hooks, loss)
+    run.logger.accumulate({"loss": loss, **terms, **metrics})  # skipped micro-steps are not summed
+    run.logger.count_images(len(batch["key"]))
+    if not accelerator.sync_gradients:
+        return False  # a micro-step of gradient accumulation
+    return finish_step(run, recipe, hooks, views if preview else None)
+
+
 def steps(run: Run, recipe: Recipe, hooks: PluginHooks, stop: StopRequests) -> int:
     """Train until `train.steps` or a voted stop; returns the stop's signal (0: none). The steps
     end early with TrainingError (non-finite losses in a row or weights, a dead data worker, bad
     records); from the first vote on, a stop request waits for the vote (before it: `StopNow`)."""
-    cfg, out = recipe.train, Path(recipe.output_dir)
-    accelerator, model, optimizer, logger = run.accelerator, run.model, run.optimizer, run.logger
-    weights, signum, bad_in_row, skipped = run.unwrapped.weights(), 0, 0, 0
-    model.train()
+    run.model.train()
     with torch.no_grad():
         hooks.on_train_start(run.unwrapped.plugins, run.step, recipe, run.unwrapped.encoder)
-    for batch, lost in fetched(run.loader, accelerator.process_index):  # lost: a data worker died
-        if batch is None:  # before this rank had a batch: nothing to forward
-            with collective(f"step {run.step + 1}: the non-finite/stop vote"):
-                voted = vote(accelerator, None, stop.signum, run.broken, True)
-            data_worker_died(run, recipe, voted, lost)
-        views, params, labels = run.batch(batch)
-        preview = due(recipe.log.preview_every, run.step + 1)
-        with accelerator.accumulate(model):
-            terms, metrics = model(views, params, labels, step=run.step, preview=preview)
-            loss = weighted_total(terms, weights)
-            with collective(f"step {run.step + 1}: the non-finite/stop vote"):  # sync point: one per micro-step
-                voted = vote(accelerator, loss, stop.signum, run.broken, lost is not None)
-            stop.defer()  # from now on a stop request finishes the step in progress
-            if voted.failed >= 0:  # a data worker died (on its rank this forward ran on a stand-in)
-                data_worker_died(run, recipe, voted, lost)
-            if voted.broken:  # the previous step left a non-finite weight: it is never checkpointed
-                raise broken_weights(run, out)
-            signum = signum or voted.signum
-            if voted.nonfinite:  # on some rank: every rank skips this micro-step
-                bad_in_row, skipped = bad_in_row + 1, skipped + 1
-                if run.deepspeed and accelerator.sync_gradients:  # DeepSpeed drops a window with non-finite grads
-                    accelerator.backward(loss * math.nan)
-                optimizer.zero_grad(set_to_none=True)  # DDP: drops the window on its last micro-step
-                if bad_in_row >= cfg.max_bad_steps:
-                    raise TrainingError(
-                        f"{bad_in_row} non-finite losses in a row at step {run.step}; "
-                        f"last good checkpoint: {last_good(run, out)}"
-                    )
-                continue
-            bad_in_row = 0
-            with collective(f"step {run.step + 1}: the gradient all-reduce"):
-                accelerator.backward(loss)
-            if accelerator.sync_gradients:  # the step's reduced gradients: on_after_backward, then the clip
-                gradients_ready(run, recipe, hooks)
-            # the recipe's weight decay, or its cosine to optim.weight_decay_end
-            set_weight_decay(optimizer, recipe.optim, run.step, cfg.steps)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            skipped += accelerator.sync_gradients and accelerator.optimizer_step_was_skipped  # fp16 loss scaler
-        logger.accumulate({"loss": loss, **terms, **metrics})  # skipped micro-steps are not summed
-        logger.count_images(len(batch["key"]))
-        if not accelerator.sync_gradients:
-            continue  # a micro-step of gradient accumulation
-
-        run.step += 1
-        run.scheduler.step()
-        with torch.no_grad():
-            hooks.on_train_step_end(run.unwrapped.plugins, run.step, recipe, run.unwrapped.encoder)
-            run.broken = nonfinite_flag(run.unwrapped)  # the update's and the hooks' changes
-        run.committed = run.position.state_dict()
-        logger.advance()
-        if preview:
-            logger.preview(run.step, {**views, **run.unwrapped.preview_images}, recipe.data.mean, recipe.data.std)
-        last = run.step >= cfg.steps or bool(signum)
-        if due(recipe.log.every, run.step) or last:
-            log_interval(run, recipe, skipped)
-        if due(recipe.eval.knn_every, run.step):
-            with collective(f"step {run.step}: the online k-NN"):  # every rank extracts a share
-                logger.log(run.step, online_knn(run.unwrapped, recipe.data, recipe.eval))
-        if due(recipe.checkpoint.every, run.step) or last:
-            commit(run, recipe, run.position)
-        if last:
+    for batch, lost in fetched(run.loader, run.accelerator.process_index):  # lost: a data worker died
+        if train_step(run, recipe, hooks, stop, batch, lost):
             break
-    return signum
+    return run.signum
 
 
 def train(recipe: Recipe, hooks: PluginHooks) -> Path:
