@@ -51,7 +51,7 @@ from safetensors.torch import load as safetensors_load
 from framework.data.stream import StreamPosition
 from framework.distributed import global_batch
 from framework.model import Model
-from framework.recipe.loading import RecipeError
+from framework.recipe.loading import RecipeError, as_written_now
 from framework.startup import validate
 
 if TYPE_CHECKING:
@@ -576,7 +576,7 @@ def load_run(output_dir: str | Path, ckpt: str | Path | None = None) -> tuple[Mo
         raise error
     assert got is not None
     try:
-        recipe, hooks = validate(yaml.safe_load(got.recipe) or {}, check_data=False)
+        recipe, hooks = validate(as_written_now(yaml.safe_load(got.recipe) or {}), check_data=False)
     except RecipeError as exc:  # e.g. a plugin it names is not installed here
         raise RecipeError(f"{got.path / 'recipe.yaml'}: {exc}") from None
     model = Model(hooks, recipe)

@@ -40,6 +40,7 @@ import yaml
 
 from framework import checkpoint
 from framework.checkpoint import CheckpointError
+from framework.recipe.loading import as_written_now, write_resolved
 from framework.recipe.schema import may_change_on_resume
 
 if TYPE_CHECKING:
@@ -316,7 +317,7 @@ def check_compatible(path: Path, recipe: Recipe, model: Model) -> None:
     saved_file = path / "recipe.yaml"
     if not saved_file.is_file():
         return
-    changes = recipe_changes(yaml.safe_load(saved_file.read_text()) or {}, recipe, stateful)
+    changes = recipe_changes(as_written_now(yaml.safe_load(saved_file.read_text()) or {}), recipe, stateful)
     if changes:
         (key, old, new), more = changes[0], [k for k, _, _ in changes[1:]]
         also = f" (and {len(more)} more: {', '.join(more)})" if more else ""
@@ -362,8 +363,6 @@ def resume_point(accelerator: Accelerator, recipe: Recipe, model: Model, lock: R
     the abandoned later steps must not pass for the newest), and only then writes the folder's
     `recipe.yaml`. `lock` is `open_run`'s (held by the caller).
     """
-    from framework.recipe.loading import write_resolved
-
     out, resume = Path(recipe.output_dir), recipe.train.resume
 
     def decide() -> tuple[None, str | None]:

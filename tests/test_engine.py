@@ -8,13 +8,16 @@ import re
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file, save_file
 
 from framework import checkpoint, hookimpl
+from framework.checkpoint import CheckpointError
 from framework.engine import TrainingError, nonfinite_flag
 from framework.logging import read_metrics
 from framework.optim import lr_factor
 from framework.recipe import OptimConfig
+from framework.recipe.schema import MOVED
 from framework.testing import run_steps, tiny_recipe
 
 
@@ -42,6 +45,26 @@ def test_checkpoint_and_resume_continue_the_step_count(tmp_path, fmnist_shards):
     steps = [r["step"] for r in read_metrics(out)]
     assert steps == [1, 2, 3, 4, 5, 6], "the resumed run continues at step 5"
     assert [p.name for p in checkpoint.complete_checkpoints(out)] == ["step_00000004", "step_00000006"]
+
+
+def test_a_checkpoint_written_before_train_was_split_is_read_and_resumed(tmp_path, fmnist_shards):
+    """A checkpoint's recipe.yaml from before the split (`train.lr`, `train.checkpoint_every`, ...) is read as
+    the keys are now: `load_run` (eval, export) takes it, a resume is checked against it and continues."""
+    recipe = tiny_recipe(tmp_path, fmnist_shards, checkpoint={"every": 2})
+    out = run_steps(recipe, steps=2)
+    (ckpt,) = checkpoint.complete_checkpoints(out)
+    old = yaml.safe_load((ckpt / "recipe.yaml").read_text())
+    for before, now in MOVED.items():
+        section, key = now.split(".")
+        old["train"][before.removeprefix("train.")] = old[section].pop(key)
+    (ckpt / "recipe.yaml").write_text(yaml.safe_dump({k: v for k, v in old.items() if v != {}}, sort_keys=False))
+    checkpoint.write_checksums(ckpt)
+    _, saved, path = checkpoint.load_run(out)
+    assert path == ckpt and (saved.optim.lr, saved.checkpoint.every) == (1e-3, 2)
+    with pytest.raises(CheckpointError, match='was trained with optim.optimizer="adam", this recipe has "sgd"'):
+        run_steps(recipe, steps=3, overrides=["optim.optimizer=sgd"])
+    run_steps(recipe, steps=3)
+    assert [r["step"] for r in read_metrics(out)] == [1, 2, 3]
 
 
 def test_resume_fresh_starts_over_and_keeps_the_old_run_aside(tmp_path, fmnist_shards):

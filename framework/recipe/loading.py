@@ -160,6 +160,19 @@ def _check_moved(data: dict[str, Any]) -> None:
                 raise RecipeError(f"{section}.{key} moved to {moved}")
 
 
+def as_written_now(saved: dict[str, Any]) -> dict[str, Any]:
+    """A `recipe.yaml` augssl wrote into a run or checkpoint before `train` was split, with each moved key
+    (`schema.MOVED`) in its section now; a recipe.yaml written since is returned as it is. (A recipe a user
+    writes is not rewritten: a moved key there is an error saying where it went.)"""
+    data = copy.deepcopy(saved)
+    train = data.get("train")
+    for key in list(train) if isinstance(train, dict) else ():
+        if (moved := MOVED.get(f"train.{key}")) is not None:
+            section, name = moved.split(".")
+            data.setdefault(section, {})[name] = train.pop(key)
+    return data
+
+
 def validate_recipe(data: dict[str, Any], extra_plugins: Mapping[str, object] | None = None) -> Recipe:
     """Validate merged recipe data: the engine's sections, the plugin names, then each plugin's section
     against the class its `config_schema` hook returns (`framework.registry.config_schema`, which loads the
