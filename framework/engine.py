@@ -54,7 +54,7 @@ from framework.manager import PluginHooks
 from framework.model import Model, weighted_total
 from framework.optim import build_optimizer, effective_lr, lr_factor
 from framework.preemption import Preempted, StopNow, StopRequests
-from framework.recipe.schema import Recipe
+from framework.recipe.schema import Recipe, TrainConfig
 from framework.schedules import scheduled_values, set_weight_decay
 from framework.types import View
 
@@ -145,6 +145,7 @@ def fetched(loader: Iterable[dict], rank: int) -> Iterator[tuple[dict | None, Da
 class Run:
     """A started run: what the loop of `train()` works with."""
 
+    out: Path  # output_dir
     accelerator: Accelerator
     model: Any  # the prepared root module (DDP's or DeepSpeed's wrapper, or the Model itself)
     unwrapped: Model
@@ -229,6 +230,7 @@ def start(recipe: Recipe, hooks: PluginHooks) -> Run | None:
     deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
     explicit = cfg.resume not in ("auto", "never", "fresh")
     return Run(
+        out,
         accelerator,
         prepared,
         unwrapped,
@@ -283,18 +285,18 @@ def due(every: int, step: int) -> bool:
     return every > 0 and step % every == 0
 
 
-def last_good(run: Run, out: Path) -> Path | str | None:
+def last_good(run: Run) -> Path | str | None:
     """The newest checkpoint that is intact and whose weights are finite (read back on rank 0, which says it)."""
-    return checkpoint.last_good(out) if run.accelerator.is_main_process else "(rank 0 names it)"
+    return checkpoint.last_good(run.out) if run.accelerator.is_main_process else "(rank 0 names it)"
 
 
-def broken_weights(run: Run, out: Path) -> TrainingError:
+def broken_weights(run: Run) -> TrainingError:
     """The error of a step that left a non-finite weight, naming the first such tensor this rank holds."""
     named = [*run.unwrapped.named_parameters(), *run.unwrapped.named_buffers()]
     name = next((n for n, t in named if t.is_floating_point() and not torch.isfinite(t).all()), "a weight")
     return TrainingError(
         f"step {run.step} left {name} non-finite (non-finite gradients, or an optim.lr / weight_decay too large "
-        f"for its dtype): it is not checkpointed; last good checkpoint: {last_good(run, out)}"
+        f"for its dtype): it is not checkpointed; last good checkpoint: {last_good(run)}"
     )
 
 
@@ -304,7 +306,7 @@ def commit(run: Run, recipe: Recipe, position: StreamPosition) -> Path:
     with collective(f"step {run.step}: the checkpoint"):
         broken = run.accelerator.reduce(run.broken, "max").item()  # sync point: one per checkpoint
     if broken:
-        raise broken_weights(run, Path(recipe.output_dir))
+        raise broken_weights(run)
     with collective(f"step {run.step}: the checkpoint"):
         run.checkpoint = checkpoint.save(run.accelerator, recipe, run.step, position, keep=run.keep)
     run.saved_step = run.step
@@ -315,7 +317,7 @@ def data_worker_died(run: Run, recipe: Recipe, voted: Vote, lost: DataWorkerDied
     """A data worker of rank `voted.failed` died (`lost` on that rank): every rank checkpoints the last
     completed step, unless it is already, and stops with that rank's line (TrainingError)."""
     if voted.broken:
-        raise broken_weights(run, Path(recipe.output_dir))
+        raise broken_weights(run)
     if run.step > run.saved_step:
         commit(run, recipe, StreamPosition.from_state_dict(run.committed))
     error = [str(lost) if lost else None]
@@ -344,17 +346,16 @@ def gradients_ready(run: Run, recipe: Recipe, hooks: PluginHooks) -> None:
         torch.nn.utils.clip_grad_norm_(parameters, clip)
 
 
-def skip(run: Run, recipe: Recipe, loss: torch.Tensor) -> None:
+def skip(run: Run, cfg: TrainConfig, loss: torch.Tensor) -> None:
     """A micro-step whose loss is non-finite on some rank: every rank skips it (counted), and drops the
     window's gradients; TrainingError after `train.max_bad_steps` in a row."""
     run.bad_in_row, run.skipped = run.bad_in_row + 1, run.skipped + 1
     if run.deepspeed and run.accelerator.sync_gradients:  # DeepSpeed drops a window with non-finite grads
         run.accelerator.backward(loss * math.nan)
     run.optimizer.zero_grad(set_to_none=True)  # DDP: drops the window on its last micro-step
-    if run.bad_in_row >= recipe.train.max_bad_steps:
+    if run.bad_in_row >= cfg.max_bad_steps:
         raise TrainingError(
-            f"{run.bad_in_row} non-finite losses in a row at step {run.step}; "
-            f"last good checkpoint: {last_good(run, Path(recipe.output_dir))}"
+            f"{run.bad_in_row} non-finite losses in a row at step {run.step}; last good checkpoint: {last_good(run)}"
         )
 
 
@@ -400,7 +401,7 @@ def train_step(
 ) -> bool:
     """One micro-step on `batch` (`lost`: this rank's data worker died): forward, the vote, backward and, at
     the end of an accumulation window, the optimizer step and what follows it. Returns whether the run ends."""
-    accelerator, out = run.accelerator, Path(recipe.output_dir)
+    accelerator = run.accelerator
     if batch is None:  # before this rank had a batch: nothing to forward
         with collective(f"step {run.step + 1}: the non-finite/stop vote"):
             voted = vote(accelerator, None, stop.signum, run.broken, True)
@@ -416,10 +417,10 @@ def train_step(
         if voted.failed >= 0:  # a data worker died (on its rank this forward ran on a stand-in)
             data_worker_died(run, recipe, voted, lost)
         if voted.broken:  # the previous step left a non-finite weight: it is never checkpointed
-            raise broken_weights(run, out)
+            raise broken_weights(run)
         run.signum = run.signum or voted.signum
         if voted.nonfinite:  # on some rank: every rank skips this micro-step
-            skip(run, recipe, loss)
+            skip(run, recipe.train, loss)
             return False
         update(run, recipe, hooks, loss)
     run.logger.accumulate({"loss": loss, **terms, **metrics})  # skipped micro-steps are not summed

@@ -166,7 +166,9 @@ def as_written_now(saved: dict[str, Any]) -> dict[str, Any]:
     writes is not rewritten: a moved key there is an error saying where it went.)"""
     data = copy.deepcopy(saved)
     train = data.get("train")
-    for key in list(train) if isinstance(train, dict) else ():
+    if not isinstance(train, dict):
+        return data
+    for key in list(train):
         if (moved := MOVED.get(f"train.{key}")) is not None:
             section, name = moved.split(".")
             data.setdefault(section, {})[name] = train.pop(key)
