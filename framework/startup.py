@@ -13,21 +13,21 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from framework.recipe.loading import RecipeError, apply_overrides, in_file, load_raw, validate_recipe
-from framework.recipe.schema import Recipe
+from framework.recipe.schema import DataConfig, EvalConfig, Recipe
 from framework.registry import PluginError
 
 if TYPE_CHECKING:
     from framework.manager import PluginHooks
 
 
-def check_recipe_shards(recipe: Recipe) -> None:
+def check_recipe_shards(data: DataConfig, evaluation: EvalConfig) -> None:
     """RecipeError naming the key (`data.train`, `eval.train`, `eval.test`) of a local shard that is missing."""
     from framework.data.shards import check_shards  # its package imports torch (the data pipeline)
 
     try:
-        check_shards("data.train", recipe.data.train)
+        check_shards("data.train", data.train)
         for key in ("train", "test"):
-            spec = getattr(recipe.eval, key)
+            spec = getattr(evaluation, key)
             if spec is not None:
                 check_shards(f"eval.{key}", spec)
     except ValueError as exc:
@@ -48,7 +48,7 @@ def validate(
     except PluginError as exc:
         raise RecipeError(f"plugins: {exc}") from None
     if check_data:
-        check_recipe_shards(recipe)
+        check_recipe_shards(recipe.data, recipe.eval)
     return recipe, hooks
 
 
