@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import RESULTS, write_report  # noqa: E402
 from framework.model import Model, weighted_total  # noqa: E402
-from framework.recipe.loading import validate  # noqa: E402
+from framework.startup import validate  # noqa: E402
 
 ENCODERS = {"resnet50": "timm/resnet50", "vit_s16": "timm/vit_small_patch16_224"}
 
@@ -38,7 +38,8 @@ def build(encoder: str, size: int, batch: int):
         recipe, hooks = validate(
             {
                 "output_dir": out_dir,
-                "train": {"steps": 1, "lr": 0.1},
+                "train": {"steps": 1},
+                "optim": {"lr": 0.1},
                 "data": {"train": "unused", "image_size": size, "channels": 3, "mean": [0.5] * 3, "std": [0.25] * 3},
                 "plugins": {"backbones": {"encoder": encoder, "latent_dim": None}, "simclr": {"temperature": 0.2}},
             },

@@ -53,8 +53,8 @@ def run(recipe: str, processes: int, steps: int, batch: int, out: Path) -> dict:
         recipe,
         f"output_dir={out}",
         f"train.steps={steps}",
-        "train.log_every=10",
-        f"train.checkpoint_every={10 * steps}",
+        "log.every=10",
+        f"checkpoint.every={10 * steps}",
         f"data.batch_size={batch}",
         "data.num_workers=0",
     ]

@@ -80,10 +80,10 @@ def run(recipe: str, spec: str, mode: str, args: argparse.Namespace, batch: int,
         f"data.batch_size={batch}",
         f"data.num_workers={args.workers}",
         f"train.steps={args.steps}",
-        f"train.log_every={log_every}",
-        f"train.checkpoint_every={10 * args.steps}",
-        "train.warmup_steps=0",
-        "train.optimizer=adam",  # one optimizer in every mode: DeepSpeed's ZeRO cannot step the recipes' LARS
+        f"log.every={log_every}",
+        f"checkpoint.every={10 * args.steps}",
+        "optim.warmup_steps=0",
+        "optim.optimizer=adam",  # one optimizer in every mode: DeepSpeed's ZeRO cannot step the recipes' LARS
         "eval.train=null",
         "eval.test=null",
     ]

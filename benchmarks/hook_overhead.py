@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import RESULTS, write_report  # noqa: E402
 from framework.model import Model, weighted_total  # noqa: E402
-from framework.recipe.loading import validate  # noqa: E402
+from framework.startup import validate  # noqa: E402
 from plugins.blocks import posterior_std, reconstruction_nll  # noqa: E402
 
 MEAN, STD = [0.49, 0.48, 0.45], [0.25, 0.24, 0.26]
@@ -40,7 +40,8 @@ def main() -> None:
         recipe, hooks = validate(
             {
                 "output_dir": out_dir,
-                "train": {"steps": 1, "lr": 2.5e-4},
+                "train": {"steps": 1},
+                "optim": {"lr": 2.5e-4},
                 "data": {"train": "unused", "image_size": 32, "channels": 3, "mean": MEAN, "std": STD},
                 "plugins": {
                     "backbones": {"encoder": "resnet18", "stem": "cifar", "decoder": "resnet18", "latent_dim": 128},

@@ -14,7 +14,7 @@ checkpoint pruned by the run training in the folder while it is read is no fault
 
 Resuming on another number of processes works under DDP: model, optimizer and schedule are
 restored, the data stream and every rank's RNG are reseeded with `train.seed + step`, and
-with `train.lr_scaling: linear` the new global batch's lr replaces the saved one. DeepSpeed
+with `optim.lr_scaling: linear` the new global batch's lr replaces the saved one. DeepSpeed
 cannot re-split its partitioned optimizer state, so there (and between DDP and DeepSpeed) a
 resume stops with a one-line `CheckpointError` before anything is loaded.
 
@@ -49,14 +49,16 @@ import yaml
 from safetensors.torch import load as safetensors_load
 
 from framework.data.stream import StreamPosition
+from framework.distributed import global_batch
 from framework.model import Model
-from framework.recipe.loading import RecipeError, validate
+from framework.recipe.loading import RecipeError, as_written_now
+from framework.startup import validate
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
     from torch.optim.lr_scheduler import LambdaLR
 
-    from framework.recipe.schema import Recipe
+    from framework.recipe.schema import OptimConfig, Recipe, TrainConfig
 
 STATE_FILE = "trainer_state.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -225,7 +227,7 @@ def _agree(accelerator: Accelerator, error: str | None, tmp: Path, output_dir: s
     )
 
 
-def launch_state(accelerator: Accelerator, recipe: Recipe) -> dict[str, Any]:
+def launch_state(accelerator: Accelerator, global_batch: int) -> dict[str, Any]:
     """What a checkpoint records about the launch that wrote it: processes, DeepSpeed, its ZeRO stage, global batch."""
     from accelerate.utils import DistributedType
 
@@ -234,7 +236,7 @@ def launch_state(accelerator: Accelerator, recipe: Recipe) -> dict[str, Any]:
         "world_size": accelerator.num_processes,
         "deepspeed": deepspeed,
         "zero_stage": accelerator.deepspeed_config["zero_optimization"]["stage"] if deepspeed else None,
-        "global_batch": recipe.data.batch_size * accelerator.num_processes * recipe.distributed.accumulation_steps,
+        "global_batch": global_batch,
     }
 
 
@@ -269,7 +271,7 @@ def save(
     keep: Path | None = None,
 ) -> Path:
     """Write checkpoint `step` from every rank; returns its final path. Then all but the newest
-    `train.keep_checkpoints` are removed, except `keep` (the checkpoint an explicit `train.resume` named)."""
+    `checkpoint.keep` are removed, except `keep` (the checkpoint an explicit `train.resume` named)."""
     root = checkpoint_root(recipe.output_dir)
     final = root / f"step_{step:08d}"
     tmp = final.with_name(final.name + ".tmp")
@@ -290,7 +292,8 @@ def save(
     _agree(accelerator, error, tmp, recipe.output_dir)  # every rank has written its files
     if accelerator.is_main_process:
         try:
-            launch = launch_state(accelerator, recipe)
+            processes = accelerator.num_processes
+            launch = launch_state(accelerator, global_batch(recipe.data, recipe.distributed, processes))
             if launch["deepspeed"]:
                 consolidate_deepspeed_weights(tmp)  # every rank's partition is on disk now
             (tmp / "recipe.yaml").write_text(yaml.safe_dump(recipe.resolved(), sort_keys=False))
@@ -302,7 +305,7 @@ def save(
         except Exception as exc:  # noqa: BLE001
             error = _os_error(exc)
         else:
-            for old in complete_checkpoints(recipe.output_dir)[: -recipe.train.keep_checkpoints]:
+            for old in complete_checkpoints(recipe.output_dir)[: -recipe.checkpoint.keep]:
                 if keep is None or old.resolve() != keep.resolve():
                     shutil.rmtree(old, ignore_errors=True)
     _agree(accelerator, error, tmp, recipe.output_dir)
@@ -356,7 +359,12 @@ def rebase_lr(scheduler: LambdaLR, base_lrs: list[float]) -> list[float] | None:
 
 
 def load(
-    accelerator: Accelerator, path: Path, recipe: Recipe, scheduler: Any = None
+    accelerator: Accelerator,
+    path: Path,
+    train: TrainConfig,
+    optim: OptimConfig,
+    global_batch_size: int,
+    scheduler: Any = None,
 ) -> tuple[dict[str, Any], StreamPosition | None]:
     """Restore model/optimizer/scheduler/RNG states; returns the trainer state and this rank's data position.
 
@@ -366,24 +374,24 @@ def load(
     every rank's RNG (`train.seed + step`; Accelerate has no saved state for a new rank). The
     schedule (`scheduler`, the engine's LambdaLR, maybe wrapped by Accelerate) keeps its step
     but takes this launch's base lrs, which differ after a world-size change under
-    `train.lr_scaling: linear` or a changed `train.lr`; one line says so.
+    `optim.lr_scaling: linear` or a changed `optim.lr`; one line says so.
     """
     from accelerate.utils import set_seed
 
     state = json.loads((path / STATE_FILE).read_text())
-    now = launch_state(accelerator, recipe)
+    now = launch_state(accelerator, global_batch_size)
     check_resumable(path, state, now)
     lambda_lr = getattr(scheduler, "scheduler", scheduler)  # Accelerate's AcceleratedScheduler wraps it
     base_lrs = list(lambda_lr.base_lrs) if lambda_lr is not None else None  # this launch's, before the load
     accelerator.load_state(str(path))
     same_world = state.get("world_size") == accelerator.num_processes
     if not same_world:
-        set_seed(recipe.train.seed + state["step"])
+        set_seed(train.seed + state["step"])
     if base_lrs is not None and (old := rebase_lr(lambda_lr, base_lrs)) is not None:
         accelerator.print(
             f"augssl: lr {old[0]:g} -> {base_lrs[0]:g} on resume (global batch "
             f"{state.get('global_batch', '?')} -> {now['global_batch']}, "
-            f"train.lr_scaling={recipe.train.lr_scaling})"
+            f"optim.lr_scaling={optim.lr_scaling})"
         )
     rank_file = path / f"data_rank{accelerator.process_index}.json"
     if not same_world or not rank_file.is_file():
@@ -518,7 +526,7 @@ def _pick_and_read(output_dir: Path, ckpt: str | Path | None) -> _Read:
             raise FileNotFoundError(f"{output_dir}: no complete checkpoint to read")
     raise CheckpointError(
         f"the checkpoints of {output_dir} went away {_RELISTS} times while they were read (a run there prunes "
-        "them faster than they can be read: train.keep_checkpoints); give --checkpoint of one that stays"
+        "them faster than they can be read: checkpoint.keep); give --checkpoint of one that stays"
     )
 
 
@@ -568,7 +576,7 @@ def load_run(output_dir: str | Path, ckpt: str | Path | None = None) -> tuple[Mo
         raise error
     assert got is not None
     try:
-        recipe, hooks = validate(yaml.safe_load(got.recipe) or {}, check_data=False)
+        recipe, hooks = validate(as_written_now(yaml.safe_load(got.recipe) or {}), check_data=False)
     except RecipeError as exc:  # e.g. a plugin it names is not installed here
         raise RecipeError(f"{got.path / 'recipe.yaml'}: {exc}") from None
     model = Model(hooks, recipe)

@@ -50,7 +50,8 @@ def _read_errors() -> tuple[type[Exception], ...]:
 
 def train_main(argv: Sequence[str]) -> None:
     """`train RECIPE [key=value ...]`: validate everything, then pretrain."""
-    from framework.recipe.loading import RecipeError, load_recipe
+    from framework.recipe.loading import RecipeError
+    from framework.startup import load_recipe
 
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: augssl train RECIPE.yaml [key.path=value ...]")
@@ -70,7 +71,9 @@ def train_or_exit(recipe, hooks) -> None:
     from framework.manager import PluginError
 
     try:
-        check_launch(recipe)  # what the launch adds (precision, DeepSpeed's stage and offload)
+        check_launch(
+            recipe.distributed, recipe.data, recipe.optim
+        )  # what the launch adds (precision, DeepSpeed's stage and offload)
         hooks.check_launch(deepspeed=using_deepspeed())  # a hook the launch cannot call
     except (ValueError, PluginError) as exc:
         _fail(str(exc))

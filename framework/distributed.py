@@ -22,7 +22,7 @@ import torch.distributed as dist
 if TYPE_CHECKING:
     from accelerate import Accelerator, PartialState
 
-    from framework.recipe.schema import Recipe
+    from framework.recipe.schema import DataConfig, DistributedConfig, OptimConfig, TrainConfig
 
 
 def rank() -> int:
@@ -174,17 +174,25 @@ def _deepspeed_without_transformers() -> None:
         DeepSpeedPlugin.set_deepspeed_weakref = lambda self: None
 
 
-def deepspeed_config(recipe: Recipe, env: Mapping[str, str] = os.environ) -> dict[str, Any]:
-    """The recipe's `distributed.deepspeed` section as a full DeepSpeed config.
+def global_batch(data: DataConfig, cfg: DistributedConfig, processes: int) -> int:
+    """Images per optimizer step over every process: `data.batch_size` x processes x accumulation steps."""
+    return data.batch_size * processes * cfg.accumulation_steps
+
+
+def deepspeed_config(
+    cfg: DistributedConfig, data: DataConfig, optim: OptimConfig, env: Mapping[str, str] = os.environ
+) -> dict[str, Any]:
+    """The recipe's `distributed.deepspeed` section as a full DeepSpeed config (with the per-process batch
+    of `data`; `optim`'s optimizer is checked against ZeRO).
 
     Batch sizes are always explicit (there is no prepared dataloader to infer them). A
     recipe without `zero_optimization` takes the stage and offload devices that `accelerate
     launch` was given (`--zero_stage`, `--offload_*_device` or a config file's
     `deepspeed_config`), so the same recipe runs under ZeRO-2 or ZeRO-3 by launch config alone.
     """
-    ds = dict(recipe.distributed.deepspeed or {})
-    ds["train_micro_batch_size_per_gpu"] = recipe.data.batch_size
-    ds["gradient_accumulation_steps"] = recipe.distributed.accumulation_steps
+    ds = dict(cfg.deepspeed or {})
+    ds["train_micro_batch_size_per_gpu"] = data.batch_size
+    ds["gradient_accumulation_steps"] = cfg.accumulation_steps
     if "zero_optimization" not in ds:
         zero: dict[str, Any] = {"stage": int(env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", 2))}
         for what in ("optimizer", "param"):
@@ -193,24 +201,24 @@ def deepspeed_config(recipe: Recipe, env: Mapping[str, str] = os.environ) -> dic
                 zero[f"offload_{what}"] = {"device": device}
         ds["zero_optimization"] = zero
     # DeepSpeed 0.19 clips at norm 1.0 unless told otherwise; DDP clips only when the recipe says
-    ds["gradient_clipping"] = recipe.distributed.grad_clip or 0.0
+    ds["gradient_clipping"] = cfg.grad_clip or 0.0
     if ds["zero_optimization"].get("stage", 2) == 0:
         # stage 0 steps a plain torch optimizer with no overflow check: a skipped step's NaN would reach
         # the weights (augssl drops a DeepSpeed window through that check); stage 0 is DDP anyway
         raise ValueError("DeepSpeed ZeRO stage 0: launch without DeepSpeed (DDP) instead, or use stage 1-3")
-    if recipe.train.optimizer == "lars":
+    if optim.optimizer == "lars":
         # ZeRO hands the optimizer one flat shard per param group and rank: LARS' norms would be the shard's
         raise ValueError(
-            "distributed: DeepSpeed ZeRO would step LARS on flat shards: train.optimizer=lars runs under DDP"
+            "distributed: DeepSpeed ZeRO would step LARS on flat shards: optim.optimizer=lars runs under DDP"
         )
     offload = ds["zero_optimization"].get("offload_optimizer", {}).get("device", "none")
-    if offload != "none" and recipe.train.optimizer not in ("adam", "adamw"):
+    if offload != "none" and optim.optimizer not in ("adam", "adamw"):
         # Accelerate replaces any optimizer by DeepSpeedCPUAdam under optimizer offload.
         raise ValueError(
             f"distributed: optimizer offload ({offload}) runs DeepSpeed's CPU Adam, not "
-            f"train.optimizer={recipe.train.optimizer}: use adam/adamw or drop offload_optimizer"
+            f"optim.optimizer={optim.optimizer}: use adam/adamw or drop offload_optimizer"
         )
-    precision = mixed_precision(recipe, env)
+    precision = mixed_precision(cfg, env)
     recipe_sets_precision = any(k in ds for k in ("bf16", "fp16", "torch_autocast"))
     if precision == "fp16" and not recipe_sets_precision:
         # DeepSpeed's fp16 mode casts parameters, not inputs; under torch_autocast fp16 its ZeRO
@@ -226,11 +234,11 @@ def deepspeed_config(recipe: Recipe, env: Mapping[str, str] = os.environ) -> dic
     return ds
 
 
-def mixed_precision(recipe: Recipe, env: Mapping[str, str] = os.environ) -> str:
+def mixed_precision(cfg: DistributedConfig, env: Mapping[str, str] = os.environ) -> str:
     """The precision in force: the recipe's `distributed.mixed_precision` when it sets one, else the
     launch's (`accelerate launch --mixed_precision`, its config file: ACCELERATE_MIXED_PRECISION), else "no"."""
-    if recipe.distributed.mixed_precision is not None:
-        return recipe.distributed.mixed_precision
+    if cfg.mixed_precision is not None:
+        return cfg.mixed_precision
     launched = env.get("ACCELERATE_MIXED_PRECISION", "no").lower()
     if launched not in ("no", "bf16", "fp16"):
         raise ValueError(f"accelerate launch --mixed_precision {launched}: augssl trains in no, bf16 or fp16")
@@ -242,21 +250,23 @@ def using_deepspeed(env: Mapping[str, str] = os.environ) -> bool:
     return env.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
 
 
-def check_launch(recipe: Recipe, env: Mapping[str, str] = os.environ) -> None:
-    """Raise ValueError (one line) if the recipe cannot run under this launch; starts nothing."""
-    mixed_precision(recipe, env)
+def check_launch(
+    cfg: DistributedConfig, data: DataConfig, optim: OptimConfig, env: Mapping[str, str] = os.environ
+) -> None:
+    """Raise ValueError (one line) if the recipe's sections cannot run under this launch; starts nothing."""
+    mixed_precision(cfg, env)
     if using_deepspeed(env):
-        deepspeed_config(recipe, env)
+        deepspeed_config(cfg, data, optim, env)
 
 
-def speed_settings(recipe: Recipe, device_type: str) -> dict[str, bool]:
+def speed_settings(cfg: DistributedConfig, train: TrainConfig, device_type: str) -> dict[str, bool]:
     """The speed settings in force on a `device_type` ("cuda", "cpu"): the recipe's, GPU-only ones off elsewhere."""
-    cfg, cuda = recipe.distributed, device_type == "cuda"
+    cuda = device_type == "cuda"
     return {
         "channels_last": cuda if cfg.channels_last is None else cfg.channels_last,
         "tf32": cuda and cfg.tf32,
         "cudnn_benchmark": cuda and cfg.cudnn_benchmark,
-        "compile": recipe.train.compile,
+        "compile": train.compile,
     }
 
 
@@ -320,17 +330,20 @@ def init_restarted_group(timeout: timedelta, env: Mapping[str, str] = os.environ
     return True
 
 
-def build_accelerator(recipe: Recipe, log_with: list[str] | None = None) -> Accelerator:
-    """The Accelerator for a recipe; DDP or DeepSpeed is chosen by `accelerate launch`."""
+def build_accelerator(
+    cfg: DistributedConfig, data: DataConfig, optim: OptimConfig, output_dir: str, log_with: list[str] | None = None
+) -> Accelerator:
+    """The Accelerator for a recipe's sections, logging to `output_dir`; DDP or DeepSpeed is chosen by
+    `accelerate launch`."""
     from accelerate import Accelerator, DistributedDataParallelKwargs, InitProcessGroupKwargs
     from accelerate.utils import DeepSpeedPlugin, ProjectConfiguration
 
     deepspeed_plugin = None
-    group: dict[str, Any] = {"timeout": timedelta(seconds=recipe.distributed.timeout_seconds)}
+    group: dict[str, Any] = {"timeout": timedelta(seconds=cfg.timeout_seconds)}
     init_restarted_group(group["timeout"])
     if using_deepspeed():
         _deepspeed_without_transformers()
-        ds_config = deepspeed_config(recipe)
+        ds_config = deepspeed_config(cfg, data, optim)
         # A launch config file's deepspeed fields are now in `ds_config`; Accelerate would refuse
         # them beside an explicit DeepSpeed config ("will be ignored"), so they are marked consumed.
         os.environ.pop("ACCELERATE_CONFIG_DS_FIELDS", None)
@@ -343,13 +356,13 @@ def build_accelerator(recipe: Recipe, log_with: list[str] | None = None) -> Acce
     return Accelerator(
         cpu=cpu_only_multiprocess() and deepspeed_plugin is None,
         # under DeepSpeed the precision is in `ds_config` (torch_autocast)
-        mixed_precision="no" if deepspeed_plugin is not None else mixed_precision(recipe),
-        gradient_accumulation_steps=recipe.distributed.accumulation_steps,
+        mixed_precision="no" if deepspeed_plugin is not None else mixed_precision(cfg),
+        gradient_accumulation_steps=cfg.accumulation_steps,
         step_scheduler_with_optimizer=False,  # the engine steps the schedule once per optimizer step
         log_with=log_with,
-        project_config=ProjectConfiguration(project_dir=recipe.output_dir, logging_dir=recipe.output_dir),
+        project_config=ProjectConfiguration(project_dir=output_dir, logging_dir=output_dir),
         kwargs_handlers=[
-            DistributedDataParallelKwargs(find_unused_parameters=recipe.distributed.find_unused_parameters),
+            DistributedDataParallelKwargs(find_unused_parameters=cfg.find_unused_parameters),
             InitProcessGroupKwargs(**group),
         ],
         deepspeed_plugin=deepspeed_plugin,

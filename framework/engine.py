@@ -1,8 +1,10 @@
 """The training loop under Accelerate: forward (all hooks), weighted sum, backward, step.
 
 `train()` reads top to bottom: `start()` sets the run up (accelerator, run folder, model,
-optimizer, resume point, data), then one loop whose body is the step; what happens at a log
-interval is `log_interval()`.
+optimizer, resume point, data), then `steps()` loops over the batches, one `train_step()` each:
+forward, the vote, then `update()` (backward, optimizer step) or `skip()`, and after an optimizer
+step `finish_step()` (schedule, hooks, log, checkpoint); what happens at a log interval is
+`log_interval()`.
 
 Host-device sync points of a step (constants such as normalisation statistics are cached
 on the device; `tests/test_gpu_path.py` checks that a step of every built-in plugin makes no
@@ -11,11 +13,11 @@ tensor from host data):
 1. The vote: one all-reduce ("max") and one read of four scalars per micro-step (marked). It carries
    the loss's finiteness, stop requests, a dead data worker, and whether the previous step left a
    non-finite weight (`nonfinite_flag`, a norm of the weights queued after each step).
-2. The log: one all-reduce and one `.tolist()` per `train.log_every` steps (`RunLogger.interval_record`).
+2. The log: one all-reduce and one `.tolist()` per `log.every` steps (`RunLogger.interval_record`).
 3. fp16 only (DDP on CUDA): the grad scaler reads its inf/NaN flag at every optimizer step.
 4. Inside DeepSpeed: ZeRO reads the global gradient norm (its overflow check) per optimizer step.
-5. By request only: preview images (`train.preview_every`), the online k-NN
-   (`eval.knn_every`) and checkpoints (`train.checkpoint_every`; each first agrees that the weights
+5. By request only: preview images (`log.preview_every`), the online k-NN
+   (`eval.knn_every`) and checkpoints (`checkpoint.every`; each first agrees that the weights
    are finite: one all-reduce).
 
 Everything else (data cursors, the lr and weight-decay schedules, LARS' trust ratios, BYOL's
@@ -41,6 +43,7 @@ from framework.distributed import (
     apply_speed_settings,
     build_accelerator,
     collective,
+    global_batch,
     mixed_precision,
     speed_settings,
     using_deepspeed,
@@ -51,7 +54,7 @@ from framework.manager import PluginHooks
 from framework.model import Model, weighted_total
 from framework.optim import build_optimizer, effective_lr, lr_factor
 from framework.preemption import Preempted, StopNow, StopRequests
-from framework.recipe.schema import Recipe
+from framework.recipe.schema import Recipe, TrainConfig
 from framework.schedules import scheduled_values, set_weight_decay
 from framework.types import View
 
@@ -142,6 +145,7 @@ def fetched(loader: Iterable[dict], rank: int) -> Iterator[tuple[dict | None, Da
 class Run:
     """A started run: what the loop of `train()` works with."""
 
+    out: Path  # output_dir
     accelerator: Accelerator
     model: Any  # the prepared root module (DDP's or DeepSpeed's wrapper, or the Model itself)
     unwrapped: Model
@@ -149,7 +153,7 @@ class Run:
     scheduler: torch.optim.lr_scheduler.LambdaLR
     loader: Iterable[dict]
     logger: RunLogger
-    lr: float  # train.lr after lr_scaling, before the schedule
+    lr: float  # optim.lr after lr_scaling, before the schedule
     step: int
     position: StreamPosition
     channels_last: bool
@@ -160,6 +164,10 @@ class Run:
     saved_step: int  # the step of `checkpoint` (0: none)
     committed: dict  # the data position's state at the last completed step
     broken: torch.Tensor  # `nonfinite_flag` after the last step (on the device; the next vote reads it)
+    weights: dict[str, float]  # each plugin's loss weight
+    signum: int = 0  # the signal of a voted stop request (0: none)
+    bad_in_row: int = 0  # micro-steps skipped in a row (a non-finite loss on some rank)
+    skipped: int = 0  # micro-steps and optimizer steps skipped since the start (logged)
 
     def batch(self, batch: dict[str, Any]) -> tuple[dict, dict, torch.Tensor]:
         """Advance the data position; the batch's views (normalised on the device), params and labels."""
@@ -175,23 +183,24 @@ def start(recipe: Recipe, hooks: PluginHooks) -> Run | None:
     None when the run folder already holds a run trained to `train.steps`."""
     cfg, out = recipe.train, Path(recipe.output_dir)
     hooks.check_launch(deepspeed=using_deepspeed())  # before anything starts: a hook DeepSpeed cannot call
-    accelerator = build_accelerator(recipe, log_with=list(cfg.log_with) or None)  # accelerate warns at an empty list
+    trackers: list[str] | None = list(recipe.log.trackers) or None  # accelerate warns at an empty list
+    accelerator = build_accelerator(recipe.distributed, recipe.data, recipe.optim, recipe.output_dir, trackers)
     check_batch(recipe.data, accelerator.num_processes)  # a batch the shards cannot fill would never come
     set_seed(cfg.seed)
     model = Model(hooks, recipe)  # before the run folder: a plugin refusing the recipe or a file leaves none
-    lock = runfolder.open_run(accelerator, recipe)  # rank 0 holds output_dir's lock while the Run lives
+    lock = runfolder.open_run(accelerator, out, cfg.resume)  # rank 0 holds output_dir's lock while the Run lives
     if recipe.distributed.sync_batchnorm and accelerator.num_processes > 1 and accelerator.device.type == "cuda":
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     units = [module for modules in model.plugins.values() for module in cast(torch.nn.ModuleDict, modules).values()]
-    speed = apply_speed_settings(model, speed_settings(recipe, accelerator.device.type), units)
-    global_batch = recipe.data.batch_size * accelerator.num_processes * recipe.distributed.accumulation_steps
-    lr = effective_lr(cfg, global_batch)
+    speed = apply_speed_settings(model, speed_settings(recipe.distributed, cfg, accelerator.device.type), units)
+    batch = global_batch(recipe.data, recipe.distributed, accelerator.num_processes)
+    lr = effective_lr(recipe.optim, batch)
     accelerator.print(
-        f"augssl: global batch {global_batch}, lr {lr:g} (train.lr_scaling={cfg.lr_scaling}), "
-        f"precision {mixed_precision(recipe)}, {' '.join(k for k, on in speed.items() if on) or 'eager'}"
+        f"augssl: global batch {batch}, lr {lr:g} (optim.lr_scaling={recipe.optim.lr_scaling}), precision "
+        f"{mixed_precision(recipe.distributed)}, {' '.join(k for k, on in speed.items() if on) or 'eager'}"
     )
-    optimizer = build_optimizer(model, recipe, lr)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
+    optimizer = build_optimizer(model, recipe.optim, recipe.plugins, lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, recipe.optim, cfg.steps))
     prepared, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     unwrapped = prepared
     while not isinstance(unwrapped, Model):  # DDP's or DeepSpeed's wrapper (unwrap_model imports DeepSpeed)
@@ -200,7 +209,7 @@ def start(recipe: Recipe, hooks: PluginHooks) -> Run | None:
     step, position = 0, StreamPosition()
     resume_from = runfolder.resume_point(accelerator, recipe, unwrapped, lock)  # intact, compatible; writes recipe.yaml
     if resume_from is not None:
-        state, saved_position = checkpoint.load(accelerator, resume_from, recipe, scheduler)
+        state, saved_position = checkpoint.load(accelerator, resume_from, cfg, recipe.optim, batch, scheduler)
         step, position = state["step"], saved_position or StreamPosition()
         accelerator.print(f"augssl: resumed from {resume_from} at step {step}")
     if step >= cfg.steps:
@@ -221,6 +230,7 @@ def start(recipe: Recipe, hooks: PluginHooks) -> Run | None:
     deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
     explicit = cfg.resume not in ("auto", "never", "fresh")
     return Run(
+        out,
         accelerator,
         prepared,
         unwrapped,
@@ -239,21 +249,23 @@ def start(recipe: Recipe, hooks: PluginHooks) -> Run | None:
         saved_step=step,
         committed=position.state_dict(),
         broken=torch.zeros((), device=accelerator.device),
+        weights=unwrapped.weights(),
     )
 
 
-def log_interval(run: Run, recipe: Recipe, skipped: int) -> None:
+def log_interval(run: Run, recipe: Recipe) -> None:
     """Log the interval's means over ranks and micro-steps, the lrs and the counters; stop the run
     (TrainingError) when more than `data.max_bad_fraction` of the records seen so far were bad."""
     with collective(f"step {run.step}: the log reduction"):
         record = run.logger.interval_record(run.position)
-    lr_now = run.lr * lr_factor(run.step, recipe.train)
+    lr_now = run.lr * lr_factor(run.step, recipe.optim, recipe.train.steps)
     record.update(
         {
             "epoch": run.position.epoch,
-            **logged_lrs(recipe, run.optimizer, run.scheduler, lr_now),
-            **scheduled_values(recipe, run.step),  # wd and plugins' Scheduled fields, for the next step
-            "skipped_steps": skipped,
+            **logged_lrs(recipe.plugins, run.optimizer, run.scheduler, lr_now),
+            # wd and plugins' Scheduled fields, for the next step
+            **scheduled_values(recipe.optim, recipe.plugins, run.step, recipe.train.steps),
+            "skipped_steps": run.skipped,
             "images/s": run.logger.images_per_second(),
         }
     )
@@ -273,18 +285,18 @@ def due(every: int, step: int) -> bool:
     return every > 0 and step % every == 0
 
 
-def last_good(run: Run, out: Path) -> Path | str | None:
+def last_good(run: Run) -> Path | str | None:
     """The newest checkpoint that is intact and whose weights are finite (read back on rank 0, which says it)."""
-    return checkpoint.last_good(out) if run.accelerator.is_main_process else "(rank 0 names it)"
+    return checkpoint.last_good(run.out) if run.accelerator.is_main_process else "(rank 0 names it)"
 
 
-def broken_weights(run: Run, out: Path) -> TrainingError:
+def broken_weights(run: Run) -> TrainingError:
     """The error of a step that left a non-finite weight, naming the first such tensor this rank holds."""
     named = [*run.unwrapped.named_parameters(), *run.unwrapped.named_buffers()]
     name = next((n for n, t in named if t.is_floating_point() and not torch.isfinite(t).all()), "a weight")
     return TrainingError(
-        f"step {run.step} left {name} non-finite (non-finite gradients, or a train.lr / weight_decay too large "
-        f"for its dtype): it is not checkpointed; last good checkpoint: {last_good(run, out)}"
+        f"step {run.step} left {name} non-finite (non-finite gradients, or an optim.lr / weight_decay too large "
+        f"for its dtype): it is not checkpointed; last good checkpoint: {last_good(run)}"
     )
 
 
@@ -294,7 +306,7 @@ def commit(run: Run, recipe: Recipe, position: StreamPosition) -> Path:
     with collective(f"step {run.step}: the checkpoint"):
         broken = run.accelerator.reduce(run.broken, "max").item()  # sync point: one per checkpoint
     if broken:
-        raise broken_weights(run, Path(recipe.output_dir))
+        raise broken_weights(run)
     with collective(f"step {run.step}: the checkpoint"):
         run.checkpoint = checkpoint.save(run.accelerator, recipe, run.step, position, keep=run.keep)
     run.saved_step = run.step
@@ -305,7 +317,7 @@ def data_worker_died(run: Run, recipe: Recipe, voted: Vote, lost: DataWorkerDied
     """A data worker of rank `voted.failed` died (`lost` on that rank): every rank checkpoints the last
     completed step, unless it is already, and stops with that rank's line (TrainingError)."""
     if voted.broken:
-        raise broken_weights(run, Path(recipe.output_dir))
+        raise broken_weights(run)
     if run.step > run.saved_step:
         commit(run, recipe, StreamPosition.from_state_dict(run.committed))
     error = [str(lost) if lost else None]
@@ -334,79 +346,101 @@ def gradients_ready(run: Run, recipe: Recipe, hooks: PluginHooks) -> None:
         torch.nn.utils.clip_grad_norm_(parameters, clip)
 
 
+def skip(run: Run, cfg: TrainConfig, loss: torch.Tensor) -> None:
+    """A micro-step whose loss is non-finite on some rank: every rank skips it (counted), and drops the
+    window's gradients; TrainingError after `train.max_bad_steps` in a row."""
+    run.bad_in_row, run.skipped = run.bad_in_row + 1, run.skipped + 1
+    if run.deepspeed and run.accelerator.sync_gradients:  # DeepSpeed drops a window with non-finite grads
+        run.accelerator.backward(loss * math.nan)
+    run.optimizer.zero_grad(set_to_none=True)  # DDP: drops the window on its last micro-step
+    if run.bad_in_row >= cfg.max_bad_steps:
+        raise TrainingError(
+            f"{run.bad_in_row} non-finite losses in a row at step {run.step}; last good checkpoint: {last_good(run)}"
+        )
+
+
+def update(run: Run, recipe: Recipe, hooks: PluginHooks, loss: torch.Tensor) -> None:
+    """Backward (the gradient all-reduce), and at an optimizer step the gradients' hook and clip, then the
+    weight decay (the recipe's, or its cosine to optim.weight_decay_end) and the step."""
+    run.bad_in_row = 0
+    with collective(f"step {run.step + 1}: the gradient all-reduce"):
+        run.accelerator.backward(loss)
+    if run.accelerator.sync_gradients:  # the step's reduced gradients: on_after_backward, then the clip
+        gradients_ready(run, recipe, hooks)
+    set_weight_decay(run.optimizer, recipe.optim, run.step, recipe.train.steps)
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.skipped += run.accelerator.sync_gradients and run.accelerator.optimizer_step_was_skipped  # fp16 scaler
+
+
+def finish_step(run: Run, recipe: Recipe, hooks: PluginHooks, preview: dict[str, torch.Tensor] | None) -> bool:
+    """After an optimizer step: the schedule, the step-end hooks, the weights' finiteness flag, then what
+    falls on this step (preview, log, online k-NN, checkpoint). Returns whether the run ends here."""
+    run.step += 1
+    run.scheduler.step()
+    with torch.no_grad():
+        hooks.on_train_step_end(run.unwrapped.plugins, run.step, recipe, run.unwrapped.encoder)
+        run.broken = nonfinite_flag(run.unwrapped)  # the update's and the hooks' changes
+    run.committed = run.position.state_dict()
+    run.logger.advance()
+    if preview is not None:
+        run.logger.preview(run.step, {**preview, **run.unwrapped.preview_images}, recipe.data.mean, recipe.data.std)
+    last = run.step >= recipe.train.steps or bool(run.signum)
+    if due(recipe.log.every, run.step) or last:
+        log_interval(run, recipe)
+    if due(recipe.eval.knn_every, run.step):
+        with collective(f"step {run.step}: the online k-NN"):  # every rank extracts a share
+            run.logger.log(run.step, online_knn(run.unwrapped, recipe.data, recipe.eval))
+    if due(recipe.checkpoint.every, run.step) or last:
+        commit(run, recipe, run.position)
+    return last
+
+
+def train_step(
+    run: Run, recipe: Recipe, hooks: PluginHooks, stop: StopRequests, batch: dict | None, lost: DataWorkerDied | None
+) -> bool:
+    """One micro-step on `batch` (`lost`: this rank's data worker died): forward, the vote, backward and, at
+    the end of an accumulation window, the optimizer step and what follows it. Returns whether the run ends."""
+    accelerator = run.accelerator
+    if batch is None:  # before this rank had a batch: nothing to forward
+        with collective(f"step {run.step + 1}: the non-finite/stop vote"):
+            voted = vote(accelerator, None, stop.signum, run.broken, True)
+        data_worker_died(run, recipe, voted, lost)
+    views, params, labels = run.batch(batch)
+    preview = due(recipe.log.preview_every, run.step + 1)
+    with accelerator.accumulate(run.model):
+        terms, metrics = run.model(views, params, labels, step=run.step, preview=preview)
+        loss = weighted_total(terms, run.weights)
+        with collective(f"step {run.step + 1}: the non-finite/stop vote"):  # sync point: one per micro-step
+            voted = vote(accelerator, loss, stop.signum, run.broken, lost is not None)
+        stop.defer()  # from now on a stop request finishes the step in progress
+        if voted.failed >= 0:  # a data worker died (on its rank this forward ran on a stand-in)
+            data_worker_died(run, recipe, voted, lost)
+        if voted.broken:  # the previous step left a non-finite weight: it is never checkpointed
+            raise broken_weights(run)
+        run.signum = run.signum or voted.signum
+        if voted.nonfinite:  # on some rank: every rank skips this micro-step
+            skip(run, recipe.train, loss)
+            return False
+        update(run, recipe, hooks, loss)
+    run.logger.accumulate({"loss": loss, **terms, **metrics})  # skipped micro-steps are not summed
+    run.logger.count_images(len(batch["key"]))
+    if not accelerator.sync_gradients:
+        return False  # a micro-step of gradient accumulation
+    return finish_step(run, recipe, hooks, views if preview else None)
+
+
 def steps(run: Run, recipe: Recipe, hooks: PluginHooks, stop: StopRequests) -> int:
     """Train until `train.steps` or a voted stop; returns the stop's signal (0: none). The steps
     end early with TrainingError (non-finite losses in a row or weights, a dead data worker, bad
     records); from the first vote on, a stop request waits for the vote (before it: `StopNow`)."""
-    cfg, out = recipe.train, Path(recipe.output_dir)
-    accelerator, model, optimizer, logger = run.accelerator, run.model, run.optimizer, run.logger
-    weights, signum, bad_in_row, skipped = run.unwrapped.weights(), 0, 0, 0
-    model.train()
+    run.model.train()
     with torch.no_grad():
         hooks.on_train_start(run.unwrapped.plugins, run.step, recipe, run.unwrapped.encoder)
-    for batch, lost in fetched(run.loader, accelerator.process_index):  # lost: a data worker died
-        if batch is None:  # before this rank had a batch: nothing to forward
-            with collective(f"step {run.step + 1}: the non-finite/stop vote"):
-                voted = vote(accelerator, None, stop.signum, run.broken, True)
-            data_worker_died(run, recipe, voted, lost)
-        views, params, labels = run.batch(batch)
-        preview = due(cfg.preview_every, run.step + 1)
-        with accelerator.accumulate(model):
-            terms, metrics = model(views, params, labels, step=run.step, preview=preview)
-            loss = weighted_total(terms, weights)
-            with collective(f"step {run.step + 1}: the non-finite/stop vote"):  # sync point: one per micro-step
-                voted = vote(accelerator, loss, stop.signum, run.broken, lost is not None)
-            stop.defer()  # from now on a stop request finishes the step in progress
-            if voted.failed >= 0:  # a data worker died (on its rank this forward ran on a stand-in)
-                data_worker_died(run, recipe, voted, lost)
-            if voted.broken:  # the previous step left a non-finite weight: it is never checkpointed
-                raise broken_weights(run, out)
-            signum = signum or voted.signum
-            if voted.nonfinite:  # on some rank: every rank skips this micro-step
-                bad_in_row, skipped = bad_in_row + 1, skipped + 1
-                if run.deepspeed and accelerator.sync_gradients:  # DeepSpeed drops a window with non-finite grads
-                    accelerator.backward(loss * math.nan)
-                optimizer.zero_grad(set_to_none=True)  # DDP: drops the window on its last micro-step
-                if bad_in_row >= cfg.max_bad_steps:
-                    raise TrainingError(
-                        f"{bad_in_row} non-finite losses in a row at step {run.step}; "
-                        f"last good checkpoint: {last_good(run, out)}"
-                    )
-                continue
-            bad_in_row = 0
-            with collective(f"step {run.step + 1}: the gradient all-reduce"):
-                accelerator.backward(loss)
-            if accelerator.sync_gradients:  # the step's reduced gradients: on_after_backward, then the clip
-                gradients_ready(run, recipe, hooks)
-            set_weight_decay(optimizer, cfg, run.step)  # the recipe's, or its cosine to train.weight_decay_end
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            skipped += accelerator.sync_gradients and accelerator.optimizer_step_was_skipped  # fp16 loss scaler
-        logger.accumulate({"loss": loss, **terms, **metrics})  # skipped micro-steps are not summed
-        logger.count_images(len(batch["key"]))
-        if not accelerator.sync_gradients:
-            continue  # a micro-step of gradient accumulation
-
-        run.step += 1
-        run.scheduler.step()
-        with torch.no_grad():
-            hooks.on_train_step_end(run.unwrapped.plugins, run.step, recipe, run.unwrapped.encoder)
-            run.broken = nonfinite_flag(run.unwrapped)  # the update's and the hooks' changes
-        run.committed = run.position.state_dict()
-        logger.advance()
-        if preview:
-            logger.preview(run.step, {**views, **run.unwrapped.preview_images}, recipe.data.mean, recipe.data.std)
-        last = run.step >= cfg.steps or bool(signum)
-        if due(cfg.log_every, run.step) or last:
-            log_interval(run, recipe, skipped)
-        if due(recipe.eval.knn_every, run.step):
-            with collective(f"step {run.step}: the online k-NN"):  # every rank extracts a share
-                logger.log(run.step, online_knn(run.unwrapped, recipe))
-        if due(cfg.checkpoint_every, run.step) or last:
-            commit(run, recipe, run.position)
-        if last:
+    for batch, lost in fetched(run.loader, run.accelerator.process_index):  # lost: a data worker died
+        if train_step(run, recipe, hooks, stop, batch, lost):
             break
-    return signum
+    return run.signum
 
 
 def train(recipe: Recipe, hooks: PluginHooks) -> Path:

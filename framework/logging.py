@@ -1,7 +1,7 @@
 """What a user sees while a run trains: a progress bar, TensorBoard scalars, metrics.jsonl.
 
 Every rank adds each micro-step's loss, terms and metrics to running sums on its device
-(`RunLogger.accumulate`); once per `train.log_every` steps every rank reduces them to the
+(`RunLogger.accumulate`); once per `log.every` steps every rank reduces them to the
 interval's means (`RunLogger.interval_record`) and the main process writes the record
 (`RunLogger.log`). `read_metrics` reads `metrics.jsonl` back.
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,7 +22,6 @@ if TYPE_CHECKING:
     from accelerate import Accelerator
 
     from framework.data.stream import StreamPosition
-    from framework.recipe.schema import Recipe
 
 
 def read_metrics(output_dir: str | Path) -> list[dict[str, Any]]:
@@ -30,10 +30,12 @@ def read_metrics(output_dir: str | Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in lines if line.strip()]
 
 
-def logged_lrs(recipe: Recipe, optimizer: torch.optim.Optimizer, scheduler: Any, lr: float) -> dict[str, float]:
-    """`lr`: the learning rate of `train.lr` now (`lr`, scheduled); `lr/<plugin>` for each plugin
-    with its own `lr` (e.g. the online probe), as the scheduler set its param group."""
-    own = {name for name, cfg in recipe.plugins.items() if getattr(cfg, "lr", None) is not None}
+def logged_lrs(
+    plugins: Mapping[str, Any], optimizer: torch.optim.Optimizer, scheduler: Any, lr: float
+) -> dict[str, float]:
+    """`lr`: the learning rate of `optim.lr` now (`lr`, scheduled); `lr/<plugin>` for each plugin whose
+    section (in `plugins`) sets its own `lr` (e.g. the online probe), as the scheduler set its param group."""
+    own = {name for name, cfg in plugins.items() if getattr(cfg, "lr", None) is not None}
     groups = zip((g.get("plugin") for g in optimizer.param_groups), scheduler.get_last_lr(), strict=False)
     return {"lr": lr, **{f"lr/{plugin}": value for plugin, value in groups if plugin in own}}
 

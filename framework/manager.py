@@ -23,7 +23,7 @@ from torch import nn
 from framework import hookspecs
 from framework.errors import one_line
 from framework.recipe.schema import PluginConfig
-from framework.registry import PluginError, load_plugin
+from framework.registry import PluginError, config_schema, load_plugin
 from framework.types import Encoding, StepContext, View, check_short_name, full_name, num_features
 
 if TYPE_CHECKING:
@@ -138,11 +138,7 @@ class PluginHooks:
     # -- start-up -----------------------------------------------------------------------
 
     def config_schema(self) -> dict[str, type[PluginConfig]]:
-        schemas = self._collect("config_schema", type)
-        for name, schema in schemas.items():
-            if not issubclass(schema, PluginConfig):
-                raise PluginError(f"plugin {name!r}, hook 'config_schema': {schema} is not a PluginConfig subclass")
-        return {name: schemas.get(name, PluginConfig) for name in self.names}
+        return {name: config_schema(name, self.pm.get_plugin(name)) for name in self.names}
 
     def build_modules(self, config: Recipe) -> dict[str, dict[str, nn.Module]]:
         """Every plugin's modules, the encoder's plugin first; the others receive its `encoder`."""

@@ -1,7 +1,7 @@
 """The optimisation: param groups per plugin, the lr scaled by the global batch, the optimizers, LARS.
 
 `build_optimizer` gives every plugin's trainable modules their own param group (a plugin's
-`lr` is scaled like `train.lr`); with `train.exclude_norm_bias_from_wd` (always under `lars`)
+`lr` is scaled like `optim.lr`); with `optim.exclude_norm_bias_from_wd` (always under `lars`)
 each plugin's group is split in two: the parameters that decay, and the biases and normalisation
 weights (every parameter with `ndim <= 1`, and those a module names in its `no_weight_decay()`, timm's
 convention: a ViT's position embedding and class token) in a group marked `no_decay` with weight decay 0, which
@@ -11,18 +11,18 @@ multiplier `LambdaLR` applies per step (`framework.schedules.lr_schedule`).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
 
 from framework.model import Model
-from framework.recipe.schema import Recipe, TrainConfig
+from framework.recipe.schema import OptimConfig
 from framework.schedules import lr_schedule
 
 
-def effective_lr(cfg: TrainConfig, global_batch: int) -> float:
-    """`train.lr`, or with `train.lr_scaling: linear` lr x global_batch / 256."""
+def effective_lr(cfg: OptimConfig, global_batch: int) -> float:
+    """`optim.lr`, or with `optim.lr_scaling: linear` lr x global_batch / 256."""
     return cfg.lr * global_batch / 256 if cfg.lr_scaling == "linear" else cfg.lr
 
 
@@ -119,14 +119,14 @@ class LARS(torch.optim.Optimizer):
         return loss
 
 
-def param_groups(model: Model, recipe: Recipe, lr: float) -> list[dict[str, Any]]:
-    """One param group per plugin at its lr (a plugin's `lr` scaled by `lr / train.lr`), split into a
-    decaying group and a `no_decay` one (weight decay 0) under `exclude_norm_bias_from_wd` or LARS."""
-    cfg = recipe.train
+def param_groups(model: Model, cfg: OptimConfig, plugins: Mapping[str, Any], lr: float) -> list[dict[str, Any]]:
+    """One param group per plugin at its lr (a plugin's `lr` in `plugins`, its recipe section, scaled by
+    `lr / optim.lr`), split into a decaying group and a `no_decay` one (weight decay 0) under
+    `exclude_norm_bias_from_wd` or LARS."""
     split = cfg.exclude_norm_bias_from_wd or cfg.optimizer == "lars"
     groups = []
     for name, modules in model.plugins.items():
-        own = getattr(recipe.plugins.get(name), "lr", None)
+        own = getattr(plugins.get(name), "lr", None)
         group_lr = lr if own is None else own * lr / cfg.lr
         params = [p for p in modules.parameters() if p.requires_grad]
         parts = [(params, False)]
@@ -143,15 +143,17 @@ def param_groups(model: Model, recipe: Recipe, lr: float) -> list[dict[str, Any]
     return groups
 
 
-def build_optimizer(model: Model, recipe: Recipe, lr: float | None = None) -> torch.optim.Optimizer:
-    """The recipe's optimizer over the trainable parameters (`param_groups`), at `lr` (default `train.lr`).
+def build_optimizer(
+    model: Model, cfg: OptimConfig, plugins: Mapping[str, Any], lr: float | None = None
+) -> torch.optim.Optimizer:
+    """The `optim` section's optimizer over the trainable parameters (`param_groups`; `plugins`: the recipe's
+    plugin sections), at `lr` (default `optim.lr`).
 
-    A plugin's `lr` (e.g. the online probe's) is scaled by the same factor as `train.lr`
-    (`lr / train.lr`), so `train.lr_scaling` moves every group alike.
+    A plugin's `lr` (e.g. the online probe's) is scaled by the same factor as `optim.lr`
+    (`lr / optim.lr`), so `optim.lr_scaling` moves every group alike.
     """
-    cfg = recipe.train
     lr = cfg.lr if lr is None else lr
-    groups = param_groups(model, recipe, lr)
+    groups = param_groups(model, cfg, plugins, lr)
     if cfg.optimizer == "lars":
         return LARS(
             groups, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, eta=cfg.lars_eta, clip=cfg.lars_clip
@@ -162,6 +164,6 @@ def build_optimizer(model: Model, recipe: Recipe, lr: float | None = None) -> to
     return opt(groups, lr=lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
 
 
-def lr_factor(step: int, cfg: TrainConfig) -> float:
+def lr_factor(step: int, cfg: OptimConfig, steps: int) -> float:
     """Linear warm-up over `warmup_steps`, then constant or cosine to 0 at `steps` (`schedules.lr_schedule`)."""
-    return lr_schedule(cfg).at(step, cfg.steps)
+    return lr_schedule(cfg).at(step, steps)

@@ -1,11 +1,12 @@
-"""The plugins a recipe may name, and loading one by name.
+"""The plugins a recipe may name, loading one by name, and the class of its recipe section.
 
 A plugin is a built-in (`plugins.<name>`, listed in `BUILTIN_PLUGINS`) or a third-party module
-registered in the `augssl` entry-point group. Nothing here imports torch or a plugin, so a recipe
-that names an unknown plugin is answered before either is imported (`framework.recipe.loading`
-checks the names first). A name that more than one source claims (an entry point named like a
-built-in, or two installed packages' entry points of one name) is refused when a recipe uses it:
-taking one of them silently would train something other than what the user installed.
+registered in the `augssl` entry-point group. Checking names imports neither torch nor a plugin, so a
+recipe that names an unknown plugin is answered before either is imported (`framework.recipe.loading`
+checks the names first); `config_schema` then loads a plugin, but builds no plugin manager. A name
+that more than one source claims (an entry point named like a built-in, or two installed packages'
+entry points of one name) is refused when a recipe uses it: taking one of them silently would train
+something other than what the user installed.
 """
 
 from __future__ import annotations
@@ -15,7 +16,10 @@ import importlib.util
 from collections.abc import Iterable
 from importlib.metadata import EntryPoint, entry_points
 
+from framework.recipe.schema import PluginConfig
+
 ENTRY_POINT_GROUP = "augssl"  # the name of the project's hooks too (framework.hookspecs.PROJECT)
+IMPL_MARK = f"{ENTRY_POINT_GROUP}_impl"  # the attribute `@hookimpl` sets on an implementation
 
 # The built-in plugins, by recipe name; each is the module `plugins.<name>`.
 BUILTIN_PLUGINS: tuple[str, ...] = (
@@ -83,3 +87,22 @@ def load_plugin(name: str) -> object:
         return importlib.import_module(f"plugins.{name}") if ep is None else ep.load()
     except Exception as exc:  # a plugin that fails to import (a missing dependency, a bug at import time)
         raise PluginError(f"plugin {name!r}: {where} failed to load: {type(exc).__name__}: {exc}") from exc
+
+
+def config_schema(name: str, plugin: object | None = None) -> type[PluginConfig]:
+    """The class of plugin `name`'s recipe section: what its `config_schema` hook returns, or `PluginConfig`
+    when it implements none. `plugin` is the plugin object (default: the plugin loaded by `name`).
+    PluginError naming the plugin and the hook when the hook fails or returns anything but a subclass."""
+    hook = getattr(load_plugin(name) if plugin is None else plugin, "config_schema", None)
+    if hook is None or getattr(hook, IMPL_MARK, None) is None:
+        return PluginConfig
+    where = f"plugin {name!r}, hook 'config_schema'"
+    try:
+        schema = hook()
+    except Exception as exc:
+        raise PluginError(f"{where}: {type(exc).__name__}: {exc}") from exc
+    if not isinstance(schema, type):
+        raise PluginError(f"{where}: returned {type(schema).__name__}, expected type")
+    if not issubclass(schema, PluginConfig):
+        raise PluginError(f"{where}: {schema} is not a PluginConfig subclass")
+    return schema

@@ -17,8 +17,9 @@ with the same one-line `CheckpointError` and none is left waiting at a collectiv
   folder into `<output_dir>/previous/<YYYYmmdd-HHMMSS>/` (itself a run folder `augssl eval`
   reads) and starts at step 0.
 - **What a resume may change**: the checkpoint's `recipe.yaml` and this recipe must agree
-  on every key except `RESUME_MAY_CHANGE`; otherwise one line names the first difference,
-  before the folder's `recipe.yaml` is written.
+  on every key but those whose field declares it may change (`MAY_CHANGE_ON_RESUME` in
+  `framework.recipe.schema`); otherwise one line names the first difference, before the
+  folder's `recipe.yaml` is written.
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ import socket
 import time
 import weakref
 from collections.abc import Callable
-from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -40,6 +40,8 @@ import yaml
 
 from framework import checkpoint
 from framework.checkpoint import CheckpointError
+from framework.recipe.loading import as_written_now, write_resolved
+from framework.recipe.schema import may_change_on_resume
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -50,43 +52,6 @@ if TYPE_CHECKING:
 LOCK_FILE = ".lock"
 PREVIOUS = "previous"  # train.resume=fresh moves the old run to <output_dir>/previous/<time>/
 DAMAGED = ".damaged"
-
-# Recipe keys (fnmatch patterns over dotted paths) whose value may differ between a checkpoint's
-# recipe.yaml and the recipe that resumes it. Every other key must be equal, because the
-# checkpoint's state depends on it: the modules (plugin sections of plugins that hold modules:
-# encoder, latent_dim, ...), the data stream the saved cursor replays (image_size, channels,
-# num_workers, shuffle_buffer, batch_size, seed, ...) and the optimizer whose state is restored
-# (optimizer, betas, momentum: a restored optimizer keeps the saved ones).
-# Plugins that hold no modules (loss terms such as `kl`) may be added, removed or changed.
-RESUME_MAY_CHANGE = (
-    "output_dir",  # the run folder may have moved
-    "train.steps",
-    "train.lr",
-    "train.lr_scaling",
-    "train.warmup_steps",
-    "train.schedule",  # lrs are rebased on load
-    "train.weight_decay",
-    "train.weight_decay_end",  # written into the decay groups every step (schedules.set_weight_decay)
-    "train.log_every",
-    "train.checkpoint_every",
-    "train.preview_every",
-    "train.log_with",
-    "train.keep_checkpoints",
-    "train.resume",
-    "train.max_bad_steps",
-    "train.compile",
-    "data.train",  # the same shards elsewhere (e.g. copied to node-local disk); the cursor assumes the same list
-    "data.max_bad_fraction",
-    "data.stall_seconds",
-    "data.timeout_seconds",
-    "data.retries",  # fault handling
-    "data.num_classes",  # which labels count as bad records
-    "data.max_image_pixels",  # which images may be decoded
-    "eval.*",  # evaluation only
-    "distributed.*",  # the launch: checkpoint.check_resumable decides (DeepSpeed needs the same world and stage)
-    "plugins.*.weight",
-    "plugins.*.lr",  # loss weights; a plugin's lr is rebased like train.lr
-)
 
 
 class RunBusyError(CheckpointError):
@@ -270,14 +235,14 @@ def _verified(path: Path) -> Path:
     return path
 
 
-def open_run(accelerator: Accelerator, recipe: Recipe) -> RunLock | None:
-    """Claim `output_dir` for this run before anything is written (every rank calls it).
+def open_run(accelerator: Accelerator, out: Path, resume: str) -> RunLock | None:
+    """Claim the output folder `out` for this run before anything is written (every rank calls it).
 
     Rank 0: an explicit `train.resume` path is checked (complete and intact) before the folder
     is created; then the lock; then `never` refuses a folder holding checkpoints and `fresh`
-    moves the previous run aside. Returns the lock on rank 0 (hold it for the run), else None.
+    moves the previous run aside (`resume`: `train.resume`). Returns the lock on rank 0 (hold it for the
+    run), else None.
     """
-    out, resume = Path(recipe.output_dir), recipe.train.resume
 
     def decide() -> tuple[RunLock, None]:
         if resume not in ("auto", "never", "fresh"):
@@ -314,15 +279,17 @@ def _flat(data: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def recipe_changes(saved: dict[str, Any], now: dict[str, Any], stateful: set[str]) -> list[tuple[str, Any, Any]]:
+def recipe_changes(saved: dict[str, Any], recipe: Recipe, stateful: set[str]) -> list[tuple[str, Any, Any]]:
     """(key, saved value, this value) for every key in both recipes that differs and may not change
-    (`RESUME_MAY_CHANGE`; the sections of plugins without modules are free)."""
-    a, b = _flat(saved), _flat(yaml.safe_load(yaml.safe_dump(now)))  # b as recipe.yaml would hold it
+    (its field, or a section above it, declares `MAY_CHANGE_ON_RESUME`; the sections of plugins
+    without modules are free)."""
+    a, b = _flat(saved), _flat(yaml.safe_load(yaml.safe_dump(recipe.resolved())))  # b as recipe.yaml holds it
+    free = tuple(may_change_on_resume(recipe))
     changes = []
     for key in (k for k in a if k in b and a[k] != b[k]):
         if key.startswith("plugins.") and key.split(".")[1] not in stateful:
             continue
-        if not any(fnmatchcase(key, pattern) for pattern in RESUME_MAY_CHANGE):
+        if not any(key == k or key.startswith(f"{k}.") for k in free):
             changes.append((key, a[key], b[key]))
     return changes
 
@@ -350,7 +317,7 @@ def check_compatible(path: Path, recipe: Recipe, model: Model) -> None:
     saved_file = path / "recipe.yaml"
     if not saved_file.is_file():
         return
-    changes = recipe_changes(yaml.safe_load(saved_file.read_text()) or {}, recipe.resolved(), stateful)
+    changes = recipe_changes(as_written_now(yaml.safe_load(saved_file.read_text()) or {}), recipe, stateful)
     if changes:
         (key, old, new), more = changes[0], [k for k, _, _ in changes[1:]]
         also = f" (and {len(more)} more: {', '.join(more)})" if more else ""
@@ -396,8 +363,6 @@ def resume_point(accelerator: Accelerator, recipe: Recipe, model: Model, lock: R
     the abandoned later steps must not pass for the newest), and only then writes the folder's
     `recipe.yaml`. `lock` is `open_run`'s (held by the caller).
     """
-    from framework.recipe.loading import write_resolved
-
     out, resume = Path(recipe.output_dir), recipe.train.resume
 
     def decide() -> tuple[None, str | None]:

@@ -2,9 +2,9 @@
 
 One formula serves them all (`Scheduled.at`): an optional linear warm-up from 0 to `start`, then a
 constant, linear or cosine path from `start` to `end` that reaches `end` at the run's last step.
-- the lr: `lr_schedule(train)` is the factor `LambdaLR` multiplies every param group's lr by
-  (1 -> 0 cosine, or constant 1, after `train.warmup_steps`);
-- the weight decay: with `train.weight_decay_end` set, a cosine from `train.weight_decay` to it over
+- the lr: `lr_schedule(optim)` is the factor `LambdaLR` multiplies every param group's lr by
+  (1 -> 0 cosine, or constant 1, after `optim.warmup_steps`);
+- the weight decay: with `optim.weight_decay_end` set, a cosine from `optim.weight_decay` to it over
   `train.steps` (DINO's and solo-learn's schedule), written into the decay param groups before every
   optimizer step (`set_weight_decay`); groups marked `no_decay` stay at 0;
 - a plugin's: a section field typed `Scheduled` takes a number (a constant) or a mapping
@@ -19,12 +19,13 @@ taken, as the logged `lr` is.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from framework.recipe.schema import SECTION_CONFIG, Recipe, TrainConfig
+from framework.recipe.schema import SECTION_CONFIG, OptimConfig
 
 
 class Scheduled(BaseModel):
@@ -79,40 +80,40 @@ class Scheduled(BaseModel):
         return self.end - (self.end - self.start) * (math.cos(math.pi * done / span) + 1) / 2
 
 
-def lr_schedule(cfg: TrainConfig) -> Scheduled:
+def lr_schedule(cfg: OptimConfig) -> Scheduled:
     """The lr's factor: linear warm-up over `warmup_steps`, then constant 1 or cosine 1 -> 0 at `steps`."""
     cosine = cfg.schedule == "cosine"
     return Scheduled(start=1.0, end=0.0 if cosine else None, shape=cfg.schedule, warmup_steps=cfg.warmup_steps)
 
 
-def weight_decay_schedule(cfg: TrainConfig) -> Scheduled | None:
+def weight_decay_schedule(cfg: OptimConfig) -> Scheduled | None:
     """`weight_decay` -> `weight_decay_end` by a cosine over `steps`; None when the weight decay is constant."""
     if cfg.weight_decay_end is None:
         return None
     return Scheduled(start=cfg.weight_decay, end=cfg.weight_decay_end, shape="cosine")
 
 
-def set_weight_decay(optimizer: torch.optim.Optimizer, cfg: TrainConfig, step: int) -> None:
-    """Write step `step`'s weight decay (`weight_decay`, or its cosine to `weight_decay_end`) into every decay
-    param group (host arithmetic only). Written every step, it is the recipe's and not a restored optimizer's:
-    a resume may change either key."""
+def set_weight_decay(optimizer: torch.optim.Optimizer, cfg: OptimConfig, step: int, steps: int) -> None:
+    """Write step `step`'s weight decay (`weight_decay`, or its cosine to `weight_decay_end` at `steps`) into
+    every decay param group (host arithmetic only). Written every step, it is the recipe's and not a restored
+    optimizer's: a resume may change either key."""
     schedule = weight_decay_schedule(cfg)
-    value = cfg.weight_decay if schedule is None else schedule.at(step, cfg.steps)
+    value = cfg.weight_decay if schedule is None else schedule.at(step, steps)
     for group in optimizer.param_groups:
         if not group.get("no_decay", False):
             group["weight_decay"] = value
 
 
-def scheduled_values(recipe: Recipe, step: int) -> dict[str, float]:
-    """What the log shows of the schedules at `step`: `wd` when scheduled, and `<plugin>.<field>` for
-    every plugin section field that is a `Scheduled` that varies (constants are in recipe.yaml)."""
-    cfg = recipe.train
+def scheduled_values(optim: OptimConfig, plugins: Mapping[str, Any], step: int, steps: int) -> dict[str, float]:
+    """What the log shows of the schedules at `step` of `steps`: `wd` when scheduled, and `<plugin>.<field>`
+    for every field of a plugin section (`plugins`) that is a `Scheduled` that varies (constants are in
+    recipe.yaml)."""
     out = {}
-    if (wd := weight_decay_schedule(cfg)) is not None:
-        out["wd"] = wd.at(step, cfg.steps)
-    for plugin, section in recipe.plugins.items():
+    if (wd := weight_decay_schedule(optim)) is not None:
+        out["wd"] = wd.at(step, steps)
+    for plugin, section in plugins.items():
         for field in type(section).model_fields if isinstance(section, BaseModel) else ():
             value = getattr(section, field)
             if isinstance(value, Scheduled) and value.varies:
-                out[f"{plugin}.{field}"] = value.at(step, cfg.steps)
+                out[f"{plugin}.{field}"] = value.at(step, steps)
     return out

@@ -93,7 +93,10 @@ def tiny_recipe(
             "shuffle_buffer": 16,
         },
         "eval": {"train": shards["train"], "test": shards["test"], "batch_size": 64},
-        "train": {"steps": 2, "lr": 1e-3, "log_every": 1, "checkpoint_every": 1000},
+        "train": {"steps": 2},
+        "optim": {"lr": 1e-3},
+        "log": {"every": 1},
+        "checkpoint": {"every": 1000},
         "plugins": plugins if plugins is not None else {"backbones": CONV28, "kl": {}},
     }
     return deep_merge(recipe, sections)
@@ -136,7 +139,8 @@ def run_steps(
     `extra_plugins` registers plugin objects (e.g. a class instance with `@hookimpl` methods) by name.
     """
     from framework.engine import train
-    from framework.recipe.loading import apply_overrides, load_recipe, validate
+    from framework.recipe.loading import apply_overrides
+    from framework.startup import load_recipe, validate
 
     extra = [f"train.steps={steps}"] if steps is not None else []
     if isinstance(recipe, dict):
@@ -168,7 +172,7 @@ def step_context(
     `recipe` is what `tiny_recipe` returns (validated here, its shards unchecked, so `ctx.config` is a
     `Recipe` and `ctx.config.plugins[name]` a plugin's section, as in a run), or any object standing for
     `ctx.config` (a validated `Recipe`, or a stub with only the fields the hook reads)."""
-    from framework.recipe.loading import validate
+    from framework.startup import validate
     from framework.types import StepContext
 
     if isinstance(recipe, dict):

@@ -143,7 +143,7 @@ class StepContext:
     `plugin`: the name the recipe gives the plugin this context belongs to (None: the engine's).
     `metrics`: a plugin may put detached scalars here (`ctx.metrics["acc"]`); they are
     logged, never optimised.
-    `preview`: True on the steps whose images the engine saves (`train.preview_every`);
+    `preview`: True on the steps whose images the engine saves (`log.preview_every`);
     then a plugin may put detached image batches (B, C, H, W), in the views' normalised
     space, in `images` (e.g. `ctx.images["recon"]`, a reconstruction): they are drawn
     under the views in `<output_dir>/previews/step_<N>.png`.

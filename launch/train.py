@@ -1,7 +1,7 @@
 """Pretrain from a recipe.
 
     python launch/train.py recipes/vae_fashionmnist.yaml [key.path=value ...]
-    accelerate launch launch/train.py recipes/aavae_stl10.yaml train.lr=5e-4
+    accelerate launch launch/train.py recipes/aavae_stl10.yaml optim.lr=5e-4
 
 Runs as one process under `python`, or as every process of an `accelerate launch`
 (DDP or DeepSpeed, one node or many). See README.md for the multi-GPU commands.

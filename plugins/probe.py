@@ -11,7 +11,7 @@ term (still connected to the probe's weights, so DDP sees every parameter used).
 
 Learning rate: docs/methods.md#online-probe trains the online probe with Adam at lr 1e-4: set
 `plugins.probe.lr: 1.0e-4` (every plugin's `lr` gives its modules their own optimizer param
-group, scaled and scheduled like `train.lr`); unset, the probe trains at the run's `train.lr`.
+group, scaled and scheduled like `optim.lr`); unset, the probe trains at the run's `optim.lr`.
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from framework.distributed import build_accelerator, rank, world_size  # noqa: E402
 from framework.model import Model, weighted_total  # noqa: E402
-from framework.recipe.loading import validate  # noqa: E402
+from framework.startup import validate  # noqa: E402
 from framework.testing import CONV28  # noqa: E402
 
 GLOBAL_BATCH = 8
@@ -47,12 +47,13 @@ if __name__ == "__main__":
         {
             "output_dir": str(out),
             "plugins": {"backbones": CONV28, "kl": {}},
-            "train": {"steps": 1, "lr": 1e-3},
+            "train": {"steps": 1},
+            "optim": {"lr": 1e-3},
             "data": {"train": "unused", "image_size": 28, "channels": 1, "mean": [0.5], "std": [0.25]},
         },
         check_data=False,
     )
-    accelerator = build_accelerator(recipe)
+    accelerator = build_accelerator(recipe.distributed, recipe.data, recipe.optim, recipe.output_dir)
     torch.manual_seed(0)
     model = without_batchnorm(Model(hooks, recipe)).double()
     model = accelerator.prepare(model)

@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from framework import distributed, hookimpl  # noqa: E402
 from framework.engine import train  # noqa: E402
-from framework.recipe.loading import load_recipe  # noqa: E402
+from framework.startup import load_recipe  # noqa: E402
 from plugins.byol import online_pairs  # noqa: E402
 
 

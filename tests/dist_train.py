@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from framework import distributed, hookimpl  # noqa: E402
 from framework.cli import train_or_exit  # noqa: E402
 from framework.preemption import exit_status_file  # noqa: E402
-from framework.recipe.loading import load_recipe  # noqa: E402
+from framework.startup import load_recipe  # noqa: E402
 from tests.helpers import DumpWeights, FrozenHead  # noqa: E402
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import framework.recipe.loading  # noqa: E402
+import framework.startup  # noqa: E402
 from framework import hookimpl  # noqa: E402
 from framework.cli import train_main  # noqa: E402
 
@@ -37,8 +37,6 @@ class DiskFullAt:
 
 if __name__ == "__main__":
     full_at, *argv = sys.argv[1:]
-    load = framework.recipe.loading.load_recipe
-    framework.recipe.loading.load_recipe = lambda *a, **k: load(
-        *a, **k, extra_plugins={"disk": DiskFullAt(int(full_at))}
-    )
+    load = framework.startup.load_recipe
+    framework.startup.load_recipe = lambda *a, **k: load(*a, **k, extra_plugins={"disk": DiskFullAt(int(full_at))})
     train_main(argv)

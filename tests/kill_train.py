@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from framework import hookimpl  # noqa: E402
 from framework.cli import train_or_exit  # noqa: E402
-from framework.recipe.loading import load_recipe  # noqa: E402
+from framework.startup import load_recipe  # noqa: E402
 from tests.helpers import DumpWeights  # noqa: E402
 
 

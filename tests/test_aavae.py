@@ -13,7 +13,7 @@ from torchvision.transforms import v2
 from framework import Encoding
 from framework.logging import read_metrics
 from framework.model import Model
-from framework.recipe.loading import load_recipe, validate
+from framework.startup import load_recipe, validate
 from framework.testing import CONV28, run_steps, step_context, tiny_recipe
 from plugins import aavae
 from plugins.blocks import gaussian_nll, infer_strength

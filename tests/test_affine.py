@@ -12,7 +12,8 @@ from torch.nn import functional as F
 from framework import Encoding
 from framework.logging import read_metrics
 from framework.model import Model
-from framework.recipe.loading import RecipeError, load_recipe, validate
+from framework.recipe.loading import RecipeError
+from framework.startup import load_recipe, validate
 from framework.testing import CONV28, run_steps, step_context, tiny_recipe
 from plugins import affine
 from plugins.blocks import AFFINE_COMPONENTS

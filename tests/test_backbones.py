@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from framework import PluginConfig, hookimpl
-from framework.recipe.loading import RecipeError, validate
+from framework.recipe.loading import RecipeError
+from framework.startup import validate
 from framework.testing import tiny_recipe
 from plugins import backbones
 from plugins.backbones import (

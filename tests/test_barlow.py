@@ -10,7 +10,7 @@ from torch import nn
 
 from framework.logging import read_metrics
 from framework.model import Model
-from framework.recipe.loading import validate
+from framework.startup import validate
 from framework.testing import run_steps, tiny_recipe
 from plugins.blocks import barlow_twins_loss, batch_normalise
 

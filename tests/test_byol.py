@@ -15,7 +15,8 @@ from framework.checkpoint import complete_checkpoints, model_weights_file
 from framework.logging import read_metrics
 from framework.model import Model
 from framework.optim import build_optimizer
-from framework.recipe.loading import RecipeError, validate
+from framework.recipe.loading import RecipeError
+from framework.startup import validate
 from framework.testing import run_steps, tiny_recipe
 from plugins.blocks import byol_loss, multi_crop_byol_loss
 
@@ -166,7 +167,9 @@ def test_target_is_a_frozen_separate_copy_excluded_from_the_optimizer(tmp_path, 
     assert target.encoder is not online and {id(p) for p in target.parameters()}.isdisjoint(
         id(p) for p in online.parameters()
     )
-    optimized = {id(p) for group in build_optimizer(model, cfg).param_groups for p in group["params"]}
+    optimized = {
+        id(p) for group in build_optimizer(model, cfg.optim, cfg.plugins).param_groups for p in group["params"]
+    }
     assert optimized.isdisjoint(id(p) for p in target.parameters())
     assert {id(p) for p in model.plugins["byol"]["predictor"].parameters()} <= optimized
 
@@ -229,7 +232,7 @@ class TargetSpy:
 
 
 def test_target_follows_the_ema_and_survives_a_checkpoint_round_trip(tmp_path, fmnist_shards):
-    recipe = _recipe(tmp_path, fmnist_shards, train={"checkpoint_every": 1})
+    recipe = _recipe(tmp_path, fmnist_shards, checkpoint={"every": 1})
     out = run_steps(recipe, steps=2)
     records = read_metrics(out)
     assert [r["byol.tau"] for r in records] == pytest.approx([momentum_at(0, 2), momentum_at(1, 2)])

@@ -1,6 +1,6 @@
 """Checkpoints across launches: DeepSpeed runs evaluated and exported from their consolidated
 weights (ZeRO-2 and ZeRO-3), resuming on another number of processes (DDP continues, DeepSpeed
-stops with one line), and the learning rate of a resumed run under `train.lr_scaling: linear`.
+stops with one line), and the learning rate of a resumed run under `optim.lr_scaling: linear`.
 Real `accelerate launch` runs on CPU (gloo)."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from framework import checkpoint, hookimpl
 from framework.cli import main
 from framework.logging import read_metrics
 from framework.optim import lr_factor
-from framework.recipe import TrainConfig
+from framework.recipe import OptimConfig
 from framework.testing import CONV28, free_port, run_steps, tiny_recipe, write_recipe
 from tests.helpers import ENV, ONE_NODE, ROOT
 
@@ -134,7 +134,7 @@ class FirstForward:
 def test_a_ddp_run_resumes_on_one_process_where_two_left_it(tmp_path, fmnist_shards, capsys):
     """2 processes train 2 of 4 steps (cosine schedule); 1 process continues at step 2 with the saved
     model, optimizer and schedule, its data stream reseeded."""
-    recipe = tiny_recipe(tmp_path, fmnist_shards, train={"checkpoint_every": 2, "schedule": "cosine"})
+    recipe = tiny_recipe(tmp_path, fmnist_shards, optim={"schedule": "cosine"}, checkpoint={"every": 2})
     proc = launch(ddp(2), DUMP, [str(write_recipe(tmp_path / "r.yaml", recipe)), "train.steps=2"])
     assert proc.returncode == 0, proc.stderr[-4000:]
     out = tmp_path / "run"
@@ -146,9 +146,9 @@ def test_a_ddp_run_resumes_on_one_process_where_two_left_it(tmp_path, fmnist_sha
     assert f"resumed from {saved} at step 2" in capsys.readouterr().out
     weights = load_file(saved / "model.safetensors")
     assert first.params and all(torch.equal(v, weights[k]) for k, v in first.params.items()), "model restored"
-    metrics, cfg = read_metrics(out), TrainConfig(steps=4, lr=1e-3, schedule="cosine")
+    metrics, cfg = read_metrics(out), OptimConfig(lr=1e-3, schedule="cosine")
     assert [r["step"] for r in metrics] == [1, 2, 3, 4]
-    assert [r["lr"] for r in metrics[2:]] == pytest.approx([1e-3 * lr_factor(s, cfg) for s in (3, 4)])
+    assert [r["lr"] for r in metrics[2:]] == pytest.approx([1e-3 * lr_factor(s, cfg, 4) for s in (3, 4)])
     final = checkpoint.complete_checkpoints(out)[-1]
     assert final.name == "step_00000004" and trainer_state(final)["world_size"] == 1
     adam = torch.load(final / "optimizer.bin", weights_only=False)["state"]
@@ -162,12 +162,12 @@ def test_linear_lr_scaling_takes_the_new_global_batch_when_a_run_resumes_on_more
     (the probe has its own) doubles; both ranks' RNGs are reseeded alike (only rank 0's was saved)."""
     plugins = {"backbones": CONV28, "kl": {}, "probe": {"lr": 1e-4}}
     recipe = tiny_recipe(
-        tmp_path, fmnist_shards, plugins=plugins, train={"lr": 0.01, "lr_scaling": "linear", "checkpoint_every": 2}
+        tmp_path, fmnist_shards, plugins=plugins, optim={"lr": 0.01, "lr_scaling": "linear"}, checkpoint={"every": 2}
     )
     out = run_steps(recipe, steps=2)
     proc = launch(ddp(2), DUMP, [str(write_recipe(tmp_path / "r.yaml", recipe)), "train.steps=4"])
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "augssl: lr 0.0003125 -> 0.000625 on resume (global batch 8 -> 16, train.lr_scaling=linear)" in proc.stdout
+    assert "augssl: lr 0.0003125 -> 0.000625 on resume (global batch 8 -> 16, optim.lr_scaling=linear)" in proc.stdout
     assert [r["lr"] for r in read_metrics(out)] == pytest.approx([0.01 * 8 / 256] * 2 + [0.01 * 16 / 256] * 2)
     groups = torch.load(checkpoint.complete_checkpoints(out)[-1] / "optimizer.bin", weights_only=False)["param_groups"]
     assert {g["plugin"]: g["lr"] for g in groups} == pytest.approx(
@@ -210,12 +210,12 @@ def test_which_checkpoints_a_launch_can_resume(tmp_path):
 
 
 def test_a_restored_schedule_takes_this_launchs_base_lrs_and_keeps_its_step():
-    cfg = TrainConfig(steps=10, lr=1.0, warmup_steps=2, schedule="cosine")
+    cfg = OptimConfig(lr=1.0, warmup_steps=2, schedule="cosine")
 
     def schedule(lrs: list[float]) -> torch.optim.lr_scheduler.LambdaLR:
         params = [torch.nn.Parameter(torch.zeros(1)) for _ in lrs]
         opt = torch.optim.SGD([{"params": [p], "lr": lr} for p, lr in zip(params, lrs, strict=True)])
-        return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg, 10))
 
     old = schedule([0.1, 0.01])
     for _ in range(3):
@@ -226,9 +226,9 @@ def test_a_restored_schedule_takes_this_launchs_base_lrs_and_keeps_its_step():
     resumed.load_state_dict(old.state_dict())
     assert resumed.base_lrs == [0.1, 0.01], "what a checkpoint gives back"
     assert checkpoint.rebase_lr(resumed, [0.2, 0.02]) == [0.1, 0.01]
-    expected = [0.2 * lr_factor(3, cfg), 0.02 * lr_factor(3, cfg)]
+    expected = [0.2 * lr_factor(3, cfg, 10), 0.02 * lr_factor(3, cfg, 10)]
     assert [g["lr"] for g in resumed.optimizer.param_groups] == pytest.approx(expected)
     assert resumed.get_last_lr() == pytest.approx(expected) and resumed.last_epoch == 3
     resumed.step()
-    assert resumed.get_last_lr() == pytest.approx([0.2 * lr_factor(4, cfg), 0.02 * lr_factor(4, cfg)])
+    assert resumed.get_last_lr() == pytest.approx([0.2 * lr_factor(4, cfg, 10), 0.02 * lr_factor(4, cfg, 10)])
     assert checkpoint.rebase_lr(resumed, [0.2, 0.02]) is None, "unchanged: nothing to say"

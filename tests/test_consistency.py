@@ -11,7 +11,8 @@ from torch.distributions import Normal, kl_divergence
 
 from framework import Encoding
 from framework.logging import read_metrics
-from framework.recipe.loading import RecipeError, load_recipe, validate
+from framework.recipe.loading import RecipeError
+from framework.startup import load_recipe, validate
 from framework.testing import CONV28, run_steps, step_context, tiny_recipe
 from plugins import consistency
 from plugins.blocks import kl_gaussians, kl_standard_normal

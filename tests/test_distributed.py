@@ -18,7 +18,7 @@ def test_two_processes_train_and_hold_identical_weights(tmp_path, fmnist_shards)
     """Parameters agree exactly. (BatchNorm running statistics are rank-local under DDP, which
     broadcasts rank 0's at every forward; checkpoints hold rank 0's. `distributed.sync_batchnorm`
     syncs them on GPUs.)"""
-    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(tmp_path, fmnist_shards, train={"checkpoint_every": 2}))
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(tmp_path, fmnist_shards, checkpoint={"every": 2}))
     accelerate_launch(ddp_args(2), [str(recipe), "train.steps=3"])
     out = tmp_path / "run"
     w0, w1 = torch.load(out / "weights_rank0.pt"), torch.load(out / "weights_rank1.pt")

@@ -8,13 +8,16 @@ import re
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file, save_file
 
 from framework import checkpoint, hookimpl
+from framework.checkpoint import CheckpointError
 from framework.engine import TrainingError, nonfinite_flag
 from framework.logging import read_metrics
 from framework.optim import lr_factor
-from framework.recipe import TrainConfig
+from framework.recipe import OptimConfig
+from framework.recipe.schema import MOVED
 from framework.testing import run_steps, tiny_recipe
 
 
@@ -30,7 +33,7 @@ def test_a_few_steps_on_real_shards_log_every_term(tmp_path, fmnist_shards):
 
 
 def test_checkpoint_and_resume_continue_the_step_count(tmp_path, fmnist_shards):
-    recipe = tiny_recipe(tmp_path, fmnist_shards, train={"checkpoint_every": 2})
+    recipe = tiny_recipe(tmp_path, fmnist_shards, checkpoint={"every": 2})
     out = run_steps(recipe, steps=4)
     assert [p.name for p in checkpoint.complete_checkpoints(out)] == ["step_00000002", "step_00000004"]
     state = json.loads((out / "checkpoints" / "step_00000004" / "trainer_state.json").read_text())
@@ -44,9 +47,29 @@ def test_checkpoint_and_resume_continue_the_step_count(tmp_path, fmnist_shards):
     assert [p.name for p in checkpoint.complete_checkpoints(out)] == ["step_00000004", "step_00000006"]
 
 
+def test_a_checkpoint_written_before_train_was_split_is_read_and_resumed(tmp_path, fmnist_shards):
+    """A checkpoint's recipe.yaml from before the split (`train.lr`, `train.checkpoint_every`, ...) is read as
+    the keys are now: `load_run` (eval, export) takes it, a resume is checked against it and continues."""
+    recipe = tiny_recipe(tmp_path, fmnist_shards, checkpoint={"every": 2})
+    out = run_steps(recipe, steps=2)
+    (ckpt,) = checkpoint.complete_checkpoints(out)
+    old = yaml.safe_load((ckpt / "recipe.yaml").read_text())
+    for before, now in MOVED.items():
+        section, key = now.split(".")
+        old["train"][before.removeprefix("train.")] = old[section].pop(key)
+    (ckpt / "recipe.yaml").write_text(yaml.safe_dump({k: v for k, v in old.items() if v != {}}, sort_keys=False))
+    checkpoint.write_checksums(ckpt)
+    _, saved, path = checkpoint.load_run(out)
+    assert path == ckpt and (saved.optim.lr, saved.checkpoint.every) == (1e-3, 2)
+    with pytest.raises(CheckpointError, match='was trained with optim.optimizer="adam", this recipe has "sgd"'):
+        run_steps(recipe, steps=3, overrides=["optim.optimizer=sgd"])
+    run_steps(recipe, steps=3)
+    assert [r["step"] for r in read_metrics(out)] == [1, 2, 3]
+
+
 def test_resume_fresh_starts_over_and_keeps_the_old_run_aside(tmp_path, fmnist_shards):
     """(`train.resume=never` into a folder with checkpoints refuses: tests/test_faults_checkpoints.py.)"""
-    recipe = tiny_recipe(tmp_path, fmnist_shards, train={"checkpoint_every": 2})
+    recipe = tiny_recipe(tmp_path, fmnist_shards, checkpoint={"every": 2})
     out = run_steps(recipe, steps=2)
     run_steps(recipe, steps=2, overrides=["train.resume=fresh"])
     assert [r["step"] for r in read_metrics(out)] == [1, 2]
@@ -54,7 +77,7 @@ def test_resume_fresh_starts_over_and_keeps_the_old_run_aside(tmp_path, fmnist_s
 
 
 def test_an_unfinished_checkpoint_is_never_loaded(tmp_path, fmnist_shards):
-    recipe = tiny_recipe(tmp_path, fmnist_shards, train={"checkpoint_every": 2})
+    recipe = tiny_recipe(tmp_path, fmnist_shards, checkpoint={"every": 2})
     out = run_steps(recipe, steps=2)
     partial = out / "checkpoints" / "step_00000004.tmp"
     partial.mkdir()
@@ -74,7 +97,7 @@ class NaNAfter:
 
 
 def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path, fmnist_shards):
-    recipe = tiny_recipe(tmp_path, fmnist_shards, train={"checkpoint_every": 2, "max_bad_steps": 3})
+    recipe = tiny_recipe(tmp_path, fmnist_shards, train={"max_bad_steps": 3}, checkpoint={"every": 2})
     with pytest.raises(
         TrainingError, match=r"3 non-finite losses in a row at step 2; last good checkpoint: .*step_00000002"
     ):
@@ -99,7 +122,7 @@ class NaNGradAt:
 def test_a_step_that_leaves_a_weight_non_finite_stops_the_run_at_the_next_vote(tmp_path, fmnist_shards):
     """No checkpoint is due: the next step's vote carries the flag, and the run stops naming the tensor
     (it used to skip 10 NaN losses of the NaN weights first, and to checkpoint them when one was due)."""
-    recipe = tiny_recipe(tmp_path, fmnist_shards, train={"checkpoint_every": 1000})
+    recipe = tiny_recipe(tmp_path, fmnist_shards, checkpoint={"every": 1000})
     with pytest.raises(TrainingError, match=r"^step 2 left \S+ non-finite \(.*; last good checkpoint: None$"):
         run_steps(recipe, steps=5, extra_plugins={"nan": NaNGradAt(1)})
     assert not checkpoint.complete_checkpoints(tmp_path / "run")
@@ -108,7 +131,7 @@ def test_a_step_that_leaves_a_weight_non_finite_stops_the_run_at_the_next_vote(t
 def test_the_last_good_checkpoint_is_an_intact_one_whose_weights_are_finite(tmp_path, fmnist_shards):
     """step_2 is intact but holds NaN weights (as one written before augssl checked them): the run
     resumed from it skips its NaN losses and stops naming step_1, not step_2, as the last good one."""
-    recipe = tiny_recipe(tmp_path, fmnist_shards, train={"checkpoint_every": 1, "max_bad_steps": 2})
+    recipe = tiny_recipe(tmp_path, fmnist_shards, train={"max_bad_steps": 2}, checkpoint={"every": 1})
     out = run_steps(recipe, steps=2)
     one, two = checkpoint.complete_checkpoints(out)
     weights = load_file(two / checkpoint.WEIGHTS_FILE)
@@ -122,11 +145,11 @@ def test_the_last_good_checkpoint_is_an_intact_one_whose_weights_are_finite(tmp_
 
 
 def test_lr_schedule():
-    cfg = TrainConfig(steps=10, lr=1.0, warmup_steps=2, schedule="cosine")
-    assert [lr_factor(s, cfg) for s in (0, 1)] == [0.5, 1.0]
-    assert lr_factor(2, cfg) == pytest.approx(1.0) and lr_factor(10, cfg) == pytest.approx(0.0)
-    assert lr_factor(6, cfg) == pytest.approx(0.5)
-    assert lr_factor(7, TrainConfig(steps=10, lr=1.0)) == 1.0
+    cfg = OptimConfig(lr=1.0, warmup_steps=2, schedule="cosine")
+    assert [lr_factor(s, cfg, 10) for s in (0, 1)] == [0.5, 1.0]
+    assert lr_factor(2, cfg, 10) == pytest.approx(1.0) and lr_factor(10, cfg, 10) == pytest.approx(0.0)
+    assert lr_factor(6, cfg, 10) == pytest.approx(0.5)
+    assert lr_factor(7, OptimConfig(lr=1.0), 10) == 1.0
 
 
 def test_the_nonfinite_weight_check_skips_zero3_partition_padding():

@@ -17,7 +17,8 @@ from framework.checkpoint import load_run
 from framework.cli import eval_main
 from framework.eval import crop_and_flip, extract, fit_linear, fit_sgd_linear, knn_accuracy
 from framework.logging import read_metrics
-from framework.recipe.loading import RecipeError, validate
+from framework.recipe.loading import RecipeError
+from framework.startup import validate
 from framework.testing import run_steps, tiny_recipe
 from tests.helpers import LAUNCH, asset_samples, ddp_args, one_line
 
@@ -98,7 +99,7 @@ def test_crop_and_flip_shifts_and_mirrors():
 
 @pytest.mark.slow
 def test_evaluate_a_trained_run(tmp_path, real_fmnist_shards):
-    out = run_steps(tiny_recipe(tmp_path, real_fmnist_shards, train={"checkpoint_every": 2}), steps=2)
+    out = run_steps(tiny_recipe(tmp_path, real_fmnist_shards, checkpoint={"every": 2}), steps=2)
     proc = subprocess.run(
         [sys.executable, str(ROOT / "launch" / "evaluate.py"), str(out)],
         capture_output=True,
@@ -116,7 +117,7 @@ def test_evaluate_a_trained_run(tmp_path, real_fmnist_shards):
 
 
 def test_eval_all_protocols(tmp_path, real_fmnist_shards, capsys):
-    out = run_steps(tiny_recipe(tmp_path, real_fmnist_shards, train={"checkpoint_every": 2}), steps=2)
+    out = run_steps(tiny_recipe(tmp_path, real_fmnist_shards, checkpoint={"every": 2}), steps=2)
     eval_main([str(out), "--protocol", "all", "--epochs", "2", "--augment"])
     printed = capsys.readouterr().out
     assert "frozen-feature classifiers, test accuracy (192 train / 96 test images)" in printed
@@ -139,11 +140,11 @@ def _launch(script: str, *args: str, processes: int = 2) -> subprocess.Completed
 @pytest.mark.slow
 def test_two_processes_extract_the_same_features_as_one(tmp_path, fmnist_shards):
     """Each rank encodes half of the shards; every rank gets all features, in sample-key order."""
-    out = run_steps(tiny_recipe(tmp_path, fmnist_shards, train={"checkpoint_every": 2}), steps=2)
+    out = run_steps(tiny_recipe(tmp_path, fmnist_shards, checkpoint={"every": 2}), steps=2)
     _launch("tests/dist_extract.py", str(out), str(tmp_path / "two.pt"))
     two = torch.load(tmp_path / "two.pt")
     model, recipe, _ = load_run(out)
-    one = extract(model, recipe.eval.train, recipe, batch_size=64, num_workers=0)
+    one = extract(model, recipe.eval.train, recipe.data, batch_size=64, num_workers=0)
     assert len(two["train"]["labels"]) == len(one["labels"]) == 192
     assert torch.equal(two["train"]["labels"], one["labels"]) and torch.equal(two["train"]["pixels"], one["pixels"])
     assert torch.allclose(two["train"]["features"], one["features"], atol=1e-5)
@@ -162,13 +163,13 @@ def test_four_processes_extract_two_eval_shards_and_a_rank_without_samples_as_on
     samples = list(islice(asset_samples("test"), 43))
     two = write_shards(samples[:40], str(tmp_path / "e" / "train-%02d.tar"), maxcount=20)["pattern"]
     three = write_shards(samples[40:], str(tmp_path / "e" / "test-%02d.tar"))["pattern"]
-    recipe = tiny_recipe(tmp_path, fmnist_shards, eval={"train": two, "test": three}, train={"checkpoint_every": 2})
+    recipe = tiny_recipe(tmp_path, fmnist_shards, eval={"train": two, "test": three}, checkpoint={"every": 2})
     out = run_steps(recipe, steps=2)
     _launch("tests/dist_extract.py", str(out), str(tmp_path / "four.pt"), processes=4)
     four = torch.load(tmp_path / "four.pt")
     model, recipe, _ = load_run(out)
     for spec, got in ((two, four["train"]), (three, four["capped"])):
-        one = extract(model, spec, recipe, batch_size=64, num_workers=0)
+        one = extract(model, spec, recipe.data, batch_size=64, num_workers=0)
         assert len(got["labels"]) == len(one["labels"]) == (40 if spec == two else 3)
         assert torch.equal(got["labels"], one["labels"]) and torch.equal(got["pixels"], one["pixels"])
         assert torch.allclose(got["features"], one["features"], atol=1e-5)
@@ -176,7 +177,7 @@ def test_four_processes_extract_two_eval_shards_and_a_rank_without_samples_as_on
 
 @pytest.mark.slow
 def test_eval_under_accelerate_launch_matches_one_process(tmp_path, fmnist_shards):
-    out = run_steps(tiny_recipe(tmp_path, fmnist_shards, train={"checkpoint_every": 2}), steps=2)
+    out = run_steps(tiny_recipe(tmp_path, fmnist_shards, checkpoint={"every": 2}), steps=2)
     eval_main([str(out), "--protocol", "all", "--epochs", "3"])
     one = json.loads((out / "eval.json").read_text())
     proc = _launch("launch/evaluate.py", str(out), "--protocol", "all", "--epochs", "3")
@@ -199,7 +200,7 @@ def test_online_knn_is_logged_and_leaves_training_unchanged(tmp_path, fmnist_sha
     assert [s for s, _ in accs] == [2, 4]
     model, recipe, _ = load_run(knn)  # the step-4 checkpoint: the same k-NN, computed offline
     train, test = (
-        extract(model, spec, recipe, 64, 0, max_samples=64) for spec in (recipe.eval.train, recipe.eval.test)
+        extract(model, spec, recipe.data, 64, 0, max_samples=64) for spec in (recipe.eval.train, recipe.eval.test)
     )
     assert len(train["labels"]) == len(test["labels"]) == 64
     assert abs(accs[-1][1] - knn_accuracy(train["features"], train["labels"], test["features"], test["labels"])) < 1e-6
@@ -215,7 +216,7 @@ def test_online_knn_needs_eval_shards(tmp_path, fmnist_shards):
 
 
 def _run_on(tmp_path, fmnist_shards, test_spec: str):
-    recipe = tiny_recipe(tmp_path, fmnist_shards, eval={"test": test_spec}, train={"checkpoint_every": 2})
+    recipe = tiny_recipe(tmp_path, fmnist_shards, eval={"test": test_spec}, checkpoint={"every": 2})
     return run_steps(recipe, steps=2)
 
 

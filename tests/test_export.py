@@ -52,7 +52,7 @@ def test_exported_resnet18_loads_into_torchvision_strictly(tmp_path, capsys):
 @pytest.fixture
 def two_checkpoints(tmp_path, fmnist_shards):
     """A run folder with checkpoints at steps 1 and 2."""
-    out = run_steps(tiny_recipe(tmp_path, fmnist_shards, train={"checkpoint_every": 1, "log_with": []}), steps=2)
+    out = run_steps(tiny_recipe(tmp_path, fmnist_shards, log={"trackers": []}, checkpoint={"every": 1}), steps=2)
     assert [p.name for p in complete_checkpoints(out)] == ["step_00000001", "step_00000002"]
     return out
 

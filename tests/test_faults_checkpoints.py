@@ -52,7 +52,7 @@ def finite_losses(out) -> bool:
 @pytest.fixture
 def trained(tmp_path, fmnist_shards):
     """A recipe file and its run folder trained 3 steps with a checkpoint at every step (2 kept)."""
-    recipe = tiny_recipe(tmp_path, fmnist_shards, train={"checkpoint_every": 1, "steps": 3, "log_with": []})
+    recipe = tiny_recipe(tmp_path, fmnist_shards, train={"steps": 3}, log={"trackers": []}, checkpoint={"every": 1})
     path = write_recipe(tmp_path / "r.yaml", recipe)
     out = run_steps(recipe)
     assert [p.name for p in checkpoint.complete_checkpoints(out)] == ["step_00000002", "step_00000003"]
@@ -62,7 +62,7 @@ def trained(tmp_path, fmnist_shards):
 @pytest.mark.slow
 def test_a_second_run_on_a_busy_folder_stops_at_once_and_the_first_finishes_alone(tmp_path, fmnist_shards):
     recipe = tiny_recipe(
-        tmp_path, fmnist_shards, train={"steps": 150, "log_every": 50, "checkpoint_every": 50, "log_with": []}
+        tmp_path, fmnist_shards, train={"steps": 150}, log={"every": 50, "trackers": []}, checkpoint={"every": 50}
     )
     path, out = write_recipe(tmp_path / "r.yaml", recipe), tmp_path / "run"
     first = subprocess.Popen(
@@ -78,13 +78,13 @@ def test_a_second_run_on_a_busy_folder_stops_at_once_and_the_first_finishes_alon
         time.sleep(0.05)
     holder = json.loads((out / runfolder.LOCK_FILE).read_text())
     assert holder["pid"] == first.pid and {"host", "started"} <= holder.keys()
-    second = train([path, "train.lr=0.5", "train.steps=2"])
+    second = train([path, "optim.lr=0.5", "train.steps=2"])
     assert first.poll() is None, "the first run was still training when the second stopped"
     error = one_error(second)
     assert error.startswith(f"{out} is in use by another run (pid {first.pid} on "), error
     _, err = first.communicate(timeout=180)
     assert first.returncode == 0, err[-3000:]
-    assert yaml.safe_load((out / "recipe.yaml").read_text())["train"]["lr"] == 1e-3, "the first run's recipe"
+    assert yaml.safe_load((out / "recipe.yaml").read_text())["optim"]["lr"] == 1e-3, "the first run's recipe"
     assert [r["step"] for r in read_metrics(out)] == [50, 100, 150], "the first run's metrics only"
     assert [p.name for p in checkpoint.complete_checkpoints(out)] == ["step_00000100", "step_00000150"]
     assert not (out / runfolder.LOCK_FILE).exists(), "released at the end"
@@ -92,7 +92,7 @@ def test_a_second_run_on_a_busy_folder_stops_at_once_and_the_first_finishes_alon
 
 @pytest.mark.slow
 def test_a_stale_lock_of_a_dead_process_is_taken_over(tmp_path, fmnist_shards):
-    recipe = tiny_recipe(tmp_path, fmnist_shards, train={"log_with": []})
+    recipe = tiny_recipe(tmp_path, fmnist_shards, log={"trackers": []})
     path, out = write_recipe(tmp_path / "r.yaml", recipe), tmp_path / "run"
     gone = subprocess.Popen(["true"])
     gone.wait()
@@ -143,9 +143,9 @@ def test_an_incompatible_recipe_is_refused_naming_the_key_and_recipe_yaml_is_kep
     error = one_error(train([path, "train.steps=5", "data.num_workers=2"]))
     assert "was trained with data.num_workers=0, this recipe has 2" in error
     assert snapshot(out) == before, "recipe.yaml (and everything else) untouched"
-    proc = train([path, "train.steps=4", "train.lr=0.002", "train.log_every=2", "eval.batch_size=32"])
+    proc = train([path, "train.steps=4", "optim.lr=0.002", "log.every=2", "eval.batch_size=32"])
     assert proc.returncode == 0 and "resumed from" in proc.stdout, proc.stderr[-3000:]
-    assert yaml.safe_load((out / "recipe.yaml").read_text())["train"]["lr"] == 0.002, "allowed changes are taken"
+    assert yaml.safe_load((out / "recipe.yaml").read_text())["optim"]["lr"] == 0.002, "allowed changes are taken"
 
 
 @pytest.mark.slow
@@ -153,15 +153,15 @@ def test_resuming_an_older_checkpoint_moves_the_later_ones_aside_and_never_prune
     """A run of 9 steps keeps step_6 and step_9; `train.resume=<run>/checkpoints/step_6` with 8 steps
     used to prune step_6 itself at its next save and keep the abandoned step_9, which auto-resume,
     eval and export then took for the newest. Now step_9 goes to previous/<time>/checkpoints/, and
-    step_6 is kept even with train.keep_checkpoints=1."""
-    recipe = tiny_recipe(tmp_path, fmnist_shards, train={"steps": 9, "checkpoint_every": 3, "log_with": []})
+    step_6 is kept even with checkpoint.keep=1."""
+    recipe = tiny_recipe(tmp_path, fmnist_shards, train={"steps": 9}, log={"trackers": []}, checkpoint={"every": 3})
     path, out = write_recipe(tmp_path / "r.yaml", recipe), tmp_path / "run"
     assert train([path]).returncode == 0
     root = checkpoint.checkpoint_root(out)
     six, nine = root / "step_00000006", root / "step_00000009"
     assert checkpoint.complete_checkpoints(out) == [six, nine]
     abandoned = snapshot(nine)
-    proc = train([path, f"train.resume={six}", "train.steps=8", "train.checkpoint_every=1", "train.keep_checkpoints=1"])
+    proc = train([path, f"train.resume={six}", "train.steps=8", "checkpoint.every=1", "checkpoint.keep=1"])
     assert proc.returncode == 0 and f"resumed from {six} at step 6" in proc.stdout, proc.stderr[-3000:]
     (moved,) = (out / runfolder.PREVIOUS).iterdir()
     assert f"augssl: train.resume={six}: moved the later checkpoints (step_00000009) to {moved / 'checkpoints'}" in (
@@ -194,7 +194,7 @@ def test_a_step_that_leaves_a_weight_non_finite_is_never_checkpointed(trained):
     errors = [line for line in proc.stderr.splitlines() if line.startswith("augssl: error: ")]
     assert proc.returncode == 1 and len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert errors[0].startswith("augssl: error: step 4 left ") and errors[0].endswith(
-        "non-finite (non-finite gradients, or a train.lr / weight_decay too large for its dtype): it is not "
+        "non-finite (non-finite gradients, or an optim.lr / weight_decay too large for its dtype): it is not "
         f"checkpointed; last good checkpoint: {newest}"
     ), errors[0]
     assert newest.name == "step_00000003" and checkpoint.finite_weights(newest)
@@ -239,7 +239,7 @@ def test_a_damaged_newest_checkpoint_is_named_kept_aside_and_the_previous_one_re
     if how == "random bytes":  # the fallback is exact: the same weights as an uninterrupted run
         # ... run the same way: steps 1-2 in this process, 3-4 in a subprocess (float results
         # depend on the thread count, which differs between the two)
-        recipe = tiny_recipe(tmp_path / "whole", fmnist_shards, train={"checkpoint_every": 1, "log_with": []})
+        recipe = tiny_recipe(tmp_path / "whole", fmnist_shards, log={"trackers": []}, checkpoint={"every": 1})
         whole = run_steps(recipe, steps=2)
         assert train([write_recipe(tmp_path / "whole.yaml", recipe), "train.steps=4"]).returncode == 0
         a, b = final_weights(whole), final_weights(out)
@@ -335,7 +335,7 @@ def launch2(args: list[str]) -> subprocess.CompletedProcess:
 def test_two_processes_checkpoint_with_checksums_fall_back_and_stop_together_on_a_busy_folder(tmp_path, fmnist_shards):
     """DDP on 2 processes (gloo): checksums cover both ranks' files; a damaged newest checkpoint is
     skipped on both ranks alike; a folder locked by another process stops both ranks, one line."""
-    recipe = tiny_recipe(tmp_path, fmnist_shards, train={"checkpoint_every": 1, "steps": 2, "log_with": []})
+    recipe = tiny_recipe(tmp_path, fmnist_shards, train={"steps": 2}, log={"trackers": []}, checkpoint={"every": 1})
     path, out = write_recipe(tmp_path / "r.yaml", recipe), tmp_path / "run"
     proc = launch2([path])
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -459,7 +459,9 @@ def test_eval_reads_a_folder_while_its_run_saves_and_prunes_a_checkpoint_every_s
     recipe = tiny_recipe(
         tmp_path,
         fmnist_shards,
-        train={"steps": 400, "checkpoint_every": 1, "keep_checkpoints": 1, "log_every": 100, "log_with": []},
+        train={"steps": 400},
+        log={"every": 100, "trackers": []},
+        checkpoint={"every": 1, "keep": 1},
     )
     out = tmp_path / "run"
     trainer = subprocess.Popen(

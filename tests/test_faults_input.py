@@ -10,7 +10,8 @@ import pytest
 import yaml
 
 from framework.logging import read_metrics
-from framework.recipe.loading import RecipeError, apply_overrides, load_recipe, validate
+from framework.recipe.loading import RecipeError, apply_overrides
+from framework.startup import load_recipe, validate
 from framework.testing import CONV28, run_steps, tiny_recipe, tiny_shards, write_recipe
 from tests.helpers import ENV, ROOT, asset_samples, augssl, one_line
 
@@ -108,7 +109,7 @@ def test_an_empty_output_dir_is_a_recipe_error(tmp_path, fmnist_shards):
 
 @pytest.mark.slow
 def test_an_export_to_an_unwritable_place_is_one_line(tmp_path, fmnist_shards):
-    out = run_steps(tiny_recipe(tmp_path, fmnist_shards, train={"log_with": []}), steps=1)
+    out = run_steps(tiny_recipe(tmp_path, fmnist_shards, log={"trackers": []}), steps=1)
     one_line(["export", out, "--out", "/proc/augssl/encoder.safetensors"], script="augssl")
 
 
@@ -164,7 +165,7 @@ def test_a_pretrained_file_gone_after_training_is_one_line_for_resume_eval_and_e
     weights = tmp_path / "start.safetensors"
     save_file(build_encoder(BackbonesConfig(encoder="conv28"), 1, 28).state_dict(), str(weights))
     plugins = {"backbones": {**CONV28, "pretrained": str(weights)}, "kl": {}}
-    out = run_steps(tiny_recipe(tmp_path, fmnist_shards, plugins=plugins, train={"log_with": []}), steps=1)
+    out = run_steps(tiny_recipe(tmp_path, fmnist_shards, plugins=plugins, log={"trackers": []}), steps=1)
     weights.unlink()
     gone = f"plugins.backbones.pretrained: no file {weights}"
     assert gone in one_line([out / "recipe.yaml", "train.steps=2"])

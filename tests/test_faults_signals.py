@@ -4,7 +4,7 @@ script), a second signal while it stops still exits 75, a signal before the firs
 run, a batch larger than the shards is refused, a data worker killed by the OOM killer is named
 after a checkpoint, the Slurm script requeues itself on its pre-timeout signal, an elastic launch
 restarts a group that lost a rank, a stalled rank is named, and what a run logs (the lr of
-`train.lr`, one line per log when not on a terminal, no DeepSpeed).
+`optim.lr`, one line per log when not on a terminal, no DeepSpeed).
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ def test_a_signal_between_checkpoints_checkpoints_that_step_and_the_resumed_run_
     paths = {}
     for run in ("whole", "stopped"):
         recipe = tiny_recipe(
-            tmp_path / run, fmnist_shards, train={"steps": 6, "checkpoint_every": 1000}, data={"num_workers": 2}
+            tmp_path / run, fmnist_shards, train={"steps": 6}, checkpoint={"every": 1000}, data={"num_workers": 2}
         )
         paths[run] = write_recipe(tmp_path / f"{run}.yaml", recipe)
     script = [sys.executable, str(ROOT / "tests" / "kill_train.py")]
@@ -123,7 +123,7 @@ def test_sigterm_to_the_launcher_stops_both_ranks_after_the_same_step_and_resume
     checkpoint the resumed launch continues to the end of an uninterrupted 2-process run."""
     runs = {}
     for run in ("whole", "stopped"):
-        recipe = tiny_recipe(tmp_path / run, fmnist_shards, train={"steps": 40, "checkpoint_every": 1000})
+        recipe = tiny_recipe(tmp_path / run, fmnist_shards, train={"steps": 40}, checkpoint={"every": 1000})
         runs[run] = write_recipe(tmp_path / f"{run}.yaml", recipe)
 
     status = tmp_path / "exit_status"
@@ -188,7 +188,7 @@ def test_a_second_sigterm_while_the_run_stops_still_exits_75_with_one_line(tmp_p
     sleeps 20 s, as a big checkpoint on a slow disk would); a second SIGTERM 3 s later stops at once
     (it used to kill the process by the signal: status -15, which no scheduler takes for "requeue").
     Step 3 is not checkpointed; the line names the newest checkpoint, which resumes."""
-    recipe = tiny_recipe(tmp_path, fmnist_shards, train={"steps": 6, "checkpoint_every": 2}, data={"num_workers": 2})
+    recipe = tiny_recipe(tmp_path, fmnist_shards, train={"steps": 6}, checkpoint={"every": 2}, data={"num_workers": 2})
     path = write_recipe(tmp_path / "r.yaml", recipe)
     env = {**ENV, "AUGSSL_TEST_SIGNAL": "TERM", "AUGSSL_TEST_SLOW_STOP": "20"}
     script = [sys.executable, str(ROOT / "tests" / "kill_train.py"), str(path)]
@@ -279,7 +279,7 @@ def test_a_data_worker_killed_by_sigkill_stops_both_ranks_after_a_checkpoint_in_
     its SIGCHLD handler wherever the trainer is); now both ranks checkpoint the last completed step
     and stop, one line naming the worker and the likely cause, and the run resumes from there."""
     recipe = tiny_recipe(
-        tmp_path, fmnist_shards, train={"steps": 500, "checkpoint_every": 1000}, data={"num_workers": 2}
+        tmp_path, fmnist_shards, train={"steps": 500}, checkpoint={"every": 1000}, data={"num_workers": 2}
     )
     path = write_recipe(tmp_path / "r.yaml", recipe)
     cmd = [*LAUNCH, *DDP2, "--main_process_port", str(free_port()), str(ROOT / "launch" / "train.py"), str(path)]
@@ -398,7 +398,7 @@ def test_an_elastic_launch_restarts_a_group_that_lost_a_rank_and_finishes_the_ru
     (Without `distributed.init_restarted_group` the restarted ranks read the dead attempt's addresses
     from the agent's store and failed to connect in 2 of 3 runs here.)"""
     recipe = write_recipe(
-        tmp_path / "r.yaml", tiny_recipe(tmp_path, fmnist_shards, train={"steps": 30, "checkpoint_every": 2})
+        tmp_path / "r.yaml", tiny_recipe(tmp_path, fmnist_shards, train={"steps": 30}, checkpoint={"every": 2})
     )
     cmd = [
         *LAUNCH,
@@ -472,7 +472,7 @@ def test_the_logged_lr_is_train_lrs_and_each_plugin_lr_is_logged_by_name(tmp_pat
         "kl": {},
     }
     out = run_steps(
-        tiny_recipe(tmp_path, fmnist_shards, plugins=plugins, train={"lr": 1e-3, "warmup_steps": 4}), steps=2
+        tiny_recipe(tmp_path, fmnist_shards, plugins=plugins, optim={"lr": 1e-3, "warmup_steps": 4}), steps=2
     )
     records = read_metrics(out)
     assert [r["lr"] for r in records] == pytest.approx([1e-3 * 2 / 4, 1e-3 * 3 / 4])
@@ -482,9 +482,11 @@ def test_the_logged_lr_is_train_lrs_and_each_plugin_lr_is_logged_by_name(tmp_pat
 
 @pytest.mark.slow
 def test_a_run_logged_to_a_file_writes_one_line_per_log_and_never_imports_deepspeed(tmp_path, fmnist_shards):
-    """stderr to a file (a cluster's job log): no progress-bar redraws, one line per `train.log_every`
+    """stderr to a file (a cluster's job log): no progress-bar redraws, one line per `log.every`
     steps; a run without DeepSpeed does not import it (its "Setting accelerator to CPU" warning)."""
-    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(tmp_path, fmnist_shards, train={"steps": 4, "log_every": 2}))
+    recipe = write_recipe(
+        tmp_path / "r.yaml", tiny_recipe(tmp_path, fmnist_shards, train={"steps": 4}, log={"every": 2})
+    )
     code = (
         "import sys; from framework.cli import train_main; train_main(sys.argv[1:]); "
         "print('deepspeed imported:', 'deepspeed' in sys.modules)"

@@ -23,7 +23,7 @@ from framework.data import batch_to_device, make_loader
 from framework.engine import build_views
 from framework.logging import read_metrics
 from framework.model import Model
-from framework.recipe.loading import validate
+from framework.startup import validate
 from framework.testing import CONV28, free_port, run_steps, tiny_recipe, write_recipe
 from plugins.backbones import VAEHead
 from plugins.blocks import kl_gaussians
@@ -80,7 +80,7 @@ def test_deepspeed_drops_a_window_whose_last_micro_step_is_nan_exactly_as_ddp_do
             fmnist_shards,
             distributed={"accumulation_steps": 2},
             data={"shuffle_buffer": 0},
-            train={"optimizer": "sgd", "lr": 1e-4},
+            optim={"optimizer": "sgd", "lr": 1e-4},
         ),
     )
     runs = {}
@@ -141,7 +141,7 @@ def test_deepspeed_zero_trains_in_bf16_with_float32_weights(tmp_path, fmnist_sha
     """The shipped DeepSpeed launch configs (bf16) on 2 processes. DeepSpeed's own bf16 mode cast the
     parameters but not the inputs ("Input type (float) and bias type (c10::BFloat16)"); augssl asks
     for its `torch_autocast` section: hooks under bf16 autocast, weights and checkpoints float32."""
-    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(tmp_path, fmnist_shards, train={"checkpoint_every": 2}))
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(tmp_path, fmnist_shards, checkpoint={"every": 2}))
     proc = launch(ds(stage), recipe, "train.steps=2", precision="bf16", AUGSSL_TEST_AUTOCAST=str(tmp_path / "ac"))
     assert "precision bf16" in proc.stdout
     assert all(seen["enabled"] and seen["h"] == "torch.bfloat16" for seen in autocast_seen(tmp_path / "ac", 2))
@@ -153,7 +153,8 @@ def test_deepspeed_zero_trains_in_bf16_with_float32_weights(tmp_path, fmnist_sha
 
 def _ds_config(tmp_path, env: dict[str, str], **sections):
     data = tiny_recipe(tmp_path, NO_SHARDS, **sections)
-    return distributed.deepspeed_config(validate(data, check_data=False)[0], env=env)
+    recipe = validate(data, check_data=False)[0]
+    return distributed.deepspeed_config(recipe.distributed, recipe.data, recipe.optim, env=env)
 
 
 def test_the_deepspeed_config_carries_the_precision_as_torch_autocast_and_refuses_what_deepspeed_breaks(tmp_path):
@@ -170,14 +171,14 @@ def test_the_deepspeed_config_carries_the_precision_as_torch_autocast_and_refuse
     with pytest.raises(ValueError, match="ZeRO stage 0: launch without DeepSpeed"):  # no overflow check to skip with
         _ds_config(tmp_path, {"ACCELERATE_DEEPSPEED_ZERO_STAGE": "0"})
     offload = {"ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE": "cpu"}
-    with pytest.raises(ValueError, match="optimizer offload .* not train.optimizer=sgd"):
-        _ds_config(tmp_path, offload, train={"optimizer": "sgd"})
-    assert _ds_config(tmp_path, offload, train={"optimizer": "adamw"})["zero_optimization"]["offload_optimizer"]
+    with pytest.raises(ValueError, match="optimizer offload .* not optim.optimizer=sgd"):
+        _ds_config(tmp_path, offload, optim={"optimizer": "sgd"})
+    assert _ds_config(tmp_path, offload, optim={"optimizer": "adamw"})["zero_optimization"]["offload_optimizer"]
 
 
 @pytest.mark.slow
 def test_a_launch_the_recipe_cannot_run_under_stops_in_one_line_before_anything_starts(tmp_path, fmnist_shards):
-    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(tmp_path, fmnist_shards, train={"optimizer": "sgd"}))
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(tmp_path, fmnist_shards, optim={"optimizer": "sgd"}))
     env = {
         "ACCELERATE_USE_DEEPSPEED": "true",
         "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE": "cpu",
@@ -339,13 +340,13 @@ def test_speed_settings_are_on_for_cuda_off_for_cpu_and_the_recipe_can_change_th
     """The decision only (CUDA does not exist here): channels_last, TF32 and cudnn.benchmark default
     on for CUDA and off elsewhere; a recipe may turn each off (or channels_last on)."""
     recipe = validate(tiny_recipe(tmp_path, NO_SHARDS), check_data=False)[0]
-    assert distributed.speed_settings(recipe, "cuda") == {
+    assert distributed.speed_settings(recipe.distributed, recipe.train, "cuda") == {
         "channels_last": True,
         "tf32": True,
         "cudnn_benchmark": True,
         "compile": False,
     }
-    assert not any(distributed.speed_settings(recipe, "cpu").values())
+    assert not any(distributed.speed_settings(recipe.distributed, recipe.train, "cpu").values())
     custom = validate(
         tiny_recipe(
             tmp_path,
@@ -355,7 +356,7 @@ def test_speed_settings_are_on_for_cuda_off_for_cpu_and_the_recipe_can_change_th
         ),
         check_data=False,
     )[0]
-    assert distributed.speed_settings(custom, "cuda") == {
+    assert distributed.speed_settings(custom.distributed, custom.train, "cuda") == {
         "channels_last": False,
         "tf32": False,
         "cudnn_benchmark": False,
@@ -380,7 +381,7 @@ def test_a_compiled_run_starts_with_the_losses_of_an_eager_run(tmp_path, fmnist_
     the first losses match eager within float tolerance, and the checkpoint keeps eager key names."""
     runs = {}
     for mode in ("true", "false"):
-        recipe = tiny_recipe(tmp_path / mode, fmnist_shards, train={"checkpoint_every": 2})
+        recipe = tiny_recipe(tmp_path / mode, fmnist_shards, checkpoint={"every": 2})
         out = run_steps(recipe, steps=2, overrides=[f"train.compile={mode}"])
         runs[mode] = [r["loss"] for r in read_metrics(out)]
         keys = sorted(load_file(checkpoint.model_weights_file(checkpoint.complete_checkpoints(out)[-1])))

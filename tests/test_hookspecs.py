@@ -134,7 +134,8 @@ class ConfigPlugin:
 
 
 def test_hook_config_schema(tmp_path, fmnist_shards):
-    from framework.recipe.loading import RecipeError, apply_overrides, validate
+    from framework.recipe.loading import RecipeError, apply_overrides
+    from framework.startup import validate
 
     recipe = tiny_recipe(tmp_path, fmnist_shards, plugins={"backbones": CONV28, "kl": {}, "cfgp": {"factor": 3.0}})
     cfg, _ = validate(recipe, extra_plugins={"cfgp": ConfigPlugin()})
@@ -158,7 +159,7 @@ class ModulesPlugin:
 
 def test_hook_build_modules(tmp_path, fmnist_shards):
     from framework.model import Model
-    from framework.recipe.loading import validate
+    from framework.startup import validate
 
     recipe = tiny_recipe(tmp_path, fmnist_shards)
     cfg, hooks = validate(recipe, extra_plugins={"modp": ModulesPlugin()})
@@ -166,7 +167,7 @@ def test_hook_build_modules(tmp_path, fmnist_shards):
     assert isinstance(model.plugins["modp"]["bias"], nn.Linear)
     assert any(name.startswith("plugins.modp.bias.") for name in model.state_dict())
     before = model.plugins["modp"]["bias"].weight.detach().clone()
-    out = run_steps(recipe, steps=2, overrides=["train.checkpoint_every=2"], extra_plugins={"modp": ModulesPlugin()})
+    out = run_steps(recipe, steps=2, overrides=["checkpoint.every=2"], extra_plugins={"modp": ModulesPlugin()})
     from safetensors.torch import load_file
 
     saved = load_file(out / "checkpoints" / "step_00000002" / "model.safetensors")
@@ -266,7 +267,7 @@ class Widthless(MeanEncoder):
 def test_the_encoder_must_declare_its_width(tmp_path, fmnist_shards):
     from framework.manager import PluginError
     from framework.model import Model
-    from framework.recipe.loading import validate
+    from framework.startup import validate
 
     cfg, hooks = validate(tiny_recipe(tmp_path, fmnist_shards, plugins={"enc": {}}), extra_plugins={"enc": Widthless()})
     with pytest.raises(PluginError, match=r"plugin 'enc', hook 'build_modules': the encoder needs `num_features`"):
@@ -276,7 +277,7 @@ def test_the_encoder_must_declare_its_width(tmp_path, fmnist_shards):
 def test_hook_decode(tmp_path, fmnist_shards):
     from framework.manager import PluginError
     from framework.model import Model
-    from framework.recipe.loading import validate
+    from framework.startup import validate
 
     cfg, hooks = validate(tiny_recipe(tmp_path, fmnist_shards))
     model = Model(hooks, cfg).eval()
@@ -360,7 +361,7 @@ def test_hook_on_train_start(tmp_path, fmnist_shards):
     from safetensors.torch import load_file
 
     recipe, first, resumed = tiny_recipe(tmp_path, fmnist_shards), StartWatcher(), StartWatcher()
-    out = run_steps(recipe, steps=3, overrides=["train.checkpoint_every=2"], extra_plugins={"w": first})
+    out = run_steps(recipe, steps=3, overrides=["checkpoint.every=2"], extra_plugins={"w": first})
     (tmp_path / "run" / "checkpoints" / "step_00000003").rename(tmp_path / "dropped")  # stop after step 2
     saved = load_file(out / "checkpoints" / "step_00000002" / "model.safetensors")
     run_steps(recipe, steps=3, extra_plugins={"w": resumed})
@@ -384,7 +385,7 @@ def test_hook_on_after_backward(tmp_path, fmnist_shards):
 def test_on_after_backward_is_refused_under_deepspeed(tmp_path, fmnist_shards, monkeypatch, capsys):
     from framework.cli import train_or_exit
     from framework.manager import PluginError
-    from framework.recipe.loading import validate
+    from framework.startup import validate
 
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")  # what `accelerate launch --use_deepspeed` sets
     recipe = tiny_recipe(tmp_path, fmnist_shards)

@@ -123,7 +123,7 @@ def test_the_import_graph_has_no_cycle():
                 cycle = " -> ".join(path[path.index(dep) :] + [dep])
                 raise AssertionError(
                     f"import cycle: {cycle}. Lazy and TYPE_CHECKING imports count too; break the cycle by moving "
-                    "what both need into a lower module (docs/architecture.md: 'Two choices keep the graph a DAG')"
+                    "what both need into a lower module (docs/architecture.md: 'The layers')"
                 )
             if dep not in state:
                 visit(dep, [*path, dep])
@@ -132,6 +132,16 @@ def test_the_import_graph_has_no_cycle():
     for start in sorted(GRAPH):
         if start not in state:
             visit(start, [start])
+
+
+def test_loading_a_recipe_builds_no_plugin_manager_and_reads_no_shard():
+    """`framework.recipe.loading` sits below the manager and beside the data stages: it gets each plugin's
+    section class from the registry, and starting from a recipe (`framework.startup`) builds the manager
+    and checks the shards. An import of either from the loader would run back up the layers."""
+    back = sorted(
+        d for d in GRAPH["framework.recipe.loading"] if d == "framework.manager" or d.startswith("framework.data")
+    )
+    assert not back, f"framework.recipe.loading imports {back}: build the manager / check shards in framework.startup"
 
 
 def test_the_layer_table_is_parsed_as_written():

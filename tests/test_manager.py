@@ -13,8 +13,8 @@ import torch
 from framework import hookimpl
 from framework.cli import main
 from framework.manager import PluginError, PluginHooks
-from framework.recipe.loading import validate
 from framework.registry import discover, load_plugin
+from framework.startup import validate
 from framework.testing import run_steps, tiny_recipe, write_recipe
 
 NO_SHARDS = {"train": "none.tar", "test": "none.tar"}
@@ -104,7 +104,7 @@ class Scoped:
 
 def test_hooks_receive_their_own_section_and_modules(tmp_path, fmnist_shards):
     from framework.model import Model
-    from framework.recipe.loading import validate
+    from framework.startup import validate
 
     spy = Scoped()
     recipe, hooks = validate(tiny_recipe(tmp_path, fmnist_shards), extra_plugins={"spy": spy})

@@ -17,7 +17,8 @@ import torch
 from framework.data import batch_to_device, make_loader
 from framework.engine import build_views
 from framework.model import Model
-from framework.recipe.loading import load_raw, load_recipe
+from framework.recipe.loading import load_raw
+from framework.startup import load_recipe
 from framework.testing import tiny_shards
 from tests.helpers import ROOT, small_crops
 

@@ -17,9 +17,10 @@ from framework.logging import read_metrics
 from framework.model import Model
 from framework.optim import LARS, build_optimizer
 from framework.preemption import Preempted
-from framework.recipe import TrainConfig
-from framework.recipe.loading import RecipeError, validate
+from framework.recipe import OptimConfig
+from framework.recipe.loading import RecipeError
 from framework.schedules import scheduled_values, set_weight_decay, weight_decay_schedule
+from framework.startup import validate
 from framework.testing import CONV28, run_steps, tiny_recipe
 from tests.helpers import final_weights
 
@@ -27,8 +28,9 @@ NO_SHARDS = {"train": "/nonexistent/train-{000000..000001}.tar", "test": "/nonex
 PLUGINS = {"backbones": CONV28, "kl": {}, "probe": {"lr": 1e-4}}
 
 
-def model_and_recipe(tmp_path, **train):
-    cfg, hooks = validate(tiny_recipe(tmp_path, NO_SHARDS, plugins=PLUGINS, train=train), check_data=False)
+def model_and_recipe(tmp_path, steps=2, **optim):
+    recipe = tiny_recipe(tmp_path, NO_SHARDS, plugins=PLUGINS, train={"steps": steps}, optim=optim)
+    cfg, hooks = validate(recipe, check_data=False)
     return Model(hooks, cfg), cfg
 
 
@@ -108,7 +110,7 @@ def test_lars_is_refused_under_deepspeed_in_one_line(tmp_path):
     _, cfg = model_and_recipe(tmp_path, optimizer="lars")
     env = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"}
     with pytest.raises(ValueError, match=r"^distributed: DeepSpeed ZeRO would step LARS on flat shards: .*DDP$"):
-        deepspeed_config(cfg, env)
+        deepspeed_config(cfg.distributed, cfg.data, cfg.optim, env)
 
 
 # --- the param groups ---------------------------------------------------------------------------
@@ -118,7 +120,7 @@ def test_lars_is_refused_under_deepspeed_in_one_line(tmp_path):
 def test_biases_and_norm_weights_get_no_weight_decay(tmp_path, optimizer):
     """With every gradient 0 only weight decay moves a parameter: the 1-D ones must stay put."""
     model, cfg = model_and_recipe(tmp_path, optimizer=optimizer, weight_decay=0.1, exclude_norm_bias_from_wd=True)
-    opt = build_optimizer(model, cfg)
+    opt = build_optimizer(model, cfg.optim, cfg.plugins)
     params = [p for g in opt.param_groups for p in g["params"]]
     before = [p.detach().clone() for p in params]
     for p in params:
@@ -134,11 +136,11 @@ def test_a_vits_position_embedding_and_class_token_get_no_weight_decay(tmp_path)
     """Parameters a module names in `no_weight_decay()` (timm's convention) join the biases and norms."""
     plugins = {"backbones": {"encoder": "timm/vit_tiny_patch16_224", "latent_dim": None}, "simclr": {}}
     recipe = tiny_recipe(tmp_path, NO_SHARDS, plugins=plugins, size=32, channels=3)
-    recipe["train"].update(optimizer="adamw", weight_decay=0.05, exclude_norm_bias_from_wd=True)
+    recipe["optim"].update(optimizer="adamw", weight_decay=0.05, exclude_norm_bias_from_wd=True)
     cfg, hooks = validate(recipe, check_data=False)
     model = Model(hooks, cfg)
     vit = model.encoder
-    groups = build_optimizer(model, cfg).param_groups
+    groups = build_optimizer(model, cfg.optim, cfg.plugins).param_groups
     no_decay = {id(p) for g in groups if g["no_decay"] for p in g["params"]}
     assert {id(vit.pos_embed), id(vit.cls_token)} <= no_decay and vit.pos_embed.ndim == 3
     assert id(vit.patch_embed.proj.weight) not in no_decay and id(vit.blocks[0].attn.qkv.weight) not in no_decay
@@ -147,7 +149,7 @@ def test_a_vits_position_embedding_and_class_token_get_no_weight_decay(tmp_path)
 
 def test_each_plugin_keeps_its_lr_through_the_split(tmp_path):
     model, cfg = model_and_recipe(tmp_path, lr=0.01, exclude_norm_bias_from_wd=True, weight_decay=1e-4)
-    groups = build_optimizer(model, cfg, lr=0.02).param_groups
+    groups = build_optimizer(model, cfg.optim, cfg.plugins, lr=0.02).param_groups
     summary = [(g["plugin"], g["no_decay"], g["weight_decay"]) for g in groups]
     assert summary == [
         ("backbones", False, 1e-4),
@@ -155,9 +157,10 @@ def test_each_plugin_keeps_its_lr_through_the_split(tmp_path):
         ("probe", False, 1e-4),
         ("probe", True, 0.0),
     ]
-    # the probe's lr 1e-4, scaled by 0.02 / 0.01 like train.lr, in both its groups
+    # the probe's lr 1e-4, scaled by 0.02 / 0.01 like optim.lr, in both its groups
     assert [g["lr"] for g in groups] == pytest.approx([0.02, 0.02, 2e-4, 2e-4])
-    unsplit = build_optimizer(*model_and_recipe(tmp_path, lr=0.01)).param_groups
+    other, other_cfg = model_and_recipe(tmp_path, lr=0.01)
+    unsplit = build_optimizer(other, other_cfg.optim, other_cfg.plugins).param_groups
     assert [(g["plugin"], g["no_decay"]) for g in unsplit] == [("backbones", False), ("probe", False)]
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
     assert sorted(id(p) for g in groups for p in g["params"]) == sorted(trainable), "every parameter, once"
@@ -167,16 +170,16 @@ def test_each_plugin_keeps_its_lr_through_the_split(tmp_path):
 
 
 def test_the_weight_decay_cosine_and_only_the_decay_groups_follow_it(tmp_path):
-    cfg = TrainConfig(steps=10, lr=1.0, weight_decay=0.04, weight_decay_end=0.4)
+    cfg = OptimConfig(lr=1.0, weight_decay=0.04, weight_decay_end=0.4)
     schedule = weight_decay_schedule(cfg)
     assert schedule is not None
     assert [schedule.at(s, 10) for s in (0, 5, 10, 20)] == pytest.approx([0.04, 0.22, 0.4, 0.4])
-    assert weight_decay_schedule(TrainConfig(steps=10, lr=1.0, weight_decay=0.04)) is None
+    assert weight_decay_schedule(OptimConfig(lr=1.0, weight_decay=0.04)) is None
     model, recipe = model_and_recipe(tmp_path, optimizer="lars", weight_decay=0.04, weight_decay_end=0.4, steps=10)
-    opt = build_optimizer(model, recipe)
-    set_weight_decay(opt, recipe.train, 5)
+    opt = build_optimizer(model, recipe.optim, recipe.plugins)
+    set_weight_decay(opt, recipe.optim, 5, recipe.train.steps)
     assert [(g["no_decay"], g["weight_decay"]) for g in opt.param_groups] == [(False, 0.22), (True, 0.0)] * 2
-    assert scheduled_values(recipe, 5) == {"wd": pytest.approx(0.22)}
+    assert scheduled_values(recipe.optim, recipe.plugins, 5, recipe.train.steps) == {"wd": pytest.approx(0.22)}
 
 
 def test_scheduled_takes_a_number_or_a_mapping_and_byols_formula():
@@ -247,9 +250,9 @@ def test_a_bad_schedule_is_one_line_naming_the_key(tmp_path, section, error):
 def test_a_plugins_scheduled_values_and_the_weight_decay_are_logged(tmp_path, fmnist_shards):
     toy = Toy()
     section = {"momentum": {"start": 0.9, "end": 1.0}, "scale": 3.0}
-    train = {"optimizer": "adamw", "weight_decay": 0.05, "weight_decay_end": 0.5}
+    optim = {"optimizer": "adamw", "weight_decay": 0.05, "weight_decay_end": 0.5}
     out = run_steps(
-        tiny_recipe(tmp_path, fmnist_shards, plugins={**PLUGINS, "toy": section}, train=train),
+        tiny_recipe(tmp_path, fmnist_shards, plugins={**PLUGINS, "toy": section}, optim=optim),
         steps=3,
         extra_plugins={"toy": toy},
     )
@@ -264,18 +267,18 @@ def test_a_plugins_scheduled_values_and_the_weight_decay_are_logged(tmp_path, fm
 
 
 @pytest.mark.parametrize(
-    "train",
+    "optim",
     [
         {"optimizer": "lars", "lr": 1e-3, "lars_eta": 0.02, "lars_clip": True},
         {"optimizer": "sgd", "lr": 1e-3, "exclude_norm_bias_from_wd": True},
     ],
 )
-def test_a_few_real_steps_with_lars_or_the_exclusion(tmp_path, fmnist_shards, train):
-    recipe = tiny_recipe(tmp_path, fmnist_shards, plugins=PLUGINS, train={"weight_decay": 1e-4, **train})
+def test_a_few_real_steps_with_lars_or_the_exclusion(tmp_path, fmnist_shards, optim):
+    recipe = tiny_recipe(tmp_path, fmnist_shards, plugins=PLUGINS, optim={"weight_decay": 1e-4, **optim})
     records = read_metrics(run_steps(recipe, steps=3))
     assert [r["step"] for r in records] == [1, 2, 3] and all(math.isfinite(r["loss"]) for r in records)
     assert {k for k in records[-1] if k.startswith("lr/")} == {"lr/probe"}, "one lr per plugin, not per group"
-    assert records[-1]["lr/probe"] == pytest.approx(1e-4) and records[-1]["lr"] == pytest.approx(train["lr"])
+    assert records[-1]["lr/probe"] == pytest.approx(1e-4) and records[-1]["lr"] == pytest.approx(optim["lr"])
 
 
 class StopAfter:
@@ -293,10 +296,10 @@ class StopAfter:
 def test_a_lars_run_resumed_from_its_checkpoint_ends_as_an_uninterrupted_one(tmp_path, fmnist_shards):
     """Stopped by a signal after step 2 (checkpointed there, of the same train.steps: the lr and weight
     decay cosines depend on it), resumed to step 4: the weights and LARS' momentum are the uninterrupted run's."""
-    train = {"optimizer": "lars", "lr": 1e-3, "weight_decay": 1e-2, "weight_decay_end": 1e-1, "schedule": "cosine"}
+    optim = {"optimizer": "lars", "lr": 1e-3, "weight_decay": 1e-2, "weight_decay_end": 1e-1, "schedule": "cosine"}
     runs = {}
     for name, stop in (("whole", 99), ("split", 1)):
-        recipe = tiny_recipe(tmp_path / name, fmnist_shards, plugins=PLUGINS, train={**train, "log_with": []})
+        recipe = tiny_recipe(tmp_path / name, fmnist_shards, plugins=PLUGINS, optim=optim, log={"trackers": []})
         if name == "split":
             with pytest.raises(Preempted, match="after step 2"):
                 run_steps(recipe, steps=4, extra_plugins={"stop": StopAfter(stop)})
@@ -316,9 +319,9 @@ def test_a_lars_run_resumed_from_its_checkpoint_ends_as_an_uninterrupted_one(tmp
 
 def test_a_resume_may_change_the_weight_decay_and_add_its_cosine(tmp_path, fmnist_shards):
     """The decay groups take the recipe's weight decay every step, not the restored optimizer's: resumed with a
-    new train.weight_decay, then with a train.weight_decay_end, the saved groups follow the recipe."""
-    train = {"optimizer": "adamw", "weight_decay": 0.05, "exclude_norm_bias_from_wd": True, "log_with": []}
-    recipe = tiny_recipe(tmp_path, fmnist_shards, plugins=PLUGINS, train=train)
+    new optim.weight_decay, then with an optim.weight_decay_end, the saved groups follow the recipe."""
+    optim = {"optimizer": "adamw", "weight_decay": 0.05, "exclude_norm_bias_from_wd": True}
+    recipe = tiny_recipe(tmp_path, fmnist_shards, plugins=PLUGINS, optim=optim, log={"trackers": []})
 
     def saved_decays(out) -> list[tuple[bool, float]]:
         state = torch.load(checkpoint.complete_checkpoints(out)[-1] / "optimizer.bin", weights_only=False)
@@ -326,9 +329,9 @@ def test_a_resume_may_change_the_weight_decay_and_add_its_cosine(tmp_path, fmnis
 
     out = run_steps(recipe, steps=2)
     assert saved_decays(out) == [(False, 0.05), (True, 0.0)]
-    run_steps(recipe, steps=3, overrides=["train.weight_decay=0.2"])
+    run_steps(recipe, steps=3, overrides=["optim.weight_decay=0.2"])
     assert saved_decays(out) == [(False, 0.2), (True, 0.0)]
-    run_steps(recipe, steps=5, overrides=["train.weight_decay=0.2", "train.weight_decay_end=0.4"])
+    run_steps(recipe, steps=5, overrides=["optim.weight_decay=0.2", "optim.weight_decay_end=0.4"])
     last = Scheduled(start=0.2, end=0.4, shape="cosine").at(4, 5)  # the decay of the optimizer step after step 4
     assert saved_decays(out) == [(False, pytest.approx(last)), (True, 0.0)]
     assert [r["step"] for r in read_metrics(out)] == [1, 2, 3, 4, 5]

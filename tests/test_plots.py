@@ -37,9 +37,7 @@ def test_every_preview_step_saves_a_grid_of_views_and_reconstructions(tmp_path, 
         return real(path, rows, mean, std, n)
 
     monkeypatch.setattr(framework.plots, "save_preview", spy)
-    recipe = tiny_recipe(
-        tmp_path, fmnist_shards, plugins={"backbones": CONV28, "aavae": {}}, train={"preview_every": 2}
-    )
+    recipe = tiny_recipe(tmp_path, fmnist_shards, plugins={"backbones": CONV28, "aavae": {}}, log={"preview_every": 2})
     out = run_steps(recipe, steps=4)
     assert sorted(p.name for p in (out / "previews").iterdir()) == ["step_00000002.png", "step_00000004.png"]
     rows = saved["step_00000004.png"]
@@ -53,7 +51,7 @@ def test_bernoulli_reconstructions_are_previewed_in_the_views_space(tmp_path, fm
     import torch
 
     from framework.model import Model
-    from framework.recipe.loading import validate
+    from framework.startup import validate
 
     recipe = tiny_recipe(tmp_path, fmnist_shards, plugins={"backbones": CONV28, "kl": {"likelihood": "bernoulli"}})
     cfg, hooks = validate(recipe, check_data=False)

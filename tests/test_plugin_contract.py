@@ -22,8 +22,9 @@ import plugins.blocks
 from framework import PluginConfig, View, all_reduce, gather_with_grad, hookimpl
 from framework.logging import read_metrics
 from framework.model import Model
-from framework.recipe.loading import RecipeError, validate
+from framework.recipe.loading import RecipeError
 from framework.registry import BUILTIN_PLUGINS
+from framework.startup import validate
 from framework.testing import CONV28, run_steps, tiny_recipe
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -78,7 +78,8 @@ def recipe_on(folder: Path, shards: dict[str, str], out: Path, **plugins: dict) 
         "output_dir": str(out / "run"),
         "data": {"train": shards["train"], "batch_size": 8, "num_workers": 0, "shuffle_buffer": 16},
         "eval": {"train": shards["train"], "test": shards["test"]},
-        "train": {"steps": 2, "log_every": 1},
+        "train": {"steps": 2},
+        "log": {"every": 1},
         "plugins": plugins,
     }
     return write_recipe(out / "vicreg.yaml", deep_merge(recipe, tiny))

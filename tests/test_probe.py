@@ -10,7 +10,7 @@ import torch
 from framework import Encoding
 from framework.logging import read_metrics
 from framework.model import Model
-from framework.recipe.loading import validate
+from framework.startup import validate
 from framework.testing import CONV28, run_steps, step_context, tiny_recipe
 from plugins import probe
 
@@ -85,7 +85,8 @@ def test_probe_above_chance_on_fashion_mnist(tmp_path, real_fmnist_shards):
         real_fmnist_shards,
         plugins={"backbones": CONV28, "kl": {}, "probe": {}},
         data={"batch_size": 32},
-        train={"log_every": 10, "lr": 3e-3},
+        optim={"lr": 3e-3},
+        log={"every": 10},
     )
     records = read_metrics(run_steps(recipe, steps=40))
     assert [r["step"] for r in records] == [10, 20, 30, 40]
@@ -99,9 +100,9 @@ def test_a_plugin_lr_gives_its_modules_their_own_param_group(tmp_path, fmnist_sh
 
     cfg, hooks = _config(tmp_path, fmnist_shards, lr=1e-4)
     model = Model(hooks, cfg)
-    groups = {g["plugin"]: g for g in build_optimizer(model, cfg, lr=2 * cfg.train.lr).param_groups}
-    assert groups["probe"]["lr"] == 2e-4, "scaled like train.lr (here x2)"
-    assert groups["backbones"]["lr"] == 2 * cfg.train.lr
+    groups = {g["plugin"]: g for g in build_optimizer(model, cfg.optim, cfg.plugins, lr=2 * cfg.optim.lr).param_groups}
+    assert groups["probe"]["lr"] == 2e-4, "scaled like optim.lr (here x2)"
+    assert groups["backbones"]["lr"] == 2 * cfg.optim.lr
     assert {id(p) for p in groups["probe"]["params"]} == {id(p) for p in model.plugins["probe"].parameters()}
     out = run_steps(tiny_recipe(tmp_path, fmnist_shards, plugins={"backbones": CONV28, "probe": {"lr": 1e-4}}), steps=2)
     assert "probe.acc" in read_metrics(out)[-1]

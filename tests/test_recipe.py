@@ -18,15 +18,8 @@ from framework import PluginConfig, Recipe, Scheduled, capability, hookimpl
 from framework.cli import main
 from framework.data.pipeline import clean_x_view
 from framework.manager import PluginHooks
-from framework.recipe.loading import (
-    MAX_EXTENDS,
-    RecipeError,
-    apply_overrides,
-    deep_merge,
-    load_raw,
-    load_recipe,
-    validate,
-)
+from framework.recipe.loading import MAX_EXTENDS, RecipeError, apply_overrides, deep_merge, load_raw
+from framework.startup import load_recipe, validate
 from framework.testing import tiny_recipe, write_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,14 +32,14 @@ def test_deep_merge_lists_replace_dicts_merge():
 
 
 def test_precedence_cli_over_recipe_over_extends_over_defaults(tmp_path, fmnist_shards):
-    parent = tiny_recipe(tmp_path, fmnist_shards, train={"lr": 0.5, "seed": 7})
+    parent = tiny_recipe(tmp_path, fmnist_shards, train={"seed": 7}, optim={"lr": 0.5})
     write_recipe(tmp_path / "parent.yaml", parent)
-    write_recipe(tmp_path / "child.yaml", {"extends": "parent.yaml", "train": {"lr": 0.25}})
+    write_recipe(tmp_path / "child.yaml", {"extends": "parent.yaml", "optim": {"lr": 0.25}})
     recipe, _ = load_recipe(tmp_path / "child.yaml", ["train.seed=9", "plugins.kl.beta=4"])
-    assert recipe.train.lr == 0.25  # recipe over extends
+    assert recipe.optim.lr == 0.25  # recipe over extends
     assert recipe.train.seed == 9  # CLI over extends
     assert recipe.plugins["kl"].beta == 4.0  # CLI into a plugin section
-    assert recipe.train.optimizer == "adam"  # engine default
+    assert recipe.optim.optimizer == "adam"  # engine default
     assert recipe.plugins["kl"].likelihood == "gaussian"  # plugin default
 
 
@@ -113,9 +106,9 @@ def test_cifar10_recipes_that_cite_solo_learn_use_its_settings(method):
     cfg, _ = load_recipe(ROOT / "recipes" / f"{method}_cifar10.yaml", check_data=False)
     section = cfg.plugins[method]
     assert {key: getattr(section, key) for key in SOLO_LEARN_CIFAR[method]} == SOLO_LEARN_CIFAR[method]
-    assert (cfg.data.batch_size, cfg.train.steps, cfg.train.warmup_steps) == (256, 1000 * 195, 10 * 195)
-    assert cfg.train.schedule == "cosine" and cfg.plugins["backbones"].encoder == "resnet18"
-    t = cfg.train  # solo-learn's LARS: its lr per 256 images, weight decay, eta 0.02, clip_lr
+    assert (cfg.data.batch_size, cfg.train.steps, cfg.optim.warmup_steps) == (256, 1000 * 195, 10 * 195)
+    assert cfg.optim.schedule == "cosine" and cfg.plugins["backbones"].encoder == "resnet18"
+    t = cfg.optim  # solo-learn's LARS: its lr per 256 images, weight decay, eta 0.02, clip_lr
     optimiser = (t.optimizer, t.lr, t.lr_scaling, t.weight_decay, t.lars_eta, t.lars_clip)
     assert optimiser == ("lars", *SOLO_LEARN_LARS[method], 0.02, True)
 
@@ -137,7 +130,7 @@ def test_step_counts_are_the_epochs_the_comments_say():
             steps, epochs, per_epoch, images, batch, gpus = (int(g or 1) for g in match.groups())
             assert per_epoch == images // (batch * gpus) and steps == epochs * per_epoch == cfg.train.steps, path.name
             if warmup := WARMUP_COMMENT.search(text):
-                assert int(warmup.group(1)) == int(warmup.group(2)) * per_epoch == cfg.train.warmup_steps, path.name
+                assert int(warmup.group(1)) == int(warmup.group(2)) * per_epoch == cfg.optim.warmup_steps, path.name
             checked += 1
         if "3200 epochs" in text:
             assert cfg.train.steps == 3200 * 195 == 624_000, path.name
@@ -162,7 +155,7 @@ def test_stl10_recipes_take_the_aavae_clean_view(path):
 BAD = {
     "unknown top-level key": (lambda r: {**r, "trian": {"steps": 2}}, r"trian: Extra inputs are not permitted"),
     "misspelt plugin name": (lambda r: {**r, "plugins": {**r["plugins"], "kll": {}}}, r"unknown plugin 'kll'"),
-    "wrong type": (lambda r: deep_merge(r, {"train": {"lr": "fast"}}), r"train\.lr: Input should be a valid number"),
+    "wrong type": (lambda r: deep_merge(r, {"optim": {"lr": "fast"}}), r"optim\.lr: Input should be a valid number"),
     "missing data path": (
         lambda r: deep_merge(r, {"data": {"train": "/nonexistent/x-{0..3}.tar"}}),
         r"data\.train: no such shard: /nonexistent/x-0\.tar \(and 3 more of 4\)",
@@ -175,7 +168,7 @@ BAD = {
         lambda r: deep_merge(r, {"plugins": {"kl": {"likelihood": "poisson"}}}),
         r"plugins\.kl\.likelihood: Input should be 'gaussian' or 'bernoulli'",
     ),
-    "missing required key": (lambda r: {**r, "train": {"lr": 1e-3}}, r"train\.steps: Field required"),
+    "missing required key": (lambda r: {**r, "train": {}, "optim": {"lr": 1e-3}}, r"train\.steps: Field required"),
     "negative batch size": (
         lambda r: deep_merge(r, {"data": {"batch_size": -4}}),
         r"data\.batch_size: Input should be greater than 0",
@@ -191,10 +184,24 @@ BAD = {
     ),
     "missing eval shards": (lambda r: deep_merge(r, {"eval": {"test": "/nope/t.tar"}}), r"eval\.test: no such shard"),
     "unknown optimizer": (
-        lambda r: deep_merge(r, {"train": {"optimizer": "lamb"}}),
-        r"train\.optimizer: Input should be 'adam', 'adamw', 'sgd' or 'lars'",
+        lambda r: deep_merge(r, {"optim": {"optimizer": "lamb"}}),
+        r"optim\.optimizer: Input should be 'adam', 'adamw', 'sgd' or 'lars'",
+    ),
+    "a key that moved out of train": (
+        lambda r: deep_merge(r, {"train": {"lr": 0.1}}),
+        r"bad\.yaml: train\.lr moved to optim\.lr$",
+    ),
+    "another key that moved out of train": (
+        lambda r: deep_merge(r, {"train": {"keep_checkpoints": 3}}),
+        r"bad\.yaml: train\.keep_checkpoints moved to checkpoint\.keep$",
     ),
 }
+
+
+def test_an_override_of_a_key_that_moved_says_where_it_is_now(tmp_path, fmnist_shards, capsys):
+    path = write_recipe(tmp_path / "r.yaml", tiny_recipe(tmp_path, fmnist_shards))
+    code, err = _run_cli([str(path), "train.log_with=[]"], capsys)
+    assert code == 2 and err == f"augssl: error: {path}: train.log_with moved to log.trackers\n"
 
 
 def _run_cli(argv, capsys):
@@ -213,7 +220,7 @@ def test_malformed_recipe_fails_with_one_line_and_starts_nothing(case, tmp_path,
     assert code == 2
     assert len(err.strip().splitlines()) == 1, err
     assert err.startswith("augssl: error: ") and str(path) in err
-    assert __import__("re").search(expected, err), err
+    assert __import__("re").search(expected, err.strip()), err
     assert not (tmp_path / "run").exists(), "a bad recipe must not create its output folder"
 
 
@@ -261,12 +268,12 @@ NON_FINITE_PLUGINS = {
 @pytest.mark.parametrize(
     "override",
     [
-        "train.lr=.inf",
-        "train.lr=inf",  # a string pydantic would read as a float
-        "train.weight_decay=.inf",
-        "train.weight_decay_end=.nan",
-        "train.lars_eta=.inf",
-        "train.betas=[0.9, .nan]",
+        "optim.lr=.inf",
+        "optim.lr=inf",  # a string pydantic would read as a float
+        "optim.weight_decay=.inf",
+        "optim.weight_decay_end=.nan",
+        "optim.lars_eta=.inf",
+        "optim.betas=[0.9, .nan]",
         "distributed.grad_clip=.inf",
         "data.mean=[-.inf]",
         "data.stall_seconds=1e999",
@@ -306,10 +313,10 @@ def test_every_model_of_every_section_refuses_non_finite_numbers():
 
 def test_bad_override_syntax(tmp_path, fmnist_shards, capsys):
     path = write_recipe(tmp_path / "r.yaml", tiny_recipe(tmp_path, fmnist_shards))
-    code, err = _run_cli([str(path), "train.lr"], capsys)
-    assert code == 2 and "override 'train.lr': expected key.path=value" in err
-    with pytest.raises(RecipeError, match=r"override 'train\.lr\.x=1': train\.lr is not a section"):
-        apply_overrides(yaml.safe_load(path.read_text()), ["train.lr.x=1"])
+    code, err = _run_cli([str(path), "optim.lr"], capsys)
+    assert code == 2 and "override 'optim.lr': expected key.path=value" in err
+    with pytest.raises(RecipeError, match=r"override 'optim\.lr\.x=1': optim\.lr is not a section"):
+        apply_overrides(yaml.safe_load(path.read_text()), ["optim.lr.x=1"])
 
 
 # Run `augssl` in a fresh process and print its exit status and which of torch and the plugins it imported.
@@ -320,7 +327,7 @@ IMPORTED = (
 )
 
 
-@pytest.mark.parametrize("override", ["plugins.kll.weight=1", "train.lr=fast", "trian.steps=2", "train.seed=[1"])
+@pytest.mark.parametrize("override", ["plugins.kll.weight=1", "optim.lr=fast", "trian.steps=2", "train.seed=[1"])
 def test_a_bad_recipe_is_refused_before_torch_or_a_plugin_is_imported(override):
     """What validation does not need comes after it: a misspelt plugin name cost 4-9 s of CPU (torch,
     torchvision's models, torch._dynamo) before its one line; now a fraction of a second."""
@@ -349,12 +356,12 @@ def test_launch_script_rejects_a_bad_recipe_in_a_fresh_process(tmp_path, fmnist_
 def test_a_tracker_that_is_not_installed_is_a_one_line_error_before_anything_starts(tmp_path, fmnist_shards):
     import importlib.util
 
-    recipe = tiny_recipe(tmp_path, fmnist_shards, train={"log_with": ["tensorboard", "wandb"]})
+    recipe = tiny_recipe(tmp_path, fmnist_shards, log={"trackers": ["tensorboard", "wandb"]})
     if importlib.util.find_spec("wandb") is not None:
         pytest.skip("wandb is installed here")
-    with pytest.raises(RecipeError, match=r"^train.log_with: wandb is not installed \(pip install wandb\)$"):
+    with pytest.raises(RecipeError, match=r"^log.trackers: wandb is not installed \(pip install wandb\)$"):
         validate(recipe, check_data=False)
-    assert validate(tiny_recipe(tmp_path, fmnist_shards), check_data=False)[0].train.log_with == ["tensorboard"]
+    assert validate(tiny_recipe(tmp_path, fmnist_shards), check_data=False)[0].log.trackers == ["tensorboard"]
 
 
 def test_epoch_samples_needs_a_resampled_stream(tmp_path, fmnist_shards):

@@ -15,7 +15,8 @@ import pytest
 
 from framework.engine import train
 from framework.logging import read_metrics
-from framework.recipe.loading import apply_overrides, load_raw, validate
+from framework.recipe.loading import apply_overrides, load_raw
+from framework.startup import validate
 from framework.testing import tiny_shards
 from tests.helpers import small_crops
 
@@ -45,9 +46,9 @@ def test_recipe_trains_two_steps(path, tmp_path, shard_sets):
         f"eval.train={shards['train']}",
         f"eval.test={shards['test']}",
         "train.steps=2",
-        "train.log_every=1",
-        "train.checkpoint_every=1000",
-        "train.warmup_steps=0",
+        "log.every=1",
+        "checkpoint.every=1000",
+        "optim.warmup_steps=0",
         *small_crops(raw, size),
     ]
     recipe, hooks = validate(apply_overrides(raw, overrides))

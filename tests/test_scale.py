@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from framework import checkpoint
 from framework.logging import read_metrics
 from framework.optim import effective_lr
-from framework.recipe import TrainConfig
+from framework.recipe import OptimConfig
 from framework.testing import free_port, run_steps, tiny_recipe, write_recipe
 from tests.helpers import ENV, LAUNCH, ROOT, accelerate_launch, ddp_args, final_weights
 
@@ -33,7 +33,7 @@ def test_deepspeed_zero2_trains_checkpoints_and_resumes(tmp_path, fmnist_shards)
     the resumed run continues the count. (The first run on a machine JIT-builds DeepSpeed's
     shared-memory comm op, about a minute.)"""
     recipe = tiny_recipe(
-        tmp_path, fmnist_shards, train={"checkpoint_every": 2}, distributed={"grad_clip": 1.0, "accumulation_steps": 2}
+        tmp_path, fmnist_shards, checkpoint={"every": 2}, distributed={"grad_clip": 1.0, "accumulation_steps": 2}
     )
     path = write_recipe(tmp_path / "r.yaml", recipe)
     config = ROOT / "launch" / "accelerate" / "deepspeed_zero2.yaml"
@@ -59,7 +59,7 @@ def test_a_run_killed_at_a_random_step_resumes_to_identical_weights(tmp_path, fm
     paths = {}
     for name in ("whole", "killed"):
         recipe = tiny_recipe(
-            tmp_path / name, fmnist_shards, train={"steps": 6, "checkpoint_every": 1}, data={"num_workers": 2}
+            tmp_path / name, fmnist_shards, train={"steps": 6}, checkpoint={"every": 1}, data={"num_workers": 2}
         )
         paths[name] = write_recipe(tmp_path / f"{name}.yaml", recipe)
     assert run_script("kill_train.py", [str(paths["whole"]), "0"]).returncode == 0
@@ -76,7 +76,7 @@ def test_a_run_killed_at_a_random_step_resumes_to_identical_weights(tmp_path, fm
 def test_a_kill_during_a_checkpoint_write_resumes_from_the_previous_one(tmp_path, fmnist_shards):
     """A save killed half-way leaves `step_N.tmp` with some of Accelerate's files, one truncated,
     and no trainer state: resume picks step N-1, trains on, and the new save replaces the debris."""
-    recipe = tiny_recipe(tmp_path, fmnist_shards, train={"checkpoint_every": 1})
+    recipe = tiny_recipe(tmp_path, fmnist_shards, checkpoint={"every": 1})
     out = run_steps(recipe, steps=3)
     previous = checkpoint.complete_checkpoints(out)[-1]
     partial = previous.with_name("step_00000004.tmp")
@@ -158,11 +158,11 @@ def test_two_machines_on_loopback_train_and_agree(tmp_path, fmnist_shards):
 
 
 def test_linear_lr_scaling_uses_the_global_batch(tmp_path, fmnist_shards):
-    cfg = TrainConfig(steps=1, lr=0.1, lr_scaling="linear")
+    cfg = OptimConfig(lr=0.1, lr_scaling="linear")
     assert effective_lr(cfg, 256) == pytest.approx(0.1) and effective_lr(cfg, 64 * 8 * 2) == pytest.approx(0.4)
-    assert effective_lr(TrainConfig(steps=1, lr=0.1), 4096) == 0.1, "lr_scaling defaults to none"
+    assert effective_lr(OptimConfig(lr=0.1), 4096) == 0.1, "lr_scaling defaults to none"
     recipe = tiny_recipe(
-        tmp_path, fmnist_shards, train={"lr": 0.01, "lr_scaling": "linear"}, distributed={"accumulation_steps": 2}
+        tmp_path, fmnist_shards, optim={"lr": 0.01, "lr_scaling": "linear"}, distributed={"accumulation_steps": 2}
     )
     out = run_steps(recipe, steps=2)
     assert [r["lr"] for r in read_metrics(out)] == pytest.approx([0.01 * 8 * 2 / 256] * 2), "the logged lr is effective"
@@ -170,15 +170,15 @@ def test_linear_lr_scaling_uses_the_global_batch(tmp_path, fmnist_shards):
 
 def test_the_deepspeed_config_takes_stage_and_offload_from_the_launch_unless_the_recipe_sets_them(tmp_path):
     from framework.distributed import deepspeed_config
-    from framework.recipe.loading import validate
+    from framework.startup import validate
 
     def config(deepspeed=None, **env):
         data = tiny_recipe(
             tmp_path, {"train": "x", "test": "x"}, distributed={"accumulation_steps": 4, "deepspeed": deepspeed}
         )
-        return deepspeed_config(
-            validate(data, check_data=False)[0], env={f"ACCELERATE_DEEPSPEED_{k}": v for k, v in env.items()}
-        )
+        recipe = validate(data, check_data=False)[0]
+        env = {f"ACCELERATE_DEEPSPEED_{k}": v for k, v in env.items()}
+        return deepspeed_config(recipe.distributed, recipe.data, recipe.optim, env=env)
 
     ds = config(ZERO_STAGE="3", OFFLOAD_OPTIMIZER_DEVICE="cpu", OFFLOAD_PARAM_DEVICE="none")
     assert ds["zero_optimization"] == {"stage": 3, "offload_optimizer": {"device": "cpu"}}

@@ -12,7 +12,7 @@ from torch import nn
 from framework import hookimpl
 from framework.logging import read_metrics
 from framework.model import Model
-from framework.recipe.loading import load_recipe, validate
+from framework.startup import load_recipe, validate
 from framework.testing import run_steps, tiny_recipe
 from plugins.blocks import infer_strength, multi_crop_nt_xent, nt_xent
 

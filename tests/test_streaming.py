@@ -124,7 +124,7 @@ def test_a_run_over_corrupt_shards_finishes_and_counts_the_planted_bad_records(t
         tmp_path,
         {"train": spec, "test": fmnist_shards["test"]},
         data={"batch_size": 8, "shuffle_buffer": 0, "max_bad_fraction": 0.5},
-        train={"log_every": 24},
+        log={"every": 24},
     )
     out = run_steps(recipe, steps=24)  # one epoch: 192 samples / 8
     assert read_metrics(out)[-1]["data.bad_records"] == 3

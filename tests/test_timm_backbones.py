@@ -18,7 +18,8 @@ from safetensors.torch import load_file, save_file
 from framework.checkpoint import load_run, tensors_digest
 from framework.cli import main
 from framework.logging import read_metrics
-from framework.recipe.loading import RecipeError, validate
+from framework.recipe.loading import RecipeError
+from framework.startup import validate
 from framework.testing import run_steps, tiny_recipe, write_recipe
 from plugins.backbones import BackbonesConfig, build_encoder, check_input_sizes
 from plugins.blocks import image_sizes

@@ -14,7 +14,8 @@ from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
 from framework import Encoding
-from framework.recipe.loading import RecipeError, validate
+from framework.recipe.loading import RecipeError
+from framework.startup import validate
 from framework.testing import step_context, tiny_recipe
 from framework.views import CIFAR10_STATS, FASHION_MNIST_STATS, STL10_STATS, ToMode, clean_view
 from plugins.blocks import (

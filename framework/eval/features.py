@@ -20,7 +20,7 @@ from framework.data.shards import is_local, shard_urls
 from framework.data.stream import make_loader
 from framework.distributed import process_state
 from framework.model import Model
-from framework.recipe.schema import Recipe
+from framework.recipe.schema import DataConfig
 
 
 def crop_and_flip(x: torch.Tensor, pad: int = 4, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -42,7 +42,7 @@ def crop_and_flip(x: torch.Tensor, pad: int = 4, generator: torch.Generator | No
 def extract(
     model: Model,
     spec: str,
-    recipe: Recipe,
+    data: DataConfig,
     batch_size: int,
     num_workers: int = 2,
     transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
@@ -64,10 +64,9 @@ def extract(
     manifests, if any shard or record was bad (the stream skips and counts those).
     """
     state = process_state()
-    d = recipe.data
     loader = make_loader(
-        d,
-        {"x": clean_x_view(d)},
+        data,
+        {"x": clean_x_view(data)},
         rank=state.process_index,
         world_size=state.num_processes,
         epochs=1,

@@ -38,22 +38,22 @@ from framework.distributed import process_state
 from framework.eval.classifiers import fit_linear, fit_sgd_linear, knn_accuracy
 from framework.eval.features import crop_and_flip, extract
 from framework.model import Model
-from framework.recipe.schema import Recipe
+from framework.recipe.schema import DataConfig, EvalConfig
 
 PROTOCOLS = ("fast", "linear", "knn")
 
 
-def online_knn(model: Model, recipe: Recipe) -> dict[str, float]:
+def online_knn(model: Model, data: DataConfig, e: EvalConfig) -> dict[str, float]:
     """`knn.acc`: the k-NN probe of the encoder as it is now, on at most `eval.knn_samples`
     train and test samples. The engine calls it every `eval.knn_every` steps on every rank (the
     features are gathered); the global RNG and the model's train/eval mode are left as they were.
     """
-    e, was_training = recipe.eval, model.training
+    was_training = model.training
     assert e.train and e.test  # eval.knn_every needs them (EvalConfig checks)
     model.eval()
     with torch.random.fork_rng(devices=[]):  # the loader draws seeds: keep a resumed run's noise exact
         train, test = (
-            extract(model, spec, recipe, e.batch_size, recipe.data.num_workers, max_samples=e.knn_samples, pixels=False)
+            extract(model, spec, data, e.batch_size, data.num_workers, max_samples=e.knn_samples, pixels=False)
             for spec in (e.train, e.test)
         )
     model.train(was_training)
@@ -106,7 +106,7 @@ def evaluate(
         raise ValueError(f"{path}/recipe.yaml: eval.train and eval.test (labelled shards) are needed")
     torch.manual_seed(0)
     train, test = (
-        _labelled(extract(model, spec, recipe, recipe.eval.batch_size, pixels=baseline, key=key), key, spec)
+        _labelled(extract(model, spec, recipe.data, recipe.eval.batch_size, pixels=baseline, key=key), key, spec)
         for key, spec in (("eval.train", train_spec), ("eval.test", test_spec))
     )
 
@@ -115,7 +115,7 @@ def evaluate(
         fresh = extract(
             model,
             train_spec,
-            recipe,
+            recipe.data,
             recipe.eval.batch_size,
             transform=lambda x: crop_and_flip(x, generator=g),
             pixels=False,

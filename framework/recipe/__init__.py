@@ -5,18 +5,30 @@ Precedence: CLI overrides > recipe > the files it extends > the defaults in `sch
 Every problem is a `RecipeError` (`framework.recipe.loading`) with a one-line message that
 names the key path, raised before any process group, output folder or data worker exists.
 
-This package re-exports the schema only: `framework.recipe.loading` builds the plugin
-manager to validate plugin sections, and the manager's own types come from the schema, so
-re-exporting the loader here would make the package import itself through the manager.
+This package re-exports the schema only; the loader is `framework.recipe.loading`, and
+`framework.startup` loads a recipe together with its plugin manager.
 """
 
 from framework.recipe.schema import (
+    CheckpointConfig,
     DataConfig,
     DistributedConfig,
     EvalConfig,
+    LogConfig,
+    OptimConfig,
     PluginConfig,
     Recipe,
     TrainConfig,
 )
 
-__all__ = ["DataConfig", "DistributedConfig", "EvalConfig", "PluginConfig", "Recipe", "TrainConfig"]
+__all__ = [
+    "CheckpointConfig",
+    "DataConfig",
+    "DistributedConfig",
+    "EvalConfig",
+    "LogConfig",
+    "OptimConfig",
+    "PluginConfig",
+    "Recipe",
+    "TrainConfig",
+]

@@ -1,10 +1,11 @@
 """Loading a recipe: read its YAML, inherit (`extends:`), apply command-line overrides, validate.
 
 Validation checks the size of the data, the engine's sections (`framework.recipe.schema`) and the
-plugin names, then builds the plugin manager to validate each plugin's section against the schema
-it registers. Every problem is a `RecipeError` whose one-line message names the key path and the file.
-Torch and the plugins are imported only for that last step, so a recipe whose YAML, engine
-sections or plugin names are wrong is answered in a fraction of a second.
+plugin names, then validates each plugin's section against the class its `config_schema` hook returns
+(`framework.registry.config_schema`). Every problem is a `RecipeError` whose one-line message names the
+key path and the file. Torch and the plugins are imported only for that last step, so a recipe whose
+YAML, engine sections or plugin names are wrong is answered in a fraction of a second. Loading builds
+no plugin manager and reads no shard: starting from a recipe (`framework.startup`) does both.
 """
 
 from __future__ import annotations
@@ -13,18 +14,15 @@ import copy
 import importlib.util
 import re
 import reprlib
-from collections.abc import Sequence
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import yaml
 from pydantic import ValidationError
 
-from framework.recipe.schema import NEEDS, Recipe
-from framework.registry import PluginError, check_names
-
-if TYPE_CHECKING:
-    from framework.manager import PluginHooks
+from framework.recipe.schema import MOVED, NEEDS, Recipe
+from framework.registry import PluginError, check_names, config_schema
 
 
 class RecipeError(Exception):
@@ -153,20 +151,47 @@ def _first_error(exc: ValidationError, prefix: str = "") -> str:
     return f"{loc or '<root>'}: {err['msg']}{got}{more}"
 
 
-def validate(
-    data: dict[str, Any], check_data: bool = True, extra_plugins: dict[str, object] | None = None
-) -> tuple[Recipe, PluginHooks]:
-    """Validate merged recipe data; returns the recipe and the registered plugins.
+def _check_moved(data: dict[str, Any]) -> None:
+    """RecipeError naming the first key of `data` that has moved to another section (`schema.MOVED`): an
+    older recipe is told where the key is now, not that it is unknown."""
+    for section, keys in data.items():
+        for key in keys if isinstance(keys, dict) else ():
+            if (moved := MOVED.get(f"{section}.{key}")) is not None:
+                raise RecipeError(f"{section}.{key} moved to {moved}")
 
-    `extra_plugins` registers plugin objects by name beside those the recipe names
-    (tests and embedding applications); their section defaults to `{}`.
+
+def as_written_now(saved: dict[str, Any]) -> dict[str, Any]:
+    """A `recipe.yaml` augssl wrote into a run or checkpoint before `train` was split, with each moved key
+    (`schema.MOVED`) in its section now; a recipe.yaml written since is returned as it is. (A recipe a user
+    writes is not rewritten: a moved key there is an error saying where it went.)"""
+    data = copy.deepcopy(saved)
+    train = data.get("train")
+    if not isinstance(train, dict):
+        return data
+    for key in list(train):
+        if (moved := MOVED.get(f"train.{key}")) is not None:
+            section, name = moved.split(".")
+            data.setdefault(section, {})[name] = train.pop(key)
+    return data
+
+
+def validate_recipe(data: dict[str, Any], extra_plugins: Mapping[str, object] | None = None) -> Recipe:
+    """Validate merged recipe data: the engine's sections, the plugin names, then each plugin's section
+    against the class its `config_schema` hook returns (`framework.registry.config_schema`, which loads the
+    plugin but builds no plugin manager; so a recipe whose engine sections or names are wrong is refused
+    before torch is imported).
+
+    `extra_plugins` are plugin objects by name beside those the recipe names (tests and embedding
+    applications); their section defaults to `{}`, and they come after the recipe's own plugins.
     """
     _check_size(data, "the recipe")
+    _check_moved(data)
+    extra = extra_plugins or {}
     plugins_raw = data.get("plugins")
     if not isinstance(plugins_raw, dict) or not plugins_raw:
         raise RecipeError("plugins: a recipe must name at least one plugin (e.g. plugins: {backbones: ..., kl: ...})")
     plugins_raw = {name: section for name, section in plugins_raw.items() if section is not None}
-    plugins_raw.update({name: {} for name in extra_plugins or {} if name not in plugins_raw})
+    plugins_raw.update({name: {} for name in extra if name not in plugins_raw})
     for name, section in plugins_raw.items():
         if not isinstance(section, dict):
             raise RecipeError(f"plugins.{name}: expected a mapping of settings, got {section!r}")
@@ -175,16 +200,14 @@ def validate(
     except ValidationError as exc:
         raise RecipeError(_first_error(exc)) from None
 
+    names = [name for name in plugins_raw if name not in extra] + list(extra)
     try:
-        check_names(name for name in plugins_raw if name not in (extra_plugins or {}))
-        from framework.manager import PluginHooks  # imports torch: only once the checks that need no plugin pass
-
-        hooks = PluginHooks(list(plugins_raw), extra=extra_plugins)
-        schemas = hooks.config_schema()
+        check_names(name for name in names if name not in extra)
+        schemas = {name: config_schema(name, extra.get(name)) for name in names}
     except PluginError as exc:
         raise RecipeError(f"plugins: {exc}") from None
-    validated = {}
     needs: dict[str, frozenset[str]] = {name: getattr(schema, "needs", frozenset()) for name, schema in schemas.items()}
+    validated = {}
     for name, schema in schemas.items():
         try:
             validated[name] = schema.model_validate(plugins_raw[name], context={NEEDS: needs})
@@ -193,35 +216,16 @@ def validate(
     recipe.plugins = validated
     if len(recipe.data.mean) != recipe.data.channels or len(recipe.data.std) != recipe.data.channels:
         raise RecipeError(f"data.mean/data.std: need {recipe.data.channels} values (data.channels)")
-    for tracker in recipe.train.log_with:
+    for tracker in recipe.log.trackers:
         if importlib.util.find_spec(tracker) is None:
-            raise RecipeError(f"train.log_with: {tracker} is not installed (pip install {tracker})")
-    if check_data:
-        from framework.data.shards import check_shards  # its package imports torch (the data pipeline)
-
-        try:  # a missing local shard is a recipe error naming the key
-            check_shards("data.train", recipe.data.train)
-            for key in ("train", "test"):
-                spec = getattr(recipe.eval, key)
-                if spec is not None:
-                    check_shards(f"eval.{key}", spec)
-        except ValueError as exc:
-            raise RecipeError(str(exc)) from None
-    return recipe, hooks
+            raise RecipeError(f"log.trackers: {tracker} is not installed (pip install {tracker})")
+    return recipe
 
 
-def load_recipe(
-    path: str | Path,
-    overrides: Sequence[str] = (),
-    check_data: bool = True,
-    extra_plugins: dict[str, object] | None = None,
-) -> tuple[Recipe, PluginHooks]:
-    """Load, merge, override and validate a recipe file; errors are `RecipeError` naming the file."""
-    try:
-        return validate(apply_overrides(load_raw(path), list(overrides)), check_data, extra_plugins)
-    except RecipeError as exc:
-        msg = str(exc)
-        raise RecipeError(msg if msg.startswith(str(Path(path).resolve())) else f"{path}: {msg}") from None
+def in_file(path: str | Path, exc: RecipeError) -> RecipeError:
+    """`exc` naming the recipe file `path` (unless its message starts with it already)."""
+    msg = str(exc)
+    return RecipeError(msg if msg.startswith(str(Path(path).resolve())) else f"{path}: {msg}")
 
 
 def write_resolved(recipe: Recipe, path: str | Path) -> None:

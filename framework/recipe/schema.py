@@ -1,4 +1,5 @@
-"""The recipe's schema: the engine's sections (data, train, distributed, eval) and the whole `Recipe`.
+"""The recipe's schema: the engine's sections (data, train, optim, log, checkpoint, distributed, eval) and the
+whole `Recipe`.
 
 Pure data and validation: this module knows no plugin, process or file (loading a recipe from
 YAML is `framework.recipe.loading`). Each plugin's own section is its `PluginConfig` subclass.
@@ -49,6 +50,32 @@ def check_deepspeed_section(section: Mapping[str, Any]) -> None:
 # Every section's config, and that of the models nested in one: unknown keys are errors, and a float
 # must be finite (`.inf`, `.nan`, `1e999` or "inf" as a learning rate, weight decay or clip is a typo).
 SECTION_CONFIG = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+# Declared on a field (`Field(..., json_schema_extra=MAY_CHANGE_ON_RESUME)`): its value may differ between a
+# checkpoint's recipe.yaml and the recipe that resumes it; on a section, every key in it may. Every other key
+# must be equal (framework.runfolder.check_compatible), because the checkpoint's state depends on it: the
+# modules (plugin sections of plugins that hold modules: encoder, latent_dim, ...), the data stream the saved
+# cursor replays (image_size, channels, num_workers, shuffle_buffer, batch_size, seed, ...) and the optimizer
+# whose state is restored (optimizer, betas, momentum: a restored optimizer keeps the saved ones). Plugins
+# that hold no modules (loss terms such as `kl`) may be added, removed or changed whatever their fields say.
+MAY_CHANGE_ON_RESUME: dict[str, Any] = {"resume": "may_change"}
+
+
+def may_change_on_resume(section: BaseModel, prefix: str = "") -> list[str]:
+    """The dotted keys (under `prefix`) of the fields of `section`, of the sections nested in it and of the
+    plugin sections of a `plugins` mapping, that declare MAY_CHANGE_ON_RESUME."""
+    keys = []
+    for name, info in type(section).model_fields.items():
+        key, value = prefix + (info.alias or name), getattr(section, name)
+        if info.json_schema_extra == MAY_CHANGE_ON_RESUME:
+            keys.append(key)
+        elif isinstance(value, BaseModel):
+            keys += may_change_on_resume(value, f"{key}.")
+        elif isinstance(value, dict):
+            for sub, cfg in value.items():
+                if isinstance(cfg, BaseModel):
+                    keys += may_change_on_resume(cfg, f"{key}.{sub}.")
+    return keys
 
 
 class Strict(BaseModel):
@@ -121,7 +148,7 @@ class PluginConfig(Strict):
 
     `weight` multiplies every loss term the plugin returns (`total = sum(weight * term)`).
     `lr`, when set, is the learning rate of the plugin's own modules (their own optimizer
-    param group, scaled and scheduled like `train.lr`); unset, they train at `train.lr`.
+    param group, scaled and scheduled like `optim.lr`); unset, they train at `optim.lr`.
     Subclass it and return the subclass from the plugin's `config_schema` hook. Its floats must be
     finite, as every section's; a pydantic model nested in it should say so too (`allow_inf_nan=False`).
 
@@ -137,8 +164,8 @@ class PluginConfig(Strict):
 
     needs: ClassVar[frozenset[str]] = frozenset()
 
-    weight: float = 1.0
-    lr: float | None = Field(None, gt=0)
+    weight: float = Field(1.0, json_schema_extra=MAY_CHANGE_ON_RESUME)  # a loss weight
+    lr: float | None = Field(None, gt=0, json_schema_extra=MAY_CHANGE_ON_RESUME)  # rebased on load, as optim.lr
 
     @model_validator(mode="after")
     def _capabilities(self) -> PluginConfig:
@@ -161,7 +188,10 @@ def needed_by(info: ValidationInfo, thing: str) -> list[str]:
 class DataConfig(Strict):
     """Where the training images come from and how they are batched (per process)."""
 
-    train: str  # shard URLs: a path, a brace pattern `x-{000000..000009}.tar`, http(s)://, pipe:
+    # the same shards elsewhere may resume (e.g. copied to node-local disk); the cursor assumes the same list
+    train: str = Field(
+        json_schema_extra=MAY_CHANGE_ON_RESUME
+    )  # shard URLs: a path, a brace pattern `x-{000000..000009}.tar`, http(s)://, pipe:
     image_size: int = Field(gt=0)
     channels: Literal[1, 3]
     mean: list[float]
@@ -175,17 +205,17 @@ class DataConfig(Strict):
     # resampled only: an epoch is this many samples over all ranks and workers (webdataset's
     # with_epoch); default: as many shards as data.train lists
     epoch_samples: int | None = Field(None, gt=0)
-    max_bad_fraction: float = Field(0.01, ge=0, le=1)
+    max_bad_fraction: float = Field(0.01, ge=0, le=1, json_schema_extra=MAY_CHANGE_ON_RESUME)
     # labels must be -1 (unlabelled) or 0..num_classes-1; a record with another is a counted bad record
-    num_classes: int | None = Field(None, gt=0)
+    num_classes: int | None = Field(None, gt=0, json_schema_extra=MAY_CHANGE_ON_RESUME)
     # faults: a worker with no good record for stall_seconds stops the run (one line); a remote
     # shard's transfer without a byte for timeout_seconds fails, and is retried `retries` times
-    stall_seconds: float = Field(600.0, gt=0)
-    timeout_seconds: float = Field(60.0, gt=0)
-    retries: int = Field(3, ge=0)
+    stall_seconds: float = Field(600.0, gt=0, json_schema_extra=MAY_CHANGE_ON_RESUME)
+    timeout_seconds: float = Field(60.0, gt=0, json_schema_extra=MAY_CHANGE_ON_RESUME)
+    retries: int = Field(3, ge=0, json_schema_extra=MAY_CHANGE_ON_RESUME)
     # PIL's Image.MAX_IMAGE_PIXELS where the images are decoded (default: PIL's, 89478485; 0: no limit): an
     # image of more than twice as many pixels (a decompression bomb?) stops the run, one line
-    max_image_pixels: int | None = Field(None, ge=0)
+    max_image_pixels: int | None = Field(None, ge=0, json_schema_extra=MAY_CHANGE_ON_RESUME)
 
     @model_validator(mode="after")
     def _epoch_samples_need_resampling(self) -> DataConfig:
@@ -195,19 +225,33 @@ class DataConfig(Strict):
 
 
 class TrainConfig(Strict):
-    """The optimisation: length, optimizer, schedule, logging and checkpoints."""
+    """The run: its length, seed, resume policy and what stops it."""
 
-    steps: int = Field(gt=0)  # optimizer steps
-    lr: float = Field(gt=0)
+    steps: int = Field(gt=0, json_schema_extra=MAY_CHANGE_ON_RESUME)  # optimizer steps
+    seed: int = 0
+    # "auto" (newest verified checkpoint), "never" (refuses a folder with checkpoints), "fresh" (moves
+    # the old run to <output_dir>/previous/<time>/ and starts at step 0), or a checkpoint path
+    resume: str = Field("auto", json_schema_extra=MAY_CHANGE_ON_RESUME)
+    # consecutive non-finite steps before stopping
+    max_bad_steps: int = Field(10, gt=0, json_schema_extra=MAY_CHANGE_ON_RESUME)
+    # torch.compile every plugin module in place (first steps slower: compilation)
+    compile: bool = Field(False, json_schema_extra=MAY_CHANGE_ON_RESUME)
+
+
+class OptimConfig(Strict):
+    """The optimizer and its schedules (lr, weight decay). Its state is restored on resume, so what it
+    keeps (optimizer, momentum, betas, ...) may not change then; the lr and weight decay are rebased."""
+
+    lr: float = Field(gt=0, json_schema_extra=MAY_CHANGE_ON_RESUME)  # lrs are rebased on load
     # "linear": the optimizer's lr is lr x global_batch / 256 (Goyal et al. 2017), where
     # global_batch = data.batch_size x processes x distributed.accumulation_steps
-    lr_scaling: Literal["none", "linear"] = "none"
+    lr_scaling: Literal["none", "linear"] = Field("none", json_schema_extra=MAY_CHANGE_ON_RESUME)
     # lars: SGD with plain momentum and a per-parameter trust ratio (docs/methods.md#optimiser)
     optimizer: Literal["adam", "adamw", "sgd", "lars"] = "adam"
-    weight_decay: float = Field(0.0, ge=0)
+    weight_decay: float = Field(0.0, ge=0, json_schema_extra=MAY_CHANGE_ON_RESUME)
     # set: the weight decay follows a cosine from weight_decay at step 0 to this at train.steps
-    # (DINO's schedule), in the param groups that decay; None: constant
-    weight_decay_end: float | None = Field(None, ge=0)
+    # (DINO's schedule), in the param groups that decay (written into them every step); None: constant
+    weight_decay_end: float | None = Field(None, ge=0, json_schema_extra=MAY_CHANGE_ON_RESUME)
     # biases and normalisation weights (every parameter with ndim <= 1) get no weight decay, in their
     # own param group per plugin (solo-learn's exclude_bias_n_norm_wd); always so under lars
     exclude_norm_bias_from_wd: bool = False
@@ -217,21 +261,43 @@ class TrainConfig(Strict):
     lars_eta: float = Field(1e-3, gt=0)
     lars_clip: bool = False
     betas: tuple[float, float] = (0.9, 0.999)  # adam/adamw
-    warmup_steps: int = Field(0, ge=0)
-    schedule: Literal["constant", "cosine"] = "constant"
-    seed: int = 0
-    log_every: int = Field(50, gt=0)
-    checkpoint_every: int = Field(1000, gt=0)
+    warmup_steps: int = Field(0, ge=0, json_schema_extra=MAY_CHANGE_ON_RESUME)
+    schedule: Literal["constant", "cosine"] = Field("constant", json_schema_extra=MAY_CHANGE_ON_RESUME)
+
+
+class LogConfig(Strict):
+    """What the run reports, and where."""
+
+    every: int = Field(50, gt=0)  # metrics every N steps
     preview_every: int = Field(1000, ge=0)  # PNG of views and reconstructions every N steps; 0: never
     # Accelerate trackers the logged metrics also go to (metrics.jsonl is always written);
     # "wandb" needs `pip install wandb` (and WANDB_* settings, e.g. WANDB_MODE=offline).
-    log_with: list[Literal["tensorboard", "wandb"]] = ["tensorboard"]
-    keep_checkpoints: int = Field(2, gt=0)
-    # "auto" (newest verified checkpoint), "never" (refuses a folder with checkpoints), "fresh" (moves
-    # the old run to <output_dir>/previous/<time>/ and starts at step 0), or a checkpoint path
-    resume: str = "auto"
-    max_bad_steps: int = Field(10, gt=0)  # consecutive non-finite steps before stopping
-    compile: bool = False  # torch.compile every plugin module in place (first steps slower: compilation)
+    trackers: list[Literal["tensorboard", "wandb"]] = ["tensorboard"]
+
+
+class CheckpointConfig(Strict):
+    """How often the run is checkpointed, and how many checkpoints it keeps."""
+
+    every: int = Field(1000, gt=0)  # steps
+    keep: int = Field(2, gt=0)  # the newest N (and the one an explicit train.resume path names)
+
+
+# The keys `train:` held before it was split by concern, and where they are now (a recipe naming one is
+# answered with where it moved, not with a generic unknown key).
+MOVED = {
+    **{
+        f"train.{key}": f"optim.{key}"
+        for key in (
+            "lr lr_scaling optimizer weight_decay weight_decay_end exclude_norm_bias_from_wd momentum lars_eta "
+            "lars_clip betas warmup_steps schedule"
+        ).split()
+    },
+    "train.log_every": "log.every",
+    "train.preview_every": "log.preview_every",
+    "train.log_with": "log.trackers",
+    "train.checkpoint_every": "checkpoint.every",
+    "train.keep_checkpoints": "checkpoint.keep",
+}
 
 
 class DistributedConfig(Strict):
@@ -287,11 +353,15 @@ class EvalConfig(Strict):
 class Recipe(Strict):
     """A whole validated recipe. `plugins` maps each plugin name to its validated section."""
 
-    output_dir: str = Field(pattern=r"\S")  # not empty
+    output_dir: str = Field(pattern=r"\S", json_schema_extra=MAY_CHANGE_ON_RESUME)  # not empty; the run folder may move
     data: DataConfig
     train: TrainConfig
-    distributed: DistributedConfig = DistributedConfig()
-    eval: EvalConfig = EvalConfig()
+    optim: OptimConfig
+    log: LogConfig = Field(LogConfig(), json_schema_extra=MAY_CHANGE_ON_RESUME)
+    checkpoint: CheckpointConfig = Field(CheckpointConfig(), json_schema_extra=MAY_CHANGE_ON_RESUME)
+    # the launch: checkpoint.check_resumable decides (DeepSpeed needs the same world and stage)
+    distributed: DistributedConfig = Field(DistributedConfig(), json_schema_extra=MAY_CHANGE_ON_RESUME)
+    eval: EvalConfig = Field(EvalConfig(), json_schema_extra=MAY_CHANGE_ON_RESUME)  # evaluation only
     plugins: dict[str, Any]
 
     def resolved(self) -> dict[str, Any]:
