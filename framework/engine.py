@@ -37,7 +37,7 @@ import torch
 from accelerate.utils import DistributedType, set_seed
 
 from framework import checkpoint, runfolder
-from framework.data.pipeline import batch_to_device, clean_x_view
+from framework.data.pipeline import batch_to_device, clean_x_view, ordered
 from framework.data.stream import DataWorkerDied, StreamPosition, batches, check_batch, make_loader
 from framework.distributed import (
     apply_speed_settings,
@@ -50,7 +50,7 @@ from framework.distributed import (
 )
 from framework.eval.report import online_knn
 from framework.logging import RunLogger, logged_lrs
-from framework.manager import PluginHooks
+from framework.manager import PluginError, PluginHooks
 from framework.model import Model, weighted_total
 from framework.optim import build_optimizer, effective_lr, lr_factor
 from framework.preemption import Preempted, StopNow, StopRequests
@@ -67,8 +67,14 @@ class TrainingError(RuntimeError):
 
 
 def build_views(recipe: Recipe, hooks: PluginHooks) -> dict[str, View]:
-    """The clean view `x` plus every plugin's views."""
-    return {"x": clean_x_view(recipe.data), **hooks.augment(recipe)}
+    """The clean view `x` plus every plugin's views; PluginError for a view whose source is no view (e.g. a
+    capability naming a view its plugin does not make), checked before the run folder is made."""
+    views = {"x": clean_x_view(recipe.data), **hooks.augment(recipe)}
+    try:
+        ordered(views)
+    except ValueError as exc:
+        raise PluginError(f"hook 'augment': {exc}") from exc  # a ValueError: one line
+    return views
 
 
 class Vote(NamedTuple):
@@ -188,6 +194,7 @@ def start(recipe: Recipe, hooks: PluginHooks) -> Run | None:
     check_batch(recipe.data, accelerator.num_processes)  # a batch the shards cannot fill would never come
     set_seed(cfg.seed)
     model = Model(hooks, recipe)  # before the run folder: a plugin refusing the recipe or a file leaves none
+    views = build_views(recipe, hooks)  # so for a view that names no view
     lock = runfolder.open_run(accelerator, out, cfg.resume)  # rank 0 holds output_dir's lock while the Run lives
     if recipe.distributed.sync_batchnorm and accelerator.num_processes > 1 and accelerator.device.type == "cuda":
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -218,7 +225,7 @@ def start(recipe: Recipe, hooks: PluginHooks) -> Run | None:
     exact = bool(position.workers)  # the checkpoint says where every data worker stood
     loader = make_loader(
         recipe.data,
-        build_views(recipe, hooks),
+        views,
         rank=accelerator.process_index,
         world_size=accelerator.num_processes,
         seed=cfg.seed if exact or step == 0 else cfg.seed + step,

@@ -190,7 +190,7 @@ class PluginHooks:
                 try:
                     check_short_name(plugin, key, "view")
                 except ValueError as exc:
-                    raise PluginError(f"{where}: {exc}") from None
+                    raise PluginError(f"{where}: {exc}") from exc  # a ValueError: one line
                 if not isinstance(view, View):
                     raise PluginError(f"{where}: view {key!r} is not a framework.View")
                 if view.source is not None:

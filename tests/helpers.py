@@ -48,16 +48,16 @@ def augssl(*args: Any, env: dict[str, str] | None = None) -> subprocess.Complete
     return subprocess.run(command, capture_output=True, text=True, timeout=300, env=env or ENV, cwd=ROOT)
 
 
-def one_line(args: list[Any], script: str = "train.py") -> str:
-    """Run `launch/<script> args` (`script="augssl"`: the `augssl` command); assert it fails with exit 2 and one
-    `augssl: error:` line, and return it."""
+def one_line(args: list[Any], script: str = "train.py", env: dict[str, str] | None = None) -> str:
+    """Run `launch/<script> args` (`script="augssl"`: the `augssl` command) with `env` (default `ENV`); assert it
+    fails with exit 2 and one `augssl: error:` line, and return it."""
     command = ["-c", AUGSSL_CLI] if script == "augssl" else [str(ROOT / "launch" / script)]
     proc = subprocess.run(
         [sys.executable, *command, *map(str, args)],
         capture_output=True,
         text=True,
         timeout=300,
-        env=ENV,
+        env=env or ENV,
         cwd=ROOT,
     )
     lines = proc.stderr.strip().splitlines()

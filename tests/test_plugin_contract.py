@@ -5,6 +5,7 @@ the public API (`framework` and `plugins.blocks`), capabilities are typed and ch
 from __future__ import annotations
 
 import ast
+import os
 import socket
 import warnings
 from pathlib import Path
@@ -25,7 +26,8 @@ from framework.model import Model
 from framework.recipe.loading import RecipeError
 from framework.registry import BUILTIN_PLUGINS
 from framework.startup import validate
-from framework.testing import CONV28, run_steps, tiny_recipe
+from framework.testing import CONV28, run_steps, tiny_recipe, write_recipe
+from tests.helpers import ENV, one_line
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -226,6 +228,59 @@ def test_builtin_sections_have_the_capabilities_they_claim(tmp_path):
     assert list(recipe.providers(plugins.blocks.StandsForELBO)) == ["kl", "aavae"]
     assert list(recipe.providers(plugins.blocks.AugmentedViews)) == ["aavae", "consistency"]
     assert list(recipe.providers(plugins.blocks.PriorKLSchedule)) == ["kl"]
+
+
+THIRD_PARTY = """
+from typing import ClassVar
+from framework import PluginConfig, View, hookimpl
+from framework.views import clean_view
+
+class Section(PluginConfig):
+    augmented_view: ClassVar[str] = {declared!r}
+
+@hookimpl
+def config_schema():
+    return Section
+
+@hookimpl
+def augment(config):
+    return {{{view!r}: View(clean_view(28, config.data.mean, config.data.std, 1))}}
+"""
+
+
+def _installed(site: Path, declared: str, view: str) -> Path:
+    """A third-party plugin `dino` in `site`, found by its entry point as an installed package is."""
+    site.mkdir(parents=True)
+    (site / "dino_plugin.py").write_text(THIRD_PARTY.format(declared=declared, view=view))
+    info = site / "augssl_dino-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: augssl-dino\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[augssl]\ndino = dino_plugin\n")
+    return site
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("declared", "view", "message"),
+    [
+        (
+            "dino.v1",
+            "v1",
+            "plugins.dino: Value error, capability AugmentedViews: augmented_view 'dino.v1' must be the short name",
+        ),
+        ("v3", "v1", "hook 'augment': view 'affine.view': source 'dino.v3' is not a view"),
+        ("v1", "dino.v1", "plugin 'dino', hook 'augment': view 'dino.v1': a plugin names its own by a short name"),
+    ],
+)
+def test_a_third_party_plugins_wrong_names_are_one_line_before_the_run_folder(
+    tmp_path, fmnist_shards, declared, view, message
+):
+    site = _installed(tmp_path / "site", declared, view)
+    plugins = {"backbones": CONV28, "kl": {}, "dino": {}, "affine": {}}
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(tmp_path, fmnist_shards, plugins=plugins))
+    env = {**ENV, "PYTHONPATH": os.pathsep.join([str(site), str(ROOT)])}
+    assert message in one_line([recipe], env=env)
+    assert not (tmp_path / "run" / "recipe.yaml").exists()  # nothing written: the run never started
 
 
 # ---------------------------------------------------------------------------

@@ -31,8 +31,9 @@ class BadRecord(Exception):
     """A record that cannot become a training sample (missing/undecodable image, bad label)."""
 
 
-def _ordered(views: dict[str, View]) -> list[tuple[str, View]]:
-    """Views in dependency order (a derived view after its source)."""
+def ordered(views: dict[str, View]) -> list[tuple[str, View]]:
+    """Views in dependency order (a derived view after its source); ValueError for a source that is no view
+    or a cycle."""
     done: dict[str, View] = {}
     pending = dict(views)
     while pending:
@@ -40,7 +41,7 @@ def _ordered(views: dict[str, View]) -> list[tuple[str, View]]:
         if not ready:
             name, view = next(iter(pending.items()))
             missing = view.source if view.source not in views else "a cycle"
-            raise ValueError(f"view {name!r}: source {missing!r} is not a view")
+            raise ValueError(f"view {name!r}: source {missing!r} is not a view (views: {', '.join(views)})")
         done.update(ready)
         for n in ready:
             del pending[n]
@@ -56,7 +57,7 @@ def split_normalize(views: dict[str, View]) -> tuple[list[tuple[str, Any, str | 
     otherwise its source is normalised in the worker first, as it always was.
     """
     worker, deferred = [], {}
-    for name, view in _ordered(views):
+    for name, view in ordered(views):
         transform = view.transform
         if (
             isinstance(transform, v2.Compose)
