@@ -228,6 +228,9 @@ def test_builtin_sections_have_the_capabilities_they_claim(tmp_path):
     assert list(recipe.providers(plugins.blocks.StandsForELBO)) == ["kl", "aavae"]
     assert list(recipe.providers(plugins.blocks.AugmentedViews)) == ["aavae", "consistency"]
     assert list(recipe.providers(plugins.blocks.PriorKLSchedule)) == ["kl"]
+    sections = {"backbones": {"encoder": "conv28"}, "simclr": {"crops": {"global": {"count": 2}}}, "byol": {}}
+    recipe, _ = validate(tiny_recipe(tmp_path, {"train": "none.tar", "test": "none.tar"}, plugins=sections), False)
+    assert list(recipe.providers(plugins.blocks.CropSizes)) == ["simclr", "byol"]
 
 
 THIRD_PARTY = """

@@ -12,7 +12,7 @@ checks it), so a third-party plugin can do all they do. The names below are vers
 * Losses (`plugins.blocks.losses`): `nt_xent`, `multi_crop_nt_xent`, `barlow_twins_loss`, `byol_loss`,
   `multi_crop_byol_loss`, each over the global batch where the method says so.
 * EMA targets (`plugins.blocks.ema`): `Target`, `initialise_targets`, `update_targets`, `ema_update`.
-* Capabilities (`plugins.blocks.capabilities`): `AugmentedViews`, `StandsForELBO`, `PriorKLSchedule`, typed
+* Capabilities (`plugins.blocks.capabilities`): `AugmentedViews`, `StandsForELBO`, `PriorKLSchedule`, `CropSizes`, typed
   Protocols a plugin finds with `Recipe.providers`, and `VAE_HEAD`, what a plugin `needs` of the encoder.
 
 Distributed statistics without gradient (`framework.all_reduce`) and with it (`framework.gather_with_grad`)
@@ -44,7 +44,14 @@ from plugins.blocks.augmentations import (
     simclr_view,
     two_views,
 )
-from plugins.blocks.capabilities import VAE_HEAD, AugmentedViews, Likelihood, PriorKLSchedule, StandsForELBO
+from plugins.blocks.capabilities import (
+    VAE_HEAD,
+    AugmentedViews,
+    CropSizes,
+    Likelihood,
+    PriorKLSchedule,
+    StandsForELBO,
+)
 from plugins.blocks.ema import Target, ema_update, initialise_targets, update_targets
 from plugins.blocks.heads import mlp
 from plugins.blocks.losses import (
@@ -77,6 +84,7 @@ __all__ = [
     "AffineWithParams",
     "AugmentedViews",
     "CropGroup",
+    "CropSizes",
     "Likelihood",
     "MultiCrop",
     "PILGaussianBlur",

@@ -28,6 +28,7 @@ from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
 from framework import Encoding, PluginConfig, Recipe, StepContext, ToMode, View, check_stats, tensor_steps
+from plugins.blocks.capabilities import CropSizes
 
 Strength = Literal["cifar", "stl", "mnist", "solo_symmetric", "solo_asymmetric", "byol_asymmetric"]
 
@@ -345,6 +346,15 @@ class TwoViewsConfig(PluginConfig):
 
     augmented_view: ClassVar[str] = "v1"
 
+    def crop_sizes(self, image_size: int) -> list[int]:
+        """The image sizes of the section's views (capability `CropSizes`): `image_size` without `crops`."""
+        if self.crops is None:
+            return [image_size]
+        sizes = [self.crops.global_.size or image_size]
+        if self.crops.local.count and self.crops.local.size is not None:  # validation requires the size then
+            sizes.append(self.crops.local.size)
+        return sizes
+
     strength: Strength | None = None  # simclr_view preset; None: inferred from data.channels / image_size
     crops: MultiCrop | None = None  # None: the two views v1, v2 of today, each encoded on its own
 
@@ -360,14 +370,11 @@ def two_views(config: Recipe, strength: Strength | None) -> dict[str, View]:
 
 
 def image_sizes(config: Recipe) -> list[int]:
-    """Every image size the recipe's views give the encoder: `data.image_size` and the sizes of each multi-crop
-    section (`crops`) of any plugin, sorted."""
+    """Every image size the recipe's views give the encoder: `data.image_size` and the sizes of every plugin
+    whose section has the capability `CropSizes` (a multi-crop section), sorted."""
     sizes = {config.data.image_size}
-    for cfg in config.plugins.values():
-        if isinstance(crops := getattr(cfg, "crops", None), MultiCrop):
-            sizes.add(crops.global_.size or config.data.image_size)
-            if crops.local.count and crops.local.size is not None:  # validation requires the size with a count
-                sizes.add(crops.local.size)
+    for cfg in config.providers(CropSizes).values():
+        sizes.update(cfg.crop_sizes(config.data.image_size))
     return sorted(sizes)
 
 

@@ -45,6 +45,15 @@ class StandsForELBO(Protocol):
 
 @capability()
 @runtime_checkable
+class CropSizes(Protocol):
+    """The plugin's views come in sizes other than `data.image_size` (multi-crop): `crop_sizes(image_size)`
+    lists them, so the encoder's plugin can check it takes every one (a ViT's patch grid)."""
+
+    def crop_sizes(self, image_size: int) -> list[int]: ...
+
+
+@capability()
+@runtime_checkable
 class PriorKLSchedule(Protocol):
     """The plugin's prior KL follows a schedule, `kl_factor(step)` in 0..1 after `step` optimizer steps (the KL
     warm-up / cycles of `kl`); the recipe's other prior KLs follow it (CR-VAE's)."""
