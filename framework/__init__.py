@@ -27,7 +27,12 @@ A recipe that lists ``plugins: {my_plugin: {scale: 0.1}}`` then trains with the 
 ``my_plugin.l2``. Every hook is documented in ``framework.hookspecs``; a hook receives its
 plugin's own section as ``cfg`` and its own modules as ``own``.
 
-The names below are the whole plugin API; the built-in plugins use nothing else.
+A hook's names are its plugin's own: ``ctx.views["v1"]`` is its view ``<plugin>.v1``, and
+``ctx.metrics["acc"]`` is logged as ``<plugin>.acc`` (docs/plugins.md, "Scoped names").
+
+The names below and ``plugins.blocks`` (the building blocks of the built-in methods: views, heads,
+VAE terms, losses, EMA targets, capabilities) are the whole plugin API, versioned by ``API_VERSION``;
+the built-in plugins use nothing else (tests/test_plugin_contract.py checks it).
 """
 
 from __future__ import annotations
