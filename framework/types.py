@@ -11,7 +11,7 @@ import copy
 import re
 from collections.abc import Callable, Iterator, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import torch
 
@@ -92,6 +92,28 @@ class ScopedNames(MutableMapping[str, T]):
         return sum(1 for _ in self)
 
 
+class DeviceStep(Protocol):
+    """The batched photometric part of a view, run on the training device (`OnDevice.batch`)."""
+
+    def __call__(self, images: torch.Tensor, generator: torch.Generator, first: int, total: int) -> torch.Tensor:
+        """`images`: this rank's batch of the view, uint8 (B, C, H, W) on the device, rows `first`..`first + B - 1`
+        of a global batch of `total`; returns them augmented and normalised (float). Every sample gets its own
+        random parameters, drawn from `generator` (on the device) for all `total` rows, so that the rows of one
+        process's batch get what they would in any number of processes."""
+        ...
+
+
+@dataclass(frozen=True)
+class OnDevice:
+    """A view split in two, so its photometric steps run batched on the training device (`data.augment_on`):
+    `worker` is the per-sample part the data workers run (decoding-side geometry: crops, flips, warps; returns
+    a uint8 tensor (C, H, W), or `(tensor, params)`), `batch` the rest, a `DeviceStep` (e.g. a `nn.Module`).
+    The view's `transform` stays the whole view, run in the workers when augmentation stays there."""
+
+    worker: Callable[[Any], Any]
+    batch: DeviceStep
+
+
 @dataclass(frozen=True)
 class View:
     """A named view transform returned by an `augment` hook.
@@ -108,6 +130,7 @@ class View:
 
     transform: Callable[[Any], Any]
     source: str | None = None
+    on_device: OnDevice | None = None  # how the view splits when its photometric steps run on the device
 
 
 @dataclass
