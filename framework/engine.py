@@ -37,7 +37,7 @@ import torch
 from accelerate.utils import DistributedType, set_seed
 
 from framework import checkpoint, runfolder
-from framework.data.pipeline import batch_to_device, clean_x_view, ordered
+from framework.data.pipeline import DeviceViews, augments_on_device, batch_to_device, clean_x_view, ordered
 from framework.data.stream import DataWorkerDied, StreamPosition, batches, check_batch, make_loader
 from framework.distributed import (
     apply_speed_settings,
@@ -158,6 +158,7 @@ class Run:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     loader: Iterable[dict]
+    device_views: DeviceViews  # the photometric steps of the views that split, on the device
     logger: RunLogger
     lr: float  # optim.lr after lr_scaling, before the schedule
     step: int
@@ -172,16 +173,28 @@ class Run:
     broken: torch.Tensor  # `nonfinite_flag` after the last step (on the device; the next vote reads it)
     weights: dict[str, float]  # each plugin's loss weight
     signum: int = 0  # the signal of a voted stop request (0: none)
+    micro: int = 0  # micro-steps since the last optimizer step (with `step`, what `device_views` draw)
     bad_in_row: int = 0  # micro-steps skipped in a row (a non-finite loss on some rank)
     skipped: int = 0  # micro-steps and optimizer steps skipped since the start (logged)
 
     def batch(self, batch: dict[str, Any]) -> tuple[dict, dict, torch.Tensor]:
-        """Advance the data position; the batch's views (normalised on the device), params and labels."""
+        """Advance the data position; the batch's views (normalised and their device steps applied on the
+        device), params and labels."""
         self.position.update(batch["cursor"])
         views, params, labels = batch_to_device(batch, self.accelerator.device)
+        views = self.device_views(views, self.step, self.micro)
+        self.micro += 1
         if self.channels_last:
             views = {k: v.contiguous(memory_format=torch.channels_last) for k, v in views.items()}
         return views, params, labels
+
+
+def where_views_run(device_views: DeviceViews, on_device: bool) -> str:
+    """Where the views' photometric steps run, for the start-up line (`data.augment_on`)."""
+    if device_views.steps:
+        split = len(device_views.steps)
+        return f"photometric steps on the device ({split} view{'s' if split > 1 else ''} split)"
+    return "photometric steps in the workers" + (" (no view splits)" if on_device else "")
 
 
 def start(recipe: Recipe, hooks: PluginHooks) -> Run | None:
@@ -202,9 +215,13 @@ def start(recipe: Recipe, hooks: PluginHooks) -> Run | None:
     speed = apply_speed_settings(model, speed_settings(recipe.distributed, cfg, accelerator.device.type), units)
     batch = global_batch(recipe.data, recipe.distributed, accelerator.num_processes)
     lr = effective_lr(recipe.optim, batch)
+    on_device = augments_on_device(recipe.data.augment_on, accelerator.device)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    device_views = DeviceViews(views, on_device, accelerator.device, cfg.seed, rank, world, recipe.data.batch_size)
     accelerator.print(
         f"augssl: global batch {batch}, lr {lr:g} (optim.lr_scaling={recipe.optim.lr_scaling}), precision "
-        f"{mixed_precision(recipe.distributed)}, {' '.join(k for k, on in speed.items() if on) or 'eager'}"
+        f"{mixed_precision(recipe.distributed)}, {' '.join(k for k, on in speed.items() if on) or 'eager'}, "
+        f"views: {where_views_run(device_views, on_device)}"
     )
     optimizer = build_optimizer(model, recipe.optim, recipe.plugins, lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, recipe.optim, cfg.steps))
@@ -226,11 +243,12 @@ def start(recipe: Recipe, hooks: PluginHooks) -> Run | None:
     loader = make_loader(
         recipe.data,
         views,
-        rank=accelerator.process_index,
-        world_size=accelerator.num_processes,
+        rank=rank,
+        world_size=world,
         seed=cfg.seed if exact or step == 0 else cfg.seed + step,
         resume=position if exact else None,
         pin_memory=accelerator.device.type == "cuda",
+        augment_on_device=on_device,
     )
     accelerator.init_trackers("augssl", config={"recipe": str(out / "recipe.yaml")})
     logger = RunLogger(accelerator, out, cfg.steps, step)
@@ -244,6 +262,7 @@ def start(recipe: Recipe, hooks: PluginHooks) -> Run | None:
         optimizer,
         scheduler,
         loader,
+        device_views,
         logger,
         lr,
         step,
@@ -383,7 +402,7 @@ def update(run: Run, recipe: Recipe, hooks: PluginHooks, loss: torch.Tensor) -> 
 def finish_step(run: Run, recipe: Recipe, hooks: PluginHooks, preview: dict[str, torch.Tensor] | None) -> bool:
     """After an optimizer step: the schedule, the step-end hooks, the weights' finiteness flag, then what
     falls on this step (preview, log, online k-NN, checkpoint). Returns whether the run ends here."""
-    run.step += 1
+    run.step, run.micro = run.step + 1, 0
     run.scheduler.step()
     with torch.no_grad():
         hooks.on_train_step_end(run.unwrapped.plugins, run.step, recipe, run.unwrapped.encoder)

@@ -1,7 +1,7 @@
 """What tests and the scripts they launch share (no test module imports another): the repository's
 paths, the committed image shards and their samples, whether Fashion-MNIST is installed, the
 environment and runner of `accelerate launch`, the runner of a command that must fail with one
-line (`one_line`), a finished run's weights, and `DumpWeights`.
+line (`one_line`), a finished run's weights, `DumpWeights`, and `DeviceBright` (a view that splits, `data.augment_on`).
 
 Fixtures built on these are in tests/conftest.py.
 """
@@ -23,11 +23,13 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
+from torchvision.transforms import v2
 
 from framework import checkpoint, distributed, hookimpl
 from framework.data import Sample, shard_urls, tar_records
 from framework.data.sources import FASHION_MNIST_DIR
 from framework.testing import free_port
+from framework.types import OnDevice, View
 
 ROOT = Path(__file__).resolve().parents[1]
 ASSETS = ROOT / "tests" / "assets"  # written by tests/assets/make_assets.py
@@ -184,3 +186,58 @@ def bomb_png(path: Path, width: int = 20000, height: int = 10000) -> Path:
     header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)  # 1 bit, grey, deflate, no filter, no interlace
     path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b""))
     return path
+
+
+class Brightness(torch.nn.Module):
+    """A `DeviceStep` for tests: a brightness factor in [0.5, 1.5) per row of the global batch, drawn from the
+    generator for all `total` rows, this rank's applied, then normalised as (x - 0.5) / 0.25. It counts its
+    calls and keeps the factors of its rows."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls, self.factors = 0, []
+
+    def forward(self, images: torch.Tensor, generator: torch.Generator, first: int, total: int) -> torch.Tensor:
+        assert images.dtype == torch.uint8, "the workers emit a view that splits as uint8"
+        factors = torch.rand(total, generator=generator, device=images.device)[first : first + len(images)] + 0.5
+        self.calls += 1
+        self.factors.append(factors)
+        return brighter(images, factors)
+
+
+def brighter(images: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+    """uint8 `images` (B, C, H, W) scaled by one factor per row, clamped, normalised as (x - 0.5) / 0.25."""
+    return ((images.float() / 255 * factors.view(-1, 1, 1, 1)).clamp(0, 1) - 0.5) / 0.25
+
+
+class RandomFlip:
+    """The worker part of the test view: a PIL image to a uint8 tensor, flipped with probability 1/2."""
+
+    def __call__(self, image: Any) -> torch.Tensor:
+        tensor = v2.functional.pil_to_tensor(image)
+        return tensor.flip(-1) if bool(torch.rand(()) < 0.5) else tensor
+
+
+class FlipBright:
+    """The whole test view, as the workers run it: `RandomFlip`, then a brightness factor per sample."""
+
+    def __call__(self, image: Any) -> torch.Tensor:
+        tensor = RandomFlip()(image)
+        return brighter(tensor[None], torch.rand(1) + 0.5)[0]
+
+
+class DeviceBright:
+    """A plugin whose view `view` splits (`View.on_device`: `RandomFlip` in the workers, `Brightness` on the
+    device); its term trains the encoder on the view, its metric `device_calls` counts the device step's calls."""
+
+    def __init__(self) -> None:
+        self.step = Brightness()
+
+    @hookimpl
+    def augment(self, config: Any) -> dict[str, View]:
+        return {"view": View(FlipBright(), on_device=OnDevice(RandomFlip(), self.step))}
+
+    @hookimpl
+    def regularize(self, ctx: Any) -> dict[str, torch.Tensor]:
+        ctx.metrics["device_calls"] = torch.tensor(float(self.step.calls))
+        return {"pull": ctx.encode("view").h.pow(2).mean() * 1e-2}

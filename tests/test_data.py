@@ -17,6 +17,7 @@ from PIL import Image
 from framework.data import (
     BadShard,
     Cursor,
+    DeviceViews,
     Sample,
     SampleToViews,
     ShardStream,
@@ -25,11 +26,12 @@ from framework.data import (
     encode_image,
     make_loader,
     split_normalize,
+    split_views,
     tar_records,
     write_shards,
 )
 from framework.testing import data_section
-from framework.types import View
+from framework.types import OnDevice, View
 from framework.views import FASHION_MNIST_STATS, clean_view
 from tests.helpers import asset_samples
 
@@ -327,3 +329,48 @@ def test_resampled_epochs_are_cut_by_epoch_samples_and_draw_shards_per_rank(tmp_
     ranks = [batches(epoch_samples=8, rank=r, world_size=2) for r in (0, 1)]
     assert [sum(len(b["key"]) for b in rank) for rank in ranks] == [8, 8]  # 8 per epoch over both ranks
     assert [k for b in ranks[0] for k in b["key"]] != [k for b in ranks[1] for k in b["key"]]  # independent draws
+
+
+def test_views_split_for_the_device_only_where_asked_and_never_a_source():
+    """With `on_device` a view with `on_device` runs its worker part (uint8 out) and its batch step is the
+    device's; a view another derives from stays whole in the workers; without it every view is as before."""
+    from tests.helpers import Brightness, FlipBright, RandomFlip
+
+    bright = OnDevice(RandomFlip(), Brightness())
+    views = {**X, "b": View(FlipBright(), on_device=bright), "s": View(FlipBright(), on_device=bright)}
+    views["d"] = View(lambda t: -t, source="s")
+    worker, deferred, device = split_views(views, on_device=True)
+    assert list(device) == ["b"] and device["b"] is bright.batch and set(deferred) == {"x"}
+    assert {name: type(t) for name, t, _ in worker if name in "bs"} == {"b": RandomFlip, "s": FlipBright}
+    whole = split_views(views)  # data.augment_on=workers: every view whole, as split_normalize has it
+    assert [t for name, t, _ in whole.worker if name != "x"] == [views[n].transform for n in "bsd"]
+    assert set(whole.deferred) == {"x"} and whole.device == {}
+    sample = SampleToViews(views, channels=1, on_device=True)(
+        {"__key__": "k", "png": encode_image(next(asset_samples("test")).image), "cls": b"3"}
+    )
+    assert sample["views"]["b"].dtype == torch.uint8 and sample["views"]["s"].dtype == torch.float32
+
+
+def test_device_views_draw_the_same_parameters_for_a_row_in_any_number_of_processes():
+    """One process of batch 8 and two of batch 4 give each row of the global batch the same parameters,
+    whatever the global RNG; the draws change with the step and the micro-step, and are the same again
+    for the same (seed, step, micro-step): a resumed run draws what an uninterrupted one did."""
+    from tests.helpers import Brightness, RandomFlip
+
+    images = torch.randint(0, 256, (8, 1, 4, 4), dtype=torch.uint8)
+
+    def run(rank: int, world: int, step: int = 3, micro: int = 1, seed: int = 0) -> torch.Tensor:
+        views = {"b": View(RandomFlip(), on_device=OnDevice(RandomFlip(), Brightness()))}
+        device = DeviceViews(views, True, torch.device("cpu"), seed, rank, world, 8 // world)
+        torch.manual_seed(rank + world)  # the global RNG plays no part
+        rows = images[rank * 8 // world : (rank + 1) * 8 // world]
+        return device({"b": rows, "x": rows}, step, micro)["b"]
+
+    one = run(0, 1)
+    assert torch.equal(one, torch.cat([run(0, 2), run(1, 2)])) and torch.equal(one, run(0, 1))
+    assert not torch.equal(one[:4], run(0, 1)[4:]), "each row its own draw"
+    for other in (run(0, 1, step=4), run(0, 1, micro=0), run(0, 1, seed=1)):
+        assert not torch.equal(one, other)
+    views = {"b": View(RandomFlip(), on_device=OnDevice(RandomFlip(), Brightness()))}
+    workers = DeviceViews(views, False, torch.device("cpu"), 0, 0, 1, 8)
+    assert workers.steps == [] and workers({"b": images}, 3, 1)["b"] is images

@@ -18,7 +18,9 @@ from framework.logging import read_metrics
 from framework.optim import lr_factor
 from framework.recipe import OptimConfig
 from framework.recipe.schema import MOVED
-from framework.testing import run_steps, tiny_recipe
+from framework.testing import CONV28, run_steps, tiny_recipe
+from framework.types import View
+from tests.helpers import DeviceBright, FlipBright, final_weights
 
 
 def test_a_few_steps_on_real_shards_log_every_term(tmp_path, fmnist_shards):
@@ -166,3 +168,50 @@ def test_the_nonfinite_weight_check_skips_zero3_partition_padding():
     first.ds_tensor, first.ds_numel, first.ds_zero_partition_rank = torch.tensor([0.0, math.inf]), 3, 0
     last.ds_tensor[1] = 2.0
     assert nonfinite_flag(model).item() == 1.0
+
+
+def _bright_recipe(tmp_path, shards, **sections):
+    return tiny_recipe(tmp_path, shards, plugins={"backbones": CONV28, "kl": {}, "bright": {}}, **sections)
+
+
+@pytest.mark.parametrize("augment_on, calls", [("device", [1.0, 2.0]), ("auto", [0.0, 0.0])])
+def test_a_view_that_splits_runs_its_step_on_the_device_where_the_recipe_says(
+    tmp_path, fmnist_shards, capsys, augment_on, calls
+):
+    """`data.augment_on=device` on a CPU: the device step runs once a step, on the uint8 the workers
+    emit; `auto` on a CPU keeps every step in the workers. The start-up line says which."""
+    plugin = DeviceBright()
+    recipe = _bright_recipe(tmp_path, fmnist_shards, data={"augment_on": augment_on})
+    out = run_steps(recipe, steps=2, extra_plugins={"bright": plugin})
+    assert [r["bright.device_calls"] for r in read_metrics(out)] == calls
+    where = "on the device (1 view split)" if augment_on == "device" else "in the workers"
+    assert f"eager, views: photometric steps {where}\n" in capsys.readouterr().out
+
+
+class WholeBright(DeviceBright):
+    """`DeviceBright` with its view whole (no `on_device`)."""
+
+    @hookimpl
+    def augment(self, config):
+        return {"view": View(FlipBright())}
+
+
+def test_a_split_view_changes_nothing_when_augmentation_stays_in_the_workers(tmp_path, fmnist_shards):
+    """Under `data.augment_on=workers` a view with `on_device` trains as the same view without it, bit for bit."""
+    weights = []
+    for name, plugin in (("plain", WholeBright()), ("split", DeviceBright())):
+        recipe = _bright_recipe(tmp_path / name, fmnist_shards, data={"augment_on": "workers", "num_workers": 2})
+        weights.append(final_weights(run_steps(recipe, steps=2, extra_plugins={"bright": plugin})))
+    assert [k for k in weights[0] if not torch.equal(weights[0][k], weights[1][k])] == []
+
+
+def test_a_run_resumed_under_augment_on_device_ends_as_an_uninterrupted_one(tmp_path, fmnist_shards):
+    """2 steps, then resumed to 4, under `data.augment_on=device`: the device steps draw what they drew in an
+    uninterrupted 4-step run (seeded from the seed, the step and the micro-step), bit for bit."""
+    outs = []
+    for name, stops in (("whole", [4]), ("split", [2, 4])):
+        recipe = _bright_recipe(tmp_path / name, fmnist_shards, data={"augment_on": "device"})
+        for steps in stops:
+            outs.append(run_steps(recipe, steps=steps, extra_plugins={"bright": DeviceBright()}))
+    a, b = final_weights(outs[0]), final_weights(outs[-1])
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []

@@ -8,7 +8,8 @@
   resumable cursor (`ShardStream`, `StreamPosition`, `make_loader`), faults counted or one line
   (`DataError`);
 - `pipeline`: in the workers, a record -> its views (`SampleToViews`) -> a batch (`collate`); in
-  the trainer, the batch -> the device, normalised there (`batch_to_device`).
+  the trainer, the batch -> the device, normalised there (`batch_to_device`), the photometric steps
+  of the views that split applied there (`DeviceViews`, `data.augment_on`).
 
 `shards` builds on `sources`, `stream` on `shards` and `pipeline`; none imports the recipe layer
 (which imports `shards`): `make_loader` takes any object with the `data` section's fields.
@@ -17,11 +18,15 @@ Code inside `framework/` imports from the submodules; this package re-exports th
 
 from framework.data.pipeline import (
     BadRecord,
+    DeviceViews,
     SampleToViews,
+    Split,
+    augments_on_device,
     batch_to_device,
     clean_x_view,
     collate,
     split_normalize,
+    split_views,
 )
 from framework.data.shards import (
     BadShard,
@@ -50,10 +55,13 @@ __all__ = [
     "Cursor",
     "DataError",
     "DataSection",
+    "DeviceViews",
     "Sample",
     "SampleToViews",
     "ShardStream",
+    "Split",
     "StreamPosition",
+    "augments_on_device",
     "batch_to_device",
     "brace_pattern",
     "check_shards",
@@ -65,6 +73,7 @@ __all__ = [
     "open_shard",
     "shard_urls",
     "split_normalize",
+    "split_views",
     "tar_records",
     "write_shards",
 ]

@@ -2,21 +2,23 @@
 
 `SampleToViews` decodes one record (in a data worker) and computes every view with its random
 parameters; `collate` stacks samples into a batch; `batch_to_device` moves a batch to the
-device and applies the normalisation `split_normalize` deferred there (so uint8 crosses
-processes and the host-device link). A record that cannot become a sample is a `BadRecord`.
+device and applies the normalisation `split_views` deferred there (so uint8 crosses
+processes and the host-device link); `DeviceViews` then applies the photometric steps of the views
+that split there (`data.augment_on`). A record that cannot become a sample is a `BadRecord`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from PIL import Image
 from torchvision.transforms import v2
 
 from framework.data.sources import ImageTooLarge, read_image
-from framework.types import View
+from framework.types import DeviceStep, View
 from framework.views import Normalize, clean_view
 
 IMAGE_KEYS = ("png", "jpg", "jpeg", "webp")
@@ -48,38 +50,63 @@ def ordered(views: dict[str, View]) -> list[tuple[str, View]]:
     return list(done.items())
 
 
-def split_normalize(views: dict[str, View]) -> tuple[list[tuple[str, Any, str | None]], dict[str, Normalize]]:
-    """Each view's worker-side transform (in dependency order) and the `Normalize` deferred to the device.
+class Split(NamedTuple):
+    """How the views run: in the workers (in dependency order: name, transform, source), the `Normalize`
+    deferred to the device, and the `DeviceStep`s applied on the device (`DeviceViews`)."""
 
-    A view whose transform is a `v2.Compose` ending in `Normalize` runs without it in the
-    workers (uint8 out). A derived view of such a view gets the uint8 image and inherits the
-    normalisation if its transform says `accepts_uint8 = True` (e.g. `AffineWithParams`);
-    otherwise its source is normalised in the worker first, as it always was.
+    worker: list[tuple[str, Any, str | None]]
+    deferred: dict[str, Normalize]
+    device: dict[str, DeviceStep]
+
+
+def split_views(views: dict[str, View], on_device: bool = False) -> Split:
+    """Each view's worker-side transform (in dependency order), the `Normalize` deferred to the device and,
+    with `on_device` (`data.augment_on`), the device steps of the views that split (`View.on_device`).
+
+    A view that splits runs `on_device.worker` in the workers (uint8 out; a derived view's worker gets its
+    source as the workers emit it) and `on_device.batch` on the device. A view that others derive from
+    never splits: its whole `transform` runs in the workers, so its derived views see what they see with
+    `on_device` off (the simplest rule that keeps them right; only the source's photometric steps stay
+    per sample). Every other view is as without `on_device`, bit for bit: a view whose transform is a
+    `v2.Compose` ending in `Normalize` runs without it in the workers (uint8 out). A derived view of such
+    a view gets the uint8 image and inherits the normalisation if its transform says
+    `accepts_uint8 = True` (e.g. `AffineWithParams`); otherwise its source is normalised in the worker
+    first, as it always was.
     """
-    worker, deferred = [], {}
+    sources = {view.source for view in views.values()}
+    split = Split([], {}, {})
     for name, view in ordered(views):
         transform = view.transform
-        if (
+        if on_device and view.on_device is not None and name not in sources:
+            transform, split.device[name] = view.on_device.worker, view.on_device.batch
+        elif (
             isinstance(transform, v2.Compose)
             and transform.transforms
             and isinstance(transform.transforms[-1], Normalize)
         ):
-            deferred[name] = transform.transforms[-1]
+            split.deferred[name] = transform.transforms[-1]
             transform = v2.Compose(transform.transforms[:-1])
-        elif view.source in deferred:
+        elif view.source in split.deferred:
             if getattr(transform, "accepts_uint8", False):
-                deferred[name] = deferred[view.source]
+                split.deferred[name] = split.deferred[view.source]
             else:
-                transform = v2.Compose([deferred[view.source], transform])
-        worker.append((name, transform, view.source))
+                transform = v2.Compose([split.deferred[view.source], transform])
+        split.worker.append((name, transform, view.source))
+    return split
+
+
+def split_normalize(views: dict[str, View]) -> tuple[list[tuple[str, Any, str | None]], dict[str, Normalize]]:
+    """`split_views` with every view whole in the workers: the worker-side transforms and deferred `Normalize`."""
+    worker, deferred, _ = split_views(views)
     return worker, deferred
 
 
 class SampleToViews:
     """Decode one raw record and compute every view (with their random parameters).
 
-    Views whose normalisation is deferred (`split_normalize`) come out as uint8; the
-    batch's `"normalize"` entry maps them to their `Normalize`, for `batch_to_device`.
+    Views whose normalisation is deferred (`split_views`) come out as uint8; the
+    batch's `"normalize"` entry maps them to their `Normalize`, for `batch_to_device`. With `on_device`,
+    the views that split come out of their `on_device.worker`, uint8, for `DeviceViews`.
 
     Labels are -1 (unlabelled) or 0..`num_classes` - 1 (without `num_classes`: below 2**31); any
     other `cls` (57 for 10 classes, -2, "3.5", "seven") makes the record a `BadRecord`. An image over
@@ -88,9 +115,14 @@ class SampleToViews:
     """
 
     def __init__(
-        self, views: dict[str, View], channels: int, num_classes: int | None = None, max_image_pixels: int | None = None
+        self,
+        views: dict[str, View],
+        channels: int,
+        num_classes: int | None = None,
+        max_image_pixels: int | None = None,
+        on_device: bool = False,
     ) -> None:
-        self.views, self.normalize = split_normalize(views)
+        self.views, self.normalize, _ = split_views(views, on_device)  # the device steps stay in the trainer
         self.mode = "L" if channels == 1 else "RGB"
         self.num_classes = num_classes
         self.max_image_pixels = max_image_pixels
@@ -149,3 +181,59 @@ def batch_to_device(batch: dict[str, Any], device: torch.device | str) -> tuple[
         views[k] = norm[k](v) if k in norm else v
     params = {k: v.to(device, non_blocking=True) for k, v in batch["params"].items()}
     return views, params, batch["label"].to(device, non_blocking=True)
+
+
+def augments_on_device(augment_on: str, device: torch.device) -> bool:
+    """Whether the views that split run their photometric steps on `device` (`data.augment_on`): "device",
+    "workers", or "auto": on a CUDA device (CPU runs keep every step in the data workers)."""
+    return augment_on == "device" or (augment_on == "auto" and device.type == "cuda")
+
+
+def device_seed(seed: int, step: int, micro: int) -> int:
+    """The seed of the device steps' generator at micro-step `micro` after optimizer step `step` of a run
+    seeded `seed`: a hash of the three (64 bits; any integers). No rank in it: every process draws the
+    parameters of the whole global batch."""
+    return int.from_bytes(hashlib.blake2b(f"{seed}:{step}:{micro}".encode(), digest_size=8).digest(), "little")
+
+
+class DeviceViews:
+    """The device steps of the views that split (`split_views`), applied to a batch on the device.
+
+    At each micro-step one generator on the device is seeded from (train.seed, the optimizer step, the
+    micro-step since it), never from the rank or the global RNG, and the steps run in sorted view-name
+    order, each drawing the parameters of the global batch (`total` = processes x `batch_size` rows) and
+    applying this rank's rows (from `first` = rank x `batch_size`). So a resumed run draws what an
+    uninterrupted one draws (no state to save), and a row of the global batch gets the same parameters in
+    any number of processes. (A training stream never ends, so every batch has `batch_size` rows; a
+    shorter one would take the draws of its first rows.)
+    """
+
+    def __init__(
+        self,
+        views: dict[str, View],
+        on_device: bool,
+        device: torch.device,
+        seed: int,
+        rank: int,
+        world_size: int,
+        batch_size: int,
+    ) -> None:
+        steps = split_views(views, on_device).device
+        self.steps = [(name, steps[name]) for name in sorted(steps)]
+        for _, step in self.steps:
+            if isinstance(step, torch.nn.Module):
+                step.to(device)  # its buffers (e.g. normalisation statistics) where the batch is
+        self.generator = torch.Generator(device=device)
+        self.seed, self.first, self.total = seed, rank * batch_size, world_size * batch_size
+
+    def __call__(self, views: dict[str, torch.Tensor], step: int, micro: int) -> dict[str, torch.Tensor]:
+        """`views` (on the device) with the device steps applied, at micro-step `micro` after optimizer step
+        `step`."""
+        if not self.steps:
+            return views
+        self.generator.manual_seed(device_seed(self.seed, step, micro))
+        out = dict(views)
+        with torch.no_grad():
+            for name, apply in self.steps:
+                out[name] = apply(views[name], self.generator, self.first, self.total)
+        return out

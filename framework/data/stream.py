@@ -582,6 +582,7 @@ def make_loader(
     shards: str | None = None,
     batch_size: int | None = None,
     num_workers: int | None = None,
+    augment_on_device: bool = False,
 ) -> wds.WebLoader:
     """A `WebLoader(batch_size=None)` over the shards of the `data` section (batches built in the workers).
 
@@ -590,7 +591,9 @@ def make_loader(
     (`num_classes`) and the fault settings. `shards` reads other shards instead (evaluation's): in
     their listed order, without the section's shuffling, resampling and label range, which describe
     `data.train`. `batch_size` and `num_workers` replace the section's. `epochs=None` streams forever;
-    `resume` continues the stream where a `StreamPosition` stood.
+    `resume` continues the stream where a `StreamPosition` stood. `augment_on_device`: the views that
+    split (`View.on_device`) run only their worker part here, their device steps are the trainer's
+    (`DeviceViews`).
 
     Faults: a remote shard is retried `retries` times (`ShardStream._shard`), a transfer without a
     byte for `timeout_seconds` fails; an unreadable shard is skipped and counted as a bad record; a
@@ -622,7 +625,7 @@ def make_loader(
         num_workers = capped
     stream = ShardStream(
         urls,
-        SampleToViews(views, data.channels, num_classes, data.max_image_pixels),
+        SampleToViews(views, data.channels, num_classes, data.max_image_pixels, augment_on_device),
         batch_size,
         rank=rank,
         world_size=world_size,

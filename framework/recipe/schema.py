@@ -216,6 +216,10 @@ class DataConfig(Strict):
     # PIL's Image.MAX_IMAGE_PIXELS where the images are decoded (default: PIL's, 89478485; 0: no limit): an
     # image of more than twice as many pixels (a decompression bomb?) stops the run, one line
     max_image_pixels: int | None = Field(None, ge=0, json_schema_extra=MAY_CHANGE_ON_RESUME)
+    # where the views that split (View.on_device) run their photometric steps: "device" (batched on the
+    # training device), "workers" (every step per sample in the data workers, as views without a split), or
+    # "auto": the device on CUDA, the workers otherwise. Not changed on resume: it changes the random stream
+    augment_on: Literal["auto", "device", "workers"] = "auto"
 
     @model_validator(mode="after")
     def _epoch_samples_need_resampling(self) -> DataConfig:
