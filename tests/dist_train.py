@@ -4,7 +4,8 @@
 
 A plugin (tests/helpers.py's `DumpWeights`) saves every rank's modules after the last step to
 `<output_dir>/weights_rank<R>.pt`, so a test can check that the ranks agree; another can make
-one rank's loss NaN at one micro-step, drop one head's gradients (`AUGSSL_TEST_FREEZE=1`, `FrozenHead`), or
+one rank's loss NaN at one micro-step, drop one head's gradients (`AUGSSL_TEST_FREEZE=1`, `FrozenHead`), add a
+view that splits (`AUGSSL_TEST_BRIGHT=1`, `DeviceBright`), or
 record the autocast state the hooks run under
 (environment variables, see `NaNOnRank`).
 """
@@ -24,7 +25,7 @@ from framework import distributed, hookimpl  # noqa: E402
 from framework.cli import train_or_exit  # noqa: E402
 from framework.preemption import exit_status_file  # noqa: E402
 from framework.startup import load_recipe  # noqa: E402
-from tests.helpers import DumpWeights, FrozenHead  # noqa: E402
+from tests.helpers import DeviceBright, DumpWeights, FrozenHead  # noqa: E402
 
 
 class NaNOnRank:
@@ -71,6 +72,8 @@ if __name__ == "__main__":
     extra = {"dump": DumpWeights(), "nan": NaNOnRank()}
     if os.environ.get("AUGSSL_TEST_FREEZE"):  # a plugin dropping one head's gradients in on_after_backward
         extra["freeze"] = FrozenHead()
+    if os.environ.get("AUGSSL_TEST_BRIGHT"):  # a view that splits, its device step's draws written per rank
+        extra["bright"] = DeviceBright()
     recipe, hooks = load_recipe(sys.argv[1], sys.argv[2:], extra_plugins=extra)
     with distributed.ends_without_finalizing(), exit_status_file():  # as launch/train.py
         train_or_exit(recipe, hooks)

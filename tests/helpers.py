@@ -228,7 +228,8 @@ class FlipBright:
 
 class DeviceBright:
     """A plugin whose view `view` splits (`View.on_device`: `RandomFlip` in the workers, `Brightness` on the
-    device); its term trains the encoder on the view, its metric `device_calls` counts the device step's calls."""
+    device); its term trains the encoder on the view, its metric `device_calls` counts the device step's calls,
+    and each rank writes the factors its rows got (`tests/dist_train.py` adds it with `AUGSSL_TEST_BRIGHT=1`)."""
 
     def __init__(self) -> None:
         self.step = Brightness()
@@ -241,3 +242,11 @@ class DeviceBright:
     def regularize(self, ctx: Any) -> dict[str, torch.Tensor]:
         ctx.metrics["device_calls"] = torch.tensor(float(self.step.calls))
         return {"pull": ctx.encode("view").h.pow(2).mean() * 1e-2}
+
+    @hookimpl
+    def on_train_step_end(self, step: int, config: Any) -> None:
+        """After the last step: this rank's factors (micro-steps, batch) to `<output_dir>/bright_rank<R>.pt`."""
+        if step == config.train.steps and self.step.factors:
+            torch.save(
+                torch.stack(self.step.factors).cpu(), Path(config.output_dir) / f"bright_rank{distributed.rank()}.pt"
+            )

@@ -18,9 +18,9 @@ from framework.logging import read_metrics
 from framework.optim import lr_factor
 from framework.recipe import OptimConfig
 from framework.recipe.schema import MOVED
-from framework.testing import CONV28, run_steps, tiny_recipe
+from framework.testing import CONV28, run_steps, tiny_recipe, write_recipe
 from framework.types import View
-from tests.helpers import DeviceBright, FlipBright, final_weights
+from tests.helpers import DeviceBright, FlipBright, accelerate_launch, ddp_args, final_weights
 
 
 def test_a_few_steps_on_real_shards_log_every_term(tmp_path, fmnist_shards):
@@ -207,7 +207,8 @@ def test_a_split_view_changes_nothing_when_augmentation_stays_in_the_workers(tmp
 
 def test_a_run_resumed_under_augment_on_device_ends_as_an_uninterrupted_one(tmp_path, fmnist_shards):
     """2 steps, then resumed to 4, under `data.augment_on=device`: the device steps draw what they drew in an
-    uninterrupted 4-step run (seeded from the seed, the step and the micro-step), bit for bit."""
+    uninterrupted 4-step run (seeded from the seed, the step and the micro-step), bit for bit. It changes the
+    random stream: a resume may not change it."""
     outs = []
     for name, stops in (("whole", [4]), ("split", [2, 4])):
         recipe = _bright_recipe(tmp_path / name, fmnist_shards, data={"augment_on": "device"})
@@ -215,3 +216,21 @@ def test_a_run_resumed_under_augment_on_device_ends_as_an_uninterrupted_one(tmp_
             outs.append(run_steps(recipe, steps=steps, extra_plugins={"bright": DeviceBright()}))
     a, b = final_weights(outs[0]), final_weights(outs[-1])
     assert [k for k in a if not torch.equal(a[k], b[k])] == []
+    with pytest.raises(CheckpointError, match='data.augment_on="device", this recipe has "workers"'):
+        run_steps(recipe, steps=6, overrides=["data.augment_on=workers"], extra_plugins={"bright": DeviceBright()})
+
+
+@pytest.mark.slow
+def test_a_global_row_gets_the_same_device_draws_in_one_process_as_in_two(tmp_path, fmnist_shards):
+    """Under `data.augment_on=device` 2 processes of batch 4 and 1 of batch 8 (gradient accumulation over 2
+    micro-steps) draw the same device parameters for each row of the global batch, rank 0's rows first."""
+    recipe = _bright_recipe(
+        tmp_path, fmnist_shards, data={"augment_on": "device"}, distributed={"accumulation_steps": 2}
+    )
+    launched = write_recipe(tmp_path / "r.yaml", {**recipe, "output_dir": str(tmp_path / "two")})
+    accelerate_launch(ddp_args(2), [str(launched), "data.batch_size=4"], env={"AUGSSL_TEST_BRIGHT": "1"})
+    one = DeviceBright()
+    run_steps(recipe, steps=2, extra_plugins={"bright": one})
+    ranks = [torch.load(tmp_path / "two" / f"bright_rank{r}.pt") for r in (0, 1)]
+    assert ranks[0].shape == (4, 4) and not torch.equal(ranks[0], ranks[1])
+    assert torch.equal(torch.stack(one.step.factors), torch.cat(ranks, dim=1))
