@@ -129,15 +129,19 @@ def solarize(images: Tensor, threshold: float = SOLARIZE_THRESHOLD) -> Tensor:
     return torch.where(images >= threshold, 1.0 - images, images)
 
 
-def _separable(images: Tensor, kernels: Tensor, padding_mode: str) -> Tensor:
-    """Convolve each image (B, C, H, W) with its own symmetric 1-D kernel (B, K) along both axes: one grouped
-    (depthwise) convolution per axis over the B * C planes, the border padded by `padding_mode`."""
+def _separable(images: Tensor, kernels: Tensor, padding_mode: str, passes: int = 1) -> Tensor:
+    """Convolve each image (B, C, H, W) `passes` times with its own symmetric 1-D kernel (B, K) along the rows, then
+    as often along the columns: grouped (depthwise) convolutions over the B * C planes, each pass padding the
+    border by `padding_mode`."""
     b, c, height, width = images.shape
     k = kernels.shape[-1]
     weight = kernels.to(images.dtype).repeat_interleave(c, dim=0)  # one kernel per plane
-    planes = tnf.pad(images.reshape(1, b * c, height, width), [k // 2] * 4, mode=padding_mode)
-    planes = tnf.conv2d(planes, weight.view(b * c, 1, 1, k), groups=b * c)
-    planes = tnf.conv2d(planes, weight.view(b * c, 1, k, 1), groups=b * c)
+    planes = images.reshape(1, b * c, height, width)
+    for padding, shape in (([k // 2, k // 2, 0, 0], (1, k)), ([0, 0, k // 2, k // 2], (k, 1))):
+        for _ in range(passes):
+            planes = tnf.conv2d(
+                tnf.pad(planes, padding, mode=padding_mode), weight.view(b * c, 1, *shape), groups=b * c
+            )
     return planes.view(b, c, height, width)
 
 
@@ -165,23 +169,19 @@ def _box_radius(radius: Tensor, passes: int = 3) -> tuple[Tensor, Tensor]:
 
 
 def pil_kernels(radius: Tensor, max_radius: float) -> Tensor:
-    """(B, K): the 1-D kernel of PIL's `GaussianBlur(radius)` for each sample, three passes of an extended box
-    (weight 1 within `l` of the centre, `a` at `l + 1`), K fixed by `max_radius`."""
+    """(B, K): the extended box of PIL's `GaussianBlur(radius)` for each sample (weight 1 within `l` of the centre,
+    `a` at `l + 1`, normalised), K fixed by `max_radius`; PIL blurs with it three times along each axis."""
     whole, fraction = _box_radius(radius)
-    half = int(_box_radius(torch.tensor([max_radius]))[0]) + 1
+    half = math.floor((math.sqrt(4.0 * max_radius**2 + 1.0) - 1.0) / 2.0) + 1  # the whole part at max_radius, + 1
     x = torch.arange(-half, half + 1, device=radius.device, dtype=torch.float32).abs()
     w, a = whole.view(-1, 1), fraction.view(-1, 1)
-    box = torch.where(x <= w, 1.0, torch.where(x == w + 1, a, 0.0)) / (2 * (w + a) + 1)
-    kernel = box
-    for _ in range(2):  # box * box * box: a (B, 6 * half + 1) kernel
-        padded = tnf.pad(kernel.unsqueeze(0), [2 * half] * 2)
-        kernel = tnf.conv1d(padded, box.unsqueeze(1), groups=box.shape[0]).squeeze(0)
-    return kernel
+    return torch.where(x <= w, 1.0, torch.where(x == w + 1, a, 0.0)) / (2 * (w + a) + 1)
 
 
 def pil_gaussian_blur(images: Tensor, radius: Tensor, max_radius: float = BLUR_SIGMA[1]) -> Tensor:
-    """PIL's `ImageFilter.GaussianBlur(radius)` with each sample's radius (at most `max_radius`); edges repeated."""
-    return _separable(images, pil_kernels(radius, max_radius), "replicate")
+    """PIL's `ImageFilter.GaussianBlur(radius)` with each sample's radius (at most `max_radius`): three passes of
+    the box `pil_kernels` along the rows and three along the columns, each repeating the edge pixels, as PIL's."""
+    return _separable(images, pil_kernels(radius, max_radius), "replicate", passes=3)
 
 
 class PhotometricParams(NamedTuple):
