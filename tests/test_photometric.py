@@ -41,6 +41,7 @@ B = 6
 # rounded to uint8 (a small radius's few-percent neighbour weights round away), up to 3 units off ours.
 TOLERANCE = {"brightness": 1.0, "contrast": 2.0, "saturation": 2.0, "hue": 1.0, "grayscale": 1.0, "blur": 0.51}
 PIL_TOLERANCE, PIL_MEAN_TOLERANCE = 3.0, 0.5
+FLOAT_TOLERANCE = 1e-3  # against torchvision's float kernels on the same images: float rounding only
 KS_ALPHA_COEFFICIENT = 1.949  # two-sample KS critical value at alpha = 0.001: c * sqrt((n + m) / (n * m))
 DRAWS = 10_000
 
@@ -84,6 +85,7 @@ def test_each_jitter_op_is_torchvisions(name, channels):
     out = ours(images.float() / 255, factors)
     assert out.shape == images.shape and out.dtype == torch.float32
     assert _gap(out, _tv(theirs, images, factors)).max() <= TOLERANCE[name]
+    assert _gap(out, _tv(theirs, images.float() / 255, factors) * 255).max() <= FLOAT_TOLERANCE  # float kernels
     if channels == 1 and name in ("saturation", "hue"):  # skipped on grey images, as torchvision does
         assert torch.equal(out, images.float() / 255)
 
@@ -105,6 +107,11 @@ def test_gaussian_blur_is_torchvisions_with_each_samples_sigma(channels, kernel_
         [F.gaussian_blur(img, [kernel_size] * 2, [float(s)] * 2) for img, s in zip(images, sigma, strict=True)]
     )
     assert _gap(out, theirs).max() <= TOLERANCE["blur"]
+    x = images.float() / 255
+    theirs = torch.stack(
+        [F.gaussian_blur(img, [kernel_size] * 2, [float(s)] * 2) for img, s in zip(x, sigma, strict=True)]
+    )
+    assert _gap(out, theirs * 255).max() <= FLOAT_TOLERANCE
 
 
 def test_pil_blur_is_pils_gaussian_blur():
