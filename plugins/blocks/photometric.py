@@ -98,20 +98,13 @@ def _rgb_to_hsv(image: Tensor) -> Tensor:
 
 
 def _hsv_to_rgb(hsv: Tensor) -> Tensor:
-    """torchvision's `_hsv_to_rgb`: (B, 3, H, W) HSV -> RGB."""
-    h, s, v = hsv.unbind(dim=-3)
-    h6 = h.mul(6)
-    i = torch.floor(h6)
-    f = h6.sub_(i)
-    sector = i.to(torch.int64).remainder_(6)
-    sxf = s * f
-    one_minus_s = 1.0 - s
-    q = (1.0 - sxf).mul_(v).clamp_(0.0, 1.0)
-    t = sxf.add_(one_minus_s).mul_(v).clamp_(0.0, 1.0)
-    p = one_minus_s.mul_(v).clamp_(0.0, 1.0)
-    vpqt = torch.stack((v, p, q, t), dim=-3)
-    select = torch.tensor([[0, 2, 1, 1, 3, 0], [3, 0, 0, 2, 1, 1], [1, 1, 3, 0, 0, 2]], device=hsv.device)
-    return vpqt.gather(-3, select[:, sector].movedim(0, -3))
+    """HSV -> RGB (B, 3, H, W), channel n = `v - v s clamp(min(k, 4 - k), 0, 1)` with `k = (n' + 6 h) mod 6`,
+    n' = 5, 3, 1 for R, G, B: torchvision's `_hsv_to_rgb` (the p, q, t of each sixth of the wheel) in closed
+    form, equal to float rounding, without its index table (a host-to-device copy per call)."""
+    h, s, v = (c.unsqueeze(-3) for c in hsv.unbind(dim=-3))
+    offsets = torch.arange(5.0, 0.0, -2.0, device=hsv.device).view(3, 1, 1)
+    k = (h * 6 + offsets).remainder_(6)
+    return v - v * s * torch.minimum(k, 4 - k).clamp_(0.0, 1.0)
 
 
 def adjust_hue(images: Tensor, factor: Tensor) -> Tensor:
@@ -172,7 +165,7 @@ def pil_kernels(radius: Tensor, max_radius: float) -> Tensor:
     """(B, K): the extended box of PIL's `GaussianBlur(radius)` for each sample (weight 1 within `l` of the centre,
     `a` at `l + 1`, normalised), K fixed by `max_radius`; PIL blurs with it three times along each axis."""
     whole, fraction = _box_radius(radius)
-    half = math.floor((math.sqrt(4.0 * max_radius**2 + 1.0) - 1.0) / 2.0) + 1  # the whole part at max_radius, + 1
+    half = math.floor((math.sqrt(4.0 * max_radius**2 + 1.0) - 1.0) / 2.0) + 1  # l at max_radius (12 r^2 / 3), + 1
     x = torch.arange(-half, half + 1, device=radius.device, dtype=torch.float32).abs()
     w, a = whole.view(-1, 1), fraction.view(-1, 1)
     return torch.where(x <= w, 1.0, torch.where(x == w + 1, a, 0.0)) / (2 * (w + a) + 1)
@@ -232,10 +225,12 @@ class Photometric(nn.Module):
         apply flags `u < p` (torchvision's RandomApply), factors uniform in their ranges, the order a uniform
         random permutation (argsort of 4 uniforms), sigma uniform in `BLUR_SIGMA`."""
         u = torch.rand(total, 13, generator=generator, device=generator.device)
-        lo = u.new_tensor([r[0] for r in self.ranges])
-        hi = u.new_tensor([r[1] for r in self.ranges])
         jitter = u[:, 0] < self.jitter_p
-        factors = torch.where(jitter.unsqueeze(1), lo + (hi - lo) * u[:, 1:5], u.new_tensor([1.0, 1.0, 1.0, 0.0]))
+        identity = (1.0, 1.0, 1.0, 0.0)  # Python numbers, not tensors: no host-to-device copy
+        factors = torch.stack(
+            [torch.where(jitter, lo + (hi - lo) * u[:, 1 + i], identity[i]) for i, (lo, hi) in enumerate(self.ranges)],
+            dim=1,
+        )
         sigma = BLUR_SIGMA[0] + (BLUR_SIGMA[1] - BLUR_SIGMA[0]) * u[:, 11]
         return PhotometricParams(
             jitter=jitter,
