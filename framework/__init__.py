@@ -46,7 +46,7 @@ if TYPE_CHECKING:
     from framework.precision import at_least_float32, full_precision
     from framework.recipe.schema import PluginConfig, Recipe, capability, needed_by
     from framework.schedules import Scheduled
-    from framework.types import Encoding, StepContext, View, full_name, num_features
+    from framework.types import Encoding, OnDevice, StepContext, View, full_name, num_features
     from framework.views import ToMode, check_stats, denormalize, normalize, tensor_steps
 
 # Each name of the API and the module that defines it, imported on first use: `augssl train` and
@@ -57,7 +57,7 @@ _MODULES = {
     "framework.precision": ("at_least_float32", "full_precision"),
     "framework.recipe.schema": ("PluginConfig", "Recipe", "capability", "needed_by"),
     "framework.schedules": ("Scheduled",),
-    "framework.types": ("Encoding", "StepContext", "View", "full_name", "num_features"),
+    "framework.types": ("Encoding", "OnDevice", "StepContext", "View", "full_name", "num_features"),
     "framework.views": ("ToMode", "check_stats", "denormalize", "normalize", "tensor_steps"),
 }
 # The plugin API's version, (major, minor): a minor release adds names (here or in `plugins.blocks`), a
@@ -80,6 +80,7 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "API_VERSION",
     "Encoding",
+    "OnDevice",
     "PluginConfig",
     "Recipe",
     "Scheduled",

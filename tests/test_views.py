@@ -422,6 +422,11 @@ def test_multi_crop_views_from_a_spec_on_real_images(tmp_path, fmnist_shards):
         second = name in ("simclr.v2", "simclr.v4")  # globals alternate the preset's two views; locals: the first
         assert steps[PILGaussianBlur][1] == (0.1 if second else 1.0)
         assert (v2.RandomSolarize in steps) == second
+        assert view.on_device is not None  # and split: the geometry in the workers, the rest on the device
+        split = view.on_device.batch(
+            torch.stack([view.on_device.worker(img) for img in images]), torch.Generator(), 0, 5
+        )
+        assert split.shape == out.shape and split.dtype == out.dtype
     own = dict(global_={"count": 2, "size": 20}, local={"count": 1, "size": 12, "scale": [0.1, 0.3]})
     cfg, hooks = validate(
         _crop_recipe(tmp_path, fmnist_shards, crops={"global": own["global_"], "local": own["local"]})

@@ -5,8 +5,13 @@ checks it), so a third-party plugin can do all they do. The names below are vers
 `framework.API_VERSION`: a minor version adds names, a major one changes or removes one.
 
 * Views and augmentation presets (`plugins.blocks.augmentations`): `simclr_view` (the SimCLR-style view of a
-  preset, `Strength`), `TwoViewsConfig` + `crop_views` / `crop_names` / `encode_crops` (two views or multi-crop,
+  preset, `Strength`, `view_spec`) and `simclr_split_view` (the same with its photometric steps able to run on the
+  device), `TwoViewsConfig` + `crop_views` / `crop_names` / `encode_crops` (two views or multi-crop,
   `MultiCrop`), `crvae_affine_view` (CR-VAE's t(x)), `AffineWithParams` (a warp that returns its parameters).
+* Photometric augmentation on the device (`plugins.blocks.photometric`): `Photometric` (a view's ColorJitter,
+  grayscale, blur, solarisation and normalisation, batched, each sample with its own parameters from an explicit
+  generator, `PhotometricParams`) and its per-sample ops `adjust_brightness`, `adjust_contrast`,
+  `adjust_saturation`, `adjust_hue`, `rgb_to_grayscale`, `gaussian_blur`, `pil_gaussian_blur`, `solarize`.
 * Heads (`plugins.blocks.heads`): `mlp`, the projection / prediction MLP of SimCLR, BYOL, Barlow Twins.
 * VAE terms (`plugins.blocks.vae`): likelihoods, `reconstruction_term`, the KLs, `warmup_factor`.
 * Losses (`plugins.blocks.losses`): `nt_xent`, `multi_crop_nt_xent`, `barlow_twins_loss`, `byol_loss`,
@@ -41,8 +46,10 @@ from plugins.blocks.augmentations import (
     encode_crops,
     image_sizes,
     infer_strength,
+    simclr_split_view,
     simclr_view,
     two_views,
+    view_spec,
 )
 from plugins.blocks.capabilities import (
     VAE_HEAD,
@@ -61,6 +68,18 @@ from plugins.blocks.losses import (
     multi_crop_byol_loss,
     multi_crop_nt_xent,
     nt_xent,
+)
+from plugins.blocks.photometric import (
+    Photometric,
+    PhotometricParams,
+    adjust_brightness,
+    adjust_contrast,
+    adjust_hue,
+    adjust_saturation,
+    gaussian_blur,
+    pil_gaussian_blur,
+    rgb_to_grayscale,
+    solarize,
 )
 from plugins.blocks.vae import (
     bernoulli_nll,
@@ -88,12 +107,18 @@ __all__ = [
     "Likelihood",
     "MultiCrop",
     "PILGaussianBlur",
+    "Photometric",
+    "PhotometricParams",
     "PriorKLSchedule",
     "StandsForELBO",
     "Strength",
     "Target",
     "TwoViewsConfig",
     "ViewSpec",
+    "adjust_brightness",
+    "adjust_contrast",
+    "adjust_hue",
+    "adjust_saturation",
     "barlow_twins_loss",
     "batch_normalise",
     "bernoulli_nll",
@@ -103,6 +128,7 @@ __all__ = [
     "crvae_affine_view",
     "ema_update",
     "encode_crops",
+    "gaussian_blur",
     "gaussian_nll",
     "image_sizes",
     "infer_strength",
@@ -113,11 +139,16 @@ __all__ = [
     "multi_crop_byol_loss",
     "multi_crop_nt_xent",
     "nt_xent",
+    "pil_gaussian_blur",
     "posterior_std",
     "reconstruction_nll",
     "reconstruction_term",
+    "rgb_to_grayscale",
+    "simclr_split_view",
     "simclr_view",
+    "solarize",
     "two_views",
     "update_targets",
+    "view_spec",
     "warmup_factor",
 ]

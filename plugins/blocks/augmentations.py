@@ -27,8 +27,19 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
-from framework import Encoding, PluginConfig, Recipe, StepContext, ToMode, View, check_stats, tensor_steps
+from framework import (
+    Encoding,
+    OnDevice,
+    PluginConfig,
+    Recipe,
+    StepContext,
+    ToMode,
+    View,
+    check_stats,
+    tensor_steps,
+)
 from plugins.blocks.capabilities import CropSizes
+from plugins.blocks.photometric import BLUR_SIGMA, Photometric, blur_kernel_size
 
 Strength = Literal["cifar", "stl", "mnist", "solo_symmetric", "solo_asymmetric", "byol_asymmetric"]
 
@@ -90,6 +101,25 @@ class PILGaussianBlur:
         return f"{type(self).__name__}(sigma={self.sigma})"
 
 
+def view_spec(strength: Strength, second: bool = False, scale: tuple[float, float] | None = None) -> ViewSpec:
+    """The first (or, `second`, the second) view of the preset `strength` (see `VIEW_PRESETS`); `scale`, when
+    given, replaces its crop scale (a multi-crop spec's global or local `scale`)."""
+    if strength not in VIEW_PRESETS:
+        raise ValueError(f"unknown strength {strength!r}; choose from {sorted(VIEW_PRESETS)}")
+    spec = VIEW_PRESETS[strength][int(second)]
+    return spec if scale is None else spec._replace(crop_scale=(scale[0], scale[1]))
+
+
+def _geometry(spec: ViewSpec, size: int, channels: int) -> list:
+    """The per-sample geometry of a view: mode, RandomResizedCrop(size, crop_scale), hflip p=0.5."""
+    interpolation = InterpolationMode.BICUBIC if spec.bicubic else InterpolationMode.BILINEAR
+    return [
+        ToMode(channels),
+        v2.RandomResizedCrop(size, scale=spec.crop_scale, interpolation=interpolation),
+        v2.RandomHorizontalFlip(p=0.5),
+    ]
+
+
 def simclr_view(
     size: int,
     mean: Sequence[float],
@@ -108,30 +138,43 @@ def simclr_view(
     are meaningless and skipped.
     """
     check_stats(mean, std, channels)
-    if strength not in VIEW_PRESETS:
-        raise ValueError(f"unknown strength {strength!r}; choose from {sorted(VIEW_PRESETS)}")
-    spec = VIEW_PRESETS[strength][int(second)]
-    if scale is not None:
-        spec = spec._replace(crop_scale=(scale[0], scale[1]))
+    spec = view_spec(strength, second, scale)
     b, c, s, h = spec.jitter
     colour = channels == 3
-    interpolation = InterpolationMode.BICUBIC if spec.bicubic else InterpolationMode.BILINEAR
-    ops: list = [
-        ToMode(channels),
-        v2.RandomResizedCrop(size, scale=spec.crop_scale, interpolation=interpolation),
-        v2.RandomHorizontalFlip(p=0.5),
-        v2.RandomApply([v2.ColorJitter(b, c, s if colour and s else None, h if colour and h else None)], spec.jitter_p),
-    ]
+    ops: list = _geometry(spec, size, channels)
+    ops.append(
+        v2.RandomApply([v2.ColorJitter(b, c, s if colour and s else None, h if colour and h else None)], spec.jitter_p)
+    )
     if colour and spec.grayscale_p:
         ops.append(v2.RandomGrayscale(p=spec.grayscale_p))
     if spec.blur == "kernel":
-        kernel = max(3, int(0.1 * size)) | 1  # ~10 % of size, odd
-        ops.append(v2.RandomApply([v2.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=spec.blur_p))
+        ops.append(v2.RandomApply([v2.GaussianBlur(blur_kernel_size(size), sigma=BLUR_SIGMA)], p=spec.blur_p))
     elif spec.blur == "pil":
-        ops.append(v2.RandomApply([PILGaussianBlur((0.1, 2.0))], p=spec.blur_p))
+        ops.append(v2.RandomApply([PILGaussianBlur(BLUR_SIGMA)], p=spec.blur_p))
     if spec.solarize_p:
         ops.append(v2.RandomSolarize(threshold=128, p=spec.solarize_p))
     return v2.Compose(ops + tensor_steps(mean, std))
+
+
+def simclr_split_view(
+    size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    channels: int,
+    strength: Strength = "cifar",
+    second: bool = False,
+    scale: tuple[float, float] | None = None,
+) -> View:
+    """`simclr_view` (same arguments) as a `View` whose photometric steps may run on the training device
+    (docs/methods.md#augmentations-on-the-device): `transform` is `simclr_view` itself (run whole in the data
+    workers), `on_device` its geometry in the workers (mode, crop, flip, to a uint8 tensor) and `Photometric`,
+    the rest and normalisation, batched on the device."""
+    spec = view_spec(strength, second, scale)
+    worker = v2.Compose([*_geometry(spec, size, channels), v2.ToImage(), v2.ToPureTensor()])
+    return View(
+        simclr_view(size, mean, std, channels, strength, second, scale),
+        on_device=OnDevice(worker, Photometric(spec, size, mean, std, channels)),
+    )
 
 
 def crvae_affine_view(
@@ -364,7 +407,7 @@ def two_views(config: Recipe, strength: Strength | None) -> dict[str, View]:
     d = config.data
     preset = infer_strength(config, strength)
     return {
-        name: View(simclr_view(d.image_size, d.mean, d.std, d.channels, preset, second=name == "v2"))
+        name: simclr_split_view(d.image_size, d.mean, d.std, d.channels, preset, second=name == "v2")
         for name in ("v1", "v2")
     }
 
@@ -394,13 +437,13 @@ def crop_views(config: Recipe, cfg: TwoViewsConfig) -> dict[str, View]:
     preset = infer_strength(config, cfg.strength)
     globals_, locals_ = crop_names(cfg)
     views = {
-        name: View(simclr_view(g.size or d.image_size, d.mean, d.std, d.channels, preset, i % 2 == 1, g.scale))
+        name: simclr_split_view(g.size or d.image_size, d.mean, d.std, d.channels, preset, i % 2 == 1, g.scale)
         for i, name in enumerate(globals_)
     }
     local_size = loc.size or d.image_size  # set whenever there are local crops (MultiCrop checks it)
     local_scale = loc.scale or LOCAL_SCALE
     views |= {
-        name: View(simclr_view(local_size, d.mean, d.std, d.channels, preset, False, local_scale)) for name in locals_
+        name: simclr_split_view(local_size, d.mean, d.std, d.channels, preset, False, local_scale) for name in locals_
     }
     return views
 
