@@ -39,7 +39,7 @@ from typing import ClassVar
 import torch
 
 from framework import PluginConfig, Recipe, StepContext, View, hookimpl
-from plugins.blocks import VAE_HEAD, Likelihood, Strength, infer_strength, reconstruction_term, simclr_view
+from plugins.blocks import VAE_HEAD, Likelihood, Strength, infer_strength, reconstruction_term, simclr_split_view
 
 
 class AAVAEConfig(PluginConfig):
@@ -65,7 +65,7 @@ def config_schema() -> type[PluginConfig]:
 def augment(config: Recipe, cfg: AAVAEConfig) -> dict[str, View]:
     d = config.data
     strength = infer_strength(config, cfg.strength)
-    return {"aug": View(simclr_view(d.image_size, d.mean, d.std, d.channels, strength))}
+    return {"aug": simclr_split_view(d.image_size, d.mean, d.std, d.channels, strength)}
 
 
 @hookimpl

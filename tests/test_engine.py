@@ -234,3 +234,23 @@ def test_a_global_row_gets_the_same_device_draws_in_one_process_as_in_two(tmp_pa
     ranks = [torch.load(tmp_path / "two" / f"bright_rank{r}.pt") for r in (0, 1)]
     assert ranks[0].shape == (4, 4) and not torch.equal(ranks[0], ranks[1])
     assert torch.equal(torch.stack(one.step.factors), torch.cat(ranks, dim=1))
+
+
+@pytest.mark.parametrize(("plugins", "split"), [({"simclr": {}}, 2), ({"kl": {}, "aavae": {}}, 1)])
+def test_the_built_in_presets_train_with_their_photometric_steps_on_the_device(
+    tmp_path, fmnist_shards, capsys, plugins, split
+):
+    """The presets' views split (`plugins.blocks.simclr_split_view`): under `data.augment_on=device` their
+    `Photometric` runs on the (CPU) device, and a run resumed to 4 steps ends as an uninterrupted one."""
+    plugins = {"backbones": CONV28, **plugins}
+    straight = tiny_recipe(tmp_path / "straight", fmnist_shards, plugins=plugins, data={"augment_on": "device"})
+    out = run_steps(straight, steps=4)
+    assert (
+        f"views: photometric steps on the device ({split} view{'s' if split > 1 else ''} split)"
+        in capsys.readouterr().out
+    )
+    halves = tiny_recipe(tmp_path / "halves", fmnist_shards, plugins=plugins, data={"augment_on": "device"})
+    run_steps(halves, steps=2)
+    resumed = run_steps(halves, steps=4)
+    a, b = final_weights(out), final_weights(resumed)
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []

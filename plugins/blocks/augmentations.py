@@ -39,7 +39,7 @@ from framework import (
     tensor_steps,
 )
 from plugins.blocks.capabilities import CropSizes
-from plugins.blocks.photometric import BLUR_SIGMA, Photometric, blur_kernel_size
+from plugins.blocks.photometric import BLUR_SIGMA, Photometric, ViewSpec, blur_kernel_size
 
 Strength = Literal["cifar", "stl", "mnist", "solo_symmetric", "solo_asymmetric", "byol_asymmetric"]
 
@@ -48,19 +48,6 @@ CRVAE_PRESETS: dict[str, dict[str, tuple[float, float]]] = {
     "simple": {"degrees": (-15.0, 15.0), "translate": (0.05, 0.05), "scale": (0.9, 1.1)},
     "large": {"degrees": (-30.0, 30.0), "translate": (0.1, 0.1), "scale": (0.75, 1.25)},
 }
-
-
-class ViewSpec(NamedTuple):
-    """One SimCLR-style view, as `simclr_view` builds it. Every step but the crop and the flip is optional."""
-
-    jitter: tuple[float, float, float, float]  # ColorJitter brightness, contrast, saturation, hue
-    blur: Literal["none", "kernel", "pil"] = "none"  # kernel: torchvision, ~10 % of the size; pil: PIL's radius
-    blur_p: float = 0.0
-    solarize_p: float = 0.0
-    crop_scale: tuple[float, float] = (0.08, 1.0)
-    jitter_p: float = 0.8
-    grayscale_p: float = 0.2
-    bicubic: bool = False  # RandomResizedCrop's interpolation: bicubic, else bilinear (torchvision's default)
 
 
 _SOLO_ASYMMETRIC = ViewSpec((0.4, 0.4, 0.2, 0.1), bicubic=True)

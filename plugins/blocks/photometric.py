@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, NamedTuple
+from typing import Literal, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -24,8 +24,19 @@ from torch.nn import functional as tnf
 
 from framework import check_stats, normalize
 
-if TYPE_CHECKING:
-    from plugins.blocks.augmentations import ViewSpec
+
+class ViewSpec(NamedTuple):
+    """One SimCLR-style view, as `simclr_view` builds it. Every step but the crop and the flip is optional."""
+
+    jitter: tuple[float, float, float, float]  # ColorJitter brightness, contrast, saturation, hue
+    blur: Literal["none", "kernel", "pil"] = "none"  # kernel: torchvision, ~10 % of the size; pil: PIL's radius
+    blur_p: float = 0.0
+    solarize_p: float = 0.0
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    jitter_p: float = 0.8
+    grayscale_p: float = 0.2
+    bicubic: bool = False  # RandomResizedCrop's interpolation: bicubic, else bilinear (torchvision's default)
+
 
 BLUR_SIGMA = (0.1, 2.0)  # the presets' Gaussian blur sigma (kernel) or PIL radius, drawn uniformly
 SOLARIZE_THRESHOLD = 128 / 255  # RandomSolarize(threshold=128) on [0, 1]
