@@ -114,22 +114,12 @@ def test_the_recipe_sets_the_intra_op_threads_over_the_environment():
     assert threads.line() == "augssl: 3 intra-op threads (distributed.intra_op_threads=3)"
 
 
-@pytest.fixture
-def torch_threads():
-    """Restore this process's intra-op threads after a test that lets the engine choose them."""
-    before = torch.get_num_threads()
-    yield
-    torch.set_num_threads(before)
-
-
-def test_the_start_up_line_says_how_many_intra_op_threads_the_run_took(
-    tmp_path, fmnist_shards, monkeypatch, capsys, torch_threads
-):
+def test_the_start_up_line_says_how_many_intra_op_threads_the_run_took(tmp_path, fmnist_shards, monkeypatch, capsys):
     """With OMP_NUM_THREADS unset, 4 usable cores and 1 data worker, the run takes 3 threads and says so right
     after the start-up line (torch's default would be a thread per core, the worker's included)."""
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(distributed, "usable_cores", lambda: 4)
-    seen = []
+    seen = []  # the threads the engine sets (this test process keeps its own)
     monkeypatch.setattr(distributed.torch, "set_num_threads", seen.append)
     run_steps(tiny_recipe(tmp_path, fmnist_shards, data={"num_workers": 1}), steps=1)
     lines = capsys.readouterr().out.splitlines()
