@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
+import os
 import statistics
 import sys
 import time
@@ -188,6 +190,7 @@ def main() -> None:
     parser.add_argument("--local-size", type=int, default=96, help="local crop size (multi-crop)")
     parser.add_argument("--batch", type=int, default=64, help="the device part's batch")
     parser.add_argument("--device-repeats", type=int, default=10, help="batches timed per device measurement")
+    parser.add_argument("--device-threads", type=int, default=len(os.sched_getaffinity(0)), help="CPU device part")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: CPU, and CUDA if any")
     parser.add_argument("--out", default=str(RESULTS / "augment_throughput.json"))
     args = parser.parse_args()
@@ -205,6 +208,18 @@ def main() -> None:
             runs[name]["full"].append(images_per_second(images, [v.transform for v in w.views.values()]))
             runs[name]["split"].append(images_per_second(images, parts[name][0]))
     results: dict[str, Any] = {}
+    report = {
+        "images": f"{args.images} JPEGs 500x375 quality 90 (random smooth)",
+        "sizes": {"global": args.size, "local": args.local_size},
+        "worker_threads": 1,
+        "repeats": args.repeats,
+        "device_batch": args.batch,
+        "device_threads_on_cpu": args.device_threads,
+        "devices": devices[args.device],
+        "cuda_goal_views_per_second": CUDA_GOAL,
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "results": results,
+    }
     for name, w in settings.items():
         full, split = (statistics.median(runs[name][k]) for k in ("full", "split"))
         results[name] = {
@@ -215,23 +230,17 @@ def main() -> None:
             "goal_split_over_full": w.goal,
             "goal_met": None if w.goal is None else split / full >= w.goal,
             "every_repeat": runs[name],
-            "device_views_per_second": device_parts(
-                w.views, args.size, args.local_size, args.batch, devices[args.device], args.device_repeats
-            ),
         }
         goal = f", goal {w.goal}x" if w.goal else ""
         print(f"{name}: full views {full:.1f} images/s per worker, split {split:.1f} ({split / full:.2f}x{goal})")
-    report = {
-        "images": f"{args.images} JPEGs 500x375 quality 90 (random smooth)",
-        "sizes": {"global": args.size, "local": args.local_size},
-        "threads": 1,
-        "repeats": args.repeats,
-        "device_batch": args.batch,
-        "devices": devices[args.device],
-        "cuda_goal_views_per_second": CUDA_GOAL,
-        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-        "results": results,
-    }
+    torch.set_num_threads(args.device_threads)  # the training process's share, not a worker's
+    for name, w in settings.items():  # the report is saved after each: a time limit keeps what was measured
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=1))
+        results[name]["device_views_per_second"] = device_parts(
+            w.views, args.size, args.local_size, args.batch, devices[args.device], args.device_repeats
+        )
+        print(f"{name}: device part, views/s: {results[name]['device_views_per_second']}", flush=True)
     write_report(report, args.out)
 
 
