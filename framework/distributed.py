@@ -311,7 +311,7 @@ def choose_threads(
 
     torch's default, one thread per core whatever else runs, oversubscribes a small machine: its OpenMP
     threads spin while the data workers wait for a core (a 1-process Fashion-MNIST run on 2 loaded cores with
-    2 workers trained at 64 images/s with 2 threads, 157-173 with 1). `current` is torch's thread count, which
+    2 workers trained at 64-78 images/s with 2 threads, 207-209 with 1). `current` is torch's thread count, which
     OMP_NUM_THREADS set when torch was imported.
     """
     if setting is not None:
