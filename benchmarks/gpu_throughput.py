@@ -110,6 +110,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "gpu_throughput.json"))
     args = ap.parse_args()
     report: dict = {"benchmark": "gpu_throughput", "steps": args.steps}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     if not torch.cuda.is_available() and not args.cpu_smoke:
         report["skipped"] = "no CUDA device: run it on a GPU machine"
     else:
@@ -125,6 +126,7 @@ def main() -> None:
                     result = run(recipe, spec, mode, args, batch, Path(tmp) / f"{name}_{mode}")
                     report["results"][f"{name}/{mode}"] = result
                     print(json.dumps({f"{name}/{mode}": result}), flush=True)
+                    Path(args.out).write_text(json.dumps(report, indent=1))  # a time limit keeps what was measured
             for name in args.models:
                 ddp, zero = (report["results"].get(f"{name}/{m}", {}) for m in ("ddp", "zero2"))
                 if "images_per_second" in ddp and "images_per_second" in zero:

@@ -45,6 +45,7 @@ from framework.distributed import (
     collective,
     global_batch,
     mixed_precision,
+    set_threads,
     speed_settings,
     using_deepspeed,
 )
@@ -203,6 +204,7 @@ def start(recipe: Recipe, hooks: PluginHooks) -> Run | None:
     cfg, out = recipe.train, Path(recipe.output_dir)
     hooks.check_launch(deepspeed=using_deepspeed())  # before anything starts: a hook DeepSpeed cannot call
     trackers: list[str] | None = list(recipe.log.trackers) or None  # accelerate warns at an empty list
+    threads = set_threads(recipe.distributed, recipe.data)  # before any torch work: cores minus data workers
     accelerator = build_accelerator(recipe.distributed, recipe.data, recipe.optim, recipe.output_dir, trackers)
     check_batch(recipe.data, accelerator.num_processes)  # a batch the shards cannot fill would never come
     set_seed(cfg.seed)
@@ -223,6 +225,7 @@ def start(recipe: Recipe, hooks: PluginHooks) -> Run | None:
         f"{mixed_precision(recipe.distributed)}, {' '.join(k for k, on in speed.items() if on) or 'eager'}, "
         f"views: {where_views_run(device_views, on_device)}"
     )
+    accelerator.print(threads.line())
     optimizer = build_optimizer(model, recipe.optim, recipe.plugins, lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, recipe.optim, cfg.steps))
     prepared, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)

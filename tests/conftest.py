@@ -1,11 +1,13 @@
 """Shared fixtures: the committed image shards (tests/assets) for tests that need some images, and
-tiny shards of real Fashion-MNIST images for those that need real ones (they skip without it)."""
+tiny shards of real Fashion-MNIST images for those that need real ones (they skip without it); tests marked
+`gpu` skip without CUDA."""
 
 from __future__ import annotations
 
 import shutil
 
 import pytest
+import torch
 
 from framework.data.sources import FASHION_MNIST_DIR
 from framework.testing import tiny_shards
@@ -29,3 +31,12 @@ def real_fmnist_shards(tmp_path_factory) -> dict[str, str]:
     if not FASHION_MNIST_DIR.is_dir():
         pytest.skip(NEEDS_FASHION_MNIST)
     return tiny_shards(tmp_path_factory.mktemp("fmnist"))
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Skip the tests marked `gpu` where torch sees no CUDA device (scripts/gpu_check.sh runs them on a GPU)."""
+    if torch.cuda.is_available():
+        return
+    for item in items:
+        if item.get_closest_marker("gpu"):
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA device"))

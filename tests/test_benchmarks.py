@@ -1,4 +1,5 @@
-"""The benchmark scripts still run: the GPU benchmark's CPU smoke mode, the backbone benchmark at 32 px."""
+"""The benchmark scripts still run: the GPU benchmark's CPU smoke mode, the backbone benchmark at 32 px, the
+augmentation benchmark at 32 px, the GPU check on a machine without one."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from tests.helpers import ENV, ROOT
 
@@ -53,6 +55,28 @@ def test_the_backbone_benchmark_times_both_encoders_side_by_side(tmp_path):
     assert set(report["results"]) == {"resnet50_32px", "vit_s16_32px"}
     assert all(r["images_per_second"] > 0 for r in report["results"].values())
     assert report["images_per_second_ratios"]["vit_s16_over_resnet50_32px"] > 0
+
+
+@pytest.mark.slow
+def test_the_augmentation_benchmark_measures_every_setting_both_ways(tmp_path):
+    out = tmp_path / "augment.json"
+    script = str(ROOT / "benchmarks" / "augment_throughput.py")
+    sizes = ["--images", "3", "--repeats", "1", "--size", "32", "--local-size", "16", "--batch", "4"]
+    run_benchmark([sys.executable, script, *sizes, "--device-repeats", "1", "--device", "cpu", "--out", str(out)])
+    results = json.loads(out.read_text())["results"]
+    assert set(results) == {"simclr_2x32", "byol_asymmetric_2x32", "multicrop_2x32_6x16"}
+    for result in results.values():
+        assert all(rate > 0 for rate in result["worker_images_per_second"].values())
+        assert result["device_views_per_second"]  # measured, or skipped with the reason
+    assert results["multicrop_2x32_6x16"]["views"] == 8 and results["multicrop_2x32_6x16"]["goal_split_over_full"] == 5
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without a GPU")
+def test_the_gpu_check_says_there_is_no_gpu_and_succeeds_on_a_cpu_machine():
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh")], env=ENV, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "augssl gpu_check: no GPU (torch sees no CUDA device)" in proc.stdout
 
 
 def test_the_methods_table_aggregates_seeds_and_judges_directions_on_the_means(tmp_path):

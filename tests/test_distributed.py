@@ -1,4 +1,4 @@
-"""Real multi-process runs on CPU (gloo) under `accelerate launch`."""
+"""Real multi-process runs on CPU (gloo) under `accelerate launch`; the intra-op threads a process chooses."""
 
 from __future__ import annotations
 
@@ -8,8 +8,10 @@ import sys
 import pytest
 import torch
 
+from framework import distributed
+from framework.distributed import choose_threads
 from framework.logging import read_metrics
-from framework.testing import tiny_recipe, write_recipe
+from framework.testing import run_steps, tiny_recipe, write_recipe
 from tests.helpers import ENV, ROOT, accelerate_launch, assert_only_frozen_kept, ddp_args
 
 
@@ -75,3 +77,52 @@ def test_a_launched_process_ends_with_its_status_whatever_finalization_would_do(
     assert ("RuntimeError: a failure of its own" in proc.stderr) == (how == "raise")
     alone = subprocess.run(run, capture_output=True, text=True, timeout=300, env={**ENV, "WORLD_SIZE": "1"}, cwd=ROOT)
     assert alone.returncode < 0, "the attack: without the launch, finalization aborts"
+
+
+HERE = " on this machine"
+
+
+@pytest.mark.parametrize(
+    ("cores", "workers", "env", "count", "why"),
+    [
+        (2, 2, {}, 1, "2 cores, 2 data workers; OMP_NUM_THREADS unset"),  # the loaded 2-core machine
+        (16, 1, {}, 15, "16 cores, 1 data worker; OMP_NUM_THREADS unset"),
+        (1, 0, {}, 1, "1 core, 0 data workers; OMP_NUM_THREADS unset"),
+        (
+            112,
+            8,
+            {"LOCAL_WORLD_SIZE": "8"},
+            6,
+            "112 cores, 8 processes on this machine, 8 data workers; OMP_NUM_THREADS unset",
+        ),
+        (
+            8,
+            4,
+            {"LOCAL_WORLD_SIZE": "4"},
+            1,
+            "8 cores, 4 processes on this machine, 4 data workers; OMP_NUM_THREADS unset",
+        ),
+        (64, 2, {"OMP_NUM_THREADS": "4"}, 4, "OMP_NUM_THREADS=4"),  # torch applied it (`current`)
+    ],
+)
+def test_intra_op_threads_are_the_cores_per_process_less_the_data_workers(cores, workers, env, count, why):
+    assert choose_threads(None, workers, cores, env, current=4) == (count, why)
+
+
+def test_the_recipe_sets_the_intra_op_threads_over_the_environment():
+    threads = choose_threads(3, workers=2, cores=64, env={"OMP_NUM_THREADS": "8", "LOCAL_WORLD_SIZE": "2"}, current=8)
+    assert threads.line() == "augssl: 3 intra-op threads (distributed.intra_op_threads=3)"
+
+
+def test_the_start_up_line_says_how_many_intra_op_threads_the_run_took(tmp_path, fmnist_shards, monkeypatch, capsys):
+    """With OMP_NUM_THREADS unset, 4 usable cores and 1 data worker, the run takes 3 threads and says so right
+    after the start-up line (torch's default would be a thread per core, the worker's included)."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(distributed, "usable_cores", lambda: 4)
+    seen = []  # the threads the engine sets (this test process keeps its own)
+    monkeypatch.setattr(distributed.torch, "set_num_threads", seen.append)
+    run_steps(tiny_recipe(tmp_path, fmnist_shards, data={"num_workers": 1}), steps=1)
+    lines = capsys.readouterr().out.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("augssl: global batch"))
+    assert lines[start + 1] == "augssl: 3 intra-op threads (4 cores, 1 data worker; OMP_NUM_THREADS unset)"
+    assert seen == [3]

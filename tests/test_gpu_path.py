@@ -3,7 +3,8 @@ DeepSpeed in bf16 (ZeRO-2 and ZeRO-3), float32 where bf16 loses too much, BYOL's
 ZeRO-3, no per-step host copies, and the GPU speed settings.
 
 Real `accelerate launch` runs (gloo, DeepSpeed's CPU accelerator) wherever the behaviour exists on
-CPU; where it exists only on CUDA the test checks the decision the code makes and says so.
+CPU; where it exists only on CUDA the test checks the decision the code makes and says so, and a test marked `gpu`
+checks it on a CUDA device (scripts/gpu_check.sh).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from framework.startup import validate
 from framework.testing import CONV28, free_port, run_steps, tiny_recipe, write_recipe
 from plugins.backbones import VAEHead
 from plugins.blocks import kl_gaussians
-from tests.helpers import ROOT, accelerate_launch
+from tests.helpers import ENV, ROOT, accelerate_launch
 
 DDP2 = ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--dynamo_backend", "no"]
 CONFIGS = ROOT / "launch" / "accelerate"
@@ -387,3 +388,28 @@ def test_a_compiled_run_starts_with_the_losses_of_an_eager_run(tmp_path, fmnist_
         keys = sorted(load_file(checkpoint.model_weights_file(checkpoint.complete_checkpoints(out)[-1])))
         assert not any("_orig_mod" in k for k in keys)
     assert runs["true"] == pytest.approx(runs["false"], rel=1e-3)
+
+
+@pytest.mark.gpu
+def test_on_cuda_a_run_trains_with_the_speed_settings_on_and_logs_its_peak_memory(tmp_path, fmnist_shards):
+    """On a CUDA device the default run takes channels_last, TF32 and cudnn.benchmark and pinned batches,
+    trains every step with finite losses, and logs its peak GPU memory."""
+    out = run_steps(tiny_recipe(tmp_path, fmnist_shards, data={"num_workers": 1}), steps=3)
+    records = read_metrics(out)
+    assert [r["step"] for r in records] == [1, 2, 3] and all(math.isfinite(r["loss"]) for r in records)
+    assert records[-1]["memory/peak_gib"] > 0
+
+
+@pytest.mark.gpu
+def test_on_cuda_a_bf16_compiled_run_starts_with_the_losses_of_an_eager_float32_run(tmp_path, fmnist_shards):
+    """`train.compile: true` under bf16 on CUDA (inductor's Triton kernels): the first losses within bf16's
+    tolerance of an eager float32 run (each its own process: a process's Accelerate state keeps one precision)."""
+    runs = {}
+    for mode, precision in (("true", "bf16"), ("false", "no")):
+        recipe = write_recipe(tmp_path / f"{mode}.yaml", tiny_recipe(tmp_path / mode, fmnist_shards))
+        overrides = [f"train.compile={mode}", f"distributed.mixed_precision={precision}", "train.steps=2"]
+        cmd = [sys.executable, str(ROOT / "launch" / "train.py"), str(recipe), *overrides]
+        proc = subprocess.run(cmd, env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        runs[mode] = [r["loss"] for r in read_metrics(tmp_path / mode / "run")]
+    assert runs["true"] == pytest.approx(runs["false"], rel=2e-2)

@@ -323,6 +323,9 @@ class DistributedConfig(Strict):
     channels_last: bool | None = None
     tf32: bool = True
     cudnn_benchmark: bool = True
+    # torch's intra-op (OpenMP) threads per process; None: OMP_NUM_THREADS if set, else the cores this
+    # process may use, shared by the processes on the machine, less its data workers (at least 1)
+    intra_op_threads: int | None = Field(None, gt=0, json_schema_extra=MAY_CHANGE_ON_RESUME)
 
     @field_validator("deepspeed")
     @classmethod
