@@ -6,7 +6,7 @@ checks it), so a third-party plugin can do all they do. The names below are vers
 
 * Views and augmentation presets (`plugins.blocks.augmentations`): `simclr_view` (the SimCLR-style view of a
   preset, `Strength`, `view_spec`) and `simclr_split_view` (the same with its photometric steps able to run on the
-  device), `TwoViewsConfig` + `crop_views` / `crop_names` / `encode_crops` (two views or multi-crop,
+  device, its workers' part a `CropFlip`), `TwoViewsConfig` + `crop_views` / `crop_names` / `encode_crops` (two views or multi-crop,
   `MultiCrop`), `crvae_affine_view` (CR-VAE's t(x)), `AffineWithParams` (a warp that returns its parameters).
 * Photometric augmentation on the device (`plugins.blocks.photometric`): `Photometric` (a view's ColorJitter,
   grayscale, blur, solarisation and normalisation, batched, each sample with its own parameters from an explicit
@@ -34,6 +34,7 @@ from plugins.blocks.augmentations import (
     VIEW_PRESETS,
     AffineParams,
     AffineWithParams,
+    CropFlip,
     CropGroup,
     MultiCrop,
     PILGaussianBlur,
@@ -102,6 +103,7 @@ __all__ = [
     "AffineParams",
     "AffineWithParams",
     "AugmentedViews",
+    "CropFlip",
     "CropGroup",
     "CropSizes",
     "Likelihood",
