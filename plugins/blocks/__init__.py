@@ -6,8 +6,9 @@ checks it), so a third-party plugin can do all they do. The names below are vers
 
 * Views and augmentation presets (`plugins.blocks.augmentations`): `simclr_view` (the SimCLR-style view of a
   preset, `Strength`, `view_spec`) and `simclr_split_view` (the same with its photometric steps able to run on the
-  device, its workers' part a `CropFlip`), `TwoViewsConfig` + `crop_views` / `crop_names` / `encode_crops` (two views or multi-crop,
-  `MultiCrop`), `crvae_affine_view` (CR-VAE's t(x)), `AffineWithParams` (a warp that returns its parameters).
+  device, its workers' part a `CropFlip`), `TwoViewsConfig` + `crop_views` / `crop_names` / `encode_crops` (two
+  views or multi-crop, `MultiCrop`), `crvae_affine_view` (CR-VAE's t(x)), `AffineWithParams` (a warp that returns
+  its parameters).
 * Photometric augmentation on the device (`plugins.blocks.photometric`): `Photometric` (a view's ColorJitter,
   grayscale, blur, solarisation and normalisation, batched, each sample with its own parameters from an explicit
   generator, `PhotometricParams`) and its per-sample ops `adjust_brightness`, `adjust_contrast`,
