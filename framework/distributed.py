@@ -49,7 +49,7 @@ class _GatherWithGrad(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
-        grad = grad.contiguous()
+        grad = grad.clone(memory_format=torch.contiguous_format)  # never the caller's tensor: it is reduced in place
         dist.all_reduce(grad)  # every rank's gradient of every row, summed
         start = dist.get_rank() * ctx.rows
         return grad[start : start + ctx.rows]
@@ -73,6 +73,10 @@ def all_reduce(tensor: torch.Tensor, op: Literal["sum", "mean", "max", "min"] = 
     """`tensor` reduced element-wise over every rank, as a new tensor without gradient (`tensor` is left alone):
     a statistic every rank must agree on, such as DINO's centre (the mean of the teacher's outputs over the
     global batch) or a metric. In one process, a copy of `tensor`."""
+    if op not in ("sum", "mean", "max", "min"):
+        raise ValueError(f"all_reduce: op must be sum, mean, max or min, got {op!r}")
+    if op == "mean" and not tensor.is_floating_point():
+        raise ValueError(f"all_reduce: the mean of a {tensor.dtype} tensor; reduce a float tensor (or 'sum' a count)")
     out = tensor.detach().clone()
     if world_size() > 1 and dist.is_initialized():
         reduce_op = {"sum": dist.ReduceOp.SUM, "mean": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}

@@ -76,13 +76,17 @@ class ScopedNames(MutableMapping[str, T]):
         return f"{self.plugin}.{check_short_name(self.plugin, name, f'ctx.{self.what}')}"
 
     def __getitem__(self, name: str) -> T:
-        return self.data[self._key(name)]
+        if not isinstance(name, str) or not SHORT_NAME.fullmatch(name):
+            raise KeyError(name)  # a name the plugin could not have set: `in` and `get` answer no
+        return self.data[f"{self.plugin}.{name}"]
 
     def __setitem__(self, name: str, value: T) -> None:
         self.data[self._key(name)] = value
 
     def __delitem__(self, name: str) -> None:
-        del self.data[self._key(name)]
+        if name not in self:
+            raise KeyError(name)
+        del self.data[f"{self.plugin}.{name}"]
 
     def __iter__(self) -> Iterator[str]:
         own = f"{self.plugin}."

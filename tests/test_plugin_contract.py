@@ -26,7 +26,7 @@ from framework.model import Model
 from framework.recipe.loading import RecipeError
 from framework.registry import BUILTIN_PLUGINS
 from framework.startup import validate
-from framework.testing import CONV28, run_steps, tiny_recipe, write_recipe
+from framework.testing import CONV28, run_steps, step_context, tiny_recipe, write_recipe
 from tests.helpers import ENV, one_line
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -206,12 +206,17 @@ class NotAMethod(PluginConfig):
     elbo_likelihood: ClassVar[str] = "gaussian"
 
 
+class NotAscii(PluginConfig):
+    augmented_view: ClassVar[str] = "v\u00e9"
+
+
 @pytest.mark.parametrize(
     ("schema", "message"),
     [
         (FullViewName, "augmented_view 'dino.v1' must be the short name of one of the plugin's own views"),
         (NotAString, "augmented_view (capability AugmentedViews): must be a str, got 3"),
         (NotAMethod, "elbo_likelihood (capability StandsForELBO): must be a method"),
+        (NotAscii, "augmented_view 'v\u00e9' must be the short name"),
     ],
 )
 def test_a_wrongly_declared_capability_is_one_line_at_validation(tmp_path, schema, message):
@@ -220,6 +225,39 @@ def test_a_wrongly_declared_capability_is_one_line_at_validation(tmp_path, schem
         validate(recipe, check_data=False, extra_plugins={"dino": _Declares(schema)})
     assert str(err.value).startswith("plugins.dino: ") and message in str(err.value)
     assert "\n" not in str(err.value)
+
+
+class FieldNamedLikeAMember(PluginConfig):
+    kl_factor: float = 0.5  # the user's setting, not PriorKLSchedule's method
+
+
+def test_a_recipe_field_named_like_a_capabilitys_member_claims_nothing(tmp_path):
+    """A section's own setting that happens to share a member's name neither fails validation nor makes the
+    plugin a provider (consistency would call the float)."""
+    sections = {"backbones": {"encoder": "conv28"}, "kl": {}, "consistency": {"lambda": 1.0}, "mine": {}}
+    recipe = tiny_recipe(tmp_path, {"train": "none.tar", "test": "none.tar"}, plugins=sections)
+    cfg, _ = validate(recipe, check_data=False, extra_plugins={"mine": _Declares(FieldNamedLikeAMember)})
+    assert cfg.plugins["mine"].kl_factor == 0.5
+    assert list(cfg.providers(plugins.blocks.PriorKLSchedule)) == ["kl"]
+
+
+def test_a_plugins_metrics_answer_membership_for_any_name(tmp_path):
+    """`ctx.metrics` is a mapping: `in` and `get` answer for a name the plugin could not set (another
+    plugin's full name), and only setting one is an error."""
+    ctx = step_context(None, {"x": torch.zeros(1)}, plugin="mine")
+    ctx.metrics["acc"] = torch.ones(())
+    assert "acc" in ctx.metrics and "simclr.loss" not in ctx.metrics and ctx.metrics.get("simclr.loss") is None
+    with pytest.raises(ValueError, match="use 'acc'"):
+        ctx.metrics["mine.acc"] = torch.ones(())
+    del ctx.metrics["acc"]
+    assert "acc" not in ctx.metrics
+
+
+def test_all_reduce_refuses_an_unknown_op_and_an_integer_mean():
+    with pytest.raises(ValueError, match="op must be sum, mean, max or min, got 'avg'"):
+        all_reduce(torch.ones(2), "avg")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="the mean of a torch.int64 tensor"):
+        all_reduce(torch.ones(2, dtype=torch.long), "mean")
 
 
 def test_builtin_sections_have_the_capabilities_they_claim(tmp_path):
@@ -300,8 +338,11 @@ def _reduce_on_rank(rank: int, port: int, queue) -> None:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             gathered = gather_with_grad(local)  # (4, 2) on every rank: the global batch, in rank order
+        seen: list[torch.Tensor] = []
+        gathered.register_hook(seen.append)  # the gradient the gather receives, kept by reference
         (gathered * torch.arange(1.0, 9.0).view(4, 2)).sum().backward()
         gather = {"rows": gathered.tolist(), "grad": local.grad.tolist(), "warnings": [str(w.message) for w in caught]}
+        gather["incoming"] = seen[0].tolist()  # untouched by the backward's all-reduce
         detached = all(not v.requires_grad for v in out.values())
         queue.put((rank, {op: v.tolist() for op, v in out.items()}, detached, gather))
     finally:
@@ -329,6 +370,7 @@ def test_all_reduce_and_gather_of_two_processes_equal_one_process_over_the_whole
     for rank, values, detached, gather in results:
         assert detached
         assert gather["rows"] == rows.tolist() and not gather["warnings"]
+        assert gather["incoming"] == weights.tolist()
         assert gather["grad"] == (2 * weights[2 * rank : 2 * rank + 2]).tolist()  # both ranks' gradients, summed
         assert values["sum"] == one.tolist()
         assert values["mean"] == (one / 2).tolist()

@@ -118,26 +118,37 @@ def _members(protocol: type) -> dict[str, Any]:
     return members
 
 
+def _declares(section: type, member: str) -> bool:
+    """Whether the section class has `member` as a class attribute (a ClassVar or a method): a recipe field of
+    the same name is the user's setting, never a capability's member."""
+    return member not in getattr(section, "model_fields", {}) and hasattr(section, member)
+
+
+def claims(section: type, protocol: type) -> bool:
+    """Whether the section class `section` claims the capability `protocol`: it declares one of its members."""
+    return any(_declares(section, member) for member in _members(protocol))
+
+
 def capability_problem(section: type) -> str | None:
     """What is wrong with the capabilities the section class `section` claims, or None."""
     for protocol, check in CAPABILITIES.items():
         members = _members(protocol)
-        claimed = [m for m in members if hasattr(section, m) or m in getattr(section, "model_fields", {})]
+        claimed = [m for m in members if _declares(section, m)]
         if not claimed:
             continue
         for member, annotation in members.items():
             where = f"{member} (capability {protocol.__name__})"
-            if not hasattr(section, member) and member not in getattr(section, "model_fields", {}):
-                return f"{where}: missing, while {claimed[0]} claims the capability"
-            value = getattr(section, member, None)
+            if not _declares(section, member):
+                kind = "a class attribute or method, not a recipe field"
+                return f"{where}: missing ({kind}), while {claimed[0]} claims the capability"
+            value = getattr(section, member)
             if annotation is None:
                 if not callable(value):
                     return f"{where}: must be a method, got {value!r}"
                 continue
             expected = typing.get_args(annotation)[0] if typing.get_origin(annotation) is ClassVar else annotation
-            if isinstance(expected, type) and member not in getattr(section, "model_fields", {}):
-                if not isinstance(value, expected):
-                    return f"{where}: must be a {expected.__name__}, got {value!r}"
+            if isinstance(expected, type) and not isinstance(value, expected):
+                return f"{where}: must be a {expected.__name__}, got {value!r}"
         if check is not None and (problem := check(section)):
             return f"capability {protocol.__name__}: {problem}"
     return None
@@ -384,4 +395,8 @@ class Recipe(Strict):
         """`{plugin: section}`, in recipe order, of the plugins whose section has `capability` (a Protocol
         declared with `framework.capability`), so that a plugin asks the recipe for what it needs from
         others (e.g. a view to transform) without naming a plugin."""
-        return {name: cfg for name, cfg in self.plugins.items() if isinstance(cfg, capability)}
+        return {
+            name: cfg
+            for name, cfg in self.plugins.items()
+            if isinstance(cfg, capability) and claims(type(cfg), capability)  # not a recipe field of that name
+        }

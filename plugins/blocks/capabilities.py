@@ -17,7 +17,7 @@ VAE_HEAD = "vae_head"
 
 def _short_view_name(section: type) -> str | None:
     view = getattr(section, "augmented_view", None)
-    if isinstance(view, str) and (not view.isidentifier() or view == "x"):
+    if isinstance(view, str) and (not (view.isascii() and view.isidentifier()) or view == "x"):
         return (
             f"augmented_view {view!r} must be the short name of one of the plugin's own views, as its "
             "`augment` returns it (e.g. 'v1', not '<plugin>.v1' or 'x')"
