@@ -129,8 +129,9 @@ class CropFlip:
     def __call__(self, image: Image.Image) -> Tensor:
         image = self.mode(image)
         top, left, height, width = v1.RandomResizedCrop.get_params(image, list(self.scale), list(self.ratio))
-        pixels = torch.from_numpy(np.array(image)).view(image.height, image.width, -1)  # (H, W, C) uint8
-        crop = pixels[top : top + height, left : left + width].permute(2, 0, 1).unsqueeze(0)  # channels-last strides
+        region = image.crop((left, top, left + width, top + height))  # only the box's pixels are copied out
+        pixels = torch.from_numpy(np.array(region)).view(height, width, -1)  # (h, w, C) uint8
+        crop = pixels.permute(2, 0, 1).unsqueeze(0)  # (1, C, h, w), channels-last strides
         out = tnf.interpolate(crop, size=(self.size, self.size), mode=self.interpolation, antialias=True)[0]
         return (out.flip(-1) if torch.rand(1) < 0.5 else out).contiguous()
 
