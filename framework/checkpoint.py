@@ -48,6 +48,7 @@ import torch
 import yaml
 from safetensors.torch import load as safetensors_load
 
+from framework.data.pipeline import augments_on_device
 from framework.data.stream import StreamPosition
 from framework.distributed import global_batch
 from framework.model import Model
@@ -227,8 +228,9 @@ def _agree(accelerator: Accelerator, error: str | None, tmp: Path, output_dir: s
     )
 
 
-def launch_state(accelerator: Accelerator, global_batch: int) -> dict[str, Any]:
-    """What a checkpoint records about the launch that wrote it: processes, DeepSpeed, its ZeRO stage, global batch."""
+def launch_state(accelerator: Accelerator, global_batch: int, views_on_device: bool) -> dict[str, Any]:
+    """What a checkpoint records about the launch that wrote it: processes, DeepSpeed, its ZeRO stage, global batch,
+    and where the views' photometric steps ran (`data.augment_on` as resolved on its device)."""
     from accelerate.utils import DistributedType
 
     deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
@@ -237,6 +239,7 @@ def launch_state(accelerator: Accelerator, global_batch: int) -> dict[str, Any]:
         "deepspeed": deepspeed,
         "zero_stage": accelerator.deepspeed_config["zero_optimization"]["stage"] if deepspeed else None,
         "global_batch": global_batch,
+        "views_on_device": views_on_device,
     }
 
 
@@ -293,7 +296,8 @@ def save(
     if accelerator.is_main_process:
         try:
             processes = accelerator.num_processes
-            launch = launch_state(accelerator, global_batch(recipe.data, recipe.distributed, processes))
+            on_device = augments_on_device(recipe.data.augment_on, accelerator.device)
+            launch = launch_state(accelerator, global_batch(recipe.data, recipe.distributed, processes), on_device)
             if launch["deepspeed"]:
                 consolidate_deepspeed_weights(tmp)  # every rank's partition is on disk now
             (tmp / "recipe.yaml").write_text(yaml.safe_dump(recipe.resolved(), sort_keys=False))
@@ -327,6 +331,17 @@ def check_resumable(path: Path, saved: dict[str, Any], now: dict[str, Any]) -> N
     stage, so a DeepSpeed checkpoint needs the same processes and stage, and neither format
     loads into the other.
     """
+    was, now_on = saved.get("views_on_device"), now.get("views_on_device")  # None: written before it was recorded
+    if was is not None and now_on is not None and was != now_on:
+
+        def where(on: bool) -> str:
+            return "on the device" if on else "in the data workers"
+
+        raise CheckpointError(
+            f"checkpoint {path} augmented its views {where(was)}, this launch would augment them {where(now_on)} "
+            f"(data.augment_on=auto follows the device), which changes the random stream: set "
+            f"data.augment_on={'device' if was else 'workers'} to continue it, or start over (train.resume=fresh)"
+        )
     same_stage = saved["zero_stage"] == now["zero_stage"]
     if saved["deepspeed"] == now["deepspeed"] and (
         not now["deepspeed"] or (saved["world_size"] == now["world_size"] and same_stage)
@@ -364,6 +379,7 @@ def load(
     train: TrainConfig,
     optim: OptimConfig,
     global_batch_size: int,
+    views_on_device: bool,
     scheduler: Any = None,
 ) -> tuple[dict[str, Any], StreamPosition | None]:
     """Restore model/optimizer/scheduler/RNG states; returns the trainer state and this rank's data position.
@@ -379,7 +395,7 @@ def load(
     from accelerate.utils import set_seed
 
     state = json.loads((path / STATE_FILE).read_text())
-    now = launch_state(accelerator, global_batch_size)
+    now = launch_state(accelerator, global_batch_size, views_on_device)
     check_resumable(path, state, now)
     lambda_lr = getattr(scheduler, "scheduler", scheduler)  # Accelerate's AcceleratedScheduler wraps it
     base_lrs = list(lambda_lr.base_lrs) if lambda_lr is not None else None  # this launch's, before the load

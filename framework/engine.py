@@ -236,7 +236,9 @@ def start(recipe: Recipe, hooks: PluginHooks) -> Run | None:
     step, position = 0, StreamPosition()
     resume_from = runfolder.resume_point(accelerator, recipe, unwrapped, lock)  # intact, compatible; writes recipe.yaml
     if resume_from is not None:
-        state, saved_position = checkpoint.load(accelerator, resume_from, cfg, recipe.optim, batch, scheduler)
+        state, saved_position = checkpoint.load(
+            accelerator, resume_from, cfg, recipe.optim, batch, on_device, scheduler
+        )
         step, position = state["step"], saved_position or StreamPosition()
         accelerator.print(f"augssl: resumed from {resume_from} at step {step}")
     if step >= cfg.steps:

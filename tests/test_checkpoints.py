@@ -209,6 +209,22 @@ def test_which_checkpoints_a_launch_can_resume(tmp_path):
         assert "\n" not in str(info.value)
 
 
+def test_a_checkpoint_resumes_only_where_its_views_were_augmented(tmp_path):
+    """`data.augment_on: auto` resolves by device: a run that augmented on a GPU, resumed on a CPU, would
+    change its random stream with the same recipe. The checkpoint records where, and a resume that differs
+    is one line saying which setting continues it; a checkpoint from before it was recorded resumes."""
+
+    def launch_(on_device: bool | None) -> dict:
+        return {"world_size": 1, "deepspeed": False, "zero_stage": None, "views_on_device": on_device}
+
+    checkpoint.check_resumable(tmp_path, launch_(True), launch_(True))
+    checkpoint.check_resumable(tmp_path, launch_(None), launch_(False))  # written before it was recorded
+    for was, now, setting in [(True, False, "device"), (False, True, "workers")]:
+        with pytest.raises(checkpoint.CheckpointError, match=f"set data.augment_on={setting} to continue it") as info:
+            checkpoint.check_resumable(tmp_path, launch_(was), launch_(now))
+        assert "\n" not in str(info.value)
+
+
 def test_a_restored_schedule_takes_this_launchs_base_lrs_and_keeps_its_step():
     cfg = OptimConfig(lr=1.0, warmup_steps=2, schedule="cosine")
 
