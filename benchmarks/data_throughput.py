@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 from webdataset.tariterators import tarfile_samples  # noqa: E402
 
 from benchmarks.common import write_report  # noqa: E402
-from framework.data import make_loader, shard_urls, split_normalize, tar_records, write_shards  # noqa: E402
+from framework.data import make_loader, shard_urls, split_views, tar_records, write_shards  # noqa: E402
 from framework.testing import data_section, synthetic_samples  # noqa: E402
 from framework.types import View  # noqa: E402
 from framework.views import STL10_STATS, clean_view  # noqa: E402
@@ -53,7 +53,7 @@ class BothViews:
 
     def __init__(self, normalised: bool = False) -> None:
         self.transforms = (
-            [v.transform for v in views().values()] if normalised else [t for _, t, _ in split_normalize(views())[0]]
+            [v.transform for v in views().values()] if normalised else [t for _, t, _ in split_views(views()).worker]
         )
 
     def __call__(self, image):

@@ -25,7 +25,6 @@ from framework.data import (
     batch_to_device,
     encode_image,
     make_loader,
-    split_normalize,
     split_views,
     tar_records,
     write_shards,
@@ -68,7 +67,7 @@ def test_a_derived_view_gets_uint8_only_if_it_says_it_accepts_it():
 
     stats = FASHION_MNIST_STATS
     views = {**X, "aff": View(AffineWithParams(*stats), source="x"), "plain": View(Plain(), source="x")}
-    worker, deferred = split_normalize(views)
+    worker, deferred, _ = split_views(views)
     assert set(deferred) == {"x", "aff"} and isinstance(deferred["x"], Normalize)
     sample = SampleToViews(views, channels=1)(
         {"__key__": "k", "png": encode_image(next(asset_samples("test")).image), "cls": b"3"}
@@ -342,7 +341,7 @@ def test_views_split_for_the_device_only_where_asked_and_never_a_source():
     worker, deferred, device = split_views(views, on_device=True)
     assert list(device) == ["b"] and device["b"] is bright.batch and set(deferred) == {"x"}
     assert {name: type(t) for name, t, _ in worker if name in "bs"} == {"b": RandomFlip, "s": FlipBright}
-    whole = split_views(views)  # data.augment_on=workers: every view whole, as split_normalize has it
+    whole = split_views(views)  # data.augment_on=workers: every view whole, as before the device split
     assert [t for name, t, _ in whole.worker if name != "x"] == [views[n].transform for n in "bsd"]
     assert set(whole.deferred) == {"x"} and whole.device == {}
     sample = SampleToViews(views, channels=1, on_device=True)(

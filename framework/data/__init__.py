@@ -25,7 +25,6 @@ from framework.data.pipeline import (
     batch_to_device,
     clean_x_view,
     collate,
-    split_normalize,
     split_views,
 )
 from framework.data.shards import (
@@ -72,7 +71,6 @@ __all__ = [
     "make_loader",
     "open_shard",
     "shard_urls",
-    "split_normalize",
     "split_views",
     "tar_records",
     "write_shards",

@@ -95,12 +95,6 @@ def split_views(views: dict[str, View], on_device: bool = False) -> Split:
     return split
 
 
-def split_normalize(views: dict[str, View]) -> tuple[list[tuple[str, Any, str | None]], dict[str, Normalize]]:
-    """`split_views` with every view whole in the workers: the worker-side transforms and deferred `Normalize`."""
-    worker, deferred, _ = split_views(views)
-    return worker, deferred
-
-
 class SampleToViews:
     """Decode one raw record and compute every view (with their random parameters).
 
