@@ -46,6 +46,7 @@ if TYPE_CHECKING:
     from framework.precision import at_least_float32, full_precision
     from framework.recipe.schema import PluginConfig, Recipe, capability, needed_by
     from framework.schedules import Scheduled
+    from framework.sharding import local_shard
     from framework.types import Encoding, OnDevice, StepContext, View, full_name, num_features
     from framework.views import ToMode, check_stats, denormalize, normalize, tensor_steps
 
@@ -55,6 +56,7 @@ _MODULES = {
     "framework.distributed": ("all_reduce", "full_parameters", "gather_with_grad", "rank", "world_size"),
     "framework.hookspecs": ("hookimpl",),
     "framework.precision": ("at_least_float32", "full_precision"),
+    "framework.sharding": ("local_shard",),
     "framework.recipe.schema": ("PluginConfig", "Recipe", "capability", "needed_by"),
     "framework.schedules": ("Scheduled",),
     "framework.types": ("Encoding", "OnDevice", "StepContext", "View", "full_name", "num_features"),
@@ -62,7 +64,7 @@ _MODULES = {
 }
 # The plugin API's version, (major, minor): a minor release adds names (here or in `plugins.blocks`), a
 # major one changes or removes one. A plugin that needs a name added in 1.2 may check `API_VERSION >= (1, 2)`.
-API_VERSION = (1, 0)
+API_VERSION = (1, 1)  # 1.1: local_shard (FSDP2)
 
 _HOME = {name: module for module, names in _MODULES.items() for name in names}
 
@@ -97,6 +99,7 @@ __all__ = [
     "full_precision",
     "gather_with_grad",
     "hookimpl",
+    "local_shard",
     "needed_by",
     "normalize",
     "num_features",

@@ -40,7 +40,9 @@ import re
 import shutil
 import sys
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
@@ -64,9 +66,59 @@ if TYPE_CHECKING:
 STATE_FILE = "trainer_state.json"
 WEIGHTS_FILE = "model.safetensors"
 DEEPSPEED_TAG = "pytorch_model"  # the folder (DeepSpeed "tag") Accelerate's save_state gives the engine
+SHARDED_FOLDER = "sharded"  # FSDP2: the model's and optimizer's shards, written by torch.distributed.checkpoint
 CHECKSUMS_FILE = "checksums.json"
 _STEP_FOLDER = re.compile(r"step_(\d+)")  # a checkpoint's name; anything else in checkpoints/ is ignored
 _CHUNK = 8 << 20  # bytes hashed per read
+
+
+@dataclass
+class Sharded:
+    """An FSDP2 run's sharded model and its optimizer: saved and loaded with `torch.distributed.checkpoint`
+    (every rank writes its shards; a load reshards them to this launch's ranks), beside what Accelerate saves."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+
+
+@contextlib.contextmanager
+def scheduler_and_rng_only(accelerator: Accelerator, sharded: Sharded | None) -> Iterator[None]:
+    """Under FSDP2, a block in which Accelerate's save_state/load_state handle only the schedule and every
+    rank's RNG: its optimizer save would write rank 0's shards alone (the model is not Accelerate's)."""
+    if sharded is None:
+        yield
+        return
+    optimizers, accelerator._optimizers = accelerator._optimizers, []
+    try:
+        yield
+    finally:
+        accelerator._optimizers = optimizers
+
+
+def save_sharded(sharded: Sharded, folder: Path) -> None:
+    """Every rank's shards of the model and the optimizer into `folder/sharded/`, and on rank 0 the whole
+    model, float32, into `folder/model.safetensors` (what eval and export read). Two collectives."""
+    import torch.distributed.checkpoint as dcp
+    from safetensors.torch import save_file
+
+    from framework.sharding import full_state_dict, sharded_state
+
+    dcp.save(sharded_state(sharded.model, sharded.optimizer), checkpoint_id=str(folder / SHARDED_FOLDER))
+    whole = full_state_dict(sharded.model)
+    if whole:  # rank 0
+        save_file({k: v.contiguous() for k, v in whole.items()}, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
+
+
+def load_sharded(sharded: Sharded, folder: Path) -> None:
+    """The model's and the optimizer's shards for this rank, read from `folder/sharded/` (resharded when the
+    checkpoint was written by another number of ranks). A collective."""
+    import torch.distributed.checkpoint as dcp
+
+    from framework.sharding import load_sharded_state, sharded_state
+
+    state = sharded_state(sharded.model, sharded.optimizer)
+    dcp.load(state, checkpoint_id=str(folder / SHARDED_FOLDER))
+    load_sharded_state(sharded.model, sharded.optimizer, state)
 
 
 class CheckpointError(RuntimeError):
@@ -228,9 +280,11 @@ def _agree(accelerator: Accelerator, error: str | None, tmp: Path, output_dir: s
     )
 
 
-def launch_state(accelerator: Accelerator, global_batch: int, views_on_device: bool) -> dict[str, Any]:
-    """What a checkpoint records about the launch that wrote it: processes, DeepSpeed, its ZeRO stage, global batch,
-    and where the views' photometric steps ran (`data.augment_on` as resolved on its device)."""
+def launch_state(
+    accelerator: Accelerator, global_batch: int, views_on_device: bool, fsdp: bool = False
+) -> dict[str, Any]:
+    """What a checkpoint records about the launch that wrote it: processes, DeepSpeed, its ZeRO stage, FSDP2,
+    global batch, and where the views' photometric steps ran (`data.augment_on` as resolved on its device)."""
     from accelerate.utils import DistributedType
 
     deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
@@ -238,6 +292,7 @@ def launch_state(accelerator: Accelerator, global_batch: int, views_on_device: b
         "world_size": accelerator.num_processes,
         "deepspeed": deepspeed,
         "zero_stage": accelerator.deepspeed_config["zero_optimization"]["stage"] if deepspeed else None,
+        "fsdp": fsdp,
         "global_batch": global_batch,
         "views_on_device": views_on_device,
     }
@@ -272,9 +327,11 @@ def save(
     position: StreamPosition,
     extra: dict[str, Any] | None = None,
     keep: Path | None = None,
+    sharded: Sharded | None = None,
 ) -> Path:
     """Write checkpoint `step` from every rank; returns its final path. Then all but the newest
-    `checkpoint.keep` are removed, except `keep` (the checkpoint an explicit `train.resume` named)."""
+    `checkpoint.keep` are removed, except `keep` (the checkpoint an explicit `train.resume` named).
+    `sharded`: an FSDP2 run's model and optimizer, written with `torch.distributed.checkpoint`."""
     root = checkpoint_root(recipe.output_dir)
     final = root / f"step_{step:08d}"
     tmp = final.with_name(final.name + ".tmp")
@@ -287,7 +344,10 @@ def save(
             error = _os_error(exc)
     _agree(accelerator, error, tmp, recipe.output_dir)
     try:
-        accelerator.save_state(str(tmp))
+        with scheduler_and_rng_only(accelerator, sharded):
+            accelerator.save_state(str(tmp))
+        if sharded is not None:
+            save_sharded(sharded, tmp)
         rank = accelerator.process_index
         (tmp / f"data_rank{rank}.json").write_text(json.dumps(position.state_dict()))
     except Exception as exc:  # noqa: BLE001  any rank's failure (safetensors wraps ENOSPC in its own error) stops all
@@ -297,7 +357,8 @@ def save(
         try:
             processes = accelerator.num_processes
             on_device = augments_on_device(recipe.data.augment_on, accelerator.device)
-            launch = launch_state(accelerator, global_batch(recipe.data, recipe.distributed, processes), on_device)
+            batch = global_batch(recipe.data, recipe.distributed, processes)
+            launch = launch_state(accelerator, batch, on_device, fsdp=sharded is not None)
             if launch["deepspeed"]:
                 consolidate_deepspeed_weights(tmp)  # every rank's partition is on disk now
             (tmp / "recipe.yaml").write_text(yaml.safe_dump(recipe.resolved(), sort_keys=False))
@@ -319,16 +380,18 @@ def save(
 def _describe(launch: dict[str, Any]) -> str:
     n = launch["world_size"]
     processes = f"{n} process{'es' if n != 1 else ''}"
+    if launch.get("fsdp"):
+        return f"{processes} of FSDP2"
     if not launch["deepspeed"]:
-        return f"{processes} without DeepSpeed"
+        return f"{processes} without DeepSpeed or FSDP2"
     return f"{processes} of DeepSpeed ZeRO-{launch['zero_stage']}"
 
 
 def check_resumable(path: Path, saved: dict[str, Any], now: dict[str, Any]) -> None:
     """Raise CheckpointError if a launch like `now` cannot continue the checkpoint whose trainer state is `saved`.
 
-    DDP continues at any world size. DeepSpeed's optimizer state is partitioned per rank and
-    stage, so a DeepSpeed checkpoint needs the same processes and stage, and neither format
+    DDP and FSDP2 continue at any world size (FSDP2's shards are resharded on load). DeepSpeed's optimizer
+    state is partitioned per rank and stage, so a DeepSpeed checkpoint needs the same processes and stage, and no format
     loads into the other.
     """
     was, now_on = saved.get("views_on_device"), now.get("views_on_device")  # None: written before it was recorded
@@ -343,13 +406,21 @@ def check_resumable(path: Path, saved: dict[str, Any], now: dict[str, Any]) -> N
             f"data.augment_on={'device' if was else 'workers'} to continue it, or start over (train.resume=fresh)"
         )
     same_stage = saved["zero_stage"] == now["zero_stage"]
-    if saved["deepspeed"] == now["deepspeed"] and (
-        not now["deepspeed"] or (saved["world_size"] == now["world_size"] and same_stage)
+    was_fsdp, is_fsdp = bool(saved.get("fsdp")), bool(now.get("fsdp"))  # absent: written before FSDP2 was
+    if (
+        was_fsdp == is_fsdp
+        and saved["deepspeed"] == now["deepspeed"]
+        and (not now["deepspeed"] or (saved["world_size"] == now["world_size"] and same_stage))
     ):
         return
-    if saved["deepspeed"]:
+    if was_fsdp:
+        flags = "--use_fsdp --fsdp_version 2 (launch/accelerate/fsdp2.yaml), any --num_processes"
+        why = "its model and optimizer are sharded with torch.distributed.checkpoint"
+    elif saved["deepspeed"]:
         flags = f"--use_deepspeed --num_processes {saved['world_size']} --zero_stage {saved['zero_stage']}"
         why = "DeepSpeed cannot re-split its partitioned optimizer state"
+    elif is_fsdp:
+        flags, why = f"--num_processes {now['world_size']} without --use_fsdp", "FSDP2 reads sharded checkpoints only"
     else:
         flags, why = f"--num_processes {now['world_size']} without --use_deepspeed", "DeepSpeed cannot load it"
     raise CheckpointError(
@@ -381,6 +452,7 @@ def load(
     global_batch_size: int,
     views_on_device: bool,
     scheduler: Any = None,
+    sharded: Sharded | None = None,
 ) -> tuple[dict[str, Any], StreamPosition | None]:
     """Restore model/optimizer/scheduler/RNG states; returns the trainer state and this rank's data position.
 
@@ -395,11 +467,14 @@ def load(
     from accelerate.utils import set_seed
 
     state = json.loads((path / STATE_FILE).read_text())
-    now = launch_state(accelerator, global_batch_size, views_on_device)
+    now = launch_state(accelerator, global_batch_size, views_on_device, fsdp=sharded is not None)
     check_resumable(path, state, now)
     lambda_lr = getattr(scheduler, "scheduler", scheduler)  # Accelerate's AcceleratedScheduler wraps it
     base_lrs = list(lambda_lr.base_lrs) if lambda_lr is not None else None  # this launch's, before the load
-    accelerator.load_state(str(path))
+    with scheduler_and_rng_only(accelerator, sharded):
+        accelerator.load_state(str(path))
+    if sharded is not None:
+        load_sharded(sharded, path)
     same_world = state.get("world_size") == accelerator.num_processes
     if not same_world:
         set_seed(train.seed + state["step"])

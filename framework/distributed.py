@@ -254,13 +254,38 @@ def using_deepspeed(env: Mapping[str, str] = os.environ) -> bool:
     return env.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
 
 
+FSDP_LAUNCHED = "AUGSSL_FSDP"  # set once `build_accelerator` has consumed Accelerate's FSDP flag
+
+
+def using_fsdp(env: Mapping[str, str] = os.environ) -> bool:
+    """True under `accelerate launch --use_fsdp` (or an FSDP config file); `check_fsdp` refuses FSDP1."""
+    return any(env.get(flag, "false").lower() == "true" for flag in ("ACCELERATE_USE_FSDP", FSDP_LAUNCHED))
+
+
+def check_fsdp(cfg: DistributedConfig, precision: str, env: Mapping[str, str] = os.environ) -> None:
+    """Raise ValueError (one line) if the recipe cannot run under this FSDP launch."""
+    version = env.get("FSDP_VERSION", "1")
+    if version != "2":
+        raise ValueError(
+            f"accelerate launch with FSDP version {version}: augssl shards with FSDP2 "
+            "(fsdp_version: 2 in the config file, or --fsdp_version 2)"
+        )
+    if precision == "fp16":
+        # FSDP2 has no sharded grad scaler that Accelerate drives; fp16 needs one
+        raise ValueError("FSDP2 with fp16: use bf16 (GPUs since A100), or fp16 without FSDP (DDP)")
+    if cfg.sync_batchnorm:
+        raise ValueError("distributed.sync_batchnorm under FSDP2: SyncBatchNorm runs under DDP only")
+
+
 def check_launch(
     cfg: DistributedConfig, data: DataConfig, optim: OptimConfig, env: Mapping[str, str] = os.environ
 ) -> None:
     """Raise ValueError (one line) if the recipe's sections cannot run under this launch; starts nothing."""
-    mixed_precision(cfg, env)
+    precision = mixed_precision(cfg, env)
     if using_deepspeed(env):
         deepspeed_config(cfg, data, optim, env)
+    if using_fsdp(env):
+        check_fsdp(cfg, precision, env)
 
 
 def speed_settings(cfg: DistributedConfig, train: TrainConfig, device_type: str) -> dict[str, bool]:
@@ -385,14 +410,19 @@ def init_restarted_group(timeout: timedelta, env: Mapping[str, str] = os.environ
 def build_accelerator(
     cfg: DistributedConfig, data: DataConfig, optim: OptimConfig, output_dir: str, log_with: list[str] | None = None
 ) -> Accelerator:
-    """The Accelerator for a recipe's sections, logging to `output_dir`; DDP or DeepSpeed is chosen by
-    `accelerate launch`."""
+    """The Accelerator for a recipe's sections, logging to `output_dir`; DDP, DeepSpeed or FSDP2 is chosen by
+    `accelerate launch`. Under FSDP2 the processes run as for DDP and the engine shards the model itself
+    (`framework.sharding`): Accelerate's own FSDP path would take over on GPUs, so its flag is consumed."""
     from accelerate import Accelerator, DistributedDataParallelKwargs, InitProcessGroupKwargs
     from accelerate.utils import DeepSpeedPlugin, ProjectConfiguration
 
     deepspeed_plugin = None
     group: dict[str, Any] = {"timeout": timedelta(seconds=cfg.timeout_seconds)}
     init_restarted_group(group["timeout"])
+    if using_fsdp():
+        check_fsdp(cfg, mixed_precision(cfg))
+        os.environ["ACCELERATE_USE_FSDP"] = "false"  # consumed: framework.sharding shards the model
+        os.environ[FSDP_LAUNCHED] = "true"
     if using_deepspeed():
         _deepspeed_without_transformers()
         ds_config = deepspeed_config(cfg, data, optim)

@@ -28,7 +28,7 @@ with `non_blocking` copies from pinned memory.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple, NoReturn, cast
@@ -48,6 +48,7 @@ from framework.distributed import (
     set_threads,
     speed_settings,
     using_deepspeed,
+    using_fsdp,
 )
 from framework.eval.report import online_knn
 from framework.logging import RunLogger, logged_lrs
@@ -57,6 +58,17 @@ from framework.optim import build_optimizer, effective_lr, lr_factor
 from framework.preemption import Preempted, StopNow, StopRequests
 from framework.recipe.schema import Recipe, TrainConfig
 from framework.schedules import scheduled_values, set_weight_decay
+from framework.sharding import (
+    Units,
+    activation_checkpointing,
+    checkpoint_activations,
+    describe,
+    find_units,
+    fsdp_options,
+    local_shard,
+    one_rank_group,
+    shard,
+)
 from framework.types import View
 
 if TYPE_CHECKING:
@@ -115,12 +127,12 @@ def nonfinite_flag(model: Model) -> torch.Tensor:
 
 
 def held(param: torch.nn.Parameter) -> torch.Tensor:
-    """The values of `param` this rank holds: all of them, or under ZeRO-3 its partition (`ds_tensor`)
-    less the padding of the last one, which DeepSpeed allocates with `torch.empty` and never writes
+    """The values of `param` this rank holds: all of them, its shard under FSDP2, or under ZeRO-3 its partition
+    (`ds_tensor`) less the padding of the last one, which DeepSpeed allocates with `torch.empty` and never writes
     (uninitialised memory may hold NaNs: the check failed a healthy ZeRO-3 run now and then)."""
     part = getattr(param, "ds_tensor", None)
     if part is None:
-        return param
+        return local_shard(param)  # FSDP2: this rank's shard
     start = part.numel() * getattr(param, "ds_zero_partition_rank", 0)
     return part.narrow(0, 0, max(0, min(part.numel(), param.ds_numel - start)))  # type: ignore[attr-defined]
 
@@ -154,7 +166,7 @@ class Run:
 
     out: Path  # output_dir
     accelerator: Accelerator
-    model: Any  # the prepared root module (DDP's or DeepSpeed's wrapper, or the Model itself)
+    model: Any  # the prepared root module (DDP's or DeepSpeed's wrapper, or the Model itself: one process, FSDP2)
     unwrapped: Model
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
@@ -166,6 +178,7 @@ class Run:
     position: StreamPosition
     channels_last: bool
     deepspeed: bool
+    fsdp: bool  # the model is sharded with FSDP2 (`framework.sharding`)
     lock: runfolder.RunLock | None  # rank 0's hold on output_dir, released when the run is dropped
     checkpoint: Path | None  # the newest checkpoint of this run: the one resumed from, then each one written
     keep: Path | None  # the checkpoint an explicit `train.resume` named: never pruned by this run
@@ -198,10 +211,30 @@ def where_views_run(device_views: DeviceViews, on_device: bool) -> str:
     return "photometric steps in the workers" + (" (no view splits)" if on_device else "")
 
 
+def shard_model(accelerator: Accelerator, recipe: Recipe, hooks: PluginHooks, model: Model, fsdp: bool) -> Units:
+    """The blocks the plugins list (`shard_blocks`): their activations checkpointed if the recipe says so, and
+    under FSDP2 the model sharded block by block (`framework.sharding.shard`); the units found."""
+    checkpointing = activation_checkpointing(recipe.distributed)
+    listed = hooks.shard_blocks(recipe, model.plugins) if fsdp or checkpointing else {}
+    units = find_units(model, cast(Mapping[str, Mapping[str, torch.nn.Module]], model.plugins), listed, model.encoder)
+    if checkpointing:
+        checkpoint_activations(units.blocks)
+    if fsdp:
+        precision = mixed_precision(recipe.distributed)
+        shard(model, units, accelerator.device, precision, fsdp_options(recipe.distributed))
+    return units
+
+
+def sharded(model: Model, optimizer: torch.optim.Optimizer, fsdp: bool) -> checkpoint.Sharded | None:
+    """What a checkpoint writes with `torch.distributed.checkpoint` under FSDP2 (None: Accelerate saves it)."""
+    inner = getattr(optimizer, "optimizer", optimizer)  # inside Accelerate's wrapper
+    return checkpoint.Sharded(model, inner) if fsdp else None
+
+
 def start(recipe: Recipe, hooks: PluginHooks) -> Run | None:
     """Set a run up: accelerator, run folder (locked), model, optimizer, resume point, data and logger.
     None when the run folder already holds a run trained to `train.steps`."""
-    cfg, out = recipe.train, Path(recipe.output_dir)
+    cfg, out, fsdp = recipe.train, Path(recipe.output_dir), using_fsdp()
     hooks.check_launch(deepspeed=using_deepspeed())  # before anything starts: a hook DeepSpeed cannot call
     trackers: list[str] | None = list(recipe.log.trackers) or None  # accelerate warns at an empty list
     threads = set_threads(recipe.distributed, recipe.data)  # before any torch work: cores minus data workers
@@ -210,11 +243,13 @@ def start(recipe: Recipe, hooks: PluginHooks) -> Run | None:
     set_seed(cfg.seed)
     model = Model(hooks, recipe)  # before the run folder: a plugin refusing the recipe or a file leaves none
     views = build_views(recipe, hooks)  # so for a view that names no view
+    sharding = shard_model(accelerator, recipe, hooks, model, fsdp)  # FSDP2 units and activation checkpointing
     lock = runfolder.open_run(accelerator, out, cfg.resume)  # rank 0 holds output_dir's lock while the Run lives
     if recipe.distributed.sync_batchnorm and accelerator.num_processes > 1 and accelerator.device.type == "cuda":
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     units = [module for modules in model.plugins.values() for module in cast(torch.nn.ModuleDict, modules).values()]
-    speed = apply_speed_settings(model, speed_settings(recipe.distributed, cfg, accelerator.device.type), units)
+    compiled = sharding.blocks if fsdp and sharding.blocks else units  # under FSDP2, block by block
+    speed = apply_speed_settings(model, speed_settings(recipe.distributed, cfg, accelerator.device.type), compiled)
     batch = global_batch(recipe.data, recipe.distributed, accelerator.num_processes)
     lr = effective_lr(recipe.optim, batch)
     on_device = augments_on_device(recipe.data.augment_on, accelerator.device)
@@ -226,9 +261,15 @@ def start(recipe: Recipe, hooks: PluginHooks) -> Run | None:
         f"views: {where_views_run(device_views, on_device)}"
     )
     accelerator.print(threads.line())
+    if fsdp:
+        checkpointing = activation_checkpointing(recipe.distributed)
+        accelerator.print(f"augssl: {describe(sharding, fsdp_options(recipe.distributed), checkpointing)}")
     optimizer = build_optimizer(model, recipe.optim, recipe.plugins, lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, recipe.optim, cfg.steps))
-    prepared, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    if fsdp:  # sharded: no DDP wrapper (Accelerate still skips the optimizer's step inside an accumulation window)
+        prepared, (optimizer, scheduler) = model, accelerator.prepare(optimizer, scheduler)
+    else:
+        prepared, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     unwrapped = prepared
     while not isinstance(unwrapped, Model):  # DDP's or DeepSpeed's wrapper (unwrap_model imports DeepSpeed)
         unwrapped = unwrapped.module
@@ -236,8 +277,9 @@ def start(recipe: Recipe, hooks: PluginHooks) -> Run | None:
     step, position = 0, StreamPosition()
     resume_from = runfolder.resume_point(accelerator, recipe, unwrapped, lock)  # intact, compatible; writes recipe.yaml
     if resume_from is not None:
+        held = sharded(unwrapped, optimizer, fsdp)
         state, saved_position = checkpoint.load(
-            accelerator, resume_from, cfg, recipe.optim, batch, on_device, scheduler
+            accelerator, resume_from, cfg, recipe.optim, batch, on_device, scheduler, held
         )
         step, position = state["step"], saved_position or StreamPosition()
         accelerator.print(f"augssl: resumed from {resume_from} at step {step}")
@@ -274,6 +316,7 @@ def start(recipe: Recipe, hooks: PluginHooks) -> Run | None:
         position,
         speed["channels_last"],
         deepspeed,
+        fsdp,
         lock,
         checkpoint=resume_from,
         keep=resume_from if explicit else None,
@@ -324,7 +367,7 @@ def last_good(run: Run) -> Path | str | None:
 def broken_weights(run: Run) -> TrainingError:
     """The error of a step that left a non-finite weight, naming the first such tensor this rank holds."""
     named = [*run.unwrapped.named_parameters(), *run.unwrapped.named_buffers()]
-    name = next((n for n, t in named if t.is_floating_point() and not torch.isfinite(t).all()), "a weight")
+    name = next((n for n, t in named if t.is_floating_point() and not torch.isfinite(local_shard(t)).all()), "a weight")
     return TrainingError(
         f"step {run.step} left {name} non-finite (non-finite gradients, or an optim.lr / weight_decay too large "
         f"for its dtype): it is not checkpointed; last good checkpoint: {last_good(run)}"
@@ -339,7 +382,8 @@ def commit(run: Run, recipe: Recipe, position: StreamPosition) -> Path:
     if broken:
         raise broken_weights(run)
     with collective(f"step {run.step}: the checkpoint"):
-        run.checkpoint = checkpoint.save(run.accelerator, recipe, run.step, position, keep=run.keep)
+        held = sharded(run.unwrapped, run.optimizer, run.fsdp)
+        run.checkpoint = checkpoint.save(run.accelerator, recipe, run.step, position, keep=run.keep, sharded=held)
     run.saved_step = run.step
     return run.checkpoint
 
@@ -477,7 +521,8 @@ def steps(run: Run, recipe: Recipe, hooks: PluginHooks, stop: StopRequests) -> i
 def train(recipe: Recipe, hooks: PluginHooks) -> Path:
     """Pretrain as the recipe says; returns the output folder. Resumes per `train.resume`."""
     out, run = Path(recipe.output_dir), None
-    with StopRequests() as stop:  # SIGTERM/SIGINT/SIGUSR1: finish this step, checkpoint it, stop
+    # SIGTERM/SIGINT/SIGUSR1: finish this step, checkpoint it, stop; FSDP2 on one process needs a group of one
+    with StopRequests() as stop, one_rank_group(using_fsdp()):
         try:
             if (run := start(recipe, hooks)) is None:
                 return out

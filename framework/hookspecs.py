@@ -97,6 +97,30 @@ def build_modules(config: Recipe, cfg: PluginConfig, encoder: nn.Module | None) 
 
 
 @hookspec
+def shard_blocks(config: Recipe, cfg: PluginConfig, own: nn.ModuleDict) -> list[nn.Module]:
+    """List the repeated blocks of this plugin's own modules, in forward order: a ViT's transformer blocks,
+    a ResNet's stages. The framework names no model; the plugin that builds one says what its blocks are.
+
+    Called once at start-up, after `build_modules`, when the run shards with FSDP2 (`accelerate launch
+    --config_file launch/accelerate/fsdp2.yaml`) or checkpoints activations
+    (`distributed.activation_checkpointing`). Under FSDP2 each block is a unit of its own: its parameters
+    are all-gathered just before its forward and freed after it, so a rank holds one whole block at a
+    time, and under bf16 they are cast to bf16 for compute. With activation checkpointing each block's
+    activations are recomputed in backward. A module anywhere in the model that is a copy of the module
+    holding the blocks (same class, same tensor names and shapes: an EMA target made with
+    `copy.deepcopy(encoder)`) has its blocks at the same paths and is sharded alike. The encoder is
+    always a unit of its own, blocks or not.
+
+    :param config: The validated recipe.
+    :param cfg: This plugin's own section.
+    :param own: This plugin's own modules.
+    :returns: Submodules of `own`'s modules (may be empty: they are then sharded whole).
+
+    Result mode: collect, keyed by plugin name.
+    """
+
+
+@hookspec
 def augment(config: Recipe, cfg: PluginConfig) -> dict[str, View]:
     """Declare the views this plugin needs, as named per-sample transforms.
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import pluggy
 import torch
@@ -179,6 +179,20 @@ class PluginHooks:
         except ValueError as exc:
             raise PluginError(f"{where}: {exc}") from None
         return encoder
+
+    def shard_blocks(self, config: Recipe, modules: nn.ModuleDict) -> dict[str, list[nn.Module]]:
+        """Every plugin's blocks (`shard_blocks`), each checked to be a submodule of the plugin's own modules."""
+        listed = self._collect("shard_blocks", list, self._scope(config, modules))
+        for plugin, blocks in listed.items():
+            own = cast(nn.ModuleDict, modules[plugin]) if plugin in modules else nn.ModuleDict()
+            inside = {id(m) for holder in own.values() for m in holder.modules() if m is not holder}
+            for i, block in enumerate(blocks):
+                if id(block) not in inside:
+                    raise PluginError(
+                        f"plugin {plugin!r}, hook 'shard_blocks': item {i} ({type(block).__name__}) is not a submodule "
+                        "of the plugin's own modules"
+                    )
+        return listed
 
     def augment(self, config: Recipe) -> dict[str, View]:
         """All views, by full name `<plugin>.<view>`; a `source` naming the plugin's own view by its short

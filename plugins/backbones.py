@@ -479,6 +479,24 @@ def build_modules(config: Recipe, cfg: BackbonesConfig) -> dict[str, nn.Module]:
     return modules
 
 
+def encoder_blocks(encoder: nn.Module) -> list[nn.Module]:
+    """The repeated blocks of an encoder, in forward order: a torchvision ResNet's four stages; a timm
+    model's `blocks` (ViTs, DeiT, EVA), else its `stages` (ConvNeXt, RegNet, timm's ResNets) or `layers`
+    (Swin); none for the conv28 net, which is sharded whole."""
+    if all(hasattr(encoder, f"layer{i}") for i in range(1, 5)):
+        return [encoder.get_submodule(f"layer{i}") for i in range(1, 5)]
+    for name in ("blocks", "stages", "layers"):
+        container = getattr(encoder, name, None)
+        if isinstance(container, (nn.Sequential, nn.ModuleList)) and len(container):
+            return list(container)
+    return []
+
+
+@hookimpl
+def shard_blocks(own: nn.ModuleDict) -> list[nn.Module]:
+    return encoder_blocks(own["encoder"])
+
+
 @hookimpl
 def encode(own: nn.ModuleDict, view: torch.Tensor) -> Encoding:
     h = own["encoder"](view)

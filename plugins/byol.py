@@ -117,8 +117,6 @@ def target_projections(own: nn.ModuleDict, ctx: StepContext, cfg: BYOLConfig, vi
 
 @hookimpl
 def regularize(ctx: StepContext, cfg: BYOLConfig, own: nn.ModuleDict) -> dict[str, torch.Tensor]:
-    if ctx.step == 0:  # first forward of a fresh run (a resumed run starts at step > 0)
-        initialise_targets(online_pairs(own, ctx.encoder), cast(Target, own["target"]).initialised)
     globals_, locals_ = crop_names(cfg)
     names = globals_ + locals_
     p = [own["predictor"](own["projector"](encoding.h)) for encoding in encode_crops(ctx, cfg, names)]
@@ -127,6 +125,13 @@ def regularize(ctx: StepContext, cfg: BYOLConfig, own: nn.ModuleDict) -> dict[st
     ctx.metrics["tau"] = torch.full((), tau, device=p[0].device)  # no host-to-device copy
     loss = byol_loss(p[0], z[1]) + byol_loss(p[1], z[0]) if cfg.crops is None else multi_crop_byol_loss(p, z)
     return {"loss": loss}
+
+
+@hookimpl
+def on_train_start(own: nn.ModuleDict, encoder: nn.Module) -> None:
+    """A fresh run's target starts as the online network; a resumed one keeps its own (the flag is checkpointed).
+    Outside forward: under FSDP2 a parameter written during forward may be a gathered copy, dropped after it."""
+    initialise_targets(online_pairs(own, encoder), cast(Target, own["target"]).initialised)
 
 
 @hookimpl

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import subprocess
 import sys
 
@@ -192,20 +193,65 @@ def test_a_checkpoint_is_read_only_in_the_layout_augssl_writes(tmp_path):
 
 
 def test_which_checkpoints_a_launch_can_resume(tmp_path):
-    def launch_(world: int, stage: int | None = None) -> dict:
-        return {"world_size": world, "deepspeed": stage is not None, "zero_stage": stage}
+    """DDP and FSDP2 continue at any world size (DCP reshards FSDP2's shards); DeepSpeed needs its world size
+    and stage; no format loads into another. A checkpoint from before FSDP2 (no "fsdp" key) is DDP's."""
 
-    for saved, now in [(launch_(2), launch_(1)), (launch_(1), launch_(8)), (launch_(2, 3), launch_(2, 3))]:
+    def launch_(world: int, stage: int | None = None, fsdp: bool | None = False) -> dict:
+        state = {"world_size": world, "deepspeed": stage is not None, "zero_stage": stage}
+        return state if fsdp is None else {**state, "fsdp": fsdp}
+
+    resumable = [
+        (launch_(2), launch_(1)),
+        (launch_(1), launch_(8)),
+        (launch_(2, 3), launch_(2, 3)),
+        (launch_(2, fsdp=True), launch_(1, fsdp=True)),
+        (launch_(1, fsdp=True), launch_(2, fsdp=True)),
+        (launch_(2, fsdp=None), launch_(2)),  # written before FSDP2
+    ]
+    for saved, now in resumable:
         checkpoint.check_resumable(tmp_path, saved, now)
     cases = {
-        (2, 2, 4, 2): "was written by 2 processes of DeepSpeed ZeRO-2, this launch has 4 processes of DeepSpeed ZeRO-2",
-        (2, 2, 2, 3): "relaunch with --use_deepspeed --num_processes 2 --zero_stage 2",
-        (2, None, 2, 2): "2 processes without DeepSpeed, this launch has 2 processes of DeepSpeed ZeRO-2",
-        (1, 2, 1, None): "this launch has 1 process without DeepSpeed",
+        (
+            2,
+            2,
+            False,
+            4,
+            2,
+            False,
+        ): "written by 2 processes of DeepSpeed ZeRO-2, this launch has 4 processes of DeepSpeed ZeRO-2",
+        (2, 2, False, 2, 3, False): "relaunch with --use_deepspeed --num_processes 2 --zero_stage 2",
+        (
+            2,
+            None,
+            False,
+            2,
+            2,
+            False,
+        ): "2 processes without DeepSpeed or FSDP2, this launch has 2 processes of DeepSpeed ZeRO-2",
+        (1, 2, False, 1, None, False): "this launch has 1 process without DeepSpeed or FSDP2",
+        (
+            2,
+            None,
+            True,
+            2,
+            None,
+            False,
+        ): "written by 2 processes of FSDP2, this launch has 2 processes without DeepSpeed "
+        "or FSDP2 (its model and optimizer are sharded with torch.distributed.checkpoint): relaunch with --use_fsdp",
+        (2, None, False, 4, None, True): "this launch has 4 processes of FSDP2 (FSDP2 reads sharded checkpoints only): "
+        "relaunch with --num_processes 4 without --use_fsdp",
+        (
+            2,
+            3,
+            False,
+            2,
+            None,
+            True,
+        ): "written by 2 processes of DeepSpeed ZeRO-3, this launch has 2 processes of FSDP2",
     }
-    for (w0, s0, w1, s1), expected in cases.items():
-        with pytest.raises(checkpoint.CheckpointError, match=expected.replace("-", r"\-")) as info:
-            checkpoint.check_resumable(tmp_path, launch_(w0, s0), launch_(w1, s1))
+    for (w0, s0, f0, w1, s1, f1), expected in cases.items():
+        with pytest.raises(checkpoint.CheckpointError, match=re.escape(expected)) as info:
+            checkpoint.check_resumable(tmp_path, launch_(w0, s0, f0), launch_(w1, s1, f1))
         assert "\n" not in str(info.value)
 
 

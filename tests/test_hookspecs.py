@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import inspect
 import re
 from pathlib import Path
@@ -24,6 +25,7 @@ def test_hookspecs_are_the_designed_hooks():
         [
             "config_schema",
             "build_modules",
+            "shard_blocks",
             "augment",
             "encode",
             "decode",
@@ -342,6 +344,95 @@ def test_hook_on_train_step_end(tmp_path, fmnist_shards):
     run_steps(recipe, steps=3, extra_plugins={"count": counter})
     assert counter.steps == [1, 2, 3], "once per optimizer step, not per accumulation micro-step"
     assert counter.grad_enabled == [False] * 3
+
+
+class CountedLinear(nn.Linear):
+    """A linear layer counting its forward calls (class-wide)."""
+
+    calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        CountedLinear.calls += 1
+        return super().forward(x)
+
+
+class Tower(nn.Module):
+    """Three blocks and an output layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.Sequential(*[CountedLinear(4, 4) for _ in range(3)])
+        self.out = nn.Linear(4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.tanh(self.blocks(x)))
+
+
+class BlockLister:
+    """A head with a tower of blocks and a frozen copy of it (as an EMA target is), listing the tower's blocks
+    (or, with `stray`, a module of its own that is not a submodule); counts the tower's blocks' forward calls."""
+
+    def __init__(self, stray: bool = False) -> None:
+        self.listed, self.stray, self.own = 0, stray, nn.ModuleDict()
+
+    @hookimpl
+    def build_modules(self):
+        tower = Tower()
+        return {"tower": tower, "frozen": copy.deepcopy(tower).requires_grad_(False)}
+
+    @property
+    def calls(self) -> int:
+        return CountedLinear.calls
+
+    @hookimpl
+    def shard_blocks(self, own):
+        self.own, self.listed = own, self.listed + 1
+        return [nn.Linear(1, 1)] if self.stray else list(own["tower"].blocks)
+
+    @hookimpl
+    def auxiliary_head(self, own, ctx):
+        h = ctx.encode("x").h.detach()[:, :4]
+        return {"loss": own["tower"](h).pow(2).mean() + 0 * own["frozen"](h).sum()}
+
+
+def test_hook_shard_blocks(tmp_path, fmnist_shards, monkeypatch):
+    """The blocks a plugin lists: never asked for by a plain run; recomputed in backward under activation
+    checkpointing; under FSDP2 (one process) each an FSDP2 unit, and so are the same blocks of the frozen copy.
+    Neither changes a weight. A module that is not the plugin's own is one line."""
+    from torch.distributed.fsdp import FSDPModule
+
+    from framework.distributed import FSDP_LAUNCHED
+    from framework.manager import PluginError
+
+    def train(name: str, **sections) -> tuple[BlockLister, dict[str, torch.Tensor]]:
+        plugin, CountedLinear.calls = BlockLister(), 0
+        recipe = tiny_recipe(tmp_path / name, fmnist_shards, **sections)
+        out = run_steps(recipe, steps=2, extra_plugins={"tower": plugin})
+        return plugin, final_weights(out)
+
+    plain, plain_weights = train("plain")
+    assert plain.listed == 0 and plain.calls == 12  # 3 blocks of the tower and 3 of the copy, once per step
+    checkpointed, weights = train("checkpointed", distributed={"activation_checkpointing": True})
+    assert checkpointed.listed == 1 and checkpointed.calls == 18, (
+        "the tower's blocks again in backward (not the copy's)"
+    )
+    assert all(torch.equal(weights[k], plain_weights[k]) for k in plain_weights)
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch --use_fsdp --fsdp_version 2` sets
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    monkeypatch.setenv(FSDP_LAUNCHED, "false")  # restored after the test: the run sets it
+    sharded, weights = train("fsdp")
+    assert sharded.listed == 1 and sharded.calls == 12
+    for holder in (sharded.own["tower"], sharded.own["frozen"]):
+        assert all(isinstance(block, FSDPModule) for block in holder.blocks), "the copy's blocks too"
+        assert isinstance(holder, FSDPModule) and not isinstance(holder.out, FSDPModule)
+    assert all(torch.allclose(weights[k], plain_weights[k], atol=1e-6) for k in plain_weights)
+    assert not torch.distributed.is_initialized(), "the one-rank group is left at the end"
+
+    recipe = tiny_recipe(tmp_path / "stray", fmnist_shards)
+    with pytest.raises(PluginError, match=r"plugin 'tower', hook 'shard_blocks': item 0 \(Linear\) is not a submodule"):
+        run_steps(recipe, extra_plugins={"tower": BlockLister(stray=True)})
+    assert not (tmp_path / "stray" / "run").exists()
 
 
 class StartWatcher:

@@ -315,6 +315,16 @@ MOVED = {
 }
 
 
+class FSDPConfig(Strict):
+    """FSDP2's options (`accelerate launch --config_file launch/accelerate/fsdp2.yaml`); None: the launch's."""
+
+    # free each block's gathered parameters after its forward (gathered again for backward): less memory,
+    # one more all-gather per block; FSDP2's default
+    reshard_after_forward: bool | None = Field(None, json_schema_extra=MAY_CHANGE_ON_RESUME)
+    # keep the sharded parameters, gradients and optimizer state on the CPU (the optimizer steps there)
+    cpu_offload: bool | None = Field(None, json_schema_extra=MAY_CHANGE_ON_RESUME)
+
+
 class DistributedConfig(Strict):
     """How the step is executed; the same recipe runs on 1 CPU or many GPUs."""
 
@@ -329,6 +339,10 @@ class DistributedConfig(Strict):
     # the other ranks stops the run with one line naming the rank and what it was doing (NCCL/gloo timeout)
     timeout_seconds: int = Field(1800, gt=0)
     deepspeed: dict[str, Any] | None = None
+    fsdp: FSDPConfig = FSDPConfig()
+    # recompute each block's activations (the encoder plugin's `shard_blocks`) in backward instead of
+    # keeping them, under any launch; None: the launch's (FSDP_ACTIVATION_CHECKPOINTING), else off
+    activation_checkpointing: bool | None = Field(None, json_schema_extra=MAY_CHANGE_ON_RESUME)
     # GPU speed settings (each a no-op on CPU): channels_last memory format for the model and
     # the image batches (None: on CUDA), TF32 matmuls and convolutions, cudnn.benchmark.
     channels_last: bool | None = None

@@ -1,8 +1,10 @@
 """Exponential-moving-average targets (BYOL's target network, DINO's teacher): a frozen copy of online modules,
 initialised from them once and then updated as `xi <- tau * xi + (1 - tau) * theta` after each optimizer step.
 
-Every function takes `(target, online)` module pairs and works under ZeRO-3 too: each pair is gathered
-(`framework.full_parameters`) while it is read or written. Schedule `tau` with `framework.Scheduled`
+Every function takes `(target, online)` module pairs and works under ZeRO-3 and FSDP2 too. ZeRO-3: each pair
+is gathered (`framework.full_parameters`) while it is read or written. FSDP2: a target made by copying online
+modules is sharded like them (`framework.sharding`), so the update runs shard by shard (`framework.local_shard`),
+with no gather. Schedule `tau` with `framework.Scheduled`
 (BYOL: 0.996 cosine-increased to 1).
 """
 
@@ -13,7 +15,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from framework import full_parameters
+from framework import full_parameters, local_shard
 
 Pairs = Sequence[tuple[nn.Module, nn.Module]]  # (target module, online module)
 
@@ -44,7 +46,7 @@ def ema_update(target: nn.Module, online: nn.Module, tau: float) -> None:
     """`xi <- tau * xi + (1 - tau) * theta` for every parameter (matched by name); buffers are left alone."""
     online_params = dict(online.named_parameters())
     for name, xi in target.named_parameters():
-        xi.mul_(tau).add_(online_params[name].detach(), alpha=1 - tau)
+        local_shard(xi).mul_(tau).add_(local_shard(online_params[name].detach()), alpha=1 - tau)
 
 
 @torch.no_grad()
@@ -66,7 +68,14 @@ def initialise_targets(pairs: Pairs, done: torch.Tensor) -> None:
     """
     for target, online in pairs:
         with full_parameters(target, online, modify=True):
-            weights = online.state_dict()
-            for name, value in target.state_dict().items():
+            weights = _tensors(online)
+            for name, value in _tensors(target).items():
                 value.copy_(torch.where(done, value, weights[name].to(value.dtype)))
     done.fill_(True)
+
+
+def _tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer of `module` by name, as this rank holds it (its shard under FSDP2). Not
+    `state_dict()`, which under FSDP2 switches the parameters it reads to their sharded form mid-forward."""
+    named = [*module.named_parameters(), *module.named_buffers()]
+    return {name: local_shard(tensor.detach()) for name, tensor in named}
