@@ -7,16 +7,19 @@ previous checkpoint intact; an unfinished `.tmp` folder is never loaded.
 Every checkpoint has the full model (parameters and buffers) in `model.safetensors`, with
 the model's state_dict names: Accelerate writes it under DDP; under DeepSpeed (whose own
 partitioned files are in `pytorch_model/`) rank 0 consolidates the fp32 weights from those
-files into it, for any ZeRO stage, so `augssl eval` and `augssl export` read every run alike;
+files into it, for any ZeRO stage; under FSDP2 (every rank's shards of the model and the
+optimizer in `sharded/`, written by `torch.distributed.checkpoint`) rank 0 gathers it from the
+shards; so `augssl eval` and `augssl export` read every run alike;
 `load_run` rebuilds a run's model from a checkpoint's resolved recipe and those weights, both
 checked against `checksums.json` as they are read (the newest intact checkpoint by default); a
 checkpoint pruned by the run training in the folder while it is read is no fault: the newest is read.
 
-Resuming on another number of processes works under DDP: model, optimizer and schedule are
-restored, the data stream and every rank's RNG are reseeded with `train.seed + step`, and
-with `optim.lr_scaling: linear` the new global batch's lr replaces the saved one. DeepSpeed
-cannot re-split its partitioned optimizer state, so there (and between DDP and DeepSpeed) a
-resume stops with a one-line `CheckpointError` before anything is loaded.
+Resuming on another number of processes works under DDP and FSDP2 (whose shards are resharded on
+load): model, optimizer and schedule are restored, the data stream and every rank's RNG are
+reseeded with `train.seed + step`, and with `optim.lr_scaling: linear` the new global batch's lr
+replaces the saved one. DeepSpeed cannot re-split its partitioned optimizer state, so there (and
+between DDP, FSDP2 and DeepSpeed) a resume stops with a one-line `CheckpointError` before anything
+is loaded.
 
 Integrity: rank 0 writes `checksums.json` (size and BLAKE2b of every file of the folder) after
 every rank has written its files and before `trainer_state.json`, the file that marks the
@@ -101,8 +104,9 @@ def save_sharded(sharded: Sharded, folder: Path) -> None:
     import torch.distributed.checkpoint as dcp
     from safetensors.torch import save_file
 
-    from framework.sharding import full_state_dict, sharded_state
+    from framework.sharding import broadcast_buffers, full_state_dict, sharded_state
 
+    broadcast_buffers(sharded.model)  # rank 0's BatchNorm statistics, as every rank's next forward would take
     dcp.save(sharded_state(sharded.model, sharded.optimizer), checkpoint_id=str(folder / SHARDED_FOLDER))
     whole = full_state_dict(sharded.model)
     if whole:  # rank 0

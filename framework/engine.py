@@ -16,6 +16,7 @@ tensor from host data):
 2. The log: one all-reduce and one `.tolist()` per `log.every` steps (`RunLogger.interval_record`).
 3. fp16 only (DDP on CUDA): the grad scaler reads its inf/NaN flag at every optimizer step.
 4. Inside DeepSpeed: ZeRO reads the global gradient norm (its overflow check) per optimizer step.
+   (FSDP2's all-gathers and reduce-scatters are collectives queued on the device: no host read.)
 5. By request only: preview images (`log.preview_every`), the online k-NN
    (`eval.knn_every`) and checkpoints (`checkpoint.every`; each first agrees that the weights
    are finite: one all-reduce).

@@ -72,6 +72,13 @@ def local_shard(tensor: torch.Tensor) -> torch.Tensor:
     return to_local() if callable(to_local) else tensor
 
 
+def is_sharded(module: nn.Module) -> bool:
+    """Whether `module` is an FSDP2 unit: its forward all-gathers its shards, a collective every rank must join."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(module, FSDPModule)
+
+
 def _signature(module: nn.Module) -> tuple[Any, ...]:
     """What makes a module a copy of another: its class and its tensors' names and shapes."""
     tensors = [*module.named_parameters(), *module.named_buffers()]
@@ -140,9 +147,16 @@ def _autocast_forward(module: nn.Module, device_type: str) -> None:
     module.forward = convert_outputs_to_fp32(torch.autocast(device_type, dtype=torch.bfloat16)(forward))
 
 
-def _broadcast_buffers(module: nn.Module, *_: Any) -> None:
-    """Rank 0's buffers to every rank, one broadcast per dtype (DDP does this before every forward)."""
-    if not module.training:
+def _broadcast_before_forward(module: nn.Module, *_: Any) -> None:
+    """DDP's buffer broadcast before every training forward."""
+    if module.training:
+        broadcast_buffers(module)
+
+
+def broadcast_buffers(module: nn.Module) -> None:
+    """Rank 0's buffers to every rank, one broadcast per dtype: DDP does this before every forward, and a
+    checkpoint then holds what every rank's next forward would use. A collective."""
+    if dist.get_world_size() == 1:
         return
     by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
     for buffer in module.buffers():
@@ -171,8 +185,10 @@ def shard(model: nn.Module, units: Units, device: torch.device, precision: str, 
         "reshard_after_forward": options.reshard_after_forward,
         "offload_policy": CPUOffloadPolicy() if options.cpu_offload else OffloadPolicy(),
     }
-    float32 = MixedPrecisionPolicy(reduce_dtype=torch.float32)
-    blocks = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32)
+    # under bf16 the blocks compute in bf16 and every gradient is reduced in float32; else in the parameters' dtype
+    reduce = torch.float32 if bf16 else None
+    float32 = MixedPrecisionPolicy(reduce_dtype=reduce)
+    blocks = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=reduce)
     for block in units.blocks:
         fully_shard(block, mp_policy=blocks, **common)
     for holder in units.holders:
@@ -183,8 +199,23 @@ def shard(model: nn.Module, units: Units, device: torch.device, precision: str, 
     if bf16:
         _autocast_forward(model, device.type)
     if dist.get_world_size() > 1 and any(True for _ in model.buffers()):
-        model.register_forward_pre_hook(_broadcast_buffers)
+        model.register_forward_pre_hook(_broadcast_before_forward)
     return len(units.blocks) + len(units.holders) + 1
+
+
+@contextmanager
+def root_gathered(model: nn.Module) -> Iterator[None]:
+    """A block in which the root unit's parameters (the heads, which FSDP2 gathers only for the root's own
+    forward) are whole, so the model's hooks may run outside its forward (the online k-NN's `encode`); the
+    encoder and its blocks gather themselves. A collective; elsewhere (not sharded) an ordinary block."""
+    if not is_sharded(model):
+        yield
+        return
+    model.unshard()  # type: ignore[operator]  # FSDPModule's
+    try:
+        yield
+    finally:
+        model.reshard()  # type: ignore[operator]
 
 
 def describe(units: Units, options: FSDPOptions, checkpointing: bool) -> str:

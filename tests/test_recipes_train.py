@@ -8,6 +8,7 @@ run at 32 px so that ResNet-50 encoders and decoders fit a CPU test budget; thei
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -30,8 +31,8 @@ def shard_sets(tmp_path_factory):
     return {(28, 1): tiny_shards(root), (32, 3): tiny_shards(root, size=32, channels=3)}
 
 
-@pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
-def test_recipe_trains_two_steps(path, tmp_path, shard_sets):
+def run_recipe(path: Path, tmp_path: Path, shard_sets: dict, steps: int) -> None:
+    """Train the shipped recipe `path` for `steps` on the tiny shards, and check its log."""
     raw = load_raw(path)
     size = min(raw["data"]["image_size"], 32)
     shards = shard_sets[(size, raw["data"]["channels"])]
@@ -45,7 +46,7 @@ def test_recipe_trains_two_steps(path, tmp_path, shard_sets):
         "data.resize=null",
         f"eval.train={shards['train']}",
         f"eval.test={shards['test']}",
-        "train.steps=2",
+        f"train.steps={steps}",
         "log.every=1",
         "checkpoint.every=1000",
         "optim.warmup_steps=0",
@@ -54,7 +55,26 @@ def test_recipe_trains_two_steps(path, tmp_path, shard_sets):
     recipe, hooks = validate(apply_overrides(raw, overrides))
     out = train(recipe, hooks)
     records = read_metrics(out)
-    assert [r["step"] for r in records] == [1, 2]
+    assert [r["step"] for r in records] == list(range(1, steps + 1))
     terms = [k for k in records[-1] if k.split(".")[0] in recipe.plugins]
     assert terms, "every recipe logs its plugins' terms"
     assert all(math.isfinite(records[-1][k]) for k in terms + ["loss"])
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
+def test_recipe_trains_two_steps(path, tmp_path, shard_sets):
+    run_recipe(path, tmp_path, shard_sets, steps=2)
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
+def test_recipe_trains_a_step_under_fsdp2(path, tmp_path, shard_sets, monkeypatch):
+    """Under FSDP2 (one process: a one-rank group), with the checkpoint of its shards and its whole model."""
+    from framework import checkpoint
+    from framework.distributed import FSDP_LAUNCHED
+
+    for name, value in {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", FSDP_LAUNCHED: "false"}.items():
+        monkeypatch.setenv(name, value)  # what `accelerate launch --use_fsdp --fsdp_version 2` sets; restored
+    run_recipe(path, tmp_path, shard_sets, steps=1)
+    saved = checkpoint.complete_checkpoints(tmp_path / "run")[-1]
+    assert (saved / checkpoint.SHARDED_FOLDER).is_dir()
+    assert json.loads((saved / checkpoint.STATE_FILE).read_text())["fsdp"]

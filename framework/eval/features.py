@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +18,10 @@ from accelerate.utils import gather, gather_object, pad_across_processes
 from framework.data.pipeline import batch_to_device, clean_x_view
 from framework.data.shards import is_local, shard_urls
 from framework.data.stream import make_loader
-from framework.distributed import process_state
+from framework.distributed import all_reduce, process_state
 from framework.model import Model
 from framework.recipe.schema import DataConfig
+from framework.sharding import is_sharded, root_gathered
 
 
 def crop_and_flip(x: torch.Tensor, pad: int = 4, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -78,18 +79,22 @@ def extract(
     dtype = next(model.parameters()).dtype  # bf16 under DeepSpeed's bf16 mode
     parts: dict[str, list] = {"features": [], "labels": [], "keys": [], **({"pixels": []} if pixels else {})}
     cursors: dict[int, dict[str, Any]] = {}  # each data worker's last: its counts of bad shards and records
-    for batch in loader:  # inference only: no autograd graph, BatchNorm in eval mode (the caller's)
-        cursors[batch["cursor"]["worker"]] = batch["cursor"]
-        x = batch_to_device(batch, state.device)[0]["x"]
-        if transform is not None:
-            x = transform(x)
-        parts["features"].append(model.encode(x.to(dtype)).h.float())
-        if pixels:
-            parts["pixels"].append(x.flatten(1).float())
-        parts["labels"].append(batch["label"].to(state.device))
-        parts["keys"] += batch["key"]
-        if cap is not None and len(parts["keys"]) >= cap:
-            break
+    sharded = is_sharded(model)  # FSDP2, in training (the online k-NN): encoder calls are collectives
+    batches = in_lockstep(loader, cap, data, state) if sharded else _capped(loader, cap)
+    with root_gathered(model):  # the heads, which `encode` may use outside the model's forward
+        for batch in batches:  # inference only: no autograd graph, BatchNorm in eval mode (the caller's)
+            if "cursor" not in batch:  # a stand-in: this rank is done, the others still encode (FSDP2)
+                model.encode(batch["x"].to(dtype))
+                continue
+            cursors[batch["cursor"]["worker"]] = batch["cursor"]
+            x = batch_to_device(batch, state.device)[0]["x"]
+            if transform is not None:
+                x = transform(x)
+            parts["features"].append(model.encode(x.to(dtype)).h.float())
+            if pixels:
+                parts["pixels"].append(x.flatten(1).float())
+            parts["labels"].append(batch["label"].to(state.device))
+            parts["keys"] += batch["key"]
     n = len(parts["keys"]) if cap is None else min(cap, len(parts["keys"]))
     local = {k: torch.cat(v)[:n] if v else None for k, v in parts.items() if k != "keys"}
     result = _gather_sorted(local, parts["keys"][:n], state)
@@ -99,6 +104,30 @@ def extract(
         bad = [(c["bad"], c["last_bad"]) for c in cursors.values()]
         _check_complete(key, spec, len(result["labels"]), gather_object(bad) if state.num_processes > 1 else bad)
     return result
+
+
+def _capped(loader: Iterable[dict], cap: int | None) -> Iterator[dict]:
+    """The loader's batches until `cap` samples (None: all of them)."""
+    seen = 0
+    for batch in loader:
+        yield batch
+        seen += len(batch["key"])
+        if cap is not None and seen >= cap:
+            return
+
+
+def in_lockstep(loader: Iterable[dict], cap: int | None, data: DataConfig, state: Any) -> Iterator[dict]:
+    """`_capped(loader, cap)` on every rank in step: under FSDP2 each encoder call all-gathers the encoder's
+    shards, so a rank out of batches goes on with stand-ins (`{"x": one blank image}`, no "cursor") until
+    every rank is out. One all-reduce per batch."""
+    mine = _capped(loader, cap)
+    blank = {"x": torch.zeros(1, data.channels, data.image_size, data.image_size, device=state.device)}
+    while True:
+        batch = next(mine, None)
+        going = all_reduce(torch.tensor([batch is not None], dtype=torch.int32, device=state.device), "max")
+        if not int(going.item()):
+            return
+        yield batch if batch is not None else blank
 
 
 def _check_complete(key: str, spec: str, read: int, bad: list[tuple[int, str]]) -> None:
