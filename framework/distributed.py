@@ -273,8 +273,6 @@ def check_fsdp(cfg: DistributedConfig, precision: str, env: Mapping[str, str] = 
     if precision == "fp16":
         # FSDP2 has no sharded grad scaler that Accelerate drives; fp16 needs one
         raise ValueError("FSDP2 with fp16: use bf16 (GPUs since A100), or fp16 without FSDP (DDP)")
-    if cfg.sync_batchnorm:
-        raise ValueError("distributed.sync_batchnorm under FSDP2: SyncBatchNorm runs under DDP only")
 
 
 def check_launch(

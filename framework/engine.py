@@ -244,10 +244,10 @@ def start(recipe: Recipe, hooks: PluginHooks) -> Run | None:
     set_seed(cfg.seed)
     model = Model(hooks, recipe)  # before the run folder: a plugin refusing the recipe or a file leaves none
     views = build_views(recipe, hooks)  # so for a view that names no view
-    sharding = shard_model(accelerator, recipe, hooks, model, fsdp)  # FSDP2 units and activation checkpointing
-    lock = runfolder.open_run(accelerator, out, cfg.resume)  # rank 0 holds output_dir's lock while the Run lives
     if recipe.distributed.sync_batchnorm and accelerator.num_processes > 1 and accelerator.device.type == "cuda":
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    sharding = shard_model(accelerator, recipe, hooks, model, fsdp)  # FSDP2 units and activation checkpointing
+    lock = runfolder.open_run(accelerator, out, cfg.resume)  # rank 0 holds output_dir's lock while the Run lives
     units = [module for modules in model.plugins.values() for module in cast(torch.nn.ModuleDict, modules).values()]
     compiled = sharding.blocks if fsdp and sharding.blocks else units  # under FSDP2, block by block
     speed = apply_speed_settings(model, speed_settings(recipe.distributed, cfg, accelerator.device.type), compiled)

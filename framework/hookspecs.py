@@ -280,6 +280,9 @@ def on_after_backward(
     then leaves `p` alone, weight decay included), a per-module gradient clip. A step whose
     loss was non-finite is dropped before backward and does not call it.
 
+    Under FSDP2 each `.grad` is a DTensor holding this rank's shard of the reduced gradient (element-wise
+    edits and `p.grad = None` work as they are; a norm of it is the whole gradient's).
+
     Not supported under DeepSpeed: its backward steps the optimizer too (the gradients of
     ZeRO live in its own partitioned buffers, not in `.grad`), so a launch with DeepSpeed
     refuses a plugin implementing this hook at start-up, in one line.

@@ -147,6 +147,14 @@ def _autocast_forward(module: nn.Module, device_type: str) -> None:
     module.forward = convert_outputs_to_fp32(torch.autocast(device_type, dtype=torch.bfloat16)(forward))
 
 
+def _own_output(module: nn.Module, args: Any, output: Any) -> Any:
+    """An encoder's output that is a view (a ViT's class token `x[:, 0]`, a flattened pool) as a tensor of its
+    own: FSDP2's backward hook on a unit's output is lost if a plugin edits a view of it in place."""
+    if isinstance(output, torch.Tensor) and output._base is not None:
+        return output.clone()
+    return output
+
+
 def _broadcast_before_forward(module: nn.Module, *_: Any) -> None:
     """DDP's buffer broadcast before every training forward."""
     if module.training:
@@ -192,6 +200,7 @@ def shard(model: nn.Module, units: Units, device: torch.device, precision: str, 
     for block in units.blocks:
         fully_shard(block, mp_policy=blocks, **common)
     for holder in units.holders:
+        holder.register_forward_hook(_own_output)  # before FSDP2's own hook, which checks the output
         fully_shard(holder, mp_policy=float32, **common)
         if bf16:
             _autocast_forward(holder, device.type)
@@ -220,8 +229,9 @@ def root_gathered(model: nn.Module) -> Iterator[None]:
 
 def describe(units: Units, options: FSDPOptions, checkpointing: bool) -> str:
     """The start-up line's words for the sharding."""
+    ranks = dist.get_world_size()
     words = [
-        f"FSDP2 over {dist.get_world_size()} ranks: {len(units.blocks)} blocks, "
+        f"FSDP2 over {ranks} rank{'s' if ranks != 1 else ''}: {len(units.blocks)} blocks, "
         f"{len(units.holders)} holders and the root",
         "resharded after forward" if options.reshard_after_forward else "kept gathered after forward",
     ]

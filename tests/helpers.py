@@ -14,6 +14,7 @@ import os
 import struct
 import subprocess
 import sys
+import time
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,6 +29,7 @@ from torchvision.transforms import v2
 from framework import checkpoint, distributed, hookimpl
 from framework.data import Sample, shard_urls, tar_records
 from framework.data.sources import FASHION_MNIST_DIR
+from framework.logging import read_metrics
 from framework.testing import free_port
 from framework.types import OnDevice, View
 
@@ -250,3 +252,20 @@ class DeviceBright:
             torch.save(
                 torch.stack(self.step.factors).cpu(), Path(config.output_dir) / f"bright_rank{distributed.rank()}.pt"
             )
+
+
+def logged_steps(out: Path) -> list[int]:
+    path = out / "metrics.jsonl"
+    return [r["step"] for r in read_metrics(out)] if path.exists() else []
+
+
+def wait_for_step(out: Path, step: int, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while max(logged_steps(out), default=0) < step:
+        assert proc.poll() is None, f"the run ended early: {proc.communicate()[1][-3000:]}"
+        assert time.monotonic() < deadline, "the run did not reach the step in time"
+        time.sleep(0.05)
+
+
+def newest_step(out: Path) -> int:
+    return int(checkpoint.complete_checkpoints(out)[-1].name.removeprefix("step_"))

@@ -28,7 +28,7 @@ from framework.data import shard_urls
 from framework.logging import read_metrics
 from framework.preemption import EXIT_PREEMPTED
 from framework.testing import free_port, run_steps, tiny_recipe, write_recipe
-from tests.helpers import ENV, ROOT, one_line
+from tests.helpers import ENV, ROOT, logged_steps, newest_step, one_line, wait_for_step
 
 DDP2 = [
     "--multi_gpu",
@@ -46,23 +46,6 @@ LAUNCH = [sys.executable, "-m", "accelerate.commands.launch"]
 
 def final_weights(out: Path) -> dict[str, torch.Tensor]:
     return torch.load(out / "weights_rank0.pt")
-
-
-def logged_steps(out: Path) -> list[int]:
-    path = out / "metrics.jsonl"
-    return [r["step"] for r in read_metrics(out)] if path.exists() else []
-
-
-def wait_for_step(out: Path, step: int, proc: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while max(logged_steps(out), default=0) < step:
-        assert proc.poll() is None, f"the run ended early: {proc.communicate()[1][-3000:]}"
-        assert time.monotonic() < deadline, "the run did not reach the step in time"
-        time.sleep(0.05)
-
-
-def newest_step(out: Path) -> int:
-    return int(checkpoint.complete_checkpoints(out)[-1].name.removeprefix("step_"))
 
 
 # ---------------------------------------------------------------------------

@@ -26,8 +26,19 @@ from framework.logging import read_metrics
 from framework.recipe.schema import DataConfig, DistributedConfig, OptimConfig
 from framework.sharding import FSDPOptions, activation_checkpointing, fsdp_options
 from framework.testing import CONV28, free_port, tiny_recipe, tiny_shards, write_recipe
-from tests.helpers import ENV, LAUNCH, ONE_NODE, ROOT, augssl, ddp_args, final_weights, one_line
-from tests.test_faults_signals import logged_steps, newest_step, wait_for_step
+from tests.helpers import (
+    ENV,
+    LAUNCH,
+    ONE_NODE,
+    ROOT,
+    augssl,
+    ddp_args,
+    final_weights,
+    logged_steps,
+    newest_step,
+    one_line,
+    wait_for_step,
+)
 
 FSDP2_CONFIG = ROOT / "launch" / "accelerate" / "fsdp2.yaml"
 FSDP_ENV = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}  # what `accelerate launch --use_fsdp` sets
@@ -149,12 +160,22 @@ def test_fsdp2_and_ddp_hold_the_same_weights(tmp_path, fmnist_shards, name, plug
 def test_fsdp2_trains_in_bf16_with_float32_master_weights(tmp_path, fmnist_shards):
     """The shipped config's bf16 on 2 CPU processes: the blocks compute with bf16 parameters (the first Linear,
     in a block, gives bf16), every hook runs under bf16 autocast, and the weights and checkpoints are float32."""
-    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(tmp_path, fmnist_shards, {"backbones": VIT, "simclr": {}}))
-    args = fsdp2_args(2)
+    check_bf16_run(tmp_path, fmnist_shards, processes=2)
+
+
+@pytest.mark.gpu
+def test_fsdp2_trains_in_bf16_on_one_gpu(tmp_path, fmnist_shards):
+    """As on CPU, over NCCL on one GPU (a one-rank group): scripts/gpu_check.sh runs it."""
+    check_bf16_run(tmp_path, fmnist_shards, processes=1)
+
+
+def check_bf16_run(tmp_path: Path, shards: dict[str, str], processes: int) -> None:
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(tmp_path, shards, {"backbones": VIT, "simclr": {}}))
+    args = fsdp2_args(processes)
     args[args.index("--mixed_precision") + 1] = "bf16"
     out = trained(args, recipe, env={"AUGSSL_TEST_AUTOCAST": str(tmp_path / "ac")})
-    assert "precision bf16" in out
-    for rank in (0, 1):
+    assert "precision bf16" in out and f"FSDP2 over {processes} rank" in out
+    for rank in range(processes):
         seen = json.loads((tmp_path / f"ac.rank{rank}").read_text())
         assert seen["enabled"] and seen["dtype"] == "torch.bfloat16" and seen["first_linear"] == "torch.bfloat16"
     records = read_metrics(tmp_path / "run")
@@ -288,7 +309,6 @@ def test_sigterm_under_fsdp2_checkpoints_the_step_and_the_resumed_run_ends_bit_i
     [
         ({**FSDP_ENV, "FSDP_VERSION": "1"}, {}, "accelerate launch with FSDP version 1: augssl shards with FSDP2"),
         (FSDP_ENV, {"mixed_precision": "fp16"}, "FSDP2 with fp16: use bf16"),
-        (FSDP_ENV, {"sync_batchnorm": True}, "distributed.sync_batchnorm under FSDP2"),
     ],
 )
 def test_what_fsdp2_cannot_run_is_refused_in_one_line(env, distributed, expected):
