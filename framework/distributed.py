@@ -13,6 +13,7 @@ import sys
 import traceback
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
@@ -262,6 +263,33 @@ def using_fsdp(env: Mapping[str, str] = os.environ) -> bool:
     return any(env.get(flag, "false").lower() == "true" for flag in ("ACCELERATE_USE_FSDP", FSDP_LAUNCHED))
 
 
+@dataclass(frozen=True)
+class FSDPOptions:
+    """How the units are sharded: the recipe's `distributed.fsdp`, else the launch's FSDP fields."""
+
+    reshard_after_forward: bool
+    cpu_offload: bool
+
+
+def _launch_flag(env: Mapping[str, str], name: str, default: bool) -> bool:
+    return env.get(name, str(default)).lower() == "true"
+
+
+def fsdp_options(cfg: DistributedConfig, env: Mapping[str, str] = os.environ) -> FSDPOptions:
+    """The sharding options in force: the recipe's where it sets them, else the launch's, else FSDP2's defaults."""
+    reshard, offload = cfg.fsdp.reshard_after_forward, cfg.fsdp.cpu_offload
+    return FSDPOptions(
+        _launch_flag(env, "FSDP_RESHARD_AFTER_FORWARD", True) if reshard is None else reshard,
+        _launch_flag(env, "FSDP_OFFLOAD_PARAMS", False) if offload is None else offload,
+    )
+
+
+def activation_checkpointing(cfg: DistributedConfig, env: Mapping[str, str] = os.environ) -> bool:
+    """Whether the blocks recompute their activations in backward: the recipe's, else the launch's."""
+    setting = cfg.activation_checkpointing
+    return _launch_flag(env, "FSDP_ACTIVATION_CHECKPOINTING", False) if setting is None else setting
+
+
 def check_fsdp(cfg: DistributedConfig, precision: str, env: Mapping[str, str] = os.environ) -> None:
     """Raise ValueError (one line) if the recipe cannot run under this FSDP launch."""
     version = env.get("FSDP_VERSION", "1")
@@ -273,6 +301,11 @@ def check_fsdp(cfg: DistributedConfig, precision: str, env: Mapping[str, str] = 
     if precision == "fp16":
         # FSDP2 has no sharded grad scaler that Accelerate drives; fp16 needs one
         raise ValueError("FSDP2 with fp16: use bf16 (GPUs since A100), or fp16 without FSDP (DDP)")
+    if fsdp_options(cfg, env).cpu_offload and not torch.cuda.is_available():  # it pins the offloaded shards
+        raise ValueError(
+            "distributed.fsdp.cpu_offload without a GPU: offloading parameters to the CPU needs one "
+            "(set distributed.fsdp.cpu_offload=false, or fsdp_offload_params: false in the launch config)"
+        )
 
 
 def check_launch(

@@ -41,9 +41,11 @@ from framework import checkpoint, runfolder
 from framework.data.pipeline import DeviceViews, augments_on_device, batch_to_device, clean_x_view, ordered
 from framework.data.stream import DataWorkerDied, StreamPosition, batches, check_batch, make_loader
 from framework.distributed import (
+    activation_checkpointing,
     apply_speed_settings,
     build_accelerator,
     collective,
+    fsdp_options,
     global_batch,
     mixed_precision,
     set_threads,
@@ -61,11 +63,9 @@ from framework.recipe.schema import Recipe, TrainConfig
 from framework.schedules import scheduled_values, set_weight_decay
 from framework.sharding import (
     Units,
-    activation_checkpointing,
     checkpoint_activations,
     describe,
     find_units,
-    fsdp_options,
     local_shard,
     one_rank_group,
     shard,

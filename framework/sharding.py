@@ -29,41 +29,13 @@ import os
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-if TYPE_CHECKING:
-    from framework.recipe.schema import DistributedConfig
-
-
-@dataclass(frozen=True)
-class FSDPOptions:
-    """How the units are sharded: the recipe's `distributed.fsdp`, else the launch's FSDP fields."""
-
-    reshard_after_forward: bool
-    cpu_offload: bool
-
-
-def _launch_flag(env: Mapping[str, str], name: str, default: bool) -> bool:
-    return env.get(name, str(default)).lower() == "true"
-
-
-def fsdp_options(cfg: DistributedConfig, env: Mapping[str, str] = os.environ) -> FSDPOptions:
-    """The sharding options in force: the recipe's where it sets them, else the launch's, else FSDP2's defaults."""
-    reshard, offload = cfg.fsdp.reshard_after_forward, cfg.fsdp.cpu_offload
-    return FSDPOptions(
-        _launch_flag(env, "FSDP_RESHARD_AFTER_FORWARD", True) if reshard is None else reshard,
-        _launch_flag(env, "FSDP_OFFLOAD_PARAMS", False) if offload is None else offload,
-    )
-
-
-def activation_checkpointing(cfg: DistributedConfig, env: Mapping[str, str] = os.environ) -> bool:
-    """Whether the blocks recompute their activations in backward: the recipe's, else the launch's."""
-    setting = cfg.activation_checkpointing
-    return _launch_flag(env, "FSDP_ACTIVATION_CHECKPOINTING", False) if setting is None else setting
+from framework.distributed import FSDPOptions
 
 
 def local_shard(tensor: torch.Tensor) -> torch.Tensor:

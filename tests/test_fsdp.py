@@ -21,10 +21,9 @@ import pytest
 import torch
 
 from framework import checkpoint
-from framework.distributed import check_launch
+from framework.distributed import FSDPOptions, activation_checkpointing, check_launch, fsdp_options
 from framework.logging import read_metrics
 from framework.recipe.schema import DataConfig, DistributedConfig, OptimConfig
-from framework.sharding import FSDPOptions, activation_checkpointing, fsdp_options
 from framework.testing import CONV28, free_port, tiny_recipe, tiny_shards, write_recipe
 from tests.helpers import (
     ENV,
@@ -322,6 +321,14 @@ def test_an_fsdp1_launch_is_refused_before_anything_starts(tmp_path, fmnist_shar
     recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(tmp_path, fmnist_shards))
     line = one_line([recipe], env={**ENV, **FSDP_ENV, "FSDP_VERSION": "1"})
     assert "FSDP version 1: augssl shards with FSDP2 (fsdp_version: 2 in the config file" in line
+    assert not (tmp_path / "run").exists()
+
+
+def test_cpu_offload_without_a_gpu_is_one_line_and_leaves_no_run_folder(tmp_path, fmnist_shards):
+    """FSDP2 pins the offloaded shards in page-locked memory, which needs CUDA: without it, one line."""
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(tmp_path, fmnist_shards, {"backbones": VIT, "simclr": {}}))
+    line = one_line([recipe, "distributed.fsdp.cpu_offload=true"], env={**ENV, **FSDP_ENV})
+    assert "distributed.fsdp.cpu_offload without a GPU: offloading parameters to the CPU needs one" in line
     assert not (tmp_path / "run").exists()
 
 
