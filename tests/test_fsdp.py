@@ -183,6 +183,36 @@ def check_bf16_run(tmp_path: Path, shards: dict[str, str], processes: int) -> No
     assert {w.dtype for w in weights.values() if w.is_floating_point()} == {torch.float32}
 
 
+@pytest.mark.slow
+def test_the_two_node_config_on_loopback_trains_as_two_processes_of_one_node(tmp_path, fmnist_shards):
+    """launch/accelerate/fsdp2_two_nodes_x8.yaml as two "machines" of one process each on 127.0.0.1 (each its
+    `--machine_rank`): the same weights as `fsdp2.yaml` with 2 processes on one machine."""
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(tmp_path, fmnist_shards, {"backbones": VIT, "simclr": {}}))
+    trained(fsdp2_args(2), recipe, f"output_dir={tmp_path / 'one_node'}")
+    port = str(free_port())
+    nodes = [
+        [
+            *LAUNCH,
+            "--config_file",
+            str(FSDP2_CONFIG.parent / "fsdp2_two_nodes_x8.yaml"),
+            *["--num_processes", "2", "--machine_rank", str(node), "--main_process_ip", "127.0.0.1"],
+            *["--main_process_port", port, "--mixed_precision", "no", "--dynamo_backend", "no"],
+            str(ROOT / "tests" / "dist_train.py"),
+            str(recipe),
+            f"output_dir={tmp_path / 'two_nodes'}",
+        ]
+        for node in (0, 1)
+    ]
+    procs = [
+        subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=ROOT)
+        for cmd in nodes
+    ]
+    for proc in procs:
+        _, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err[-3000:]
+    assert same(final_weights(tmp_path / "one_node"), final_weights(tmp_path / "two_nodes")) == []
+
+
 # ---------------------------------------------------------------------------
 # Checkpoints: sharded, consolidated, resumed at any world size
 # ---------------------------------------------------------------------------
