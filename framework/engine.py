@@ -212,17 +212,14 @@ def where_views_run(device_views: DeviceViews, on_device: bool) -> str:
     return "photometric steps in the workers" + (" (no view splits)" if on_device else "")
 
 
-def shard_model(accelerator: Accelerator, recipe: Recipe, hooks: PluginHooks, model: Model, fsdp: bool) -> Units:
-    """The blocks the plugins list (`shard_blocks`): their activations checkpointed if the recipe says so, and
-    under FSDP2 the model sharded block by block (`framework.sharding.shard`); the units found."""
+def block_units(recipe: Recipe, hooks: PluginHooks, model: Model, fsdp: bool) -> Units:
+    """The blocks the plugins list (`shard_blocks`, asked for only under FSDP2 or activation checkpointing) and
+    their holders, each block's activations checkpointed if the recipe says so."""
     checkpointing = activation_checkpointing(recipe.distributed)
     listed = hooks.shard_blocks(recipe, model.plugins) if fsdp or checkpointing else {}
     units = find_units(model, cast(Mapping[str, Mapping[str, torch.nn.Module]], model.plugins), listed, model.encoder)
     if checkpointing:
         checkpoint_activations(units.blocks)
-    if fsdp:
-        precision = mixed_precision(recipe.distributed)
-        shard(model, units, accelerator.device, precision, fsdp_options(recipe.distributed))
     return units
 
 
@@ -246,11 +243,16 @@ def start(recipe: Recipe, hooks: PluginHooks) -> Run | None:
     views = build_views(recipe, hooks)  # so for a view that names no view
     if recipe.distributed.sync_batchnorm and accelerator.num_processes > 1 and accelerator.device.type == "cuda":
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    sharding = shard_model(accelerator, recipe, hooks, model, fsdp)  # FSDP2 units and activation checkpointing
-    lock = runfolder.open_run(accelerator, out, cfg.resume)  # rank 0 holds output_dir's lock while the Run lives
+    sharding = block_units(recipe, hooks, model, fsdp)  # the plugins' blocks; activation checkpointing
     units = [module for modules in model.plugins.values() for module in cast(torch.nn.ModuleDict, modules).values()]
     compiled = sharding.blocks if fsdp and sharding.blocks else units  # under FSDP2, block by block
+    # channels_last and compile before FSDP2 wraps the units (torchtitan's order: checkpoint, compile, shard)
     speed = apply_speed_settings(model, speed_settings(recipe.distributed, cfg, accelerator.device.type), compiled)
+    if fsdp:
+        shard(
+            model, sharding, accelerator.device, mixed_precision(recipe.distributed), fsdp_options(recipe.distributed)
+        )
+    lock = runfolder.open_run(accelerator, out, cfg.resume)  # rank 0 holds output_dir's lock while the Run lives
     batch = global_batch(recipe.data, recipe.distributed, accelerator.num_processes)
     lr = effective_lr(recipe.optim, batch)
     on_device = augments_on_device(recipe.data.augment_on, accelerator.device)

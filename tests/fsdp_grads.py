@@ -1,5 +1,5 @@
 """Run by tests/test_fsdp.py: one step of the engine's model on a fixed global batch, sharded with FSDP2 as the
-engine shards it (`framework.engine.shard_model`); rank 0 dumps every parameter's whole gradient.
+engine shards it (`framework.engine.start`); rank 0 dumps every parameter's whole gradient.
 
     python tests/fsdp_grads.py OUT METHOD                          (1 process, no sharding: the reference)
     accelerate launch --config_file launch/accelerate/fsdp2.yaml --num_processes 2 --mixed_precision no \\
@@ -19,10 +19,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from framework.distributed import build_accelerator, rank, using_fsdp, world_size  # noqa: E402
-from framework.engine import build_views, shard_model  # noqa: E402
+from framework.distributed import build_accelerator, fsdp_options, rank, using_fsdp, world_size  # noqa: E402
+from framework.engine import block_units, build_views  # noqa: E402
 from framework.model import Model, weighted_total  # noqa: E402
-from framework.sharding import one_rank_group  # noqa: E402
+from framework.sharding import one_rank_group, shard  # noqa: E402
 from framework.startup import validate  # noqa: E402
 from tests.ddp_grads import without_batchnorm  # noqa: E402
 
@@ -57,7 +57,9 @@ def main(out: Path, method: str) -> None:
     model = without_batchnorm(Model(hooks, recipe)).double()
     with torch.no_grad():
         hooks.on_train_start(model.plugins, 0, recipe, model.encoder)  # BYOL: the target starts as the online net
-    shard_model(accelerator, recipe, hooks, model, using_fsdp())
+    if using_fsdp():  # as the engine's start()
+        units = block_units(recipe, hooks, model, fsdp=True)
+        shard(model, units, accelerator.device, "no", fsdp_options(recipe.distributed))
     g = torch.Generator().manual_seed(1)
     rows = slice(rank() * GLOBAL_BATCH // world_size(), (rank() + 1) * GLOBAL_BATCH // world_size())
     views = {
