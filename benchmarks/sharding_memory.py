@@ -2,15 +2,16 @@
 2 CPU processes (gloo), a timm ViT (default ViT-B/16, 224 px), SimCLR, AdamW, float32.
 
     python benchmarks/sharding_memory.py [--model vit_base_patch16_224] [--image-size 224] [--batch 2]
-        [--warmup 1] [--steps 3] [--large] -> benchmarks/results/sharding_memory.json
+        [--warmup 1] [--steps 3] [--rounds 2] [--large] -> benchmarks/results/sharding_memory.json
 
 Every setting is the real engine under `accelerate launch` (`launch/train.py`'s `train_main`), one after the
-other in one invocation: DDP (`--multi_gpu`), FSDP2 (`launch/accelerate/fsdp2.yaml`), ZeRO-2 and ZeRO-3
-(`launch/accelerate/deepspeed_zero{2,3}.yaml`), each with `--num_processes 2 --mixed_precision no`, on the
-same synthetic JPEG shards, `--batch` images per rank, data loaded in the training process. Each process
-runs this script in its worker mode, which wraps `framework.engine.train_step` (timing it) and registers a
-global optimizer-step pre-hook (the gradients as the AdamW that steps sees them), then calls `train_main`.
-After `--warmup` + `--steps` optimizer steps every rank writes its figures and the launch ends (no checkpoint).
+other in one invocation, `--rounds` times (every other round in reverse order): DDP (`--multi_gpu`), FSDP2
+(`launch/accelerate/fsdp2.yaml`), ZeRO-2 and ZeRO-3 (`launch/accelerate/deepspeed_zero{2,3}.yaml`), each with
+`--num_processes 2 --mixed_precision no`, on the same synthetic JPEG shards, `--batch` images per rank, data
+loaded in the training process. Each process runs this script in its worker mode, which wraps
+`framework.engine.train_step` (timing it) and registers a global optimizer-step pre-hook (the gradients as the
+AdamW that steps sees them), then calls `train_main`. After `--warmup` + `--steps` optimizer steps every rank
+writes its figures and the launch ends (no checkpoint). `--large` measures ViT-L/16 too.
 
 What a rank holds, in bytes, counted by tensor storage (a storage shared by two tensors, e.g. ZeRO-3's
 float32 partition and its model partition, or the padded flat buffer an FSDP2 shard is a view of, once):
@@ -27,9 +28,17 @@ float32 partition and its model partition, or the padded flat buffer an FSDP2 sh
 - optimizer state: AdamW's `exp_avg`, `exp_avg_sq`, `step` (local shards) after the last timed step.
 
 Also per rank: the process's peak RSS (`ru_maxrss`) and its RSS after the last step, which include what the
-counts leave out (activations, all-gathered parameters, DDP's buckets, the Python heap, the libraries). Step
-time: `train_step` (forward, the vote, backward with its reduction, AdamW), the slower rank's per step, median
-over the timed steps after the warm-up. Ratios are each setting's figure over DDP's from the same invocation.
+counts leave out (activations, all-gathered parameters, DDP's buckets, the Python heap, the libraries) and what
+the allocator keeps: glibc's malloc raises its mmap threshold (up to 32 MiB) to the size of each mmapped block
+freed, so the blocks FSDP2 gathers and frees per transformer block (ViT-B: 27 MiB) then come from the heap and
+stay in it, while larger ones (ViT-L: 48 MiB) are mapped and unmapped, page-faulted anew, every time. glibc's
+MALLOC_* variables in the environment reach the launches and are recorded (`allocator`);
+MALLOC_MMAP_THRESHOLD_=65536 returns every freed large block to the system. A launch is stopped (an error in
+the report) when the machine's available memory falls under `--min-available-gib`.
+
+Step time: `train_step` (forward, the vote, backward with its reduction, AdamW), the slower rank's per step,
+median over the timed steps of every round after each launch's warm-up. Ratios are each setting's figure over
+DDP's from the same invocation, the step time's also per round (launches next to each other).
 """
 
 from __future__ import annotations
@@ -39,6 +48,7 @@ import json
 import os
 import re
 import resource
+import signal
 import statistics
 import subprocess
 import sys
@@ -232,6 +242,26 @@ def shards(root: Path, args: argparse.Namespace) -> str:
     return write_shards(samples, str(root / "train-%06d.tar"), maxcount=n // 4, fmt="jpg")["pattern"]
 
 
+def available_gib() -> float:
+    """The memory the machine can still give (`MemAvailable`), in GiB."""
+    with open("/proc/meminfo") as meminfo:
+        kib = next(int(line.split()[1]) for line in meminfo if line.startswith("MemAvailable:"))
+    return kib / 2**20
+
+
+def watch(proc: subprocess.Popen, floor_gib: float) -> float | None:
+    """Wait for the launch `proc` (its own session); should the machine's available memory fall under `floor_gib`
+    first, kill the launch and its ranks (before the kernel's OOM killer picks a process, maybe another's) and
+    return what was left."""
+    while proc.poll() is None:
+        if (left := available_gib()) < floor_gib:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            return left
+        time.sleep(0.5)
+    return None
+
+
 def launch(setting: str, recipe_file: Path, dump: Path, args: argparse.Namespace) -> dict[str, Any]:
     """One launch of `setting`; its ranks' figures, or the error it ended with."""
     from framework.testing import free_port
@@ -256,13 +286,18 @@ def launch(setting: str, recipe_file: Path, dump: Path, args: argparse.Namespace
         str(recipe_file),
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    if args.malloc_mmap_threshold is not None:
-        env["MALLOC_MMAP_THRESHOLD_"] = str(args.malloc_mmap_threshold)
     start, load = time.perf_counter(), os.getloadavg()[0]
-    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
+    with tempfile.TemporaryFile("w+") as stderr:
+        out = subprocess.DEVNULL
+        proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=out, stderr=stderr, start_new_session=True)
+        short = watch(proc, args.min_available_gib)
+        stderr.seek(0)
+        errors = stderr.read()
+    if short is not None:
+        return {"error": f"stopped: the machine's available memory fell to {short:.2f} GiB (--min-available-gib)"}
     ranks = [json.loads(p.read_text()) for p in sorted(dump.glob("rank*.json"))]
     if proc.returncode != 0 or len(ranks) != 2:
-        return {"error": first_error(proc.stderr) or f"exit {proc.returncode}"}
+        return {"error": first_error(errors) or f"exit {proc.returncode}"}
     per_step = [max(times) for times in zip(*(r["step_seconds"] for r in ranks), strict=True)]
     return {
         "per_rank": ranks,
@@ -311,6 +346,10 @@ def ratios(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
             key: round(result[key] / ddp[key], 3)
             for key in ("state_bytes_max_rank", "peak_rss_bytes_max_rank", "step_seconds_median")
         }
+        out[f"{setting}_over_ddp"]["step_seconds_median_per_round"] = [  # launches next to each other
+            round(statistics.median(mine["step_seconds"]) / statistics.median(theirs["step_seconds"]), 3)
+            for mine, theirs in zip(result["rounds"], ddp["rounds"], strict=True)
+        ]
     return out
 
 
@@ -359,9 +398,10 @@ def main() -> None:
     ap.add_argument("--settings", nargs="+", choices=list(LAUNCHES), default=list(LAUNCHES))
     ap.add_argument("--rounds", type=int, default=2, help="launches of every setting (step times pooled)")
     ap.add_argument(
-        "--malloc-mmap-threshold",
-        type=int,
-        help="glibc's MALLOC_MMAP_THRESHOLD_ for the launches (bytes): freed large blocks go back to the system",
+        "--min-available-gib",
+        type=float,
+        default=1.25,
+        help="stop a launch (its result: an error) when the machine's available memory falls under this",
     )
     ap.add_argument("--out", default=str(RESULTS / "sharding_memory.json"))
     args = ap.parse_args()
@@ -382,9 +422,7 @@ def main() -> None:
         "warmup_steps": args.warmup,
         "timed_steps": args.steps,
         "rounds": args.rounds,
-        "allocator": "glibc, MALLOC_MMAP_THRESHOLD_=" + str(args.malloc_mmap_threshold)
-        if args.malloc_mmap_threshold is not None
-        else "glibc defaults (dynamic mmap threshold)",
+        "allocator": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")} or "glibc's defaults",
         "goals": GOALS,
         "models": {},
     }
