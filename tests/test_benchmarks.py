@@ -99,6 +99,16 @@ def test_the_sharding_benchmark_counts_each_ranks_state_under_ddp_fsdp2_and_zero
     assert all(len(ratio["step_seconds_median_per_round"]) == 1 for ratio in model["ratios"].values())
 
 
+def test_the_sharding_benchmark_stops_a_launch_when_the_machine_runs_short_of_memory():
+    from benchmarks.sharding_memory import available_gib, watch
+
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
+    left = watch(proc, floor_gib=available_gib() + 1000)  # a floor no machine has: stopped at once
+    assert left is not None and proc.returncode == -9
+    done = subprocess.Popen([sys.executable, "-c", "pass"], start_new_session=True)
+    assert watch(done, floor_gib=0.0) is None and done.returncode == 0
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without a GPU")
 def test_the_gpu_check_says_there_is_no_gpu_and_succeeds_on_a_cpu_machine():
