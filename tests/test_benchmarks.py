@@ -1,5 +1,5 @@
 """The benchmark scripts still run: the GPU benchmark's CPU smoke mode, the backbone benchmark at 32 px, the
-augmentation benchmark at 32 px, the GPU check on a machine without one."""
+augmentation benchmark at 32 px, the sharding benchmark on a tiny ViT, the GPU check on a machine without one."""
 
 from __future__ import annotations
 
@@ -69,6 +69,44 @@ def test_the_augmentation_benchmark_measures_every_setting_both_ways(tmp_path):
         assert all(rate > 0 for rate in result["worker_images_per_second"].values())
         assert result["device_views_per_second"]  # measured, or skipped with the reason
     assert results["multicrop_2x32_6x16"]["views"] == 8 and results["multicrop_2x32_6x16"]["goal_split_over_full"] == 5
+
+
+@pytest.mark.slow
+def test_the_sharding_benchmark_counts_each_ranks_state_under_ddp_fsdp2_and_zero(tmp_path):
+    out = tmp_path / "sharding.json"
+    tiny = ["--model", "vit_tiny_patch16_224", "--image-size", "32", "--warmup", "1", "--steps", "1", "--rounds", "1"]
+    run_benchmark([sys.executable, str(ROOT / "benchmarks" / "sharding_memory.py"), *tiny, "--out", str(out)])
+    report = json.loads(out.read_text())
+    assert report["processes"] == 2 and report["cores"] and report["torch"] == torch.__version__
+    model = report["models"]["vit_tiny_patch16_224"]
+    assert set(model["results"]) == {"ddp", "fsdp2", "zero2", "zero3"}
+    categories = ("parameters", "gradients", "optimizer_state")
+    for name, result in model["results"].items():
+        assert "error" not in result, (name, result)
+        assert result["step_seconds_median"] > 0 and result["state_bytes_same_every_round"]
+        (launch,) = result["rounds"]
+        assert len(launch["per_rank"]) == 2 and len(launch["step_seconds"]) == 1
+        for rank in launch["per_rank"]:
+            assert rank["state_bytes"] == sum(rank[f"{c}_bytes"] for c in categories) > 0
+            assert rank["peak_rss_bytes"] > rank["state_bytes"]
+    ddp = model["results"]["ddp"]["rounds"][0]["per_rank"][0]
+    assert ddp["gradients_bytes"] == ddp["parameters_bytes"]
+    assert ddp["optimizer_state_bytes"] >= 2 * ddp["parameters_bytes"]  # AdamW's two moments (and its steps)
+    # FSDP2 shards parameters, gradients and AdamW's moments over the 2 ranks: about half of DDP's on each
+    state = {name: ratio["state_bytes_max_rank"] for name, ratio in model["ratios"].items()}
+    assert 0.45 < state["fsdp2_over_ddp"] < 0.55 and model["goals"]["fsdp2_state_over_ddp"]["met"]
+    assert state["fsdp2_over_ddp"] < state["zero3_over_ddp"] < state["zero2_over_ddp"] < 1
+    assert all(len(ratio["step_seconds_median_per_round"]) == 1 for ratio in model["ratios"].values())
+
+
+def test_the_sharding_benchmark_stops_a_launch_when_the_machine_runs_short_of_memory():
+    from benchmarks.sharding_memory import available_gib, watch
+
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
+    left = watch(proc, floor_gib=available_gib() + 1000)  # a floor no machine has: stopped at once
+    assert left is not None and proc.returncode == -9
+    done = subprocess.Popen([sys.executable, "-c", "pass"], start_new_session=True)
+    assert watch(done, floor_gib=0.0) is None and done.returncode == 0
 
 
 @pytest.mark.slow
