@@ -19,7 +19,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from framework.distributed import build_accelerator, fsdp_options, rank, using_fsdp, world_size  # noqa: E402
+from framework.distributed import (  # noqa: E402
+    build_accelerator,
+    ends_without_finalizing,
+    fsdp_options,
+    rank,
+    using_fsdp,
+    world_size,
+)
 from framework.engine import block_units, build_views  # noqa: E402
 from framework.model import Model, weighted_total  # noqa: E402
 from framework.sharding import one_rank_group, shard  # noqa: E402
@@ -82,5 +89,5 @@ def main(out: Path, method: str) -> None:
 
 
 if __name__ == "__main__":
-    with one_rank_group(using_fsdp()):
+    with ends_without_finalizing(), one_rank_group(using_fsdp()):  # as launch/train.py (pytorch/pytorch#190489)
         main(Path(sys.argv[1]), sys.argv[2])
