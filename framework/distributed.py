@@ -250,9 +250,14 @@ def mixed_precision(cfg: DistributedConfig, env: Mapping[str, str] = os.environ)
     return launched
 
 
+def _launch_flag(env: Mapping[str, str], name: str, default: bool) -> bool:
+    """An `accelerate launch` flag (`true`/`false`, any case) in `env`, else `default`."""
+    return env.get(name, str(default)).lower() == "true"
+
+
 def using_deepspeed(env: Mapping[str, str] = os.environ) -> bool:
     """True under `accelerate launch --use_deepspeed` (or a DeepSpeed config file)."""
-    return env.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    return _launch_flag(env, "ACCELERATE_USE_DEEPSPEED", False)
 
 
 FSDP_LAUNCHED = "AUGSSL_FSDP"  # set once `build_accelerator` has consumed Accelerate's FSDP flag
@@ -260,7 +265,7 @@ FSDP_LAUNCHED = "AUGSSL_FSDP"  # set once `build_accelerator` has consumed Accel
 
 def using_fsdp(env: Mapping[str, str] = os.environ) -> bool:
     """True under `accelerate launch --use_fsdp` (or an FSDP config file); `check_fsdp` refuses FSDP1."""
-    return any(env.get(flag, "false").lower() == "true" for flag in ("ACCELERATE_USE_FSDP", FSDP_LAUNCHED))
+    return any(_launch_flag(env, flag, False) for flag in ("ACCELERATE_USE_FSDP", FSDP_LAUNCHED))
 
 
 @dataclass(frozen=True)
@@ -269,10 +274,6 @@ class FSDPOptions:
 
     reshard_after_forward: bool
     cpu_offload: bool
-
-
-def _launch_flag(env: Mapping[str, str], name: str, default: bool) -> bool:
-    return env.get(name, str(default)).lower() == "true"
 
 
 def fsdp_options(cfg: DistributedConfig, env: Mapping[str, str] = os.environ) -> FSDPOptions:

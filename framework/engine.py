@@ -179,7 +179,7 @@ class Run:
     position: StreamPosition
     channels_last: bool
     deepspeed: bool
-    fsdp: bool  # the model is sharded with FSDP2 (`framework.sharding`)
+    sharded: checkpoint.Sharded | None  # FSDP2: the model and optimizer a checkpoint writes shard by shard
     lock: runfolder.RunLock | None  # rank 0's hold on output_dir, released when the run is dropped
     checkpoint: Path | None  # the newest checkpoint of this run: the one resumed from, then each one written
     keep: Path | None  # the checkpoint an explicit `train.resume` named: never pruned by this run
@@ -223,12 +223,6 @@ def block_units(recipe: Recipe, hooks: PluginHooks, model: Model, fsdp: bool) ->
     return units
 
 
-def sharded(model: Model, optimizer: torch.optim.Optimizer, fsdp: bool) -> checkpoint.Sharded | None:
-    """What a checkpoint writes with `torch.distributed.checkpoint` under FSDP2 (None: Accelerate saves it)."""
-    inner = getattr(optimizer, "optimizer", optimizer)  # inside Accelerate's wrapper
-    return checkpoint.Sharded(model, inner) if fsdp else None
-
-
 def start(recipe: Recipe, hooks: PluginHooks) -> Run | None:
     """Set a run up: accelerator, run folder (locked), model, optimizer, resume point, data and logger.
     None when the run folder already holds a run trained to `train.steps`."""
@@ -248,10 +242,9 @@ def start(recipe: Recipe, hooks: PluginHooks) -> Run | None:
     compiled = sharding.blocks if fsdp and sharding.blocks else units  # under FSDP2, block by block
     # channels_last and compile before FSDP2 wraps the units (torchtitan's order: checkpoint, compile, shard)
     speed = apply_speed_settings(model, speed_settings(recipe.distributed, cfg, accelerator.device.type), compiled)
-    if fsdp:
-        shard(
-            model, sharding, accelerator.device, mixed_precision(recipe.distributed), fsdp_options(recipe.distributed)
-        )
+    if fsdp:  # the units, then the root
+        precision = mixed_precision(recipe.distributed)
+        shard(model, sharding, accelerator.device, precision, fsdp_options(recipe.distributed))
     lock = runfolder.open_run(accelerator, out, cfg.resume)  # rank 0 holds output_dir's lock while the Run lives
     batch = global_batch(recipe.data, recipe.distributed, accelerator.num_processes)
     lr = effective_lr(recipe.optim, batch)
@@ -269,8 +262,10 @@ def start(recipe: Recipe, hooks: PluginHooks) -> Run | None:
         accelerator.print(f"augssl: {describe(sharding, fsdp_options(recipe.distributed), checkpointing)}")
     optimizer = build_optimizer(model, recipe.optim, recipe.plugins, lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, recipe.optim, cfg.steps))
+    held = None  # FSDP2: what checkpoints write with torch.distributed.checkpoint (else Accelerate saves it all)
     if fsdp:  # sharded: no DDP wrapper (Accelerate still skips the optimizer's step inside an accumulation window)
         prepared, (optimizer, scheduler) = model, accelerator.prepare(optimizer, scheduler)
+        held = checkpoint.Sharded(model, getattr(optimizer, "optimizer", optimizer))  # inside Accelerate's wrapper
     else:
         prepared, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     unwrapped = prepared
@@ -280,7 +275,6 @@ def start(recipe: Recipe, hooks: PluginHooks) -> Run | None:
     step, position = 0, StreamPosition()
     resume_from = runfolder.resume_point(accelerator, recipe, unwrapped, lock)  # intact, compatible; writes recipe.yaml
     if resume_from is not None:
-        held = sharded(unwrapped, optimizer, fsdp)
         state, saved_position = checkpoint.load(
             accelerator, resume_from, cfg, recipe.optim, batch, on_device, scheduler, held
         )
@@ -319,7 +313,7 @@ def start(recipe: Recipe, hooks: PluginHooks) -> Run | None:
         position,
         speed["channels_last"],
         deepspeed,
-        fsdp,
+        held,
         lock,
         checkpoint=resume_from,
         keep=resume_from if explicit else None,
@@ -385,8 +379,8 @@ def commit(run: Run, recipe: Recipe, position: StreamPosition) -> Path:
     if broken:
         raise broken_weights(run)
     with collective(f"step {run.step}: the checkpoint"):
-        held = sharded(run.unwrapped, run.optimizer, run.fsdp)
-        run.checkpoint = checkpoint.save(run.accelerator, recipe, run.step, position, keep=run.keep, sharded=held)
+        saved = checkpoint.save(run.accelerator, recipe, run.step, position, keep=run.keep, sharded=run.sharded)
+        run.checkpoint = saved
     run.saved_step = run.step
     return run.checkpoint
 

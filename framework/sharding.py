@@ -148,8 +148,8 @@ def broadcast_buffers(module: nn.Module) -> None:
             t.copy_(part.view_as(t))
 
 
-def shard(model: nn.Module, units: Units, device: torch.device, precision: str, options: FSDPOptions) -> int:
-    """Apply FSDP2 to `units` and then to `model` (the root), in place; returns the number of units.
+def shard(model: nn.Module, units: Units, device: torch.device, precision: str, options: FSDPOptions) -> None:
+    """Apply FSDP2 to `units` and then to `model` (the root), in place.
 
     Every rank must call it (it is a collective: each rank keeps its 1/N of every parameter). Call
     before building the optimizer, which must hold the sharded parameters (DTensors).
@@ -181,7 +181,6 @@ def shard(model: nn.Module, units: Units, device: torch.device, precision: str, 
         _autocast_forward(model, device.type)
     if dist.get_world_size() > 1 and any(True for _ in model.buffers()):
         model.register_forward_pre_hook(_broadcast_before_forward)
-    return len(units.blocks) + len(units.holders) + 1
 
 
 @contextmanager
