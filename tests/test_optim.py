@@ -194,6 +194,16 @@ def test_scheduled_takes_a_number_or_a_mapping_and_byols_formula():
     assert not Scheduled(start=0.5, shape="constant").varies and momentum.varies
 
 
+def test_a_scheduled_path_may_end_early_and_hold():
+    """DINO's teacher temperature: 0.04 -> 0.07 linearly over its warm-up epochs, then held to the last step."""
+    temp = Scheduled.model_validate({"start": 0.04, "end": 0.07, "shape": "linear", "steps": 30})
+    assert [temp.at(s, 100) for s in (0, 15, 30, 31, 99, 100)] == pytest.approx([0.04, 0.055, 0.07, 0.07, 0.07, 0.07])
+    assert temp.varies
+    cosine = Scheduled(start=0.0, end=1.0, shape="cosine", warmup_steps=2, steps=12)
+    assert [cosine.at(s, 50) for s in (0, 1, 2, 7, 12, 40)] == pytest.approx([0.0, 0.0, 0.0, 0.5, 1.0, 1.0])
+    assert cosine.at(0, 50) == 0.0 and Scheduled(start=1.0, end=3.0, shape="linear", steps=4).at(2, 50) == 2.0
+
+
 class ToyConfig(PluginConfig):
     momentum: Scheduled = Scheduled(start=0.9, end=1.0, shape="cosine")
     scale: Scheduled = Scheduled(start=2.0, shape="constant")
@@ -223,8 +233,16 @@ class Toy:
         ),
         ({"momentum": {"start": 0.9, "end": 1.0, "shape": "exp"}}, "plugins.toy.momentum.shape: Input should be"),
         (
-            {"momentum": {"start": 0.9, "end": 1.0, "steps": 5}},
-            "plugins.toy.momentum.steps: Extra inputs are not permitted",
+            {"momentum": {"start": 0.9, "end": 1.0, "step": 5}},
+            "plugins.toy.momentum.step: Extra inputs are not permitted",
+        ),
+        (
+            {"scale": {"start": 0.9, "shape": "constant", "steps": 5}},
+            "plugins.toy.scale: Value error, a constant schedule has no steps",
+        ),
+        (
+            {"momentum": {"start": 0.9, "end": 1.0, "warmup_steps": 5, "steps": 5}},
+            "plugins.toy.momentum: Value error, steps 5 must be after the warm-up",
         ),
         (
             {"momentum": {"start": 0.9, "end": 1.0, "shape": "constant"}},
