@@ -47,6 +47,7 @@ if TYPE_CHECKING:
     from framework.recipe.schema import PluginConfig, Recipe, capability, needed_by
     from framework.schedules import Scheduled
     from framework.sharding import local_shard
+    from framework.teacher import ema_update, initialise_targets, update_targets
     from framework.types import Encoding, OnDevice, StepContext, View, full_name, num_features
     from framework.views import ToMode, check_stats, denormalize, normalize, tensor_steps
 
@@ -57,6 +58,7 @@ _MODULES = {
     "framework.hookspecs": ("hookimpl",),
     "framework.precision": ("at_least_float32", "full_precision"),
     "framework.sharding": ("local_shard",),
+    "framework.teacher": ("ema_update", "initialise_targets", "update_targets"),
     "framework.recipe.schema": ("PluginConfig", "Recipe", "capability", "needed_by"),
     "framework.schedules": ("Scheduled",),
     "framework.types": ("Encoding", "OnDevice", "StepContext", "View", "full_name", "num_features"),
@@ -64,7 +66,7 @@ _MODULES = {
 }
 # The plugin API's version, (major, minor): a minor release adds names (here or in `plugins.blocks`), a
 # major one changes or removes one. A plugin that needs a name added in 1.2 may check `API_VERSION >= (1, 2)`.
-API_VERSION = (1, 1)  # 1.1: local_shard (FSDP2)
+API_VERSION = (1, 2)  # 1.1: local_shard (FSDP2); 1.2: the shared teacher, patch tokens and masks
 
 _HOME = {name: module for module, names in _MODULES.items() for name in names}
 
@@ -94,16 +96,19 @@ __all__ = [
     "capability",
     "check_stats",
     "denormalize",
+    "ema_update",
     "full_name",
     "full_parameters",
     "full_precision",
     "gather_with_grad",
     "hookimpl",
+    "initialise_targets",
     "local_shard",
     "needed_by",
     "normalize",
     "num_features",
     "rank",
     "tensor_steps",
+    "update_targets",
     "world_size",
 ]

@@ -59,7 +59,7 @@ from framework.manager import PluginError, PluginHooks
 from framework.model import Model, weighted_total
 from framework.optim import build_optimizer, effective_lr, lr_factor
 from framework.preemption import Preempted, StopNow, StopRequests
-from framework.recipe.schema import Recipe, TrainConfig
+from framework.recipe.schema import Recipe, TeacherConfig, TrainConfig
 from framework.schedules import scheduled_values, set_weight_decay
 from framework.sharding import (
     Units,
@@ -238,7 +238,8 @@ def start(recipe: Recipe, hooks: PluginHooks) -> Run | None:
     if recipe.distributed.sync_batchnorm and accelerator.num_processes > 1 and accelerator.device.type == "cuda":
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     sharding = block_units(recipe, hooks, model, fsdp)  # the plugins' blocks; activation checkpointing
-    units = [module for modules in model.plugins.values() for module in cast(torch.nn.ModuleDict, modules).values()]
+    holders = [*model.plugins.values(), *([model.teacher.plugins] if model.teacher is not None else [])]
+    units = [module for modules in holders for module in cast(torch.nn.ModuleDict, modules).values()]
     compiled = sharding.blocks if fsdp and sharding.blocks else units  # under FSDP2, block by block
     # channels_last and compile before FSDP2 wraps the units (torchtitan's order: checkpoint, compile, shard)
     speed = apply_speed_settings(model, speed_settings(recipe.distributed, cfg, accelerator.device.type), compiled)
@@ -335,7 +336,7 @@ def log_interval(run: Run, recipe: Recipe) -> None:
             "epoch": run.position.epoch,
             **logged_lrs(recipe.plugins, run.optimizer, run.scheduler, lr_now),
             # wd and plugins' Scheduled fields, for the next step
-            **scheduled_values(recipe.optim, recipe.plugins, run.step, recipe.train.steps),
+            **scheduled_values(recipe.optim, recipe.plugins, run.step, recipe.train.steps, teacher(run, recipe)),
             "skipped_steps": run.skipped,
             "images/s": run.logger.images_per_second(),
         }
@@ -349,6 +350,11 @@ def log_interval(run: Run, recipe: Recipe) -> None:
             f"data: {int(bad)} of {int(seen)} records were bad (> data.max_bad_fraction={limit}); "
             f"last: {run.position.last_bad}"
         )
+
+
+def teacher(run: Run, recipe: Recipe) -> TeacherConfig | None:
+    """The recipe's `teacher:` section when the run has a teacher (its momentum is logged), else None."""
+    return recipe.teacher if run.unwrapped.teacher is not None else None
 
 
 def due(every: int, step: int) -> bool:
@@ -451,6 +457,8 @@ def finish_step(run: Run, recipe: Recipe, hooks: PluginHooks, preview: dict[str,
     run.step, run.micro = run.step + 1, 0
     run.scheduler.step()
     with torch.no_grad():
+        if run.unwrapped.teacher is not None:  # the EMA after optimizer step k reads the momentum of step k - 1
+            run.unwrapped.teacher.update(run.unwrapped.plugins, recipe.teacher.momentum.at(run.step - 1, recipe.train.steps))
         hooks.on_train_step_end(run.unwrapped.plugins, run.step, recipe, run.unwrapped.encoder)
         run.broken = nonfinite_flag(run.unwrapped)  # the update's and the hooks' changes
     run.committed = run.position.state_dict()
@@ -508,6 +516,8 @@ def steps(run: Run, recipe: Recipe, hooks: PluginHooks, stop: StopRequests) -> i
     records); from the first vote on, a stop request waits for the vote (before it: `StopNow`)."""
     run.model.train()
     with torch.no_grad():
+        if run.unwrapped.teacher is not None:  # a fresh run's teacher starts as the online network
+            run.unwrapped.teacher.initialise(run.unwrapped.plugins)
         hooks.on_train_start(run.unwrapped.plugins, run.step, recipe, run.unwrapped.encoder)
     for batch, lost in fetched(run.loader, run.accelerator.process_index):  # lost: a data worker died
         if train_step(run, recipe, hooks, stop, batch, lost):

@@ -121,6 +121,34 @@ def shard_blocks(config: Recipe, cfg: PluginConfig, own: nn.ModuleDict) -> list[
 
 
 @hookspec
+def teacher_modules(config: Recipe, cfg: PluginConfig, own: nn.ModuleDict) -> list[str]:
+    """Ask for the run's EMA teacher and name the plugin's own modules it mirrors (BYOL: its projector; DINO: its
+    head), `[]` for the encoder alone.
+
+    Called once at start-up, after `build_modules`. A run has one teacher, shared by every plugin that implements
+    this hook (DINO's, iBOT's and KoLeo's terms read one teacher, as in DINOv2); none when no plugin does. It is a
+    frozen copy of the run's encoder and of the modules named here (`framework.teacher.Teacher`), checkpointed with
+    the model, sharded like it under FSDP2, gathered under ZeRO-3. The engine copies the online weights in before
+    the first step of a fresh run (a resumed run keeps its checkpoint's) and, after every optimizer step k
+    (1-based, before `on_train_step_end`), moves it towards them: `xi <- m * xi + (1 - m) * theta`,
+    `m = teacher.momentum.at(k - 1, train.steps)` (the recipe's `teacher:` section, logged as
+    `teacher.momentum`).
+
+    In a step, `ctx.encode_teacher(view)` / `ctx.encode_teacher_grouped(views)` are the teacher's encodings (no
+    gradient, cached per step and shared by the plugins, the views never masked) and `ctx.teacher` this plugin's
+    mirrored modules by name (`ctx.teacher["head"]`). Which views the teacher sees is the plugin's choice (DINO:
+    the global crops only).
+
+    :param config: The validated recipe.
+    :param cfg: This plugin's own section.
+    :param own: This plugin's own modules.
+    :returns: Names of modules of `own` to mirror (may be empty).
+
+    Result mode: collect, keyed by plugin name.
+    """
+
+
+@hookspec
 def augment(config: Recipe, cfg: PluginConfig) -> dict[str, View]:
     """Declare the views this plugin needs, as named per-sample transforms.
 
@@ -146,21 +174,34 @@ def augment(config: Recipe, cfg: PluginConfig) -> dict[str, View]:
 
 @hookspec
 def encode(
-    modules: nn.ModuleDict, view: torch.Tensor, ctx: StepContext | None, cfg: PluginConfig, own: nn.ModuleDict
+    modules: nn.ModuleDict,
+    view: torch.Tensor,
+    ctx: StepContext | None,
+    cfg: PluginConfig,
+    own: nn.ModuleDict,
+    mask: torch.Tensor | None,
 ) -> Encoding:
     """Encode one batch of one view.
 
     Called every step through `ctx.encode(view_name)` (cached per view name), and by
     the evaluation to extract features. Exactly one plugin must implement it (the
-    backbone); this is checked at start-up.
+    backbone); this is checked at start-up. The teacher's encodings (`ctx.encode_teacher`) come from the same
+    call with the teacher's copies as `modules` and `own` (its `own` holds the copy of `encoder` only).
+
+    Token-level encodings: an encoder that has patch tokens (timm's ViTs in `backbones`) returns them as
+    `Encoding.patches` when a plugin of the recipe needs them (`needs = {PATCH_TOKENS}`), and then takes a
+    patch mask: `mask` (B, N) bool, True where the patch embedding is replaced by a learned mask token before
+    the position embedding (iBOT, DINOv2). `mask` is None unless a plugin encodes a view `masked`
+    (`ctx.encode(view, masked=True)`); an implementation without a `mask` argument is refused then, in one line.
 
     :param modules: Every plugin's modules, `modules[<plugin>][<module>]`.
     :param view: A batch of images, (B, C, H, W), on the training device.
     :param ctx: The step context, or None outside training (feature extraction).
     :param cfg: This plugin's own section.
     :param own: This plugin's own modules (`own["encoder"]`, a VAE head, ...).
+    :param mask: A patch mask (B, N) bool, or None (see above).
     :returns: A `framework.Encoding` with pooled features `h` and, when the backbone
-        has a VAE head, the posterior `mu`, `logvar` and a sample `z`.
+        has a VAE head, the posterior `mu`, `logvar` and a sample `z`; `patches` when asked for.
 
     Result mode: single, exactly one provider (checked at start-up).
     """

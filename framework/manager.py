@@ -194,6 +194,19 @@ class PluginHooks:
                     )
         return listed
 
+    def teacher_modules(self, config: Recipe, modules: nn.ModuleDict) -> dict[str, list[str]] | None:
+        """`{plugin: [own module names]}` the teacher mirrors, each checked to be one of the plugin's own modules;
+        None when no plugin asks for a teacher."""
+        named = self._collect("teacher_modules", (list, tuple), self._scope(config, modules), config=config)
+        for plugin, names in named.items():
+            own = cast(nn.ModuleDict, modules[plugin]) if plugin in modules else nn.ModuleDict()
+            if unknown := [n for n in names if not isinstance(n, str) or n not in own]:
+                raise PluginError(
+                    f"plugin {plugin!r}, hook 'teacher_modules': {unknown[0]!r} is not one of its own modules "
+                    f"({', '.join(own) or 'none'})"
+                )
+        return {plugin: list(names) for plugin, names in named.items()} if named else None
+
     def augment(self, config: Recipe) -> dict[str, View]:
         """All views, by full name `<plugin>.<view>`; a `source` naming the plugin's own view by its short
         name is given the full one."""
@@ -214,13 +227,24 @@ class PluginHooks:
 
     # -- every step ---------------------------------------------------------------------
 
-    def encode(self, modules: nn.ModuleDict, view: torch.Tensor, ctx: StepContext | None, config: Recipe) -> Encoding:
-        """The encoding of `view` by the one `encode` provider."""
+    def encode(
+        self,
+        modules: nn.ModuleDict,
+        view: torch.Tensor,
+        ctx: StepContext | None,
+        config: Recipe,
+        mask: torch.Tensor | None = None,
+    ) -> Encoding:
+        """The encoding of `view` (its patches masked by `mask`, if given) by the one `encode` provider."""
         assert self.encoder_plugin is not None
         (impl,) = self._impls("encode")
-        return self._call(
-            "encode", impl, modules=modules, view=view, **self._scope(config, modules, ctx)(impl.plugin_name)
-        )
+        if mask is not None and "mask" not in impl.argnames:
+            raise PluginError(
+                f"plugin {impl.plugin_name!r}, hook 'encode': it takes no patch mask (no `mask` argument), and a "
+                "plugin of this recipe encodes a masked view"
+            )
+        scope = self._scope(config, modules, ctx)(impl.plugin_name)
+        return self._call("encode", impl, modules=modules, view=view, mask=mask, **scope)
 
     def decode(
         self, modules: nn.ModuleDict, encoding: Encoding, ctx: StepContext | None, config: Recipe

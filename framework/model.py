@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 from torch import nn
 
+from framework.teacher import Teacher
 from framework.types import Encoding, StepContext
 
 if TYPE_CHECKING:
@@ -19,7 +20,10 @@ if TYPE_CHECKING:
 
 
 class Model(nn.Module):
-    """Holds `plugins[<plugin>][<module>]`; `forward` returns the named loss terms and metrics."""
+    """Holds `plugins[<plugin>][<module>]` and, when a plugin asks for one, the EMA `teacher`; `forward` returns
+    the named loss terms and metrics."""
+
+    teacher: Teacher | None
 
     def __init__(self, hooks: PluginHooks, config: Recipe) -> None:
         super().__init__()
@@ -28,6 +32,8 @@ class Model(nn.Module):
         built = hooks.build_modules(config)
         self.plugins = nn.ModuleDict({name: nn.ModuleDict(mods) for name, mods in built.items()})
         self.encoder_plugin = hooks.encoder_plugin
+        mirrored = hooks.teacher_modules(config, self.plugins)  # None: no plugin asks for a teacher
+        self.teacher = None if mirrored is None else Teacher(self.mirrored(mirrored))
         self.preview_images: dict[str, torch.Tensor] = {}  # `ctx.images` of the last preview step
 
     def forward(
@@ -55,8 +61,20 @@ class Model(nn.Module):
         step: int = 0,
         preview: bool = False,
     ) -> StepContext:
-        """The step context of a batch: encodings by this model's encoder, cached per view."""
-        return StepContext(self._encode, self._decode, self.encoder, self.config, views, params, labels, step, preview)
+        """The step context of a batch: encodings by this model's encoder (and teacher), cached per view."""
+        ctx = StepContext(self._encode, self._decode, self.encoder, self.config, views, params, labels, step, preview)
+        if self.teacher is not None:
+            ctx.with_teacher(self._encode_teacher, self.teacher.plugins)
+        return ctx
+
+    def mirrored(self, names: dict[str, list[str]]) -> dict[str, dict[str, nn.Module]]:
+        """The online modules the teacher copies: the encoder (under its plugin's name) and each plugin's `names`."""
+        assert self.encoder_plugin is not None
+        online: dict[str, dict[str, nn.Module]] = {self.encoder_plugin: {"encoder": self.encoder}}
+        for plugin, mods in names.items():
+            own = cast(nn.ModuleDict, self.plugins[plugin])
+            online.setdefault(plugin, {}).update({name: own[name] for name in mods})
+        return online
 
     @property
     def encoder(self) -> nn.Module:
@@ -64,15 +82,21 @@ class Model(nn.Module):
         assert self.encoder_plugin is not None  # PluginHooks requires one unless only listing plugins
         return cast(nn.ModuleDict, self.plugins[self.encoder_plugin])["encoder"]
 
-    def _encode(self, images: torch.Tensor, ctx: StepContext | None) -> Encoding:
-        return self.hooks.encode(self.plugins, images, ctx, self.config)
+    def _encode(self, images: torch.Tensor, ctx: StepContext | None, mask: torch.Tensor | None = None) -> Encoding:
+        return self.hooks.encode(self.plugins, images, ctx, self.config, mask)
+
+    def _encode_teacher(self, images: torch.Tensor, ctx: StepContext | None) -> Encoding:
+        """The teacher's encoding: the `encode` hook with the teacher's copies as the modules (no mask)."""
+        assert self.teacher is not None
+        with torch.no_grad():
+            return self.hooks.encode(self.teacher.plugins, images, ctx, self.config, None)
 
     def _decode(self, encoding: Encoding, ctx: StepContext | None) -> torch.Tensor:
         return self.hooks.decode(self.plugins, encoding, ctx, self.config)
 
-    def encode(self, images: torch.Tensor) -> Encoding:
-        """Encode a batch outside training (evaluation, export)."""
-        return self._encode(images, None)
+    def encode(self, images: torch.Tensor, teacher: bool = False) -> Encoding:
+        """Encode a batch outside training (evaluation, export), by the student or (`teacher`) the teacher."""
+        return self._encode_teacher(images, None) if teacher else self._encode(images, None)
 
     def weights(self) -> dict[str, float]:
         """Each loss term's multiplier is its plugin's `weight`."""

@@ -120,8 +120,10 @@ def _autocast_forward(module: nn.Module, device_type: str) -> None:
 
 
 def _own_output(module: nn.Module, args: Any, output: Any) -> Any:
-    """An encoder's output that is a view (a ViT's class token `x[:, 0]`, a flattened pool) as a tensor of its
-    own: FSDP2's backward hook on a unit's output is lost if a plugin edits a view of it in place."""
+    """An encoder's output that is a view (a ViT's class token `x[:, 0]`, a flattened pool, its patch tokens) as a
+    tensor of its own: FSDP2's backward hook on a unit's output is lost if a plugin edits a view of it in place."""
+    if isinstance(output, tuple):
+        return tuple(_own_output(module, args, part) for part in output)
     if isinstance(output, torch.Tensor) and output._base is not None:
         return output.clone()
     return output

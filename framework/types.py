@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from framework.recipe.schema import Recipe
 
 
+STUDENT, TEACHER = "student", "teacher"  # whose encodings: the online encoder's, the EMA teacher's
 CLEAN_VIEW = "x"  # the view the engine always provides: each image with minimal preprocessing
 SHORT_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")  # a plugin's name for its own view, metric or image
 T = TypeVar("T")
@@ -141,15 +142,19 @@ class View:
 class Encoding:
     """What the `encode` hook returns for one batch of one view.
 
-    `h`: pooled backbone features (B, D), the representation probes use.
+    `h`: pooled backbone features (B, D), the representation probes use (a ViT's class token).
     `mu`, `logvar`, `z`: the Gaussian posterior q(z|x) and a reparameterised sample,
     present when the encoder has a VAE head, else None.
+    `patches`: the patch tokens (B, N, D) after the encoder's last norm (no class or register tokens), row-major
+    over the patch grid, present when the encoder gives token-level encodings (a plugin asks for them with
+    `needs = {PATCH_TOKENS}`), else None.
     """
 
     h: torch.Tensor
     mu: torch.Tensor | None = None
     logvar: torch.Tensor | None = None
     z: torch.Tensor | None = None
+    patches: torch.Tensor | None = None
 
 
 class StepContext:
@@ -170,6 +175,8 @@ class StepContext:
     `plugin`: the name the recipe gives the plugin this context belongs to (None: the engine's).
     `metrics`: a plugin may put detached scalars here (`ctx.metrics["acc"]`); they are
     logged, never optimised.
+    `teacher`: this plugin's modules mirrored by the run's EMA teacher (hook `teacher_modules`), by name
+    (`ctx.teacher["head"]`); `encode_teacher` / `encode_teacher_grouped` are the teacher's encodings.
     `preview`: True on the steps whose images the engine saves (`log.preview_every`);
     then a plugin may put detached image batches (B, C, H, W), in the views' normalised
     space, in `images` (e.g. `ctx.images["recon"]`, a reconstruction): they are drawn
@@ -199,8 +206,15 @@ class StepContext:
         self._images: dict[str, torch.Tensor] = {}
         self.metrics: MutableMapping[str, torch.Tensor] = self._metrics
         self.images: MutableMapping[str, torch.Tensor] = self._images
-        self._encodings: dict[str, Encoding] = {}
-        self._groups: dict[tuple[str, ...], dict[str, Encoding]] = {}  # `encode_grouped`'s, by view names
+        self._encodings: dict[tuple[str, str, bool], Encoding] = {}  # by (student/teacher, view, masked)
+        self._groups: dict[tuple[str, tuple[str, ...], bool], dict[str, Encoding]] = {}  # `encode_grouped`'s
+        self._teach: Callable[[torch.Tensor, StepContext], Encoding] | None = None
+        self._teacher_modules: Mapping[str, nn.Module] = {}
+        self.teacher: Mapping[str, nn.Module] = {}
+
+    def with_teacher(self, encode: Callable[[torch.Tensor, StepContext], Encoding], modules: Mapping[str, Any]) -> None:
+        """Give this context the run's teacher: its `encode` and its copies, `{plugin: {module name: module}}`."""
+        self._teach, self._teacher_modules = encode, modules
 
     def scoped(self, plugin: str) -> StepContext:
         """This step's context as plugin `plugin` sees it: its own names are short; the batch, the caches,
@@ -210,6 +224,7 @@ class StepContext:
         ctx.views, ctx.params = ScopedMapping(self._views, plugin), ScopedMapping(self._params, plugin)
         ctx.metrics = ScopedNames(self._metrics, plugin, "metrics")
         ctx.images = ScopedNames(self._images, plugin, "images")
+        ctx.teacher = self._teacher_modules.get(plugin, {})
         return ctx
 
     def _full(self, view: str) -> str:
@@ -219,17 +234,46 @@ class StepContext:
             raise KeyError(f"no view {view!r} in this batch (views: {sorted(self.views)})")
         return full
 
-    def encode(self, view: str) -> Encoding:
-        """The encoding of view `view`, computed once per step and shared by all plugins."""
-        return self._encoded(self._full(view))
+    def encode(self, view: str, masked: bool = False) -> Encoding:
+        """The encoding of view `view`, computed once per step and shared by all plugins. `masked`: with the
+        view's patch mask applied (`mask_of`), a separate encoding."""
+        return self._encoded(STUDENT, self._full(view), masked)
 
-    def _encoded(self, full: str) -> Encoding:
-        """The encoding of the view the engine calls `full`, cached."""
-        if full not in self._encodings:
-            self._encodings[full] = self._encode(self._views[full], self)
-        return self._encodings[full]
+    def encode_teacher(self, view: str) -> Encoding:
+        """The teacher's encoding of view `view` (hook `teacher_modules`): no gradient, never masked, computed
+        once per step and shared by all plugins."""
+        return self._encoded(TEACHER, self._full(view), False)
 
-    def encode_grouped(self, views: Sequence[str]) -> list[Encoding]:
+    def mask_of(self, view: str) -> torch.Tensor:
+        """The patch mask of view `view`, (B, N) bool (True: the patch is replaced by the encoder's mask token):
+        the view's params, which a masked view returns as its per-patch 0/1 values (`plugins.blocks.masked_view`).
+        KeyError if the view has no params."""
+        mask = self._mask(self._full(view), True)
+        assert mask is not None
+        return mask
+
+    def _encoded(self, kind: str, full: str, masked: bool) -> Encoding:
+        """The encoding (`kind`: the student's or the teacher's) of the view the engine calls `full`, cached."""
+        key = (kind, full, masked)
+        if key not in self._encodings:
+            self._encodings[key] = self._run(kind, self._views[full], self._mask(full, masked))
+        return self._encodings[key]
+
+    def _mask(self, full: str, masked: bool) -> torch.Tensor | None:
+        if not masked:
+            return None
+        if full not in self._params:
+            raise KeyError(f"view {full!r} carries no patch mask (its transform returns no params)")
+        return self._params[full] > 0.5
+
+    def _run(self, kind: str, images: torch.Tensor, mask: torch.Tensor | None) -> Encoding:
+        if kind == STUDENT:
+            return self._encode(images, self) if mask is None else self._encode(images, self, mask)  # type: ignore[call-arg]
+        if self._teach is None:
+            raise RuntimeError("this run has no teacher: a plugin that encodes with one implements `teacher_modules`")
+        return self._teach(images, self)
+
+    def encode_grouped(self, views: Sequence[str], masked: bool = False) -> list[Encoding]:
         """The encodings of `views`, in that order, with one encoder call per distinct image shape.
 
         The views are grouped by their (C, H, W), each group concatenated along the batch (in the order of
@@ -237,33 +281,43 @@ class StepContext:
         `utils.py`; SwAV's multi-resolution forward too): it changes the encoder's BatchNorm batch statistics,
         which cover the whole group instead of one view (solo-learn instead calls the encoder once per crop).
         Each group is cached by its view names, apart from `encode`'s cache (a group of one view is that view's
-        `encode`): the result depends on `views` alone, never on what another plugin encoded first.
+        `encode`): the result depends on `views` alone, never on what another plugin encoded first. `masked`:
+        every view with its patch mask applied (`mask_of`).
         """
+        return self._grouped(STUDENT, views, masked)
+
+    def encode_teacher_grouped(self, views: Sequence[str]) -> list[Encoding]:
+        """`encode_grouped` by the teacher (`encode_teacher`)."""
+        return self._grouped(TEACHER, views, False)
+
+    def _grouped(self, kind: str, views: Sequence[str], masked: bool) -> list[Encoding]:
         full = [self._full(view) for view in views]
         groups: dict[tuple[int, ...], list[str]] = {}
         for view in dict.fromkeys(full):
             groups.setdefault(tuple(self._views[view].shape[1:]), []).append(view)
         encoded: dict[str, Encoding] = {}
         for names in groups.values():
-            encoded |= self._encode_group(tuple(names))
+            encoded |= self._encode_group(kind, tuple(names), masked)
         return [encoded[view] for view in full]
 
-    def _encode_group(self, names: tuple[str, ...]) -> dict[str, Encoding]:
+    def _encode_group(self, kind: str, names: tuple[str, ...], masked: bool) -> dict[str, Encoding]:
         """The encodings of views of one shape (full names), concatenated into one encoder call (cached per
         `names`)."""
         if len(names) == 1:
-            return {names[0]: self._encoded(names[0])}
-        if names not in self._groups:
+            return {names[0]: self._encoded(kind, names[0], masked)}
+        key = (kind, names, masked)
+        if key not in self._groups:
             sizes = [len(self._views[name]) for name in names]
-            joint = self._encode(torch.cat([self._views[name] for name in names]), self)
+            masks = [self._mask(name, masked) for name in names]
+            joint = self._run(kind, torch.cat([self._views[name] for name in names]), torch.cat(masks) if masked else None)  # type: ignore[arg-type]
             parts: dict[str, Any] = {
                 f.name: value.split(sizes) if (value := getattr(joint, f.name)) is not None else [None] * len(names)
                 for f in fields(joint)
-            }  # every field of the Encoding (h, mu, logvar, z), split the same way
-            self._groups[names] = {
+            }  # every field of the Encoding (h, mu, logvar, z, patches), split the same way
+            self._groups[key] = {
                 name: type(joint)(**{key: split[i] for key, split in parts.items()}) for i, name in enumerate(names)
             }
-        return self._groups[names]
+        return self._groups[key]
 
     def encode_tensor(self, images: torch.Tensor) -> Encoding:
         """Encode images that are not a named view (e.g. transformed on the fly); not cached."""

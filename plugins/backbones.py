@@ -23,6 +23,8 @@ for ResNet-18, bottlenecks [3,6,4,3] for ResNet-50), and `conv28`.
 
 from __future__ import annotations
 
+import functools
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
@@ -42,7 +44,7 @@ from framework import (
     needed_by,
     num_features,
 )
-from plugins.blocks import VAE_HEAD, image_sizes, posterior_std
+from plugins.blocks import PATCH_TOKENS, VAE_HEAD, image_sizes, posterior_std
 
 BUILT_IN = ("resnet18", "resnet50", "conv28")
 TIMM = "timm/"
@@ -67,6 +69,21 @@ class BackbonesConfig(PluginConfig):
     logvar_range: tuple[float, float] = (-10.0, 10.0)  # soft bound of logvar (see `soft_bound`)
     decoder: Literal["resnet18", "resnet50", "conv28"] | None = None
     decoder_widen: int = Field(1, ge=1)  # the ResNet decoder's stage widths x this (the official `widen`)
+    # token-level encodings (Encoding.patches) and a learned mask token (timm ViTs only); unset: whether a
+    # plugin of the recipe needs them (`needs` "patch_tokens": ibot)
+    patch_tokens: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _tokens_when_needed(cls, data: Any, info: ValidationInfo) -> Any:
+        """Fill an unset `patch_tokens` from what the recipe needs; refuse `patch_tokens: false` where a plugin
+        needs them, naming the plugin."""
+        if not isinstance(data, dict):
+            return data
+        needing = needed_by(info, PATCH_TOKENS)
+        if needing and data.get("patch_tokens") is False:
+            raise ValueError(f"patch_tokens: false, and plugins {', '.join(needing)} need patch tokens")
+        return {**data, "patch_tokens": True} if needing and "patch_tokens" not in data else data
 
     @model_validator(mode="before")
     @classmethod
@@ -116,7 +133,20 @@ class BackbonesConfig(PluginConfig):
         timm_model = self.encoder.startswith(TIMM)
         if not timm_model and (self.img_size is not None or self.timm_kwargs):
             raise ValueError(f"img_size and timm_kwargs apply to timm/ encoders, not {self.encoder}")
+        if self.patch_tokens and self.patch_size() is None:
+            raise ValueError(
+                f"patch_tokens: {self.encoder} gives no patch tokens (a plugin of the recipe needs them): "
+                "use a timm Vision Transformer, e.g. timm/vit_small_patch16_224"
+            )
         return self
+
+    def patch_size(self) -> int | None:
+        """The patch side of the encoder's token-level encodings (capability `PatchGrid`): a timm Vision
+        Transformer's patch, None for any other encoder."""
+        if not self.encoder.startswith(TIMM):
+            return None
+        kwargs = {**({"img_size": self.img_size} if self.img_size else {}), **self.timm_kwargs}
+        return vit_patch_size(self.encoder[len(TIMM) :], json.dumps(kwargs, sort_keys=True, default=str))
 
 
 # ---------------------------------------------------------------------------
@@ -203,6 +233,76 @@ def timm_encoder(
             )
     net.num_features = getattr(net, "head_hidden_size", None) or net.num_features  # num_classes=0 returns this width
     return net, created
+
+
+@functools.lru_cache(maxsize=32)
+def vit_patch_size(name: str, kwargs: str) -> int | None:
+    """The patch side of timm's `name` built with the JSON `kwargs` if it is a Vision Transformer (built on the
+    meta device: no memory, no weights), else None."""
+    import timm
+    from timm.models.vision_transformer import VisionTransformer
+
+    try:
+        with torch.device("meta"):
+            net = timm.create_model(name, num_classes=0, **json.loads(kwargs))
+    except TypeError:  # a CNN refuses img_size: no patches
+        return None
+    return int(net.patch_embed.patch_size[0]) if isinstance(net, VisionTransformer) else None
+
+
+class TokenViT(nn.Module):
+    """Token-level encodings of a timm VisionTransformer (mixed into its class by `with_tokens`): called with
+    `tokens=True`, its forward returns `(h, patches)`, the pooled features as timm's forward gives them and the
+    patch tokens after the last norm; with `mask` (B, N) bool the masked patch embeddings are replaced by
+    `mask_token` (1, D) before the position embedding (iBOT, DINOv2). Otherwise timm's forward, unchanged.
+
+    The steps are timm's `VisionTransformer.forward_features` (timm 1.0) with the mask inserted after the patch
+    embedding; the state dict is timm's own (the mask token is the plugin's module `mask_token`)."""
+
+    def forward(  # type: ignore[override]
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        mask_token: torch.Tensor | None = None,
+        tokens: bool = False,
+    ) -> Any:
+        vit: Any = self
+        if not tokens:
+            return super().forward(x)
+        x = vit.patch_embed(x)  # (B, N, D), or (B, H, W, D) with dynamic_img_size
+        if mask is not None:
+            assert mask_token is not None, "a mask needs the mask token"
+            x = torch.where(mask.view(*x.shape[:-1], 1), mask_token.to(x.dtype), x)
+        x = vit.norm_pre(vit.patch_drop(vit._pos_embed(x)))
+        if vit.grad_checkpointing and not torch.jit.is_scripting():
+            from timm.models import checkpoint_seq
+
+            x = checkpoint_seq(vit.blocks, x)
+        else:
+            x = vit.blocks(x)
+        x = vit.norm(x)
+        return vit.forward_head(x, pre_logits=True), x[:, vit.num_prefix_tokens :]
+
+
+_TOKEN_CLASSES: dict[type, type] = {}
+
+
+def with_tokens(net: nn.Module) -> nn.Module:
+    """`net`, a timm VisionTransformer, with `TokenViT`'s forward (its class extended in place, one class per
+    timm class: copies and FSDP2's own class extension keep working)."""
+    cls = type(net)
+    if cls not in _TOKEN_CLASSES:
+        _TOKEN_CLASSES[cls] = type(cls.__name__, (TokenViT, cls), {"__module__": cls.__module__})
+    net.__class__ = _TOKEN_CLASSES[cls]
+    return net
+
+
+class MaskToken(nn.Module):
+    """The learned embedding (1, D) that replaces a masked patch's (zeros at start, as DINOv2's `mask_token`)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(1, dim))
 
 
 def build_encoder(cfg: BackbonesConfig, channels: int, image_size: int) -> nn.Module:
@@ -467,6 +567,9 @@ def build_modules(config: Recipe, cfg: BackbonesConfig) -> dict[str, nn.Module]:
     encoder = build_encoder(cfg, channels, size)
     check_input_sizes(encoder, cfg.encoder, image_sizes(config))
     modules: dict[str, nn.Module] = {"encoder": encoder}
+    if cfg.patch_tokens:  # token-level encodings: the ViT's forward gives its patch tokens, a mask token replaces some
+        with_tokens(encoder)
+        modules["mask_token"] = MaskToken(encoder.embed_dim)
     if cfg.latent_dim is not None:
         modules["head"] = VAEHead(num_features(encoder), cfg.latent_dim, cfg.logvar_range)  # build_encoder sets it
     if cfg.decoder is not None:
@@ -498,13 +601,20 @@ def shard_blocks(own: nn.ModuleDict) -> list[nn.Module]:
 
 
 @hookimpl
-def encode(own: nn.ModuleDict, view: torch.Tensor) -> Encoding:
-    h = own["encoder"](view)
+def encode(own: nn.ModuleDict, view: torch.Tensor, mask: torch.Tensor | None, cfg: BackbonesConfig) -> Encoding:
+    patches = None
+    if cfg.patch_tokens:  # the teacher's `own` holds its encoder only: it is never masked
+        token = own["mask_token"].weight if mask is not None else None
+        h, patches = own["encoder"](view, mask=mask, mask_token=token, tokens=True)
+    elif mask is not None:
+        raise ValueError("a masked view needs patch tokens: plugins.backbones.patch_tokens is false")
+    else:
+        h = own["encoder"](view)
     if "head" not in own:
-        return Encoding(h=h)
+        return Encoding(h=h, patches=patches)
     mu, logvar = own["head"](h)
     z = mu + posterior_std(logvar) * torch.randn_like(mu) if own.training else mu
-    return Encoding(h=h, mu=mu, logvar=logvar, z=z)
+    return Encoding(h=h, mu=mu, logvar=logvar, z=z, patches=patches)
 
 
 @hookimpl

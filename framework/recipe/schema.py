@@ -7,6 +7,7 @@ YAML is `framework.recipe.loading`). Each plugin's own section is its `PluginCon
 
 from __future__ import annotations
 
+import math
 import typing
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar, Literal, TypeVar
@@ -194,6 +195,90 @@ def needed_by(info: ValidationInfo, thing: str) -> list[str]:
     in `needs`; none for a section validated on its own (no recipe in the validation context)."""
     needs: Mapping[str, frozenset[str]] = (info.context or {}).get(NEEDS, {})
     return [name for name, declared in needs.items() if thing in declared]
+
+
+class Scheduled(BaseModel):
+    """A value that follows a schedule over the run's optimizer steps (a plugin section's field type).
+
+    In a recipe a plain number is a constant; a mapping says `start` (the value at step 0, after
+    any warm-up), `end` (the value at the last step; not for `constant`), `shape` (`constant`,
+    `linear` or `cosine`, the default) and `warmup_steps` (a linear ramp from 0 up to `start`
+    first, as the lr's warm-up: `start x (step + 1) / warmup_steps`; default 0) and `steps` (the step
+    at which the path reaches `end`, to hold it from then on: DINO's teacher temperature, 0.04 -> 0.07
+    over its first 30 epochs, is `{start: 0.04, end: 0.07, shape: linear, steps: <30 epochs>}`; default:
+    the run's last step). Unknown keys, a path without an `end`, a constant with a different one or
+    with `steps` are one-line recipe errors.
+    """
+
+    model_config = ConfigDict(**SECTION_CONFIG, frozen=True)  # unknown keys and non-finite numbers are errors
+
+    start: float
+    end: float | None = None
+    shape: Literal["constant", "linear", "cosine"] = "cosine"
+    warmup_steps: int = Field(0, ge=0)
+    steps: int | None = Field(None, gt=0)  # where the path ends and holds; None: the run's last step
+
+    @model_validator(mode="before")
+    @classmethod
+    def _number_is_a_constant(cls, value: Any) -> Any:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return {"start": value, "shape": "constant"}
+        return value
+
+    @model_validator(mode="after")
+    def _end_fits_the_shape(self) -> Scheduled:
+        if self.shape == "constant" and self.end is not None and self.end != self.start:
+            raise ValueError(
+                f"a constant schedule has no end (start {self.start}, end {self.end}): shape linear or cosine"
+            )
+        if self.shape != "constant" and self.end is None:
+            raise ValueError(f"a {self.shape} schedule needs an end (its value at the last step)")
+        if self.shape == "constant" and self.steps is not None:
+            raise ValueError(f"a constant schedule has no steps (got steps {self.steps}): shape linear or cosine")
+        if self.steps is not None and self.steps <= self.warmup_steps:
+            raise ValueError(f"steps {self.steps} must be after the warm-up's {self.warmup_steps} steps")
+        return self
+
+    @property
+    def varies(self) -> bool:
+        """Whether the value changes over the run (a warm-up, or a path to another `end`)."""
+        return self.warmup_steps > 0 or (self.end is not None and self.end != self.start)
+
+    def at(self, step: int, total_steps: int) -> float:
+        """The value at optimizer step `step` (0-based) of `total_steps`; `end` from `steps` (default
+        `total_steps`) on."""
+        if step < self.warmup_steps:
+            return self.start * (step + 1) / self.warmup_steps
+        if self.shape == "constant" or self.end is None:
+            return self.start
+        span = max(1, (self.steps or total_steps) - self.warmup_steps)
+        done = min(step - self.warmup_steps, span)
+        if self.shape == "linear":
+            return self.start + (self.end - self.start) * done / span
+        return self.end - (self.end - self.start) * (math.cos(math.pi * done / span) + 1) / 2
+
+
+class TeacherConfig(Strict):
+    """The EMA teacher the recipe's plugins share (`framework.teacher`), built when a plugin asks for it
+    (hook `teacher_modules`): a frozen copy of the encoder and of the modules the plugins name, updated after
+    each optimizer step k (1-based) as `xi <- m * xi + (1 - m) * theta`, `m = momentum.at(k - 1)`.
+
+    `momentum` defaults to BYOL's and DINO's 0.996 cosine-increased to 1 over the run. `evaluate` says which
+    encoder `augssl eval` and `augssl export` read by default when the run has a teacher: `teacher` (DINO and
+    iBOT report the teacher's features), `student`, or None for the plugins' choice (`teacher` when a plugin
+    section says `evaluate_teacher = True`, else `student`); `--encoder` on the command line overrides it.
+    """
+
+    momentum: Scheduled = Scheduled(start=0.996, end=1.0, shape="cosine")
+    evaluate: Literal["student", "teacher"] | None = Field(None, json_schema_extra=MAY_CHANGE_ON_RESUME)
+
+    @field_validator("momentum")
+    @classmethod
+    def _in_unit_interval(cls, value: Scheduled) -> Scheduled:
+        ends = [value.start] + ([value.end] if value.end is not None else [])
+        if not all(0 <= v <= 1 for v in ends):
+            raise ValueError(f"the momentum must stay in [0, 1], got start {value.start}, end {value.end}")
+        return value
 
 
 class DataConfig(Strict):
@@ -394,6 +479,7 @@ class Recipe(Strict):
     # the launch: checkpoint.check_resumable decides (DeepSpeed needs the same world and stage)
     distributed: DistributedConfig = Field(DistributedConfig(), json_schema_extra=MAY_CHANGE_ON_RESUME)
     eval: EvalConfig = Field(EvalConfig(), json_schema_extra=MAY_CHANGE_ON_RESUME)  # evaluation only
+    teacher: TeacherConfig = TeacherConfig()  # the shared EMA teacher, when a plugin asks for one
     plugins: dict[str, Any]
 
     def resolved(self) -> dict[str, Any]:

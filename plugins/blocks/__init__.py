@@ -18,8 +18,9 @@ checks it), so a third-party plugin can do all they do. The names below are vers
 * Losses (`plugins.blocks.losses`): `nt_xent`, `multi_crop_nt_xent`, `barlow_twins_loss`, `byol_loss`,
   `multi_crop_byol_loss`, each over the global batch where the method says so.
 * EMA targets (`plugins.blocks.ema`): `Target`, `initialise_targets`, `update_targets`, `ema_update`.
-* Capabilities (`plugins.blocks.capabilities`): `AugmentedViews`, `StandsForELBO`, `PriorKLSchedule`, `CropSizes`, typed
-  Protocols a plugin finds with `Recipe.providers`, and `VAE_HEAD`, what a plugin `needs` of the encoder.
+* Capabilities (`plugins.blocks.capabilities`): `AugmentedViews`, `StandsForELBO`, `PriorKLSchedule`, `CropSizes`,
+  `PatchGrid`, typed Protocols a plugin finds with `Recipe.providers`, and `VAE_HEAD`, `PATCH_TOKENS`, what a plugin
+  `needs` of the encoder.
 
 Distributed statistics without gradient (`framework.all_reduce`) and with it (`framework.gather_with_grad`)
 are the framework's.
@@ -54,10 +55,12 @@ from plugins.blocks.augmentations import (
     view_spec,
 )
 from plugins.blocks.capabilities import (
+    PATCH_TOKENS,
     VAE_HEAD,
     AugmentedViews,
     CropSizes,
     Likelihood,
+    PatchGrid,
     PriorKLSchedule,
     StandsForELBO,
 )
@@ -99,6 +102,7 @@ __all__ = [
     "CRVAE_PRESETS",
     "IDENTITY_AFFINE",
     "LOCAL_SCALE",
+    "PATCH_TOKENS",
     "VAE_HEAD",
     "VIEW_PRESETS",
     "AffineParams",
@@ -110,6 +114,7 @@ __all__ = [
     "Likelihood",
     "MultiCrop",
     "PILGaussianBlur",
+    "PatchGrid",
     "Photometric",
     "PhotometricParams",
     "PriorKLSchedule",

@@ -13,6 +13,9 @@ Likelihood = Literal["gaussian", "bernoulli"]
 # What autoencoding plugins ask of the encoder's plugin (`PluginConfig.needs`): a VAE head, encodings with mu,
 # logvar, z (the `backbones` plugin builds one when a plugin of the recipe needs it).
 VAE_HEAD = "vae_head"
+# What token-level plugins (iBOT) ask of the encoder: encodings with `patches` (B, N, D) and a learned mask token
+# that replaces the patches a view's mask marks (the `backbones` plugin gives them for timm's ViTs).
+PATCH_TOKENS = "patch_tokens"
 
 
 def _short_view_name(section: type) -> str | None:
@@ -59,3 +62,13 @@ class PriorKLSchedule(Protocol):
     warm-up / cycles of `kl`); the recipe's other prior KLs follow it (CR-VAE's)."""
 
     def kl_factor(self, step: int) -> float: ...
+
+
+@capability()
+@runtime_checkable
+class PatchGrid(Protocol):
+    """The encoder's plugin: `patch_size()`, the side in pixels of the patches of its token-level encodings (a
+    ViT's patch), None when it has none; a view of `s` px then has `(s // patch_size) ** 2` patches, the length
+    of its masks (`plugins.blocks.masked_view`)."""
+
+    def patch_size(self) -> int | None: ...
