@@ -46,7 +46,7 @@ def block_mask(
 
     So it never masks more than `num_masked`, but it can stop short of it when the last few patches find no
     block that fits (e.g. one patch left and every attempt's block covers two new ones), as BEiT's, iBOT's and
-    DINOv2's do: on a 14 x 14 grid with 19..97 patches asked, 6 to 10 masks in 100 end 1 to 3 patches short
+    DINOv2's do: on a 14 x 14 grid with 19..98 patches asked, 6 to 10 masks in 100 end 1 to 3 patches short
     (tests/test_masks.py). Each attempt draws 4 numbers from torch's global RNG (`torch.rand`), so a seed
     fixes the mask.
     """
@@ -164,7 +164,10 @@ def masked_view(view: View, grid: int, spec: PatchMasks) -> View:
     """`view` with a patch mask drawn by `spec` on a `grid` x `grid` patch grid: its `transform` and, when it
     splits, its `on_device.worker` wrapped in `MaskedView` (its `on_device.batch` unchanged), so that
     `ctx.params[name]` is the batch's (B, grid * grid) masks (`patch_mask`). Only a view of the decoded image
-    (`source` None) can be masked."""
+    (`source` None) can be masked.
+
+    With the augmentation in the workers (`data.augment_on`), the whole view, normalisation included, runs there
+    and comes out float32: the pipeline defers to the device only the `Normalize` ending a bare `v2.Compose`."""
     if view.source is not None:
         raise ValueError(f"only a view of the decoded image can be masked, not one derived from {view.source!r}")
     on_device = view.on_device
