@@ -17,6 +17,10 @@ checks it), so a third-party plugin can do all they do. The names below are vers
 * VAE terms (`plugins.blocks.vae`): likelihoods, `reconstruction_term`, the KLs, `warmup_factor`.
 * Losses (`plugins.blocks.losses`): `nt_xent`, `multi_crop_nt_xent`, `barlow_twins_loss`, `byol_loss`,
   `multi_crop_byol_loss`, each over the global batch where the method says so.
+* Patch masks (`plugins.blocks.masks`): `block_mask` (BEiT's block-wise masking of a patch grid, `BLOCK_ASPECT`),
+  `PatchMasks` (how many images get a mask and how much of each, iBOT's and DINOv2's), `masked_view` / `MaskedView`
+  (a view that also returns its image's mask, drawn in the data workers, as `ctx.params[view]`) and `patch_mask`
+  (those params as a bool (B, N) mask).
 * EMA targets (`plugins.blocks.ema`): `Target`, `initialise_targets`, `update_targets`, `ema_update`.
 * Capabilities (`plugins.blocks.capabilities`): `AugmentedViews`, `StandsForELBO`, `PriorKLSchedule`, `CropSizes`,
   `PatchGrid`, typed Protocols a plugin finds with `Recipe.providers`, and `VAE_HEAD`, `PATCH_TOKENS`, what a plugin
@@ -74,6 +78,7 @@ from plugins.blocks.losses import (
     multi_crop_nt_xent,
     nt_xent,
 )
+from plugins.blocks.masks import BLOCK_ASPECT, MaskedView, PatchMasks, block_mask, masked_view, patch_mask
 from plugins.blocks.photometric import (
     Photometric,
     PhotometricParams,
@@ -99,6 +104,7 @@ from plugins.blocks.vae import (
 
 __all__ = [
     "AFFINE_COMPONENTS",
+    "BLOCK_ASPECT",
     "CRVAE_PRESETS",
     "IDENTITY_AFFINE",
     "LOCAL_SCALE",
@@ -112,9 +118,11 @@ __all__ = [
     "CropGroup",
     "CropSizes",
     "Likelihood",
+    "MaskedView",
     "MultiCrop",
     "PILGaussianBlur",
     "PatchGrid",
+    "PatchMasks",
     "Photometric",
     "PhotometricParams",
     "PriorKLSchedule",
@@ -130,6 +138,7 @@ __all__ = [
     "barlow_twins_loss",
     "batch_normalise",
     "bernoulli_nll",
+    "block_mask",
     "byol_loss",
     "crop_names",
     "crop_views",
@@ -143,10 +152,12 @@ __all__ = [
     "initialise_targets",
     "kl_gaussians",
     "kl_standard_normal",
+    "masked_view",
     "mlp",
     "multi_crop_byol_loss",
     "multi_crop_nt_xent",
     "nt_xent",
+    "patch_mask",
     "pil_gaussian_blur",
     "posterior_std",
     "reconstruction_nll",
