@@ -458,7 +458,9 @@ def finish_step(run: Run, recipe: Recipe, hooks: PluginHooks, preview: dict[str,
     run.scheduler.step()
     with torch.no_grad():
         if run.unwrapped.teacher is not None:  # the EMA after optimizer step k reads the momentum of step k - 1
-            run.unwrapped.teacher.update(run.unwrapped.plugins, recipe.teacher.momentum.at(run.step - 1, recipe.train.steps))
+            run.unwrapped.teacher.update(
+                run.unwrapped.plugins, recipe.teacher.momentum.at(run.step - 1, recipe.train.steps)
+            )
         hooks.on_train_step_end(run.unwrapped.plugins, run.step, recipe, run.unwrapped.encoder)
         run.broken = nonfinite_flag(run.unwrapped)  # the update's and the hooks' changes
     run.committed = run.position.state_dict()

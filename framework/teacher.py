@@ -38,7 +38,9 @@ class Teacher(nn.Module):
 
     def __init__(self, online: Mapping[str, Mapping[str, nn.Module]]) -> None:
         super().__init__()
-        mirrored = {plugin: {name: copy.deepcopy(module) for name, module in mods.items()} for plugin, mods in online.items()}
+        mirrored = {
+            plugin: {name: copy.deepcopy(module) for name, module in mods.items()} for plugin, mods in online.items()
+        }
         self.plugins = nn.ModuleDict({plugin: nn.ModuleDict(mods) for plugin, mods in mirrored.items()})
         self.register_buffer("initialised", torch.zeros((), dtype=torch.bool))
         self.requires_grad_(False)

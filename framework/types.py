@@ -224,7 +224,7 @@ class StepContext:
         ctx.views, ctx.params = ScopedMapping(self._views, plugin), ScopedMapping(self._params, plugin)
         ctx.metrics = ScopedNames(self._metrics, plugin, "metrics")
         ctx.images = ScopedNames(self._images, plugin, "images")
-        ctx.teacher = self._teacher_modules.get(plugin, {})
+        ctx.teacher = self._teacher_modules[plugin] if plugin in self._teacher_modules else {}
         return ctx
 
     def _full(self, view: str) -> str:
@@ -309,7 +309,9 @@ class StepContext:
         if key not in self._groups:
             sizes = [len(self._views[name]) for name in names]
             masks = [self._mask(name, masked) for name in names]
-            joint = self._run(kind, torch.cat([self._views[name] for name in names]), torch.cat(masks) if masked else None)  # type: ignore[arg-type]
+            joint = self._run(
+                kind, torch.cat([self._views[name] for name in names]), torch.cat(masks) if masked else None
+            )  # type: ignore[arg-type]
             parts: dict[str, Any] = {
                 f.name: value.split(sizes) if (value := getattr(joint, f.name)) is not None else [None] * len(names)
                 for f in fields(joint)

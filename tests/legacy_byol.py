@@ -1,4 +1,7 @@
-"""Plugin `byol`: Bootstrap Your Own Latent (docs/methods.md#byol).
+"""BYOL as it was before it moved onto the shared EMA teacher (plugins/byol.py at commit 51f1938), kept as the
+oracle of tests/test_byol.py: BYOL on the teacher must train bit for bit as this did.
+
+Plugin `byol`: Bootstrap Your Own Latent (docs/methods.md#byol).
 
 Online network: the backbone encoder (through `ctx.encode`), `projector`, `predictor`
 (each Linear + BatchNorm1d + ReLU + Linear; BYOL paper: hidden 4096, output 256).
@@ -91,10 +94,13 @@ def config_schema() -> type[PluginConfig]:
 def build_modules(cfg: BYOLConfig, encoder: nn.Module) -> dict[str, nn.Module]:
     h = num_features(encoder)
     projector = mlp(h, cfg.proj_hidden_dim, cfg.proj_output_dim)
+    predictor = mlp(cfg.proj_output_dim, cfg.pred_hidden_dim, cfg.proj_output_dim)
+    # the one change from the plugin as it was (commit 51f1938): the target's projector, overwritten by the online
+    # one at the start, is drawn after the predictor, so the two plugins start from the same random weights
     target_projector = mlp(h, cfg.proj_hidden_dim, cfg.proj_output_dim)
     return {
         "projector": projector,
-        "predictor": mlp(cfg.proj_output_dim, cfg.pred_hidden_dim, cfg.proj_output_dim),
+        "predictor": predictor,
         "target": Target(encoder=copy.deepcopy(encoder), projector=target_projector),
     }
 

@@ -1,5 +1,6 @@
-"""Plugin `byol`: the loss, the momentum schedule, and the target network - frozen for the
-optimizer, initialised from the online network once, an exact EMA of it, and checkpointed."""
+"""Plugin `byol`: the loss, the momentum schedule, and the target network (the run's shared EMA teacher) - frozen
+for the optimizer, initialised from the online network once, an exact EMA of it, and checkpointed; and bit for bit
+the training of BYOL's own target network before it moved onto the teacher (tests/legacy_byol.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from framework import hookimpl
 from framework.checkpoint import complete_checkpoints, model_weights_file
 from framework.logging import read_metrics
 from framework.model import Model
@@ -31,8 +31,8 @@ SMALL = {"proj_hidden_dim": 32, "proj_output_dim": 16, "pred_hidden_dim": 32}
 PLUGINS = {"backbones": {"encoder": "conv28", "latent_dim": None}, "byol": SMALL}
 # (target prefix, online prefix) in the root module's state dict
 PAIRS = [
-    ("plugins.byol.target.encoder.", "plugins.backbones.encoder."),
-    ("plugins.byol.target.projector.", "plugins.byol.projector."),
+    ("teacher.plugins.backbones.encoder.", "plugins.backbones.encoder."),
+    ("teacher.plugins.byol.projector.", "plugins.byol.projector."),
 ]
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -102,7 +102,8 @@ def test_multi_crop_step_encodes_by_size_and_the_target_sees_only_global_crops(t
     cfg, hooks = validate(recipe, check_data=False)
     model = Model(hooks, cfg).train()
     seen = Recorder()
-    model.plugins["byol"]["target"].register_forward_pre_hook(lambda m, args: seen.target.append(tuple(args[0].shape)))
+    teacher = model.teacher.plugins["backbones"]["encoder"]
+    teacher.register_forward_pre_hook(lambda m, args: seen.target.append(tuple(args[0].shape)))
     model.plugins["backbones"]["encoder"].register_forward_pre_hook(
         lambda m, args: seen.online.append(tuple(args[0].shape))
     )
@@ -112,7 +113,7 @@ def test_multi_crop_step_encodes_by_size_and_the_target_sees_only_global_crops(t
     assert seen.online == [(8, 1, 28, 28), (12, 1, 16, 16)]  # one call per crop size
     assert seen.target == [(8, 1, 28, 28)]  # the two global crops, at once
     # 2 globals x 4 other crops = 8 terms of [0, 4]
-    assert 0 < terms["byol.loss"].item() <= 32 and "byol.tau" in metrics
+    assert 0 < terms["byol.loss"].item() <= 32
     out = run_steps(recipe, steps=2)
     assert all(0 < r["byol.loss"] <= 32 for r in read_metrics(out))
 
@@ -122,9 +123,9 @@ def test_multi_crop_step_encodes_by_size_and_the_target_sees_only_global_crops(t
     [({}, 0.996, 1.0), ({"momentum": {"start": 0.99, "end": 1.0}}, 0.99, 1.0)],
 )
 def test_momentum_is_a_scheduled_value_with_the_formulas_values(tmp_path, fmnist_shards, section, base, final):
-    """`momentum` (framework.Scheduled) gives the BYOL formula's values bit for bit."""
-    recipe = tiny_recipe(tmp_path, fmnist_shards, plugins={**PLUGINS, "byol": {**SMALL, **section}})
-    cfg = validate(recipe, check_data=False)[0].plugins["byol"]
+    """The teacher's `momentum` (framework.Scheduled) gives the BYOL formula's values bit for bit."""
+    recipe = tiny_recipe(tmp_path, fmnist_shards, plugins=PLUGINS, teacher=section)
+    cfg = validate(recipe, check_data=False)[0].teacher
     assert (cfg.momentum.start, cfg.momentum.end, cfg.momentum.shape) == (base, final, "cosine")
     for steps in (1, 7, 195_000):
         for step in sorted({0, 1, steps // 3, steps // 2, steps - 1, steps, steps + 5}):
@@ -140,15 +141,22 @@ def test_momentum_is_a_scheduled_value_with_the_formulas_values(tmp_path, fmnist
     ],
 )
 def test_bad_momentum_is_refused_in_one_line(tmp_path, fmnist_shards, section, message):
-    recipe = tiny_recipe(tmp_path, fmnist_shards, plugins={**PLUGINS, "byol": {**SMALL, **section}})
+    recipe = tiny_recipe(tmp_path, fmnist_shards, plugins=PLUGINS, teacher=section)
     with pytest.raises(RecipeError, match=message) as err:
         validate(recipe, check_data=False)
-    assert "plugins.byol" in str(err.value) and "\n" not in str(err.value)
+    assert str(err.value).startswith("teacher.momentum") and "\n" not in str(err.value)
+
+
+def test_byols_own_momentum_key_says_where_it_moved(tmp_path, fmnist_shards):
+    recipe = tiny_recipe(tmp_path, fmnist_shards, plugins={**PLUGINS, "byol": {**SMALL, "momentum": 0.99}})
+    with pytest.raises(RecipeError, match="move it to the recipe's `teacher: {momentum: ...}`") as err:
+        validate(recipe, check_data=False)
+    assert str(err.value).startswith("plugins.byol") and "\n" not in str(err.value)
 
 
 def test_a_constant_momentum(tmp_path, fmnist_shards):
-    recipe = tiny_recipe(tmp_path, fmnist_shards, plugins={**PLUGINS, "byol": {**SMALL, "momentum": 0.5}})
-    cfg = validate(recipe, check_data=False)[0].plugins["byol"]
+    recipe = tiny_recipe(tmp_path, fmnist_shards, plugins=PLUGINS, teacher={"momentum": 0.5})
+    cfg = validate(recipe, check_data=False)[0].teacher
     assert [cfg.momentum.at(k, 10) for k in (0, 5, 10)] == [0.5, 0.5, 0.5] and not cfg.momentum.varies
 
 
@@ -162,9 +170,13 @@ def _recipe(tmp_path, shards, **sections):
 def test_target_is_a_frozen_separate_copy_excluded_from_the_optimizer(tmp_path, fmnist_shards):
     cfg, hooks = validate(_recipe(tmp_path, fmnist_shards), check_data=False)
     model = Model(hooks, cfg)
-    target, online = model.plugins["byol"]["target"], model.plugins["backbones"]["encoder"]
+    target, online = model.teacher, model.plugins["backbones"]["encoder"]
+    assert sorted((p, list(m)) for p, m in target.plugins.items()) == [
+        ("backbones", ["encoder"]),
+        ("byol", ["projector"]),
+    ]
     assert all(not p.requires_grad for p in target.parameters())
-    assert target.encoder is not online and {id(p) for p in target.parameters()}.isdisjoint(
+    assert target.plugins["backbones"]["encoder"] is not online and {id(p) for p in target.parameters()}.isdisjoint(
         id(p) for p in online.parameters()
     )
     optimized = {
@@ -177,26 +189,26 @@ def test_target_is_a_frozen_separate_copy_excluded_from_the_optimizer(tmp_path, 
 def test_target_initialised_from_online_once(tmp_path, fmnist_shards):
     cfg, hooks = validate(_recipe(tmp_path, fmnist_shards), check_data=False)
     model = Model(hooks, cfg).train()
-    target, online = model.plugins["byol"]["target"], model.plugins["backbones"]["encoder"]
+    target, online = model.teacher, model.plugins["backbones"]["encoder"]
+    copy = target.plugins["backbones"]["encoder"]
     views = {name: torch.randn(8, 1, 28, 28) for name in ("x", "byol.v1", "byol.v2")}
 
     with torch.no_grad():  # the target is a copy of the encoder: make it differ, e.g. as a loaded one would
-        target.encoder[0].weight.add_(1.0)
+        copy[0].weight.add_(1.0)
     model(views, {}, step=0)  # a forward never copies (under FSDP2 it would write a gathered copy)
-    assert not target.initialised and not torch.equal(target.encoder[0].weight, online[0].weight)
+    assert not target.initialised and not torch.equal(copy[0].weight, online[0].weight)
 
-    with torch.no_grad():
-        hooks.on_train_start(model.plugins, 0, cfg, online)
+    target.initialise(model.plugins)  # what the engine does before the first step
     assert target.initialised
-    for prefix, module in (("encoder", online), ("projector", model.plugins["byol"]["projector"])):
-        got = getattr(target, prefix).state_dict()
-        for name, value in module.state_dict().items():
-            assert torch.equal(got[name], value), f"target.{prefix}.{name}"
+    for plugin, name in (("backbones", "encoder"), ("byol", "projector")):
+        got = target.plugins[plugin][name].state_dict()
+        for key, value in model.plugins[plugin][name].state_dict().items():
+            assert torch.equal(got[key], value), f"{plugin}.{name}.{key}"
 
     with torch.no_grad():
         online[0].weight.add_(1.0)
-        hooks.on_train_start(model.plugins, 3, cfg, online)  # a resumed run: its target was loaded, no copy
-    assert not torch.equal(target.encoder[0].weight, online[0].weight)
+    target.initialise(model.plugins)  # a resumed run: its target was loaded, no copy
+    assert not torch.equal(copy[0].weight, online[0].weight)
 
 
 def _weights(checkpoint) -> dict[str, torch.Tensor]:
@@ -217,38 +229,55 @@ def _assert_ema(before: dict, after: dict, tau: float) -> None:
     assert checked >= 10
 
 
-class TargetSpy:
-    """Records the target's weights as the first forward of a run sees them."""
-
-    def __init__(self) -> None:
-        self.first: dict[str, torch.Tensor] | None = None
-
-    @hookimpl
-    def regularize(self, modules, ctx):
-        if self.first is None:
-            state = modules["byol"]["target"].state_dict()
-            self.first = {f"plugins.byol.target.{k}": v.clone() for k, v in state.items()}
-        return {}
-
-
 def test_target_follows_the_ema_and_survives_a_checkpoint_round_trip(tmp_path, fmnist_shards):
     recipe = _recipe(tmp_path, fmnist_shards, checkpoint={"every": 1})
     out = run_steps(recipe, steps=2)
     records = read_metrics(out)
-    assert [r["byol.tau"] for r in records] == pytest.approx([momentum_at(0, 2), momentum_at(1, 2)])
+    # logged: the momentum of the step about to be taken (as the lr), so after step k the EMA of step k + 1's
+    assert [r["teacher.momentum"] for r in records] == pytest.approx([momentum_at(1, 2), momentum_at(2, 2)])
     assert all(0 <= r["byol.loss"] <= 8 for r in records)
     step1, step2 = (_weights(c) for c in complete_checkpoints(out))
-    assert bool(step2["plugins.byol.target.initialised"])
+    assert bool(step2["teacher.initialised"])
     # optimizer step 2 then the EMA with tau(1): the optimizer did not touch the target
     _assert_ema(step1, step2, momentum_at(1, 2))
 
-    spy = TargetSpy()
-    run_steps(recipe, steps=3, overrides=["train.resume=auto"], extra_plugins={"spy": spy})
-    # the resumed run's target is the saved one (parameters and flag; its BatchNorm statistics
-    # may already have moved: plugins are called in no fixed order, byol's forward may come first)
-    loaded = {k: v for k, v in spy.first.items() if "running" not in k and "num_batches" not in k}
-    assert len(loaded) >= 10 and "plugins.byol.target.initialised" in loaded
-    for key, value in loaded.items():
-        assert torch.equal(value, step2[key]), key
+    run_steps(recipe, steps=3, overrides=["train.resume=auto"])
     step3 = _weights(complete_checkpoints(out)[-1])
-    _assert_ema(step2, step3, momentum_at(2, 3))  # and it was not re-initialised from the online network
+    # the resumed run's target was the saved one, not re-initialised from the online network: step 3's is its EMA
+    _assert_ema(step2, step3, momentum_at(2, 3))
+
+
+@pytest.mark.parametrize("crops", [None, {"global": {"count": 2}, "local": {"count": 2, "size": 16}}])
+def test_byol_on_the_teacher_trains_bit_for_bit_as_its_own_target_did(tmp_path, fmnist_shards, crops):
+    """BYOL before the shared teacher (its own `Target` of a deep copy of the encoder and a projector, initialised
+    in `on_train_start`, updated in `on_train_step_end`; kept as tests/legacy_byol.py) and BYOL on the teacher:
+    three steps of the same recipe give the same online and target weights, bit for bit."""
+    from tests import legacy_byol
+
+    section = {**SMALL, **({"crops": crops} if crops else {})}
+    teacher = {"momentum": {"start": 0.9, "end": 1.0}}  # a fast EMA: the target moves visibly in 3 steps
+    new = run_steps(
+        tiny_recipe(tmp_path / "new", fmnist_shards, plugins={**PLUGINS, "byol": section}, teacher=teacher), steps=3
+    )
+    legacy = {**section, "momentum": teacher["momentum"]}
+    old = run_steps(
+        tiny_recipe(tmp_path / "old", fmnist_shards, plugins={**PLUGINS, "byol": legacy}),
+        steps=3,
+        extra_plugins={"byol": legacy_byol},
+    )
+    ours, theirs = _weights(complete_checkpoints(new)[-1]), _weights(complete_checkpoints(old)[-1])
+    renamed = {
+        "teacher.plugins.backbones.encoder.": "plugins.byol.target.encoder.",
+        "teacher.plugins.byol.projector.": "plugins.byol.target.projector.",
+    }
+    compared = 0
+    for key, value in ours.items():
+        if key == "teacher.initialised":
+            continue
+        prefix = next((p for p in renamed if key.startswith(p)), None)
+        other = theirs[renamed[prefix] + key.removeprefix(prefix) if prefix else key]
+        assert torch.equal(value, other), key
+        compared += 1
+    assert compared == len(theirs) - 1 and [r["byol.loss"] for r in read_metrics(new)] == [
+        r["byol.loss"] for r in read_metrics(old)
+    ]
