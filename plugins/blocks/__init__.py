@@ -17,6 +17,9 @@ checks it), so a third-party plugin can do all they do. The names below are vers
 * VAE terms (`plugins.blocks.vae`): likelihoods, `reconstruction_term`, the KLs, `warmup_factor`.
 * Losses (`plugins.blocks.losses`): `nt_xent`, `multi_crop_nt_xent`, `barlow_twins_loss`, `byol_loss`,
   `multi_crop_byol_loss`, each over the global batch where the method says so.
+* Self-distillation (`plugins.blocks.distill`): `DINOHead` (DINO's head, its weight-normalised last layer a
+  `WeightNormLinear`), `dino_loss`, the teacher's centering `Center` (DINO) and `sinkhorn_knopp` (DINOv2),
+  `ibot_patch_loss` (iBOT's masked patches) and `koleo_loss` (DINOv2's KoLeo).
 * EMA targets (`plugins.blocks.ema`): `Target`, `initialise_targets`, `update_targets`, `ema_update`.
 * Capabilities (`plugins.blocks.capabilities`): `AugmentedViews`, `StandsForELBO`, `PriorKLSchedule`, `CropSizes`, typed
   Protocols a plugin finds with `Recipe.providers`, and `VAE_HEAD`, what a plugin `needs` of the encoder.
@@ -61,6 +64,15 @@ from plugins.blocks.capabilities import (
     PriorKLSchedule,
     StandsForELBO,
 )
+from plugins.blocks.distill import (
+    Center,
+    DINOHead,
+    WeightNormLinear,
+    dino_loss,
+    ibot_patch_loss,
+    koleo_loss,
+    sinkhorn_knopp,
+)
 from plugins.blocks.ema import Target, ema_update, initialise_targets, update_targets
 from plugins.blocks.heads import mlp
 from plugins.blocks.losses import (
@@ -104,9 +116,11 @@ __all__ = [
     "AffineParams",
     "AffineWithParams",
     "AugmentedViews",
+    "Center",
     "CropFlip",
     "CropGroup",
     "CropSizes",
+    "DINOHead",
     "Likelihood",
     "MultiCrop",
     "PILGaussianBlur",
@@ -118,6 +132,7 @@ __all__ = [
     "Target",
     "TwoViewsConfig",
     "ViewSpec",
+    "WeightNormLinear",
     "adjust_brightness",
     "adjust_contrast",
     "adjust_hue",
@@ -129,15 +144,18 @@ __all__ = [
     "crop_names",
     "crop_views",
     "crvae_affine_view",
+    "dino_loss",
     "ema_update",
     "encode_crops",
     "gaussian_blur",
     "gaussian_nll",
+    "ibot_patch_loss",
     "image_sizes",
     "infer_strength",
     "initialise_targets",
     "kl_gaussians",
     "kl_standard_normal",
+    "koleo_loss",
     "mlp",
     "multi_crop_byol_loss",
     "multi_crop_nt_xent",
@@ -149,6 +167,7 @@ __all__ = [
     "rgb_to_grayscale",
     "simclr_split_view",
     "simclr_view",
+    "sinkhorn_knopp",
     "solarize",
     "two_views",
     "update_targets",
