@@ -3,9 +3,10 @@ with the whole batch.
 
 Run by tests/test_distill_losses.py, either imported (one process, every row) or under
 `torchrun --standalone --nproc_per_node 2` (gloo on CPU; each rank takes its rows of the same seeded float64
-batch: `even` splits it in halves, `uneven` gives rank 0 UNEVEN_FIRST rows and rank 1 the rest, as iBOT's
-masked patches are spread). Each rank writes `<out>/rank<r>.pt`: for each split, the centre after two
-`Center.update`s and the Sinkhorn-Knopp probabilities of its rows (`sinkhorn_rows` with `rows` given).
+batch: `even` splits it in halves, `uneven` gives rank 0 five rows and rank 1 the rest, as iBOT's masked
+patches are spread, `empty` gives rank 0 none). Each rank writes `<out>/rank<r>.pt`: for each split, the
+centre after two `Center.update`s and the Sinkhorn-Knopp probabilities of its rows (`sinkhorn_rows` with
+`rows` given).
 
     torchrun --standalone --nproc_per_node 2 tests/dist_distill.py OUT
 """
@@ -23,7 +24,8 @@ from framework.distributed import rank, world_size
 from plugins.blocks import Center, sinkhorn_knopp
 
 ROWS, K = 16, 12
-UNEVEN_FIRST = 5  # rank 0's rows in the uneven split (of 2 ranks)
+FIRST = {"uneven": 5, "empty": 0}  # rank 0's rows in the uneven splits (of 2 ranks)
+SPLITS = ("even", *FIRST)
 TEMP = 0.07
 
 
@@ -41,7 +43,7 @@ def my_rows(split: str) -> slice:
     if split == "even":
         b = ROWS // world_size()
         return slice(rank() * b, (rank() + 1) * b)
-    return slice(0, UNEVEN_FIRST) if rank() == 0 else slice(UNEVEN_FIRST, ROWS)
+    return slice(0, FIRST[split]) if rank() == 0 else slice(FIRST[split], ROWS)
 
 
 def run(split: str) -> dict[str, torch.Tensor]:
@@ -60,7 +62,7 @@ def run(split: str) -> dict[str, torch.Tensor]:
 def main(out: str) -> None:
     dist.init_process_group("gloo")
     try:
-        torch.save({split: run(split) for split in ("even", "uneven")}, Path(out) / f"rank{rank()}.pt")
+        torch.save({split: run(split) for split in SPLITS}, Path(out) / f"rank{rank()}.pt")
     finally:
         dist.destroy_process_group()
 

@@ -171,7 +171,8 @@ def sinkhorn_knopp(
     if iterations < 1:
         raise ValueError(f"sinkhorn_knopp: iterations must be >= 1, got {iterations}")
     logits = at_least_float32(teacher_logits.detach()) / temp
-    shift = all_reduce(logits.amax(dim=0), "max")  # (K,): each prototype's maximum over the global batch
+    local_max = logits.amax(dim=0) if logits.shape[0] else logits.new_full(logits.shape[1:], float("-inf"))
+    shift = all_reduce(local_max, "max")  # (K,): each prototype's maximum over the global batch (a rank may have none)
     q = torch.exp(logits - shift).T  # (K, B)
     k = q.shape[0]
     reduced = all_reduce(_global_rows(q.sum(), q.shape[1]), "sum")
