@@ -21,6 +21,9 @@ checks it), so a third-party plugin can do all they do. The names below are vers
   `PatchMasks` (how many images get a mask and how much of each, iBOT's and DINOv2's), `masked_view` / `MaskedView`
   (a view that also returns its image's mask, drawn in the data workers, as `ctx.params[view]`) and `patch_mask`
   (those params as a bool (B, N) mask).
+* Self-distillation (`plugins.blocks.distill`): `DINOHead` (DINO's head, its weight-normalised last layer a
+  `WeightNormLinear`), `dino_loss`, the teacher's centering `Center` (DINO) and `sinkhorn_knopp` (DINOv2),
+  `ibot_patch_loss` (iBOT's masked patches) and `koleo_loss` (DINOv2's KoLeo).
 * EMA targets (`plugins.blocks.ema`): `Target`, `initialise_targets`, `update_targets`, `ema_update`.
 * Capabilities (`plugins.blocks.capabilities`): `AugmentedViews`, `StandsForELBO`, `PriorKLSchedule`, `CropSizes`,
   `PatchGrid`, typed Protocols a plugin finds with `Recipe.providers`, and `VAE_HEAD`, `PATCH_TOKENS`, what a plugin
@@ -68,6 +71,15 @@ from plugins.blocks.capabilities import (
     PriorKLSchedule,
     StandsForELBO,
 )
+from plugins.blocks.distill import (
+    Center,
+    DINOHead,
+    WeightNormLinear,
+    dino_loss,
+    ibot_patch_loss,
+    koleo_loss,
+    sinkhorn_knopp,
+)
 from plugins.blocks.ema import Target, ema_update, initialise_targets, update_targets
 from plugins.blocks.heads import mlp
 from plugins.blocks.losses import (
@@ -104,22 +116,22 @@ from plugins.blocks.vae import (
 
 __all__ = [
     "AFFINE_COMPONENTS",
-    "BLOCK_ASPECT",
-    "CRVAE_PRESETS",
-    "IDENTITY_AFFINE",
-    "LOCAL_SCALE",
-    "PATCH_TOKENS",
-    "VAE_HEAD",
-    "VIEW_PRESETS",
     "AffineParams",
     "AffineWithParams",
     "AugmentedViews",
+    "BLOCK_ASPECT",
+    "CRVAE_PRESETS",
+    "Center",
     "CropFlip",
     "CropGroup",
     "CropSizes",
+    "DINOHead",
+    "IDENTITY_AFFINE",
+    "LOCAL_SCALE",
     "Likelihood",
     "MaskedView",
     "MultiCrop",
+    "PATCH_TOKENS",
     "PILGaussianBlur",
     "PatchGrid",
     "PatchMasks",
@@ -130,7 +142,10 @@ __all__ = [
     "Strength",
     "Target",
     "TwoViewsConfig",
+    "VAE_HEAD",
+    "VIEW_PRESETS",
     "ViewSpec",
+    "WeightNormLinear",
     "adjust_brightness",
     "adjust_contrast",
     "adjust_hue",
@@ -143,15 +158,18 @@ __all__ = [
     "crop_names",
     "crop_views",
     "crvae_affine_view",
+    "dino_loss",
     "ema_update",
     "encode_crops",
     "gaussian_blur",
     "gaussian_nll",
+    "ibot_patch_loss",
     "image_sizes",
     "infer_strength",
     "initialise_targets",
     "kl_gaussians",
     "kl_standard_normal",
+    "koleo_loss",
     "masked_view",
     "mlp",
     "multi_crop_byol_loss",
@@ -165,6 +183,7 @@ __all__ = [
     "rgb_to_grayscale",
     "simclr_split_view",
     "simclr_view",
+    "sinkhorn_knopp",
     "solarize",
     "two_views",
     "update_targets",
