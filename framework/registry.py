@@ -31,6 +31,9 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "simclr",
     "byol",
     "barlow",
+    "dino",
+    "ibot",
+    "koleo",
     "probe",
 )
 

@@ -23,11 +23,12 @@ checks it), so a third-party plugin can do all they do. The names below are vers
   (those params as a bool (B, N) mask).
 * Self-distillation (`plugins.blocks.distill`): `DINOHead` (DINO's head, its weight-normalised last layer a
   `WeightNormLinear`), `dino_loss`, the teacher's centering `Center` (DINO) and `sinkhorn_knopp` (DINOv2),
-  `ibot_patch_loss` (iBOT's masked patches) and `koleo_loss` (DINOv2's KoLeo).
+  `ibot_patch_loss` (iBOT's masked patches) and `koleo_loss` (DINOv2's KoLeo); `shared_crops` (the crops the
+  terms of a recipe share, `Crops`), `mask_spec` and `patch_grid` (how and on what grid its global crops are masked).
 * EMA targets (`plugins.blocks.ema`): `Target`, `initialise_targets`, `update_targets`, `ema_update`.
 * Capabilities (`plugins.blocks.capabilities`): `AugmentedViews`, `StandsForELBO`, `PriorKLSchedule`, `CropSizes`,
-  `PatchGrid`, typed Protocols a plugin finds with `Recipe.providers`, and `VAE_HEAD`, `PATCH_TOKENS`, what a plugin
-  `needs` of the encoder.
+  `PatchGrid`, `SharedCrops`, `MasksGlobalCrops`, typed Protocols a plugin finds with `Recipe.providers`, and
+  `VAE_HEAD`, `PATCH_TOKENS`, what a plugin `needs` of the encoder.
 
 Distributed statistics without gradient (`framework.all_reduce`) and with it (`framework.gather_with_grad`)
 are the framework's.
@@ -73,11 +74,15 @@ from plugins.blocks.capabilities import (
 )
 from plugins.blocks.distill import (
     Center,
+    Crops,
     DINOHead,
     WeightNormLinear,
     dino_loss,
     ibot_patch_loss,
     koleo_loss,
+    mask_spec,
+    patch_grid,
+    shared_crops,
     sinkhorn_knopp,
 )
 from plugins.blocks.ema import Target, ema_update, initialise_targets, update_targets
@@ -125,11 +130,13 @@ __all__ = [
     "CropFlip",
     "CropGroup",
     "CropSizes",
+    "Crops",
     "DINOHead",
     "IDENTITY_AFFINE",
     "LOCAL_SCALE",
     "Likelihood",
     "MaskedView",
+    "MasksGlobalCrops",
     "MultiCrop",
     "PATCH_TOKENS",
     "PILGaussianBlur",
@@ -138,6 +145,7 @@ __all__ = [
     "Photometric",
     "PhotometricParams",
     "PriorKLSchedule",
+    "SharedCrops",
     "StandsForELBO",
     "Strength",
     "Target",
@@ -170,17 +178,20 @@ __all__ = [
     "kl_gaussians",
     "kl_standard_normal",
     "koleo_loss",
+    "mask_spec",
     "masked_view",
     "mlp",
     "multi_crop_byol_loss",
     "multi_crop_nt_xent",
     "nt_xent",
+    "patch_grid",
     "patch_mask",
     "pil_gaussian_blur",
     "posterior_std",
     "reconstruction_nll",
     "reconstruction_term",
     "rgb_to_grayscale",
+    "shared_crops",
     "simclr_split_view",
     "simclr_view",
     "sinkhorn_knopp",

@@ -4,9 +4,12 @@ declaration when the recipe is validated."""
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, ClassVar, Literal, Protocol, runtime_checkable
 
 from framework import capability
+
+if TYPE_CHECKING:
+    from plugins.blocks.masks import PatchMasks
 
 Likelihood = Literal["gaussian", "bernoulli"]
 
@@ -72,3 +75,22 @@ class PatchGrid(Protocol):
     of its masks (`plugins.blocks.masked_view`)."""
 
     def patch_size(self) -> int | None: ...
+
+
+@capability()
+@runtime_checkable
+class SharedCrops(Protocol):
+    """The plugin makes the multi-crop views that self-distillation terms share (DINO's): `crop_names()` gives the
+    short names of its global and of its local crops; other terms of the recipe (iBOT, KoLeo) read the student's
+    and the teacher's encodings of the same crops (`plugins.blocks.shared_crops`)."""
+
+    def crop_names(self) -> tuple[list[str], list[str]]: ...
+
+
+@capability()
+@runtime_checkable
+class MasksGlobalCrops(Protocol):
+    """The plugin's term needs the global crops masked (iBOT's): `patch_masks()` says how (`PatchMasks`); the
+    `SharedCrops` plugin then draws a mask with each global crop and the student encodes them masked."""
+
+    def patch_masks(self) -> PatchMasks: ...

@@ -16,12 +16,15 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from framework import all_reduce, at_least_float32, full_precision
+from framework import Recipe, all_reduce, at_least_float32, full_name, full_precision
+from plugins.blocks.capabilities import MasksGlobalCrops, PatchGrid, SharedCrops
+from plugins.blocks.masks import PatchMasks
 
 
 class WeightNormLinear(nn.Module):
@@ -229,3 +232,47 @@ def koleo_loss(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
             nearest = dots.argmax(dim=1)
         distance = F.pairwise_distance(x, x[nearest], p=2, eps=eps)
         return -torch.log(distance + eps).mean()
+
+
+class Crops(NamedTuple):
+    """The shared crops of a recipe (`shared_crops`): full view names, and whether the student's global crops are
+    encoded masked."""
+
+    globals_: list[str]
+    locals_: list[str]
+    masked: bool
+
+
+def shared_crops(config: Recipe) -> Crops:
+    """The crops that the self-distillation terms of `config` share: those of its one `SharedCrops` plugin (DINO's),
+    by full name, masked when a plugin's term needs masks (`MasksGlobalCrops`). A one-line ValueError naming the
+    fix when the recipe has none or several (call it in `build_modules` too, to refuse the recipe at start-up)."""
+    owners = config.providers(SharedCrops)
+    if len(owners) != 1:
+        found = f"found {', '.join(owners)}" if owners else "found none"
+        raise ValueError(f"needs exactly one plugin making the shared crops (e.g. dino), {found}")
+    ((owner, section),) = owners.items()
+    globals_, locals_ = section.crop_names()
+    return Crops(
+        [full_name(owner, v) for v in globals_],
+        [full_name(owner, v) for v in locals_],
+        bool(config.providers(MasksGlobalCrops)),
+    )
+
+
+def mask_spec(config: Recipe) -> PatchMasks | None:
+    """How the recipe's global crops are masked: the one `MasksGlobalCrops` plugin's `PatchMasks`, None without
+    one; a ValueError when several plugins ask (they would disagree)."""
+    askers = config.providers(MasksGlobalCrops)
+    if len(askers) > 1:
+        raise ValueError(f"plugins {', '.join(askers)} each mask the global crops: keep one")
+    return next(iter(askers.values())).patch_masks() if askers else None
+
+
+def patch_grid(config: Recipe, size: int) -> int:
+    """The side of the patch grid of a `size` px view by the recipe's encoder (capability `PatchGrid`); a one-line
+    ValueError when the encoder has no patch tokens."""
+    patch = next((p for s in config.providers(PatchGrid).values() if (p := s.patch_size()) is not None), None)
+    if patch is None:
+        raise ValueError("masked crops need an encoder with patch tokens (a timm ViT, timm/vit_...)")
+    return size // patch
