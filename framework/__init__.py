@@ -49,7 +49,7 @@ if TYPE_CHECKING:
     from framework.sharding import local_shard
     from framework.teacher import ema_update, initialise_targets, update_targets
     from framework.types import Encoding, OnDevice, StepContext, View, full_name, num_features
-    from framework.views import ToMode, check_stats, denormalize, normalize, tensor_steps
+    from framework.views import ToMode, check_stats, denormalize, normalize, tensor_steps, without_normalize
 
 # Each name of the API and the module that defines it, imported on first use: `augssl train` and
 # `framework.cli` import this package first, and a bad recipe is answered before torch is imported.
@@ -62,7 +62,7 @@ _MODULES = {
     "framework.recipe.schema": ("PluginConfig", "Recipe", "capability", "needed_by"),
     "framework.schedules": ("Scheduled",),
     "framework.types": ("Encoding", "OnDevice", "StepContext", "View", "full_name", "num_features"),
-    "framework.views": ("ToMode", "check_stats", "denormalize", "normalize", "tensor_steps"),
+    "framework.views": ("ToMode", "check_stats", "denormalize", "normalize", "tensor_steps", "without_normalize"),
 }
 # The plugin API's version, (major, minor): a minor release adds names (here or in `plugins.blocks`), a
 # major one changes or removes one. A plugin that needs a name added in 1.2 may check `API_VERSION >= (1, 2)`.
@@ -110,5 +110,6 @@ __all__ = [
     "rank",
     "tensor_steps",
     "update_targets",
+    "without_normalize",
     "world_size",
 ]

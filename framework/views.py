@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from PIL import Image
@@ -94,6 +95,16 @@ class Normalize:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(mean={list(self.mean)}, std={list(self.std)})"
+
+
+def without_normalize(transform: Any) -> tuple[Any, Normalize] | None:
+    """`transform` without its last step, `Normalize`, and that step; None if it does not end in one. A
+    `v2.Compose` ends in one when its last transform is; a wrapper of a transform (a masked view) says it by
+    its `without_normalize()` method, returning the same pair or None."""
+    if isinstance(transform, v2.Compose) and transform.transforms and isinstance(transform.transforms[-1], Normalize):
+        return v2.Compose(transform.transforms[:-1]), transform.transforms[-1]
+    method = getattr(transform, "without_normalize", None)
+    return method() if callable(method) else None
 
 
 def tensor_steps(mean: Sequence[float], std: Sequence[float]) -> list:

@@ -19,7 +19,7 @@ from torchvision.transforms import v2
 
 from framework.data.sources import ImageTooLarge, read_image
 from framework.types import DeviceStep, View
-from framework.views import Normalize, clean_view
+from framework.views import Normalize, clean_view, without_normalize
 
 IMAGE_KEYS = ("png", "jpg", "jpeg", "webp")
 
@@ -68,7 +68,8 @@ def split_views(views: dict[str, View], on_device: bool = False) -> Split:
     never splits: its whole `transform` runs in the workers, so its derived views see what they see with
     `on_device` off (the simplest rule that keeps them right; only the source's photometric steps stay
     per sample). Every other view is as without `on_device`, bit for bit: a view whose transform is a
-    `v2.Compose` ending in `Normalize` runs without it in the workers (uint8 out). A derived view of such
+    `v2.Compose` ending in `Normalize` (or wraps one: `without_normalize`) runs without it in the workers
+    (uint8 out). A derived view of such
     a view gets the uint8 image and inherits the normalisation if its transform says
     `accepts_uint8 = True` (e.g. `AffineWithParams`); otherwise its source is normalised in the worker
     first, as it always was.
@@ -79,13 +80,8 @@ def split_views(views: dict[str, View], on_device: bool = False) -> Split:
         transform = view.transform
         if on_device and view.on_device is not None and name not in sources:
             transform, split.device[name] = view.on_device.worker, view.on_device.batch
-        elif (
-            isinstance(transform, v2.Compose)
-            and transform.transforms
-            and isinstance(transform.transforms[-1], Normalize)
-        ):
-            split.deferred[name] = transform.transforms[-1]
-            transform = v2.Compose(transform.transforms[:-1])
+        elif (deferrable := without_normalize(transform)) is not None:
+            transform, split.deferred[name] = deferrable
         elif view.source in split.deferred:
             if getattr(transform, "accepts_uint8", False):
                 split.deferred[name] = split.deferred[view.source]

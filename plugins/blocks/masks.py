@@ -22,7 +22,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, field_validator
 from torch import Tensor
 
-from framework import View
+from framework import View, without_normalize
 
 # BEiT's aspect range of a block (masking_generator.py: min_aspect 0.3, max_aspect 1 / min_aspect), iBOT's and
 # DINOv2's default too.
@@ -156,6 +156,13 @@ class MaskedView:
             raise TypeError(f"a masked view's transform must return an image only, {self.inner!r} returned a tuple")
         return out, mask.flatten().float()
 
+    def without_normalize(self) -> tuple[MaskedView, Any] | None:
+        """This view without its inner transform's last step, `Normalize`, and that step (None if the inner
+        transform does not end in one): the data pipeline then normalises the batch on the device, as it does
+        an unmasked view's (uint8 crosses processes)."""
+        split = without_normalize(self.inner)
+        return None if split is None else (MaskedView(split[0], self.grid, self.spec), split[1])
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.inner!r}, grid={self.grid}, spec={self.spec!r})"
 
@@ -166,8 +173,8 @@ def masked_view(view: View, grid: int, spec: PatchMasks) -> View:
     `ctx.params[name]` is the batch's (B, grid * grid) masks (`patch_mask`). Only a view of the decoded image
     (`source` None) can be masked.
 
-    With the augmentation in the workers (`data.augment_on`), the whole view, normalisation included, runs there
-    and comes out float32: the pipeline defers to the device only the `Normalize` ending a bare `v2.Compose`."""
+    With the augmentation in the workers (`data.augment_on`), the view runs there but its last step, `Normalize`,
+    is deferred to the device as an unmasked view's (`MaskedView.without_normalize`): uint8 crosses processes."""
     if view.source is not None:
         raise ValueError(f"only a view of the decoded image can be masked, not one derived from {view.source!r}")
     on_device = view.on_device
