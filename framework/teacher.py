@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping, Sequence
+from typing import cast
 
 import torch
 from torch import nn
@@ -48,9 +49,9 @@ class Teacher(nn.Module):
     def pairs(self, online: nn.ModuleDict) -> list[tuple[nn.Module, nn.Module]]:
         """`(teacher copy, online module)` for every mirrored module; `online` is `Model.plugins`."""
         return [
-            (module, online[plugin][name])  # type: ignore[index]
+            (module, cast(nn.ModuleDict, online[plugin])[name])
             for plugin, mods in self.plugins.items()
-            for name, module in mods.items()  # type: ignore[union-attr]
+            for name, module in cast(nn.ModuleDict, mods).items()
         ]
 
     @torch.no_grad()

@@ -162,9 +162,13 @@ def step_context(
     step: int = 0,
     preview: bool = False,
     plugin: str | None = None,
+    teacher: Any = None,
+    teacher_modules: dict[str, Any] | None = None,
 ) -> Any:
     """A `framework.StepContext` for a plugin's unit test, without a model: `ctx.encode(name)` is
-    `encode(views[name])` (cached per view), `ctx.decode(encoding)` is `decode(encoding)`.
+    `encode(views[name])` (cached per view; with `masked=True`, `encode(views[name], mask)`),
+    `ctx.decode(encoding)` is `decode(encoding)`, `ctx.encode_teacher(name)` is `teacher(views[name])` and
+    `ctx.teacher` the plugin's entry of `teacher_modules` (`{plugin: {module name: module}}`).
 
     `views` and `params` are keyed by the engine's names (`"x"`, `"<plugin>.v1"`); with `plugin`, the context
     is that plugin's, as its hooks receive it (`ctx.views["v1"]`, metrics named `<plugin>.<name>`).
@@ -181,7 +185,13 @@ def step_context(
     def no_model(*_: Any) -> Any:
         raise AssertionError("this test context has no encode/decode function")
 
-    enc = (lambda view, ctx: encode(view)) if encode is not None else no_model
+    def enc(view: Any, ctx: Any, mask: Any = None) -> Any:
+        if encode is None:
+            no_model()
+        return encode(view) if mask is None else encode(view, mask)
+
     dec = (lambda encoding, ctx: decode(encoding)) if decode is not None else no_model
     ctx = StepContext(enc, dec, encoder, recipe, views, params or {}, labels, step, preview)
+    if teacher is not None or teacher_modules is not None:
+        ctx.with_teacher((lambda view, ctx: teacher(view)) if teacher is not None else no_model, teacher_modules or {})
     return ctx if plugin is None else ctx.scoped(plugin)

@@ -209,10 +209,10 @@ class StepContext:
         self._encodings: dict[tuple[str, str, bool], Encoding] = {}  # by (student/teacher, view, masked)
         self._groups: dict[tuple[str, tuple[str, ...], bool], dict[str, Encoding]] = {}  # `encode_grouped`'s
         self._teach: Callable[[torch.Tensor, StepContext], Encoding] | None = None
-        self._teacher_modules: Mapping[str, nn.Module] = {}
-        self.teacher: Mapping[str, nn.Module] = {}
+        self._teacher_modules: Any = {}  # {plugin: {module name: module}} (the teacher's ModuleDict)
+        self.teacher: Any = {}  # this plugin's entry of it (a ModuleDict), by module name
 
-    def with_teacher(self, encode: Callable[[torch.Tensor, StepContext], Encoding], modules: Mapping[str, Any]) -> None:
+    def with_teacher(self, encode: Callable[[torch.Tensor, StepContext], Encoding], modules: Any) -> None:
         """Give this context the run's teacher: its `encode` and its copies, `{plugin: {module name: module}}`."""
         self._teach, self._teacher_modules = encode, modules
 
@@ -308,10 +308,10 @@ class StepContext:
         key = (kind, names, masked)
         if key not in self._groups:
             sizes = [len(self._views[name]) for name in names]
-            masks = [self._mask(name, masked) for name in names]
+            masks = [mask for name in names if (mask := self._mask(name, masked)) is not None]
             joint = self._run(
-                kind, torch.cat([self._views[name] for name in names]), torch.cat(masks) if masked else None
-            )  # type: ignore[arg-type]
+                kind, torch.cat([self._views[name] for name in names]), torch.cat(masks) if masks else None
+            )
             parts: dict[str, Any] = {
                 f.name: value.split(sizes) if (value := getattr(joint, f.name)) is not None else [None] * len(names)
                 for f in fields(joint)

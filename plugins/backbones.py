@@ -259,7 +259,7 @@ class TokenViT(nn.Module):
     The steps are timm's `VisionTransformer.forward_features` (timm 1.0) with the mask inserted after the patch
     embedding; the state dict is timm's own (the mask token is the plugin's module `mask_token`)."""
 
-    def forward(  # type: ignore[override]
+    def forward(
         self,
         x: torch.Tensor,
         mask: torch.Tensor | None = None,
@@ -569,7 +569,7 @@ def build_modules(config: Recipe, cfg: BackbonesConfig) -> dict[str, nn.Module]:
     modules: dict[str, nn.Module] = {"encoder": encoder}
     if cfg.patch_tokens:  # token-level encodings: the ViT's forward gives its patch tokens, a mask token replaces some
         with_tokens(encoder)
-        modules["mask_token"] = MaskToken(encoder.embed_dim)
+        modules["mask_token"] = MaskToken(int(getattr(encoder, "embed_dim")))  # noqa: B009
     if cfg.latent_dim is not None:
         modules["head"] = VAEHead(num_features(encoder), cfg.latent_dim, cfg.logvar_range)  # build_encoder sets it
     if cfg.decoder is not None:

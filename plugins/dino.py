@@ -22,7 +22,7 @@ evaluated and exported are the teacher's by default (DINO reports the teacher's:
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import ClassVar, Literal, cast
 
 import torch
 from pydantic import Field
@@ -115,10 +115,11 @@ def regularize(ctx: StepContext, cfg: DINOConfig, own: nn.ModuleDict) -> dict[st
     with torch.no_grad():
         teacher = ctx.teacher["head"](torch.cat([e.h for e in ctx.encode_teacher_grouped(globals_)]))
     temp = cfg.teacher_temp.at(ctx.step, ctx.config.train.steps)
-    probabilities = teacher_probabilities(cfg, own["center"], teacher, temp)
+    center = cast(Center, own["center"])
+    probabilities = teacher_probabilities(cfg, center, teacher, temp)
     loss = dino_loss(logits.split([len(e.h) for e in student]), probabilities.chunk(len(globals_)), cfg.student_temp)
     if cfg.centering == "center":
-        own["center"].update(teacher)  # after its use, as DINO: the same update on every rank
+        center.update(teacher)  # after its use, as DINO: the same update on every rank
     return {"loss": loss}
 
 
@@ -127,5 +128,5 @@ def on_after_backward(own: nn.ModuleDict, step: int, cfg: DINOConfig) -> None:
     """DINO's frozen last layer: no gradient for the first `freeze_last_layer_steps` steps (the optimizer, weight
     decay included, leaves a parameter without one alone)."""
     if step < cfg.freeze_last_layer_steps:
-        for parameter in own["head"].last_layer.parameters():
+        for parameter in cast(DINOHead, own["head"]).last_layer.parameters():
             parameter.grad = None

@@ -21,13 +21,13 @@ read back to the host; `sinkhorn` reads the number of masked patches once per st
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import ClassVar, Literal, cast
 
 import torch
 from pydantic import Field
 from torch import nn
 
-from framework import PluginConfig, Recipe, Scheduled, StepContext, hookimpl, num_features
+from framework import Encoding, PluginConfig, Recipe, Scheduled, StepContext, hookimpl, num_features
 from plugins.blocks import (
     PATCH_TOKENS,
     Center,
@@ -95,19 +95,25 @@ def teacher_modules() -> list[str]:
     return ["head"]
 
 
+def patch_tokens(encodings: list[Encoding]) -> torch.Tensor:
+    """The patch tokens of `encodings`, concatenated along the batch (the encoder gives them: `needs`)."""
+    tokens = [encoding.patches for encoding in encodings]
+    if any(t is None for t in tokens):
+        raise ValueError("the encoder gave no patch tokens (plugins.backbones.patch_tokens)")
+    return torch.cat(cast(list[torch.Tensor], tokens))
+
+
 @hookimpl
 def regularize(ctx: StepContext, cfg: IBOTConfig, own: nn.ModuleDict) -> dict[str, torch.Tensor]:
     crops = shared_crops(ctx.config)
-    student = torch.cat([e.patches for e in ctx.encode_grouped(crops.globals_, masked=True)])  # type: ignore[misc]
+    logits = own["head"](patch_tokens(ctx.encode_grouped(crops.globals_, masked=True)))
     masks = torch.cat([ctx.mask_of(view) for view in crops.globals_])
-    logits = own["head"](student)
     with torch.no_grad():
-        teacher = ctx.teacher["head"](torch.cat([e.patches for e in ctx.encode_teacher_grouped(crops.globals_)]))  # type: ignore[misc]
+        teacher = ctx.teacher["head"](patch_tokens(ctx.encode_teacher_grouped(crops.globals_)))
     temp = cfg.teacher_temp.at(ctx.step, ctx.config.train.steps)
-    loss = ibot_patch_loss(
-        logits, patch_probabilities(cfg, own["center"], teacher, masks, temp), masks, cfg.student_temp
-    )
+    center = cast(Center, own["center"])
+    loss = ibot_patch_loss(logits, patch_probabilities(cfg, center, teacher, masks, temp), masks, cfg.student_temp)
     if cfg.centering == "center":
-        own["center"].update(teacher)  # every patch's logits, as iBOT's centre of the patch tokens
-    ctx.metrics["masked"] = masks.float().mean()
+        center.update(teacher)  # every patch's logits, as iBOT's centre of the patch tokens
+    ctx.metrics["masked"] = masks.float().mean()  # the share of the global crops' patches masked
     return {"loss": loss}

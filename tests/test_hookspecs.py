@@ -9,9 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from framework import PluginConfig, View, hookimpl, hookspecs
+from framework.checkpoint import complete_checkpoints, model_weights_file
 from framework.logging import read_metrics
 from framework.testing import CONV28, run_steps, tiny_recipe
 from tests.helpers import FrozenHead, assert_only_frozen_kept, final_weights
@@ -26,6 +28,7 @@ def test_hookspecs_are_the_designed_hooks():
             "config_schema",
             "build_modules",
             "shard_blocks",
+            "teacher_modules",
             "augment",
             "encode",
             "decode",
@@ -433,6 +436,73 @@ def test_hook_shard_blocks(tmp_path, fmnist_shards, monkeypatch):
     with pytest.raises(PluginError, match=r"plugin 'tower', hook 'shard_blocks': item 0 \(Linear\) is not a submodule"):
         run_steps(recipe, extra_plugins={"tower": BlockLister(stray=True)})
     assert not (tmp_path / "stray" / "run").exists()
+
+
+class Mirrored:
+    """Asks for the teacher with its `head` mirrored; records what its forward sees of the teacher."""
+
+    def __init__(self, names: list | None = None) -> None:
+        self.names = ["head"] if names is None else names
+        self.seen: list[dict] = []
+
+    @hookimpl
+    def build_modules(self, encoder):
+        return {"head": nn.Linear(encoder.num_features, 4), "other": nn.Linear(2, 2)}
+
+    @hookimpl
+    def teacher_modules(self):
+        return self.names
+
+    @hookimpl
+    def regularize(self, ctx, own):
+        teacher = ctx.encode_teacher("x")
+        out = ctx.teacher["head"](teacher.h)
+        self.seen.append(
+            {
+                "same": ctx.encode_teacher("x") is teacher,  # cached
+                "grad": teacher.h.requires_grad or out.requires_grad,
+                "head": ctx.teacher["head"].weight.detach().clone(),
+                "keys": sorted(ctx.teacher),
+            }
+        )
+        return {"loss": own["head"](ctx.encode("x").h).pow(2).mean() + 0 * own["other"].weight.sum()}
+
+
+def test_hook_teacher_modules(tmp_path, fmnist_shards):
+    """A plugin asking for the teacher gets, in its step, the teacher's copy of its named modules (`ctx.teacher`)
+    and the teacher's encodings (no gradient, cached); the teacher starts as the online weights and follows
+    `xi <- m xi + (1 - m) theta` after each step, m the recipe's `teacher.momentum`; it is checkpointed as
+    `teacher.plugins.<plugin>.<module>`. A run whose plugins ask for none has no teacher; a name that is not
+    one of the plugin's own modules is one line."""
+    from framework.manager import PluginError
+
+    plugin = Mirrored()
+    out = run_steps(
+        tiny_recipe(tmp_path / "m", fmnist_shards, teacher={"momentum": 0.5}, checkpoint={"every": 1}),
+        steps=2,
+        extra_plugins={"mirror": plugin},
+    )
+    assert [s["keys"] for s in plugin.seen] == [["head"], ["head"]] and all(s["same"] for s in plugin.seen)
+    assert not any(s["grad"] for s in plugin.seen)
+    weights = [load_file(str(model_weights_file(c))) for c in complete_checkpoints(out)]
+    online, copy_ = "plugins.mirror.head.weight", "teacher.plugins.mirror.head.weight"
+    assert "teacher.plugins.mirror.other.weight" not in weights[0]
+    assert "teacher.plugins.backbones.encoder.0.weight" in weights[0]  # the encoder's copy, under its plugin
+    # step 1's forward saw the online weights (a fresh run's teacher is initialised before it)
+    assert not torch.equal(plugin.seen[0]["head"], weights[0][online])  # the online head moved at step 1
+    first = plugin.seen[0]["head"]
+    assert torch.equal(weights[0][copy_], 0.5 * first + 0.5 * weights[0][online])
+    assert torch.equal(plugin.seen[1]["head"], weights[0][copy_])  # step 2's forward saw the updated copy
+    assert torch.equal(weights[1][copy_], 0.5 * weights[0][copy_] + 0.5 * weights[1][online])
+    assert [r["teacher.momentum"] for r in read_metrics(out)] == [0.5, 0.5]
+
+    plain = run_steps(tiny_recipe(tmp_path / "plain", fmnist_shards), steps=1)
+    assert not any(k.startswith("teacher.") for k in final_weights(plain))
+    assert "teacher.momentum" not in read_metrics(plain)[0]
+
+    with pytest.raises(PluginError, match=r"^plugin 'mirror', hook 'teacher_modules': 'nope' is not one of its own"):
+        run_steps(tiny_recipe(tmp_path / "bad", fmnist_shards), extra_plugins={"mirror": Mirrored(["nope"])})
+    assert not (tmp_path / "bad" / "run").exists()
 
 
 class StartWatcher:

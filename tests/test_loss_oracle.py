@@ -74,11 +74,14 @@ def _assert_same(ours, theirs, *inputs: torch.Tensor) -> float:
     return max(diffs)
 
 
-def _ctx(views: dict[str, torch.Tensor], *, step: int = 0, steps: int = 10):
-    """A step context whose encoder is the identity: `ctx.encode(view).h` is the view itself."""
-    recipe = SimpleNamespace(train=SimpleNamespace(steps=steps))  # BYOL reads train.steps for tau
+def _ctx(views: dict[str, torch.Tensor], *, step: int = 0, steps: int = 10, teacher_modules=None):
+    """A step context whose encoder and teacher are the identity: `ctx.encode(view).h` is the view itself."""
+    recipe = SimpleNamespace(train=SimpleNamespace(steps=steps))
     plugin = next(name.split(".")[0] for name in views if "." in name)  # the views' plugin: its hook's context
-    return step_context(recipe, views, encode=lambda v: Encoding(h=v), step=step, plugin=plugin)
+    identity = lambda v: Encoding(h=v)  # noqa: E731
+    return step_context(
+        recipe, views, encode=identity, step=step, plugin=plugin, teacher=identity, teacher_modules=teacher_modules
+    )
 
 
 # --- SimCLR: NT-Xent ------------------------------------------------------------------
@@ -130,15 +133,14 @@ def test_byol_loss_is_two_plus_twice_lightlys_negative_cosine(seed, b, d):
 def test_the_byol_hook_sums_both_directions(seed):
     # The plugin's term is byol_loss(q(v1), z'(v2)) + byol_loss(q(v2), z'(v1)), the two directions
     # summed (range [0, 8]); lightly's BYOL example averages them, 0.5 * (NCS(p0, z1) + NCS(p1, z0)).
-    # So augssl's term = 4 + 4 * lightly's loss. Here the projector and the target are the identity
-    # and the predictor a fixed random linear map, so q(v) = W v and z'(v) = v.
+    # So augssl's term = 4 + 4 * lightly's loss. Here the projector and the teacher (its encoder and its copy
+    # of the projector) are the identity and the predictor a fixed random linear map, so q(v) = W v and z'(v) = v.
     from lightly.loss import NegativeCosineSimilarity
 
     v1, v2 = _pair(seed, 16, 8)
     predictor = nn.Linear(8, 8, dtype=torch.float64)
-    own = nn.ModuleDict({"projector": nn.Identity(), "predictor": predictor, "target": nn.Identity()})
-    # step 1: not a fresh run's first step, so the hook does not copy the online weights into the target
-    ctx = _ctx({"byol.v1": v1, "byol.v2": v2}, step=1)
+    own = nn.ModuleDict({"projector": nn.Identity(), "predictor": predictor})
+    ctx = _ctx({"byol.v1": v1, "byol.v2": v2}, teacher_modules={"byol": nn.ModuleDict({"projector": nn.Identity()})})
     terms = byol.regularize(ctx=ctx, cfg=BYOLConfig(), own=own)
     assert set(terms) == {"loss"}
     ncs = NegativeCosineSimilarity()

@@ -195,7 +195,7 @@ class _Declares:
 
 
 class FullViewName(PluginConfig):
-    augmented_view: ClassVar[str] = "dino.v1"
+    augmented_view: ClassVar[str] = "mydistill.v1"
 
 
 class NotAString(PluginConfig):
@@ -213,7 +213,7 @@ class NotAscii(PluginConfig):
 @pytest.mark.parametrize(
     ("schema", "message"),
     [
-        (FullViewName, "augmented_view 'dino.v1' must be the short name of one of the plugin's own views"),
+        (FullViewName, "augmented_view 'mydistill.v1' must be the short name of one of the plugin's own views"),
         (NotAString, "augmented_view (capability AugmentedViews): must be a str, got 3"),
         (NotAMethod, "elbo_likelihood (capability StandsForELBO): must be a method"),
         (NotAscii, "augmented_view 'v\u00e9' must be the short name"),
@@ -222,8 +222,8 @@ class NotAscii(PluginConfig):
 def test_a_wrongly_declared_capability_is_one_line_at_validation(tmp_path, schema, message):
     recipe = tiny_recipe(tmp_path, {"train": "none.tar", "test": "none.tar"})
     with pytest.raises(RecipeError) as err:
-        validate(recipe, check_data=False, extra_plugins={"dino": _Declares(schema)})
-    assert str(err.value).startswith("plugins.dino: ") and message in str(err.value)
+        validate(recipe, check_data=False, extra_plugins={"mydistill": _Declares(schema)})
+    assert str(err.value).startswith("plugins.mydistill: ") and message in str(err.value)
     assert "\n" not in str(err.value)
 
 
@@ -290,13 +290,13 @@ def augment(config):
 
 
 def _installed(site: Path, declared: str, view: str) -> Path:
-    """A third-party plugin `dino` in `site`, found by its entry point as an installed package is."""
+    """A third-party plugin `mydistill` in `site`, found by its entry point as an installed package is."""
     site.mkdir(parents=True)
-    (site / "dino_plugin.py").write_text(THIRD_PARTY.format(declared=declared, view=view))
-    info = site / "augssl_dino-0.1.dist-info"
+    (site / "mydistill_plugin.py").write_text(THIRD_PARTY.format(declared=declared, view=view))
+    info = site / "augssl_mydistill-0.1.dist-info"
     info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: augssl-dino\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text("[augssl]\ndino = dino_plugin\n")
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: augssl-mydistill\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[augssl]\nmydistill = mydistill_plugin\n")
     return site
 
 
@@ -305,19 +305,23 @@ def _installed(site: Path, declared: str, view: str) -> Path:
     ("declared", "view", "message"),
     [
         (
-            "dino.v1",
+            "mydistill.v1",
             "v1",
-            "plugins.dino: Value error, capability AugmentedViews: augmented_view 'dino.v1' must be the short name",
+            "plugins.mydistill: Value error, capability AugmentedViews: augmented_view 'mydistill.v1' must be",
         ),
-        ("v3", "v1", "hook 'augment': view 'affine.view': source 'dino.v3' is not a view"),
-        ("v1", "dino.v1", "plugin 'dino', hook 'augment': view 'dino.v1': a plugin names its own by a short name"),
+        ("v3", "v1", "hook 'augment': view 'affine.view': source 'mydistill.v3' is not a view"),
+        (
+            "v1",
+            "mydistill.v1",
+            "plugin 'mydistill', hook 'augment': view 'mydistill.v1': a plugin names its own by a short name",
+        ),
     ],
 )
 def test_a_third_party_plugins_wrong_names_are_one_line_before_the_run_folder(
     tmp_path, fmnist_shards, declared, view, message
 ):
     site = _installed(tmp_path / "site", declared, view)
-    plugins = {"backbones": CONV28, "kl": {}, "dino": {}, "affine": {}}
+    plugins = {"backbones": CONV28, "kl": {}, "mydistill": {}, "affine": {}}
     recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(tmp_path, fmnist_shards, plugins=plugins))
     env = {**ENV, "PYTHONPATH": os.pathsep.join([str(site), str(ROOT)])}
     assert message in one_line([recipe], env=env)

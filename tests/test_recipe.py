@@ -85,7 +85,6 @@ SOLO_LEARN_CIFAR = {
         "proj_hidden_dim": 4096,
         "proj_output_dim": 256,
         "pred_hidden_dim": 4096,
-        "momentum": Scheduled(start=0.99, end=1.0, shape="cosine"),
         "strength": "solo_asymmetric",
     },
     "barlow": {
@@ -107,6 +106,8 @@ def test_cifar10_recipes_that_cite_solo_learn_use_its_settings(method):
     section = cfg.plugins[method]
     assert {key: getattr(section, key) for key in SOLO_LEARN_CIFAR[method]} == SOLO_LEARN_CIFAR[method]
     assert (cfg.data.batch_size, cfg.train.steps, cfg.optim.warmup_steps) == (256, 1000 * 195, 10 * 195)
+    if method == "byol":  # solo-learn's base_tau 0.99, final_tau 1.0: the EMA teacher's momentum
+        assert cfg.teacher.momentum == Scheduled(start=0.99, end=1.0, shape="cosine")
     assert cfg.optim.schedule == "cosine" and cfg.plugins["backbones"].encoder == "resnet18"
     t = cfg.optim  # solo-learn's LARS: its lr per 256 images, weight decay, eta 0.02, clip_lr
     optimiser = (t.optimizer, t.lr, t.lr_scaling, t.weight_decay, t.lars_eta, t.lars_clip)
@@ -262,6 +263,7 @@ NON_FINITE_PLUGINS = {
     "backbones": {"encoder": "conv28", "latent_dim": None},
     "byol": {},
     "simclr": {"crops": {"local": {"count": 2, "size": 14}}},
+    "dino": {},
 }
 
 
@@ -280,7 +282,8 @@ NON_FINITE_PLUGINS = {
         "plugins.backbones.logvar_range=[-.inf, 10]",
         "plugins.byol.weight=.inf",
         "plugins.byol.lr=.inf",
-        "plugins.byol.momentum.start=.nan",  # framework.Scheduled, a model nested in a plugin section
+        "teacher.momentum.start=.nan",  # framework.Scheduled, a model nested in a section
+        "plugins.dino.student_temp=.nan",
         "plugins.simclr.crops.local.scale=[0.05, .inf]",  # a plugin's own nested model
     ],
 )

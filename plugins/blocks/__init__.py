@@ -68,8 +68,10 @@ from plugins.blocks.capabilities import (
     AugmentedViews,
     CropSizes,
     Likelihood,
+    MasksGlobalCrops,
     PatchGrid,
     PriorKLSchedule,
+    SharedCrops,
     StandsForELBO,
 )
 from plugins.blocks.distill import (
