@@ -59,6 +59,7 @@ from framework.distributed import global_batch
 from framework.model import Model
 from framework.recipe.loading import RecipeError, as_written_now
 from framework.startup import validate
+from framework.teacher import EncoderChoice, evaluated_encoder
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -636,13 +637,13 @@ def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def _check_finite(module: torch.nn.Module, path: Path) -> None:
-    """CheckpointError naming the first tensor of `module` (the encoder) holding NaN or infinity."""
+def _check_finite(module: torch.nn.Module, path: Path, what: str = "the encoder") -> None:
+    """CheckpointError naming the first tensor of `module` (`what`: the encoder) holding NaN or infinity."""
     for name, tensor in module.state_dict().items():
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             nan, inf = int(tensor.isnan().sum()), int(tensor.isinf().sum())
             raise CheckpointError(
-                f"checkpoint {path}: the encoder's {name} holds non-finite values ({nan} NaN, {inf} infinite of "
+                f"checkpoint {path}: {what}'s {name} holds non-finite values ({nan} NaN, {inf} infinite of "
                 f"{tensor.numel()}); evaluate or export an earlier checkpoint (--checkpoint)"
             )
 
@@ -678,3 +679,16 @@ def load_run(output_dir: str | Path, ckpt: str | Path | None = None) -> tuple[Mo
     model.load_state_dict(got.weights)
     _check_finite(model.encoder, got.path)
     return model.eval(), recipe, got.path
+
+
+def load_encoder(
+    output_dir: str | Path, ckpt: str | Path | None = None, choice: EncoderChoice | None = None
+) -> tuple[Model, Recipe, Path, EncoderChoice]:
+    """`load_run`, and which of its encoders `augssl eval` and `augssl export` read (`evaluated_encoder`:
+    `choice`, their `--encoder`, else the recipe's or the plugins' default; ValueError for `teacher` on a run
+    without one); the teacher's is checked finite like the student's."""
+    model, recipe, path = load_run(output_dir, ckpt)
+    which = evaluated_encoder(recipe, model.teacher is not None, choice)
+    if which == "teacher":
+        _check_finite(model.encoder_of(which), path, "the EMA teacher's encoder")
+    return model, recipe, path, which

@@ -37,6 +37,18 @@ def _fail_if_bad_input(exc: Exception, prefix: str = "") -> NoReturn:
     _fail(f"{prefix}{exc}")
 
 
+ENCODER_HELP = (
+    "in a run with an EMA teacher (hook teacher_modules), which encoder to {verb}: student (the online "
+    "encoder) or teacher (the EMA teacher's copy of it) (default: the recipe's teacher.evaluate, else the plugins' "
+    "choice; student in a run without a teacher, where teacher is refused)"
+)
+
+
+def _encoder_option(parser: argparse.ArgumentParser, verb: str) -> None:
+    """`--encoder student|teacher` of `augssl eval` and `augssl export` (`framework.teacher.evaluated_encoder`)."""
+    parser.add_argument("--encoder", default=None, choices=["student", "teacher"], help=ENCODER_HELP.format(verb=verb))
+
+
 def _read_errors() -> tuple[type[Exception], ...]:
     """What `augssl eval` and `augssl export` report in one line: a missing file or a bad value, a damaged
     or non-finite checkpoint, a checkpoint's recipe naming a plugin not installed, a plugin refusing
@@ -109,8 +121,9 @@ def train_or_exit(recipe, hooks) -> None:
 
 
 def eval_main(argv: Sequence[str]) -> None:
-    """`eval OUTPUT_DIR [OUTPUT_DIR ...] [--protocol fast|linear|knn|all]`: classifiers on runs' frozen
-    encoders beside the same classifiers on raw pixels; writes each run's eval.json. Under
+    """`eval OUTPUT_DIR [OUTPUT_DIR ...] [--protocol fast|linear|knn|all] [--encoder student|teacher]`:
+    classifiers on runs' frozen encoders (in a run with an EMA teacher, the student's or the teacher's: eval.json
+    says which) beside the same classifiers on raw pixels; writes each run's eval.json. Under
     `accelerate launch`, the processes share the feature extraction."""
     parser = argparse.ArgumentParser(prog="augssl eval", description=eval_main.__doc__)
     parser.add_argument("output_dirs", nargs="+", metavar="output_dir")
@@ -132,6 +145,7 @@ def eval_main(argv: Sequence[str]) -> None:
     parser.add_argument("--batch-size", type=int, default=256, help="linear: batch size; lr = 0.1 x batch/256")
     parser.add_argument("--k", type=int, default=200, help="knn: neighbours (default 200)")
     parser.add_argument("--temperature", type=float, default=0.07, help="knn: vote temperature (default 0.07)")
+    _encoder_option(parser, "evaluate")
     args = parser.parse_args(argv)
     if args.checkpoint and len(args.output_dirs) > 1:
         _fail("--checkpoint names one run's checkpoint: give one output_dir")
@@ -153,6 +167,7 @@ def eval_main(argv: Sequence[str]) -> None:
                 knn_k=args.k,
                 knn_temperature=args.temperature,
                 linear_batch_size=args.batch_size,
+                encoder=args.encoder,
             )  # raw pixels: the same for every run, fitted once
         except _read_errors() as exc:  # every rank has the same: the main process says it
             if not process_state().is_main_process:
@@ -160,7 +175,8 @@ def eval_main(argv: Sequence[str]) -> None:
             _fail_if_bad_input(exc)
         if i == 0:
             rows.append(("raw pixels", result["pixel_dim"], result["raw_pixels_accuracies"], "-"))
-        rows.append((out, result["feature_dim"], result["accuracies"], f"{result['seconds']} s"))
+        name = f"{out} (teacher)" if result["encoder"] == "teacher" else out
+        rows.append((name, result["feature_dim"], result["accuracies"], f"{result['seconds']} s"))
     if not process_state().is_main_process:
         return  # under `accelerate launch`: every rank computed the same table
     title = "linear probe" if protocols == ["fast"] else "frozen-feature classifiers"
@@ -282,16 +298,19 @@ def plugins_main(argv: Sequence[str]) -> None:
 
 
 def export_main(argv: Sequence[str]) -> None:
-    """`export OUTPUT_DIR --out encoder.safetensors`: the encoder's weights, torchvision ResNet key names."""
+    """`export OUTPUT_DIR --out encoder.safetensors [--encoder student|teacher]`: the encoder's weights (in a
+    run with an EMA teacher, the student's or the teacher's, under the same key names), torchvision ResNet or timm
+    key names."""
     parser = argparse.ArgumentParser(prog="augssl export", description=export_main.__doc__)
     parser.add_argument("output_dir")
     parser.add_argument("--out", required=True, help="the .safetensors file to write")
     parser.add_argument("--checkpoint", default=None, help="a checkpoint folder (default: newest)")
+    _encoder_option(parser, "export")
     args = parser.parse_args(argv)
     from framework.export import export_encoder
 
     try:
-        meta = export_encoder(args.output_dir, args.out, args.checkpoint)
+        meta = export_encoder(args.output_dir, args.out, args.checkpoint, args.encoder)
     except _read_errors() as exc:
         _fail_if_bad_input(exc)
     print(json.dumps({"out": args.out, **meta}))

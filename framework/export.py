@@ -10,6 +10,11 @@ torchvision's ResNet with that stem, no max-pool and no fc, loads the file stric
 model, so `timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=...),
 num_classes=0, **timm_kwargs)` loads it.
 
+In a run with an EMA teacher (`framework.teacher`) the file holds the student's encoder or the teacher's copy
+of it (`framework.teacher.evaluated_encoder`: `--encoder`, else the recipe's `teacher.evaluate` or the plugins'
+choice), under the same key names (the copy's own, without the `teacher.plugins.<plugin>.encoder.` prefix of
+the checkpoint), so either loads into the same model; the metadata's `encoder` and the card say which.
+
 Beside the weights, `<out>.md` is a model card: the recipe's plugins, steps, data and
 normalisation, the accuracies of the run's `eval.json` when they were measured on these very
 weights (its `encoder_blake2b`), and how to load the file. The card never takes the weights'
@@ -26,8 +31,9 @@ from typing import Any
 
 from safetensors.torch import save_file
 
-from framework.checkpoint import load_run, tensors_digest
+from framework.checkpoint import load_encoder, tensors_digest
 from framework.recipe.schema import Recipe
+from framework.teacher import EncoderChoice
 
 CARD_TAGS = "tags: [self-supervised, augssl]"  # the front matter line that marks a card augssl wrote
 
@@ -57,13 +63,16 @@ def _is_card(path: Path) -> bool:
     return len(head) > 2 and head[0] == "" and CARD_TAGS in head[1].splitlines()
 
 
-def export_encoder(output_dir: str | Path, out: str | Path, ckpt: str | Path | None = None) -> dict[str, str]:
+def export_encoder(
+    output_dir: str | Path, out: str | Path, ckpt: str | Path | None = None, encoder_choice: EncoderChoice | None = None
+) -> dict[str, str]:
     """Write the encoder of a run's checkpoint (newest intact by default) to `out` and its model card to
-    `card_path(out)`; returns the file's metadata and the card's path."""
+    `card_path(out)`; returns the file's metadata and the card's path. `encoder_choice` (`--encoder`): the
+    student's or the EMA teacher's (default: the run's choice, `framework.teacher.evaluated_encoder`)."""
     out = Path(out)
     card = card_path(out)
-    model, recipe, path = load_run(output_dir, ckpt)
-    encoder = model.encoder
+    model, recipe, path, which = load_encoder(output_dir, ckpt, encoder_choice)
+    encoder = model.encoder_of(which)
     tensors = {k: v.detach().contiguous().cpu() for k, v in encoder.state_dict().items()}
     declared: dict[str, Any] = getattr(encoder, "export_metadata", {})
     metadata = {
@@ -74,13 +83,14 @@ def export_encoder(output_dir: str | Path, out: str | Path, ckpt: str | Path | N
         "mean": str(list(recipe.data.mean)),
         "std": str(list(recipe.data.std)),
         "checkpoint": str(path),
+        "encoder": which,
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out), metadata=metadata)
     accuracies = _measured(Path(output_dir) / "eval.json", tensors_digest(tensors))
     if card.exists():
         print(f"augssl: replacing the model card {card} of an earlier export", file=sys.stderr)
-    card.write_text(model_card(recipe, metadata, out.name, accuracies))
+    card.write_text(model_card(recipe, metadata, out.name, accuracies, has_teacher=model.teacher is not None))
     return {**metadata, "card": str(card)}
 
 
@@ -96,9 +106,12 @@ def _measured(eval_file: Path, digest: str) -> str | None:
     return f"test accuracy (`augssl eval`, {protocols}): {json.dumps(report.get('accuracies'))}"
 
 
-def model_card(recipe: Recipe, metadata: dict[str, str], weights: str, accuracies: str | None) -> str:
+def model_card(
+    recipe: Recipe, metadata: dict[str, str], weights: str, accuracies: str | None, has_teacher: bool = False
+) -> str:
     """A Markdown model card (Hugging Face style front matter) for the exported weights; `accuracies`:
-    the line of `augssl eval`'s accuracies of these weights, if any."""
+    the line of `augssl eval`'s accuracies of these weights, if any; `has_teacher`: the run has an EMA teacher
+    (the card says which encoder the file holds, `metadata["encoder"]`)."""
     plugins = ", ".join(recipe.plugins)
     timm_model = metadata.get("timm_model")
     lines = ["---", f"library_name: {'timm' if timm_model else 'pytorch'}", CARD_TAGS, "---"]
@@ -111,11 +124,15 @@ def model_card(recipe: Recipe, metadata: dict[str, str], weights: str, accuracie
         f"- normalisation: mean {metadata['mean']}, std {metadata['std']}",
         f"- features: {metadata['num_features']}-d pooled; checkpoint `{metadata['checkpoint']}`",
     ]
-    lines.append(
-        f"- {accuracies}"
-        if accuracies
-        else f"- test accuracy: not measured on this checkpoint (`augssl eval --checkpoint {metadata['checkpoint']}`)"
-    )
+    which = metadata.get("encoder", "student")
+    if has_teacher:
+        lines.append(
+            "- encoder: the EMA teacher's (the momentum-averaged copy of the encoder)"
+            if which == "teacher"
+            else "- encoder: the student's (the online encoder; the run also has an EMA teacher)"
+        )
+    measure = f"augssl eval --checkpoint {metadata['checkpoint']}" + (f" --encoder {which}" if has_teacher else "")
+    lines.append(f"- {accuracies}" if accuracies else f"- test accuracy: not measured on this checkpoint (`{measure}`)")
     lines += ["", "## Loading", "", "```python"]
     if timm_model:
         kwargs = "".join(f", {k}={v!r}" for k, v in json.loads(metadata["timm_kwargs"]).items())

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 from torch import nn
 
-from framework.teacher import Teacher
+from framework.teacher import EncoderChoice, Teacher
 from framework.types import Encoding, StepContext
 
 if TYPE_CHECKING:
@@ -81,6 +81,14 @@ class Model(nn.Module):
         """The run's encoder: the `encode` provider's module `encoder` (it has `num_features`)."""
         assert self.encoder_plugin is not None  # PluginHooks requires one unless only listing plugins
         return cast(nn.ModuleDict, self.plugins[self.encoder_plugin])["encoder"]
+
+    def encoder_of(self, which: EncoderChoice) -> nn.Module:
+        """The encoder `augssl eval` and `augssl export` read (`framework.teacher.evaluated_encoder`): the run's
+        (`student`) or the teacher's copy of it (`teacher`), whose state dict has the same key names."""
+        if which == "student":
+            return self.encoder
+        assert self.teacher is not None and self.encoder_plugin is not None
+        return cast(nn.ModuleDict, self.teacher.plugins[self.encoder_plugin])["encoder"]
 
     def _encode(self, images: torch.Tensor, ctx: StepContext | None, mask: torch.Tensor | None = None) -> Encoding:
         return self.hooks.encode(self.plugins, images, ctx, self.config, mask)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping, Sequence
-from typing import cast
+from typing import TYPE_CHECKING, Literal, cast
 
 import torch
 from torch import nn
@@ -27,7 +27,11 @@ from torch import nn
 from framework.distributed import full_parameters
 from framework.sharding import local_shard
 
+if TYPE_CHECKING:
+    from framework.recipe.schema import Recipe
+
 Pairs = Sequence[tuple[nn.Module, nn.Module]]  # (target module, online module)
+EncoderChoice = Literal["student", "teacher"]  # which encoder `augssl eval` and `augssl export` read
 
 
 class Teacher(nn.Module):
@@ -63,6 +67,25 @@ class Teacher(nn.Module):
     def update(self, online: nn.ModuleDict, momentum: float) -> None:
         """One EMA step towards the online weights (after an optimizer step)."""
         update_targets(self.pairs(online), momentum)
+
+
+def evaluated_encoder(recipe: Recipe, has_teacher: bool, choice: EncoderChoice | None = None) -> EncoderChoice:
+    """Which encoder `augssl eval` and `augssl export` read: `choice` (their `--encoder`), else the recipe's
+    `teacher.evaluate`, else the plugins' choice (`teacher` when a plugin section's class says
+    `evaluate_teacher = True`); `teacher` only when the run has one (`has_teacher`: `Model.teacher` is built),
+    else `student`. ValueError for `choice="teacher"` on a run without a teacher."""
+    if choice == "teacher" and not has_teacher:
+        raise ValueError(
+            "--encoder teacher: this run has no EMA teacher (no plugin of its recipe asks for one, hook "
+            "teacher_modules); give --encoder student or leave --encoder out"
+        )
+    if choice is not None:
+        return choice
+    default = recipe.teacher.evaluate
+    if default is None:
+        wanted = any(getattr(type(section), "evaluate_teacher", False) for section in recipe.plugins.values())
+        default = "teacher" if wanted else "student"
+    return default if has_teacher else "student"
 
 
 @torch.no_grad()

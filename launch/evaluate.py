@@ -1,6 +1,6 @@
 """Evaluate a run: linear probe on the frozen encoder's pooled features vs raw pixels.
 
-    python launch/evaluate.py runs/vae_fashionmnist [--checkpoint runs/.../checkpoints/step_N]
+    python launch/evaluate.py runs/vae_fashionmnist [--checkpoint runs/.../checkpoints/step_N] [--encoder teacher]
 
 Prints the test accuracy of both and writes <output_dir>/eval.json.
 """

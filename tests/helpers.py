@@ -1,7 +1,8 @@
 """What tests and the scripts they launch share (no test module imports another): the repository's
 paths, the committed image shards and their samples, whether Fashion-MNIST is installed, the
 environment and runner of `accelerate launch`, the runner of a command that must fail with one
-line (`one_line`), a finished run's weights, `DumpWeights`, and `DeviceBright` (a view that splits, `data.augment_on`).
+line (`one_line`), a finished run's weights (its student's and teacher's encoders: `encoder_weights`, of a
+`teacher_run`), `DumpWeights`, and `DeviceBright` (a view that splits, `data.augment_on`).
 
 Fixtures built on these are in tests/conftest.py.
 """
@@ -30,7 +31,7 @@ from framework import checkpoint, distributed, hookimpl
 from framework.data import Sample, shard_urls, tar_records
 from framework.data.sources import FASHION_MNIST_DIR
 from framework.logging import read_metrics
-from framework.testing import free_port
+from framework.testing import free_port, run_steps, tiny_recipe
 from framework.types import OnDevice, View
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -119,6 +120,25 @@ def accelerate_launch(
 def final_weights(out: Path) -> dict[str, torch.Tensor]:
     """Every tensor of the model (parameters and BatchNorm buffers) in the newest checkpoint."""
     return load_file(checkpoint.model_weights_file(checkpoint.complete_checkpoints(out)[-1]))
+
+
+# the encoder's prefix in a checkpoint's model.safetensors: the student's, the EMA teacher's copy
+ENCODER_PREFIX = {"student": "plugins.backbones.encoder.", "teacher": "teacher.plugins.backbones.encoder."}
+
+
+def encoder_weights(out: Path, which: str) -> dict[str, torch.Tensor]:
+    """The student's or the teacher's encoder in the newest checkpoint, from its model.safetensors, under the
+    encoder's own key names (the prefix `ENCODER_PREFIX[which]` stripped)."""
+    prefix = ENCODER_PREFIX[which]
+    return {k.removeprefix(prefix): v for k, v in final_weights(out).items() if k.startswith(prefix)}
+
+
+def teacher_run(tmp_path: Path, shards: dict[str, str], **sections: Any) -> Path:
+    """A finished 2-step run with an EMA teacher (a small BYOL on `conv28`) in `tmp_path`: its teacher's encoder
+    is an EMA of the student's, so the two differ. `sections` deep-merge into the recipe (`tiny_recipe`)."""
+    byol = {"proj_hidden_dim": 32, "proj_output_dim": 16, "pred_hidden_dim": 32}
+    plugins = {"backbones": {"encoder": "conv28", "latent_dim": None}, "byol": byol}
+    return run_steps(tiny_recipe(tmp_path, shards, plugins=plugins, log={"trackers": []}, **sections), steps=2)
 
 
 class DumpWeights:

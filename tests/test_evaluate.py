@@ -1,4 +1,5 @@
-"""Linear evaluation: the probe itself, and `launch/evaluate.py` on a trained run."""
+"""Linear evaluation: the probe itself, and `launch/evaluate.py` on a trained run (its student's or EMA
+teacher's encoder)."""
 
 from __future__ import annotations
 
@@ -13,14 +14,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from framework.checkpoint import load_run
-from framework.cli import eval_main
+from framework.checkpoint import load_run, tensors_digest
+from framework.cli import eval_main, main
 from framework.eval import crop_and_flip, extract, fit_linear, fit_sgd_linear, knn_accuracy
 from framework.logging import read_metrics
 from framework.recipe.loading import RecipeError
 from framework.startup import validate
+from framework.teacher import evaluated_encoder
 from framework.testing import run_steps, tiny_recipe
-from tests.helpers import LAUNCH, asset_samples, ddp_args, one_line
+from tests.helpers import LAUNCH, asset_samples, ddp_args, encoder_weights, one_line, teacher_run
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -255,3 +257,66 @@ def test_eval_refuses_test_shards_without_labels(tmp_path, fmnist_shards):
         "give labelled shards"
     )
     assert not (out / "eval.json").exists()
+
+
+def test_eval_measures_the_chosen_encoder_and_says_which(tmp_path, fmnist_shards, capsys):
+    out = teacher_run(tmp_path, fmnist_shards)
+    for which in ("student", "teacher", None):  # None: the recipe's default, BYOL's student
+        eval_main([str(out)] + (["--encoder", which] if which else []))
+        report = json.loads((out / "eval.json").read_text())
+        assert report["encoder"] == (which or "student")
+        assert report["encoder_blake2b"] == tensors_digest(encoder_weights(out, which or "student"))
+        rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith(str(out))]
+        assert len(rows) == 1 and rows[0].startswith(f"{out} (teacher) ") == (which == "teacher")
+
+    # the teacher's features are the features of a student holding the teacher's weights
+    model, recipe, _ = load_run(out)
+    features = {
+        teacher: extract(model, recipe.eval.test, recipe.data, 64, 0, max_samples=48, pixels=False, teacher=teacher)
+        for teacher in (False, True)
+    }
+    model.encoder.load_state_dict(encoder_weights(out, "teacher"))
+    student_as_teacher = extract(model, recipe.eval.test, recipe.data, 64, 0, max_samples=48, pixels=False)
+    assert torch.equal(features[True]["features"], student_as_teacher["features"])
+    assert not torch.allclose(features[False]["features"], features[True]["features"])
+
+
+def test_eval_of_the_teacher_of_a_run_without_one_is_refused_in_one_line(tmp_path, fmnist_shards, capsys):
+    out = run_steps(tiny_recipe(tmp_path, fmnist_shards, log={"trackers": []}), steps=1)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        eval_main([str(out), "--encoder", "teacher"])
+    assert exit_.value.code == 2 and not (out / "eval.json").exists()
+    assert capsys.readouterr().err.splitlines() == [
+        "augssl: error: --encoder teacher: this run has no EMA teacher (no plugin of its recipe asks for one, hook "
+        "teacher_modules); give --encoder student or leave --encoder out"
+    ]
+
+
+@pytest.mark.parametrize("evaluate", [None, "student", "teacher"])
+@pytest.mark.parametrize("plugins_say", [False, True])
+def test_the_evaluated_encoder_is_the_cli_s_else_the_recipe_s_else_the_plugins(
+    tmp_path, fmnist_shards, monkeypatch, evaluate, plugins_say
+):
+    """`--encoder`, else `teacher.evaluate`, else `teacher` when a plugin section's class says `evaluate_teacher`;
+    `teacher` only in a run with one."""
+    recipe = tiny_recipe(tmp_path, fmnist_shards, teacher={"evaluate": evaluate})
+    cfg, _ = validate(recipe, check_data=False)
+    if plugins_say:
+        monkeypatch.setattr(type(cfg.plugins["kl"]), "evaluate_teacher", True, raising=False)
+    default = evaluate or ("teacher" if plugins_say else "student")
+    assert evaluated_encoder(cfg, has_teacher=True) == default
+    assert evaluated_encoder(cfg, has_teacher=False) == "student"
+    for choice in ("student", "teacher"):
+        assert evaluated_encoder(cfg, has_teacher=True, choice=choice) == choice
+    assert evaluated_encoder(cfg, has_teacher=False, choice="student") == "student"
+    with pytest.raises(ValueError, match="^--encoder teacher: this run has no EMA teacher"):
+        evaluated_encoder(cfg, has_teacher=False, choice="teacher")
+
+
+def test_the_help_says_which_encoder(capsys):
+    for command in (eval_main, lambda argv: main(["export", *argv])):
+        with pytest.raises(SystemExit):
+            command(["--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        assert "--encoder {student,teacher}" in text and "the EMA teacher's copy of it" in text

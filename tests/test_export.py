@@ -1,9 +1,11 @@
 """`augssl export`: the encoder loads strictly into a plain torchvision ResNet and gives the same features; its
 model card never takes the weights' path nor replaces a file augssl did not write, and shows only the
-accuracies measured on the exported encoder."""
+accuracies measured on the exported encoder; in a run with an EMA teacher, the student's or the teacher's
+encoder (`--encoder`, else the recipe's `teacher.evaluate`) under the same key names."""
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -16,7 +18,7 @@ from torch import nn
 from framework.checkpoint import complete_checkpoints, load_run
 from framework.cli import eval_main, main
 from framework.testing import run_steps, tiny_recipe, tiny_shards
-from tests.helpers import augssl, one_line
+from tests.helpers import augssl, encoder_weights, one_line, teacher_run
 
 
 def test_exported_resnet18_loads_into_torchvision_strictly(tmp_path, capsys):
@@ -107,3 +109,65 @@ def test_the_model_card_shows_only_accuracies_measured_on_the_exported_encoder(t
     eval_main([str(out)])
     report = json.loads((out / "eval.json").read_text())
     assert f"test accuracy (`augssl eval`, fast): {json.dumps(report['accuracies'])}" in export()
+
+
+@pytest.mark.parametrize("which", ["student", "teacher"])
+def test_export_writes_the_chosen_encoder_under_the_students_key_names(tmp_path, fmnist_shards, capsys, which):
+    out = teacher_run(tmp_path, fmnist_shards)
+    weights = tmp_path / "encoder.safetensors"
+    capsys.readouterr()
+    main(["export", str(out), "--out", str(weights), "--encoder", which])
+    assert json.loads(capsys.readouterr().out)["encoder"] == which
+    got, other = load_file(weights), encoder_weights(out, "teacher" if which == "student" else "student")
+    expected = encoder_weights(out, which)  # the checkpoint's tensors, its prefix stripped
+    assert sorted(got) == sorted(expected) == sorted(other) and len(got) > 4
+    assert all(torch.equal(got[k], expected[k]) for k in got)
+    assert any(not torch.equal(got[k], other[k]) for k in got)  # the EMA teacher is not the student
+    with safe_open(str(weights), "pt") as f:
+        assert f.metadata()["encoder"] == which
+    model, _, _ = load_run(out)
+    copy.deepcopy(model.encoder).load_state_dict(got, strict=True)  # the student's architecture takes either
+    card = weights.with_suffix(".md").read_text()
+    said = {"student": "- encoder: the student's", "teacher": "- encoder: the EMA teacher's"}
+    assert said[which] in card and said["teacher" if which == "student" else "student"] not in card
+    newest = complete_checkpoints(out)[-1]
+    assert f"not measured on this checkpoint (`augssl eval --checkpoint {newest} --encoder {which}`)" in card
+
+
+@pytest.mark.parametrize("evaluate", [None, "student", "teacher"])
+def test_export_defaults_to_the_recipes_teacher_evaluate(tmp_path, fmnist_shards, capsys, evaluate):
+    """BYOL's section does not say `evaluate_teacher`: without `teacher.evaluate` the student is exported."""
+    out = teacher_run(tmp_path, fmnist_shards, teacher={"evaluate": evaluate})
+    weights = tmp_path / "encoder.safetensors"
+    capsys.readouterr()
+    main(["export", str(out), "--out", str(weights)])
+    which = evaluate or "student"
+    assert json.loads(capsys.readouterr().out)["encoder"] == which
+    expected = encoder_weights(out, which)
+    assert all(torch.equal(v, expected[k]) for k, v in load_file(weights).items())
+
+
+def test_export_of_the_teacher_of_a_run_without_one_is_refused_in_one_line(two_checkpoints, tmp_path, capsys):
+    weights = tmp_path / "encoder.safetensors"
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        main(["export", str(two_checkpoints), "--out", str(weights), "--encoder", "teacher"])
+    assert exit_.value.code == 2 and not weights.exists()
+    assert capsys.readouterr().err.splitlines() == [
+        "augssl: error: --encoder teacher: this run has no EMA teacher (no plugin of its recipe asks for one, hook "
+        "teacher_modules); give --encoder student or leave --encoder out"
+    ]
+    main(["export", str(two_checkpoints), "--out", str(weights), "--encoder", "student"])
+    assert json.loads(capsys.readouterr().out)["encoder"] == "student"
+
+
+def test_the_model_card_shows_the_accuracies_of_the_encoder_measured(tmp_path, fmnist_shards):
+    """`augssl eval --encoder teacher` measured the teacher: its accuracies go on the teacher's card only."""
+    out = teacher_run(tmp_path, fmnist_shards)
+    weights = tmp_path / "encoder.safetensors"
+    eval_main([str(out), "--encoder", "teacher"])
+    report = json.loads((out / "eval.json").read_text())
+    measured = f"test accuracy (`augssl eval`, fast): {json.dumps(report['accuracies'])}"
+    for which in ("teacher", "student"):
+        main(["export", str(out), "--out", str(weights), "--encoder", which])
+        assert (measured in weights.with_suffix(".md").read_text()) == (which == "teacher")

@@ -50,9 +50,11 @@ def extract(
     max_samples: int | None = None,
     pixels: bool = True,
     key: str | None = None,
+    teacher: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """Pooled features `h`, raw pixels of the clean view (unless `pixels=False`), and labels of the
-    samples in `spec`, sorted by sample key, on this process's device.
+    """Pooled features `h` (of the student, or with `teacher` of the EMA teacher's encoder), raw pixels of the
+    clean view (unless `pixels=False`), and labels of the samples in `spec`, sorted by sample key, on this
+    process's device.
 
     Distributed: each rank encodes its share of the shards (split like training's) and every rank
     receives all of them, so a run on N processes extracts N times faster and fits the same
@@ -84,13 +86,13 @@ def extract(
     with root_gathered(model):  # the heads, which `encode` may use outside the model's forward
         for batch in batches:  # inference only: no autograd graph, BatchNorm in eval mode (the caller's)
             if "cursor" not in batch:  # a stand-in: this rank is done, the others still encode (FSDP2)
-                model.encode(batch["x"].to(dtype))
+                model.encode(batch["x"].to(dtype), teacher=teacher)
                 continue
             cursors[batch["cursor"]["worker"]] = batch["cursor"]
             x = batch_to_device(batch, state.device)[0]["x"]
             if transform is not None:
                 x = transform(x)
-            parts["features"].append(model.encode(x.to(dtype)).h.float())
+            parts["features"].append(model.encode(x.to(dtype), teacher=teacher).h.float())
             if pixels:
                 parts["pixels"].append(x.flatten(1).float())
             parts["labels"].append(batch["label"].to(state.device))

@@ -21,6 +21,10 @@ Distributed: `accelerate launch launch/evaluate.py RUN` splits feature extractio
 processes (the expensive part) and gathers the features on every rank, sorted by sample key,
 so N processes report what one process reports. `online_knn` is the same k-NN, on a capped
 subset, called by the engine every `eval.knn_every` steps.
+
+In a run with an EMA teacher (`framework.teacher`) `evaluate` measures the student's or the teacher's encoder
+(`evaluated_encoder`: `augssl eval --encoder`, else the recipe's `teacher.evaluate` or the plugins' choice) and
+says which in the report; `online_knn` always probes the student.
 """
 
 from __future__ import annotations
@@ -33,12 +37,13 @@ from typing import Any
 
 import torch
 
-from framework.checkpoint import load_run, tensors_digest
+from framework.checkpoint import load_encoder, tensors_digest
 from framework.distributed import process_state
 from framework.eval.classifiers import fit_linear, fit_sgd_linear, knn_accuracy
 from framework.eval.features import crop_and_flip, extract
 from framework.model import Model
 from framework.recipe.schema import DataConfig, EvalConfig
+from framework.teacher import EncoderChoice
 
 PROTOCOLS = ("fast", "linear", "knn")
 
@@ -47,6 +52,9 @@ def online_knn(model: Model, data: DataConfig, e: EvalConfig) -> dict[str, float
     """`knn.acc`: the k-NN probe of the encoder as it is now, on at most `eval.knn_samples`
     train and test samples. The engine calls it every `eval.knn_every` steps on every rank (the
     features are gathered); the global RNG and the model's train/eval mode are left as they were.
+
+    It probes the student (the online encoder) in every run, also in one with an EMA teacher whatever
+    `teacher.evaluate` says: `augssl eval` measures the teacher offline.
     """
     was_training = model.training
     assert e.train and e.test  # eval.knn_every needs them (EvalConfig checks)
@@ -80,6 +88,7 @@ def evaluate(
     knn_k: int = 200,
     knn_temperature: float = 0.07,
     linear_batch_size: int = 256,
+    encoder: EncoderChoice | None = None,
 ) -> dict[str, Any]:
     """Classifiers on frozen features (and, with `baseline`, on raw pixels); writes and returns `eval.json`.
 
@@ -88,7 +97,9 @@ def evaluate(
 
     `accuracies[protocol]` (and `raw_pixels_accuracies`) hold each protocol's test accuracy;
     `accuracy` / `raw_pixels_accuracy` repeat the first protocol's, for older readers;
-    `encoder_blake2b` identifies the encoder measured (`augssl export` shows only its accuracies).
+    `encoder` says which encoder was measured (`framework.teacher.evaluated_encoder`: the argument, `augssl eval
+    --encoder`, else the recipe's `teacher.evaluate` or the plugins' choice; `teacher` only in a run with an EMA
+    teacher) and `encoder_blake2b` identifies it (`augssl export` shows only its accuracies).
 
     Refused with a ValueError naming `eval.train` or `eval.test`, before eval.json is touched: shards
     that gave another number of samples than their manifests list (a damaged shard is skipped by
@@ -98,15 +109,20 @@ def evaluate(
     if unknown or not protocols:
         raise ValueError(f"protocols {sorted(unknown) or '[]'}: choose from {', '.join(PROTOCOLS)}")
     start = time.perf_counter()
-    model, recipe, path = load_run(output_dir, ckpt)
-    encoder_digest = tensors_digest(model.encoder.state_dict())
+    model, recipe, path, which = load_encoder(output_dir, ckpt, encoder)
+    encoder_digest = tensors_digest(model.encoder_of(which).state_dict())
+    teacher = which == "teacher"
     model.to(process_state().device)
     train_spec, test_spec = recipe.eval.train, recipe.eval.test
     if not (train_spec and test_spec):
         raise ValueError(f"{path}/recipe.yaml: eval.train and eval.test (labelled shards) are needed")
     torch.manual_seed(0)
     train, test = (
-        _labelled(extract(model, spec, recipe.data, recipe.eval.batch_size, pixels=baseline, key=key), key, spec)
+        _labelled(
+            extract(model, spec, recipe.data, recipe.eval.batch_size, pixels=baseline, key=key, teacher=teacher),
+            key,
+            spec,
+        )
         for key, spec in (("eval.train", train_spec), ("eval.test", test_spec))
     )
 
@@ -119,6 +135,7 @@ def evaluate(
             recipe.eval.batch_size,
             transform=lambda x: crop_and_flip(x, generator=g),
             pixels=False,
+            teacher=teacher,
         )
         return fresh["features"], fresh["labels"]
 
@@ -147,6 +164,7 @@ def evaluate(
     result: dict[str, Any] = {
         "protocol": {p: descriptions[p] for p in protocols},
         "checkpoint": str(path),
+        "encoder": which,  # student, or teacher: the EMA teacher's copy of the encoder
         "encoder_blake2b": encoder_digest,  # what augssl export compares before it shows these accuracies
         "dataset": {"train": recipe.eval.train, "test": recipe.eval.test},
         "train_samples": len(train["labels"]),
