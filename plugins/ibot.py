@@ -9,7 +9,8 @@ a learned mask token).
 
 Student: the patch tokens of the masked global crops, through `head` (its own `DINOHead`, as DINOv2; `out_dim`
 prototypes). Teacher: the run's EMA teacher (the encoder and this head) on the same crops unmasked, its patch
-logits centred (`centering: center`, iBOT: a moving centre of all its patch logits, momentum 0.9, all-reduced;
+logits centred (`centering: center`: a moving centre of its masked patches' logits, momentum 0.9, all-reduced,
+as DINOv2 and lightly; iBOT's code averages every patch;
 or `sinkhorn`, DINOv2's Sinkhorn-Knopp over the masked patches of the global batch) and sharpened by
 `teacher_temp` (0.04 -> 0.07, then held, as DINO's).
 
@@ -114,6 +115,6 @@ def regularize(ctx: StepContext, cfg: IBOTConfig, own: nn.ModuleDict) -> dict[st
     center = cast(Center, own["center"])
     loss = ibot_patch_loss(logits, patch_probabilities(cfg, center, teacher, masks, temp), masks, cfg.student_temp)
     if cfg.centering == "center":
-        center.update(teacher)  # every patch's logits, as iBOT's centre of the patch tokens
+        center.update(teacher, masks)  # the masked patches' logits, as DINOv2 (iBOT's code averages every patch)
     ctx.metrics["masked"] = masks.float().mean()  # the share of the global crops' patches masked
     return {"loss": loss}

@@ -179,7 +179,7 @@ def test_ibot_patch_loss_and_center_equal_lightly(seed, b, side, k, teacher_temp
         (ours,) = _leaves([student])
         value = ibot_patch_loss(ours, center.probabilities(teacher, teacher_temp), masks, STUDENT_TEMP)
         (grad,) = torch.autograd.grad(value, ours)
-        center.update(teacher[masks])
+        center.update(teacher, masks)  # the masked rows, counted without reading them back
         (theirs,) = _leaves([student])
         with _float64_constants():
             oracle_value = oracle(

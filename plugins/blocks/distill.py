@@ -117,9 +117,10 @@ def dino_loss(student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor], 
     return torch.stack(per_teacher_crop).sum() / n_pairs
 
 
-def _global_rows(local: torch.Tensor, rows: int) -> torch.Tensor:
+def _global_rows(local: torch.Tensor, rows: int | torch.Tensor) -> torch.Tensor:
     """`local` (any shape) with this rank's row count appended (flattened), for one all-reduce of both."""
-    return torch.cat([local.flatten(), local.new_full((1,), rows)])
+    count = rows.to(local).reshape(1) if isinstance(rows, torch.Tensor) else local.new_full((1,), rows)
+    return torch.cat([local.flatten(), count])
 
 
 class Center(nn.Module):
@@ -142,15 +143,21 @@ class Center(nn.Module):
         return F.softmax((at_least_float32(teacher_logits) - self.center) / temp, dim=-1)
 
     @torch.no_grad()
-    def update(self, teacher_logits: torch.Tensor) -> None:
+    def update(self, teacher_logits: torch.Tensor, mask: torch.Tensor | None = None) -> None:
         """`center <- momentum * center + (1 - momentum) * mean of teacher_logits' rows over every rank`.
 
         One all-reduce gives the rows' sum and their number over every rank, so the mean is the global
         batch's even when the ranks hold different numbers of rows (iBOT's masked patches); it is DINO's
-        `sum / (rows * world size)` when they hold the same. Every rank makes the same update.
+        `sum / (rows * world size)` when they hold the same. Every rank makes the same update. `mask` (bool,
+        `teacher_logits`' shape less the last dimension): only the rows it marks count (iBOT's masked patches
+        of (B, N, K) logits, as DINOv2's `teacher_patch_tokens[masks]`, without reading their number back).
         """
         logits = at_least_float32(teacher_logits.detach()).flatten(0, -2)
-        reduced = all_reduce(_global_rows(logits.sum(dim=0), logits.shape[0]), "sum")
+        if mask is None:
+            reduced = all_reduce(_global_rows(logits.sum(dim=0), logits.shape[0]), "sum")
+        else:
+            keep = mask.flatten().to(logits.dtype)
+            reduced = all_reduce(_global_rows(keep @ logits, keep.sum()), "sum")
         batch_center = (reduced[:-1] / reduced[-1]).unsqueeze(0).to(self.center.dtype)
         self.center.mul_(self.momentum).add_(batch_center, alpha=1 - self.momentum)
 

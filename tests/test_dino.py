@@ -1,0 +1,253 @@
+"""Plugins `dino`, `ibot` and `koleo` (self-distillation; docs/methods.md#dino): each hook's term against lightly's
+implementation through the plugin itself, the views and masks they make and share, what the student and the
+teacher encode, DINO's frozen last layer, the schedules they log, and the recipes they refuse in one line.
+
+The losses themselves are checked against lightly in tests/test_distill_losses.py, their 1-process == 2-process
+gradients in tests/test_distill_distributed.py."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from contextlib import contextmanager
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from framework import Encoding
+from framework.checkpoint import complete_checkpoints, model_weights_file
+from framework.logging import read_metrics
+from framework.manager import PluginError
+from framework.model import Model
+from framework.recipe.loading import RecipeError
+from framework.startup import validate
+from framework.teacher import evaluated_encoder
+from framework.testing import run_steps, step_context, tiny_recipe
+from plugins import dino, ibot, koleo
+from plugins.blocks import Center, koleo_loss
+
+TOL = 1e-10
+NO_SHARDS = {"train": "none.tar", "test": "none.tar"}
+REQUIRED = os.environ.get("AUGSSL_REQUIRE_ORACLES") == "1"
+needs_lightly = pytest.mark.skipif(
+    not REQUIRED and importlib.util.find_spec("lightly") is None, reason="the oracle lightly is not installed"
+)
+# a ViT small enough for a CPU step: patch 4 on the 28-px images (7 x 7 patches), local crops of 16 px (4 x 4)
+VIT = {
+    "encoder": "timm/vit_tiny_patch16_224",
+    "timm_kwargs": {"patch_size": 4, "depth": 2, "embed_dim": 48, "num_heads": 3, "dynamic_img_size": True},
+    "latent_dim": None,
+}
+HEAD = {"out_dim": 64, "hidden_dim": 32, "bottleneck_dim": 16}
+CROPS = {"global": {"count": 2}, "local": {"count": 2, "size": 16}}
+DINO = {**HEAD, "crops": CROPS}
+DINOV2 = {"backbones": VIT, "dino": DINO, "ibot": {**HEAD, "masks": {"probability": 1.0}}, "koleo": {}}
+
+
+@contextmanager
+def float64_constants():
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(default)
+
+
+def identity(view: torch.Tensor) -> Encoding:
+    return Encoding(h=view)
+
+
+# --- the terms, through the hooks, against lightly ------------------------------------------------------------
+
+
+@needs_lightly
+@pytest.mark.parametrize("step", [0, 5, 10])
+def test_the_dino_hook_equals_lightly(step):
+    """With the identity as encoder, teacher and heads, the term is lightly's DINOLoss of the global crops' teacher
+    logits against every crop's student logits, at the teacher temperature of `step` (0.04 -> 0.07 over 10 steps,
+    held after), and the centre moves as lightly's."""
+    from lightly.loss import DINOLoss
+
+    recipe = validate(tiny_recipe("/unused", NO_SHARDS, plugins={"backbones": VIT, "dino": DINO}), check_data=False)[0]
+    recipe.train.steps = 20
+    section = recipe.plugins["dino"]
+    ramp = {"start": 0.04, "end": 0.07, "shape": "linear", "steps": 10}
+    cfg = type(section).model_validate({**section.model_dump(by_alias=True), "teacher_temp": ramp})
+    g = torch.Generator().manual_seed(step)
+    views = {f"dino.{v}": torch.randn(6, 8, generator=g, dtype=torch.float64) for v in ("v1", "v2", "l1", "l2")}
+    center = Center(8).double()
+    center.center.copy_(torch.randn(1, 8, generator=g, dtype=torch.float64))
+    own = nn.ModuleDict({"head": nn.Identity(), "center": center})
+    teacher_modules = {"dino": nn.ModuleDict({"head": nn.Identity()})}
+    ctx = step_context(recipe, views, encode=identity, teacher=identity, teacher_modules=teacher_modules, step=step)
+    oracle = DINOLoss(8, warmup_teacher_temp=0.04, teacher_temp=0.07, student_temp=0.1).double()
+    oracle.center.data.copy_(center.center.reshape(oracle.center.shape))
+    temp = min(0.04 + 0.003 * step, 0.07)
+    terms = dino.regularize(ctx=ctx.scoped("dino"), cfg=cfg, own=own)
+    with float64_constants():
+        expected = oracle([views["dino.v1"], views["dino.v2"]], list(views.values()), teacher_temp=temp)
+    assert set(terms) == {"loss"} and abs(terms["loss"].item() - expected.item()) <= TOL
+    assert (center.center - oracle.center.reshape(1, 8)).abs().max().item() <= TOL, "the centre moved as lightly's"
+
+
+@needs_lightly
+def test_the_ibot_hook_equals_lightly():
+    """With the identity as heads, the term is lightly's IBOTPatchLoss of the masked patches, and the centre moves
+    with the masked teacher patches as lightly's. The fake encoders give each image's patch logits by its row id
+    (the views hold it), so the global crops may be encoded in one call, as the context groups them."""
+    from lightly.loss import IBOTPatchLoss
+
+    recipe = validate(tiny_recipe("/unused", NO_SHARDS, plugins=DINOV2), check_data=False)[0]
+    g = torch.Generator().manual_seed(0)
+    b, n, k = 4, 9, 8
+    student_patches = torch.randn(2 * b, n, k, generator=g, dtype=torch.float64)  # v1's images, then v2's
+    teacher_patches = student_patches + torch.randn(2 * b, n, k, generator=g, dtype=torch.float64)
+    masks = torch.rand(2 * b, n, generator=g) < 0.4
+    masks[0] = False  # an image without a masked patch counts in the mean
+    ids = torch.arange(2 * b, dtype=torch.float64).view(2, b, 1, 1, 1)
+    views = {"dino.v1": ids[0].expand(b, 1, 4, 4), "dino.v2": ids[1].expand(b, 1, 4, 4)}
+    params = {"dino.v1": masks[:b].double(), "dino.v2": masks[b:].double()}
+    seen: list[bool] = []
+
+    def rows(view: torch.Tensor) -> torch.Tensor:
+        return view[:, 0, 0, 0].long()
+
+    def student(view, mask=None):
+        seen.append(mask is not None and torch.equal(mask, masks[rows(view)]))
+        return Encoding(h=view.flatten(1), patches=student_patches[rows(view)])
+
+    def teacher(view):
+        return Encoding(h=view.flatten(1), patches=teacher_patches[rows(view)])
+
+    own = nn.ModuleDict({"head": nn.Identity(), "center": Center(k).double()})
+    heads = {"ibot": nn.ModuleDict({"head": nn.Identity()})}
+    ctx = step_context(recipe, views, params=params, encode=student, teacher=teacher, teacher_modules=heads)
+    terms = ibot.regularize(ctx=ctx.scoped("ibot"), cfg=recipe.plugins["ibot"], own=own)
+    assert seen == [True], "one student call on the global crops, with their masks"
+    oracle = IBOTPatchLoss(k, teacher_temp=0.04, student_temp=0.1, center_momentum=0.9).double()
+    t, s = teacher_patches[masks], student_patches[masks]
+    with float64_constants():
+        expected = oracle(t, s, masks.reshape(2 * b, 3, 3), teacher_temp=0.04)
+    assert abs(terms["loss"].item() - expected.item()) <= TOL
+    assert (own["center"].center - oracle.center.value).abs().max().item() <= TOL
+    assert abs(ctx.metrics["ibot.masked"].item() - masks.float().mean().item()) < 1e-7
+
+
+def test_the_koleo_hook_sums_each_global_crops_koleo():
+    recipe = validate(tiny_recipe("/unused", NO_SHARDS, plugins=DINOV2), check_data=False)[0]
+    g = torch.Generator().manual_seed(0)
+    views = {f"dino.{v}": torch.randn(5, 6, generator=g, dtype=torch.float64) for v in ("v1", "v2")}
+    params = {name: torch.zeros(5, 49) for name in views}
+    ctx = step_context(recipe, views, params=params, encode=lambda view, mask=None: identity(view))
+    terms = koleo.regularize(ctx=ctx.scoped("koleo"))
+    assert abs(terms["loss"].item() - (koleo_loss(views["dino.v1"]) + koleo_loss(views["dino.v2"])).item()) <= TOL
+    assert recipe.plugins["koleo"].weight == 0.1  # DINOv2's koleo_loss_weight
+
+
+# --- views, masks, encodings ------------------------------------------------------------------------------------
+
+
+def test_dino_makes_the_shared_crops_and_masks_its_global_crops_when_ibot_asks():
+    from framework.engine import build_views
+
+    cfg, hooks = validate(tiny_recipe("/unused", NO_SHARDS, plugins={"backbones": VIT, "dino": DINO}), check_data=False)
+    plain = build_views(cfg, hooks)
+    assert sorted(plain) == ["dino.l1", "dino.l2", "dino.v1", "dino.v2", "x"]
+    cfg, hooks = validate(tiny_recipe("/unused", NO_SHARDS, plugins=DINOV2), check_data=False)
+    views = build_views(cfg, hooks)
+    assert sorted(views) == sorted(plain)
+    from PIL import Image
+
+    image = Image.new("L", (28, 28), 128)
+    torch.manual_seed(0)
+    for name in ("dino.v1", "dino.v2"):
+        out, mask = views[name].transform(image)
+        assert out.shape == (1, 28, 28) and mask.shape == (49,) and 0 < mask.sum() < 49  # probability 1: masked
+    for name in ("dino.l1", "dino.l2"):
+        assert not isinstance(views[name].transform(image), tuple), "local crops carry no mask"
+
+
+def test_a_dinov2_step_masks_the_students_global_crops_and_the_teacher_sees_them_whole(tmp_path, fmnist_shards):
+    """One encoder call per crop size for the student (the masked global crops, then the local ones), shared by
+    dino, ibot and koleo; one teacher call, on the global crops only, unmasked; the terms are all there."""
+    cfg, hooks = validate(tiny_recipe(tmp_path, fmnist_shards, plugins=DINOV2), check_data=False)
+    model = Model(hooks, cfg).train()
+    student, teacher = [], []
+    model.plugins["backbones"]["encoder"].register_forward_pre_hook(
+        lambda m, args, kwargs: student.append((tuple(args[0].shape), kwargs.get("mask") is not None)),
+        with_kwargs=True,
+    )
+    model.teacher.plugins["backbones"]["encoder"].register_forward_pre_hook(
+        lambda m, args, kwargs: teacher.append((tuple(args[0].shape), kwargs.get("mask") is not None)),
+        with_kwargs=True,
+    )
+    views = {"x": torch.randn(4, 1, 28, 28), "dino.v1": torch.randn(4, 1, 28, 28), "dino.v2": torch.randn(4, 1, 28, 28)}
+    views |= {"dino.l1": torch.randn(4, 1, 16, 16), "dino.l2": torch.randn(4, 1, 16, 16)}
+    params = {f"dino.v{i}": (torch.rand(4, 49) < 0.3).float() for i in (1, 2)}
+    terms, metrics = model(views, params, step=0)
+    assert student == [((8, 1, 28, 28), True), ((8, 1, 16, 16), False)]
+    assert teacher == [((8, 1, 28, 28), False)]
+    assert sorted(terms) == ["dino.loss", "ibot.loss", "koleo.loss"] and all(t.isfinite() for t in terms.values())
+    assert sorted(model.teacher.plugins["dino"]) == ["head"] and sorted(model.teacher.plugins["ibot"]) == ["head"]
+    assert "mask_token" in model.plugins["backbones"], "ibot needs patch tokens: backbones builds the mask token"
+
+
+def test_dino_freezes_its_last_layer_for_the_first_steps_and_logs_its_schedules(tmp_path, fmnist_shards):
+    section = {**DINO, "freeze_last_layer_steps": 1, "teacher_temp": {"start": 0.04, "end": 0.07, "shape": "linear"}}
+    recipe = tiny_recipe(tmp_path, fmnist_shards, plugins={"backbones": VIT, "dino": section}, checkpoint={"every": 1})
+    out = run_steps(recipe, steps=2)
+    first, second = (load_file(str(model_weights_file(c))) for c in complete_checkpoints(out))
+    last = "plugins.dino.head.last_layer.weight_v"
+    # step 1 left the last layer alone (the teacher's copy, an EMA of it, is still equal); step 2 moved it
+    torch.testing.assert_close(first[last], first[f"teacher.{last}"], rtol=1e-6, atol=0)  # m x + (1 - m) x
+    assert not torch.equal(first["plugins.dino.head.mlp.0.weight"], first["teacher.plugins.dino.head.mlp.0.weight"])
+    assert not torch.equal(second[last], first[last])
+    records = read_metrics(out)
+    assert [r["dino.teacher_temp"] for r in records] == pytest.approx([0.055, 0.07])  # at the step about to run
+    assert all(r["dino.loss"] > 0 for r in records) and "teacher.momentum" in records[0]
+
+
+def test_dino_and_ibot_evaluate_the_teacher_by_default_and_byol_the_student():
+    for plugins, expected in ((DINOV2, "teacher"), ({"backbones": VIT, "dino": DINO}, "teacher")):
+        recipe = validate(tiny_recipe("/unused", NO_SHARDS, plugins=plugins), check_data=False)[0]
+        assert evaluated_encoder(recipe, has_teacher=True) == expected
+    byol = {"backbones": VIT, "byol": {"proj_hidden_dim": 8, "proj_output_dim": 4, "pred_hidden_dim": 8}}
+    recipe = validate(tiny_recipe("/unused", NO_SHARDS, plugins=byol), check_data=False)[0]
+    assert evaluated_encoder(recipe, has_teacher=True) == "student"
+
+
+# --- recipes refused in one line --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("plugins", "error", "message"),
+    [
+        ({"backbones": VIT, "ibot": HEAD}, PluginError, "needs exactly one plugin making the shared crops"),
+        ({"backbones": VIT, "koleo": {}}, PluginError, "needs exactly one plugin making the shared crops"),
+        (
+            {**DINOV2, "backbones": {"encoder": "conv28", "latent_dim": None}},
+            RecipeError,
+            "patch_tokens: conv28 gives no patch tokens",
+        ),
+        ({**DINOV2, "backbones": {**VIT, "patch_tokens": False}}, RecipeError, "patch_tokens: false, and plugins ibot"),
+        ({**DINOV2, "dino": {**DINO, "centering": "mean"}}, RecipeError, "plugins.dino.centering: Input should be"),
+    ],
+)
+def test_a_recipe_the_terms_cannot_train_is_refused_in_one_line(tmp_path, fmnist_shards, plugins, error, message):
+    with pytest.raises(error) as info:
+        run_steps(tiny_recipe(tmp_path, fmnist_shards, plugins=plugins), steps=1)
+    assert message in str(info.value) and "\n" not in str(info.value)
+    assert not (tmp_path / "run" / "recipe.yaml").exists(), "refused before the run folder"
+
+
+def test_a_masked_view_on_an_encoder_without_tokens_is_one_line():
+    from framework.manager import PluginHooks
+
+    hooks = PluginHooks(["backbones"])
+    recipe = validate(tiny_recipe("/unused", NO_SHARDS), check_data=False)[0]
+    own = {"backbones": nn.ModuleDict({"encoder": nn.Flatten()})}
+    with pytest.raises(PluginError, match="a masked view needs patch tokens"):
+        hooks.encode(nn.ModuleDict(own), torch.zeros(2, 1, 4, 4), None, recipe, torch.zeros(2, 1, dtype=torch.bool))
