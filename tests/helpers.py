@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -73,6 +74,17 @@ def one_line(args: list[Any], script: str = "train.py", env: dict[str, str] | No
 def ddp_args(processes: int = 2) -> list[str]:
     """`accelerate launch` arguments of a DDP run of `processes` CPU processes on one machine, on a free port."""
     return ["--multi_gpu", "--num_processes", str(processes), *ONE_NODE, "--main_process_port", str(free_port())]
+
+
+def small_size(raw: dict, cap: int = 32) -> int:
+    """The image size a CPU test runs a (merged, raw) recipe at: its `data.image_size` up to `cap`, rounded down to
+    a multiple of its timm ViT's patch (`timm_kwargs.patch_size`, else the `patch<N>` of the model's name), so a
+    patch-14 ViT (DINOv2's) runs at 28 px with local crops of 14."""
+    size = min(raw["data"]["image_size"], cap)
+    backbone = raw.get("plugins", {}).get("backbones") or {}
+    named = re.search(r"patch(\d+)", str(backbone.get("encoder", "")))
+    patch = (backbone.get("timm_kwargs") or {}).get("patch_size") or (int(named.group(1)) if named else None)
+    return size - size % patch if patch and size >= patch else size
 
 
 def small_crops(raw: dict, size: int) -> list[str]:

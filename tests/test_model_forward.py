@@ -20,7 +20,7 @@ from framework.model import Model
 from framework.recipe.loading import load_raw
 from framework.startup import load_recipe
 from framework.testing import tiny_shards
-from tests.helpers import ROOT, small_crops
+from tests.helpers import ROOT, small_crops, small_size
 
 RECIPES = sorted((ROOT / "recipes").glob("[!_]*.yaml"))
 
@@ -35,7 +35,7 @@ def tiny(path: Path, shards: dict[str, dict[str, str]], tmp_path: Path) -> list[
     """The overrides that point the recipe at `path` at tiny shards, at most 32 px and a batch of 4."""
     data = load_recipe(path, check_data=False)[0].data
     spec = shards[(data.channels == 1 and "grey") or "rgb"]["train"]
-    size = min(data.image_size, 32)
+    size = small_size(load_raw(path))
     return [
         f"output_dir={tmp_path / 'run'}",
         f"data.train={spec}",

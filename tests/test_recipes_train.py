@@ -2,7 +2,7 @@
 
 Each recipe runs as shipped - its plugins, their settings, its encoder and decoder - with
 only the data pointed at tiny shards, a batch of 4 and 2 steps. 96-px (STL-10) recipes
-run at 32 px so that ResNet-50 encoders and decoders fit a CPU test budget; their
+run at 32 px (a patch-14 ViT at 28) so that ResNet-50 encoders and decoders fit a CPU test budget; their
 96-px shapes are covered by tests/test_backbones.py.
 """
 
@@ -19,7 +19,7 @@ from framework.logging import read_metrics
 from framework.recipe.loading import apply_overrides, load_raw
 from framework.startup import validate
 from framework.testing import tiny_shards
-from tests.helpers import small_crops
+from tests.helpers import small_crops, small_size
 
 pytestmark = pytest.mark.slow  # the engine trains every recipe; the fast check: tests/test_model_forward.py
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("[!_]*.yaml"))
@@ -34,8 +34,8 @@ def shard_sets(tmp_path_factory):
 def run_recipe(path: Path, tmp_path: Path, shard_sets: dict, steps: int) -> None:
     """Train the shipped recipe `path` for `steps` on the tiny shards, and check its log."""
     raw = load_raw(path)
-    size = min(raw["data"]["image_size"], 32)
-    shards = shard_sets[(size, raw["data"]["channels"])]
+    size = small_size(raw)
+    shards = shard_sets[(min(raw["data"]["image_size"], 32), raw["data"]["channels"])]
     overrides = [
         f"output_dir={tmp_path / 'run'}",
         f"data.train={shards['train']}",
