@@ -7,7 +7,8 @@ Its layout mirrors `Model.plugins`: `teacher.plugins[<plugin>][<module>]` is the
 `plugins[<plugin>][<module>]`; the encoder's copy is under the encoder plugin's name. It is a submodule of the
 root `Model`, so it is checkpointed, moved and converted (SyncBatchNorm) with everything else, and never seen by
 the optimizer (`requires_grad=False`). It runs in the root's mode: in training, BatchNorm layers use batch
-statistics and keep their own running statistics, as BYOL's target does; only parameters are averaged.
+statistics and keep their own running statistics, as BYOL's target does; only parameters are averaged. It has no
+dropout and no stochastic depth (`deterministic`), as DINO's, iBOT's and DINOv2's teachers.
 
 The EMA functions take `(target, online)` module pairs and work under every launch. ZeRO-3: each pair is
 gathered (`full_parameters`) while it is read or written. FSDP2: a copy of online modules is sharded like them
@@ -49,6 +50,7 @@ class Teacher(nn.Module):
         self.plugins = nn.ModuleDict({plugin: nn.ModuleDict(mods) for plugin, mods in mirrored.items()})
         self.register_buffer("initialised", torch.zeros((), dtype=torch.bool))
         self.requires_grad_(False)
+        deterministic(self)
 
     def pairs(self, online: nn.ModuleDict) -> list[tuple[nn.Module, nn.Module]]:
         """`(teacher copy, online module)` for every mirrored module; `online` is `Model.plugins`."""
@@ -86,6 +88,18 @@ def evaluated_encoder(recipe: Recipe, has_teacher: bool, choice: EncoderChoice |
         wanted = any(getattr(type(section), "evaluate_teacher", False) for section in recipe.plugins.values())
         default = "teacher" if wanted else "student"
     return default if has_teacher else "student"
+
+
+def deterministic(module: nn.Module) -> None:
+    """Switch off `module`'s stochastic regularisers, whatever its mode: dropout (`nn.Dropout*`: p = 0) and
+    stochastic depth (timm's `DropPath` and any module with a float `drop_prob`: 0). A teacher is built without
+    them (DINO, iBOT, DINOv2 create theirs with no drop path) and yet runs in train mode (BYOL's BatchNorm
+    uses batch statistics)."""
+    for sub in module.modules():
+        if isinstance(sub, nn.modules.dropout._DropoutNd):
+            sub.p = 0.0
+        elif isinstance(getattr(sub, "drop_prob", None), float):
+            sub.drop_prob = 0.0
 
 
 @torch.no_grad()

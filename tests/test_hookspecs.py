@@ -557,3 +557,21 @@ def test_on_after_backward_is_refused_under_deepspeed(tmp_path, fmnist_shards, m
     lines = capsys.readouterr().err.strip().splitlines()
     assert exit_.value.code == 2 and len(lines) == 1 and "'on_after_backward': not supported under" in lines[0]
     assert not (tmp_path / "run").exists(), "refused before anything starts"
+
+
+def test_the_teacher_has_no_dropout_and_no_stochastic_depth():
+    """DINO, iBOT and DINOv2 build their teacher without drop-path; augssl's copies the student, so its copy's
+    stochastic layers are switched off (it runs in train mode, for BYOL's BatchNorm), and the student's are not."""
+    import timm
+
+    from framework.teacher import Teacher
+
+    student = timm.create_model("vit_tiny_patch16_224", num_classes=0, drop_path_rate=0.2, img_size=16, patch_size=4)
+    head = nn.Sequential(nn.Linear(192, 8), nn.Dropout(0.5))
+    teacher = Teacher({"backbones": {"encoder": student}, "probe": {"head": head}}).train()
+    copies = [m for m in teacher.modules() if hasattr(m, "drop_prob") or isinstance(m, nn.Dropout)]
+    assert len(copies) > 3 and all(getattr(m, "drop_prob", 0.0) == 0.0 and getattr(m, "p", 0.0) == 0.0 for m in copies)
+    assert student.blocks[-1].drop_path1.drop_prob > 0 and head[1].p == 0.5
+    x = torch.randn(4, 3, 16, 16)
+    encoder = teacher.plugins["backbones"]["encoder"]
+    assert torch.equal(encoder(x), encoder(x)), "deterministic in train mode"
