@@ -21,7 +21,8 @@ student encoder on the same masked crops); `koleo_whole` records KoLeo on the wh
 
 Writes `<OUT>/<METHOD>_rank<R>.pt`: `{"grads": [{name: tensor} per step], "centers": [{name: tensor} per step],
 "terms": [{term: float} per step], "masked": [masked patches of this rank's rows per step], "koleo_whole": [float
-per step] (1 process, dinov2), "world_size": W}`; the gradients are those the optimizer applies (DDP's average).
+per step] (1 process, dinov2), "teacher": {name: tensor} after the last step, "world_size": W}`; the gradients
+are those the optimizer applies (DDP's average).
 """
 
 import sys
@@ -164,6 +165,7 @@ def run(method: str, out: Path) -> dict:
         record["masked"].append(int(sum((p[rows] > 0.5).sum() for p in params.values())))
         optimizer.step()
         model.teacher.update(model.plugins, MOMENTUM)
+    record["teacher"] = {k: v.detach().clone() for k, v in model.teacher.state_dict().items() if v.is_floating_point()}
     return record
 
 

@@ -11,6 +11,7 @@ each). What is compared, per method (`dino_center`: DINO's moving centre with 2 
 - the gradients each rank applies (after DDP's average) at both steps: `max |two - one| <= 1e-10 * max |one|`
   per tensor (observed: <= 3e-13), every trained parameter with a gradient;
 - the centres after each step (`plugins.<dino|ibot>.center.center`): the same bound (observed: <= 3e-16);
+- the teacher (`teacher.plugins.*`) after the second step's EMA: the gradients' bound;
 - the loss terms: their mean over the ranks is the 1-process value (each rank's term is the mean over its rows).
 
 Two exceptions, stated rather than hidden:
@@ -98,6 +99,10 @@ def test_two_processes_apply_the_gradients_and_centres_of_one_process_on_the_who
         assert terms[0] != terms[1], "the ranks saw different rows"
         for term, value in one["terms"][step].items():
             assert sum(t[term] for t in terms) / WORLD == pytest.approx(value, rel=1e-12, abs=1e-12), term
+    for r, record in enumerate(ranks):  # the teacher after the last EMA (every rank the same)
+        assert record["teacher"].keys() == one["teacher"].keys() and len(one["teacher"]) > 20
+        for name, value in one["teacher"].items():
+            _assert_close(record["teacher"][name], value, bound, f"rank {r}, teacher {name}")
     if method in CENTRED:  # DINO's centre moved (Sinkhorn-Knopp leaves it at 0)
         assert one["centers"][-1]["plugins.dino.center.center"].abs().max() > 0
 
@@ -128,27 +133,35 @@ def test_koleo_is_per_rank_and_differs_from_the_whole_batchs(grads):
 # Exact resume of a DINO run stopped by SIGTERM
 # ---------------------------------------------------------------------------
 
-RESUMED_KEYS = ("dino.teacher_temp", "teacher.momentum", "dino.loss")
+RAMP = {"start": 0.04, "end": 0.07, "shape": "linear", "steps": 4}  # the teacher temperature ramps over 4 steps
+RESUMED = {
+    "dino": {"dino": {**HEAD, "crops": CROPS, "teacher_temp": RAMP}},
+    # DINOv2's terms: DINO with Sinkhorn-Knopp; iBOT, its masks drawn in the data workers, its patch centre; KoLeo
+    "dinov2": {
+        "dino": {**HEAD, "crops": CROPS, "teacher_temp": RAMP, "centering": "sinkhorn"},
+        "ibot": {**HEAD, "teacher_temp": RAMP, "centering": "center"},
+        "koleo": {},
+    },
+}
 
 
 @pytest.mark.slow
-def test_a_dino_run_stopped_by_sigterm_resumes_bit_identical(tmp_path, fmnist_shards):
+@pytest.mark.parametrize("method", list(RESUMED))
+def test_a_run_stopped_by_sigterm_resumes_bit_identical(tmp_path, fmnist_shards, method):
     """One process (tests/kill_train.py, 2 data workers), 6 steps of DINO with local crops and a teacher
-    temperature that ramps over the first 4 steps; SIGTERM to the process group at the end of step 1 stops the run
-    after step 2 (exit 75, its checkpoint); `train.resume=auto` runs steps 3..6. Every tensor of the final
-    model.safetensors (student, teacher `teacher.plugins.*`, centre `plugins.dino.center.center`) and the logged
-    teacher temperature, momentum and loss of every step equal an uninterrupted run's, bit for bit."""
-    dino = {
-        **HEAD,
-        "crops": CROPS,
-        "teacher_temp": {"start": 0.04, "end": 0.07, "shape": "linear", "steps": 4},
-    }
+    temperature that ramps over the first 4 steps (`dinov2`: DINO with Sinkhorn-Knopp, iBOT with its masks and
+    centre, KoLeo); SIGTERM to the process
+    group at the end of step 1 stops the run after step 2 (exit 75, its checkpoint); `train.resume=auto` runs steps
+    3..6. Every tensor of the final model.safetensors (student, teacher `teacher.plugins.*`, centres
+    `plugins.<dino|ibot>.center.center`) and every value logged at every step (the teacher temperatures and
+    momentum, the loss terms, iBOT's masked share, the epoch; not the speed or the data counters of the process)
+    equal an uninterrupted run's, bit for bit."""
     paths = {}
     for run in ("whole", "stopped"):
         recipe = tiny_recipe(
             tmp_path / run,
             fmnist_shards,
-            plugins={"backbones": VIT, "dino": dino},
+            plugins={"backbones": VIT, **RESUMED[method]},
             train={"steps": 6},
             checkpoint={"every": 1000},
             data={"num_workers": 2},
@@ -186,9 +199,14 @@ def test_a_dino_run_stopped_by_sigterm_resumes_bit_identical(tmp_path, fmnist_sh
     assert [k for k in a if not torch.equal(a[k], b[k])] == []
     teacher = [k for k in a if k.startswith("teacher.plugins.")]
     assert any(k.startswith("teacher.plugins.dino.head.") for k in teacher) and len(teacher) > 20
-    assert a["plugins.dino.center.center"].abs().max() > 0
+    for plugin, section in RESUMED[method].items():  # a centre that moved (Sinkhorn-Knopp leaves it at 0)
+        if "centering" in section or plugin == "dino":
+            assert (a[f"plugins.{plugin}.center.center"].abs().max() > 0) == (section.get("centering") != "sinkhorn")
     logs = {run: read_metrics(tmp_path / run / "run") for run in ("whole", "stopped")}
-    for key in RESUMED_KEYS:
+    # every logged value but the speed and the data counters, which count this process's reads (not checkpointed)
+    keys = set(logs["whole"][0]) - {"images/s", "data.seen", "data.bad_records"}
+    assert {"dino.teacher_temp", "teacher.momentum", "loss"} <= keys
+    for key in sorted(keys):
         assert [r[key] for r in logs["stopped"]] == [r[key] for r in logs["whole"]], key
     temps = [r["dino.teacher_temp"] for r in logs["whole"]]
     assert len(set(temps)) >= 3 and temps == sorted(temps), "the temperature ramps across the stop"
