@@ -7,7 +7,7 @@ tests/distill_grads.py runs two steps (forward, backward, SGD, the teacher's EMA
 ViT, float64) on a fixed global batch of 8, in 1 process and under `accelerate launch` in 2 (DDP, gloo, 4 rows
 each). What is compared, per method (`dino_center`: DINO's moving centre with 2 local crops; `dino_sinkhorn`;
 `ibot_sinkhorn`: DINO + iBOT, every image masked, the ranks holding different numbers of masked patches;
-`dinov2`: DINO and iBOT with Sinkhorn-Knopp + KoLeo):
+`ibot_center`: iBOT's patch centre; `dinov2`: DINO and iBOT with Sinkhorn-Knopp + KoLeo):
 - the gradients each rank applies (after DDP's average) at both steps: `max |two - one| <= 1e-10 * max |one|`
   per tensor (observed: <= 3e-13), every trained parameter with a gradient;
 - the centres after each step (`plugins.<dino|ibot>.center.center`): the same bound (observed: <= 3e-16);
@@ -42,10 +42,16 @@ from framework.testing import run_steps, tiny_recipe, write_recipe
 from tests.helpers import ENV, ROOT, accelerate_launch, ddp_args, final_weights, logged_steps, newest_step
 
 SCRIPT = ROOT / "tests" / "distill_grads.py"
-METHODS = ("dino_center", "dino_center_float64", "dino_sinkhorn", "ibot_sinkhorn", "dinov2")
+METHODS = ("dino_center", "dino_center_float64", "dino_sinkhorn", "ibot_sinkhorn", "ibot_center", "dinov2")
 WORLD, STEPS = 2, 2
 EXACT = 1e-10  # float64 throughout: summation order only
-CENTRED = ("dino_center", "dino_center_float64", "ibot_sinkhorn")  # DINO's own `centering: center`
+# the centres that move (`centering: center`; Sinkhorn-Knopp leaves its plugin's at 0)
+CENTRED = {
+    "dino_center": ["dino"],
+    "dino_center_float64": ["dino"],
+    "ibot_sinkhorn": ["dino"],
+    "ibot_center": ["ibot"],
+}
 TIMM_FLOAT32 = 1e-8  # timm's float32 resampling of the position embedding for the local crops (see above)
 
 VIT = {
@@ -103,12 +109,12 @@ def test_two_processes_apply_the_gradients_and_centres_of_one_process_on_the_who
         assert record["teacher"].keys() == one["teacher"].keys() and len(one["teacher"]) > 20
         for name, value in one["teacher"].items():
             _assert_close(record["teacher"][name], value, bound, f"rank {r}, teacher {name}")
-    if method in CENTRED:  # DINO's centre moved (Sinkhorn-Knopp leaves it at 0)
-        assert one["centers"][-1]["plugins.dino.center.center"].abs().max() > 0
+    for plugin in CENTRED.get(method, []):
+        assert one["centers"][-1][f"plugins.{plugin}.center.center"].abs().max() > 0
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["ibot_sinkhorn", "dinov2"])
+@pytest.mark.parametrize("method", ["ibot_sinkhorn", "ibot_center", "dinov2"])
 def test_the_ranks_hold_different_numbers_of_masked_patches(method, grads):
     """iBOT's Sinkhorn-Knopp takes the masked patches by boolean indexing: the ranks' counts differ, and sum to
     the 1-process count (every image masked)."""
