@@ -99,7 +99,7 @@ def deterministic(module: nn.Module) -> None:
         if isinstance(sub, nn.modules.dropout._DropoutNd):
             sub.p = 0.0
         elif isinstance(getattr(sub, "drop_prob", None), float):
-            sub.drop_prob = 0.0
+            setattr(sub, "drop_prob", 0.0)  # noqa: B010  (a plain attribute: typed as a tensor or module)
 
 
 @torch.no_grad()
