@@ -62,8 +62,8 @@ def main(out: Path, method: str) -> None:
     accelerator = build_accelerator(recipe.distributed, recipe.data, recipe.optim, recipe.output_dir)
     torch.manual_seed(0)
     model = without_batchnorm(Model(hooks, recipe)).double()
-    with torch.no_grad():
-        hooks.on_train_start(model.plugins, 0, recipe, model.encoder)  # BYOL: the target starts as the online net
+    if model.teacher is not None:  # BYOL: the target (the EMA teacher) starts as the online net, as in the engine
+        model.teacher.initialise(model.plugins)
     if using_fsdp():  # as the engine's start()
         units = block_units(recipe, hooks, model, fsdp=True)
         shard(model, units, accelerator.device, "no", fsdp_options(recipe.distributed))

@@ -16,7 +16,7 @@ Scaling, as checked below:
   mean loss) and DDP averages over ranks, so the gradients every rank applies equal the
   1-process gradients.
 
-BYOL needs no global batch, but its target is changed outside the optimizer; a real
+BYOL needs no global batch, but its target (the EMA teacher) is changed outside the optimizer; a real
 2-process `accelerate launch` run (tests/dist_train.py) checks the ranks' targets agree.
 """
 
@@ -98,8 +98,8 @@ def test_half_batch_alone_differs(method):
 
 @pytest.mark.slow
 def test_byol_target_stays_identical_across_two_processes(tmp_path, fmnist_shards):
-    """The whole engine under `accelerate launch` (DDP, gloo): BYOL's target is initialised
-    inside the first forward and EMA-updated on every rank; the ranks' targets must agree."""
+    """The whole engine under `accelerate launch` (DDP, gloo): BYOL's target (the run's EMA teacher) is
+    initialised before the first step and EMA-updated on every rank; the ranks' targets must agree."""
     from framework.testing import tiny_recipe, write_recipe
 
     byol = {"proj_hidden_dim": 32, "proj_output_dim": 16, "pred_hidden_dim": 32}
@@ -107,9 +107,9 @@ def test_byol_target_stays_identical_across_two_processes(tmp_path, fmnist_shard
     recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(tmp_path, fmnist_shards, plugins=plugins))
     accelerate_launch(ddp_args(WORLD), [str(recipe), "train.steps=2"])
     w0, w1 = (torch.load(tmp_path / "run" / f"weights_rank{r}.pt") for r in range(WORLD))
-    target = [k for k in w0 if k.startswith("byol.target.")]
+    target = [k for k in w0 if k.startswith("teacher.plugins.")]
     assert len(target) >= 10
     for key in w0:
         assert torch.equal(w0[key], w1[key]), f"ranks disagree on {key}"
     online = "backbones.encoder.0.weight"
-    assert not torch.equal(w0["byol.target.encoder.0.weight"], w0[online])  # a real EMA, not a copy
+    assert not torch.equal(w0["teacher.plugins.backbones.encoder.0.weight"], w0[online])  # a real EMA, not a copy

@@ -259,13 +259,11 @@ def test_byol_ema_under_zero3_on_two_processes_equals_the_formula(tmp_path, fmni
             "proj_hidden_dim": 32,
             "proj_output_dim": 16,
             "pred_hidden_dim": 32,
-            "momentum": 0.5,
         },
     }
     zero3 = {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
-    recipe = write_recipe(
-        tmp_path / "r.yaml", tiny_recipe(tmp_path, fmnist_shards, plugins=plugins, distributed={"deepspeed": zero3})
-    )
+    sections = {"distributed": {"deepspeed": zero3}, "teacher": {"momentum": 0.5}}
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(tmp_path, fmnist_shards, plugins=plugins, **sections))
     args = [*ds(3), "--mixed_precision", "bf16", "--main_process_port", str(free_port())]
     accelerate_launch(args, [str(recipe), "train.steps=3"], script="dist_byol_ema.py")
     ranks = [torch.load(tmp_path / "run" / f"ema_rank{r}.pt") for r in (0, 1)]
