@@ -72,6 +72,8 @@ class Model(nn.Module):
         assert self.encoder_plugin is not None
         online: dict[str, dict[str, nn.Module]] = {self.encoder_plugin: {"encoder": self.encoder}}
         for plugin, mods in names.items():
+            if not mods:  # the teacher's encoder alone
+                continue
             own = cast(nn.ModuleDict, self.plugins[plugin])
             online.setdefault(plugin, {}).update({name: own[name] for name in mods})
         return online

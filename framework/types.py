@@ -176,7 +176,8 @@ class StepContext:
     `metrics`: a plugin may put detached scalars here (`ctx.metrics["acc"]`); they are
     logged, never optimised.
     `teacher`: this plugin's modules mirrored by the run's EMA teacher (hook `teacher_modules`), by name
-    (`ctx.teacher["head"]`); `encode_teacher` / `encode_teacher_grouped` are the teacher's encodings.
+    (`ctx.teacher["head"]`; another plugin's: `teacher_of`); `encode_teacher` / `encode_teacher_grouped` are the
+    teacher's encodings.
     `preview`: True on the steps whose images the engine saves (`log.preview_every`);
     then a plugin may put detached image batches (B, C, H, W), in the views' normalised
     space, in `images` (e.g. `ctx.images["recon"]`, a reconstruction): they are drawn
@@ -226,6 +227,13 @@ class StepContext:
         ctx.images = ScopedNames(self._images, plugin, "images")
         ctx.teacher = self._teacher_modules[plugin] if plugin in self._teacher_modules else {}
         return ctx
+
+    def teacher_of(self, plugin: str) -> Any:
+        """The teacher's copies of another plugin's mirrored modules (`ctx.teacher` is this plugin's own), by
+        the name a capability gave (iBOT's head shared with DINO's); KeyError if it mirrors none."""
+        if plugin not in self._teacher_modules:
+            raise KeyError(f"the teacher mirrors no module of plugin {plugin!r}")
+        return self._teacher_modules[plugin]
 
     def _full(self, view: str) -> str:
         """The engine's name of `view` as this context names it; KeyError if the batch has no such view."""

@@ -7,17 +7,18 @@ It adds its term to the recipe's shared crops (capability `SharedCrops`, DINO's:
 and needs patch tokens of the encoder (`needs` PATCH_TOKENS: a timm ViT, whose masked patches are replaced by
 a learned mask token).
 
-Student: the patch tokens of the masked global crops, through `head` (its own `DINOHead`, as DINOv2; `out_dim`
-prototypes). Teacher: the run's EMA teacher (the encoder and this head) on the same crops unmasked, its patch
-logits centred (`centering: center`: a moving centre of its masked patches' logits, momentum 0.9, all-reduced,
-as DINOv2 and lightly; iBOT's code averages every patch;
-or `sinkhorn`, DINOv2's Sinkhorn-Knopp over the masked patches of the global batch) and sharpened by
-`teacher_temp` (0.04 -> 0.07, then held, as DINO's).
+Student: the patch tokens of the masked global crops, through `head` (its own `DINOHead`, as DINOv2's ViT-L/14
+config, `out_dim` prototypes; or, `head: shared`, the head of the plugin making the crops, as iBOT's ViT-S/16 runs:
+`out_dim` must then be its width). Teacher: the run's EMA teacher (the encoder and that head) on the same crops
+unmasked, its patch logits centred (`centering: center`: a moving centre of the masked patches' logits, momentum
+0.9, all-reduced, as DINOv2 and lightly; iBOT's code averages every patch; or `sinkhorn`, DINOv2's Sinkhorn-Knopp
+over the masked patches of the global batch) and sharpened by `teacher_temp` (0.04 -> 0.07, then held, as DINO's).
 
 Loss (term `loss`): on each masked patch, the cross-entropy of the teacher's probabilities against the student's
 softmax (temperature 0.1); averaged over an image's masked patches, summed over images, divided by the number of
-images (`ibot_patch_loss`, DINOv2's `forward_masked`). The head runs on every patch (no boolean indexing, so no
-read back to the host; `sinkhorn` reads the number of masked patches once per step).
+images (`ibot_patch_loss`, DINOv2's `forward_masked`). The heads run on each image's first `int(ratio_max x N)`
+patches in masked-first order (`masked_rows`: every masked patch, at most half of them at DINOv2's 0.5; fixed
+shapes, so nothing is read back to the host; `sinkhorn` reads the number of masked patches once per step).
 """
 
 from __future__ import annotations
@@ -55,6 +56,9 @@ class IBOTConfig(PluginConfig):
     center_momentum: float = Field(0.9, ge=0, le=1)  # iBOT center_momentum2
     sinkhorn_iterations: int = Field(3, ge=1)  # DINOv2
     masks: PatchMasks = PatchMasks()  # DINOv2: mask_sample_probability 0.5, mask_ratio_min_max [0.1, 0.5]
+    # own: a head of its own (DINOv2's train/vitl14.yaml, separate_head); shared: the head of the plugin making the
+    # shared crops (DINO's) on the patch tokens too (iBOT's ViT-S/16 runs, shared_head; DINOv2's default)
+    head: Literal["own", "shared"] = "own"
 
     def patch_masks(self) -> PatchMasks:
         """How the global crops are masked (capability `MasksGlobalCrops`)."""
@@ -85,15 +89,30 @@ def config_schema() -> type[PluginConfig]:
 
 @hookimpl
 def build_modules(config: Recipe, cfg: IBOTConfig, encoder: nn.Module) -> dict[str, nn.Module]:
-    shared_crops(config)  # a recipe without the shared crops is refused before the run starts
+    owner = shared_crops(config).owner  # a recipe without the shared crops is refused before the run starts
+    center = Center(cfg.out_dim, cfg.center_momentum)
+    if cfg.head == "shared":  # the crops' plugin's head, whose width out_dim must be
+        width = getattr(config.plugins[owner], "out_dim", cfg.out_dim)
+        if width != cfg.out_dim:
+            raise ValueError(f"head: shared, and out_dim {cfg.out_dim} is not the shared head's ({owner}'s {width})")
+        return {"center": center}
     h = num_features(encoder)
     head = DINOHead(h, cfg.out_dim, cfg.hidden_dim, cfg.bottleneck_dim, cfg.head_layers, cfg.norm_last_layer)
-    return {"head": head, "center": Center(cfg.out_dim, cfg.center_momentum)}
+    return {"head": head, "center": center}
 
 
 @hookimpl
-def teacher_modules() -> list[str]:
-    return ["head"]
+def teacher_modules(cfg: IBOTConfig) -> list[str]:
+    return ["head"] if cfg.head == "own" else []  # shared: the crops' plugin mirrors its head
+
+
+def heads(ctx: StepContext, cfg: IBOTConfig, modules: nn.ModuleDict, own: nn.ModuleDict) -> tuple[nn.Module, nn.Module]:
+    """The student's and the teacher's patch heads: this plugin's own, or (`head: shared`) those of the plugin
+    making the shared crops."""
+    if cfg.head == "own":
+        return own["head"], ctx.teacher["head"]
+    owner = shared_crops(ctx.config).owner
+    return cast(nn.ModuleDict, modules[owner])["head"], ctx.teacher_of(owner)["head"]
 
 
 def patch_tokens(encodings: list[Encoding]) -> torch.Tensor:
@@ -104,17 +123,32 @@ def patch_tokens(encodings: list[Encoding]) -> torch.Tensor:
     return torch.cat(cast(list[torch.Tensor], tokens))
 
 
+def masked_rows(tokens: torch.Tensor, masks: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each image's masked patch tokens first: `tokens` (B, N, D) gathered to (B, rows, D) in patch order, masked
+    ones first, and which of them are masked, (B, rows) bool. `rows` bounds every image's masked count (the mask
+    generator's ratio cap), so no masked patch is left out; the shapes are fixed, so nothing is read back to the
+    host (DINOv2 gathers exactly the masked ones, with a count from its collate)."""
+    order = torch.argsort(masks.to(torch.int8), dim=1, descending=True, stable=True)[:, :rows]
+    picked = torch.gather(tokens, 1, order.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
+    return picked, torch.gather(masks, 1, order)
+
+
 @hookimpl
-def regularize(ctx: StepContext, cfg: IBOTConfig, own: nn.ModuleDict) -> dict[str, torch.Tensor]:
+def regularize(
+    modules: nn.ModuleDict, ctx: StepContext, cfg: IBOTConfig, own: nn.ModuleDict
+) -> dict[str, torch.Tensor]:
     crops = shared_crops(ctx.config)
-    logits = own["head"](patch_tokens(ctx.encode_grouped(crops.globals_, masked=True)))
+    student_head, teacher_head = heads(ctx, cfg, modules, own)
     masks = torch.cat([ctx.mask_of(view) for view in crops.globals_])
+    rows = max(1, int(cfg.masks.ratio[1] * masks.shape[1]))  # MaskedView's int(ratio * N) never exceeds it
+    student, masks_ = masked_rows(patch_tokens(ctx.encode_grouped(crops.globals_, masked=True)), masks, rows)
+    logits = student_head(student)  # the heads run on the rows that can be masked, not on every patch
     with torch.no_grad():
-        teacher = ctx.teacher["head"](patch_tokens(ctx.encode_teacher_grouped(crops.globals_)))
+        teacher = teacher_head(masked_rows(patch_tokens(ctx.encode_teacher_grouped(crops.globals_)), masks, rows)[0])
     temp = cfg.teacher_temp.at(ctx.step, ctx.config.train.steps)
     center = cast(Center, own["center"])
-    loss = ibot_patch_loss(logits, patch_probabilities(cfg, center, teacher, masks, temp), masks, cfg.student_temp)
+    loss = ibot_patch_loss(logits, patch_probabilities(cfg, center, teacher, masks_, temp), masks_, cfg.student_temp)
     if cfg.centering == "center":
-        center.update(teacher, masks)  # the masked patches' logits, as DINOv2 (iBOT's code averages every patch)
+        center.update(teacher, masks_)  # the masked patches' logits, as DINOv2 (iBOT's code averages every patch)
     ctx.metrics["masked"] = masks.float().mean()  # the share of the global crops' patches masked
     return {"loss": loss}

@@ -105,8 +105,10 @@ def test_the_ibot_hook_equals_lightly():
     b, n, k = 4, 9, 8
     student_patches = torch.randn(2 * b, n, k, generator=g, dtype=torch.float64)  # v1's images, then v2's
     teacher_patches = student_patches + torch.randn(2 * b, n, k, generator=g, dtype=torch.float64)
-    masks = torch.rand(2 * b, n, generator=g) < 0.4
+    masks = torch.rand(2 * b, n, generator=g) < 0.6
+    masks &= masks.cumsum(1) <= int(0.5 * n)  # at most the ratio cap's 4 of 9, as the workers draw them
     masks[0] = False  # an image without a masked patch counts in the mean
+    assert int(masks.sum(1).max()) == int(0.5 * n)
     ids = torch.arange(2 * b, dtype=torch.float64).view(2, b, 1, 1, 1)
     views = {"dino.v1": ids[0].expand(b, 1, 4, 4), "dino.v2": ids[1].expand(b, 1, 4, 4)}
     params = {"dino.v1": masks[:b].double(), "dino.v2": masks[b:].double()}
@@ -125,7 +127,7 @@ def test_the_ibot_hook_equals_lightly():
     own = nn.ModuleDict({"head": nn.Identity(), "center": Center(k).double()})
     heads = {"ibot": nn.ModuleDict({"head": nn.Identity()})}
     ctx = step_context(recipe, views, params=params, encode=student, teacher=teacher, teacher_modules=heads)
-    terms = ibot.regularize(ctx=ctx.scoped("ibot"), cfg=recipe.plugins["ibot"], own=own)
+    terms = ibot.regularize(modules=nn.ModuleDict(), ctx=ctx.scoped("ibot"), cfg=recipe.plugins["ibot"], own=own)
     assert seen == [True], "one student call on the global crops, with their masks"
     oracle = IBOTPatchLoss(k, teacher_temp=0.04, student_temp=0.1, center_momentum=0.9).double()
     t, s = teacher_patches[masks], student_patches[masks]
@@ -251,3 +253,50 @@ def test_a_masked_view_on_an_encoder_without_tokens_is_one_line():
     own = {"backbones": nn.ModuleDict({"encoder": nn.Flatten()})}
     with pytest.raises(PluginError, match="a masked view needs patch tokens"):
         hooks.encode(nn.ModuleDict(own), torch.zeros(2, 1, 4, 4), None, recipe, torch.zeros(2, 1, dtype=torch.bool))
+
+
+def test_ibot_may_share_dinos_head(tmp_path, fmnist_shards):
+    """`head: shared` (iBOT's ViT-S/16 runs): no head of its own, DINO's head (and the teacher's copy of it) on the
+    patch tokens too, so DINO's head gets both terms' gradients; a width other than the shared head's is one line."""
+    plugins = {**DINOV2, "ibot": {**HEAD, "head": "shared"}}
+    cfg, hooks = validate(tiny_recipe(tmp_path, fmnist_shards, plugins=plugins), check_data=False)
+    model = Model(hooks, cfg).train()
+    assert sorted(model.plugins["ibot"]) == ["center"] and "ibot" not in model.teacher.plugins
+    views = {"x": torch.randn(4, 1, 28, 28), "dino.v1": torch.randn(4, 1, 28, 28), "dino.v2": torch.randn(4, 1, 28, 28)}
+    views |= {"dino.l1": torch.randn(4, 1, 16, 16), "dino.l2": torch.randn(4, 1, 16, 16)}
+    params = {f"dino.v{i}": torch.ones(4, 49) for i in (1, 2)}  # every patch masked: the patch term alone moves it
+    terms, _ = model(views, params, step=0)
+    head = model.plugins["dino"]["head"].mlp[0].weight
+    (alone,) = torch.autograd.grad(terms["ibot.loss"], head, retain_graph=True)
+    assert alone.abs().sum() > 0, "the patch term trains DINO's head"
+    wrong = {**DINOV2, "ibot": {**HEAD, "out_dim": 32, "head": "shared"}}
+    with pytest.raises(PluginError, match=r"out_dim 32 is not the shared head's \(dino's 64\)"):
+        run_steps(tiny_recipe(tmp_path / "wrong", fmnist_shards, plugins=wrong), steps=1)
+
+
+def test_ibot_runs_its_heads_on_the_rows_that_can_be_masked_and_loses_no_masked_patch():
+    """`masked_rows` keeps each image's masked patches (masked first, in patch order) among its first
+    `int(ratio_max x N)` rows, which bounds every mask `MaskedView` draws: the loss and its gradient are those of
+    the heads on every patch, at (at most) half the rows for DINOv2's masks."""
+    from plugins.blocks import MaskedView, PatchMasks, ibot_patch_loss
+    from plugins.ibot import masked_rows
+
+    spec = PatchMasks(probability=1.0, ratio=(0.1, 0.5))
+    draw = MaskedView(lambda image: image, 7, spec)
+    torch.manual_seed(0)
+    masks = torch.stack([draw(torch.zeros(1))[1] > 0.5 for _ in range(64)])  # (64, 49), as the workers draw
+    rows = int(spec.ratio[1] * 49)
+    assert int(masks.sum(1).max()) <= rows and int(masks.sum(1).max()) >= rows - 4
+    g = torch.Generator().manual_seed(1)
+    tokens = torch.randn(64, 49, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    teacher = torch.randn(64, 49, 5, generator=g, dtype=torch.float64).softmax(-1)
+    head = nn.Linear(6, 5).double()
+    dense = ibot_patch_loss(head(tokens), teacher, masks, 0.1)
+    picked, kept = masked_rows(tokens, masks, rows)
+    order = torch.argsort(masks.to(torch.int8), dim=1, descending=True, stable=True)[:, :rows]
+    sparse = ibot_patch_loss(head(picked), torch.gather(teacher, 1, order[..., None].expand(-1, -1, 5)), kept, 0.1)
+    assert picked.shape == (64, rows, 6) and torch.equal(kept.sum(1), masks.sum(1))
+    assert abs(dense.item() - sparse.item()) <= TOL
+    (g_dense,) = torch.autograd.grad(dense, tokens)
+    (g_sparse,) = torch.autograd.grad(sparse, tokens)
+    assert (g_dense - g_sparse).abs().max().item() <= TOL

@@ -242,12 +242,13 @@ def koleo_loss(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
 
 
 class Crops(NamedTuple):
-    """The shared crops of a recipe (`shared_crops`): full view names, and whether the student's global crops are
-    encoded masked."""
+    """The shared crops of a recipe (`shared_crops`): full view names, whether the student's global crops are
+    encoded masked, and the plugin that makes them (whose modules a term may share: iBOT's shared head)."""
 
     globals_: list[str]
     locals_: list[str]
     masked: bool
+    owner: str
 
 
 def shared_crops(config: Recipe) -> Crops:
@@ -264,6 +265,7 @@ def shared_crops(config: Recipe) -> Crops:
         [full_name(owner, v) for v in globals_],
         [full_name(owner, v) for v in locals_],
         bool(config.providers(MasksGlobalCrops)),
+        owner,
     )
 
 
