@@ -46,6 +46,13 @@ VIT = {
     "timm_kwargs": {"patch_size": 7, "embed_dim": 32, "depth": 2, "num_heads": 2},
 }
 RESNET = {"encoder": "resnet18", "stem": "cifar"}
+HEAD = {"out_dim": 64, "hidden_dim": 32, "bottleneck_dim": 16}
+DINOV2 = {  # DINO (2 x 28 px + 2 x 14 px crops, a frozen last layer) + iBOT (every global crop masked) + KoLeo
+    "backbones": {**VIT, "timm_kwargs": {**VIT["timm_kwargs"], "dynamic_img_size": True}},
+    "dino": {**HEAD, "crops": {"local": {"count": 2, "size": 14}}, "freeze_last_layer_steps": 1},
+    "ibot": {**HEAD, "masks": {"probability": 1.0}, "centering": "sinkhorn"},
+    "koleo": {},
+}
 
 
 def fsdp2_args(processes: int) -> list[str]:
@@ -118,6 +125,7 @@ LARS = {"optimizer": "lars", "lr": 0.3, "weight_decay": 1e-4, "exclude_norm_bias
     "name, plugins, sections, nan",
     [
         ("vit_byol", {"backbones": VIT, "byol": {"proj_hidden_dim": 64, "pred_hidden_dim": 64}}, {}, "1:1"),
+        ("vit_dinov2", DINOV2, {}, "1:1"),
         (
             "resnet_lars_probe_accumulated",
             {"backbones": RESNET, "simclr": {}, "probe": {"lr": 0.5}},
@@ -129,8 +137,9 @@ LARS = {"optimizer": "lars", "lr": 0.3, "weight_decay": 1e-4, "exclude_norm_bias
 def test_fsdp2_and_ddp_hold_the_same_weights(tmp_path, fmnist_shards, name, plugins, sections, nan):
     """The same recipe on 2 processes under DDP and FSDP2 gives the same weights and BatchNorm statistics.
 
-    BYOL on a ViT, 3 steps with rank 1's loss NaN at the second micro-step (skipped on both ranks): bit for
-    bit, its EMA target included. SimCLR on a ResNet-18 with LARS and the probe's own lr group, one step
+    BYOL on a ViT, and DINOv2's three terms (the centre and Sinkhorn-Knopp all-reduced, masks, the teacher's two
+    heads, a frozen last layer), 3 steps with rank 1's loss NaN at the second micro-step (skipped on both ranks):
+    bit for bit, the EMA teacher included. SimCLR on a ResNet-18 with LARS and the probe's own lr group, one step
     accumulated over two micro-steps:
     to float32 rounding, as LARS' trust ratios take the whole norm of a sharded parameter (its shards' sums
     of squares, all-reduced: another summation order); three such steps drift 0.5% apart at lr 0.02, as
