@@ -7,8 +7,8 @@ fixed global batch; each rank dumps the gradients it applies, the centres, the l
 METHOD (`METHODS`): `dino_center` (DINO's moving centre, all-reduced, with 2 local crops), `dino_sinkhorn`
 (DINOv2's distributed Sinkhorn-Knopp), `ibot_sinkhorn` (DINO's centre + iBOT on masked global crops, every image
 masked, its patch Sinkhorn-Knopp over the masked patches of the global batch: the ranks hold different numbers of
-them), `ibot_center` (DINO's Sinkhorn-Knopp + iBOT's patch centre, all-reduced) or `dinov2` (DINO and iBOT with
-Sinkhorn-Knopp + KoLeo).
+them), `ibot_center` (DINO's Sinkhorn-Knopp + iBOT's patch centre, all-reduced), `ibot_shared` (iBOT on DINO's
+head) or `dinov2` (DINO and iBOT with Sinkhorn-Knopp + KoLeo).
 
 The model is the engine's (`framework.model.Model`, built through `build_accelerator` and `prepare()`: DDP on 2
 processes) with the tiny ViT of the DINOv2 tests, in float64 (a ViT has no BatchNorm: every row is computed on
@@ -62,6 +62,10 @@ METHODS = {
     "ibot_center": {
         "dino": {**DINO, "centering": "sinkhorn"},
         "ibot": {**HEAD, "centering": "center", "masks": MASKS, "teacher_temp": TEMP},
+    },
+    "ibot_shared": {  # iBOT on DINO's head (iBOT's --shared_head): one head trained by both terms
+        "dino": {**DINO, "centering": "center"},
+        "ibot": {**HEAD, "head": "shared", "centering": "center", "masks": MASKS, "teacher_temp": TEMP},
     },
     "dinov2": {
         "dino": {**DINO, "centering": "sinkhorn"},

@@ -7,7 +7,8 @@ tests/distill_grads.py runs two steps (forward, backward, SGD, the teacher's EMA
 ViT, float64) on a fixed global batch of 8, in 1 process and under `accelerate launch` in 2 (DDP, gloo, 4 rows
 each). What is compared, per method (`dino_center`: DINO's moving centre with 2 local crops; `dino_sinkhorn`;
 `ibot_sinkhorn`: DINO + iBOT, every image masked, the ranks holding different numbers of masked patches;
-`ibot_center`: iBOT's patch centre; `dinov2`: DINO and iBOT with Sinkhorn-Knopp + KoLeo):
+`ibot_center`: iBOT's patch centre; `ibot_shared`: iBOT on DINO's head; `dinov2`: DINO and iBOT with
+Sinkhorn-Knopp + KoLeo):
 - the gradients each rank applies (after DDP's average) at both steps: `max |two - one| <= 1e-10 * max |one|`
   per tensor (observed: <= 3e-13), every trained parameter with a gradient;
 - the centres after each step (`plugins.<dino|ibot>.center.center`): the same bound (observed: <= 3e-16);
@@ -42,7 +43,15 @@ from framework.testing import run_steps, tiny_recipe, write_recipe
 from tests.helpers import ENV, ROOT, accelerate_launch, ddp_args, final_weights, logged_steps, newest_step
 
 SCRIPT = ROOT / "tests" / "distill_grads.py"
-METHODS = ("dino_center", "dino_center_float64", "dino_sinkhorn", "ibot_sinkhorn", "ibot_center", "dinov2")
+METHODS = (
+    "dino_center",
+    "dino_center_float64",
+    "dino_sinkhorn",
+    "ibot_sinkhorn",
+    "ibot_center",
+    "ibot_shared",
+    "dinov2",
+)
 WORLD, STEPS = 2, 2
 EXACT = 1e-10  # float64 throughout: summation order only
 # the centres that move (`centering: center`; Sinkhorn-Knopp leaves its plugin's at 0)
@@ -51,6 +60,7 @@ CENTRED = {
     "dino_center_float64": ["dino"],
     "ibot_sinkhorn": ["dino"],
     "ibot_center": ["ibot"],
+    "ibot_shared": ["dino", "ibot"],
 }
 TIMM_FLOAT32 = 1e-8  # timm's float32 resampling of the position embedding for the local crops (see above)
 
