@@ -300,3 +300,34 @@ def test_ibot_runs_its_heads_on_the_rows_that_can_be_masked_and_loses_no_masked_
     (g_dense,) = torch.autograd.grad(dense, tokens)
     (g_sparse,) = torch.autograd.grad(sparse, tokens)
     assert (g_dense - g_sparse).abs().max().item() <= TOL
+
+
+# --- attacks: what a user may get wrong -------------------------------------------------------------------------
+
+
+def test_two_plugins_masking_or_making_the_crops_are_one_line(tmp_path, fmnist_shards):
+    """Two terms asking for masks (two iBOT sections) would disagree on the masks; two plugins making the shared
+    crops leave the terms no crops to read: each is refused before the run folder, naming the plugins."""
+    with pytest.raises(PluginError, match=r"plugins ibot, ibot2 each mask the global crops: keep one$"):
+        run_steps(tiny_recipe(tmp_path / "a", fmnist_shards, plugins=DINOV2), extra_plugins={"ibot2": ibot})
+    assert not (tmp_path / "a" / "run").exists()
+    plugins = {"backbones": VIT, "dino": DINO, "koleo": {}}
+    with pytest.raises(PluginError, match=r"shared crops \(e\.g\. dino\), found dino, dino2$"):
+        run_steps(tiny_recipe(tmp_path / "b", fmnist_shards, plugins=plugins), extra_plugins={"dino2": dino})
+    assert not (tmp_path / "b" / "run").exists()
+
+
+def test_a_resume_may_not_change_the_teachers_momentum(tmp_path, fmnist_shards):
+    """The teacher in a checkpoint was averaged with its recipe's momentum: a resume with another is refused in
+    one line (nothing written), as for every key the checkpoint's state depends on; `teacher.evaluate` may change."""
+    from framework.checkpoint import CheckpointError
+
+    plugins = {"backbones": VIT, "dino": DINO}
+    recipe = tiny_recipe(tmp_path, fmnist_shards, plugins=plugins, teacher={"momentum": 0.99})
+    out = run_steps(recipe, steps=1)
+    before = sorted(p.name for p in (out / "checkpoints").iterdir())
+    with pytest.raises(CheckpointError, match=r"was trained with teacher\.momentum") as info:
+        run_steps(recipe, steps=2, overrides=["train.resume=auto", "teacher.momentum=0.9"])
+    assert "\n" not in str(info.value) and sorted(p.name for p in (out / "checkpoints").iterdir()) == before
+    run_steps(recipe, steps=2, overrides=["train.resume=auto", "teacher.evaluate=student"])
+    assert read_metrics(out)[-1]["step"] == 2
