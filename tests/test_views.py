@@ -514,3 +514,21 @@ def test_encode_grouped_concatenates_views_of_one_size_and_splits_them_back():
     assert single.encode_grouped(["l1"])[0].h.shape == (4, 9) and one.calls == [(4, 1, 3, 3)]
     with pytest.raises(KeyError, match="no view 'v9'"):
         ctx.encode_grouped(["v1", "v9"])
+
+
+def test_the_dino_preset_is_dinos_data_augmentation(tmp_path, fmnist_shards):
+    """DINO's DataAugmentationDINO (main_dino.py): the global crops are byol_asymmetric's two views (blur p 1.0 /
+    0.1, solarisation p 0 / 0.2) and every local crop the same jitter, grey and crop with blur p 0.5 and no
+    solarisation; presets without a local view of their own keep their first view for the local crops."""
+    from plugins.blocks import LOCAL_VIEWS, VIEW_PRESETS, view_spec
+
+    assert VIEW_PRESETS["dino"] == VIEW_PRESETS["byol_asymmetric"]
+    local = view_spec("dino", local=True)
+    assert local == VIEW_PRESETS["byol_asymmetric"][0]._replace(blur_p=0.5) and local.solarize_p == 0
+    assert view_spec("byol_asymmetric", local=True) == VIEW_PRESETS["byol_asymmetric"][0] and "dino" in LOCAL_VIEWS
+    crops = {"global": {"count": 2}, "local": {"count": 2, "size": 16}}
+    cfg, hooks = validate(_crop_recipe(tmp_path, fmnist_shards, crops=crops, strength="dino"))
+    views = hooks.augment(cfg)
+    steps = {name: _steps(views[f"simclr.{name}"].transform) for name in ("v1", "v2", "l1")}
+    assert [steps[n][PILGaussianBlur][1] for n in ("v1", "v2", "l1")] == [1.0, 0.1, 0.5]
+    assert v2.RandomSolarize in steps["v2"] and v2.RandomSolarize not in steps["l1"]

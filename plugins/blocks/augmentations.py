@@ -44,7 +44,7 @@ from framework import (
 from plugins.blocks.capabilities import CropSizes
 from plugins.blocks.photometric import BLUR_SIGMA, Photometric, ViewSpec, blur_kernel_size
 
-Strength = Literal["cifar", "stl", "mnist", "solo_symmetric", "solo_asymmetric", "byol_asymmetric"]
+Strength = Literal["cifar", "stl", "mnist", "solo_symmetric", "solo_asymmetric", "byol_asymmetric", "dino"]
 
 # CR-VAE RandomAffine presets, docs/methods.md#cr-vae.
 CRVAE_PRESETS: dict[str, dict[str, tuple[float, float]]] = {
@@ -65,6 +65,9 @@ _BYOL_ASYMMETRIC = _SOLO_ASYMMETRIC._replace(blur="pil", blur_p=1.0)
 # byol_asymmetric: the BYOL paper's Table 6 (arXiv 2006.07733): blur p = 1.0 / 0.1 and solarisation p = 0 / 0.2 on the
 #   first / second view, as solo-learn's scripts/pretrain/imagenet-100/augmentations/asymmetric.yaml (its CIFAR
 #   asymmetric.yaml, solo_asymmetric, drops the blur);
+# dino: DINO's DataAugmentationDINO (facebookresearch/dino main_dino.py; iBOT's and DINOv2's alike): its two global
+#   crops are byol_asymmetric's (bicubic crop, jitter (0.4, 0.4, 0.2, 0.1) p 0.8, grey p 0.2, PIL blur p 1.0 / 0.1,
+#   solarisation p 0 / 0.2), its local crops `LOCAL_VIEWS["dino"]`: the same with blur p 0.5 and no solarisation;
 # mnist: ours for grey 28-px images (no paper gives one): crop 0.2-1, brightness/contrast only.
 VIEW_PRESETS: dict[str, tuple[ViewSpec, ViewSpec]] = {
     "cifar": (ViewSpec((0.4, 0.4, 0.4, 0.1)),) * 2,
@@ -73,7 +76,10 @@ VIEW_PRESETS: dict[str, tuple[ViewSpec, ViewSpec]] = {
     "solo_symmetric": (ViewSpec((0.8, 0.8, 0.8, 0.2), blur="pil", blur_p=0.5, bicubic=True),) * 2,
     "solo_asymmetric": (_SOLO_ASYMMETRIC, _SOLO_ASYMMETRIC._replace(solarize_p=0.2)),
     "byol_asymmetric": (_BYOL_ASYMMETRIC, _BYOL_ASYMMETRIC._replace(blur_p=0.1, solarize_p=0.2)),
+    "dino": (_BYOL_ASYMMETRIC, _BYOL_ASYMMETRIC._replace(blur_p=0.1, solarize_p=0.2)),
 }
+# The view of a multi-crop set's local crops where a preset has its own (else the preset's first view).
+LOCAL_VIEWS: dict[str, ViewSpec] = {"dino": _BYOL_ASYMMETRIC._replace(blur_p=0.5)}
 
 
 class PILGaussianBlur:
@@ -91,12 +97,15 @@ class PILGaussianBlur:
         return f"{type(self).__name__}(sigma={self.sigma})"
 
 
-def view_spec(strength: Strength, second: bool = False, scale: tuple[float, float] | None = None) -> ViewSpec:
-    """The first (or, `second`, the second) view of the preset `strength` (see `VIEW_PRESETS`); `scale`, when
-    given, replaces its crop scale (a multi-crop spec's global or local `scale`)."""
+def view_spec(
+    strength: Strength, second: bool = False, scale: tuple[float, float] | None = None, local: bool = False
+) -> ViewSpec:
+    """The first (or, `second`, the second) view of the preset `strength` (see `VIEW_PRESETS`), or with `local` the
+    view of its local crops (`LOCAL_VIEWS`, else its first view); `scale`, when given, replaces its crop scale (a
+    multi-crop spec's global or local `scale`)."""
     if strength not in VIEW_PRESETS:
         raise ValueError(f"unknown strength {strength!r}; choose from {sorted(VIEW_PRESETS)}")
-    spec = VIEW_PRESETS[strength][int(second)]
+    spec = LOCAL_VIEWS.get(strength, VIEW_PRESETS[strength][0]) if local else VIEW_PRESETS[strength][int(second)]
     return spec if scale is None else spec._replace(crop_scale=(scale[0], scale[1]))
 
 
@@ -144,17 +153,18 @@ def simclr_view(
     strength: Strength = "cifar",
     second: bool = False,
     scale: tuple[float, float] | None = None,
+    local: bool = False,
 ) -> v2.Compose:
-    """A SimCLR-style augmented view (docs/methods.md#aavae, #simclr): the first (or, `second`, the second) view
-    of the preset `strength` (see `VIEW_PRESETS`), then normalise. `scale`, when given, replaces the preset's
-    crop scale (a multi-crop spec's global or local `scale`).
+    """A SimCLR-style augmented view (docs/methods.md#aavae, #simclr): the first (or, `second`, the second; `local`,
+    the local crops') view of the preset `strength` (see `VIEW_PRESETS`, `LOCAL_VIEWS`), then normalise. `scale`,
+    when given, replaces the preset's crop scale (a multi-crop spec's global or local `scale`).
 
     RandomResizedCrop(size, crop_scale), hflip p=0.5, ColorJitter with p=jitter_p, grayscale, Gaussian blur,
     solarisation (threshold 128), each with its probability. For 1-channel images saturation, hue and grayscale
     are meaningless and skipped.
     """
     check_stats(mean, std, channels)
-    spec = view_spec(strength, second, scale)
+    spec = view_spec(strength, second, scale, local)
     b, c, s, h = spec.jitter
     colour = channels == 3
     ops: list = _geometry(spec, size, channels)
@@ -180,15 +190,16 @@ def simclr_split_view(
     strength: Strength = "cifar",
     second: bool = False,
     scale: tuple[float, float] | None = None,
+    local: bool = False,
 ) -> View:
     """`simclr_view` (same arguments) as a `View` whose photometric steps may run on the training device
     (docs/methods.md#augmentations-on-the-device): `transform` is `simclr_view` itself (run whole in the data
     workers), `on_device` its geometry in the workers (mode, crop, flip, to a uint8 tensor) and `Photometric`,
     the rest and normalisation, batched on the device."""
-    spec = view_spec(strength, second, scale)
+    spec = view_spec(strength, second, scale, local)
     worker = CropFlip(spec, size, channels)
     return View(
-        simclr_view(size, mean, std, channels, strength, second, scale),
+        simclr_view(size, mean, std, channels, strength, second, scale, local),
         on_device=OnDevice(worker, Photometric(spec, size, mean, std, channels)),
     )
 
@@ -445,8 +456,9 @@ def crop_names(cfg: TwoViewsConfig) -> tuple[list[str], list[str]]:
 
 def crop_views(config: Recipe, cfg: TwoViewsConfig) -> dict[str, View]:
     """The section's views: `two_views` without `crops`; else every global crop `v<i>` is the preset's first view
-    (odd i) or second (even i) at the global size and scale, and every local crop the preset's first view at the
-    local size and scale (solo-learn: the same augmentations, a smaller crop)."""
+    (odd i) or second (even i) at the global size and scale, and every local crop the preset's local view
+    (`LOCAL_VIEWS`: DINO's blur p 0.5) or else its first view, at the local size and scale (solo-learn: the same
+    augmentations, a smaller crop)."""
     if cfg.crops is None:
         return two_views(config, cfg.strength)
     d, g, loc = config.data, cfg.crops.global_, cfg.crops.local
@@ -459,7 +471,8 @@ def crop_views(config: Recipe, cfg: TwoViewsConfig) -> dict[str, View]:
     local_size = loc.size or d.image_size  # set whenever there are local crops (MultiCrop checks it)
     local_scale = loc.scale or LOCAL_SCALE
     views |= {
-        name: simclr_split_view(local_size, d.mean, d.std, d.channels, preset, False, local_scale) for name in locals_
+        name: simclr_split_view(local_size, d.mean, d.std, d.channels, preset, False, local_scale, local=True)
+        for name in locals_
     }
     return views
 
