@@ -89,14 +89,18 @@ def small_size(raw: dict, cap: int = 32) -> int:
 
 def small_crops(raw: dict, size: int) -> list[str]:
     """Overrides that shrink a (merged, raw) recipe's multi-crop sizes for a CPU test at `size` px: global
-    crops at the data's size, local crops at half of it."""
+    crops at the data's size, local crops at half of it, rounded down to a multiple of a timm ViT's patch
+    (its `timm_kwargs.patch_size`, else the `patch<N>` of its name) so that the encoder takes them."""
+    backbones = raw.get("plugins", {}).get("backbones") or {}
+    named = re.search(r"patch(\d+)", str(backbones.get("encoder", "")))
+    patch = (backbones.get("timm_kwargs") or {}).get("patch_size") or (int(named.group(1)) if named else 1)
     out = []
     for name, section in raw.get("plugins", {}).items():
         crops = (section or {}).get("crops") or {}
         if (crops.get("global") or {}).get("size") is not None:
             out.append(f"plugins.{name}.crops.global.size=null")
         if crops.get("local"):
-            out.append(f"plugins.{name}.crops.local.size={size // 2}")
+            out.append(f"plugins.{name}.crops.local.size={max(patch, size // 2 // patch * patch)}")
     return out
 
 
