@@ -1,20 +1,24 @@
 """Accuracy of each method on Fashion-MNIST under the fast, k-NN and linear probes, same
-encoder, steps and seed; seeds aggregated.
+steps, batch and seed; seeds aggregated.
 
     python benchmarks/fashionmnist_methods.py [--steps 1000] [--seed 0] [--linear-epochs 90]
+        [--methods dino aavae_dino --merge]
         -> benchmarks/results/fashionmnist_methods_seed<N>.json (this seed)
         -> benchmarks/results/fashionmnist_methods.json (every seed run with these settings)
 
-Trains recipes/{vae,aavae,crvae,simclr,simclr_affine}_fashionmnist.yaml (conv28 encoder,
-batch 128) side by side in one invocation, each from scratch (its output folder is
-emptied first, so the times are real), evaluates each with every protocol of
-`framework.eval` on the frozen pooled features (the linear one on precomputed
-features), and writes one JSON per seed with raw pixels, each method (accuracies,
-pretraining epochs, train and eval seconds). The summary holds, per method and protocol,
-every seed's accuracy, their mean and standard deviation, and the papers' directions
-(AAVAE > VAE, CR-VAE >= VAE, SimCLR+affine >= SimCLR) under the linear probe, judged on
-the means with the gap compared to the seeds' spread. Needs the Fashion-MNIST shards of
-scripts/main.sh (data/fashion-mnist/).
+Trains recipes/<method>_fashionmnist.yaml for each method (vae, aavae, crvae, simclr,
+simclr_affine: conv28 encoder; dino, aavae_dino: a 4-block ViT at patch 4; batch 128) side by
+side in one invocation, each from scratch (its output folder is emptied first, so the times
+are real), evaluates each with every protocol of `framework.eval` on the frozen pooled
+features (the linear one on precomputed features; the teacher's where the recipe evaluates
+it, as DINO), and writes one JSON per seed with raw pixels, each method (accuracies, encoder,
+pretraining epochs, train and eval seconds). `--merge` keeps the rows of this seed's JSON
+(same steps and linear epochs) and adds or replaces those run now, so new methods join the
+table without rerunning the old. The summary holds, per method and protocol, every seed's
+accuracy, their mean and standard deviation, and the directions checked (AAVAE > VAE,
+CR-VAE >= VAE, SimCLR+affine >= SimCLR from the papers; DINO+AAVAE >= DINO, ours) under the
+linear probe, judged on the means with the gap compared to the seeds' spread. Needs the
+Fashion-MNIST shards of scripts/main.sh (data/fashion-mnist/).
 """
 
 from __future__ import annotations
@@ -27,13 +31,15 @@ import sys
 import time
 from pathlib import Path
 
+import yaml
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import write_report  # noqa: E402
 from framework.eval import PROTOCOLS, evaluate  # noqa: E402
 
-METHODS = ["vae", "aavae", "crvae", "simclr", "simclr_affine"]
+METHODS = ["vae", "aavae", "crvae", "simclr", "simclr_affine", "dino", "aavae_dino"]
 BATCH, TRAIN_IMAGES = 128, 60000
 
 
@@ -44,10 +50,13 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=METHODS)
     parser.add_argument("--linear-epochs", type=int, default=90)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "fashionmnist_methods.json"))
+    parser.add_argument("--merge", action="store_true", help="keep this seed's other rows (same settings)")
     args = parser.parse_args()
+    out = Path(args.out)
+    seed_file = out.with_name(f"{out.stem}_seed{args.seed}.json")
 
-    results: dict[str, dict] = {}
-    for i, method in enumerate(args.methods):
+    results = kept_rows(seed_file, args.steps, args.linear_epochs) if args.merge else {}
+    for method in args.methods:
         out_dir = ROOT / "runs" / "bench" / f"{method}_s{args.steps}_seed{args.seed}"
         shutil.rmtree(out_dir, ignore_errors=True)
         start = time.perf_counter()
@@ -64,12 +73,14 @@ def main() -> None:
             cwd=ROOT,
         )
         train_s = time.perf_counter() - start
-        ev = evaluate(out_dir, baseline=i == 0, protocols=PROTOCOLS, epochs=args.linear_epochs)
-        if i == 0:
-            results["raw_pixels"] = {"accuracies": ev["raw_pixels_accuracies"], "dim": ev["pixel_dim"]}
+        baseline = "raw_pixels" not in results
+        ev = evaluate(out_dir, baseline=baseline, protocols=PROTOCOLS, epochs=args.linear_epochs)
+        if baseline:
+            results = {"raw_pixels": {"accuracies": ev["raw_pixels_accuracies"], "dim": ev["pixel_dim"]}, **results}
         results[method] = {
             "accuracies": ev["accuracies"],
             "dim": ev["feature_dim"],
+            "encoder": encoder_of(out_dir),
             "pretraining_epochs": round(args.steps * BATCH / TRAIN_IMAGES, 2),
             "train_seconds": round(train_s, 1),
             "eval_seconds": ev["seconds"],
@@ -83,16 +94,39 @@ def main() -> None:
             "knn": "weighted k-NN, k=200, T=0.07, cosine",
             "linear": f"SGD Nesterov, cosine, {args.linear_epochs} epochs, precomputed features",
         },
-        "encoder": "conv28",
         "steps": args.steps,
         "seed": args.seed,
         "batch_size": BATCH,
         "linear_epochs": args.linear_epochs,
         "results": results,
     }
-    out = Path(args.out)
-    write_report(report, out.with_name(f"{out.stem}_seed{args.seed}.json"))
+    write_report(report, seed_file)
     write_report(summarise(out.parent, out.stem, args.steps, args.linear_epochs), out)
+
+
+def kept_rows(seed_file: Path, steps: int, linear_epochs: int) -> dict[str, dict]:
+    """The rows of an earlier report of this seed (none without one), each naming its encoder (older reports
+    name one for all rows). A report run with other settings is refused rather than overwritten."""
+    if not seed_file.exists():
+        return {}
+    old = json.loads(seed_file.read_text())
+    if (old["steps"], old.get("linear_epochs", linear_epochs)) != (steps, linear_epochs):
+        raise SystemExit(
+            f"--merge: {seed_file} has steps {old['steps']}, linear epochs {old.get('linear_epochs')}; "
+            f"this run {steps}, {linear_epochs}: choose another --out"
+        )
+    rows = old["results"]
+    for method, row in rows.items():
+        if method != "raw_pixels" and "encoder" in old:
+            row.setdefault("encoder", old["encoder"])
+    return rows
+
+
+def encoder_of(run: Path) -> str:
+    """The encoder of a run, from its resolved recipe: its name and any timm options."""
+    backbones = yaml.safe_load((run / "recipe.yaml").read_text())["plugins"]["backbones"]
+    options = backbones.get("timm_kwargs") or {}
+    return backbones["encoder"] + (f" {json.dumps(options, sort_keys=True)}" if options else "")
 
 
 def summarise(folder: Path, stem: str, steps: int, linear_epochs: int) -> dict:
@@ -112,6 +146,7 @@ def summarise(folder: Path, stem: str, steps: int, linear_epochs: int) -> dict:
         "AAVAE > VAE": ("aavae", "vae", False),
         "CR-VAE >= VAE": ("crvae", "vae", True),
         "SimCLR+affine >= SimCLR": ("simclr_affine", "simclr", True),
+        "DINO+AAVAE >= DINO": ("aavae_dino", "dino", True),  # ours: no paper composes the two
     }
     directions = {}
     for name, (a, b, ties) in checks.items():
