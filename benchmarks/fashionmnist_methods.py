@@ -10,9 +10,10 @@ Trains recipes/<method>_fashionmnist.yaml for each method (vae, aavae, crvae, si
 simclr_affine: conv28 encoder; dino, aavae_dino: a 4-block ViT at patch 4; batch 128) side by
 side in one invocation, each from scratch (its output folder is emptied first, so the times
 are real), evaluates each with every protocol of `framework.eval` on the frozen pooled
-features (the linear one on precomputed features; the teacher's where the recipe evaluates
-it, as DINO), and writes one JSON per seed with raw pixels, each method (accuracies, encoder,
-pretraining epochs, train and eval seconds). `--merge` keeps the rows of this seed's JSON
+features (the linear one on precomputed features) of the encoder `framework.eval` measures
+(the student, or the EMA teacher where that evaluates it), and writes one JSON per seed with
+raw pixels, each method (accuracies, backbone, whose features, pretraining epochs, train and
+eval seconds). `--merge` keeps the rows of this seed's JSON
 (same steps and linear epochs) and adds or replaces those run now, so new methods join the
 table without rerunning the old. The summary holds, per method and protocol, every seed's
 accuracy, their mean and standard deviation, and the directions checked (AAVAE > VAE,
@@ -80,7 +81,8 @@ def main() -> None:
         results[method] = {
             "accuracies": ev["accuracies"],
             "dim": ev["feature_dim"],
-            "encoder": encoder_of(out_dir),
+            "backbone": backbone_of(out_dir),
+            "features": ev.get("encoder", "student"),  # whose encoder was measured (student or EMA teacher)
             "pretraining_epochs": round(args.steps * BATCH / TRAIN_IMAGES, 2),
             "train_seconds": round(train_s, 1),
             "eval_seconds": ev["seconds"],
@@ -105,8 +107,9 @@ def main() -> None:
 
 
 def kept_rows(seed_file: Path, steps: int, linear_epochs: int) -> dict[str, dict]:
-    """The rows of an earlier report of this seed (none without one), each naming its encoder (older reports
-    name one for all rows). A report run with other settings is refused rather than overwritten."""
+    """The rows of an earlier report of this seed (none without one), each naming its backbone and whose
+    features were measured (older reports name one encoder for all rows and measure the student). A report run
+    with other settings is refused rather than overwritten."""
     if not seed_file.exists():
         return {}
     old = json.loads(seed_file.read_text())
@@ -117,12 +120,13 @@ def kept_rows(seed_file: Path, steps: int, linear_epochs: int) -> dict[str, dict
         )
     rows = old["results"]
     for method, row in rows.items():
-        if method != "raw_pixels" and "encoder" in old:
-            row.setdefault("encoder", old["encoder"])
+        if method != "raw_pixels":
+            row.setdefault("backbone", row.pop("encoder", old.get("encoder")))
+            row.setdefault("features", "student")
     return rows
 
 
-def encoder_of(run: Path) -> str:
+def backbone_of(run: Path) -> str:
     """The encoder of a run, from its resolved recipe: its name and any timm options."""
     backbones = yaml.safe_load((run / "recipe.yaml").read_text())["plugins"]["backbones"]
     options = backbones.get("timm_kwargs") or {}
@@ -142,6 +146,9 @@ def summarise(folder: Path, stem: str, steps: int, linear_epochs: int) -> dict:
         for key in ("pretraining_epochs", "train_seconds", "eval_seconds"):
             if key in entries[0]:
                 table[method][key] = _stats([e[key] for e in entries])["mean"]
+        for key in ("backbone", "features"):  # one per method: the seeds' rows say the same
+            if key in entries[0]:
+                table[method][key] = entries[0][key]
     checks = {
         "AAVAE > VAE": ("aavae", "vae", False),
         "CR-VAE >= VAE": ("crvae", "vae", True),
