@@ -40,14 +40,11 @@ from framework.model import Model, weighted_total  # noqa: E402
 from framework.startup import validate  # noqa: E402
 from plugins import koleo  # noqa: E402
 from plugins.blocks import MaskedView, PatchMasks  # noqa: E402
+from tests.helpers import DISTILL_HEAD, TINY_VIT  # noqa: E402
 
-GLOBAL_BATCH, SIZE, LOCAL_SIZE, PATCH, STEPS = 8, 28, 16, 4, 2
-VIT = {
-    "encoder": "timm/vit_tiny_patch16_224",
-    "timm_kwargs": {"patch_size": PATCH, "depth": 2, "embed_dim": 48, "num_heads": 3, "dynamic_img_size": True},
-    "latent_dim": None,
-}
-HEAD = {"out_dim": 64, "hidden_dim": 32, "bottleneck_dim": 16}
+GLOBAL_BATCH, SIZE, LOCAL_SIZE, STEPS = 8, 28, 16, 2
+VIT, HEAD = TINY_VIT, DISTILL_HEAD
+PATCH = VIT["timm_kwargs"]["patch_size"]
 CROPS = {"global": {"count": 2}, "local": {"count": 2, "size": LOCAL_SIZE}}
 TEMP = {"start": 0.04, "end": 0.07, "shape": "linear", "steps": STEPS}  # a teacher temperature that moves
 MASKS = {"probability": 1.0}  # every image masked

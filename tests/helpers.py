@@ -9,6 +9,7 @@ Fixtures built on these are in tests/conftest.py.
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import os
@@ -19,6 +20,7 @@ import sys
 import time
 import zlib
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +47,19 @@ NEEDS_FASHION_MNIST = "needs Fashion-MNIST: apt-get install dataset-fashion-mnis
 needs_fashion_mnist = pytest.mark.skipif(not FASHION_MNIST_DIR.is_dir(), reason=NEEDS_FASHION_MNIST)
 
 
+# The losses' independent oracle: scripts/test.sh sets AUGSSL_REQUIRE_ORACLES, so CI fails, never skips, without it.
+needs_lightly = pytest.mark.skipif(
+    os.environ.get("AUGSSL_REQUIRE_ORACLES") != "1" and importlib.util.find_spec("lightly") is None,
+    reason="the oracle lightly is not installed (scripts/setup.sh: pip install --no-deps lightly==1.6.0)",
+)
+# A ViT small enough for a CPU step of self-distillation: patch 4 on the 28-px images (7 x 7 patches), local crops
+# of 16 px (4 x 4) through its interpolated position embedding.
+TINY_VIT = {
+    "encoder": "timm/vit_tiny_patch16_224",
+    "timm_kwargs": {"patch_size": 4, "depth": 2, "embed_dim": 48, "num_heads": 3, "dynamic_img_size": True},
+    "latent_dim": None,
+}
+DISTILL_HEAD = {"out_dim": 64, "hidden_dim": 32, "bottleneck_dim": 16}  # a DINO / iBOT head as small
 AUGSSL_CLI = "import sys; from framework.cli import main; sys.argv[0] = 'augssl'; main()"  # `augssl` uninstalled
 
 
@@ -305,3 +320,14 @@ def wait_for_step(out: Path, step: int, proc: subprocess.Popen, timeout: float =
 
 def newest_step(out: Path) -> int:
     return int(checkpoint.complete_checkpoints(out)[-1].name.removeprefix("step_"))
+
+
+@contextmanager
+def float64_constants() -> Iterator[None]:
+    """A block where tensors made without a dtype (lightly's constants) are float64."""
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(default)

@@ -7,10 +7,6 @@ gradients in tests/test_distill_distributed.py."""
 
 from __future__ import annotations
 
-import importlib.util
-import os
-from contextlib import contextmanager
-
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -27,33 +23,14 @@ from framework.teacher import evaluated_encoder
 from framework.testing import run_steps, step_context, tiny_recipe
 from plugins import dino, ibot, koleo
 from plugins.blocks import Center, koleo_loss
+from tests.helpers import DISTILL_HEAD, TINY_VIT, float64_constants, needs_lightly
 
 TOL = 1e-10
 NO_SHARDS = {"train": "none.tar", "test": "none.tar"}
-REQUIRED = os.environ.get("AUGSSL_REQUIRE_ORACLES") == "1"
-needs_lightly = pytest.mark.skipif(
-    not REQUIRED and importlib.util.find_spec("lightly") is None, reason="the oracle lightly is not installed"
-)
-# a ViT small enough for a CPU step: patch 4 on the 28-px images (7 x 7 patches), local crops of 16 px (4 x 4)
-VIT = {
-    "encoder": "timm/vit_tiny_patch16_224",
-    "timm_kwargs": {"patch_size": 4, "depth": 2, "embed_dim": 48, "num_heads": 3, "dynamic_img_size": True},
-    "latent_dim": None,
-}
-HEAD = {"out_dim": 64, "hidden_dim": 32, "bottleneck_dim": 16}
+VIT, HEAD = TINY_VIT, DISTILL_HEAD
 CROPS = {"global": {"count": 2}, "local": {"count": 2, "size": 16}}
 DINO = {**HEAD, "crops": CROPS}
 DINOV2 = {"backbones": VIT, "dino": DINO, "ibot": {**HEAD, "masks": {"probability": 1.0}}, "koleo": {}}
-
-
-@contextmanager
-def float64_constants():
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(default)
 
 
 def identity(view: torch.Tensor) -> Encoding:

@@ -40,7 +40,17 @@ from framework.checkpoint import complete_checkpoints, model_weights_file
 from framework.logging import read_metrics
 from framework.preemption import EXIT_PREEMPTED
 from framework.testing import run_steps, tiny_recipe, write_recipe
-from tests.helpers import ENV, ROOT, accelerate_launch, ddp_args, final_weights, logged_steps, newest_step
+from tests.helpers import (
+    DISTILL_HEAD,
+    ENV,
+    ROOT,
+    TINY_VIT,
+    accelerate_launch,
+    ddp_args,
+    final_weights,
+    logged_steps,
+    newest_step,
+)
 
 SCRIPT = ROOT / "tests" / "distill_grads.py"
 METHODS = (
@@ -64,12 +74,7 @@ CENTRED = {
 }
 TIMM_FLOAT32 = 1e-8  # timm's float32 resampling of the position embedding for the local crops (see above)
 
-VIT = {
-    "encoder": "timm/vit_tiny_patch16_224",
-    "timm_kwargs": {"patch_size": 4, "depth": 2, "embed_dim": 48, "num_heads": 3, "dynamic_img_size": True},
-    "latent_dim": None,
-}
-HEAD = {"out_dim": 64, "hidden_dim": 32, "bottleneck_dim": 16}
+VIT, HEAD = TINY_VIT, DISTILL_HEAD
 CROPS = {"global": {"count": 2}, "local": {"count": 2, "size": 16}}
 
 

@@ -27,8 +27,6 @@ import importlib.util
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -36,31 +34,16 @@ import torch
 import torch.nn.functional as F
 
 from plugins.blocks import Center, DINOHead, WeightNormLinear, dino_loss, ibot_patch_loss, koleo_loss, sinkhorn_knopp
+from tests.helpers import float64_constants, needs_lightly
 
 TOL = 1e-10
 APART = 1e-3  # the controls: a different convention is at least this far from the oracle
 SEEDS = (0, 1, 2)
 TEACHER_TEMPS = (0.04, 0.07)  # DINO's range (0.04, warmed up to 0.07)
 STUDENT_TEMP = 0.1
-REQUIRED = os.environ.get("AUGSSL_REQUIRE_ORACLES") == "1"  # scripts/test.sh sets it: CI fails, never skips
-needs_lightly = pytest.mark.skipif(
-    not REQUIRED and importlib.util.find_spec("lightly") is None,
-    reason="the oracle lightly is not installed (scripts/setup.sh: pip install --no-deps lightly==1.6.0)",
-)
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = Path(__file__).with_name("dist_distill.py")
 WORLD = 2
-
-
-@contextmanager
-def _float64_constants() -> Iterator[None]:
-    """A block where tensors made without a dtype (lightly's constants) are float64."""
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(default)
 
 
 def _randn(g: torch.Generator, *shape: int, scale: float = 1.0) -> torch.Tensor:
@@ -113,7 +96,7 @@ def test_dino_loss_and_center_equal_lightly(seed, b, k, globals_, locals_, teach
         grads = torch.autograd.grad(value, ours)
         center.update(torch.cat(teacher))
         theirs = _leaves(student)
-        with _float64_constants():
+        with float64_constants():
             oracle_value = oracle(teacher, theirs, teacher_temp=teacher_temp)
         oracle_grads = torch.autograd.grad(oracle_value, theirs)
         assert _max_difference(value, grads, oracle_value, oracle_grads) <= TOL, f"step {step}"
@@ -124,7 +107,7 @@ def test_dino_loss_and_center_equal_lightly(seed, b, k, globals_, locals_, teach
     with_diagonal = sum(
         -(p * F.log_softmax(s / STUDENT_TEMP, dim=-1)).sum(-1).mean() for p in probabilities for s in student
     ) / (len(probabilities) * len(student))
-    with _float64_constants():
+    with float64_constants():
         oracle_value = oracle(teacher, student, teacher_temp=teacher_temp)
     assert abs(with_diagonal.item() - oracle_value.item()) > APART
 
@@ -181,7 +164,7 @@ def test_ibot_patch_loss_and_center_equal_lightly(seed, b, side, k, teacher_temp
         (grad,) = torch.autograd.grad(value, ours)
         center.update(teacher, masks)  # the masked rows, counted without reading them back
         (theirs,) = _leaves([student])
-        with _float64_constants():
+        with float64_constants():
             oracle_value = oracle(
                 teacher[masks], theirs[masks], masks.reshape(b, side, side), teacher_temp=teacher_temp
             )
@@ -192,7 +175,7 @@ def test_ibot_patch_loss_and_center_equal_lightly(seed, b, side, k, teacher_temp
     teacher, student, masks = _patches(seed, b, side, k)
     value = ibot_patch_loss(student, center.probabilities(teacher, teacher_temp), masks, STUDENT_TEMP)
     masked_images = masks.any(dim=1).sum().item()
-    with _float64_constants():
+    with float64_constants():
         oracle_value = oracle(teacher[masks], student[masks], masks.reshape(b, side, side), teacher_temp=teacher_temp)
     assert abs(value.item() * b / masked_images - oracle_value.item()) > APART
 

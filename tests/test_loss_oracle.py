@@ -18,8 +18,6 @@ lightly comparisons instead of skipping them.
 
 from __future__ import annotations
 
-import importlib.util
-import os
 from types import SimpleNamespace
 
 import pytest
@@ -34,15 +32,11 @@ from plugins.barlow import BarlowConfig
 from plugins.blocks import barlow_twins_loss, byol_loss, kl_gaussians, kl_standard_normal, nt_xent
 from plugins.byol import BYOLConfig
 from plugins.simclr import SimCLRConfig
+from tests.helpers import needs_lightly
 
 TOL = 1e-10
 APART = 1e-3  # the controls: a different convention is at least this far from the oracle
 SEEDS = (0, 1, 2)
-REQUIRED = os.environ.get("AUGSSL_REQUIRE_ORACLES") == "1"  # scripts/test.sh sets it: CI fails, never skips
-needs_lightly = pytest.mark.skipif(
-    not REQUIRED and importlib.util.find_spec("lightly") is None,
-    reason="the oracle lightly is not installed (scripts/setup.sh: pip install --no-deps lightly==1.6.0)",
-)
 
 
 def _pair(seed: int, b: int, d: int, *, noise: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
