@@ -17,7 +17,7 @@ over the masked patches of the global batch) and sharpened by `teacher_temp` (0.
 Loss (term `loss`): on each masked patch, the cross-entropy of the teacher's probabilities against the student's
 softmax (temperature 0.1); averaged over an image's masked patches, summed over images, divided by the number of
 images (`ibot_patch_loss`, DINOv2's `forward_masked`). The heads run on each image's first `int(ratio_max x N)`
-patches in masked-first order (`masked_rows`: every masked patch, at most half of them at DINOv2's 0.5; fixed
+patches in masked-first order (`masked_first`: every masked patch, at most half of them at DINOv2's 0.5; fixed
 shapes, so nothing is read back to the host; `sinkhorn` reads the number of masked patches once per step).
 """
 
@@ -123,14 +123,18 @@ def patch_tokens(encodings: list[Encoding]) -> torch.Tensor:
     return torch.cat(cast(list[torch.Tensor], tokens))
 
 
-def masked_rows(tokens: torch.Tensor, masks: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each image's masked patch tokens first: `tokens` (B, N, D) gathered to (B, rows, D) in patch order, masked
-    ones first, and which of them are masked, (B, rows) bool. `rows` bounds every image's masked count (the mask
-    generator's ratio cap), so no masked patch is left out; the shapes are fixed, so nothing is read back to the
-    host (DINOv2 gathers exactly the masked ones, with a count from its collate)."""
-    order = torch.argsort(masks.to(torch.int8), dim=1, descending=True, stable=True)[:, :rows]
-    picked = torch.gather(tokens, 1, order.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
-    return picked, torch.gather(masks, 1, order)
+def masked_first(masks: torch.Tensor, rows: int) -> torch.Tensor:
+    """Each image's patch indices, masked ones first, in patch order: (B, rows) of `masks` (B, N). `rows` bounds
+    every image's masked count (the mask generator's ratio cap), so no masked patch is left out; the shape is
+    fixed, so nothing is read back to the host (DINOv2 gathers exactly the masked ones, with a count from its
+    collate)."""
+    return torch.argsort(masks.to(torch.int8), dim=1, descending=True, stable=True)[:, :rows]
+
+
+def gather_rows(tokens: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """`tokens` (B, N, ...) at the patches `order` (B, rows) names: (B, rows, ...)."""
+    index = order.view(*order.shape, *([1] * (tokens.dim() - 2))).expand(*order.shape, *tokens.shape[2:])
+    return torch.gather(tokens, 1, index)
 
 
 @hookimpl
@@ -140,11 +144,13 @@ def regularize(
     crops = shared_crops(ctx.config)
     student_head, teacher_head = heads(ctx, cfg, modules, own)
     masks = torch.cat([ctx.mask_of(view) for view in crops.globals_])
-    rows = max(1, int(cfg.masks.ratio[1] * masks.shape[1]))  # MaskedView's int(ratio * N) never exceeds it
-    student, masks_ = masked_rows(patch_tokens(ctx.encode_grouped(crops.globals_, masked=True)), masks, rows)
-    logits = student_head(student)  # the heads run on the rows that can be masked, not on every patch
+    rows = max(1, int(cfg.masks.ratio[1] * masks.shape[1]))  # MaskedView masks int(ratio x N) <= this per image
+    order = masked_first(masks, rows)  # one order for the student's and the teacher's tokens
+    masks_ = torch.gather(masks, 1, order)
+    # the heads run on the rows that can be masked, not on every patch
+    logits = student_head(gather_rows(patch_tokens(ctx.encode_grouped(crops.globals_, masked=True)), order))
     with torch.no_grad():
-        teacher = teacher_head(masked_rows(patch_tokens(ctx.encode_teacher_grouped(crops.globals_)), masks, rows)[0])
+        teacher = teacher_head(gather_rows(patch_tokens(ctx.encode_teacher_grouped(crops.globals_)), order))
     temp = cfg.teacher_temp.at(ctx.step, ctx.config.train.steps)
     center = cast(Center, own["center"])
     loss = ibot_patch_loss(logits, patch_probabilities(cfg, center, teacher, masks_, temp), masks_, cfg.student_temp)

@@ -252,11 +252,11 @@ def test_ibot_may_share_dinos_head(tmp_path, fmnist_shards):
 
 
 def test_ibot_runs_its_heads_on_the_rows_that_can_be_masked_and_loses_no_masked_patch():
-    """`masked_rows` keeps each image's masked patches (masked first, in patch order) among its first
+    """`masked_first` keeps each image's masked patches (masked first, in patch order) among its first
     `int(ratio_max x N)` rows, which bounds every mask `MaskedView` draws: the loss and its gradient are those of
     the heads on every patch, at (at most) half the rows for DINOv2's masks."""
     from plugins.blocks import MaskedView, PatchMasks, ibot_patch_loss
-    from plugins.ibot import masked_rows
+    from plugins.ibot import gather_rows, masked_first
 
     spec = PatchMasks(probability=1.0, ratio=(0.1, 0.5))
     draw = MaskedView(lambda image: image, 7, spec)
@@ -269,9 +269,9 @@ def test_ibot_runs_its_heads_on_the_rows_that_can_be_masked_and_loses_no_masked_
     teacher = torch.randn(64, 49, 5, generator=g, dtype=torch.float64).softmax(-1)
     head = nn.Linear(6, 5).double()
     dense = ibot_patch_loss(head(tokens), teacher, masks, 0.1)
-    picked, kept = masked_rows(tokens, masks, rows)
-    order = torch.argsort(masks.to(torch.int8), dim=1, descending=True, stable=True)[:, :rows]
-    sparse = ibot_patch_loss(head(picked), torch.gather(teacher, 1, order[..., None].expand(-1, -1, 5)), kept, 0.1)
+    order = masked_first(masks, rows)
+    picked, kept = gather_rows(tokens, order), torch.gather(masks, 1, order)
+    sparse = ibot_patch_loss(head(picked), gather_rows(teacher, order), kept, 0.1)
     assert picked.shape == (64, rows, 6) and torch.equal(kept.sum(1), masks.sum(1))
     assert abs(dense.item() - sparse.item()) <= TOL
     (g_dense,) = torch.autograd.grad(dense, tokens)
